@@ -1,0 +1,274 @@
+//! The broker: resolves addresses to nodes and is the in-process API the adapters use.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock, Weak};
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::address::{AddressTable, AddressType, DYNAMIC_PREFIX};
+use crate::config::MessagingConfig;
+use crate::delivery::Consumer;
+use crate::direct::DirectNode;
+use crate::message::{condition, Message, Outcome};
+use crate::queue::QueueNode;
+use crate::store::{Store, StoreError};
+use crate::topic::TopicNode;
+
+/// Errors of the in-process API.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No address rule matches the address.
+    #[error("address {0} does not exist")]
+    NotFound(String),
+    /// The durable store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The outcome of a send, now or later.
+#[derive(Debug)]
+pub enum Submission {
+    Ready(Outcome),
+    Pending(oneshot::Receiver<Outcome>),
+}
+
+impl Submission {
+    /// Waits for the outcome. A pending outcome whose delivery vanished (consumer gone,
+    /// shutdown) is `released`.
+    ///
+    /// # Cancel safety
+    /// Cancelling it does not cancel the send; only the outcome is lost.
+    pub async fn outcome(self) -> Outcome {
+        match self {
+            Submission::Ready(outcome) => outcome,
+            Submission::Pending(rx) => rx.await.unwrap_or(Outcome::Released),
+        }
+    }
+}
+
+/// Options of [`Broker::subscribe`].
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// For topics: the name of a durable subscription (kept while the consumer is away).
+    pub durable_name: Option<String>,
+}
+
+#[derive(Clone)]
+enum Node {
+    Direct(Arc<DirectNode>),
+    Queue(Arc<QueueNode>),
+    Topic(Arc<TopicNode>),
+}
+
+pub(crate) type BrokerRef = Weak<Inner>;
+
+pub(crate) struct Inner {
+    table: AddressTable,
+    nodes: RwLock<HashMap<String, Node>>,
+    store: Option<Store>,
+    max_depth: usize,
+    this: Weak<Inner>,
+}
+
+/// The router/broker core. Cheap to clone; all clones share the same nodes and store.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl Broker {
+    /// Opens the broker with its durable store at `data_dir/messaging.redb`, recovering
+    /// every stored message and durable subscription.
+    pub fn open(config: &MessagingConfig, data_dir: &Path) -> Result<Broker, BrokerError> {
+        let (store, recovery) = Store::open(&data_dir.join("messaging.redb"))?;
+        let broker = Self::with_store(config, Some(store));
+        let mut recovered = 0usize;
+        for (queue_name, topic) in &recovery.subscriptions {
+            if let Node::Topic(node) = broker.inner.node_for_recovery(topic, AddressType::Topic) {
+                node.restore_subscription(queue_name);
+            }
+        }
+        for (queue_name, messages) in recovery.queues {
+            recovered += messages.len();
+            let queue = match recovery.subscriptions.get(&queue_name) {
+                Some(topic) => match broker.inner.node_for_recovery(topic, AddressType::Topic) {
+                    Node::Topic(node) => node.restore_subscription(&queue_name),
+                    _ => unreachable!("recovery created a topic"),
+                },
+                None => match broker.inner.node_for_recovery(&queue_name, AddressType::Queue) {
+                    Node::Queue(queue) => queue,
+                    _ => {
+                        tracing::error!(queue = %queue_name, "stored messages under an address that is no longer a queue");
+                        continue;
+                    }
+                },
+            };
+            for message in messages {
+                queue.restore(message.seq, message.expiry, message.message);
+            }
+        }
+        if recovered > 0 {
+            tracing::info!(messages = recovered, "recovered stored messages");
+        }
+        Ok(broker)
+    }
+
+    /// A broker without durable storage (queues live in memory only): for tests.
+    pub fn in_memory(config: &MessagingConfig) -> Broker {
+        Self::with_store(config, None)
+    }
+
+    fn with_store(config: &MessagingConfig, store: Option<Store>) -> Broker {
+        let inner = Arc::new_cyclic(|this| Inner {
+            table: AddressTable::new(&config.addresses),
+            nodes: RwLock::new(HashMap::new()),
+            store,
+            max_depth: config.queue_max_depth,
+            this: this.clone(),
+        });
+        Broker { inner }
+    }
+
+    /// The type of `address`, or `None` if it does not exist.
+    pub fn address_type(&self, address: &str) -> Option<AddressType> {
+        self.inner.table.resolve(address)
+    }
+
+    /// Sends a message. `settled` = at most once: the caller will not wait for an outcome
+    /// (a direct message without a consumer is then dropped and counted).
+    ///
+    /// Routing happens before this returns, so messages submitted one after the other
+    /// from one task keep their order.
+    pub fn submit(&self, address: &str, message: Message, settled: bool) -> Submission {
+        match self.inner.node_for(address) {
+            Ok(Node::Direct(node)) => node.submit(message, settled),
+            Ok(Node::Queue(node)) => node.submit(message),
+            Ok(Node::Topic(node)) => node.submit(message),
+            Err(e) => Submission::Ready(Outcome::rejected(condition::NOT_FOUND, e.to_string())),
+        }
+    }
+
+    /// Sends a message and waits for its outcome (at least once).
+    pub async fn send(&self, address: &str, message: Message) -> Outcome {
+        self.submit(address, message, false).outcome().await
+    }
+
+    /// Attaches a consumer to `address`. It receives nothing until given credit.
+    pub fn subscribe(&self, address: &str, options: &SubscribeOptions) -> Result<Consumer, BrokerError> {
+        Ok(match self.inner.node_for(address)? {
+            Node::Direct(node) => node.subscribe(address),
+            Node::Queue(node) => node.subscribe(address),
+            Node::Topic(node) => node.subscribe(options.durable_name.as_deref()),
+        })
+    }
+
+    /// Creates a consumer on a fresh address of `tenant` (AMQP dynamic receivers,
+    /// reply addresses for request/response).
+    pub fn subscribe_dynamic(&self, tenant: &str) -> Consumer {
+        let address = format!("{DYNAMIC_PREFIX}/{tenant}/{}", uuid::Uuid::new_v4().simple());
+        self.subscribe(&address, &SubscribeOptions::default()).expect("dynamic addresses always resolve")
+    }
+
+    /// True if a direct address has at least one consumer attached.
+    pub fn has_consumers(&self, address: &str) -> bool {
+        match self.inner.nodes.read().expect("poisoned").get(address) {
+            Some(Node::Direct(node)) => node.has_consumers(),
+            Some(Node::Queue(node)) => node.consumer_count() > 0,
+            _ => false,
+        }
+    }
+
+    /// Messages held by queue `address` (stored, in flight or being written).
+    pub fn queue_depth(&self, address: &str) -> Option<usize> {
+        match self.inner.nodes.read().expect("poisoned").get(address) {
+            Some(Node::Queue(node)) => Some(node.depth()),
+            _ => None,
+        }
+    }
+
+    /// Drops expired messages from all queues.
+    pub fn sweep_expired(&self) {
+        let queues: Vec<Arc<QueueNode>> = self
+            .inner
+            .nodes
+            .read()
+            .expect("poisoned")
+            .values()
+            .filter_map(|n| match n {
+                Node::Queue(q) => Some(q.clone()),
+                _ => None,
+            })
+            .collect();
+        for queue in queues {
+            queue.sweep();
+        }
+    }
+
+    /// Runs periodic maintenance (expiry) until `shutdown`.
+    pub async fn run_maintenance(self, interval: std::time::Duration, shutdown: CancellationToken) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => self.sweep_expired(),
+            }
+        }
+    }
+
+    /// Waits until everything accepted so far is on disk.
+    pub async fn flush(&self) -> Result<(), BrokerError> {
+        if let Some(store) = &self.inner.store {
+            store.flush().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn node_for(&self, address: &str) -> Result<Node, BrokerError> {
+        if let Some(node) = self.nodes.read().expect("poisoned").get(address) {
+            return Ok(node.clone());
+        }
+        let kind = self.table.resolve(address).ok_or_else(|| BrokerError::NotFound(address.to_owned()))?;
+        Ok(self.create(address, kind))
+    }
+
+    /// Like `node_for`, but creates the node with the stored kind even if the
+    /// configuration no longer says so: stored messages are never silently dropped.
+    fn node_for_recovery(&self, address: &str, stored: AddressType) -> Node {
+        match self.table.resolve(address) {
+            Some(kind) if kind == stored => {}
+            other => tracing::warn!(address, configured = ?other, ?stored, "address type changed; keeping stored data as {stored:?}"),
+        }
+        self.create(address, stored)
+    }
+
+    fn create(&self, address: &str, kind: AddressType) -> Node {
+        let mut nodes = self.nodes.write().expect("poisoned");
+        nodes
+            .entry(address.to_owned())
+            .or_insert_with(|| match kind {
+                AddressType::Anycast => Node::Direct(DirectNode::new(address, false)),
+                AddressType::Multicast => Node::Direct(DirectNode::new(address, true)),
+                AddressType::Queue => {
+                    Node::Queue(QueueNode::new(address, self.store.clone(), self.max_depth, self.this.clone()))
+                }
+                AddressType::Topic => {
+                    Node::Topic(TopicNode::new(address, self.store.clone(), self.max_depth, self.this.clone()))
+                }
+            })
+            .clone()
+    }
+
+    /// Enqueues into a store-and-forward address (dead letters); `done` gets the outcome.
+    pub(crate) fn enqueue_internal(&self, address: &str, message: Message, done: Box<dyn FnOnce(Outcome) + Send>) {
+        match self.node_for(address) {
+            Ok(Node::Queue(queue)) => queue.enqueue(message, done),
+            Ok(_) => done(Outcome::rejected(condition::NOT_ALLOWED, "dead-letter address is not a queue")),
+            Err(e) => done(Outcome::rejected(condition::NOT_FOUND, e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Configuration of the messaging core (`[messaging]` in the platform's TOML file).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::address::AddressRule;
+
+/// `[messaging]`: the AMQP 1.0 listener, address types, queues and application users.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MessagingConfig {
+    /// Address of the AMQP 1.0 listener for applications.
+    pub listen: SocketAddr,
+    /// Address rules, consulted in order before the built-in ones (`telemetry/*` anycast,
+    /// `event/*` queue, `command/*` and `command_response/*` anycast).
+    pub addresses: Vec<AddressRule>,
+    /// Most messages a queue (or topic subscription) holds; beyond it senders get
+    /// `rejected` with `amqp:resource-limit-exceeded`.
+    pub queue_max_depth: usize,
+    /// Most unsettled deliveries the server keeps outstanding on one consumer link.
+    pub consumer_window: u32,
+    /// Largest AMQP frame the listener accepts.
+    pub max_frame_size: u32,
+    /// How often queues drop expired messages that nobody consumes.
+    #[serde(with = "humantime_serde")]
+    pub expiry_check_interval: Duration,
+    /// Application authentication.
+    pub sasl: SaslConfig,
+}
+
+impl Default for MessagingConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:5672".parse().expect("valid"),
+            addresses: Vec::new(),
+            queue_max_depth: 100_000,
+            consumer_window: 256,
+            max_frame_size: 65_536,
+            expiry_check_interval: Duration::from_secs(1),
+            sasl: SaslConfig::default(),
+        }
+    }
+}
+
+/// `[messaging.sasl]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SaslConfig {
+    /// Offer SASL ANONYMOUS. Anonymous clients may use every tenant's addresses: for
+    /// development only.
+    pub allow_anonymous: bool,
+    /// Application users (SASL PLAIN). When empty and anonymous is off, `ferrule serve`
+    /// generates an `admin@*` user and writes its password to `DATA_DIR/admin-credentials`.
+    pub users: Vec<UserConfig>,
+}
+
+/// One application user.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// `name@tenant`; `name@*` may log in as `name@ANY-TENANT` and then uses that tenant.
+    pub username: String,
+    /// The password: an argon2 PHC string (`$argon2id$...`, recommended) or plain text.
+    pub password: String,
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
+}
+
+/// The defaults above as commented TOML (printed by `ferrule config print-default`).
+pub const DEFAULT_TOML: &str = r#"[messaging]
+# Address of the AMQP 1.0 listener for applications.
+listen = "0.0.0.0:5672"
+# Most messages a queue (or topic subscription) holds; beyond it senders get `rejected`
+# with amqp:resource-limit-exceeded.
+queue_max_depth = 100000
+# Most unsettled deliveries outstanding on one consumer link.
+consumer_window = 256
+# Largest AMQP frame accepted.
+max_frame_size = 65536
+# How often queues drop expired messages that nobody consumes.
+expiry_check_interval = "1s"
+# Address rules, consulted in order before the built-in ones:
+#   telemetry/* anycast, event/* queue, command/* anycast, command_response/* anycast.
+# Types: anycast | multicast | queue | topic. In a pattern `*` matches one segment
+# (one or more when last) and `#` zero or more.
+# Example: addresses = [{ pattern = "news/*", type = "topic" }]
+addresses = []
+
+[messaging.sasl]
+# Offer SASL ANONYMOUS (anonymous clients may use every tenant: development only).
+allow_anonymous = false
+# Application users for SASL PLAIN: username `name@tenant` (or `name@*` for any tenant),
+# password as an argon2 PHC string ($argon2id$...) or plain text. When empty and anonymous
+# is off, `ferrule serve` creates `admin@*` with a random password written to
+# DATA_DIR/admin-credentials.
+# Example: users = [{ username = "app@my-tenant", password = "$argon2id$v=19$..." }]
+users = []
+"#;

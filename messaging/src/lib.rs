@@ -1,0 +1,33 @@
+//! Ferrule's messaging core: an AMQP 1.0 router and broker in one process.
+//!
+//! Addresses are resolved by pattern ([`address`]) to one of four node types:
+//! direct `anycast`/`multicast` nodes hand each message to consumers with credit and
+//! report the consumer's outcome to the producer (nothing is buffered: no credit means
+//! `released` at once); `queue` and `topic` nodes store messages durably ([`store`],
+//! group-committed fsync) before answering `accepted`, and deliver them in order with
+//! redelivery, TTL expiry and dead-lettering.
+//!
+//! Two front doors share the same nodes: the in-process API ([`Broker::submit`],
+//! [`Broker::subscribe`]) used by the protocol adapters, and the AMQP 1.0 listener
+//! ([`AmqpServer`]) used by applications, with SASL and per-tenant authorisation.
+
+pub mod address;
+mod broker;
+pub mod config;
+mod delivery;
+mod direct;
+pub mod message;
+mod queue;
+mod sasl;
+mod server;
+mod store;
+mod topic;
+
+pub use broker::{Broker, BrokerError, SubscribeOptions, Submission};
+pub(crate) use broker::BrokerRef;
+pub use config::{MessagingConfig, SaslConfig, UserConfig};
+pub use delivery::{Consumer, Delivery};
+pub use message::{Message, Outcome};
+pub use sasl::{Authenticator, Identity};
+pub use server::{AmqpServer, ServerError};
+pub use store::StoreError;

@@ -1,0 +1,475 @@
+//! The AMQP 1.0 listener: connections, sessions and links of applications, wired to the
+//! broker. fe2o3-amqp speaks the protocol; this module decides who may attach where and
+//! moves deliveries between links and nodes.
+//!
+//! - A client *sender* (server-side receiver) is a producer: each transfer is submitted to
+//!   the broker and settled with the broker's outcome (accepted only once a consumer took
+//!   it or it is on disk). A link without a target is an anonymous relay that routes by
+//!   each message's `to`.
+//! - A client *receiver* (server-side sender) is a consumer with a window of
+//!   `consumer_window` unsettled deliveries; the client's outcome settles the delivery in
+//!   the broker (released ones are redelivered).
+//! - A refused link is attached and then closed with an error condition (fe2o3-amqp sends
+//!   nothing if an attach is simply dropped, and the client would wait forever).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor};
+use fe2o3_amqp::link::delivery::DeliveryInfo;
+use fe2o3_amqp::link::{DetachError, LinkStateError, Receiver, RecvError, Sender};
+use fe2o3_amqp::types::definitions::{self, ErrorCondition, Role, SenderSettleMode};
+use fe2o3_amqp::types::messaging::{
+    Accepted, Body, Modified, Rejected, Released, Source, TargetArchetype, TerminusDurability,
+};
+use fe2o3_amqp::types::performatives::Attach;
+use fe2o3_amqp::types::primitives::{Symbol, Value};
+use fe2o3_amqp::Sendable;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, SubscribeOptions};
+use crate::config::MessagingConfig;
+use crate::message::{condition, Message, Outcome};
+use crate::sasl::{Authenticator, ConnectionSasl, Identity};
+
+/// Errors that stop the listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A bound AMQP listener, ready to [`AmqpServer::run`].
+pub struct AmqpServer {
+    listener: TcpListener,
+    broker: Broker,
+    authenticator: Arc<Authenticator>,
+    config: Arc<MessagingConfig>,
+}
+
+impl AmqpServer {
+    pub async fn bind(config: &MessagingConfig, broker: Broker) -> Result<Self, ServerError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        Ok(Self {
+            listener,
+            broker,
+            authenticator: Arc::new(Authenticator::new(&config.sasl)),
+            config: Arc::new(config.clone()),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound socket has an address")
+    }
+
+    /// Accepts connections until `shutdown`, then closes them and waits for their tasks.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        tracing::info!(addr = %self.local_addr(), "AMQP listener up");
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            // fe2o3-amqp never sets it; without it small transfers wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            let connection = ConnectionTask {
+                broker: self.broker.clone(),
+                authenticator: self.authenticator.clone(),
+                config: self.config.clone(),
+                shutdown: shutdown.clone(),
+                tasks: tasks.clone(),
+            };
+            tasks.spawn(async move { connection.run(stream, peer).await });
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+}
+
+#[derive(Clone)]
+struct ConnectionTask {
+    broker: Broker,
+    authenticator: Arc<Authenticator>,
+    config: Arc<MessagingConfig>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl ConnectionTask {
+    async fn run(self, stream: TcpStream, peer: SocketAddr) {
+        let identity = Arc::new(OnceLock::new());
+        let sasl = ConnectionSasl { authenticator: self.authenticator.clone(), identity: identity.clone() };
+        let acceptor = ConnectionAcceptor::builder()
+            .container_id("ferrule")
+            .max_frame_size(self.config.max_frame_size)
+            .add_offered_capabilities(Symbol::from("ANONYMOUS-RELAY"))
+            .sasl_acceptor(sasl)
+            .build();
+        let mut connection = match acceptor.accept(stream).await {
+            Ok(connection) => connection,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "AMQP connection not opened");
+                return;
+            }
+        };
+        let Some(identity) = identity.get().cloned() else {
+            // The client skipped SASL; nothing is allowed without an identity.
+            tracing::info!(%peer, "closing unauthenticated AMQP connection");
+            let _ = connection
+                .close_with_error(error(condition::UNAUTHORIZED_ACCESS, "authentication required"))
+                .await;
+            return;
+        };
+        tracing::debug!(%peer, user = %identity.user, "application connected");
+        let session_acceptor = SessionAcceptor::new();
+        loop {
+            let incoming = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                incoming = connection.next_incoming_session() => match incoming {
+                    Some(incoming) => incoming,
+                    None => break,
+                },
+            };
+            match session_acceptor.accept_incoming_session(incoming, &mut connection).await {
+                Ok(session) => {
+                    let this = self.clone();
+                    let identity = identity.clone();
+                    self.tasks.spawn(async move { this.session(session, identity).await });
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "session not begun");
+                    break;
+                }
+            }
+        }
+        let _ = connection.close().await;
+        tracing::debug!(%peer, "application disconnected");
+    }
+
+    async fn session(self, mut session: ListenerSessionHandle, identity: Identity) {
+        let tenant_for_dynamic = identity.tenant.clone().unwrap_or_else(|| "anonymous".into());
+        let link_acceptor = LinkAcceptor::builder()
+            .on_dynamic_source(move |mut source: Source| {
+                // The real consumer is created when the link task starts; the address is
+                // reserved here so that the attach reply carries it.
+                source.address =
+                    Some(format!("{}/{}/{}", crate::address::DYNAMIC_PREFIX, tenant_for_dynamic, uuid::Uuid::new_v4().simple()));
+                Some(source)
+            })
+            .build();
+        loop {
+            let attach = tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                attach = session.next_incoming_attach() => match attach {
+                    Some(attach) => attach,
+                    None => break,
+                },
+            };
+            let plan = self.plan(&attach, &identity);
+            let link = match link_acceptor.accept_incoming_attach(attach, &mut session).await {
+                Ok(link) => link,
+                Err(e) => {
+                    // fe2o3-amqp sends nothing back for a failed attach (typically a link
+                    // name already used on this session by the other direction: it keys
+                    // links by name only). End the session with the reason rather than
+                    // leave the client waiting forever.
+                    tracing::info!(user = %identity.user, error = %e, "link attach failed; ending the session");
+                    let description = format!("link attach failed: {e} (use distinct link names per direction)");
+                    let _ = session.end_with_error(error(condition::NOT_ALLOWED, description)).await;
+                    return;
+                }
+            };
+            match (plan, link) {
+                (Err(refusal), LinkEndpoint::Sender(sender)) => {
+                    tracing::info!(user = %identity.user, reason = %refusal.1, "consumer link refused");
+                    let _ = sender.close_with_error(error(refusal.0, refusal.1)).await;
+                }
+                (Err(refusal), LinkEndpoint::Receiver(receiver)) => {
+                    tracing::info!(user = %identity.user, reason = %refusal.1, "producer link refused");
+                    let _ = receiver.close_with_error(error(refusal.0, refusal.1)).await;
+                }
+                (Ok(Plan::Produce { address, presettled }), LinkEndpoint::Receiver(receiver)) => {
+                    let broker = self.broker.clone();
+                    let identity = identity.clone();
+                    self.tasks.spawn(producer_link(receiver, address, presettled, broker, identity));
+                }
+                (Ok(Plan::Consume { address, presettled, durable_name }), LinkEndpoint::Sender(sender)) => {
+                    let address = match address {
+                        Some(address) => address,
+                        None => match sender.source().as_ref().and_then(|s| s.address.clone()) {
+                            Some(address) => address,
+                            None => {
+                                let _ = sender.close_with_error(error(condition::INTERNAL_ERROR, "no address")).await;
+                                continue;
+                            }
+                        },
+                    };
+                    match self.broker.subscribe(&address, &SubscribeOptions { durable_name }) {
+                        Ok(consumer) => {
+                            let window = self.config.consumer_window;
+                            self.tasks.spawn(consumer_link(sender, consumer, presettled, window));
+                        }
+                        Err(e) => {
+                            let _ = sender.close_with_error(error(condition::NOT_FOUND, e.to_string())).await;
+                        }
+                    }
+                }
+                (Ok(_), LinkEndpoint::Sender(sender)) => {
+                    let _ = sender.close_with_error(error(condition::INTERNAL_ERROR, "role mismatch")).await;
+                }
+                (Ok(_), LinkEndpoint::Receiver(receiver)) => {
+                    let _ = receiver.close_with_error(error(condition::INTERNAL_ERROR, "role mismatch")).await;
+                }
+            }
+        }
+        let _ = session.end().await;
+    }
+
+    /// Decides, from the attach alone, what a link will do or why it is refused.
+    fn plan(&self, attach: &Attach, identity: &Identity) -> Result<Plan, (&'static str, String)> {
+        match attach.role {
+            // The client sends: we receive into `target`.
+            Role::Sender => {
+                let address = match attach.target.as_deref() {
+                    Some(TargetArchetype::Target(target)) => target.address.clone(),
+                    #[allow(unreachable_patterns)]
+                    _ => None,
+                };
+                if let Some(address) = &address {
+                    self.check_address(address, identity)?;
+                }
+                Ok(Plan::Produce { address, presettled: attach.snd_settle_mode == SenderSettleMode::Settled })
+            }
+            // The client receives from `source`.
+            Role::Receiver => {
+                let source = attach.source.as_deref();
+                let presettled = attach.snd_settle_mode == SenderSettleMode::Settled;
+                if source.is_some_and(|s| s.dynamic) {
+                    return Ok(Plan::Consume { address: None, presettled, durable_name: None });
+                }
+                let address = source
+                    .and_then(|s| s.address.clone())
+                    .ok_or((condition::INVALID_FIELD, "a consumer link needs a source address".to_owned()))?;
+                self.check_address(&address, identity)?;
+                // A durable terminus names a durable topic subscription (container + link).
+                let durable = source.is_some_and(|s| s.durable != TerminusDurability::None);
+                let durable_name = durable.then(|| attach.name.clone());
+                Ok(Plan::Consume { address: Some(address), presettled, durable_name })
+            }
+        }
+    }
+
+    fn check_address(&self, address: &str, identity: &Identity) -> Result<(), (&'static str, String)> {
+        if !identity.may_use(address) {
+            return Err((
+                condition::UNAUTHORIZED_ACCESS,
+                format!("{} may not use address {address}", identity.user),
+            ));
+        }
+        if self.broker.address_type(address).is_none() {
+            return Err((condition::NOT_FOUND, format!("address {address} does not exist")));
+        }
+        Ok(())
+    }
+}
+
+enum Plan {
+    /// `address` `None`: anonymous relay, routed by each message's `to`.
+    Produce { address: Option<String>, presettled: bool },
+    /// `address` `None`: dynamic, made by the link acceptor.
+    Consume { address: Option<String>, presettled: bool, durable_name: Option<String> },
+}
+
+fn error(condition: &str, description: impl Into<String>) -> definitions::Error {
+    definitions::Error::new(ErrorCondition::Custom(Symbol::from(condition)), Some(description.into()), None)
+}
+
+/// Submits each transfer of a producer link and settles it with the broker's outcome.
+/// Outcomes are awaited concurrently, so a slow fsync does not serialise the link.
+async fn producer_link(
+    mut receiver: Receiver,
+    address: Option<String>,
+    presettled: bool,
+    broker: Broker,
+    identity: Identity,
+) {
+    let mut pending = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            received = receiver.recv::<Body<Value>>() => match received {
+                Ok(delivery) => {
+                    let (info, message) = delivery.into_parts();
+                    let submission = route(&broker, address.as_deref(), message, presettled, &identity);
+                    pending.push(async move { (info, submission.outcome().await) });
+                }
+                Err(RecvError::LinkStateError(e)) => {
+                    log_link_end(&e);
+                    break;
+                }
+                Err(e) => {
+                    tracing::info!(error = %e, "closing producer link after a bad transfer");
+                    let _ = receiver.close_with_error(error(condition::DECODE_ERROR, e.to_string())).await;
+                    return;
+                }
+            },
+            Some((info, outcome)) = pending.next(), if !pending.is_empty() => {
+                if dispose(&receiver, info, outcome).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = receiver.close().await;
+}
+
+fn route(
+    broker: &Broker,
+    address: Option<&str>,
+    message: Message,
+    presettled: bool,
+    identity: &Identity,
+) -> crate::Submission {
+    use crate::Submission::Ready;
+    let address = match address {
+        Some(address) => address.to_owned(),
+        None => {
+            let to = message.properties.as_ref().and_then(|p| p.to.clone());
+            let Some(to) = to else {
+                return Ready(Outcome::rejected(condition::INVALID_FIELD, "anonymous relay needs `to`"));
+            };
+            if !identity.may_use(&to) {
+                return Ready(Outcome::rejected(
+                    condition::UNAUTHORIZED_ACCESS,
+                    format!("{} may not use address {to}", identity.user),
+                ));
+            }
+            to
+        }
+    };
+    broker.submit(&address, message, presettled)
+}
+
+async fn dispose(receiver: &Receiver, info: DeliveryInfo, outcome: Outcome) -> Result<(), ()> {
+    let result = match outcome {
+        Outcome::Accepted => receiver.dispose(info, Accepted {}).await,
+        Outcome::Released => receiver.dispose(info, Released {}).await,
+        Outcome::Rejected { condition, description } => {
+            receiver.dispose(info, Rejected { error: Some(error(condition, description)) }).await
+        }
+        Outcome::Modified { delivery_failed, undeliverable_here } => {
+            let modified = Modified {
+                delivery_failed: Some(delivery_failed),
+                undeliverable_here: Some(undeliverable_here),
+                message_annotations: None,
+            };
+            receiver.dispose(info, modified).await
+        }
+    };
+    result.map_err(|e| tracing::debug!(error = %e, "disposition not sent"))
+}
+
+/// Feeds a consumer link from the broker, at most `window` unsettled deliveries at a time.
+///
+/// fe2o3-amqp does not expose the client's link credit, so the broker is asked for one
+/// message at a time: a message is pulled only after the previous one went out on the
+/// wire (which needs client credit). At most one message per consumer therefore waits
+/// here for client credit; the rest stay in the node for other consumers.
+async fn consumer_link(mut sender: Sender, mut consumer: crate::Consumer, presettled: bool, window: u32) {
+    let window = window.max(1) as usize;
+    let mut starved = false;
+    consumer.add_credit(1);
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            // Settlements first: a disposition that arrived before a detach must count.
+            biased;
+            Some((delivery, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let delivery: crate::Delivery = delivery;
+                let outcome = match result {
+                    Ok(outcome) => from_amqp(outcome),
+                    Err(_) => Outcome::Released,
+                };
+                delivery.settle(outcome);
+                if starved {
+                    starved = false;
+                    consumer.add_credit(1);
+                }
+            }
+            detach = sender.on_detach() => {
+                if matches!(detach, DetachError::ClosedByRemote) {
+                    consumer.close_on_drop();
+                }
+                break;
+            }
+            delivery = consumer.recv() => {
+                let Some(mut delivery) = delivery else { break };
+                let message = delivery.take_message();
+                let sendable = Sendable::builder().message(message).settled(presettled).build();
+                match sender.send_batchable(sendable).await {
+                    Ok(settlement) => {
+                        in_flight.push(async move { (delivery, settlement.await) });
+                        if in_flight.len() < window {
+                            consumer.add_credit(1);
+                        } else {
+                            starved = true;
+                        }
+                    }
+                    Err(e) => {
+                        // `delivery` drops here: released, so another consumer gets it.
+                        tracing::debug!(error = %e, "consumer link failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    // Outcomes that already arrived still count; the rest are released when dropped.
+    while let Some(Some((delivery, Ok(outcome)))) = in_flight.next().now_or_never() {
+        delivery.settle(from_amqp(outcome));
+    }
+    drop(in_flight);
+    drop(consumer);
+    let _ = sender.close().await;
+}
+
+fn from_amqp(outcome: fe2o3_amqp::types::messaging::Outcome) -> Outcome {
+    use fe2o3_amqp::types::messaging::Outcome as O;
+    match outcome {
+        O::Accepted(_) => Outcome::Accepted,
+        O::Released(_) => Outcome::Released,
+        O::Rejected(rejected) => Outcome::Rejected {
+            condition: condition::INVALID_FIELD,
+            description: rejected.error.and_then(|e| e.description).unwrap_or_else(|| "rejected by consumer".into()),
+        },
+        O::Modified(modified) => Outcome::Modified {
+            delivery_failed: modified.delivery_failed.unwrap_or(false),
+            undeliverable_here: modified.undeliverable_here.unwrap_or(false),
+        },
+        #[allow(unreachable_patterns)]
+        _ => Outcome::Released,
+    }
+}
+
+fn log_link_end(e: &LinkStateError) {
+    match e {
+        LinkStateError::RemoteClosed | LinkStateError::RemoteDetached => {}
+        other => tracing::debug!(error = %other, "producer link ended"),
+    }
+}
+

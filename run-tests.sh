@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit and integration tests, then the interoperability tests
+# (tests/interop) against a real `ferrule serve` with third-party clients.
+# Installs what the tests need when it is missing (Debian/Ubuntu; root or sudo).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# System packages the tests drive: `command` => package.
+declare -A need=( [redis-server]=redis-server )
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import proton, pytest' >/dev/null 2>&1; then
+  echo "==> installing Python test clients (tests/requirements.txt)"
+  python3 -m pip install -q -r tests/requirements.txt
+fi
+
+echo "==> cargo build"
+cargo build --workspace --all-targets --locked
+
+echo "==> cargo test"
+cargo test --workspace --locked
+
+echo "==> interoperability tests"
+FERRULE_BIN="$PWD/target/debug/ferrule" python3 -m pytest -q tests/interop

@@ -1,0 +1,175 @@
+//! The platform's configuration: one TOML file, every key with a documented default,
+//! every key overridable from the environment.
+//!
+//! Environment overrides: `FERRULE__SECTION__KEY=value` sets `[section] key = value`
+//! (`FERRULE__DATA_DIR=/var/lib/ferrule`, `FERRULE__MESSAGING__LISTEN=127.0.0.1:5673`,
+//! `FERRULE__MESSAGING__SASL__USERS='[{username="app@t1", password="s3cret"}]'`).
+//! Values are read as TOML values when they parse as one, as strings otherwise.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+use ferrule_messaging::MessagingConfig;
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where embedded storage lives (queues, registry, generated credentials).
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    pub messaging: MessagingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { data_dir: PathBuf::from("./data"), log: LogConfig::default(), messaging: MessagingConfig::default() }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `ferrule_messaging=debug,info`); `RUST_LOG` wins if set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+const ROOT_DEFAULT_TOML: &str = r#"# Ferrule configuration. Every key is optional; shown here with its default.
+# Any key can be overridden from the environment: FERRULE__SECTION__KEY=value, e.g.
+# FERRULE__DATA_DIR=/var/lib/ferrule or FERRULE__MESSAGING__LISTEN=127.0.0.1:5673.
+
+# Where embedded storage lives (queues, registry, generated credentials).
+data_dir = "./data"
+
+[log]
+# text | json
+format = "text"
+# A tracing filter, e.g. "info" or "ferrule_messaging=debug,info"; RUST_LOG wins if set.
+level = "info"
+
+"#;
+
+/// The default configuration as commented TOML.
+pub fn default_toml() -> String {
+    format!("{ROOT_DEFAULT_TOML}{}", ferrule_messaging::config::DEFAULT_TOML)
+}
+
+const ENV_PREFIX: &str = "FERRULE__";
+
+/// Reads `path` (if any), applies environment overrides, and validates.
+pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+    let text = match path {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        None => String::new(),
+    };
+    let mut table: toml::Table = toml::from_str(&text).with_context(|| match path {
+        Some(path) => format!("parsing {}", path.display()),
+        None => "parsing configuration".into(),
+    })?;
+    for (key, value) in std::env::vars() {
+        if let Some(rest) = key.strip_prefix(ENV_PREFIX) {
+            apply_override(&mut table, rest, &value).with_context(|| format!("environment variable {key}"))?;
+        }
+    }
+    let config: Config = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("invalid configuration: {e}"))?;
+    validate(&config)?;
+    Ok(config)
+}
+
+fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> anyhow::Result<()> {
+    let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+    if keys.iter().any(String::is_empty) {
+        bail!("empty key segment in {path:?}");
+    }
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    let (last, parents) = keys.split_last().expect("at least one key");
+    let mut current = table;
+    for key in parents {
+        let entry = current.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("{key} is not a section"),
+        };
+    }
+    current.insert(last.clone(), parsed);
+    Ok(())
+}
+
+fn validate(config: &Config) -> anyhow::Result<()> {
+    let m = &config.messaging;
+    if m.queue_max_depth == 0 {
+        bail!("messaging.queue_max_depth must be at least 1");
+    }
+    if m.consumer_window == 0 {
+        bail!("messaging.consumer_window must be at least 1");
+    }
+    if m.max_frame_size < 512 {
+        bail!("messaging.max_frame_size must be at least 512 (AMQP minimum)");
+    }
+    for (i, user) in m.sasl.users.iter().enumerate() {
+        match user.username.rsplit_once('@') {
+            Some((name, tenant)) if !name.is_empty() && !tenant.is_empty() => {}
+            _ => bail!("messaging.sasl.users[{i}].username must look like name@tenant or name@*"),
+        }
+    }
+    for (i, rule) in m.addresses.iter().enumerate() {
+        if rule.pattern.is_empty() || rule.pattern.split('/').any(str::is_empty) {
+            bail!("messaging.addresses[{i}].pattern {:?} has an empty segment", rule.pattern);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_defaults_are_the_defaults() {
+        let parsed: Config = toml::from_str(&default_toml()).expect("default TOML parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn overrides() {
+        let mut table = toml::Table::new();
+        apply_override(&mut table, "MESSAGING__LISTEN", "127.0.0.1:5999").unwrap();
+        apply_override(&mut table, "MESSAGING__QUEUE_MAX_DEPTH", "7").unwrap();
+        apply_override(&mut table, "MESSAGING__SASL__USERS", r#"[{username="a@t", password="p"}]"#).unwrap();
+        apply_override(&mut table, "DATA_DIR", "/tmp/x").unwrap();
+        let config: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(config.messaging.listen.port(), 5999);
+        assert_eq!(config.messaging.queue_max_depth, 7);
+        assert_eq!(config.messaging.sasl.users[0].username, "a@t");
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<Config>("[messaging]\nlisten_port = 1").unwrap_err();
+        assert!(e.to_string().contains("listen_port"), "{e}");
+    }
+}

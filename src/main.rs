@@ -1,0 +1,173 @@
+//! The `ferrule` binary: parses the command line, loads the configuration, wires the
+//! components and maps errors to exit codes. Everything else lives in the component crates.
+
+mod config;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use ferrule_messaging::{AmqpServer, Broker, UserConfig};
+
+#[derive(Parser)]
+#[command(name = "ferrule", version, about = "IoT device connectivity: MQTT, HTTP and CoAP devices, AMQP 1.0 applications")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the platform (all components in one process, embedded storage).
+    Serve {
+        /// Configuration file (TOML); without it the defaults apply.
+        #[arg(long, short, env = "FERRULE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the default configuration, with every key documented.
+    PrintDefault,
+    /// Load and validate a configuration (with environment overrides), print the result.
+    Check {
+        #[arg(long, short, env = "FERRULE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Config { command: ConfigCommand::PrintDefault } => {
+            print!("{}", config::default_toml());
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Check { config } } => config::load(config.as_deref()).map(|c| {
+            let mut c = c;
+            for user in &mut c.messaging.sasl.users {
+                user.password = "<redacted>".into();
+            }
+            print!("{}", toml::to_string_pretty(&c).expect("config serialises"));
+        }),
+        Command::Serve { config } => serve(config.as_deref()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferrule: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(log: &config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.format {
+        config::LogFormat::Text => builder.init(),
+        config::LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(path: Option<&Path>) -> anyhow::Result<()> {
+    let mut config = config::load(path)?;
+    init_logging(&config.log);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    ensure_application_user(&mut config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: config::Config) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let broker = Broker::open(&config.messaging, &config.data_dir).context("opening the messaging store")?;
+    let amqp = AmqpServer::bind(&config.messaging, broker.clone()).await?;
+    write_listeners(&config.data_dir, &[("amqp", amqp.local_addr())])?;
+
+    let maintenance = tokio::spawn(broker.clone().run_maintenance(config.messaging.expiry_check_interval, shutdown.clone()));
+    let server = tokio::spawn(amqp.run(shutdown.clone()));
+    tracing::info!(data_dir = %config.data_dir.display(), "ferrule is up");
+
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let grace = std::time::Duration::from_secs(10);
+    if tokio::time::timeout(grace, server).await.is_err() {
+        tracing::warn!("connections still open after {grace:?}; closing anyway");
+    }
+    let _ = maintenance.await;
+    broker.flush().await.context("flushing the messaging store")?;
+    tracing::info!("bye");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Writes the bound addresses to `DATA_DIR/listeners.json` so that tools and tests can
+/// find listeners configured on port 0.
+fn write_listeners(data_dir: &Path, listeners: &[(&str, std::net::SocketAddr)]) -> anyhow::Result<()> {
+    let body: Vec<String> = listeners.iter().map(|(name, addr)| format!("  \"{name}\": \"{addr}\"")).collect();
+    let path = data_dir.join("listeners.json");
+    let tmp = data_dir.join("listeners.json.tmp");
+    std::fs::write(&tmp, format!("{{\n{}\n}}\n", body.join(",\n")))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// With no application user configured and anonymous access off, nobody could connect:
+/// create `admin@*` with a random password, kept in `DATA_DIR/admin-credentials` (mode
+/// 0600) and reused on later starts. The password itself is never logged.
+fn ensure_application_user(config: &mut config::Config) -> anyhow::Result<()> {
+    let sasl = &mut config.messaging.sasl;
+    if !sasl.users.is_empty() || sasl.allow_anonymous {
+        return Ok(());
+    }
+    let path = config.data_dir.join("admin-credentials");
+    let password = match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .find_map(|l| l.strip_prefix("password="))
+            .map(str::to_owned)
+            .with_context(|| format!("{} has no password= line", path.display()))?,
+        Err(_) => {
+            use rand::distr::{Alphanumeric, SampleString};
+            let password = Alphanumeric.sample_string(&mut rand::rng(), 24);
+            write_private(&path, &format!("# AMQP application user created by ferrule serve\nusername=admin@*\npassword={password}\n"))?;
+            password
+        }
+    };
+    tracing::info!(user = "admin@*", credentials = %path.display(), "no application users configured; using the generated admin user (log in as admin@TENANT)");
+    sasl.users.push(UserConfig { username: "admin@*".into(), password });
+    Ok(())
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
+}

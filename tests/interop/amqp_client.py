@@ -1,0 +1,45 @@
+"""Small helpers over python-qpid-proton's blocking API (an independent AMQP 1.0 client)."""
+import threading
+
+from proton import Message
+from proton.utils import BlockingConnection
+
+
+def connect(url, timeout=10, **kwargs):
+    # SASL PLAIN over a plain socket needs allow_insecure_mechs.
+    return BlockingConnection(url, timeout=timeout, allowed_mechs="PLAIN", allow_insecure_mechs=True, **kwargs)
+
+
+class Collector(threading.Thread):
+    """Receives from `address` on its own connection until `stop` is set; accepts everything."""
+
+    def __init__(self, url, address, credit=10):
+        super().__init__(daemon=True)
+        self.conn = connect(url)
+        self.receiver = self.conn.create_receiver(address, credit=credit)
+        self.bodies = []
+        self.stop = threading.Event()
+        self.error = None
+
+    def run(self):
+        try:
+            while not self.stop.is_set():
+                try:
+                    msg = self.receiver.receive(timeout=0.2)
+                except Exception as e:  # proton.Timeout
+                    if type(e).__name__ == "Timeout":
+                        continue
+                    raise
+                self.bodies.append(msg.body)
+                self.receiver.accept()
+        except Exception as e:
+            self.error = e
+        finally:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+
+
+def message(body, **kwargs):
+    return Message(body=body, **kwargs)
