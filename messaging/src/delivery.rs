@@ -206,6 +206,11 @@ impl Consumer {
         self.rx.recv().await
     }
 
+    /// The next delivery if one is already queued.
+    pub fn try_recv(&mut self) -> Result<Delivery, mpsc::error::TryRecvError> {
+        self.rx.try_recv()
+    }
+
     /// Grants `n` more deliveries.
     pub fn add_credit(&self, n: u32) {
         self.credit.add(n);

@@ -1,0 +1,180 @@
+//! The messaging core's in-process API (what the protocol adapters use): routing,
+//! credit, queue semantics. The AMQP side is covered by tests/interop with a real client.
+
+use std::time::Duration;
+
+use ferrule_messaging::address::{AddressRule, AddressType};
+use ferrule_messaging::message::{data_message, Message};
+use ferrule_messaging::{Broker, MessagingConfig, Outcome, SubscribeOptions};
+use fe2o3_amqp::types::messaging::{Body, Header};
+
+fn config() -> MessagingConfig {
+    MessagingConfig {
+        queue_max_depth: 3,
+        addresses: vec![AddressRule::new("news/*", AddressType::Topic)],
+        ..Default::default()
+    }
+}
+
+fn payload(message: &Message) -> Vec<u8> {
+    match &message.body {
+        Body::Data(batch) => batch.iter().flat_map(|d| d.0.to_vec()).collect(),
+        other => panic!("unexpected body {other:?}"),
+    }
+}
+
+async fn next(consumer: &mut ferrule_messaging::Consumer) -> ferrule_messaging::Delivery {
+    tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await.expect("a delivery in time").expect("open")
+}
+
+#[tokio::test]
+async fn anycast_needs_a_consumer_with_credit() {
+    let broker = Broker::in_memory(&config());
+    assert_eq!(broker.send("telemetry/t1", data_message("x")).await, Outcome::Released, "no consumer");
+
+    let mut consumer = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    assert_eq!(broker.send("telemetry/t1", data_message("x")).await, Outcome::Released, "no credit");
+
+    consumer.add_credit(1);
+    let pending = broker.submit("telemetry/t1", data_message("hello"), false);
+    let delivery = next(&mut consumer).await;
+    assert_eq!(payload(delivery.message()), b"hello");
+    delivery.settle(Outcome::rejected("amqp:invalid-field", "bad"));
+    assert!(matches!(pending.outcome().await, Outcome::Rejected { .. }), "consumer's outcome reaches the producer");
+
+    // Credit was used up: the next message is released at once, not buffered.
+    assert_eq!(broker.send("telemetry/t1", data_message("y")).await, Outcome::Released);
+}
+
+#[tokio::test]
+async fn anycast_delivery_dropped_by_a_vanishing_consumer_is_released() {
+    let broker = Broker::in_memory(&config());
+    let mut consumer = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(5);
+    let pending = broker.submit("telemetry/t1", data_message("x"), false);
+    let delivery = next(&mut consumer).await;
+    drop(delivery);
+    assert_eq!(pending.outcome().await, Outcome::Released);
+    let pending = broker.submit("telemetry/t1", data_message("queued in the consumer"), false);
+    drop(consumer);
+    assert_eq!(pending.outcome().await, Outcome::Released);
+}
+
+#[tokio::test]
+async fn competing_consumers_share_anycast_round_robin() {
+    let broker = Broker::in_memory(&config());
+    let mut a = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    let mut b = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    a.add_credit(100);
+    b.add_credit(100);
+    for i in 0..10u8 {
+        assert!(matches!(broker.submit("telemetry/t1", data_message(vec![i]), true), ferrule_messaging::Submission::Ready(Outcome::Accepted)));
+    }
+    let mut got = Vec::new();
+    for consumer in [&mut a, &mut b] {
+        let mut n = 0;
+        while let Ok(delivery) = consumer.try_recv() {
+            got.extend(payload(delivery.message()));
+            n += 1;
+        }
+        assert!(n > 0, "each consumer gets some");
+    }
+    got.sort();
+    assert_eq!(got, (0..10).collect::<Vec<u8>>());
+}
+
+#[tokio::test]
+async fn queue_keeps_order_redelivers_and_bounds_depth() {
+    let broker = Broker::in_memory(&config());
+    for i in 0..3u8 {
+        assert_eq!(broker.send("event/t1", data_message(vec![i])).await, Outcome::Accepted);
+    }
+    match broker.send("event/t1", data_message("too many")).await {
+        Outcome::Rejected { condition, description } => {
+            assert_eq!(condition, "amqp:resource-limit-exceeded");
+            assert!(description.contains("full"), "{description}");
+        }
+        other => panic!("expected rejected, got {other:?}"),
+    }
+    assert_eq!(broker.queue_depth("event/t1"), Some(3));
+
+    let mut consumer = broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(1);
+    let first = next(&mut consumer).await;
+    assert_eq!(payload(first.message()), [0]);
+    first.settle(Outcome::Modified { delivery_failed: true, undeliverable_here: false });
+    consumer.add_credit(1);
+    let again = next(&mut consumer).await;
+    assert_eq!(payload(again.message()), [0], "redelivered first, in order");
+    assert_eq!(again.delivery_count(), 1);
+    again.settle(Outcome::Accepted);
+    consumer.add_credit(2);
+    let (d1, d2) = (next(&mut consumer).await, next(&mut consumer).await);
+    assert_eq!((payload(d1.message()), payload(d2.message())), (vec![1], vec![2]));
+    drop(consumer); // d1 and d2 unsettled: they stay in the queue
+    drop((d1, d2));
+    assert_eq!(broker.queue_depth("event/t1"), Some(2));
+}
+
+#[tokio::test]
+async fn rejected_and_expired_messages_are_dead_lettered() {
+    let broker = Broker::in_memory(&MessagingConfig::default());
+    let mut short = data_message("short-lived");
+    short.header = Some(Header { ttl: Some(50), ..Default::default() });
+    assert_eq!(broker.send("event/t1", short).await, Outcome::Accepted);
+    assert_eq!(broker.send("event/t1", data_message("bad")).await, Outcome::Accepted);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    broker.sweep_expired();
+
+    let mut consumer = broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    let bad = next(&mut consumer).await;
+    assert_eq!(payload(bad.message()), b"bad", "the expired message is not delivered");
+    bad.settle(Outcome::rejected("amqp:invalid-field", "no"));
+
+    let mut dlq = broker.subscribe("event/t1/dlq", &SubscribeOptions::default()).unwrap();
+    dlq.add_credit(10);
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        let d = next(&mut dlq).await;
+        let annotations = d.message().message_annotations.as_ref().expect("annotated");
+        let reason = annotations
+            .0
+            .iter()
+            .find(|(k, _)| format!("{k:?}").contains("dead-letter-reason"))
+            .map(|(_, v)| format!("{v:?}"))
+            .expect("reason");
+        reasons.push((payload(d.message()), reason));
+        d.settle(Outcome::Accepted);
+    }
+    reasons.sort();
+    assert!(reasons[0].0 == b"bad" && reasons[0].1.contains("rejected"), "{reasons:?}");
+    assert!(reasons[1].0 == b"short-lived" && reasons[1].1.contains("expired"), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn topic_durable_subscription_outlives_its_consumer() {
+    let broker = Broker::in_memory(&config());
+    let durable = SubscribeOptions { durable_name: Some("sub-1".into()) };
+    let consumer = broker.subscribe("news/t1", &durable).unwrap();
+    drop(consumer);
+    assert_eq!(broker.send("news/t1", data_message("while away")).await, Outcome::Accepted);
+    let mut consumer = broker.subscribe("news/t1", &durable).unwrap();
+    consumer.add_credit(1);
+    let d = next(&mut consumer).await;
+    assert_eq!(payload(d.message()), b"while away");
+    d.settle(Outcome::Accepted);
+    consumer.close_on_drop();
+    drop(consumer);
+    broker.send("news/t1", data_message("after close")).await;
+    let mut consumer = broker.subscribe("news/t1", &durable).unwrap();
+    consumer.add_credit(1);
+    assert!(tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await.is_err(), "closed subscription was deleted");
+}
+
+#[tokio::test]
+async fn unknown_addresses_are_refused() {
+    let broker = Broker::in_memory(&config());
+    assert!(matches!(broker.send("nowhere/t1", data_message("x")).await, Outcome::Rejected { condition: "amqp:not-found", .. }));
+    assert!(broker.subscribe("nowhere/t1", &SubscribeOptions::default()).is_err());
+}
