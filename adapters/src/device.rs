@@ -1,0 +1,71 @@
+//! What the adapters need from the device registry, as a trait: the adapters do not care
+//! how devices are stored, only whether a device may connect and publish.
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed future, for the object-safe registry trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An authenticated device (or gateway).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    pub tenant: String,
+    pub device_id: String,
+    pub auth_id: String,
+}
+
+/// Why a device is refused. Each adapter maps these to its protocol's answer in one place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown auth-id, wrong secret, expired secret: deliberately indistinguishable.
+    #[error("bad credentials")]
+    BadCredentials,
+    /// The tenant does not exist.
+    #[error("unknown tenant")]
+    UnknownTenant,
+    /// The tenant is disabled, or this adapter is disabled for it.
+    #[error("tenant disabled")]
+    TenantDisabled,
+    /// The device does not exist.
+    #[error("unknown device")]
+    UnknownDevice,
+    /// The device is disabled.
+    #[error("device disabled")]
+    DeviceDisabled,
+    /// A gateway tried to act for a device that does not list it in `via`.
+    #[error("gateway not authorised for this device")]
+    GatewayNotAuthorized,
+    /// The device authenticated for one tenant and names another.
+    #[error("tenant mismatch")]
+    TenantMismatch,
+    /// Too many failed attempts or verifications in flight: try later.
+    #[error("registry busy")]
+    Busy,
+    /// The registry failed.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The adapters' view of the device registry.
+pub trait DeviceRegistry: Send + Sync + 'static {
+    /// Verifies a `hashed-password` credential.
+    fn authenticate_password<'a>(
+        &'a self,
+        tenant: &'a str,
+        auth_id: &'a str,
+        password: &'a [u8],
+    ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>>;
+
+    /// Checks that `device_id` exists and is enabled in `tenant` (and its tenant is
+    /// enabled); with `gateway`, also that the device lists the gateway in `via`.
+    fn authorize_device<'a>(
+        &'a self,
+        tenant: &'a str,
+        device_id: &'a str,
+        gateway: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), AuthError>>;
+
+    /// Whether `tenant` lets devices publish without authenticating on `adapter`.
+    fn allows_unauthenticated<'a>(&'a self, tenant: &'a str, adapter: &'a str) -> BoxFuture<'a, Result<bool, AuthError>>;
+}

@@ -1,0 +1,254 @@
+//! Turning a device's upload into a Hono downstream message and handing it to the
+//! messaging core. Shared by every adapter, so telemetry and events look the same
+//! whichever protocol they came in on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fe2o3_amqp::types::messaging::{
+    ApplicationProperties, Header, MessageAnnotations, Properties,
+};
+use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Timestamp, Value};
+use ferrule_messaging::message::{condition, data_message, now_millis};
+use ferrule_messaging::{Broker, Message, Outcome};
+
+/// Content type of an empty notification (Hono).
+pub const EMPTY_NOTIFICATION: &str = "application/vnd.eclipse-hono-empty-notification";
+/// Content type of connection events (Hono).
+pub const CONNECTION_EVENT: &str = "application/vnd.eclipse-hono-dc-notification+json";
+
+/// Telemetry or event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Telemetry,
+    Event,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Telemetry => "telemetry",
+            Endpoint::Event => "event",
+        }
+    }
+}
+
+/// Delivery guarantee the device asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    /// Fire and forget: dropped (and counted) when nobody consumes.
+    AtMostOnce,
+    /// Acknowledged to the device only once the messaging core accepted it.
+    AtLeastOnce,
+}
+
+/// One message from a device, in protocol-neutral form.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub tenant: String,
+    pub device_id: String,
+    pub endpoint: Endpoint,
+    pub qos: Qos,
+    pub payload: Bytes,
+    pub content_type: Option<String>,
+    /// Time to live (events; MQTT 5 message expiry).
+    pub ttl: Option<Duration>,
+    /// `hono-mqtt`, `hono-http`, `hono-coap`.
+    pub orig_adapter: &'static str,
+    /// The topic or URI path the device used.
+    pub orig_address: String,
+    /// Extra application properties (MQTT property bag).
+    pub properties: Vec<(String, String)>,
+}
+
+/// Why an upload was not taken. Each adapter maps these to its protocol in one place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UploadError {
+    /// No application consumer with credit (direct telemetry): HTTP 503 / CoAP 5.03.
+    #[error("no consumer for {0}")]
+    NoConsumer(String),
+    /// A queue is full or a resource limit was hit: HTTP 503 / CoAP 5.03.
+    #[error("{0}")]
+    Overloaded(String),
+    /// An empty payload without a content type.
+    #[error("an empty payload needs a content type")]
+    EmptyWithoutContentType,
+    /// Payload over the adapter's maximum.
+    #[error("payload of {size} bytes exceeds the maximum of {max}")]
+    TooLarge { size: usize, max: usize },
+    /// Refused by the messaging core for another reason.
+    #[error("refused downstream: {0}")]
+    Refused(String),
+}
+
+impl UploadError {
+    /// True where the device should retry later (503 family).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, UploadError::NoConsumer(_) | UploadError::Overloaded(_))
+    }
+}
+
+/// Counters of one adapter's downstream traffic.
+#[derive(Debug, Default)]
+pub struct DownstreamStats {
+    pub accepted: AtomicU64,
+    /// QoS 0 / NON messages nobody consumed.
+    pub dropped: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+/// Sends uploads into the messaging core (in process).
+#[derive(Clone)]
+pub struct Downstream {
+    broker: Broker,
+    pub stats: Arc<DownstreamStats>,
+}
+
+impl Downstream {
+    pub fn new(broker: Broker) -> Self {
+        Self { broker, stats: Arc::default() }
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// The shared rules every adapter applies before sending.
+    pub fn validate(payload: &[u8], content_type: Option<&str>, max_payload: usize) -> Result<(), UploadError> {
+        if payload.len() > max_payload {
+            return Err(UploadError::TooLarge { size: payload.len(), max: max_payload });
+        }
+        if payload.is_empty() && content_type.is_none_or(str::is_empty) {
+            return Err(UploadError::EmptyWithoutContentType);
+        }
+        Ok(())
+    }
+
+    /// Sends one upload. For at-least-once uploads this returns once the messaging core
+    /// accepted the message (a consumer took it, or it is on disk); for at-most-once ones
+    /// as soon as it is routed.
+    pub async fn send(&self, upload: Upload) -> Result<(), UploadError> {
+        let address = format!("{}/{}", upload.endpoint.as_str(), upload.tenant);
+        let settled = upload.qos == Qos::AtMostOnce;
+        let message = to_message(&address, &upload);
+        let outcome = self.broker.submit(&address, message, settled).outcome().await;
+        self.account(&address, settled, outcome)
+    }
+
+    fn account(&self, address: &str, settled: bool, outcome: Outcome) -> Result<(), UploadError> {
+        match outcome {
+            Outcome::Accepted => {
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            _ if settled => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Outcome::Released | Outcome::Modified { .. } => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                Err(UploadError::NoConsumer(address.to_owned()))
+            }
+            Outcome::Rejected { condition: c, description } => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                if c == condition::RESOURCE_LIMIT_EXCEEDED {
+                    Err(UploadError::Overloaded(description))
+                } else {
+                    Err(UploadError::Refused(description))
+                }
+            }
+        }
+    }
+}
+
+fn string(s: &str) -> Value {
+    Value::String(s.to_owned())
+}
+
+/// Builds the Hono downstream message for `upload` sent to `address`.
+pub fn to_message(address: &str, upload: &Upload) -> Message {
+    let mut message = data_message(upload.payload.to_vec());
+    let durable = upload.endpoint == Endpoint::Event;
+    message.header = Some(Header {
+        durable,
+        ttl: upload.ttl.map(|t| t.as_millis().min(u32::MAX as u128) as u32),
+        ..Default::default()
+    });
+    message.properties = Some(Properties {
+        to: Some(address.to_owned()),
+        content_type: upload.content_type.as_deref().map(Symbol::from),
+        creation_time: Some(Timestamp::from_milliseconds(now_millis() as i64)),
+        ..Default::default()
+    });
+    let mut app: OrderedMap<String, SimpleValue> = OrderedMap::new();
+    for (k, v) in &upload.properties {
+        app.insert(k.clone(), SimpleValue::String(v.clone()));
+    }
+    app.insert("device_id".into(), SimpleValue::String(upload.device_id.clone()));
+    app.insert("qos".into(), SimpleValue::Int(if upload.qos == Qos::AtLeastOnce { 1 } else { 0 }));
+    app.insert("orig_adapter".into(), SimpleValue::String(upload.orig_adapter.into()));
+    app.insert("orig_address".into(), SimpleValue::String(upload.orig_address.clone()));
+    message.application_properties = Some(ApplicationProperties(app));
+    let mut annotations = OrderedMap::new();
+    annotations.insert(Symbol::from("tenant_id").into(), string(&upload.tenant));
+    annotations.insert(Symbol::from("device_id").into(), string(&upload.device_id));
+    message.message_annotations = Some(MessageAnnotations(annotations));
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upload() -> Upload {
+        Upload {
+            tenant: "t1".into(),
+            device_id: "d1".into(),
+            endpoint: Endpoint::Event,
+            qos: Qos::AtLeastOnce,
+            payload: Bytes::from_static(b"{\"temp\":5}"),
+            content_type: Some("application/json".into()),
+            ttl: Some(Duration::from_secs(30)),
+            orig_adapter: "hono-mqtt",
+            orig_address: "event".into(),
+            properties: vec![("foo".into(), "bar".into())],
+        }
+    }
+
+    #[test]
+    fn hono_downstream_format() {
+        let m = to_message("event/t1", &upload());
+        let header = m.header.as_ref().unwrap();
+        assert!(header.durable);
+        assert_eq!(header.ttl, Some(30_000));
+        let props = m.properties.as_ref().unwrap();
+        assert_eq!(props.to.as_deref(), Some("event/t1"));
+        assert_eq!(props.content_type.as_ref().map(|s| s.as_str()), Some("application/json"));
+        assert!(props.creation_time.is_some());
+        let app = &m.application_properties.as_ref().unwrap().0;
+        assert_eq!(app.get("device_id"), Some(&SimpleValue::String("d1".into())));
+        assert_eq!(app.get("qos"), Some(&SimpleValue::Int(1)));
+        assert_eq!(app.get("orig_adapter"), Some(&SimpleValue::String("hono-mqtt".into())));
+        assert_eq!(app.get("foo"), Some(&SimpleValue::String("bar".into())));
+    }
+
+    #[test]
+    fn shared_rules() {
+        assert_eq!(Downstream::validate(b"", None, 10), Err(UploadError::EmptyWithoutContentType));
+        assert!(Downstream::validate(b"", Some(EMPTY_NOTIFICATION), 10).is_ok());
+        assert_eq!(Downstream::validate(&[0; 11], None, 10), Err(UploadError::TooLarge { size: 11, max: 10 }));
+    }
+
+    #[tokio::test]
+    async fn no_consumer_is_an_error_only_when_acknowledged() {
+        let downstream = Downstream::new(Broker::in_memory(&Default::default()));
+        let mut u = upload();
+        u.endpoint = Endpoint::Telemetry;
+        assert!(matches!(downstream.send(u.clone()).await, Err(UploadError::NoConsumer(_))));
+        u.qos = Qos::AtMostOnce;
+        assert_eq!(downstream.send(u).await, Ok(()));
+        assert_eq!(downstream.stats.dropped.load(Ordering::Relaxed), 1);
+    }
+}

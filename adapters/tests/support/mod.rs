@@ -1,0 +1,130 @@
+//! Test support shared by the adapters' integration tests: a device registry held in
+//! memory (the real registry has its own tests; here only the adapters' decisions matter).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ferrule_adapters::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
+
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub enabled: bool,
+    pub via: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub enabled: bool,
+    pub allow_unauthenticated: bool,
+    pub devices: HashMap<String, Device>,
+    /// auth-id → (device-id, password)
+    pub passwords: HashMap<String, (String, String)>,
+}
+
+/// Tenants and devices in memory, changeable while a test runs.
+#[derive(Clone, Default)]
+pub struct MemoryRegistry {
+    tenants: Arc<Mutex<HashMap<String, Tenant>>>,
+}
+
+impl MemoryRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn tenant(self, tenant: &str) -> Self {
+        self.tenants.lock().unwrap().insert(
+            tenant.into(),
+            Tenant { enabled: true, allow_unauthenticated: false, devices: HashMap::new(), passwords: HashMap::new() },
+        );
+        self
+    }
+
+    pub fn device(self, tenant: &str, device: &str, password: &str) -> Self {
+        self.device_via(tenant, device, password, &[])
+    }
+
+    pub fn device_via(self, tenant: &str, device: &str, password: &str, via: &[&str]) -> Self {
+        {
+            let mut tenants = self.tenants.lock().unwrap();
+            let t = tenants.get_mut(tenant).expect("tenant first");
+            t.devices.insert(device.into(), Device { enabled: true, via: via.iter().map(|s| s.to_string()).collect() });
+            if !password.is_empty() {
+                t.passwords.insert(device.into(), (device.into(), password.into()));
+            }
+        }
+        self
+    }
+
+    pub fn set_device_enabled(&self, tenant: &str, device: &str, enabled: bool) {
+        self.tenants.lock().unwrap().get_mut(tenant).unwrap().devices.get_mut(device).unwrap().enabled = enabled;
+    }
+
+    pub fn set_tenant_enabled(&self, tenant: &str, enabled: bool) {
+        self.tenants.lock().unwrap().get_mut(tenant).unwrap().enabled = enabled;
+    }
+
+    pub fn set_allow_unauthenticated(&self, tenant: &str, allow: bool) {
+        self.tenants.lock().unwrap().get_mut(tenant).unwrap().allow_unauthenticated = allow;
+    }
+
+    fn check(&self, tenant: &str, device: &str) -> Result<Device, AuthError> {
+        let tenants = self.tenants.lock().unwrap();
+        let t = tenants.get(tenant).ok_or(AuthError::UnknownTenant)?;
+        if !t.enabled {
+            return Err(AuthError::TenantDisabled);
+        }
+        let d = t.devices.get(device).ok_or(AuthError::UnknownDevice)?;
+        if !d.enabled {
+            return Err(AuthError::DeviceDisabled);
+        }
+        Ok(d.clone())
+    }
+}
+
+impl DeviceRegistry for MemoryRegistry {
+    fn authenticate_password<'a>(
+        &'a self,
+        tenant: &'a str,
+        auth_id: &'a str,
+        password: &'a [u8],
+    ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
+        Box::pin(async move {
+            let device_id = {
+                let tenants = self.tenants.lock().unwrap();
+                let t = tenants.get(tenant).ok_or(AuthError::UnknownTenant)?;
+                let (device_id, expected) = t.passwords.get(auth_id).ok_or(AuthError::BadCredentials)?;
+                if expected.as_bytes() != password {
+                    return Err(AuthError::BadCredentials);
+                }
+                device_id.clone()
+            };
+            self.check(tenant, &device_id)?;
+            Ok(DeviceIdentity { tenant: tenant.into(), device_id, auth_id: auth_id.into() })
+        })
+    }
+
+    fn authorize_device<'a>(
+        &'a self,
+        tenant: &'a str,
+        device_id: &'a str,
+        gateway: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), AuthError>> {
+        Box::pin(async move {
+            let device = self.check(tenant, device_id)?;
+            match gateway {
+                Some(gw) if !device.via.iter().any(|v| v == gw) => Err(AuthError::GatewayNotAuthorized),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    fn allows_unauthenticated<'a>(&'a self, tenant: &'a str, _adapter: &'a str) -> BoxFuture<'a, Result<bool, AuthError>> {
+        Box::pin(async move {
+            let tenants = self.tenants.lock().unwrap();
+            let t = tenants.get(tenant).ok_or(AuthError::UnknownTenant)?;
+            Ok(t.enabled && t.allow_unauthenticated)
+        })
+    }
+}
