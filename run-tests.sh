@@ -25,10 +25,10 @@ if ! python3 -c 'import proton, pytest' >/dev/null 2>&1; then
 fi
 
 echo "==> cargo build"
-cargo build --workspace --all-targets --locked
+cargo build --workspace --all-targets
 
 echo "==> cargo test"
-cargo test --workspace --locked
+cargo test --workspace
 
 echo "==> interoperability tests"
 FERRULE_BIN="$PWD/target/debug/ferrule" python3 -m pytest -q tests/interop
