@@ -130,10 +130,20 @@ impl Downstream {
     /// accepted the message (a consumer took it, or it is on disk); for at-most-once ones
     /// as soon as it is routed.
     pub async fn send(&self, upload: Upload) -> Result<(), UploadError> {
+        self.send_reporting_drops(upload, false).await
+    }
+
+    /// Like [`Downstream::send`], but an at-most-once upload that nobody consumed is an
+    /// error too when `report` is set (HTTP answers 503 even for QoS 0).
+    pub async fn send_reporting_drops(&self, upload: Upload, report: bool) -> Result<(), UploadError> {
         let address = format!("{}/{}", upload.endpoint.as_str(), upload.tenant);
         let settled = upload.qos == Qos::AtMostOnce;
         let message = to_message(&address, &upload);
         let outcome = self.broker.submit(&address, message, settled).outcome().await;
+        if report && settled && outcome == Outcome::Released {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return Err(UploadError::NoConsumer(address));
+        }
         self.account(&address, settled, outcome)
     }
 

@@ -8,6 +8,7 @@
 
 pub mod device;
 pub mod downstream;
+pub mod http;
 
 pub use device::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};

@@ -1,0 +1,339 @@
+//! The HTTP adapter (Hono's HTTP API): `POST /telemetry`, `POST /event` with Basic auth
+//! `auth-id@tenant`, and `PUT /telemetry|event/TENANT/DEVICE` for gateways and
+//! unauthenticated devices.
+//!
+//! - `mapping`: method, path and headers → what is asked (pure).
+//! - this module: the hyper server (keep-alive, body size limit before reading), the
+//!   authentication decision, and the one place where errors become status codes.
+
+pub mod mapping;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::device::{AuthError, DeviceRegistry};
+use crate::downstream::{Downstream, Qos, Upload, UploadError};
+use mapping::MappingError;
+
+/// Value of `orig_adapter` for messages from this adapter.
+pub const ADAPTER: &str = "hono-http";
+
+/// `[adapters.http]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of the HTTP adapter.
+    pub listen: SocketAddr,
+    /// Largest accepted payload in bytes (larger: 413).
+    pub max_payload: usize,
+    /// Let devices of tenants that allow it publish without credentials (PUT form only).
+    pub allow_unauthenticated: bool,
+    /// Most concurrent connections; further ones wait in the accept queue.
+    pub max_connections: usize,
+    /// Closes connections whose request headers take longer than this.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("valid"),
+            max_payload: 2048,
+            allow_unauthenticated: false,
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The defaults above as commented TOML.
+pub const DEFAULT_TOML: &str = r#"[adapters.http]
+# Address of the HTTP adapter.
+listen = "0.0.0.0:8080"
+# Largest accepted payload in bytes (larger: 413).
+max_payload = 2048
+# Let devices of tenants that allow it publish without credentials (PUT form only).
+allow_unauthenticated = false
+# Most concurrent connections; further ones wait in the accept queue.
+max_connections = 10000
+# Closes connections whose request headers take longer than this.
+header_read_timeout = "10s"
+"#;
+
+/// Errors that stop the adapter from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A bound HTTP adapter, ready to [`HttpAdapter::run`].
+pub struct HttpAdapter {
+    listener: TcpListener,
+    state: Arc<State>,
+}
+
+struct State {
+    config: HttpConfig,
+    downstream: Downstream,
+    registry: Arc<dyn DeviceRegistry>,
+}
+
+impl HttpAdapter {
+    pub async fn bind(
+        config: HttpConfig,
+        downstream: Downstream,
+        registry: Arc<dyn DeviceRegistry>,
+    ) -> Result<Self, HttpError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| HttpError::Bind { addr: config.listen, source })?;
+        Ok(Self { listener, state: Arc::new(State { config, downstream, registry }) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound socket has an address")
+    }
+
+    /// Serves until `shutdown`; then lets open requests finish.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tasks = TaskTracker::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(self.state.config.max_connections));
+        tracing::info!(addr = %self.local_addr(), "HTTP adapter up");
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = limit.clone().acquire_owned() => permit.expect("never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let state = self.state.clone();
+            let shutdown = shutdown.clone();
+            let header_timeout = state.config.header_read_timeout;
+            tasks.spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Some(header_timeout))
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut conn = std::pin::pin!(conn);
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+                        }
+                    }
+                    _ = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                drop(permit);
+            });
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+}
+
+/// Why a request failed: the single place mapping errors to HTTP answers.
+#[derive(Debug)]
+enum Failure {
+    Mapping(MappingError),
+    Auth(AuthError),
+    Upload(UploadError),
+    NoCredentials,
+    BodyTooLarge(usize),
+    BadBody(String),
+}
+
+impl Failure {
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let (status, message) = match &self {
+            Failure::Mapping(MappingError::NotFound(_)) => (StatusCode::NOT_FOUND, self.message()),
+            Failure::Mapping(MappingError::MethodNotAllowed { .. }) => (StatusCode::METHOD_NOT_ALLOWED, self.message()),
+            Failure::Mapping(MappingError::BadHeader(_)) => (StatusCode::BAD_REQUEST, self.message()),
+            Failure::NoCredentials | Failure::Auth(AuthError::BadCredentials) | Failure::Auth(AuthError::UnknownTenant) => {
+                (StatusCode::UNAUTHORIZED, "bad credentials".to_owned())
+            }
+            Failure::Auth(AuthError::TenantDisabled)
+            | Failure::Auth(AuthError::DeviceDisabled)
+            | Failure::Auth(AuthError::GatewayNotAuthorized)
+            | Failure::Auth(AuthError::TenantMismatch) => (StatusCode::FORBIDDEN, self.message()),
+            Failure::Auth(AuthError::UnknownDevice) => (StatusCode::NOT_FOUND, self.message()),
+            Failure::Auth(AuthError::Busy) => (StatusCode::TOO_MANY_REQUESTS, self.message()),
+            Failure::Auth(AuthError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "registry unavailable".to_owned()),
+            Failure::Upload(e) if e.is_transient() => (StatusCode::SERVICE_UNAVAILABLE, self.message()),
+            Failure::Upload(UploadError::TooLarge { .. }) | Failure::BodyTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, self.message())
+            }
+            Failure::Upload(UploadError::EmptyWithoutContentType) | Failure::BadBody(_) => {
+                (StatusCode::BAD_REQUEST, self.message())
+            }
+            Failure::Upload(_) => (StatusCode::BAD_REQUEST, self.message()),
+        };
+        let mut response = text(status, &message);
+        let headers = response.headers_mut();
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"Ferrule\""));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Failure::Mapping(e) => e.to_string(),
+            Failure::Auth(e) => e.to_string(),
+            Failure::Upload(e) => e.to_string(),
+            Failure::NoCredentials => "credentials required".into(),
+            Failure::BodyTooLarge(max) => format!("payload exceeds the maximum of {max} bytes"),
+            Failure::BadBody(e) => e.clone(),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+}
+
+async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match accept(state, req).await {
+        Ok(()) => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::ACCEPTED;
+            response
+        }
+        Err(failure) => {
+            tracing::debug!(?failure, "HTTP request refused");
+            failure.into_response()
+        }
+    }
+}
+
+fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn accept(state: &State, req: Request<Incoming>) -> Result<(), Failure> {
+    let route = mapping::route(req.method().as_str(), req.uri().path()).map_err(Failure::Mapping)?;
+    let qos = mapping::qos(route.endpoint, header(&req, "qos-level")).map_err(Failure::Mapping)?;
+    let ttl = mapping::ttl(header(&req, "hono-ttl")).map_err(Failure::Mapping)?;
+    let content_type = header(&req, CONTENT_TYPE.as_str()).map(str::to_owned);
+
+    // Who is this, and for which device does it publish?
+    let credentials = basic_credentials(&req)?;
+    let (tenant, device_id) = match (credentials, route.target) {
+        (Some((username, password)), target) => {
+            let (auth_id, tenant) = mapping::split_username(&username).ok_or(Failure::Auth(AuthError::BadCredentials))?;
+            let identity = state
+                .registry
+                .authenticate_password(tenant, auth_id, password.as_bytes())
+                .await
+                .map_err(Failure::Auth)?;
+            match target {
+                None => (identity.tenant, identity.device_id),
+                Some((tenant, device)) => {
+                    if tenant != identity.tenant {
+                        return Err(Failure::Auth(AuthError::TenantMismatch));
+                    }
+                    if device != identity.device_id {
+                        state
+                            .registry
+                            .authorize_device(&tenant, &device, Some(&identity.device_id))
+                            .await
+                            .map_err(Failure::Auth)?;
+                    }
+                    (tenant, device)
+                }
+            }
+        }
+        (None, Some((tenant, device))) if state.config.allow_unauthenticated => {
+            if !state.registry.allows_unauthenticated(&tenant, ADAPTER).await.map_err(Failure::Auth)? {
+                return Err(Failure::NoCredentials);
+            }
+            state.registry.authorize_device(&tenant, &device, None).await.map_err(Failure::Auth)?;
+            (tenant, device)
+        }
+        (None, _) => return Err(Failure::NoCredentials),
+    };
+
+    // Refuse oversized bodies before reading them.
+    let max = state.config.max_payload;
+    if let Some(length) = header(&req, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<usize>().ok()) {
+        if length > max {
+            return Err(Failure::BodyTooLarge(max));
+        }
+    }
+    let orig_address = req.uri().path().to_owned();
+    let body = Limited::new(req.into_body(), max)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Failure::BodyTooLarge(max)
+            } else {
+                Failure::BadBody(format!("reading the body failed: {e}"))
+            }
+        })?
+        .to_bytes();
+    Downstream::validate(&body, content_type.as_deref(), max).map_err(Failure::Upload)?;
+    let upload = Upload {
+        tenant,
+        device_id,
+        endpoint: route.endpoint,
+        qos,
+        payload: body,
+        content_type,
+        ttl,
+        orig_adapter: ADAPTER,
+        orig_address,
+        properties: Vec::new(),
+    };
+    // HTTP has no fire-and-forget: even QoS 0 tells the device there was no consumer.
+    state.downstream.send_reporting_drops(upload, qos == Qos::AtMostOnce).await.map_err(Failure::Upload)
+}
+
+/// `Authorization: Basic base64(username:password)`; `Ok(None)` when absent.
+fn basic_credentials(req: &Request<Incoming>) -> Result<Option<(String, String)>, Failure> {
+    use base64::Engine;
+    let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else { return Ok(None) };
+    let bad = || Failure::Auth(AuthError::BadCredentials);
+    let value = value.to_str().map_err(|_| bad())?;
+    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic ")).ok_or_else(bad)?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (user, password) = decoded.split_once(':').ok_or_else(bad)?;
+    Ok(Some((user.to_owned(), password.to_owned())))
+}
