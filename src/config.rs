@@ -123,6 +123,9 @@ fn validate(config: &Config) -> anyhow::Result<()> {
     if m.queue_max_depth == 0 {
         bail!("messaging.queue_max_depth must be at least 1");
     }
+    if m.consumer_prefetch == 0 {
+        bail!("messaging.consumer_prefetch must be at least 1");
+    }
     if m.consumer_window == 0 {
         bail!("messaging.consumer_window must be at least 1");
     }

@@ -19,7 +19,10 @@ pub struct MessagingConfig {
     /// Most messages a queue (or topic subscription) holds; beyond it senders get
     /// `rejected` with `amqp:resource-limit-exceeded`.
     pub queue_max_depth: usize,
-    /// Most unsettled deliveries the server keeps outstanding on one consumer link.
+    /// Messages a consumer link may take from its address ahead of the client's credit
+    /// (they wait in the server, bounded by this, and are released if the link goes).
+    pub consumer_prefetch: u32,
+    /// Most unsettled deliveries outstanding on one consumer link.
     pub consumer_window: u32,
     /// Largest AMQP frame the listener accepts.
     pub max_frame_size: u32,
@@ -36,7 +39,8 @@ impl Default for MessagingConfig {
             listen: "0.0.0.0:5672".parse().expect("valid"),
             addresses: Vec::new(),
             queue_max_depth: 100_000,
-            consumer_window: 256,
+            consumer_prefetch: 256,
+            consumer_window: 1024,
             max_frame_size: 65_536,
             expiry_check_interval: Duration::from_secs(1),
             sasl: SaslConfig::default(),
@@ -79,8 +83,11 @@ listen = "0.0.0.0:5672"
 # Most messages a queue (or topic subscription) holds; beyond it senders get `rejected`
 # with amqp:resource-limit-exceeded.
 queue_max_depth = 100000
+# Messages a consumer link may take from its address ahead of the client's credit
+# (they wait in the server, bounded by this, and are released if the link goes away).
+consumer_prefetch = 256
 # Most unsettled deliveries outstanding on one consumer link.
-consumer_window = 256
+consumer_window = 1024
 # Largest AMQP frame accepted.
 max_frame_size = 65536
 # How often queues drop expired messages that nobody consumes.

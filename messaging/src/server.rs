@@ -6,8 +6,9 @@
 //!   the broker and settled with the broker's outcome (accepted only once a consumer took
 //!   it or it is on disk). A link without a target is an anonymous relay that routes by
 //!   each message's `to`.
-//! - A client *receiver* (server-side sender) is a consumer with a window of
-//!   `consumer_window` unsettled deliveries; the client's outcome settles the delivery in
+//! - A client *receiver* (server-side sender) is a consumer that prefetches up to
+//!   `consumer_prefetch` messages and keeps at most `consumer_window` deliveries
+//!   unsettled; the client's outcome settles the delivery in
 //!   the broker (released ones are redelivered).
 //! - A refused link is attached and then closed with an error condition (fe2o3-amqp sends
 //!   nothing if an attach is simply dropped, and the client would wait forever).
@@ -222,8 +223,8 @@ impl ConnectionTask {
                     };
                     match self.broker.subscribe(&address, &SubscribeOptions { durable_name }) {
                         Ok(consumer) => {
-                            let window = self.config.consumer_window;
-                            self.tasks.spawn(consumer_link(sender, consumer, presettled, window));
+                            let limits = (self.config.consumer_prefetch, self.config.consumer_window);
+                            self.tasks.spawn(consumer_link(sender, consumer, presettled, limits));
                         }
                         Err(e) => {
                             let _ = sender.close_with_error(error(condition::NOT_FOUND, e.to_string())).await;
@@ -384,16 +385,17 @@ async fn dispose(receiver: &Receiver, info: DeliveryInfo, outcome: Outcome) -> R
     result.map_err(|e| tracing::debug!(error = %e, "disposition not sent"))
 }
 
-/// Feeds a consumer link from the broker, at most `window` unsettled deliveries at a time.
+/// Feeds a consumer link from the broker.
 ///
-/// fe2o3-amqp does not expose the client's link credit, so the broker is asked for one
-/// message at a time: a message is pulled only after the previous one went out on the
-/// wire (which needs client credit). At most one message per consumer therefore waits
-/// here for client credit; the rest stay in the node for other consumers.
-async fn consumer_link(mut sender: Sender, mut consumer: crate::Consumer, presettled: bool, window: u32) {
-    let window = window.max(1) as usize;
-    let mut starved = false;
-    consumer.add_credit(1);
+/// fe2o3-amqp does not expose the client's link credit, so the broker-side credit of the
+/// consumer is a prefetch: `prefetch` messages may be handed to this task ahead of the
+/// client's credit (they wait here, bounded, and are released if the link goes away).
+/// One unit of credit comes back each time a message went out on the wire, as long as no
+/// more than `window` deliveries are unsettled.
+async fn consumer_link(mut sender: Sender, mut consumer: crate::Consumer, presettled: bool, limits: (u32, u32)) {
+    let (prefetch, window) = (limits.0.max(1), limits.1.max(1) as usize);
+    let mut starved = 0u32;
+    consumer.add_credit(prefetch);
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -406,8 +408,8 @@ async fn consumer_link(mut sender: Sender, mut consumer: crate::Consumer, preset
                     Err(_) => Outcome::Released,
                 };
                 delivery.settle(outcome);
-                if starved {
-                    starved = false;
+                if starved > 0 {
+                    starved -= 1;
                     consumer.add_credit(1);
                 }
             }
@@ -427,7 +429,7 @@ async fn consumer_link(mut sender: Sender, mut consumer: crate::Consumer, preset
                         if in_flight.len() < window {
                             consumer.add_credit(1);
                         } else {
-                            starved = true;
+                            starved += 1;
                         }
                     }
                     Err(e) => {

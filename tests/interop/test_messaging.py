@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 from proton import ConnectionException, Message, Timeout
-from proton.reactor import DurableSubscription
+from proton.reactor import AtMostOnce, DurableSubscription
 from proton.utils import LinkDetached, SendException
 
 from amqp_client import Collector, connect, message
@@ -279,4 +279,29 @@ def test_unknown_address_is_refused(platform):
         receiver = conn.create_receiver("nowhere/t1")
         receiver.receive(timeout=5)
     assert "not-found" in str(err.value)
+    conn.close()
+
+
+def test_presettled_transfers_are_at_most_once(platform):
+    url = platform.url("t1")
+    receiver = Collector(url, "telemetry/t1")
+    receiver.start()
+    conn = connect(url)
+    sender = conn.create_sender("telemetry/t1", name="fire-and-forget", options=AtMostOnce())
+    for i in range(100):
+        sender.send(message(i))  # pre-settled: returns without waiting for an outcome
+    # The blocking API does I/O only while it waits for something on this connection: an
+    # unsettled send makes it write out the pre-settled transfers queued before it.
+    conn.create_sender("event/t1", name="flush").send(message("flush", durable=True))
+    assert wait_until(lambda: len(receiver.bodies) >= 100, timeout=10)
+    receiver.stop.set()
+    receiver.join(5)
+    assert receiver.bodies == list(range(100))
+    # Nobody listening any more: pre-settled messages are dropped, the link stays usable.
+    time.sleep(0.3)
+    for i in range(10):
+        sender.send(message(i))
+    plain = conn.create_sender("telemetry/t1", name="unsettled")
+    with pytest.raises(SendException):
+        plain.send(message("needs a consumer"))
     conn.close()
