@@ -93,7 +93,9 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let broker = Broker::open(&config.messaging, &config.data_dir).context("opening the messaging store")?;
     let amqp = AmqpServer::bind(&config.messaging, broker.clone()).await?;
-    write_listeners(&config.data_dir, &[("amqp", amqp.local_addr())])?;
+    let mut listeners = vec![("amqp", amqp.local_addr())];
+    listeners.extend(amqp.local_tls_addr().map(|addr| ("amqps", addr)));
+    write_listeners(&config.data_dir, &listeners)?;
 
     let maintenance = tokio::spawn(broker.clone().run_maintenance(config.messaging.expiry_check_interval, shutdown.clone()));
     let server = tokio::spawn(amqp.run(shutdown.clone()));

@@ -13,6 +13,10 @@ use crate::address::AddressRule;
 pub struct MessagingConfig {
     /// Address of the AMQP 1.0 listener for applications.
     pub listen: SocketAddr,
+    /// Address of the AMQP 1.0 over TLS listener (`amqps`), used when `tls` is set.
+    pub listen_tls: SocketAddr,
+    /// Certificate and key for `listen_tls`; TLS is off unless both are set.
+    pub tls: crate::tls::TlsConfig,
     /// Address rules, consulted in order before the built-in ones (`telemetry/*` anycast,
     /// `event/*` queue, `command/*` and `command_response/*` anycast).
     pub addresses: Vec<AddressRule>,
@@ -37,6 +41,8 @@ impl Default for MessagingConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:5672".parse().expect("valid"),
+            listen_tls: "0.0.0.0:5671".parse().expect("valid"),
+            tls: Default::default(),
             addresses: Vec::new(),
             queue_max_depth: 100_000,
             consumer_prefetch: 256,
@@ -80,6 +86,8 @@ impl std::fmt::Debug for UserConfig {
 pub const DEFAULT_TOML: &str = r#"[messaging]
 # Address of the AMQP 1.0 listener for applications.
 listen = "0.0.0.0:5672"
+# Address of the AMQP 1.0 over TLS listener (amqps), used when [messaging.tls] is set.
+listen_tls = "0.0.0.0:5671"
 # Most messages a queue (or topic subscription) holds; beyond it senders get `rejected`
 # with amqp:resource-limit-exceeded.
 queue_max_depth = 100000
@@ -98,6 +106,11 @@ expiry_check_interval = "1s"
 # (one or more when last) and `#` zero or more.
 # Example: addresses = [{ pattern = "news/*", type = "topic" }]
 addresses = []
+
+[messaging.tls]
+# PEM certificate chain and private key for listen_tls; TLS is off unless both are set.
+# cert = "/etc/ferrule/tls/server.crt"
+# key = "/etc/ferrule/tls/server.key"
 
 [messaging.sasl]
 # Offer SASL ANONYMOUS (anonymous clients may use every tenant: development only).

@@ -21,6 +21,7 @@ mod queue;
 mod sasl;
 mod server;
 mod store;
+pub mod tls;
 mod topic;
 
 pub use broker::{Broker, BrokerError, SubscribeOptions, Submission};

@@ -28,7 +28,8 @@ use fe2o3_amqp::types::primitives::{Symbol, Value};
 use fe2o3_amqp::Sendable;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,11 +44,15 @@ pub enum ServerError {
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// The TLS certificate or key is unusable.
+    #[error("messaging.tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A bound AMQP listener, ready to [`AmqpServer::run`].
 pub struct AmqpServer {
     listener: TcpListener,
+    tls: Option<(TcpListener, TlsAcceptor)>,
     broker: Broker,
     authenticator: Arc<Authenticator>,
     config: Arc<MessagingConfig>,
@@ -55,11 +60,19 @@ pub struct AmqpServer {
 
 impl AmqpServer {
     pub async fn bind(config: &MessagingConfig, broker: Broker) -> Result<Self, ServerError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+        };
+        let listener = bind(config.listen).await?;
+        let tls = if config.tls.enabled() {
+            let acceptor = config.tls.acceptor()?;
+            Some((bind(config.listen_tls).await?, acceptor))
+        } else {
+            None
+        };
         Ok(Self {
             listener,
+            tls,
             broker,
             authenticator: Arc::new(Authenticator::new(&config.sasl)),
             config: Arc::new(config.clone()),
@@ -70,14 +83,41 @@ impl AmqpServer {
         self.listener.local_addr().expect("bound socket has an address")
     }
 
+    /// The `amqps` listener's address, if TLS is configured.
+    pub fn local_tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"))
+    }
+
     /// Accepts connections until `shutdown`, then closes them and waits for their tasks.
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
-        tracing::info!(addr = %self.local_addr(), "AMQP listener up");
+        let connection = ConnectionTask {
+            broker: self.broker.clone(),
+            authenticator: self.authenticator.clone(),
+            config: self.config.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        };
+        if let Some((listener, acceptor)) = self.tls {
+            tracing::info!(addr = %listener.local_addr().expect("bound"), "AMQP TLS listener up");
+            let connection = connection.clone();
+            tasks.spawn(accept_loop(listener, connection, Some(acceptor)));
+        }
+        tracing::info!(addr = %self.listener.local_addr().expect("bound"), "AMQP listener up");
+        accept_loop(self.listener, connection, None).await;
+        tasks.close();
+        tasks.wait().await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, connection: ConnectionTask, tls: Option<TlsAcceptor>) {
+    let shutdown = connection.shutdown.clone();
+    let tasks = connection.tasks.clone();
+    {
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => match accepted {
+                accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Typically EMFILE: back off instead of spinning.
@@ -89,17 +129,26 @@ impl AmqpServer {
             };
             // fe2o3-amqp never sets it; without it small transfers wait for Nagle.
             let _ = stream.set_nodelay(true);
-            let connection = ConnectionTask {
-                broker: self.broker.clone(),
-                authenticator: self.authenticator.clone(),
-                config: self.config.clone(),
-                shutdown: shutdown.clone(),
-                tasks: tasks.clone(),
-            };
-            tasks.spawn(async move { connection.run(stream, peer).await });
+            let connection = connection.clone();
+            match &tls {
+                None => {
+                    tasks.spawn(async move { connection.run(stream, peer).await });
+                }
+                Some(acceptor) => {
+                    // fe2o3-amqp's own TLS acceptor expects the AMQP TLS header first, which
+                    // ordinary amqps clients do not send: terminate TLS here instead.
+                    let acceptor = acceptor.clone();
+                    tasks.spawn(async move {
+                        let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
+                        match handshake.await {
+                            Ok(Ok(stream)) => connection.run(stream, peer).await,
+                            Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+            }
         }
-        tasks.close();
-        tasks.wait().await;
     }
 }
 
@@ -113,7 +162,10 @@ struct ConnectionTask {
 }
 
 impl ConnectionTask {
-    async fn run(self, stream: TcpStream, peer: SocketAddr) {
+    async fn run<Io>(self, stream: Io, peer: SocketAddr)
+    where
+        Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+    {
         let identity = Arc::new(OnceLock::new());
         let sasl = ConnectionSasl { authenticator: self.authenticator.clone(), identity: identity.clone() };
         let acceptor = ConnectionAcceptor::builder()

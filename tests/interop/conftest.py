@@ -26,6 +26,7 @@ data_dir = "{data_dir}"
 level = "info"
 [messaging]
 listen = "127.0.0.1:0"
+listen_tls = "127.0.0.1:0"
 queue_max_depth = {max_depth}
 expiry_check_interval = "200ms"
 addresses = [
@@ -43,11 +44,11 @@ users = [
 class Platform:
     """One `ferrule serve` process over a data directory that outlives restarts."""
 
-    def __init__(self, data_dir: Path, max_depth: int = 100000):
+    def __init__(self, data_dir: Path, max_depth: int = 100000, extra: str = ""):
         self.data_dir = data_dir
         self.config_path = data_dir / "ferrule.toml"
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(CONFIG.format(data_dir=data_dir, max_depth=max_depth))
+        self.config_path.write_text(CONFIG.format(data_dir=data_dir, max_depth=max_depth) + extra)
         self.proc = None
         self.log_path = data_dir / "ferrule.log"
 

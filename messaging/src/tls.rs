@@ -1,0 +1,58 @@
+//! TLS for Ferrule's TCP listeners (rustls with the ring provider, PEM files from config).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::{Deserialize, Serialize};
+use tokio_rustls::TlsAcceptor;
+
+/// TLS settings of one listener. TLS is on when both `cert` and `key` are set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate chain (leaf first).
+    pub cert: Option<PathBuf>,
+    /// PEM file with the server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// Only one of `cert` and `key` is set.
+    #[error("TLS needs both `cert` and `key`")]
+    Incomplete,
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("{path}: {reason}")]
+    Pem { path: PathBuf, reason: String },
+    /// rustls refused the certificate/key pair.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || self.key.is_some()
+    }
+
+    /// Builds the acceptor, reading the PEM files now (so errors show at start-up).
+    pub fn acceptor(&self) -> Result<TlsAcceptor, TlsError> {
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else { return Err(TlsError::Incomplete) };
+        let pem = |path: &PathBuf, reason: String| TlsError::Pem { path: path.clone(), reason };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| pem(cert, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| pem(cert, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(pem(cert, "no certificate found".into()));
+        }
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key_der)?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}

@@ -1,0 +1,40 @@
+"""TLS listeners with independent clients."""
+from proton import Message, SSLDomain
+from proton.utils import BlockingConnection
+
+from conftest import Platform, USERS
+from tls_support import make_pki
+
+
+def test_amqps_with_python_qpid_proton(tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    p = Platform(tmp_path / "data", extra=f"""
+[messaging.tls]
+cert = "{pki['cert']}"
+key = "{pki['key']}"
+""").start()
+    try:
+        domain = SSLDomain(SSLDomain.MODE_CLIENT)
+        domain.set_trusted_ca_db(str(pki["ca"]))
+        domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
+        user, password = USERS["t1"]
+        host, port = p.listeners["amqps"].rsplit(":", 1)
+        url = f"amqps://{user.replace('@', '%40')}:{password}@localhost:{port}"
+        conn = BlockingConnection(url, ssl_domain=domain, timeout=10, allowed_mechs="PLAIN")
+        conn.create_sender("event/t1", name="tls-s").send(Message(body="over tls", durable=True))
+        r = conn.create_receiver("event/t1", name="tls-r")
+        assert r.receive(timeout=5).body == "over tls"
+        r.accept()
+        conn.close()
+        # A client that does not trust the server's CA is refused by its own TLS check.
+        untrusting = SSLDomain(SSLDomain.MODE_CLIENT)
+        untrusting.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
+        try:
+            BlockingConnection(url, ssl_domain=untrusting, timeout=5, allowed_mechs="PLAIN").close()
+            raise AssertionError("connected without trusting the server certificate")
+        except AssertionError:
+            raise
+        except Exception:
+            pass
+    finally:
+        assert p.stop() == 0
