@@ -20,12 +20,18 @@ pub struct Config {
     /// Where embedded storage lives (queues, registry, generated credentials).
     pub data_dir: PathBuf,
     pub log: LogConfig,
+    pub ops: crate::ops::OpsConfig,
     pub messaging: MessagingConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("./data"), log: LogConfig::default(), messaging: MessagingConfig::default() }
+        Self {
+            data_dir: PathBuf::from("./data"),
+            log: LogConfig::default(),
+            ops: Default::default(),
+            messaging: MessagingConfig::default(),
+        }
     }
 }
 
@@ -69,7 +75,7 @@ level = "info"
 
 /// The default configuration as commented TOML.
 pub fn default_toml() -> String {
-    format!("{ROOT_DEFAULT_TOML}{}", ferrule_messaging::config::DEFAULT_TOML)
+    format!("{ROOT_DEFAULT_TOML}{}{}", crate::ops::DEFAULT_TOML, ferrule_messaging::config::DEFAULT_TOML)
 }
 
 const ENV_PREFIX: &str = "FERRULE__";

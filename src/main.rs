@@ -2,6 +2,7 @@
 //! components and maps errors to exit codes. Everything else lives in the component crates.
 
 mod config;
+mod ops;
 
 use std::path::{Path, PathBuf};
 
@@ -91,19 +92,26 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
 
 async fn run(config: config::Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
+    let metrics = ops::install_recorder()?;
+    let ready = ops::Readiness::default();
     let broker = Broker::open(&config.messaging, &config.data_dir).context("opening the messaging store")?;
     let amqp = AmqpServer::bind(&config.messaging, broker.clone()).await?;
-    let mut listeners = vec![("amqp", amqp.local_addr())];
+    let ops_listener = ops::bind(&config.ops).await?;
+    let mut listeners = vec![("amqp", amqp.local_addr()), ("ops", ops_listener.local_addr()?)];
     listeners.extend(amqp.local_tls_addr().map(|addr| ("amqps", addr)));
     write_listeners(&config.data_dir, &listeners)?;
 
     let maintenance = tokio::spawn(broker.clone().run_maintenance(config.messaging.expiry_check_interval, shutdown.clone()));
+    let ops_task = tokio::spawn(ops::run(ops_listener, metrics, ready.clone(), broker.clone(), shutdown.clone()));
     let server = tokio::spawn(amqp.run(shutdown.clone()));
+    ready.set(true);
     tracing::info!(data_dir = %config.data_dir.display(), "ferrule is up");
 
     wait_for_signal().await;
     tracing::info!("shutting down");
+    ready.set(false);
     shutdown.cancel();
+    let _ = ops_task.await;
     let grace = std::time::Duration::from_secs(10);
     if tokio::time::timeout(grace, server).await.is_err() {
         tracing::warn!("connections still open after {grace:?}; closing anyway");

@@ -136,15 +136,19 @@ impl Downstream {
     /// Like [`Downstream::send`], but an at-most-once upload that nobody consumed is an
     /// error too when `report` is set (HTTP answers 503 even for QoS 0).
     pub async fn send_reporting_drops(&self, upload: Upload, report: bool) -> Result<(), UploadError> {
+        let started = std::time::Instant::now();
         let address = format!("{}/{}", upload.endpoint.as_str(), upload.tenant);
         let settled = upload.qos == Qos::AtMostOnce;
         let message = to_message(&address, &upload);
         let outcome = self.broker.submit(&address, message, settled).outcome().await;
-        if report && settled && outcome == Outcome::Released {
+        let result = if report && settled && outcome == Outcome::Released {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            return Err(UploadError::NoConsumer(address));
-        }
-        self.account(&address, settled, outcome)
+            Err(UploadError::NoConsumer(address))
+        } else {
+            self.account(&address, settled, outcome)
+        };
+        record(&upload, &result, started.elapsed());
+        result
     }
 
     fn account(&self, address: &str, settled: bool, outcome: Outcome) -> Result<(), UploadError> {
@@ -171,6 +175,34 @@ impl Downstream {
             }
         }
     }
+}
+
+/// Per-tenant message counters and latency histograms, by adapter, endpoint, QoS, outcome.
+fn record(upload: &Upload, result: &Result<(), UploadError>, elapsed: Duration) {
+    let qos = if upload.qos == Qos::AtLeastOnce { "1" } else { "0" };
+    let outcome = match result {
+        Ok(()) => "accepted",
+        Err(UploadError::NoConsumer(_)) => "no_consumer",
+        Err(UploadError::Overloaded(_)) => "overloaded",
+        Err(_) => "refused",
+    };
+    metrics::counter!(
+        "ferrule_adapter_messages_total",
+        "adapter" => upload.orig_adapter,
+        "tenant" => upload.tenant.clone(),
+        "endpoint" => upload.endpoint.as_str(),
+        "qos" => qos,
+        "outcome" => outcome,
+    )
+    .increment(1);
+    metrics::histogram!(
+        "ferrule_adapter_message_duration_seconds",
+        "adapter" => upload.orig_adapter,
+        "endpoint" => upload.endpoint.as_str(),
+        "qos" => qos,
+        "outcome" => outcome,
+    )
+    .record(elapsed.as_secs_f64());
 }
 
 fn string(s: &str) -> Value {

@@ -188,6 +188,35 @@ impl Broker {
         }
     }
 
+    /// Publishes per-address gauges and counters to the metrics recorder (called when
+    /// metrics are scraped, so nothing is computed per message).
+    pub fn publish_gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let nodes: Vec<(String, Node)> =
+            self.inner.nodes.read().expect("poisoned").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (address, node) in nodes {
+            match node {
+                Node::Queue(q) => {
+                    let labels = [("address", address)];
+                    metrics::gauge!("ferrule_queue_depth", &labels).set(q.depth() as f64);
+                    metrics::gauge!("ferrule_address_consumers", &labels).set(q.consumer_count() as f64);
+                    let s = &q.stats;
+                    metrics::counter!("ferrule_queue_enqueued_total", &labels).absolute(s.enqueued.load(Relaxed));
+                    metrics::counter!("ferrule_queue_acknowledged_total", &labels).absolute(s.acknowledged.load(Relaxed));
+                    metrics::counter!("ferrule_queue_expired_total", &labels).absolute(s.expired.load(Relaxed));
+                    metrics::counter!("ferrule_queue_dead_lettered_total", &labels).absolute(s.dead_lettered.load(Relaxed));
+                    metrics::counter!("ferrule_queue_refused_full_total", &labels).absolute(s.refused_full.load(Relaxed));
+                }
+                Node::Direct(d) if !address.starts_with(DYNAMIC_PREFIX) => {
+                    let labels = [("address", address)];
+                    metrics::gauge!("ferrule_address_consumers", &labels).set(d.consumer_count() as f64);
+                    metrics::counter!("ferrule_direct_dropped_total", &labels).absolute(d.dropped.load(Relaxed));
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// Drops expired messages from all queues.
     pub fn sweep_expired(&self) {
         let queues: Vec<Arc<QueueNode>> = self

@@ -44,6 +44,10 @@ impl DirectNode {
         }
     }
 
+    pub(crate) fn consumer_count(&self) -> usize {
+        self.consumers.lock().expect("poisoned").len()
+    }
+
     pub(crate) fn has_consumers(&self) -> bool {
         !self.consumers.lock().expect("poisoned").is_empty()
     }

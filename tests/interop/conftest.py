@@ -24,6 +24,8 @@ CONFIG = """
 data_dir = "{data_dir}"
 [log]
 level = "info"
+[ops]
+listen = "127.0.0.1:0"
 [messaging]
 listen = "127.0.0.1:0"
 listen_tls = "127.0.0.1:0"

@@ -1,0 +1,118 @@
+//! The operations endpoint (`[ops] listen`, default port 8088): Prometheus `/metrics`
+//! and the health probes `/health/live` and `/health/ready`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use ferrule_messaging::Broker;
+
+/// `[ops]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Address of the metrics and health endpoint.
+    pub listen: SocketAddr,
+}
+
+impl Default for OpsConfig {
+    fn default() -> Self {
+        Self { listen: "0.0.0.0:8088".parse().expect("valid") }
+    }
+}
+
+pub const DEFAULT_TOML: &str = r#"[ops]
+# Address of the metrics (/metrics) and health (/health/live, /health/ready) endpoint.
+listen = "0.0.0.0:8088"
+
+"#;
+
+/// Installs the process-wide Prometheus recorder; call once, before components start.
+pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])?
+        .install_recorder()?;
+    Ok(handle)
+}
+
+/// Whether the platform is ready: set once every listener is bound, cleared on shutdown.
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+}
+
+struct State {
+    metrics: PrometheusHandle,
+    ready: Readiness,
+    broker: Broker,
+}
+
+pub async fn bind(config: &OpsConfig) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (ops.listen): {e}", config.listen))
+}
+
+pub async fn run(listener: TcpListener, metrics: PrometheusHandle, ready: Readiness, broker: Broker, shutdown: CancellationToken) {
+    let state = Arc::new(State { metrics, ready, broker });
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn handle(state: &State, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/metrics") => {
+            state.broker.publish_gauges();
+            (StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render())
+        }
+        ("GET", "/health/live") => (StatusCode::OK, "text/plain", "live\n".into()),
+        ("GET", "/health/ready") => {
+            let listeners_up = state.ready.0.load(Ordering::Acquire);
+            // The store writer answers a flush only while it works.
+            let storage_ok = matches!(tokio::time::timeout(Duration::from_secs(2), state.broker.flush()).await, Ok(Ok(())));
+            if listeners_up && storage_ok {
+                (StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                let why = if listeners_up { "storage unavailable\n" } else { "not serving\n" };
+                (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why.into())
+            }
+        }
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    response
+}
