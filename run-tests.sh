@@ -19,10 +19,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import proton, pytest' >/dev/null 2>&1; then
-  echo "==> installing Python test clients (tests/requirements.txt)"
-  python3 -m pip install -q -r tests/requirements.txt
-fi
+echo "==> Python test clients (tests/requirements.txt)"
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
 
 echo "==> cargo build"
 cargo build --workspace --all-targets
