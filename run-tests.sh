@@ -8,7 +8,14 @@ cd "$(dirname "$0")"
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # System packages the tests drive: `command` => package.
-declare -A need=( [redis-server]=redis-server )
+declare -A need=(
+  [redis-server]=redis-server
+  [mosquitto_pub]=mosquitto-clients
+  [coap-client-notls]=libcoap3-bin
+  [coap-client-openssl]=libcoap3-bin
+  [curl]=curl
+  [openssl]=openssl
+)
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
@@ -16,7 +23,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # shellcheck disable=SC2046
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 
 echo "==> Python test clients (tests/requirements.txt)"
@@ -26,7 +34,8 @@ echo "==> cargo build"
 cargo build --workspace --all-targets
 
 echo "==> cargo test"
-cargo test --workspace
+# A hung test must fail the run, not eat CI's time budget.
+timeout 1800 cargo test --workspace
 
 echo "==> interoperability tests"
-FERRULE_BIN="$PWD/target/debug/ferrule" python3 -m pytest -q tests/interop
+FERRULE_BIN="$PWD/target/debug/ferrule" timeout 1800 python3 -m pytest -q tests/interop

@@ -68,4 +68,9 @@ pub trait DeviceRegistry: Send + Sync + 'static {
 
     /// Whether `tenant` lets devices publish without authenticating on `adapter`.
     fn allows_unauthenticated<'a>(&'a self, tenant: &'a str, adapter: &'a str) -> BoxFuture<'a, Result<bool, AuthError>>;
+
+    /// Looks up the `psk` credential of `auth_id` in `tenant` (DTLS-PSK handshakes need the
+    /// key itself, not a verification): the device it belongs to and the shared key. The
+    /// device and its tenant must be enabled.
+    fn psk<'a>(&'a self, tenant: &'a str, auth_id: &'a str) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>>;
 }

@@ -8,7 +8,9 @@
 
 pub mod device;
 pub mod downstream;
+pub mod coap;
 pub mod http;
+pub mod mqtt;
 
 pub use device::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};

@@ -45,6 +45,8 @@ pub fn default_rules() -> Vec<AddressRule> {
         AddressRule::new("event/*", AddressType::Queue),
         AddressRule::new("command/*", AddressType::Anycast),
         AddressRule::new("command_response/*", AddressType::Anycast),
+        // Commands kept for offline devices (deferred delivery), one queue per device.
+        AddressRule::new("command_deferred/*", AddressType::Queue),
     ]
 }
 

@@ -64,7 +64,15 @@ enum Node {
 
 pub(crate) type BrokerRef = Weak<Inner>;
 
+/// Takes over every message sent to addresses under a prefix (command & control handles
+/// `command/` this way: it routes by the message's `to`, not by consumers on the address).
+pub trait AddressHandler: Send + Sync + 'static {
+    /// Handles one message; the outcome goes back to the producer.
+    fn submit(&self, address: &str, message: Message, settled: bool) -> Submission;
+}
+
 pub(crate) struct Inner {
+    handlers: RwLock<Vec<(String, Arc<dyn AddressHandler>)>>,
     table: AddressTable,
     nodes: RwLock<HashMap<String, Node>>,
     store: Option<Store>,
@@ -122,6 +130,7 @@ impl Broker {
 
     fn with_store(config: &MessagingConfig, store: Option<Store>) -> Broker {
         let inner = Arc::new_cyclic(|this| Inner {
+            handlers: RwLock::new(Vec::new()),
             table: AddressTable::new(&config.addresses),
             nodes: RwLock::new(HashMap::new()),
             store,
@@ -129,6 +138,12 @@ impl Broker {
             this: this.clone(),
         });
         Broker { inner }
+    }
+
+    /// Routes every message sent to an address starting with `prefix` to `handler`
+    /// instead of the address's node.
+    pub fn register_handler(&self, prefix: &str, handler: Arc<dyn AddressHandler>) {
+        self.inner.handlers.write().expect("poisoned").push((prefix.to_owned(), handler));
     }
 
     /// The type of `address`, or `None` if it does not exist.
@@ -142,6 +157,9 @@ impl Broker {
     /// Routing happens before this returns, so messages submitted one after the other
     /// from one task keep their order.
     pub fn submit(&self, address: &str, message: Message, settled: bool) -> Submission {
+        if let Some(handler) = self.inner.handler_for(address) {
+            return handler.submit(address, message, settled);
+        }
         match self.inner.node_for(address) {
             Ok(Node::Direct(node)) => node.submit(message, settled),
             Ok(Node::Queue(node)) => node.submit(message),
@@ -257,6 +275,14 @@ impl Broker {
 }
 
 impl Inner {
+    fn handler_for(&self, address: &str) -> Option<Arc<dyn AddressHandler>> {
+        let handlers = self.handlers.read().expect("poisoned");
+        if handlers.is_empty() {
+            return None;
+        }
+        handlers.iter().find(|(prefix, _)| address.starts_with(prefix.as_str())).map(|(_, h)| h.clone())
+    }
+
     fn node_for(&self, address: &str) -> Result<Node, BrokerError> {
         if let Some(node) = self.nodes.read().expect("poisoned").get(address) {
             return Ok(node.clone());

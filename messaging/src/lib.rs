@@ -24,7 +24,7 @@ mod store;
 pub mod tls;
 mod topic;
 
-pub use broker::{Broker, BrokerError, SubscribeOptions, Submission};
+pub use broker::{AddressHandler, Broker, BrokerError, SubscribeOptions, Submission};
 pub(crate) use broker::BrokerRef;
 pub use config::{MessagingConfig, SaslConfig, UserConfig};
 pub use delivery::{Consumer, Delivery};

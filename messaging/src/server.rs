@@ -335,6 +335,9 @@ impl ConnectionTask {
                 format!("{} may not use address {address}", identity.user),
             ));
         }
+        if address.starts_with("command_deferred/") {
+            return Err((condition::NOT_ALLOWED, format!("{address} is internal to Ferrule")));
+        }
         if self.broker.address_type(address).is_none() {
             return Err((condition::NOT_FOUND, format!("address {address} does not exist")));
         }

@@ -20,6 +20,8 @@ pub struct Tenant {
     pub devices: HashMap<String, Device>,
     /// auth-id → (device-id, password)
     pub passwords: HashMap<String, (String, String)>,
+    /// auth-id → (device-id, pre-shared key)
+    pub psks: HashMap<String, (String, Vec<u8>)>,
 }
 
 /// Tenants and devices in memory, changeable while a test runs.
@@ -36,7 +38,13 @@ impl MemoryRegistry {
     pub fn tenant(self, tenant: &str) -> Self {
         self.tenants.lock().unwrap().insert(
             tenant.into(),
-            Tenant { enabled: true, allow_unauthenticated: false, devices: HashMap::new(), passwords: HashMap::new() },
+            Tenant {
+                enabled: true,
+                allow_unauthenticated: false,
+                devices: HashMap::new(),
+                passwords: HashMap::new(),
+                psks: HashMap::new(),
+            },
         );
         self
     }
@@ -54,6 +62,18 @@ impl MemoryRegistry {
                 t.passwords.insert(device.into(), (device.into(), password.into()));
             }
         }
+        self
+    }
+
+    /// Gives `device` (registered before) a `psk` credential with `auth_id`.
+    pub fn psk(self, tenant: &str, auth_id: &str, device: &str, key: &[u8]) -> Self {
+        self.tenants
+            .lock()
+            .unwrap()
+            .get_mut(tenant)
+            .expect("tenant first")
+            .psks
+            .insert(auth_id.into(), (device.into(), key.to_vec()));
         self
     }
 
@@ -120,11 +140,31 @@ impl DeviceRegistry for MemoryRegistry {
         })
     }
 
-    fn allows_unauthenticated<'a>(&'a self, tenant: &'a str, _adapter: &'a str) -> BoxFuture<'a, Result<bool, AuthError>> {
+    fn allows_unauthenticated<'a>(
+        &'a self,
+        tenant: &'a str,
+        _adapter: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AuthError>> {
         Box::pin(async move {
             let tenants = self.tenants.lock().unwrap();
             let t = tenants.get(tenant).ok_or(AuthError::UnknownTenant)?;
             Ok(t.enabled && t.allow_unauthenticated)
+        })
+    }
+
+    fn psk<'a>(
+        &'a self,
+        tenant: &'a str,
+        auth_id: &'a str,
+    ) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>> {
+        Box::pin(async move {
+            let (device_id, key) = {
+                let tenants = self.tenants.lock().unwrap();
+                let t = tenants.get(tenant).ok_or(AuthError::UnknownTenant)?;
+                t.psks.get(auth_id).cloned().ok_or(AuthError::BadCredentials)?
+            };
+            self.check(tenant, &device_id)?;
+            Ok((DeviceIdentity { tenant: tenant.into(), device_id, auth_id: auth_id.into() }, key))
         })
     }
 }

@@ -1,0 +1,491 @@
+//! The CoAP adapter (Hono's CoAP API, RFC 7252): `POST /telemetry` (`/t`) and
+//! `POST /event` (`/e`) for devices authenticated by DTLS-PSK (identity
+//! `auth-id@tenant`), `PUT /telemetry|event/TENANT/DEVICE` for gateways and, on plain
+//! UDP where allowed, unauthenticated devices.
+//!
+//! - `mapping`: CoAP method, Uri-Path, Uri-Query, Content-Format → what is asked (pure).
+//! - `session`: message deduplication and in-flight limits (a state machine over `now`).
+//! - `connection`: the plain UDP socket loop and the DTLS listener and sessions.
+//! - this module: config, the authentication decision, and the one place where errors
+//!   become CoAP response codes.
+//!
+//! CON requests are at least once: the piggy-backed 2.04 goes out only after the
+//! messaging core accepted the message. NON requests are at most once. Each request is
+//! processed in its own task (bounded), so the receive loops never wait for downstream.
+
+mod connection;
+pub mod mapping;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
+use serde::{Deserialize, Serialize};
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
+use crate::downstream::{Downstream, Upload, UploadError};
+use mapping::MappingError;
+
+/// Value of `orig_adapter` for messages from this adapter.
+pub const ADAPTER: &str = "hono-coap";
+
+/// `[adapters.coap]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoapConfig {
+    /// Plain UDP endpoint (unauthenticated devices only; see `allow_unauthenticated`).
+    pub listen: SocketAddr,
+    /// DTLS endpoint (devices and gateways authenticated by PSK).
+    pub listen_dtls: SocketAddr,
+    /// Largest accepted payload in bytes (larger: 4.13).
+    pub max_payload: usize,
+    /// Let devices of tenants that allow it publish over plain UDP (PUT form only).
+    pub allow_unauthenticated: bool,
+    /// Most requests processed at once, over all peers (more: 5.03).
+    pub max_in_flight: usize,
+    /// Most requests processed at once for one peer (more: 5.03).
+    pub max_in_flight_per_peer: usize,
+    /// Most remembered exchanges (message ids) for deduplication on the UDP endpoint.
+    pub max_exchanges: usize,
+    /// Most remembered exchanges per DTLS session.
+    pub max_exchanges_per_session: usize,
+    /// Most block-wise (Block1) request bodies being received at once on the UDP
+    /// endpoint; a DTLS session may have `max_in_flight_per_peer` of them.
+    pub max_block_transfers: usize,
+    /// Most DTLS sessions (handshaking or established); further peers are ignored.
+    pub max_dtls_sessions: usize,
+    /// A DTLS handshake that takes longer than this is abandoned.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A DTLS session without traffic for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub session_idle_timeout: Duration,
+}
+
+impl Default for CoapConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:5683".parse().expect("valid"),
+            listen_dtls: "0.0.0.0:5684".parse().expect("valid"),
+            max_payload: 2048,
+            allow_unauthenticated: false,
+            max_in_flight: 1000,
+            max_in_flight_per_peer: 8,
+            max_exchanges: 10_000,
+            max_exchanges_per_session: 64,
+            max_block_transfers: 1000,
+            max_dtls_sessions: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            session_idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// The defaults above as commented TOML.
+pub const DEFAULT_TOML: &str = r#"[adapters.coap]
+# Plain UDP endpoint (unauthenticated devices only; see allow_unauthenticated).
+listen = "0.0.0.0:5683"
+# DTLS endpoint (devices and gateways authenticated by PSK, identity auth-id@tenant).
+listen_dtls = "0.0.0.0:5684"
+# Largest accepted payload in bytes (larger: 4.13).
+max_payload = 2048
+# Let devices of tenants that allow it publish over plain UDP (PUT form only).
+allow_unauthenticated = false
+# Most requests processed at once, over all peers (more: 5.03).
+max_in_flight = 1000
+# Most requests processed at once for one peer (more: 5.03).
+max_in_flight_per_peer = 8
+# Most remembered exchanges (message ids) for deduplication on the UDP endpoint.
+max_exchanges = 10000
+# Most remembered exchanges per DTLS session.
+max_exchanges_per_session = 64
+# Most block-wise (Block1) request bodies being received at once on the UDP endpoint;
+# a DTLS session may have max_in_flight_per_peer of them.
+max_block_transfers = 1000
+# Most DTLS sessions (handshaking or established); further peers are ignored.
+max_dtls_sessions = 10000
+# A DTLS handshake that takes longer than this is abandoned.
+handshake_timeout = "10s"
+# A DTLS session without traffic for this long is closed.
+session_idle_timeout = "5m"
+"#;
+
+/// Errors that stop the adapter from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum CoapError {
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    /// The DTLS PSK lookup blocks a worker thread while it asks the registry, which a
+    /// current-thread runtime cannot do.
+    #[error("the CoAP adapter needs a multi-threaded tokio runtime")]
+    Runtime,
+    /// A config value is out of range; the message names the key.
+    #[error("adapters.coap.{0}")]
+    Config(String),
+}
+
+/// Largest payload that fits a UDP datagram with a CoAP header (coap-lite's own
+/// limit with its `udp` feature is 64,000 bytes for the whole message).
+pub const MAX_PAYLOAD_LIMIT: usize = 63_000;
+
+impl CoapConfig {
+    /// Checks the values `bind` relies on.
+    ///
+    /// # Errors
+    /// [`CoapError::Config`] naming the first bad key.
+    pub fn validate(&self) -> Result<(), CoapError> {
+        let positive = [
+            ("max_in_flight", self.max_in_flight),
+            ("max_in_flight_per_peer", self.max_in_flight_per_peer),
+            ("max_exchanges", self.max_exchanges),
+            ("max_exchanges_per_session", self.max_exchanges_per_session),
+            ("max_block_transfers", self.max_block_transfers),
+            ("max_dtls_sessions", self.max_dtls_sessions),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(CoapError::Config(format!("{key} must be at least 1")));
+        }
+        if self.max_payload > MAX_PAYLOAD_LIMIT {
+            return Err(CoapError::Config(format!(
+                "max_payload = {} does not fit a UDP datagram (at most {MAX_PAYLOAD_LIMIT})",
+                self.max_payload
+            )));
+        }
+        if self.handshake_timeout.is_zero() || self.session_idle_timeout.is_zero() {
+            return Err(CoapError::Config("handshake_timeout and session_idle_timeout must not be zero".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A bound CoAP adapter, ready to [`CoapAdapter::run`].
+pub struct CoapAdapter {
+    udp: Arc<UdpSocket>,
+    dtls: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+}
+
+/// What every request task needs.
+pub(crate) struct Shared {
+    config: CoapConfig,
+    downstream: Downstream,
+    registry: Arc<dyn DeviceRegistry>,
+    /// Message ids of the NON responses we originate.
+    next_message_id: AtomicU16,
+    /// Requests being processed, over all peers.
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl CoapAdapter {
+    /// Binds the plain UDP and the DTLS sockets.
+    ///
+    /// # Errors
+    /// The config is invalid, a socket cannot be bound, or the runtime is not
+    /// multi-threaded.
+    pub async fn bind(
+        config: CoapConfig,
+        downstream: Downstream,
+        registry: Arc<dyn DeviceRegistry>,
+    ) -> Result<Self, CoapError> {
+        config.validate()?;
+        if tokio::runtime::Handle::current().runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return Err(CoapError::Runtime);
+        }
+        let bind = |addr: SocketAddr| async move {
+            UdpSocket::bind(addr).await.map(Arc::new).map_err(|source| CoapError::Bind { addr, source })
+        };
+        let udp = bind(config.listen).await?;
+        let dtls = bind(config.listen_dtls).await?;
+        // Start message ids somewhere unpredictable, so a restart does not reuse recent ones.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u16)
+            .unwrap_or(0);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
+        let shared = Shared { config, downstream, registry, next_message_id: AtomicU16::new(seed), in_flight };
+        Ok(Self { udp, dtls, shared: Arc::new(shared) })
+    }
+
+    /// The plain UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.udp.local_addr().expect("bound socket has an address")
+    }
+
+    /// The DTLS address.
+    pub fn local_dtls_addr(&self) -> SocketAddr {
+        self.dtls.local_addr().expect("bound socket has an address")
+    }
+
+    /// Serves until `shutdown`; then lets requests being processed finish.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(udp = %self.local_addr(), dtls = %self.local_dtls_addr(), "CoAP adapter up");
+        let tasks = tokio_util::task::TaskTracker::new();
+        let udp = connection::serve_udp(self.udp, self.shared.clone(), tasks.clone(), shutdown.clone());
+        let dtls = connection::serve_dtls(self.dtls, self.shared, tasks.clone(), shutdown);
+        tokio::join!(udp, dtls);
+        tasks.close();
+        tasks.wait().await;
+    }
+}
+
+/// Why a request failed: the single place mapping errors to CoAP codes.
+#[derive(Debug)]
+enum Failure {
+    Mapping(MappingError),
+    Auth(AuthError),
+    Upload(UploadError),
+    /// Plain UDP, and the request is not an allowed unauthenticated one.
+    NoCredentials,
+    /// The adapter has too many requests in flight.
+    Overloaded,
+    /// A Block1 block out of sequence (RFC 7959 §2.9.2).
+    BlockIncomplete,
+}
+
+impl Failure {
+    fn code(&self) -> ResponseType {
+        match self {
+            Failure::Mapping(MappingError::NotFound(_)) => ResponseType::NotFound,
+            Failure::Mapping(MappingError::MethodNotAllowed(_)) => ResponseType::MethodNotAllowed,
+            Failure::Mapping(MappingError::BadOption(_)) | Failure::Mapping(MappingError::EventNotConfirmable) => {
+                ResponseType::BadRequest
+            }
+            Failure::Mapping(MappingError::UnsupportedCriticalOption(_)) => ResponseType::BadOption,
+            Failure::Mapping(MappingError::UnsupportedContentFormat(_)) => ResponseType::UnsupportedContentFormat,
+            Failure::NoCredentials
+            | Failure::Auth(AuthError::BadCredentials)
+            | Failure::Auth(AuthError::UnknownTenant) => ResponseType::Unauthorized,
+            Failure::Auth(AuthError::TenantDisabled)
+            | Failure::Auth(AuthError::DeviceDisabled)
+            | Failure::Auth(AuthError::GatewayNotAuthorized)
+            | Failure::Auth(AuthError::TenantMismatch) => ResponseType::Forbidden,
+            Failure::Auth(AuthError::UnknownDevice) => ResponseType::NotFound,
+            Failure::Auth(AuthError::Busy) => ResponseType::TooManyRequests,
+            Failure::Auth(AuthError::Unavailable(_)) | Failure::Overloaded => ResponseType::ServiceUnavailable,
+            Failure::Upload(e) if e.is_transient() => ResponseType::ServiceUnavailable,
+            Failure::Upload(UploadError::TooLarge { .. }) => ResponseType::RequestEntityTooLarge,
+            Failure::Upload(_) => ResponseType::BadRequest,
+            Failure::BlockIncomplete => ResponseType::RequestEntityIncomplete,
+        }
+    }
+
+    /// RFC 7252 §5.5.2 diagnostic payload: short, for humans. Cut to a few dozen bytes,
+    /// since it may quote the request (a long path must not make the answer too big).
+    fn diagnostic(&self) -> String {
+        let mut text = self.full_diagnostic();
+        if text.len() > MAX_DIAGNOSTIC {
+            let mut end = MAX_DIAGNOSTIC;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        text
+    }
+
+    fn full_diagnostic(&self) -> String {
+        match self {
+            Failure::Mapping(e) => e.to_string(),
+            Failure::Auth(AuthError::Unavailable(_)) => "registry unavailable".into(),
+            Failure::Auth(e) => e.to_string(),
+            Failure::Upload(e) => e.to_string(),
+            Failure::NoCredentials => "credentials required (use DTLS)".into(),
+            Failure::Overloaded => "too many requests in flight".into(),
+            Failure::BlockIncomplete => "block out of sequence; start again with block 0".into(),
+        }
+    }
+}
+
+impl Shared {
+    fn message_id(&self) -> u16 {
+        self.next_message_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The response to `request`: piggy-backed in an ACK for a CON, a NON with a fresh
+    /// message id for a NON (RFC 7252 §5.2.3), same token either way.
+    fn response(&self, request: &Packet, code: ResponseType) -> Packet {
+        let mut response = Packet::new();
+        if request.header.get_type() == MessageType::Confirmable {
+            response.header.set_type(MessageType::Acknowledgement);
+            response.header.message_id = request.header.message_id;
+        } else {
+            response.header.set_type(MessageType::NonConfirmable);
+            response.header.message_id = self.message_id();
+        }
+        response.header.code = MessageClass::Response(code);
+        response.set_token(request.get_token().to_vec());
+        response
+    }
+
+    fn failure_response(&self, request: &Packet, failure: Failure) -> Packet {
+        let code = failure.code();
+        let mut response = self.response(request, code);
+        match code {
+            // Max-Age on 5.03 tells the device when to retry (RFC 7252 §5.9.3.4).
+            ResponseType::ServiceUnavailable | ResponseType::TooManyRequests => {
+                response.add_option(CoapOption::MaxAge, vec![RETRY_AFTER_SECONDS]);
+            }
+            // Size1 on 4.13 tells the device the largest payload accepted (§5.9.2.9).
+            ResponseType::RequestEntityTooLarge => {
+                response.add_option(CoapOption::Size1, uint(self.config.max_payload as u32));
+            }
+            _ => {}
+        }
+        response.payload = failure.diagnostic().into_bytes();
+        response
+    }
+
+    /// 2.31 Continue for a non-final Block1 block, echoing it (RFC 7959 §2.3).
+    fn continue_response(&self, request: &Packet, block: mapping::Block) -> Packet {
+        let mut response = self.response(request, ResponseType::Continue);
+        response.add_option(CoapOption::Block1, block.encode());
+        response
+    }
+
+    /// Processes one request and returns the response to send.
+    async fn handle(&self, identity: Option<&DeviceIdentity>, mut request: Packet) -> Packet {
+        match self.accept(identity, &mut request).await {
+            Ok(()) => self.response(&request, ResponseType::Changed),
+            Err(failure) => {
+                tracing::debug!(?failure, "CoAP request refused");
+                self.failure_response(&request, failure)
+            }
+        }
+    }
+
+    /// Decides and sends; takes the payload out of `packet` (the answer needs only its
+    /// header and token).
+    async fn accept(&self, identity: Option<&DeviceIdentity>, packet: &mut Packet) -> Result<(), Failure> {
+        let request = mapping::request(packet).map_err(Failure::Mapping)?;
+        let registry = &self.registry;
+        let (tenant, device_id) = match (identity, request.route.target) {
+            (Some(identity), target) => {
+                let (tenant, device_id) = match target {
+                    None => (identity.tenant.clone(), identity.device_id.clone()),
+                    // An empty tenant segment means the gateway's own tenant.
+                    Some((tenant, device)) if tenant.is_empty() => (identity.tenant.clone(), device),
+                    Some((tenant, device)) => (tenant, device),
+                };
+                if tenant != identity.tenant {
+                    return Err(Failure::Auth(AuthError::TenantMismatch));
+                }
+                // DTLS sessions outlive registry changes: check the device on every request
+                // (the registry caches), so a disabled device is cut off promptly.
+                let gateway = (device_id != identity.device_id).then_some(identity.device_id.as_str());
+                registry.authorize_device(&tenant, &device_id, gateway).await.map_err(Failure::Auth)?;
+                if gateway.is_some() {
+                    registry.authorize_device(&tenant, &identity.device_id, None).await.map_err(Failure::Auth)?;
+                }
+                (tenant, device_id)
+            }
+            (None, Some((tenant, device))) if self.config.allow_unauthenticated && !tenant.is_empty() => {
+                if !registry.allows_unauthenticated(&tenant, ADAPTER).await.map_err(Failure::Auth)? {
+                    return Err(Failure::NoCredentials);
+                }
+                registry.authorize_device(&tenant, &device, None).await.map_err(Failure::Auth)?;
+                (tenant, device)
+            }
+            (None, _) => return Err(Failure::NoCredentials),
+        };
+        let max = self.config.max_payload;
+        Downstream::validate(&packet.payload, request.content_type.as_deref(), max).map_err(Failure::Upload)?;
+        let payload = Bytes::from(std::mem::take(&mut packet.payload));
+        let upload = Upload {
+            tenant,
+            device_id,
+            endpoint: request.route.endpoint,
+            qos: request.qos,
+            payload,
+            content_type: request.content_type,
+            ttl: request.ttl,
+            orig_adapter: ADAPTER,
+            orig_address: request.path,
+            properties: Vec::new(),
+        };
+        // NON (at most once) is dropped and counted by `send` when nobody consumes.
+        self.downstream.send(upload).await.map_err(Failure::Upload)
+    }
+}
+
+/// Longest diagnostic payload, in bytes.
+const MAX_DIAGNOSTIC: usize = 96;
+
+/// Seconds a device should wait before retrying after 5.03 / 4.29.
+const RETRY_AFTER_SECONDS: u8 = 1;
+
+/// A CoAP uint option value: big endian, no leading zero bytes (RFC 7252 §3.2).
+fn uint(value: u32) -> Vec<u8> {
+    let bytes = value.to_be_bytes();
+    let skip = bytes.iter().take_while(|b| **b == 0).count();
+    bytes[skip..].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_is_the_default_config() {
+        #[derive(Deserialize)]
+        struct File {
+            adapters: Adapters,
+        }
+        #[derive(Deserialize)]
+        struct Adapters {
+            coap: CoapConfig,
+        }
+        let file: File = toml::from_str(DEFAULT_TOML).expect("DEFAULT_TOML parses");
+        assert_eq!(file.adapters.coap, CoapConfig::default());
+        assert!(toml::from_str::<CoapConfig>("no_such_key = 1").is_err(), "unknown keys are refused");
+    }
+
+    #[test]
+    fn config_is_validated_naming_the_key() {
+        assert!(CoapConfig::default().validate().is_ok());
+        let config = CoapConfig { max_payload: 70_000, ..Default::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("max_payload"));
+        let config = CoapConfig { max_in_flight_per_peer: 0, ..Default::default() };
+        assert!(config.validate().unwrap_err().to_string().contains("adapters.coap.max_in_flight_per_peer"));
+    }
+
+    #[test]
+    fn diagnostics_are_short() {
+        let long = Failure::Mapping(MappingError::NotFound(format!("/{}", "ü".repeat(1000))));
+        assert!(long.diagnostic().len() <= MAX_DIAGNOSTIC);
+        assert_eq!(Failure::Overloaded.diagnostic(), "too many requests in flight");
+    }
+
+    #[test]
+    fn uint_options_have_no_leading_zeros() {
+        assert_eq!(uint(0), Vec::<u8>::new());
+        assert_eq!(uint(64), vec![64]);
+        assert_eq!(uint(2048), vec![0x08, 0x00]);
+    }
+
+    #[test]
+    fn failures_map_to_hono_codes() {
+        let cases = [
+            (Failure::Mapping(MappingError::NotFound("/x".into())), ResponseType::NotFound),
+            (Failure::Mapping(MappingError::EventNotConfirmable), ResponseType::BadRequest),
+            (Failure::Auth(AuthError::BadCredentials), ResponseType::Unauthorized),
+            (Failure::Auth(AuthError::DeviceDisabled), ResponseType::Forbidden),
+            (Failure::Auth(AuthError::GatewayNotAuthorized), ResponseType::Forbidden),
+            (Failure::Auth(AuthError::TenantMismatch), ResponseType::Forbidden),
+            (Failure::Auth(AuthError::Busy), ResponseType::TooManyRequests),
+            (Failure::Upload(UploadError::NoConsumer("telemetry/t".into())), ResponseType::ServiceUnavailable),
+            (Failure::Upload(UploadError::TooLarge { size: 3, max: 2 }), ResponseType::RequestEntityTooLarge),
+            (Failure::Upload(UploadError::EmptyWithoutContentType), ResponseType::BadRequest),
+            (Failure::Overloaded, ResponseType::ServiceUnavailable),
+        ];
+        for (failure, code) in cases {
+            assert_eq!(failure.code(), code, "{failure:?}");
+        }
+    }
+}

@@ -1,0 +1,795 @@
+//! The ntex-mqtt services of one connection (CONNECT, PUBLISH, SUBSCRIBE/UNSUBSCRIBE,
+//! control) for both protocol versions, and the single place where failures become
+//! protocol answers ([`Failure`]).
+//!
+//! Everything here runs on an ntex worker thread; sessions and sinks are `Rc`-based and
+//! never leave it. The messaging core and the registry are reached through `Send`
+//! handles whose futures do not care which runtime polls them.
+
+use std::num::NonZeroU16;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ntex_mqtt::v5::codec::{ConnectAckReason, Disconnect, DisconnectReasonCode, PublishAckReason, SubscribeAckReason};
+use ntex_mqtt::{v3, v5, Control, MqttServer, MqttServiceConfig, QoS, Reason};
+use ntex_service::cfg::SharedCfg;
+use ntex_util::time::Seconds;
+use tokio_util::sync::CancellationToken;
+
+use super::mapping::{self, DeviceFilter, ErrorSubscription, MappingError, OnError, PublishAddress};
+use super::session::{Principal, Session, Target, TargetError, Version};
+use super::{MqttConfig, ADAPTER};
+use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
+use crate::downstream::{Downstream, Endpoint, Qos, Upload, UploadError, CONNECTION_EVENT};
+
+/// What every connection of the adapter shares (across worker threads).
+pub(super) struct Shared {
+    pub config: MqttConfig,
+    pub downstream: Downstream,
+    pub registry: Arc<dyn DeviceRegistry>,
+}
+
+/// An error that ends the connection; ntex hands it to the control service.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct Close(String);
+
+/// Needed by ntex-mqtt's v5 dispatcher: a `Close` never turns into a PUBACK (failures that
+/// should are answered with `Ok(PublishAck)` carrying a reason code).
+impl TryFrom<Close> for v5::PublishAck {
+    type Error = Close;
+
+    fn try_from(close: Close) -> Result<Self, Close> {
+        Err(close)
+    }
+}
+
+/// Runs the ntex system and server on the current thread until `shutdown`.
+/// `ready` learns whether the server started.
+pub(super) fn serve(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    ready: std::sync::mpsc::Sender<std::io::Result<()>>,
+) {
+    let system = ntex_rt::System::build().name("ferrule-mqtt").disable_signals().build(ntex_net::DefaultRuntime);
+    system.block_on(async move {
+        let config = &shared.config;
+        // The codec limit bounds memory per packet; payloads slightly over `max_payload`
+        // still get a proper answer (error topic / PUBACK reason), bigger ones a protocol
+        // error. A whole packet under the limit is delivered in one piece.
+        let max_packet = u32::try_from(config.max_payload.saturating_add(64 * 1024)).unwrap_or(u32::MAX);
+        let connect_timeout = Seconds(u16::try_from(config.connect_timeout.as_secs().max(1)).unwrap_or(u16::MAX));
+        let mqtt_config = MqttServiceConfig::new()
+            .set_max_qos(QoS::AtLeastOnce)
+            .set_max_size(max_packet)
+            .set_min_chunk_size(max_packet)
+            // A silent client is dropped after `connect_timeout` whether it stalls before
+            // or inside its CONNECT.
+            .protocol_version_timeout(connect_timeout)
+            .set_connect_timeout(connect_timeout)
+            .set_handshake_timeout(connect_timeout)
+            // Without this, QoS 0 publishes that arrive right before a DISCONNECT are
+            // dropped (one-shot clients like mosquitto_pub lose messages).
+            .set_handle_qos_after_disconnect(Some(QoS::AtLeastOnce));
+        let per_worker = config.max_connections.div_ceil(config.workers).max(1);
+        let factory_shared = shared.clone();
+        let builder = ntex_server::net::ServerBuilder::default()
+            .name("ferrule-mqtt")
+            .workers(config.workers)
+            .disable_signals()
+            .maxconn(per_worker)
+            .shutdown_timeout(ntex_util::time::Millis(u32::try_from(config.shutdown_grace.as_millis()).unwrap_or(u32::MAX)))
+            .listen("mqtt", listener, SharedCfg::new("MQTT").add(mqtt_config), async move |_| {
+                build_server(factory_shared.clone())
+            });
+        let server = match builder {
+            Ok(builder) => builder.run(),
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                tracing::info!("MQTT adapter stopping");
+                server.stop(true).await;
+            }
+            result = server.clone() => {
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "MQTT server stopped");
+                }
+            }
+        }
+    });
+}
+
+/// One worker's MQTT service: v3.1.1 and v5 on the same port.
+fn build_server(
+    shared: Arc<Shared>,
+) -> MqttServer<
+    (),
+    ntex_io::Io,
+    impl ntex_service::Service<(), ntex_service::State<(), ntex_io::IoBoxed>, Res = (), Error = ntex_mqtt::MqttError<Close>>,
+    impl ntex_service::Service<(), ntex_service::State<(), ntex_io::IoBoxed>, Res = (), Error = ntex_mqtt::MqttError<Close>>,
+    Close,
+> {
+    let (s1, s2, s3, s4) = (shared.clone(), shared.clone(), shared.clone(), shared.clone());
+    let (s5, s6, s7, s8) = (shared.clone(), shared.clone(), shared.clone(), shared);
+    let v3 = v3::MqttServer::new(async move |session: &v3::Session<Session>, publish: v3::Publish| {
+        publish_v3(&s1, session, publish).await
+    })
+    .protocol(async move |session: &v3::Session<Session>, message: v3::ProtocolMessage| {
+        protocol_v3(&s2, session, message).await
+    })
+    .control(async move |session: &v3::Session<Session>, control: Control<Close>| {
+        stopped(&s3, session, control);
+        Ok::<_, Close>(None)
+    })
+    .build(async move |connect: v3::Connect| connect_v3(&s4, connect).await);
+    let v5 = v5::MqttServer::new(async move |session: &v5::Session<Session>, publish: v5::Publish| {
+        publish_v5(&s5, session, publish).await
+    })
+    .protocol(async move |session: &v5::Session<Session>, message: v5::ProtocolMessage| {
+        protocol_v5(&s6, session, message).await
+    })
+    .control(async move |session: &v5::Session<Session>, control: Control<Close>| {
+        stopped(&s7, session, control);
+        Ok::<_, Close>(None)
+    })
+    .build(async move |connect: v5::Connect| connect_v5(&s8, connect).await);
+    MqttServer::new().v3(v3).v5(v5)
+}
+
+// ---------------------------------------------------------------------------------------
+// CONNECT
+
+/// Why a CONNECT is refused; mapped to CONNACK codes in [`Refusal::v3`] / [`Refusal::v5`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Unknown auth-id, wrong password, unknown tenant, malformed username.
+    BadCredentials,
+    /// Disabled device or tenant; anonymous when not allowed.
+    NotAuthorized,
+    /// The registry is busy or unavailable.
+    Unavailable,
+    /// A will message (Ferrule, like Hono, does not publish wills).
+    WillNotSupported,
+    /// A persistent session (Ferrule keeps no session state).
+    PersistentSession,
+}
+
+impl Refusal {
+    fn v3(self) -> v3::codec::ConnectAckReason {
+        use v3::codec::ConnectAckReason as R;
+        match self {
+            Refusal::BadCredentials => R::BadUserNameOrPassword,
+            Refusal::NotAuthorized | Refusal::WillNotSupported => R::NotAuthorized,
+            Refusal::Unavailable => R::ServiceUnavailable,
+            Refusal::PersistentSession => R::IdentifierRejected,
+        }
+    }
+
+    fn v5(self) -> ConnectAckReason {
+        match self {
+            Refusal::BadCredentials => ConnectAckReason::BadUserNameOrPassword,
+            Refusal::NotAuthorized => ConnectAckReason::NotAuthorized,
+            Refusal::Unavailable => ConnectAckReason::ServerUnavailable,
+            Refusal::WillNotSupported | Refusal::PersistentSession => ConnectAckReason::ImplementationSpecificError,
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Refusal::BadCredentials => "bad credentials",
+            Refusal::NotAuthorized => "not authorized",
+            Refusal::Unavailable => "device registry unavailable",
+            Refusal::WillNotSupported => "will messages are not supported",
+            Refusal::PersistentSession => "persistent sessions are not supported",
+        }
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(e: AuthError) -> Self {
+        match e {
+            // An unknown tenant must not be distinguishable from bad credentials.
+            AuthError::BadCredentials | AuthError::UnknownTenant => Refusal::BadCredentials,
+            AuthError::TenantDisabled
+            | AuthError::DeviceDisabled
+            | AuthError::UnknownDevice
+            | AuthError::GatewayNotAuthorized
+            | AuthError::TenantMismatch => Refusal::NotAuthorized,
+            AuthError::Busy | AuthError::Unavailable(_) => Refusal::Unavailable,
+        }
+    }
+}
+
+async fn authenticate(shared: &Shared, username: Option<&str>, password: Option<&[u8]>) -> Result<Principal, Refusal> {
+    match username.filter(|u| !u.is_empty()) {
+        None if password.is_none() => {
+            if shared.config.allow_unauthenticated {
+                Ok(Principal::Anonymous)
+            } else {
+                Err(Refusal::NotAuthorized)
+            }
+        }
+        None => Err(Refusal::BadCredentials),
+        Some(username) => {
+            let (auth_id, tenant) = mapping::split_username(username).ok_or(Refusal::BadCredentials)?;
+            let identity = shared
+                .registry
+                .authenticate_password(tenant, auth_id, password.unwrap_or_default())
+                .await
+                .map_err(Refusal::from)?;
+            Ok(Principal::Device(identity))
+        }
+    }
+}
+
+async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::ConnectAck<Session>, Close> {
+    let packet = connect.packet();
+    let client_id = packet.client_id.to_string();
+    let refused = if packet.last_will.is_some() {
+        Err(Refusal::WillNotSupported)
+    } else if !packet.clean_session {
+        Err(Refusal::PersistentSession)
+    } else {
+        authenticate(shared, packet.username.as_deref(), packet.password.as_deref()).await
+    };
+    match refused {
+        Ok(principal) => {
+            connected(shared, &principal, &client_id);
+            Ok(connect.ack(Session::new(principal, Version::V3_1_1, client_id), false))
+        }
+        Err(refusal) => {
+            tracing::debug!(client_id, reason = refusal.reason(), "MQTT 3.1.1 CONNECT refused");
+            Ok(connect.failed(refusal.v3()))
+        }
+    }
+}
+
+async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::ConnectAck<Session>, Close> {
+    let packet = connect.packet();
+    let client_id = packet.client_id.to_string();
+    let asks_for_session = packet.session_expiry_interval_secs > 0;
+    let refused = if packet.last_will.is_some() {
+        Err(Refusal::WillNotSupported)
+    } else {
+        authenticate(shared, packet.username.as_deref(), packet.password.as_deref()).await
+    };
+    match refused {
+        Ok(principal) => {
+            connected(shared, &principal, &client_id);
+            let session = Session::new(principal, Version::V5, client_id);
+            Ok(connect.ack(session).with(|ack| {
+                ack.retain_available = false;
+                ack.shared_subscription_available = false;
+                ack.subscription_identifiers_available = false;
+                // MQTT 5 lets the server override the session expiry: no state is kept
+                // after the connection ends, and the client learns it here.
+                if asks_for_session {
+                    ack.session_expiry_interval_secs = Some(0);
+                }
+            }))
+        }
+        Err(refusal) => {
+            tracing::debug!(client_id, reason = refusal.reason(), "MQTT 5 CONNECT refused");
+            Ok(connect.failed::<Session>(refusal.v5()).with(|ack| ack.reason_string = Some(refusal.reason().into())))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Connection events
+
+fn connected(shared: &Arc<Shared>, principal: &Principal, client_id: &str) {
+    if let Principal::Device(identity) = principal {
+        connection_event(shared, identity, client_id, "connected");
+    }
+}
+
+/// The control service: ntex reports the end of a connection here, exactly once.
+fn stopped(shared: &Arc<Shared>, session: &Session, control: Control<Close>) {
+    if let Control::Stop(reason) = control {
+        match &reason {
+            Reason::Error(e) => tracing::debug!(client_id = %session.client_id, error = %e.get_ref(), "MQTT connection closed"),
+            Reason::Protocol(e) => {
+                tracing::debug!(client_id = %session.client_id, error = %e.get_ref(), "MQTT connection closed on a protocol error")
+            }
+            Reason::PeerGone(_) => tracing::trace!(client_id = %session.client_id, "MQTT connection ended"),
+        }
+        if let Principal::Device(identity) = &session.principal {
+            connection_event(shared, identity, &session.client_id, "disconnected");
+        }
+    }
+}
+
+/// Sends a Hono connection event in the background; failures only get logged, a device
+/// must not be refused because nobody listens to its connection events.
+fn connection_event(shared: &Arc<Shared>, identity: &DeviceIdentity, client_id: &str, cause: &'static str) {
+    let body = serde_json::json!({
+        "cause": cause,
+        "remote-id": client_id,
+        "source": ADAPTER,
+        "data": {},
+    });
+    let upload = Upload {
+        tenant: identity.tenant.clone(),
+        device_id: identity.device_id.clone(),
+        endpoint: Endpoint::Event,
+        qos: Qos::AtLeastOnce,
+        payload: Bytes::from(body.to_string()),
+        content_type: Some(CONNECTION_EVENT.to_owned()),
+        ttl: None,
+        orig_adapter: ADAPTER,
+        orig_address: Endpoint::Event.as_str().to_owned(),
+        properties: Vec::new(),
+    };
+    let downstream = shared.downstream.clone();
+    ntex_rt::spawn(async move {
+        if let Err(e) = downstream.send(upload).await {
+            tracing::debug!(error = %e, cause, "connection event not delivered");
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// PUBLISH
+
+/// Why a publish failed: the one place where failures become status codes (error topic),
+/// PUBACK reason codes and DISCONNECT reason codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Failure {
+    Mapping(MappingError),
+    Auth(AuthError),
+    Upload(UploadError),
+    /// An unauthenticated connection published without naming tenant and device.
+    IdentityRequired,
+    /// The tenant does not allow unauthenticated devices.
+    UnauthenticatedNotAllowed,
+    /// Events are QoS 1 only.
+    EventAtQos0,
+    /// Retained messages are not supported.
+    Retain,
+}
+
+impl Failure {
+    /// HTTP-style status (Hono's error-topic `code`).
+    fn status(&self) -> u16 {
+        match self {
+            Failure::Mapping(_) | Failure::EventAtQos0 | Failure::Retain => 400,
+            Failure::Auth(AuthError::BadCredentials | AuthError::UnknownTenant) | Failure::IdentityRequired => 401,
+            Failure::Auth(AuthError::TenantDisabled | AuthError::GatewayNotAuthorized | AuthError::TenantMismatch)
+            | Failure::UnauthenticatedNotAllowed => 403,
+            Failure::Auth(AuthError::UnknownDevice | AuthError::DeviceDisabled) => 404,
+            Failure::Auth(AuthError::Busy) => 429,
+            Failure::Auth(AuthError::Unavailable(_)) => 503,
+            Failure::Upload(e) if e.is_transient() => 503,
+            Failure::Upload(UploadError::TooLarge { .. }) => 413,
+            Failure::Upload(_) => 400,
+        }
+    }
+
+    /// MQTT 5 PUBACK reason code for a failed QoS 1 publish.
+    fn puback_reason(&self) -> PublishAckReason {
+        match self {
+            Failure::Mapping(_) => PublishAckReason::TopicNameInvalid,
+            Failure::Auth(AuthError::Busy) => PublishAckReason::QuotaExceeded,
+            Failure::Auth(AuthError::Unavailable(_)) => PublishAckReason::UnspecifiedError,
+            Failure::Auth(_) | Failure::IdentityRequired | Failure::UnauthenticatedNotAllowed => PublishAckReason::NotAuthorized,
+            Failure::Upload(UploadError::NoConsumer(_)) => PublishAckReason::UnspecifiedError,
+            Failure::Upload(UploadError::Overloaded(_) | UploadError::TooLarge { .. }) => PublishAckReason::QuotaExceeded,
+            Failure::Upload(UploadError::EmptyWithoutContentType) => PublishAckReason::PayloadFormatInvalid,
+            Failure::Upload(UploadError::Refused(_)) => PublishAckReason::UnspecifiedError,
+            Failure::EventAtQos0 | Failure::Retain => PublishAckReason::ImplementationSpecificError,
+        }
+    }
+
+    /// MQTT 5 DISCONNECT reason code when the connection is closed over this failure.
+    fn disconnect_reason(&self) -> DisconnectReasonCode {
+        match self {
+            Failure::Mapping(_) => DisconnectReasonCode::TopicNameInvalid,
+            Failure::Auth(AuthError::Busy) => DisconnectReasonCode::ServerBusy,
+            Failure::Auth(AuthError::Unavailable(_)) => DisconnectReasonCode::UnspecifiedError,
+            Failure::Auth(_) | Failure::IdentityRequired | Failure::UnauthenticatedNotAllowed => DisconnectReasonCode::NotAuthorized,
+            Failure::Upload(UploadError::TooLarge { .. }) => DisconnectReasonCode::PacketTooLarge,
+            Failure::Upload(UploadError::Overloaded(_)) => DisconnectReasonCode::QuotaExceeded,
+            Failure::Upload(UploadError::EmptyWithoutContentType) => DisconnectReasonCode::PayloadFormatInvalid,
+            Failure::Upload(_) => DisconnectReasonCode::UnspecifiedError,
+            Failure::EventAtQos0 => DisconnectReasonCode::QosNotSupported,
+            Failure::Retain => DisconnectReasonCode::RetainNotSupported,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Failure::Mapping(e) => e.to_string(),
+            Failure::Auth(e) => e.to_string(),
+            Failure::Upload(e) => e.to_string(),
+            Failure::IdentityRequired => "unauthenticated devices must publish to ENDPOINT/TENANT/DEVICE".into(),
+            Failure::UnauthenticatedNotAllowed => "the tenant does not allow unauthenticated devices".into(),
+            Failure::EventAtQos0 => "events must be published with QoS 1".into(),
+            Failure::Retain => "retained messages are not supported".into(),
+        }
+    }
+}
+
+/// What to do about a failed publish (Hono's `on-error` table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Acknowledge as if accepted (3.1.1 PUBACK; 5: PUBACK success) and keep the connection.
+    Ack,
+    /// Answer with a failure and keep the connection (5: PUBACK reason code).
+    Nack,
+    /// Close the connection (5: DISCONNECT with a reason code).
+    Close,
+}
+
+/// Hono's error-handling table; MQTT 5 answers a QoS 1 failure with a PUBACK reason code
+/// instead of closing by default, since the protocol has a way to say "no".
+fn answer(on_error: OnError, reported: bool, version: Version, qos: Qos) -> Answer {
+    let v5_qos1 = version == Version::V5 && qos == Qos::AtLeastOnce;
+    match on_error {
+        OnError::Disconnect => Answer::Close,
+        OnError::Ignore => Answer::Ack,
+        OnError::Default if reported && v5_qos1 => Answer::Nack,
+        OnError::Default if reported => Answer::Ack,
+        OnError::Default | OnError::SkipAck if v5_qos1 => Answer::Nack,
+        OnError::Default => Answer::Close,
+        // ntex-mqtt 3.1.1 sends a PUBACK for every publish the service accepts; the only
+        // way not to acknowledge is to close (the device resends on reconnect).
+        OnError::SkipAck if qos == Qos::AtLeastOnce => Answer::Close,
+        OnError::SkipAck => Answer::Ack,
+    }
+}
+
+/// One PUBLISH, protocol-version neutral.
+struct Inbound<'a> {
+    topic: &'a str,
+    qos: Qos,
+    retain: bool,
+    payload: Bytes,
+    /// MQTT 5 content-type property.
+    content_type: Option<String>,
+    /// MQTT 5 message-expiry-interval property.
+    expiry: Option<Duration>,
+}
+
+/// A failed publish with what is needed to report it.
+struct Failed {
+    failure: Failure,
+    on_error: OnError,
+    correlation_id: Option<String>,
+    target: Option<Target>,
+    /// The connected device itself is no longer allowed (disabled, deleted, tenant
+    /// disabled): Hono closes the connection whatever `on-error` says.
+    terminal: bool,
+}
+
+async fn handle_publish(shared: &Shared, session: &Session, inbound: Inbound<'_>) -> Result<(), Failed> {
+    let fail = |failure, address: Option<&PublishAddress>, target: Option<Target>| Failed {
+        failure,
+        on_error: address.map(|a| a.properties.on_error).unwrap_or_default(),
+        correlation_id: address.and_then(|a| a.properties.correlation_id.clone()),
+        target,
+        terminal: false,
+    };
+    let address = mapping::parse_publish_topic(inbound.topic).map_err(|e| {
+        let bag = mapping::property_bag_of(inbound.topic).unwrap_or_default();
+        Failed { failure: Failure::Mapping(e), on_error: bag.on_error, correlation_id: bag.correlation_id, target: None, terminal: false }
+    })?;
+    let target = session.target(&address).map_err(|e| {
+        let failure = match e {
+            TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
+            TargetError::IdentityRequired => Failure::IdentityRequired,
+        };
+        fail(failure, Some(&address), None)
+    })?;
+    let fail = |failure| fail(failure, Some(&address), Some(target.clone()));
+    if inbound.retain {
+        return Err(fail(Failure::Retain));
+    }
+    if address.endpoint == Endpoint::Event && inbound.qos == Qos::AtMostOnce {
+        return Err(fail(Failure::EventAtQos0));
+    }
+    let registry = &shared.registry;
+    match &target {
+        // The registry's cache makes this cheap, and a device disabled while connected is
+        // cut off at its next publish instead of at its next CONNECT.
+        Target::Own { tenant, device } => registry
+            .authorize_device(tenant, device, None)
+            .await
+            .map_err(|e| {
+                let terminal = matches!(
+                    e,
+                    AuthError::DeviceDisabled | AuthError::UnknownDevice | AuthError::TenantDisabled | AuthError::UnknownTenant
+                );
+                Failed { terminal, ..fail(Failure::Auth(e)) }
+            })?,
+        Target::ViaGateway { tenant, device, gateway } => {
+            registry.authorize_device(tenant, device, Some(gateway)).await.map_err(|e| fail(Failure::Auth(e)))?
+        }
+        Target::Unauthenticated { tenant, device } => {
+            if !registry.allows_unauthenticated(tenant, ADAPTER).await.map_err(|e| fail(Failure::Auth(e)))? {
+                return Err(fail(Failure::UnauthenticatedNotAllowed));
+            }
+            registry.authorize_device(tenant, device, None).await.map_err(|e| fail(Failure::Auth(e)))?
+        }
+    }
+    let properties = &address.properties;
+    let content_type = properties.content_type.clone().or(inbound.content_type);
+    Downstream::validate(&inbound.payload, content_type.as_deref(), shared.config.max_payload)
+        .map_err(|e| fail(Failure::Upload(e)))?;
+    // hono-ttl applies to events (Hono); MQTT 5 message expiry to both.
+    let ttl = match address.endpoint {
+        Endpoint::Event => properties.ttl.or(inbound.expiry),
+        Endpoint::Telemetry => inbound.expiry,
+    };
+    let upload = Upload {
+        tenant: target.tenant().to_owned(),
+        device_id: target.device().to_owned(),
+        endpoint: address.endpoint,
+        qos: inbound.qos,
+        payload: inbound.payload,
+        content_type,
+        ttl,
+        orig_adapter: ADAPTER,
+        orig_address: inbound.topic.to_owned(),
+        properties: properties.other.clone(),
+    };
+    shared.downstream.send(upload).await.map_err(|e| fail(Failure::Upload(e)))
+}
+
+/// Where (if anywhere) the failure is reported, and the JSON to publish there.
+fn error_report(session: &Session, topic: &str, packet_id: Option<NonZeroU16>, failed: &Failed) -> Option<(String, Bytes)> {
+    let (tenant, device) = match (&failed.target, session.identity()) {
+        (Some(target), _) => (target.tenant().to_owned(), target.device().to_owned()),
+        (None, Some(identity)) => (identity.tenant.clone(), identity.device_id.clone()),
+        (None, None) => return None,
+    };
+    let correlation_id = failed
+        .correlation_id
+        .clone()
+        .or_else(|| packet_id.map(|id| id.get().to_string()))
+        .unwrap_or_else(|| "-1".to_owned());
+    let code = failed.failure.status();
+    let endpoint = mapping::endpoint_segment(topic);
+    let error_topic = session.error_topic(&tenant, &device, endpoint, &correlation_id, code)?;
+    let body = serde_json::json!({
+        "code": code,
+        "message": failed.failure.message(),
+        "timestamp": iso8601(SystemTime::now()),
+        "correlation-id": correlation_id,
+    });
+    Some((error_topic, Bytes::from(body.to_string())))
+}
+
+fn qos_of(qos: QoS) -> Option<Qos> {
+    match qos {
+        QoS::AtMostOnce => Some(Qos::AtMostOnce),
+        QoS::AtLeastOnce => Some(Qos::AtLeastOnce),
+        // ntex refuses QoS 2 before it gets here (max QoS is 1); kept total anyway.
+        QoS::ExactlyOnce => None,
+    }
+}
+
+async fn publish_v3(shared: &Shared, session: &v3::Session<Session>, publish: v3::Publish) -> Result<(), Close> {
+    let qos = qos_of(publish.qos()).ok_or_else(|| Close("QoS 2 is not supported".into()))?;
+    let topic = publish.publish_topic().to_owned();
+    let packet_id = publish.id();
+    let inbound = match publish.read_all().await {
+        Ok(payload) => {
+            let payload = Bytes::copy_from_slice(&payload);
+            Inbound { topic: &topic, qos, retain: publish.retain(), payload, content_type: None, expiry: None }
+        }
+        Err(e) => return Err(Close(format!("cannot read the payload: {e}"))),
+    };
+    let Err(failed) = handle_publish(shared, session, inbound).await else { return Ok(()) };
+    let report = error_report(session, &topic, packet_id, &failed);
+    if let Some((error_topic, body)) = &report {
+        if let Err(e) = session.sink().publish(error_topic.clone()).send_at_most_once(ntex_bytes::Bytes::copy_from_slice(body)) {
+            tracing::debug!(error = ?e, "cannot publish on the error topic");
+        }
+    }
+    tracing::debug!(client_id = %session.client_id, topic, failure = ?failed.failure, "MQTT 3.1.1 publish failed");
+    match answer(failed.on_error, report.is_some(), Version::V3_1_1, qos) {
+        _ if failed.terminal => Err(Close(failed.failure.message())),
+        Answer::Ack | Answer::Nack => Ok(()),
+        Answer::Close => Err(Close(failed.failure.message())),
+    }
+}
+
+async fn publish_v5(shared: &Shared, session: &v5::Session<Session>, publish: v5::Publish) -> Result<v5::PublishAck, Close> {
+    let qos = qos_of(publish.qos()).ok_or_else(|| Close("QoS 2 is not supported".into()))?;
+    let packet = publish.packet();
+    let topic = packet.topic.to_string();
+    let packet_id = packet.packet_id;
+    let retain = packet.retain;
+    let content_type = packet.properties.content_type.as_ref().map(|c| c.to_string()).filter(|c| !c.is_empty());
+    let expiry = packet.properties.message_expiry_interval.map(|s| Duration::from_secs(u64::from(s.get())));
+    let payload = match publish.read_all().await {
+        Ok(payload) => payload,
+        Err(e) => return Err(Close(format!("cannot read the payload: {e}"))),
+    };
+    // ntex and the messaging core use different `Bytes` types: one copy here.
+    let payload = Bytes::copy_from_slice(&payload);
+    let inbound = Inbound { topic: &topic, qos, retain, payload, content_type, expiry };
+    let Err(failed) = handle_publish(shared, session, inbound).await else { return Ok(publish.ack()) };
+    let report = error_report(session, &topic, packet_id, &failed);
+    if let Some((error_topic, body)) = &report {
+        if let Err(e) = session.sink().publish(error_topic.clone()).send_at_most_once(ntex_bytes::Bytes::copy_from_slice(body)) {
+            tracing::debug!(error = ?e, "cannot publish on the error topic");
+        }
+    }
+    tracing::debug!(client_id = %session.client_id, topic, failure = ?failed.failure, "MQTT 5 publish failed");
+    let reason = failed.failure.message();
+    let answer = if failed.terminal { Answer::Close } else { answer(failed.on_error, report.is_some(), Version::V5, qos) };
+    match answer {
+        Answer::Ack => Ok(publish.ack()),
+        Answer::Nack => Ok(publish.ack().reason_code(failed.failure.puback_reason()).reason(reason.into())),
+        Answer::Close => {
+            let mut disconnect = Disconnect::new(failed.failure.disconnect_reason());
+            disconnect.reason_string = Some(reason.as_str().into());
+            session.sink().close_with_reason(disconnect);
+            // An error, not an ack: a QoS 1 publish must not get a PUBACK on the way out.
+            Err(Close(reason))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SUBSCRIBE / UNSUBSCRIBE
+
+/// Whether `filter` is an error-topic filter this session may use (Hono's rules).
+async fn error_subscription(shared: &Shared, session: &Session, filter: &str) -> Option<ErrorSubscription> {
+    let subscription = mapping::parse_error_filter(filter)?;
+    match session.identity() {
+        Some(identity) => {
+            if subscription.tenant.as_ref().is_some_and(|t| *t != identity.tenant) {
+                return None;
+            }
+            if let DeviceFilter::One(device) = &subscription.device {
+                if *device != identity.device_id {
+                    let gateway = Some(identity.device_id.as_str());
+                    shared.registry.authorize_device(&identity.tenant, device, gateway).await.ok()?;
+                }
+            }
+        }
+        None => {
+            // Unauthenticated devices name themselves: error/TENANT/DEVICE/#.
+            let (Some(tenant), DeviceFilter::One(device)) = (&subscription.tenant, &subscription.device) else { return None };
+            if !shared.registry.allows_unauthenticated(tenant, ADAPTER).await.ok()? {
+                return None;
+            }
+            shared.registry.authorize_device(tenant, device, None).await.ok()?;
+        }
+    }
+    Some(subscription)
+}
+
+async fn protocol_v3(shared: &Shared, session: &v3::Session<Session>, message: v3::ProtocolMessage) -> Result<v3::ProtocolMessageAck, Close> {
+    match message {
+        v3::ProtocolMessage::Subscribe(mut subscribe) => {
+            for mut item in subscribe.iter_mut() {
+                let filter = item.topic().to_string();
+                match error_subscription(shared, session, &filter).await {
+                    Some(subscription) => {
+                        session.subscribe_errors(subscription);
+                        // Error messages are published at QoS 0 only (Hono).
+                        item.confirm(QoS::AtMostOnce);
+                    }
+                    // Commands come with the command & control component.
+                    None => item.fail(),
+                }
+            }
+            Ok(subscribe.ack())
+        }
+        v3::ProtocolMessage::Unsubscribe(unsubscribe) => {
+            for filter in unsubscribe.iter() {
+                session.unsubscribe_errors(filter);
+            }
+            Ok(unsubscribe.ack())
+        }
+        other => Ok(other.ack()),
+    }
+}
+
+async fn protocol_v5(shared: &Shared, session: &v5::Session<Session>, message: v5::ProtocolMessage) -> Result<v5::ProtocolMessageAck, Close> {
+    match message {
+        v5::ProtocolMessage::Subscribe(mut subscribe) => {
+            for mut item in subscribe.iter_mut() {
+                let filter = item.topic().to_string();
+                match error_subscription(shared, session, &filter).await {
+                    Some(subscription) => {
+                        session.subscribe_errors(subscription);
+                        item.confirm(QoS::AtMostOnce);
+                    }
+                    None => item.fail(SubscribeAckReason::TopicFilterInvalid),
+                }
+            }
+            Ok(subscribe.ack())
+        }
+        v5::ProtocolMessage::Unsubscribe(unsubscribe) => {
+            for filter in unsubscribe.iter() {
+                session.unsubscribe_errors(filter);
+            }
+            Ok(unsubscribe.ack())
+        }
+        other => Ok(other.ack()),
+    }
+}
+
+/// `2026-11-24T15:20:00.123Z` (UTC), without a date-time dependency.
+fn iso8601(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(iso8601(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_709_210_096_789); // a leap day
+        assert_eq!(iso8601(t), "2024-02-29T12:34:56.789Z");
+    }
+
+    #[test]
+    fn on_error_table() {
+        use Answer::*;
+        use OnError::*;
+        let v3 = Version::V3_1_1;
+        let q1 = Qos::AtLeastOnce;
+        let q0 = Qos::AtMostOnce;
+        // (on-error, subscribed to the error topic) → answer, as in Hono's table.
+        assert_eq!(answer(Default, false, v3, q1), Close);
+        assert_eq!(answer(Default, true, v3, q1), Ack);
+        assert_eq!(answer(Disconnect, true, v3, q1), Close);
+        assert_eq!(answer(Ignore, false, v3, q1), Ack);
+        assert_eq!(answer(SkipAck, true, v3, q1), Close);
+        assert_eq!(answer(SkipAck, false, v3, q0), Ack);
+        // MQTT 5 says "no" with a PUBACK reason code instead of closing.
+        assert_eq!(answer(Default, false, Version::V5, q1), Nack);
+        assert_eq!(answer(Default, true, Version::V5, q1), Nack);
+        assert_eq!(answer(Default, false, Version::V5, q0), Close);
+        assert_eq!(answer(Default, true, Version::V5, q0), Ack);
+        assert_eq!(answer(Disconnect, false, Version::V5, q1), Close);
+    }
+
+    #[test]
+    fn failure_codes() {
+        assert_eq!(Failure::Upload(UploadError::NoConsumer("telemetry/t1".into())).status(), 503);
+        assert_eq!(Failure::Upload(UploadError::TooLarge { size: 3, max: 2 }).status(), 413);
+        assert_eq!(Failure::Auth(AuthError::GatewayNotAuthorized).status(), 403);
+        assert_eq!(Failure::Mapping(MappingError::UnknownEndpoint("x".into())).status(), 400);
+        assert_eq!(Failure::EventAtQos0.disconnect_reason(), DisconnectReasonCode::QosNotSupported);
+        assert_eq!(Failure::Retain.disconnect_reason(), DisconnectReasonCode::RetainNotSupported);
+        assert_eq!(Failure::Auth(AuthError::TenantMismatch).puback_reason(), PublishAckReason::NotAuthorized);
+        assert_eq!(Refusal::from(AuthError::UnknownTenant), Refusal::BadCredentials);
+        assert_eq!(Refusal::from(AuthError::DeviceDisabled).v5(), ConnectAckReason::NotAuthorized);
+        assert_eq!(Refusal::from(AuthError::Busy).v3(), v3::codec::ConnectAckReason::ServiceUnavailable);
+    }
+}

@@ -1,0 +1,339 @@
+//! Hono's MQTT topic scheme, translated to endpoints, tenants and devices (pure: no I/O).
+//!
+//! Publish topics: `telemetry` | `t` | `event` | `e`, optionally followed by
+//! `/TENANT/DEVICE` (tenant may be empty: `t//DEVICE`), optionally followed by a property
+//! bag `/?name=value&...` (URL-encoded). Error topic filters: `error/[TENANT]/[DEVICE]/#`
+//! (or `e/...`); error messages go to `error/[TENANT]/[DEVICE]/ENDPOINT/CORRELATION/CODE`.
+
+use std::time::Duration;
+
+use crate::downstream::Endpoint;
+
+/// Property-bag key for the content type.
+pub const CONTENT_TYPE: &str = "content-type";
+/// Property-bag key for an event's time to live, in seconds.
+pub const HONO_TTL: &str = "hono-ttl";
+/// Property-bag key overriding how errors are handled.
+pub const ON_ERROR: &str = "on-error";
+/// Property-bag key for the correlation id used in error messages.
+pub const CORRELATION_ID: &str = "correlation-id";
+
+/// Why a topic does not name something this adapter serves.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappingError {
+    /// The first segment is not `telemetry`, `t`, `event` or `e`.
+    #[error("unknown endpoint in topic {0:?}")]
+    UnknownEndpoint(String),
+    /// Wrong number of segments, or an empty device id.
+    #[error("malformed topic {0:?}: expected ENDPOINT[/TENANT/DEVICE][/?PROPERTIES]")]
+    MalformedTopic(String),
+    /// A property bag that does not decode (bad `%` escape, not UTF-8).
+    #[error("malformed property bag: {0}")]
+    BadPropertyBag(String),
+    /// `hono-ttl` that is not a number of seconds.
+    #[error("hono-ttl must be a whole number of seconds, got {0:?}")]
+    BadTtl(String),
+    /// `on-error` with an unknown value.
+    #[error("unknown on-error value {0:?}")]
+    BadOnError(String),
+}
+
+/// The `on-error` property-bag parameter (Hono's error handling table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnError {
+    /// Disconnect, unless the device subscribed to the error topic (then: report and ack).
+    #[default]
+    Default,
+    /// Always disconnect (after reporting on the error topic, if subscribed).
+    Disconnect,
+    /// Acknowledge the publish anyway (after reporting on the error topic, if subscribed).
+    Ignore,
+    /// Do not acknowledge; keep the connection.
+    SkipAck,
+}
+
+/// The recognised parts of a property bag; the rest travels downstream as application
+/// properties.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PropertyBag {
+    pub content_type: Option<String>,
+    pub ttl: Option<Duration>,
+    pub on_error: OnError,
+    pub correlation_id: Option<String>,
+    pub other: Vec<(String, String)>,
+}
+
+/// What a publish topic asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishAddress {
+    pub endpoint: Endpoint,
+    /// `Some` only when the topic names one (`t/TENANT/D`); `t//D` leaves it to the session.
+    pub tenant: Option<String>,
+    /// `Some` for the gateway / unauthenticated forms.
+    pub device: Option<String>,
+    pub properties: PropertyBag,
+}
+
+/// Parses a publish topic.
+///
+/// # Errors
+/// [`MappingError`] when the topic is not one of Hono's telemetry/event topics.
+pub fn parse_publish_topic(topic: &str) -> Result<PublishAddress, MappingError> {
+    let (path, bag) = match topic.find("/?") {
+        Some(at) => (&topic[..at], Some(&topic[at + 2..])),
+        None => (topic, None),
+    };
+    let mut segments = path.split('/');
+    let endpoint = match segments.next().unwrap_or_default() {
+        "telemetry" | "t" => Endpoint::Telemetry,
+        "event" | "e" => Endpoint::Event,
+        _ => return Err(MappingError::UnknownEndpoint(topic.to_owned())),
+    };
+    let rest: Vec<&str> = segments.collect();
+    let (tenant, device) = match rest.as_slice() {
+        [] => (None, None),
+        [tenant, device] if !device.is_empty() => {
+            let tenant = (!tenant.is_empty()).then(|| (*tenant).to_owned());
+            (tenant, Some((*device).to_owned()))
+        }
+        _ => return Err(MappingError::MalformedTopic(topic.to_owned())),
+    };
+    let properties = match bag {
+        Some(bag) => parse_property_bag(bag)?,
+        None => PropertyBag::default(),
+    };
+    Ok(PublishAddress { endpoint, tenant, device, properties })
+}
+
+/// The property bag of any topic (also one that is otherwise invalid), so that `on-error`
+/// and `correlation-id` still apply to the error about it.
+pub fn property_bag_of(topic: &str) -> Option<PropertyBag> {
+    let at = topic.find("/?")?;
+    parse_property_bag(&topic[at + 2..]).ok()
+}
+
+/// The first topic segment, as the device spelled it (used in error topics).
+pub fn endpoint_segment(topic: &str) -> &str {
+    topic.split(['/', '?']).next().unwrap_or_default()
+}
+
+/// Parses `name=value&...` (URL-encoded; `+` is a space, as in HTML forms).
+///
+/// # Errors
+/// [`MappingError::BadPropertyBag`], [`MappingError::BadTtl`], [`MappingError::BadOnError`].
+pub fn parse_property_bag(bag: &str) -> Result<PropertyBag, MappingError> {
+    let mut out = PropertyBag::default();
+    for pair in bag.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = url_decode(name)?;
+        let value = url_decode(value)?;
+        match name.as_str() {
+            CONTENT_TYPE => out.content_type = Some(value).filter(|v| !v.is_empty()),
+            HONO_TTL => {
+                let secs = value.parse::<u64>().map_err(|_| MappingError::BadTtl(value.clone()))?;
+                out.ttl = Some(Duration::from_secs(secs));
+            }
+            ON_ERROR => {
+                out.on_error = match value.as_str() {
+                    "" | "default" => OnError::Default,
+                    "disconnect" => OnError::Disconnect,
+                    "ignore" => OnError::Ignore,
+                    "skip-ack" => OnError::SkipAck,
+                    _ => return Err(MappingError::BadOnError(value)),
+                }
+            }
+            CORRELATION_ID => out.correlation_id = Some(value),
+            _ => out.other.push((name, value)),
+        }
+    }
+    Ok(out)
+}
+
+/// Percent-decoding (`%41` → `A`, `+` → space) into UTF-8.
+pub fn url_decode(s: &str) -> Result<String, MappingError> {
+    let bad = || MappingError::BadPropertyBag(format!("cannot decode {s:?}"));
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
+
+/// Splits `auth-id@tenant` (Hono's username form); the tenant is after the last `@`.
+pub fn split_username(username: &str) -> Option<(&str, &str)> {
+    let (auth_id, tenant) = username.rsplit_once('@')?;
+    (!auth_id.is_empty() && !tenant.is_empty()).then_some((auth_id, tenant))
+}
+
+/// Which devices' errors a subscription asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceFilter {
+    /// `error///#` or `error/T//#`: the connected device itself.
+    Own,
+    /// `error//+/#`: every device the gateway publishes for (and itself).
+    Any,
+    /// `error//D/#`: one device.
+    One(String),
+}
+
+/// A parsed error topic filter (`error/[TENANT]/[DEVICE]/#`, short `e/...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorSubscription {
+    /// `error` or `e`, echoed in the error topic.
+    pub long: bool,
+    /// Tenant named in the filter (echoed in the error topic).
+    pub tenant: Option<String>,
+    pub device: DeviceFilter,
+}
+
+impl ErrorSubscription {
+    /// Whether an error for `device` (published by `own`) goes to this subscription.
+    pub fn matches(&self, device: &str, own: Option<&str>) -> bool {
+        match &self.device {
+            DeviceFilter::Own => own.is_none_or(|own| own == device),
+            DeviceFilter::Any => true,
+            DeviceFilter::One(d) => d == device,
+        }
+    }
+
+    /// The topic an error message for `device` is published to.
+    pub fn error_topic(&self, tenant: &str, device: &str, endpoint: &str, correlation_id: &str, code: u16) -> String {
+        let prefix = if self.long { "error" } else { "e" };
+        let tenant = if self.tenant.is_some() { tenant } else { "" };
+        let device = match self.device {
+            DeviceFilter::Own => "",
+            DeviceFilter::Any | DeviceFilter::One(_) => device,
+        };
+        format!("{prefix}/{tenant}/{device}/{endpoint}/{correlation_id}/{code}")
+    }
+}
+
+/// Parses a SUBSCRIBE topic filter; `None` if it is not an error topic filter.
+pub fn parse_error_filter(filter: &str) -> Option<ErrorSubscription> {
+    let segments: Vec<&str> = filter.split('/').collect();
+    let [prefix, tenant, device, "#"] = segments.as_slice() else { return None };
+    let long = match *prefix {
+        "error" => true,
+        "e" => false,
+        _ => return None,
+    };
+    if tenant.contains(['+', '#']) || device.contains('#') {
+        return None;
+    }
+    let device = match *device {
+        "" => DeviceFilter::Own,
+        "+" => DeviceFilter::Any,
+        d if d.contains('+') => return None,
+        d => DeviceFilter::One(d.to_owned()),
+    };
+    Some(ErrorSubscription { long, tenant: (!tenant.is_empty()).then(|| (*tenant).to_owned()), device })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(topic: &str) -> PublishAddress {
+        parse_publish_topic(topic).unwrap_or_else(|e| panic!("{topic}: {e}"))
+    }
+
+    #[test]
+    fn device_forms() {
+        for (topic, endpoint) in [("telemetry", Endpoint::Telemetry), ("t", Endpoint::Telemetry), ("event", Endpoint::Event), ("e", Endpoint::Event)] {
+            let a = parse(topic);
+            assert_eq!((a.endpoint, a.tenant, a.device), (endpoint, None, None), "{topic}");
+        }
+    }
+
+    #[test]
+    fn gateway_and_unauthenticated_forms() {
+        let a = parse("t//dev-1");
+        assert_eq!((a.tenant, a.device.as_deref()), (None, Some("dev-1")));
+        let a = parse("event/tenant-a/dev-2");
+        assert_eq!((a.endpoint, a.tenant.as_deref(), a.device.as_deref()), (Endpoint::Event, Some("tenant-a"), Some("dev-2")));
+    }
+
+    #[test]
+    fn property_bag() {
+        let a = parse("e/?content-type=application%2Fjson&hono-ttl=30&seq+no=7&correlation-id=abc&on-error=ignore");
+        assert_eq!(a.endpoint, Endpoint::Event);
+        let p = a.properties;
+        assert_eq!(p.content_type.as_deref(), Some("application/json"));
+        assert_eq!(p.ttl, Some(Duration::from_secs(30)));
+        assert_eq!(p.correlation_id.as_deref(), Some("abc"));
+        assert_eq!(p.on_error, OnError::Ignore);
+        assert_eq!(p.other, vec![("seq no".to_owned(), "7".to_owned())]);
+        let a = parse("t/t1/d1/?content-type=text%2Fplain");
+        assert_eq!((a.tenant.as_deref(), a.device.as_deref()), (Some("t1"), Some("d1")));
+        assert_eq!(a.properties.content_type.as_deref(), Some("text/plain"));
+    }
+
+    #[test]
+    fn bad_topics() {
+        assert!(matches!(parse_publish_topic("foo"), Err(MappingError::UnknownEndpoint(_))));
+        assert!(matches!(parse_publish_topic("telemetryx"), Err(MappingError::UnknownEndpoint(_))));
+        assert!(matches!(parse_publish_topic(""), Err(MappingError::UnknownEndpoint(_))));
+        for topic in ["t/", "t/a", "t/a/", "t//", "t/a/b/c", "e/a/b/c/?x=1"] {
+            assert!(matches!(parse_publish_topic(topic), Err(MappingError::MalformedTopic(_))), "{topic}");
+        }
+        assert!(matches!(parse_publish_topic("t/?hono-ttl=soon"), Err(MappingError::BadTtl(_))));
+        assert!(matches!(parse_publish_topic("t/?a=%zz"), Err(MappingError::BadPropertyBag(_))));
+        assert!(matches!(parse_publish_topic("t/?a=%e2%82"), Err(MappingError::BadPropertyBag(_))));
+        assert!(matches!(parse_publish_topic("t/?a=%4"), Err(MappingError::BadPropertyBag(_))));
+        assert!(matches!(parse_publish_topic("t/?on-error=shout"), Err(MappingError::BadOnError(_))));
+    }
+
+    #[test]
+    fn usernames() {
+        assert_eq!(split_username("sensor1@DEFAULT_TENANT"), Some(("sensor1", "DEFAULT_TENANT")));
+        assert_eq!(split_username("a@b@t1"), Some(("a@b", "t1")));
+        assert_eq!(split_username("sensor1"), None);
+        assert_eq!(split_username("@t1"), None);
+        assert_eq!(split_username("s@"), None);
+    }
+
+    #[test]
+    fn endpoint_segment_as_spelled() {
+        assert_eq!(endpoint_segment("t/?x=1"), "t");
+        assert_eq!(endpoint_segment("event//d"), "event");
+        assert_eq!(endpoint_segment("bogus"), "bogus");
+        let bag = property_bag_of("bogus/?on-error=disconnect&correlation-id=9").expect("bag");
+        assert_eq!((bag.on_error, bag.correlation_id.as_deref()), (OnError::Disconnect, Some("9")));
+        assert_eq!(property_bag_of("bogus"), None);
+    }
+
+    #[test]
+    fn error_filters() {
+        let s = parse_error_filter("error///#").expect("valid");
+        assert_eq!(s, ErrorSubscription { long: true, tenant: None, device: DeviceFilter::Own });
+        assert_eq!(s.error_topic("t1", "d1", "telemetry", "7", 503), "error///telemetry/7/503");
+        let s = parse_error_filter("e/t1/+/#").expect("valid");
+        assert_eq!(s.device, DeviceFilter::Any);
+        assert_eq!(s.error_topic("t1", "d9", "e", "-1", 403), "e/t1/d9/e/-1/403");
+        assert!(s.matches("d9", Some("gw")));
+        let s = parse_error_filter("error//d2/#").expect("valid");
+        assert!(s.matches("d2", Some("gw")) && !s.matches("d3", Some("gw")));
+        let own = parse_error_filter("e///#").expect("valid");
+        assert!(own.matches("d1", Some("d1")) && !own.matches("d2", Some("d1")));
+        for bad in ["error/#", "error///", "err///#", "error/+//#", "error//a+/#", "command///req/#"] {
+            assert_eq!(parse_error_filter(bad), None, "{bad}");
+        }
+    }
+}

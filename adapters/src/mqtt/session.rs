@@ -1,0 +1,176 @@
+//! Per-connection protocol state: who is connected, over which MQTT version, and whether
+//! publish errors are reported on the error topic instead of closing the connection.
+//!
+//! A session lives on one ntex worker thread (ntex sessions are `Rc`-based), so plain
+//! `RefCell`s are enough.
+
+use std::cell::RefCell;
+
+use crate::device::DeviceIdentity;
+
+use super::mapping::{ErrorSubscription, PublishAddress};
+
+/// The MQTT protocol version of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V3_1_1,
+    V5,
+}
+
+/// Who is on the other end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// Authenticated by username/password.
+    Device(DeviceIdentity),
+    /// Connected without credentials (only where the adapter allows it); every publish
+    /// must name tenant and device.
+    Anonymous,
+}
+
+/// Whom a publish is for, once the topic has been checked against the principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The authenticated device itself.
+    Own { tenant: String, device: String },
+    /// A device the authenticated gateway publishes for (`via` still to be checked).
+    ViaGateway { tenant: String, device: String, gateway: String },
+    /// An unauthenticated device (tenant's `allows_unauthenticated` still to be checked).
+    Unauthenticated { tenant: String, device: String },
+}
+
+impl Target {
+    pub fn tenant(&self) -> &str {
+        match self {
+            Target::Own { tenant, .. } | Target::ViaGateway { tenant, .. } | Target::Unauthenticated { tenant, .. } => tenant,
+        }
+    }
+
+    pub fn device(&self) -> &str {
+        match self {
+            Target::Own { device, .. } | Target::ViaGateway { device, .. } | Target::Unauthenticated { device, .. } => device,
+        }
+    }
+}
+
+/// Why the topic's tenant/device cannot be used by this principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetError {
+    /// The topic names a tenant other than the authenticated one.
+    TenantMismatch,
+    /// An unauthenticated connection used a topic without tenant and device.
+    IdentityRequired,
+}
+
+/// One connection's state.
+#[derive(Debug)]
+pub struct Session {
+    pub principal: Principal,
+    pub version: Version,
+    pub client_id: String,
+    error_subscription: RefCell<Option<ErrorSubscription>>,
+}
+
+impl Session {
+    pub fn new(principal: Principal, version: Version, client_id: String) -> Self {
+        Self { principal, version, client_id, error_subscription: RefCell::new(None) }
+    }
+
+    pub fn identity(&self) -> Option<&DeviceIdentity> {
+        match &self.principal {
+            Principal::Device(identity) => Some(identity),
+            Principal::Anonymous => None,
+        }
+    }
+
+    /// Decides for whom a publish to `address` is (pure; the registry checks follow).
+    pub fn target(&self, address: &PublishAddress) -> Result<Target, TargetError> {
+        match (&self.principal, &address.device) {
+            (Principal::Device(id), None) => Ok(Target::Own { tenant: id.tenant.clone(), device: id.device_id.clone() }),
+            (Principal::Device(id), Some(device)) => {
+                if address.tenant.as_ref().is_some_and(|t| *t != id.tenant) {
+                    return Err(TargetError::TenantMismatch);
+                }
+                if *device == id.device_id {
+                    Ok(Target::Own { tenant: id.tenant.clone(), device: device.clone() })
+                } else {
+                    Ok(Target::ViaGateway { tenant: id.tenant.clone(), device: device.clone(), gateway: id.device_id.clone() })
+                }
+            }
+            (Principal::Anonymous, Some(device)) => match &address.tenant {
+                Some(tenant) => Ok(Target::Unauthenticated { tenant: tenant.clone(), device: device.clone() }),
+                None => Err(TargetError::IdentityRequired),
+            },
+            (Principal::Anonymous, None) => Err(TargetError::IdentityRequired),
+        }
+    }
+
+    /// Records an error-topic subscription (replacing an earlier one).
+    pub fn subscribe_errors(&self, subscription: ErrorSubscription) {
+        *self.error_subscription.borrow_mut() = Some(subscription);
+    }
+
+    /// Removes the error-topic subscription if `filter` names it.
+    pub fn unsubscribe_errors(&self, filter: &str) {
+        let mut current = self.error_subscription.borrow_mut();
+        if super::mapping::parse_error_filter(filter).is_some_and(|s| current.as_ref() == Some(&s)) {
+            *current = None;
+        }
+    }
+
+    /// The error topic for a failed publish for `device`, if the device asked for one.
+    pub fn error_topic(&self, tenant: &str, device: &str, endpoint: &str, correlation_id: &str, code: u16) -> Option<String> {
+        let own = self.identity().map(|id| id.device_id.as_str());
+        let subscription = self.error_subscription.borrow();
+        let subscription = subscription.as_ref().filter(|s| s.matches(device, own))?;
+        Some(subscription.error_topic(tenant, device, endpoint, correlation_id, code))
+    }
+
+    /// Whether an error subscription exists at all.
+    pub fn reports_errors(&self) -> bool {
+        self.error_subscription.borrow().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mapping::{parse_error_filter, parse_publish_topic};
+    use super::*;
+
+    fn device(tenant: &str, id: &str) -> Session {
+        let identity = DeviceIdentity { tenant: tenant.into(), device_id: id.into(), auth_id: id.into() };
+        Session::new(Principal::Device(identity), Version::V3_1_1, "client".into())
+    }
+
+    fn target(session: &Session, topic: &str) -> Result<Target, TargetError> {
+        session.target(&parse_publish_topic(topic).expect("valid topic"))
+    }
+
+    #[test]
+    fn targets() {
+        let s = device("t1", "gw");
+        assert_eq!(target(&s, "t"), Ok(Target::Own { tenant: "t1".into(), device: "gw".into() }));
+        assert_eq!(target(&s, "t//gw"), Ok(Target::Own { tenant: "t1".into(), device: "gw".into() }));
+        assert_eq!(
+            target(&s, "e/t1/d2"),
+            Ok(Target::ViaGateway { tenant: "t1".into(), device: "d2".into(), gateway: "gw".into() })
+        );
+        assert_eq!(target(&s, "t/t2/d2"), Err(TargetError::TenantMismatch));
+        let anon = Session::new(Principal::Anonymous, Version::V5, "c".into());
+        assert_eq!(target(&anon, "t"), Err(TargetError::IdentityRequired));
+        assert_eq!(target(&anon, "t//d"), Err(TargetError::IdentityRequired));
+        assert_eq!(target(&anon, "t/t1/d"), Ok(Target::Unauthenticated { tenant: "t1".into(), device: "d".into() }));
+    }
+
+    #[test]
+    fn error_subscription_lifecycle() {
+        let s = device("t1", "d1");
+        assert!(!s.reports_errors());
+        assert_eq!(s.error_topic("t1", "d1", "t", "-1", 503), None);
+        s.subscribe_errors(parse_error_filter("error///#").expect("valid"));
+        assert_eq!(s.error_topic("t1", "d1", "t", "-1", 503).as_deref(), Some("error///t/-1/503"));
+        s.unsubscribe_errors("e///#");
+        assert!(s.reports_errors(), "a different filter does not remove it");
+        s.unsubscribe_errors("error///#");
+        assert!(!s.reports_errors());
+    }
+}

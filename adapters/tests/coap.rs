@@ -1,0 +1,493 @@
+//! The CoAP adapter driven by libcoap's clients (coap-client-notls over plain UDP,
+//! coap-client-openssl over DTLS-PSK; Debian package libcoap3-bin) and, for what no
+//! well-behaved client sends, by a raw UDP socket. What reaches the messaging core is
+//! observed through its in-process consumer API.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
+
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use fe2o3_amqp::types::primitives::SimpleValue;
+use ferrule_adapters::coap::{CoapAdapter, CoapConfig};
+use ferrule_adapters::Downstream;
+use ferrule_messaging::{Broker, Consumer, Outcome, SubscribeOptions};
+use support::MemoryRegistry;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+struct Setup {
+    udp: SocketAddr,
+    dtls: SocketAddr,
+    broker: Broker,
+    downstream: Downstream,
+    registry: MemoryRegistry,
+    _shutdown: tokio_util::sync::DropGuard,
+}
+
+async fn start() -> Setup {
+    start_with(CoapConfig { max_payload: 64, ..Default::default() }).await
+}
+
+/// Starts the adapter on ephemeral ports with `config` (its addresses replaced), with
+/// unauthenticated access allowed by the adapter (tenants still decide).
+async fn start_with(config: CoapConfig) -> Setup {
+    let registry = MemoryRegistry::new().tenant("t1").tenant("t2").device("t2", "d9", "");
+    let registry = registry
+        .device("t1", "d1", "")
+        .device("t1", "gw", "")
+        .device_via("t1", "child", "", &["gw"])
+        .psk("t1", "sensor1", "d1", b"secret1")
+        .psk("t1", "gw1", "gw", b"gwsecret")
+        .psk("t2", "d9", "d9", b"secret9");
+    let broker = Broker::in_memory(&Default::default());
+    let downstream = Downstream::new(broker.clone());
+    let config = CoapConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        listen_dtls: "127.0.0.1:0".parse().unwrap(),
+        allow_unauthenticated: true,
+        ..config
+    };
+    let adapter = CoapAdapter::bind(config, downstream.clone(), Arc::new(registry.clone())).await.unwrap();
+    let (udp, dtls) = (adapter.local_addr(), adapter.local_dtls_addr());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(adapter.run(shutdown.clone()));
+    Setup { udp, dtls, broker, downstream, registry, _shutdown: shutdown.drop_guard() }
+}
+
+/// What a libcoap client reported.
+#[derive(Debug)]
+struct Answer {
+    /// The response code, `2.04` when the client reported success and nothing else.
+    code: String,
+    output: String,
+}
+
+/// Runs a libcoap client; libcoap prints error responses as `N.NN diagnostic`.
+async fn client(program: &'static str, args: Vec<String>) -> Answer {
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(program).args(["-B", "8"]).args(&args).output().expect("libcoap3-bin is installed")
+    })
+    .await
+    .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let code = text
+        .lines()
+        .find_map(|line| {
+            let code = line.trim().get(..4)?;
+            let b = code.as_bytes();
+            (b[0].is_ascii_digit() && b[1] == b'.' && b[2].is_ascii_digit() && b[3].is_ascii_digit())
+                .then(|| code.to_owned())
+        })
+        .unwrap_or_else(
+            || if output.status.success() && text.trim().is_empty() { "2.04".into() } else { "none".into() },
+        );
+    Answer { code, output: text }
+}
+
+/// `coap-client-notls` (plain UDP) with `args`, on `path` (may carry `?query`).
+async fn udp(s: &Setup, args: &[&str], path: &str) -> Answer {
+    udp_to(s.udp, args, path).await
+}
+
+async fn udp_to(addr: SocketAddr, args: &[&str], path: &str) -> Answer {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    all.push(format!("coap://{addr}{path}"));
+    client("coap-client-notls", all).await
+}
+
+/// `coap-client-openssl` over DTLS with PSK identity `identity` and `key`.
+async fn dtls(s: &Setup, identity: &str, key: &str, args: &[&str], path: &str) -> Answer {
+    dtls_to(s.dtls, identity, key, args, path).await
+}
+
+async fn dtls_to(addr: SocketAddr, identity: &str, key: &str, args: &[&str], path: &str) -> Answer {
+    let mut all: Vec<String> = vec!["-u".into(), identity.into(), "-k".into(), key.into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.push(format!("coaps://{addr}{path}"));
+    client("coap-client-openssl", all).await
+}
+
+async fn next(consumer: &mut Consumer) -> ferrule_messaging::Delivery {
+    tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await.expect("in time").expect("open")
+}
+
+fn app_property(d: &ferrule_messaging::Delivery, key: &str) -> Option<SimpleValue> {
+    d.message().application_properties.as_ref()?.0.get(key).cloned()
+}
+
+fn string(s: &str) -> Option<SimpleValue> {
+    Some(SimpleValue::String(s.into()))
+}
+
+fn raw_request(kind: MessageType, message_id: u16, method: RequestType, path: &[&str], payload: &[u8]) -> Vec<u8> {
+    let mut p = Packet::new();
+    p.header.set_type(kind);
+    p.header.code = MessageClass::Request(method);
+    p.header.message_id = message_id;
+    p.set_token(vec![0xca, 0xfe]);
+    for segment in path {
+        p.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+    }
+    p.add_option(CoapOption::ContentFormat, vec![]); // text/plain
+    p.payload = payload.to_vec();
+    p.to_bytes().unwrap()
+}
+
+/// Sends `datagram` from `socket` and waits briefly for one answer.
+async fn raw_exchange(socket: &UdpSocket, to: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
+    socket.send_to(datagram, to).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let received = tokio::time::timeout(Duration::from_secs(3), socket.recv_from(&mut buf)).await.ok()?;
+    let (n, _) = received.unwrap();
+    Some(buf[..n].to_vec())
+}
+
+const CON: &[&str] = &["-m", "post"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtls_telemetry_con_is_acknowledged_only_after_the_consumer_accepted() {
+    let s = start().await;
+    let mut consumer = s.broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    let request = tokio::spawn({
+        let s = (s.udp, s.dtls);
+        async move {
+            dtls_to(s.1, "sensor1@t1", "secret1", &["-m", "post", "-t", "50", "-e", "{\"temp\":5}"], "/telemetry").await
+        }
+    });
+    let delivery = next(&mut consumer).await;
+    assert!(!request.is_finished(), "no answer before the application accepted");
+    assert_eq!(app_property(&delivery, "device_id"), string("d1"));
+    assert_eq!(app_property(&delivery, "orig_adapter"), string("hono-coap"));
+    assert_eq!(app_property(&delivery, "orig_address"), string("/telemetry"));
+    assert_eq!(app_property(&delivery, "qos"), Some(SimpleValue::Int(1)));
+    let props = delivery.message().properties.clone().unwrap();
+    assert_eq!(props.content_type.unwrap().as_str(), "application/json");
+    assert_eq!(props.to.as_deref(), Some("telemetry/t1"));
+    let annotations = delivery.message().message_annotations.clone().unwrap();
+    assert_eq!(annotations.0.len(), 2, "tenant_id and device_id");
+    delivery.settle(Outcome::Accepted);
+    let answer = request.await.unwrap();
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtls_telemetry_non_is_at_most_once() {
+    let s = start().await;
+    let mut consumer = s.broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-N", "-m", "post", "-e", "21.5"], "/t").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+    let delivery = next(&mut consumer).await;
+    assert!(delivery.is_presettled());
+    assert_eq!(app_property(&delivery, "qos"), Some(SimpleValue::Int(0)));
+    assert_eq!(app_property(&delivery, "orig_address"), string("/t"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtls_events_are_stored_until_a_consumer_comes() {
+    let s = start().await;
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "door open"], "/e?hono-ttl=60").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+    let mut consumer = s.broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(1);
+    let d = next(&mut consumer).await;
+    let header = d.message().header.clone().unwrap();
+    assert!(header.durable);
+    assert_eq!(header.ttl, Some(60_000));
+    assert_eq!(app_property(&d, "orig_address"), string("/e"));
+    assert_eq!(app_property(&d, "device_id"), string("d1"));
+    d.settle(Outcome::Accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_unauthenticated_devices_only_where_the_tenant_allows() {
+    let s = start().await;
+    let put = &["-m", "put", "-e", "x"];
+    assert_eq!(udp(&s, put, "/telemetry/t1/d1").await.code, "4.01", "tenant does not allow it");
+    assert_eq!(udp(&s, CON, "/telemetry").await.code, "4.01", "POST needs DTLS");
+    s.registry.set_allow_unauthenticated("t1", true);
+    let mut consumer = s.broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    let request = tokio::spawn({
+        let addr = s.udp;
+        async move { udp_to(addr, &["-m", "put", "-e", "x"], "/telemetry/t1/d1").await }
+    });
+    let d = next(&mut consumer).await;
+    assert_eq!(app_property(&d, "device_id"), string("d1"));
+    assert_eq!(app_property(&d, "orig_address"), string("/telemetry/t1/d1"));
+    d.settle(Outcome::Accepted);
+    assert_eq!(request.await.unwrap().code, "2.04");
+    // NON over plain UDP.
+    let answer = udp(&s, &["-N", "-m", "put", "-e", "y"], "/t/t1/d1").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+    assert_eq!(app_property(&next(&mut consumer).await, "qos"), Some(SimpleValue::Int(0)));
+    assert_eq!(udp(&s, put, "/t/t1/ghost").await.code, "4.04", "unknown device");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn con_without_consumer_is_503_and_non_is_dropped_and_counted() {
+    let s = start().await;
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "x"], "/t").await;
+    assert_eq!(answer.code, "5.03", "{answer:?}");
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-N", "-m", "post", "-e", "x"], "/t").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+    assert_eq!(s.downstream.stats.dropped.load(Ordering::Relaxed), 1);
+    // The 5.03 carries Max-Age, the time to wait before retrying.
+    s.registry.set_allow_unauthenticated("t1", true);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let request = raw_request(MessageType::Confirmable, 7, RequestType::Put, &["t", "t1", "d1"], b"x");
+    let response = Packet::from_bytes(&raw_exchange(&socket, s.udp, &request).await.expect("an answer")).unwrap();
+    assert_eq!(response.header.code, MessageClass::Response(ResponseType::ServiceUnavailable));
+    assert_eq!(response.get_first_option(CoapOption::MaxAge), Some(&vec![1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_psk_fails_the_handshake() {
+    let s = start().await;
+    let answer = dtls(&s, "sensor1@t1", "not-the-key", CON, "/t").await;
+    assert_eq!(answer.code, "none", "{answer:?}");
+    assert!(answer.output.contains("alert"), "the client reports the failed handshake: {answer:?}");
+    let answer = dtls(&s, "nobody@t1", "secret1", CON, "/t").await;
+    assert!(answer.output.contains("alert"), "unknown auth-id: {answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_tenant_is_refused() {
+    let s = start().await;
+    let answer = dtls(&s, "sensor1@nope", "secret1", CON, "/t").await;
+    assert!(answer.output.contains("alert"), "DTLS: {answer:?}");
+    assert_eq!(udp(&s, &["-m", "put", "-e", "x"], "/t/nope/d1").await.code, "4.01", "plain UDP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_device_is_forbidden() {
+    let s = start().await;
+    s.registry.set_allow_unauthenticated("t1", true);
+    s.registry.set_device_enabled("t1", "d1", false);
+    assert_eq!(udp(&s, &["-m", "put", "-e", "x"], "/t/t1/d1").await.code, "4.03");
+    s.registry.set_device_enabled("t1", "child", false);
+    let answer = dtls(&s, "gw1@t1", "gwsecret", &["-m", "put", "-e", "x"], "/t/t1/child").await;
+    assert_eq!(answer.code, "4.03", "gateway for a disabled device: {answer:?}");
+    // A disabled tenant: its devices' PSKs are refused, and it lets nobody in unauthenticated
+    // (4.01, as for a tenant that does not allow it: no hint whether its devices exist).
+    s.registry.set_tenant_enabled("t1", false);
+    let answer = dtls(&s, "gw1@t1", "gwsecret", &["-m", "put", "-e", "x"], "/t/t1/gw").await;
+    assert!(answer.output.contains("alert"), "DTLS: {answer:?}");
+    assert_eq!(udp(&s, &["-m", "put", "-e", "x"], "/t/t1/gw").await.code, "4.01");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_publishes_only_for_devices_that_list_it() {
+    let s = start().await;
+    let mut consumer = s.broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    let request = tokio::spawn({
+        let addr = s.dtls;
+        async move { dtls_to(addr, "gw1@t1", "gwsecret", &["-m", "put", "-e", "x"], "/t/t1/child").await }
+    });
+    let d = next(&mut consumer).await;
+    assert_eq!(app_property(&d, "device_id"), string("child"));
+    d.settle(Outcome::Accepted);
+    assert_eq!(request.await.unwrap().code, "2.04");
+    let answer = dtls(&s, "gw1@t1", "gwsecret", &["-m", "put", "-e", "x"], "/t/t1/d1").await;
+    assert_eq!(answer.code, "4.03", "d1 does not list gw in via: {answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_tenant_in_uri_is_forbidden() {
+    let s = start().await;
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "put", "-e", "x"], "/t/t2/d9").await;
+    assert_eq!(answer.code, "4.03", "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_event_is_a_bad_request() {
+    let s = start().await;
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-N", "-m", "post", "-e", "x"], "/event").await;
+    assert_eq!(answer.code, "4.00", "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_uri_is_not_found() {
+    let s = start().await;
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "x"], "/nothing").await;
+    assert_eq!(answer.code, "4.04", "{answer:?}");
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "get"], "/telemetry").await;
+    assert_eq!(answer.code, "4.05", "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payload_over_the_max_is_too_large() {
+    let s = start().await;
+    let big = "x".repeat(65);
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", &big], "/e").await;
+    assert_eq!(answer.code, "4.13", "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_payload_needs_a_content_format() {
+    let s = start().await;
+    let answer = dtls(&s, "sensor1@t1", "secret1", CON, "/e").await;
+    assert_eq!(answer.code, "4.00", "{answer:?}");
+    // With a content format, or marked as Hono's empty notification, it is fine.
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-t", "0"], "/e").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+    let answer = dtls(&s, "sensor1@t1", "secret1", CON, "/e?empty").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+    let mut consumer = s.broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(2);
+    let first = next(&mut consumer).await;
+    assert_eq!(first.message().properties.clone().unwrap().content_type.unwrap().as_str(), "text/plain;charset=utf-8");
+    first.settle(Outcome::Accepted);
+    let second = next(&mut consumer).await;
+    let content_type = second.message().properties.clone().unwrap().content_type.unwrap();
+    assert_eq!(content_type.as_str(), "application/vnd.eclipse-hono-empty-notification");
+    second.settle(Outcome::Accepted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_datagram_gets_a_reset_and_the_adapter_keeps_serving() {
+    let s = start().await;
+    s.registry.set_allow_unauthenticated("t1", true);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // CON, message id 0x1234, then an option byte with the reserved length nibble 15.
+    let reset = raw_exchange(&socket, s.udp, &[0x40, 0x02, 0x12, 0x34, 0xbf]).await;
+    assert_eq!(reset.as_deref(), Some(&[0x70, 0x00, 0x12, 0x34][..]), "RST with the same message id");
+    // Not CoAP at all: silently dropped.
+    assert_eq!(raw_exchange(&socket, s.udp, &[0xff, 0x00]).await, None);
+    // Other devices (and this one) keep flowing.
+    let answer = udp(&s, &["-m", "put", "-t", "0", "-e", "x"], "/e/t1/d1").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "x"], "/e").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_con_is_sent_downstream_once_and_answered_alike() {
+    let s = start().await;
+    s.registry.set_allow_unauthenticated("t1", true);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let request = raw_request(MessageType::Confirmable, 0x4242, RequestType::Put, &["e", "t1", "d1"], b"once");
+    let first = raw_exchange(&socket, s.udp, &request).await.expect("an answer");
+    let second = raw_exchange(&socket, s.udp, &request).await.expect("the same answer");
+    assert_eq!(first, second);
+    let response = Packet::from_bytes(&first).unwrap();
+    assert_eq!(response.header.get_type(), MessageType::Acknowledgement);
+    assert_eq!(response.header.message_id, 0x4242);
+    assert_eq!(response.get_token(), &[0xca, 0xfe]);
+    assert_eq!(response.header.code, MessageClass::Response(ResponseType::Changed));
+    let mut consumer = s.broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    next(&mut consumer).await.settle(Outcome::Accepted);
+    let deadline = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < deadline {
+        assert!(consumer.try_recv().is_err(), "exactly one message downstream");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_request_gets_a_non_response_with_its_own_message_id() {
+    let s = start().await;
+    s.registry.set_allow_unauthenticated("t1", true);
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let request = raw_request(MessageType::NonConfirmable, 0x0101, RequestType::Put, &["t", "t1", "d1"], b"x");
+    let response = Packet::from_bytes(&raw_exchange(&socket, s.udp, &request).await.expect("an answer")).unwrap();
+    assert_eq!(response.header.get_type(), MessageType::NonConfirmable);
+    assert_ne!(response.header.message_id, 0x0101, "RFC 7252 §4.3: a NON carries its own message id");
+    assert_eq!(response.get_token(), &[0xca, 0xfe]);
+    assert_eq!(response.header.code, MessageClass::Response(ResponseType::Changed));
+    assert_eq!(s.downstream.stats.dropped.load(Ordering::Relaxed), 1, "nobody consumed it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_starting_over_from_the_same_port_gets_a_new_session() {
+    let s = start().await;
+    let mut consumer = s.broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    let port = UdpSocket::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port().to_string();
+    // A device whose session is established and busy, then dies without a close_notify.
+    let mut first = Command::new("coap-client-openssl")
+        .args(["-B", "8", "-p", &port, "-u", "sensor1@t1", "-k", "secret1", "-m", "post", "-e", "1"])
+        .arg(format!("coaps://{}/t", s.dtls))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("libcoap3-bin is installed");
+    let delivery = next(&mut consumer).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    delivery.settle(Outcome::Accepted);
+    // It comes back from the same address with a new handshake.
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-p", &port, "-m", "post", "-t", "0", "-e", "2"], "/e").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_wise_bodies_are_put_together() {
+    // libcoap sends anything over 1 KiB in Block1 blocks of 1 KiB.
+    let s = start_with(CoapConfig { max_payload: 2048, ..Default::default() }).await;
+    s.registry.set_allow_unauthenticated("t1", true);
+    let body = "0123456789".repeat(150);
+    let answer = udp(&s, &["-m", "put", "-t", "42", "-e", &body], "/e/t1/d1").await;
+    assert_eq!(answer.code, "2.04", "plain UDP: {answer:?}");
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-t", "42", "-e", &body], "/e").await;
+    assert_eq!(answer.code, "2.04", "DTLS: {answer:?}");
+    let too_big = "x".repeat(3000);
+    let answer = udp(&s, &["-m", "put", "-t", "42", "-e", &too_big], "/e/t1/d1").await;
+    assert_eq!(answer.code, "4.13", "{answer:?}");
+    let mut consumer = s.broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    for _ in 0..2 {
+        let mut d = next(&mut consumer).await;
+        let message = d.take_message();
+        let content_type = message.properties.clone().unwrap().content_type.unwrap();
+        assert_eq!(content_type.as_str(), "application/octet-stream");
+        let data = match message.body {
+            fe2o3_amqp::types::messaging::Body::Data(data) => {
+                data.into_iter().flat_map(|d| d.0.into_vec()).collect::<Vec<u8>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(data, body.as_bytes());
+        d.settle(Outcome::Accepted);
+    }
+    assert!(consumer.try_recv().is_err(), "the oversized body never went downstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_bounded_and_retransmissions_wait_for_the_first_answer() {
+    let s = start_with(CoapConfig { max_in_flight: 1, max_payload: 64, ..Default::default() }).await;
+    s.registry.set_allow_unauthenticated("t1", true);
+    let mut consumer = s.broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let request = raw_request(MessageType::Confirmable, 0x0a0a, RequestType::Put, &["t", "t1", "d1"], b"slow");
+    device.send_to(&request, s.udp).await.unwrap();
+    let delivery = next(&mut consumer).await; // held: the request stays in flight
+                                              // A retransmission while it is processed is not processed again, nor answered yet.
+    assert_eq!(raw_exchange(&device, s.udp, &request).await, None);
+    // Another device finds the adapter full: 5.03 at once, nothing downstream.
+    let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let busy = raw_request(MessageType::Confirmable, 1, RequestType::Put, &["t", "t1", "d1"], b"x");
+    let answer = Packet::from_bytes(&raw_exchange(&other, s.udp, &busy).await.expect("an answer")).unwrap();
+    assert_eq!(answer.header.code, MessageClass::Response(ResponseType::ServiceUnavailable));
+    assert!(consumer.try_recv().is_err());
+    // The application accepts: the first request gets its 2.04, and a late retransmission
+    // the very same answer.
+    delivery.settle(Outcome::Accepted);
+    let mut buf = vec![0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), device.recv_from(&mut buf)).await.unwrap().unwrap();
+    let first = buf[..n].to_vec();
+    let answer = Packet::from_bytes(&first).unwrap();
+    assert_eq!(answer.header.code, MessageClass::Response(ResponseType::Changed));
+    assert_eq!(raw_exchange(&device, s.udp, &request).await, Some(first));
+    assert!(consumer.try_recv().is_err(), "exactly one message downstream");
+}

@@ -1,0 +1,22 @@
+//! Ferrule's command & control: commands from applications (`command/TENANT`, Hono's
+//! format) to the adapter session that holds the device's command subscription, and the
+//! device's responses back to `command_response/TENANT/REPLY-ID`.
+//!
+//! The [`CommandRouter`] takes over `command/` in the messaging core
+//! ([`ferrule_messaging::AddressHandler`]). Adapters register a [`CommandSink`] per
+//! subscription (MQTT subscribe, HTTP/CoAP `hono-ttd` poll); the command's outcome is the
+//! sink's (accepted once the device has it, released if it is not connected or did not
+//! acknowledge). Request ids ([`RequestId`]) carry the reply address and correlation id,
+//! so any adapter instance can route a response without shared state. Commands for an
+//! offline device with `x-ferrule-defer-ttl` wait in a durable per-device queue.
+
+mod command;
+mod request_id;
+mod router;
+
+pub use command::{Command, CommandError, DEFER_TTL_PROPERTY};
+pub use request_id::{RequestId, RequestIdError};
+pub use router::{
+    BoxFuture, CommandRouter, CommandSink, Notify, RespondError, Response, Subscription, Target, ViaCheck,
+    DEFERRED_PREFIX,
+};

@@ -1,0 +1,379 @@
+//! The command router: which adapter session holds each device's command subscription,
+//! and the path of a command from `command/TENANT` to it (or into the deferred queue),
+//! and of the device's response back to `command_response/TENANT/REPLY-ID`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use bytes::Bytes;
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Header, MessageAnnotations, Properties};
+use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Timestamp, Value};
+use ferrule_messaging::address::tenant_of;
+use ferrule_messaging::message::{condition, data_message, now_millis};
+use ferrule_messaging::{AddressHandler, Broker, Message, Outcome, SubscribeOptions, Submission};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::command::{correlation_of, parse, Command, CommandError};
+
+/// A boxed future (object-safe traits).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Where an adapter session takes commands for its device(s).
+pub trait CommandSink: Send + Sync + 'static {
+    /// Sends the command to the device. `Accepted` once delivered (for MQTT QoS 1 after
+    /// the device's PUBACK), `Released` if the device is gone or did not acknowledge in
+    /// time.
+    fn deliver(&self, command: Command) -> BoxFuture<Outcome>;
+}
+
+/// Whether a gateway may act for a device (the device lists it in `via`).
+pub trait ViaCheck: Send + Sync + 'static {
+    fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> BoxFuture<bool>;
+}
+
+/// Whose commands a subscription receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One device: the subscriber itself, or a device a gateway subscribed for.
+    Device(String),
+    /// Every device that lists this gateway in `via` (MQTT `c//+/q/#`).
+    AllDevicesOf { gateway: String },
+}
+
+/// Who subscribed, for the `ttd` notification sent on subscribe and unsubscribe.
+#[derive(Debug, Clone)]
+pub struct Notify {
+    /// `hono-mqtt`, `hono-http`, `hono-coap`.
+    pub adapter: &'static str,
+    /// `ttd` announced on subscribe: -1 (until unsubscribed) or seconds (HTTP/CoAP polls).
+    pub ttd: i32,
+}
+
+/// Why a response was not delivered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RespondError {
+    #[error("{0}")]
+    BadRequestId(#[from] CommandError),
+    #[error("no application is waiting for the response")]
+    NoConsumer,
+    #[error("response refused: {0}")]
+    Refused(String),
+}
+
+/// A device's answer to a request/response command.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub tenant: String,
+    pub device_id: String,
+    pub request_id: String,
+    pub status: u16,
+    pub payload: Bytes,
+    pub content_type: Option<String>,
+}
+
+struct Entry {
+    id: u64,
+    sink: Arc<dyn CommandSink>,
+}
+
+#[derive(Default)]
+struct Subscriptions {
+    /// (tenant, device) → sessions, the most recent last (it wins).
+    devices: HashMap<(String, String), Vec<Entry>>,
+    /// tenant → (gateway, session) subscribed for all their devices.
+    gateways: HashMap<String, Vec<(String, Entry)>>,
+}
+
+struct Inner {
+    broker: Broker,
+    via: Arc<dyn ViaCheck>,
+    subscriptions: Mutex<Subscriptions>,
+    next_id: AtomicU64,
+    this: Weak<Inner>,
+}
+
+/// Routes commands; register it with [`CommandRouter::install`]. Cheap to clone.
+#[derive(Clone)]
+pub struct CommandRouter {
+    inner: Arc<Inner>,
+}
+
+/// Prefix of the per-device queues that hold deferred commands.
+pub const DEFERRED_PREFIX: &str = "command_deferred";
+
+impl CommandRouter {
+    pub fn new(broker: Broker, via: Arc<dyn ViaCheck>) -> Self {
+        let inner = Arc::new_cyclic(|this| Inner {
+            broker,
+            via,
+            subscriptions: Mutex::new(Subscriptions::default()),
+            next_id: AtomicU64::new(1),
+            this: this.clone(),
+        });
+        CommandRouter { inner }
+    }
+
+    /// Takes over `command/...` in the messaging core.
+    pub fn install(&self) {
+        self.inner.broker.register_handler("command/", Arc::new(self.clone()));
+    }
+
+    /// Registers a session's command subscription; it lasts until the returned value is
+    /// dropped. Deferred commands for a device target are delivered now.
+    pub fn subscribe(&self, tenant: &str, target: Target, sink: Arc<dyn CommandSink>, notify: Notify) -> Subscription {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry { id, sink: sink.clone() };
+        let notified_device = {
+            let mut subs = self.inner.subscriptions.lock().expect("poisoned");
+            match &target {
+                Target::Device(device) => {
+                    subs.devices.entry((tenant.to_owned(), device.clone())).or_default().push(entry);
+                    device.clone()
+                }
+                Target::AllDevicesOf { gateway } => {
+                    subs.gateways.entry(tenant.to_owned()).or_default().push((gateway.clone(), entry));
+                    gateway.clone()
+                }
+            }
+        };
+        self.inner.notify(tenant, &notified_device, notify.adapter, notify.ttd);
+        let cancel = CancellationToken::new();
+        if let Target::Device(device) = &target {
+            tokio::spawn(drain_deferred(self.inner.broker.clone(), tenant.to_owned(), device.clone(), sink, cancel.clone()));
+        }
+        Subscription {
+            router: Arc::downgrade(&self.inner),
+            id,
+            tenant: tenant.to_owned(),
+            target,
+            notify,
+            notified_device,
+            cancel,
+        }
+    }
+
+    /// Sends a device's response to the application that asked.
+    pub async fn respond(&self, response: Response) -> Result<(), RespondError> {
+        let (correlation_id, reply_id) = correlation_of(&response.request_id)?;
+        let address = format!("command_response/{}/{}", response.tenant, reply_id);
+        let mut message = data_message(response.payload.to_vec());
+        message.properties = Some(Properties {
+            to: Some(address.clone()),
+            correlation_id: Some(correlation_id),
+            content_type: response.content_type.as_deref().map(Symbol::from),
+            creation_time: Some(Timestamp::from_milliseconds(now_millis() as i64)),
+            ..Default::default()
+        });
+        let mut app = OrderedMap::new();
+        app.insert("status".to_owned(), SimpleValue::Int(response.status as i32));
+        app.insert("device_id".to_owned(), SimpleValue::String(response.device_id.clone()));
+        app.insert("tenant_id".to_owned(), SimpleValue::String(response.tenant.clone()));
+        message.application_properties = Some(ApplicationProperties(app));
+        match self.inner.broker.submit(&address, message, false).outcome().await {
+            Outcome::Accepted => Ok(()),
+            Outcome::Released | Outcome::Modified { .. } => Err(RespondError::NoConsumer),
+            Outcome::Rejected { description, .. } => Err(RespondError::Refused(description)),
+        }
+    }
+}
+
+/// A live command subscription; dropping it unsubscribes (and announces `ttd` 0).
+pub struct Subscription {
+    router: Weak<Inner>,
+    id: u64,
+    tenant: String,
+    target: Target,
+    notify: Notify,
+    notified_device: String,
+    cancel: CancellationToken,
+}
+
+impl Subscription {
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        let Some(inner) = self.router.upgrade() else { return };
+        {
+            let mut subs = inner.subscriptions.lock().expect("poisoned");
+            match &self.target {
+                Target::Device(device) => {
+                    let key = (self.tenant.clone(), device.clone());
+                    if let Some(list) = subs.devices.get_mut(&key) {
+                        list.retain(|e| e.id != self.id);
+                        if list.is_empty() {
+                            subs.devices.remove(&key);
+                        }
+                    }
+                }
+                Target::AllDevicesOf { .. } => {
+                    if let Some(list) = subs.gateways.get_mut(&self.tenant) {
+                        list.retain(|(_, e)| e.id != self.id);
+                        if list.is_empty() {
+                            subs.gateways.remove(&self.tenant);
+                        }
+                    }
+                }
+            }
+        }
+        // Only subscriptions that stand until cancelled announce their end.
+        if self.notify.ttd < 0 {
+            inner.notify(&self.tenant, &self.notified_device, self.notify.adapter, 0);
+        }
+    }
+}
+
+impl Inner {
+    /// The session to deliver to: the device's own (or a gateway's for it), else a
+    /// gateway subscribed for all its devices that the device lists in `via`.
+    async fn find(&self, tenant: &str, device: &str) -> Option<Arc<dyn CommandSink>> {
+        let gateways: Vec<(String, Arc<dyn CommandSink>)> = {
+            let subs = self.subscriptions.lock().expect("poisoned");
+            if let Some(entry) = subs.devices.get(&(tenant.to_owned(), device.to_owned())).and_then(|l| l.last()) {
+                return Some(entry.sink.clone());
+            }
+            subs.gateways
+                .get(tenant)
+                .map(|l| l.iter().rev().map(|(g, e)| (g.clone(), e.sink.clone())).collect())
+                .unwrap_or_default()
+        };
+        for (gateway, sink) in gateways {
+            if gateway == device || self.via.gateway_may_act_for(tenant, device, &gateway).await {
+                return Some(sink);
+            }
+        }
+        None
+    }
+
+    /// Announces a device's command readiness (Hono's `ttd` empty notification event).
+    fn notify(&self, tenant: &str, device: &str, adapter: &'static str, ttd: i32) {
+        let address = format!("event/{tenant}");
+        let mut message = data_message(Vec::new());
+        message.header = Some(Header { durable: true, ..Default::default() });
+        message.properties = Some(Properties {
+            to: Some(address.clone()),
+            content_type: Some(Symbol::from("application/vnd.eclipse-hono-empty-notification")),
+            creation_time: Some(Timestamp::from_milliseconds(now_millis() as i64)),
+            ..Default::default()
+        });
+        let mut app = OrderedMap::new();
+        app.insert("device_id".to_owned(), SimpleValue::String(device.to_owned()));
+        app.insert("ttd".to_owned(), SimpleValue::Int(ttd));
+        app.insert("orig_adapter".to_owned(), SimpleValue::String(adapter.to_owned()));
+        app.insert("qos".to_owned(), SimpleValue::Int(1));
+        message.application_properties = Some(ApplicationProperties(app));
+        let mut annotations = OrderedMap::new();
+        annotations.insert(Symbol::from("tenant_id").into(), Value::String(tenant.to_owned()));
+        annotations.insert(Symbol::from("device_id").into(), Value::String(device.to_owned()));
+        message.message_annotations = Some(MessageAnnotations(annotations));
+        let submission = self.broker.submit(&address, message, false);
+        let (tenant, device) = (tenant.to_owned(), device.to_owned());
+        tokio::spawn(async move {
+            let outcome = submission.outcome().await;
+            if !outcome.is_accepted() {
+                tracing::debug!(%tenant, %device, ?outcome, "ttd notification not stored");
+            }
+        });
+    }
+
+    async fn route(self: Arc<Self>, tenant: String, message: Message) -> Outcome {
+        let parsed = match parse(&tenant, &message) {
+            Ok(parsed) => parsed,
+            Err(e) => return Outcome::rejected(condition::INVALID_FIELD, e.to_string()),
+        };
+        let command = parsed.command;
+        if let Some(sink) = self.find(&tenant, &command.device_id).await {
+            metrics::counter!("ferrule_commands_total", "tenant" => tenant.clone(), "outcome" => "delivered").increment(1);
+            return sink.deliver(command).await;
+        }
+        let Some(ttl) = parsed.defer_ttl else {
+            metrics::counter!("ferrule_commands_total", "tenant" => tenant.clone(), "outcome" => "not_connected").increment(1);
+            return Outcome::Released;
+        };
+        // Keep the original message, with the deferral as its time to live.
+        let mut stored = message;
+        let header = stored.header.get_or_insert_with(Header::default);
+        header.durable = true;
+        header.ttl = Some((ttl.saturating_mul(1000)).min(u32::MAX as u64) as u32);
+        let queue = format!("{DEFERRED_PREFIX}/{tenant}/{}", command.device_id);
+        let outcome = self.broker.submit(&queue, stored, false).outcome().await;
+        metrics::counter!("ferrule_commands_total", "tenant" => tenant, "outcome" => "deferred").increment(1);
+        // The device may have subscribed while the command was being stored.
+        if outcome.is_accepted() {
+            if let Some(sink) = self.find(&command.tenant, &command.device_id).await {
+                let cancel = CancellationToken::new();
+                tokio::spawn(drain_deferred(self.broker.clone(), command.tenant, command.device_id, sink, cancel));
+            }
+        }
+        outcome
+    }
+}
+
+impl AddressHandler for CommandRouter {
+    fn submit(&self, address: &str, message: Message, settled: bool) -> Submission {
+        // `command/TENANT` only; the device is in the message's `to`.
+        let tenant = match (tenant_of(address), address.matches('/').count()) {
+            (Some(tenant), 1) => tenant.to_owned(),
+            _ => {
+                return Submission::Ready(Outcome::rejected(
+                    condition::NOT_FOUND,
+                    format!("send commands to command/TENANT, not {address}"),
+                ))
+            }
+        };
+        let inner = self.inner.this.upgrade().expect("router alive");
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let outcome = inner.route(tenant, message).await;
+            let _ = tx.send(outcome);
+        });
+        if settled {
+            Submission::Ready(Outcome::Accepted)
+        } else {
+            Submission::Pending(rx)
+        }
+    }
+}
+
+/// Delivers the deferred commands of one device, oldest first, while its subscription
+/// lasts. A command the device does not take stays queued for next time.
+async fn drain_deferred(broker: Broker, tenant: String, device: String, sink: Arc<dyn CommandSink>, cancel: CancellationToken) {
+    let queue = format!("{DEFERRED_PREFIX}/{tenant}/{device}");
+    if broker.queue_depth(&queue).unwrap_or(0) == 0 {
+        return;
+    }
+    let Ok(mut consumer) = broker.subscribe(&queue, &SubscribeOptions::default()) else { return };
+    consumer.add_credit(1);
+    loop {
+        let delivery = tokio::select! {
+            _ = cancel.cancelled() => return,
+            d = consumer.recv() => match d { Some(d) => d, None => return },
+        };
+        let command = match parse(&tenant, delivery.message()) {
+            Ok(parsed) => parsed.command,
+            Err(e) => {
+                delivery.settle(Outcome::rejected(condition::INVALID_FIELD, e.to_string()));
+                consumer.add_credit(1);
+                continue;
+            }
+        };
+        let outcome = sink.deliver(command).await;
+        let delivered = outcome.is_accepted();
+        delivery.settle(if delivered { Outcome::Accepted } else { Outcome::Released });
+        if !delivered {
+            return;
+        }
+        consumer.add_credit(1);
+        if broker.queue_depth(&queue).unwrap_or(0) == 0 {
+            return;
+        }
+    }
+}
