@@ -1,0 +1,740 @@
+//! The service protocol adapters call to authenticate devices and look up registry data.
+//!
+//! Hot path: a successful verification is cached under (tenant, type, auth-id) together
+//! with an HMAC-SHA256 of the presented secret under a random per-process key; a
+//! reconnect presenting the same secret costs one HMAC and a map look-up instead of an
+//! argon2 run. The cache never holds the secret itself, and the MAC key never leaves
+//! the process. Argon2/bcrypt run on the bounded [`HashPool`].
+//!
+//! Failures are remembered per (tenant, auth-id): the same wrong secret is refused without
+//! hashing again, and more than `max_failures` failures within `failure_window` refuse
+//! every attempt until the window ends.
+//!
+//! Invalidation: a task follows the store's [`Change`] stream (local writes at once,
+//! other instances' writes through Redis pub/sub). Every change gets a sequence number;
+//! each cache entry remembers the sequence number observed *before* its data was read,
+//! and is valid only while no change for its device, its tenant, or everything has a
+//! higher number. So an entry built from data read before a change can never outlive it,
+//! even if it is inserted after the change was processed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use chrono::Utc;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::management::HashPool;
+use crate::model::{CredentialType, Credentials, Device, DeviceId, SecretMeta, Tenant, TenantId};
+use crate::password;
+use crate::store::{Change, RegistryStore, StoreError};
+
+/// Why authentication or a look-up failed. Adapters map these to protocol codes in one
+/// place (e.g. MQTT: `BadCredentials` 0x04/0x86, `*Disabled` 0x05/0x87, `RateLimited` and
+/// `Unavailable` 0x03/0x88).
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum AuthError {
+    /// Unknown tenant or auth-id, wrong secret, or no enabled, currently valid secret.
+    #[error("bad credentials")]
+    BadCredentials,
+    /// The tenant exists but is disabled.
+    #[error("tenant disabled")]
+    TenantDisabled,
+    /// The device exists but is disabled.
+    #[error("device disabled")]
+    DeviceDisabled,
+    /// Too many recent failures for this auth-id.
+    #[error("too many failed attempts; try later")]
+    RateLimited,
+    /// The verification pool is saturated (server busy; the client should retry).
+    #[error("registry busy")]
+    Busy,
+    /// The registry's storage or hashing pool is unavailable.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for AuthError {
+    fn from(e: StoreError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+/// Who a successful authentication identified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthenticatedDevice {
+    /// The device's tenant.
+    pub tenant: TenantId,
+    /// The device.
+    pub device: DeviceId,
+    /// The auth-id used.
+    pub auth_id: String,
+    /// The credential type used.
+    pub cred_type: CredentialType,
+}
+
+/// A pre-shared key for a DTLS handshake. Debug output hides the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PskKey {
+    /// The device the key belongs to.
+    pub device: DeviceId,
+    /// The key bytes.
+    pub key: Vec<u8>,
+}
+
+impl fmt::Debug for PskKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PskKey")
+            .field("device", &self.device)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Tuning of [`AuthService`]; see `RegistryConfig` for defaults.
+#[derive(Clone, Debug)]
+pub struct AuthSettings {
+    /// How long a successful verification stays cached (also bounds staleness if a
+    /// change notification is lost).
+    pub cache_ttl: Duration,
+    /// How long tenant/device look-ups stay cached.
+    pub lookup_ttl: Duration,
+    /// Failures tolerated per (tenant, auth-id) within `failure_window`.
+    pub max_failures: u32,
+    /// Window for `max_failures`; also how long a wrong secret is remembered.
+    pub failure_window: Duration,
+    /// Bound on entries in each cache.
+    pub max_entries: usize,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            cache_ttl: Duration::from_secs(300),
+            lookup_ttl: Duration::from_secs(60),
+            max_failures: 5,
+            failure_window: Duration::from_secs(10),
+            max_entries: 100_000,
+        }
+    }
+}
+
+type Mac32 = [u8; 32];
+
+struct AuthEntry {
+    mac: Mac32,
+    device: AuthenticatedDevice,
+    window: SecretMeta,
+    seq: u64,
+    expires: Instant,
+}
+
+struct Failures {
+    count: u32,
+    since: Instant,
+    last_mac: Option<Mac32>,
+}
+
+struct Cached<T> {
+    value: Option<T>,
+    seq: u64,
+    expires: Instant,
+}
+
+#[derive(Default)]
+struct Changes {
+    all: u64,
+    tenants: HashMap<TenantId, (u64, Instant)>,
+    devices: HashMap<(TenantId, DeviceId), (u64, Instant)>,
+}
+
+impl Changes {
+    fn latest(&self, t: &TenantId, d: Option<&DeviceId>) -> u64 {
+        let mut s = self.all;
+        if let Some((c, _)) = self.tenants.get(t) {
+            s = s.max(*c);
+        }
+        if let Some(d) = d {
+            // Keyed by owned ids; the clone is only paid on cache hits that reach here.
+            if let Some((c, _)) = self.devices.get(&(t.clone(), d.clone())) {
+                s = s.max(*c);
+            }
+        }
+        s
+    }
+}
+
+#[derive(Default)]
+struct State {
+    auth: HashMap<(TenantId, CredentialType, String), AuthEntry>,
+    failures: HashMap<(TenantId, String), Failures>,
+    tenants: HashMap<TenantId, Cached<Tenant>>,
+    devices: HashMap<(TenantId, DeviceId), Cached<Device>>,
+    changes: Changes,
+}
+
+struct Inner {
+    store: Arc<dyn RegistryStore>,
+    pool: HashPool,
+    settings: AuthSettings,
+    mac_key: Hmac<Sha256>,
+    seq: AtomicU64,
+    state: Mutex<State>,
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Authentication and look-ups for protocol adapters; cheap to clone.
+#[derive(Clone)]
+pub struct AuthService {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for AuthService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthService")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Caps a map at `max` entries: drop expired ones first, then arbitrary ones (a cache
+/// miss only costs a re-verification).
+fn bound<K, V>(map: &mut HashMap<K, V>, max: usize, expired: impl Fn(&V) -> bool) {
+    if map.len() < max {
+        return;
+    }
+    map.retain(|_, v| !expired(v));
+    if map.len() >= max {
+        let excess = map.len() + 1 - max / 2;
+        let mut n = 0;
+        map.retain(|_, _| {
+            n += 1;
+            n > excess
+        });
+    }
+}
+
+impl AuthService {
+    /// Starts the service over `store`, verifying on `pool`. Must be called inside a
+    /// tokio runtime: it spawns the task following the store's changes.
+    pub fn new(store: Arc<dyn RegistryStore>, pool: HashPool, settings: AuthSettings) -> Self {
+        let mut key = [0u8; 32];
+        rand::fill(&mut key);
+        let mac_key =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("HMAC accepts any key length");
+        let rx = store.subscribe();
+        let inner = Arc::new(Inner {
+            store,
+            pool,
+            settings,
+            mac_key,
+            seq: AtomicU64::new(0),
+            state: Mutex::new(State::default()),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(follow_changes(
+            Arc::downgrade(&inner),
+            rx,
+            inner.stop.clone(),
+        ));
+        Self { inner }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves only cache data behind: keep going.
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mac(&self, tenant: &TenantId, t: CredentialType, auth_id: &str, secret: &[u8]) -> Mac32 {
+        let mut m = self.inner.mac_key.clone();
+        // Length-prefix the variable parts so field boundaries cannot be shifted.
+        for part in [
+            tenant.as_str().as_bytes(),
+            t.as_str().as_bytes(),
+            auth_id.as_bytes(),
+            secret,
+        ] {
+            m.update(&(part.len() as u64).to_be_bytes());
+            m.update(part);
+        }
+        m.finalize().into_bytes().into()
+    }
+
+    /// Drops every cached entry and remembered failure (e.g. after an outage).
+    pub fn clear(&self) {
+        let mut s = self.state();
+        s.auth.clear();
+        s.failures.clear();
+        s.tenants.clear();
+        s.devices.clear();
+    }
+
+    /// Authenticates a device presenting `secret` for (tenant, type, auth-id).
+    ///
+    /// For `hashed-password` the secret is the password; for `psk` the key; for
+    /// `x509-cert` the adapter has already validated the certificate chain, `auth_id` is
+    /// the subject DN and `secret` is ignored (only enablement and validity are checked).
+    ///
+    /// # Errors
+    /// See [`AuthError`].
+    pub async fn authenticate(
+        &self,
+        tenant: &str,
+        cred_type: CredentialType,
+        auth_id: &str,
+        secret: &[u8],
+    ) -> Result<AuthenticatedDevice, AuthError> {
+        let Ok(tenant) = TenantId::new(tenant) else {
+            return Err(AuthError::BadCredentials);
+        };
+        let mac = self.mac(&tenant, cred_type, auth_id, secret);
+        let now = Instant::now();
+        let fkey = (tenant.clone(), auth_id.to_owned());
+        {
+            let mut s = self.state();
+            let key = (tenant.clone(), cred_type, auth_id.to_owned());
+            if let Some(e) = s.auth.get(&key) {
+                let fresh =
+                    e.expires > now && e.seq >= s.changes.latest(&tenant, Some(&e.device.device));
+                if fresh && bool::from(e.mac.ct_eq(&mac)) && e.window.usable_at(Utc::now()) {
+                    return Ok(e.device.clone());
+                }
+                if !fresh {
+                    s.auth.remove(&key);
+                }
+            }
+            if let Some(f) = s.failures.get(&fkey) {
+                let live = now.duration_since(f.since) < self.inner.settings.failure_window;
+                if live && f.count >= self.inner.settings.max_failures {
+                    return Err(AuthError::RateLimited);
+                }
+                if live && f.last_mac.is_some_and(|m| bool::from(m.ct_eq(&mac))) {
+                    return Err(AuthError::BadCredentials);
+                }
+            }
+        }
+        let seq = self.inner.seq.load(Ordering::SeqCst);
+        match self.verify(&tenant, cred_type, auth_id, secret).await {
+            Ok((device, window)) => {
+                let mut s = self.state();
+                s.failures.remove(&fkey);
+                let max = self.inner.settings.max_entries;
+                bound(&mut s.auth, max, |e| e.expires <= now);
+                s.auth.insert(
+                    (tenant, cred_type, auth_id.to_owned()),
+                    AuthEntry {
+                        mac,
+                        device: device.clone(),
+                        window,
+                        seq,
+                        expires: now + self.inner.settings.cache_ttl,
+                    },
+                );
+                Ok(device)
+            }
+            Err(AuthError::BadCredentials) => {
+                let mut s = self.state();
+                let window = self.inner.settings.failure_window;
+                bound(&mut s.failures, self.inner.settings.max_entries, |f| {
+                    now.duration_since(f.since) >= window
+                });
+                // Remember the wrong secret only if no change happened while verifying:
+                // otherwise it may have been judged against stale data.
+                let last_mac = (self.inner.seq.load(Ordering::SeqCst) == seq).then_some(mac);
+                let f = s.failures.entry(fkey).or_insert(Failures {
+                    count: 0,
+                    since: now,
+                    last_mac: None,
+                });
+                if now.duration_since(f.since) >= window {
+                    *f = Failures {
+                        count: 0,
+                        since: now,
+                        last_mac: None,
+                    };
+                }
+                f.count += 1;
+                f.last_mac = last_mac;
+                // Never log the secret; the auth-id is not confidential.
+                tracing::debug!(auth_id, "authentication failed");
+                Err(AuthError::BadCredentials)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The uncached path: read the registry and verify.
+    async fn verify(
+        &self,
+        tenant: &TenantId,
+        cred_type: CredentialType,
+        auth_id: &str,
+        secret: &[u8],
+    ) -> Result<(AuthenticatedDevice, SecretMeta), AuthError> {
+        let store = &self.inner.store;
+        let Some(t) = store.get_tenant(tenant).await? else {
+            return Err(AuthError::BadCredentials);
+        };
+        if !t.value.enabled {
+            return Err(AuthError::TenantDisabled);
+        }
+        let Some((device_id, creds)) = store.find_credentials(tenant, cred_type, auth_id).await?
+        else {
+            return Err(AuthError::BadCredentials);
+        };
+        let Some(device) = store.get_device(tenant, &device_id).await? else {
+            return Err(AuthError::BadCredentials);
+        };
+        if !device.value.enabled {
+            return Err(AuthError::DeviceDisabled);
+        }
+        if !creds.enabled() {
+            return Err(AuthError::BadCredentials);
+        }
+        let now = Utc::now();
+        let matched: Option<SecretMeta> = match creds {
+            Credentials::HashedPassword(p) => {
+                let candidates: Vec<(String, String, Option<String>, SecretMeta)> = p
+                    .secrets
+                    .into_iter()
+                    .filter(|s| s.meta.usable_at(now))
+                    .filter_map(|s| Some((s.hash_function?, s.pwd_hash?, s.salt, s.meta)))
+                    .collect();
+                if candidates.is_empty() {
+                    None
+                } else {
+                    let presented = secret.to_vec();
+                    self.inner
+                        .pool
+                        .run(move || {
+                            candidates
+                                .into_iter()
+                                .find(|(f, h, salt, _)| {
+                                    password::verify(f, h, salt.as_deref(), &presented)
+                                })
+                                .map(|c| c.3)
+                        })
+                        .await
+                        .map_err(|e| match e {
+                            crate::management::ManagementError::Busy => AuthError::Busy,
+                            other => AuthError::Unavailable(other.to_string()),
+                        })?
+                }
+            }
+            Credentials::Psk(p) => p
+                .secrets
+                .into_iter()
+                .filter(|s| s.meta.usable_at(now))
+                .find_map(|s| {
+                    let key = base64::engine::general_purpose::STANDARD
+                        .decode(s.key?)
+                        .ok()?;
+                    (key.len() == secret.len() && bool::from(key.ct_eq(secret))).then_some(s.meta)
+                }),
+            Credentials::X509Cert(x) => match x.secrets {
+                None => Some(SecretMeta::default()),
+                Some(secrets) => secrets
+                    .into_iter()
+                    .map(|s| s.meta)
+                    .find(|m| m.usable_at(now)),
+            },
+            Credentials::Rpk(_) => None,
+        };
+        let window = matched.ok_or(AuthError::BadCredentials)?;
+        Ok((
+            AuthenticatedDevice {
+                tenant: tenant.clone(),
+                device: device_id,
+                auth_id: auth_id.to_owned(),
+                cred_type,
+            },
+            window,
+        ))
+    }
+
+    /// The PSK for a DTLS handshake with identity `auth_id@tenant`: the key of the first
+    /// enabled, currently valid secret of an enabled device in an enabled tenant.
+    ///
+    /// # Errors
+    /// See [`AuthError`].
+    pub async fn psk_for(&self, tenant: &str, auth_id: &str) -> Result<PskKey, AuthError> {
+        let Ok(tenant) = TenantId::new(tenant) else {
+            return Err(AuthError::BadCredentials);
+        };
+        let t = self
+            .get_tenant(&tenant)
+            .await?
+            .ok_or(AuthError::BadCredentials)?;
+        if !t.enabled {
+            return Err(AuthError::TenantDisabled);
+        }
+        let Some((device_id, Credentials::Psk(p))) = self
+            .inner
+            .store
+            .find_credentials(&tenant, CredentialType::Psk, auth_id)
+            .await?
+        else {
+            return Err(AuthError::BadCredentials);
+        };
+        let d = self
+            .get_device(&tenant, &device_id)
+            .await?
+            .ok_or(AuthError::BadCredentials)?;
+        if !d.enabled {
+            return Err(AuthError::DeviceDisabled);
+        }
+        if !p.enabled {
+            return Err(AuthError::BadCredentials);
+        }
+        let now = Utc::now();
+        p.secrets
+            .into_iter()
+            .filter(|s| s.meta.usable_at(now))
+            .find_map(|s| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(s.key?)
+                    .ok()
+            })
+            .map(|key| PskKey {
+                device: device_id,
+                key,
+            })
+            .ok_or(AuthError::BadCredentials)
+    }
+
+    /// A tenant, through the look-up cache (`None`: no such tenant).
+    ///
+    /// # Errors
+    /// [`AuthError::Unavailable`] if the store fails.
+    pub async fn get_tenant(&self, tenant: &TenantId) -> Result<Option<Tenant>, AuthError> {
+        let now = Instant::now();
+        {
+            let s = self.state();
+            if let Some(c) = s.tenants.get(tenant) {
+                if c.expires > now && c.seq >= s.changes.latest(tenant, None) {
+                    return Ok(c.value.clone());
+                }
+            }
+        }
+        let seq = self.inner.seq.load(Ordering::SeqCst);
+        let value = self.inner.store.get_tenant(tenant).await?.map(|v| v.value);
+        let mut s = self.state();
+        bound(&mut s.tenants, self.inner.settings.max_entries, |c| {
+            c.expires <= now
+        });
+        s.tenants.insert(
+            tenant.clone(),
+            Cached {
+                value: value.clone(),
+                seq,
+                expires: now + self.inner.settings.lookup_ttl,
+            },
+        );
+        Ok(value)
+    }
+
+    /// A device, through the look-up cache (`None`: no such device).
+    ///
+    /// # Errors
+    /// [`AuthError::Unavailable`] if the store fails.
+    pub async fn get_device(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+    ) -> Result<Option<Device>, AuthError> {
+        let now = Instant::now();
+        let key = (tenant.clone(), device.clone());
+        {
+            let s = self.state();
+            if let Some(c) = s.devices.get(&key) {
+                if c.expires > now && c.seq >= s.changes.latest(tenant, Some(device)) {
+                    return Ok(c.value.clone());
+                }
+            }
+        }
+        let seq = self.inner.seq.load(Ordering::SeqCst);
+        let value = self
+            .inner
+            .store
+            .get_device(tenant, device)
+            .await?
+            .map(|v| v.value);
+        let mut s = self.state();
+        bound(&mut s.devices, self.inner.settings.max_entries, |c| {
+            c.expires <= now
+        });
+        s.devices.insert(
+            key,
+            Cached {
+                value: value.clone(),
+                seq,
+                expires: now + self.inner.settings.lookup_ttl,
+            },
+        );
+        Ok(value)
+    }
+
+    /// Checks that `device` exists and is enabled in an enabled `tenant` and, with
+    /// `gateway`, that the gateway exists, is enabled and may act for the device
+    /// (`via`, or `viaGroups` against the gateway's `memberOf`).
+    ///
+    /// # Errors
+    /// `BadCredentials` for unknown tenant/device/gateway or a gateway not allowed;
+    /// `TenantDisabled`/`DeviceDisabled`; `Unavailable`.
+    pub async fn authorize_device(
+        &self,
+        tenant: &str,
+        device: &str,
+        gateway: Option<&str>,
+    ) -> Result<(), AuthError> {
+        let (Ok(t), Ok(d)) = (TenantId::new(tenant), DeviceId::new(device)) else {
+            return Err(AuthError::BadCredentials);
+        };
+        let tv = self
+            .get_tenant(&t)
+            .await?
+            .ok_or(AuthError::BadCredentials)?;
+        if !tv.enabled {
+            return Err(AuthError::TenantDisabled);
+        }
+        let dv = self
+            .get_device(&t, &d)
+            .await?
+            .ok_or(AuthError::BadCredentials)?;
+        if !dv.enabled {
+            return Err(AuthError::DeviceDisabled);
+        }
+        if let Some(g) = gateway {
+            if g == device {
+                return Ok(());
+            }
+            let gid = DeviceId::new(g).map_err(|_| AuthError::BadCredentials)?;
+            let gv = self
+                .get_device(&t, &gid)
+                .await?
+                .ok_or(AuthError::BadCredentials)?;
+            if !gv.enabled {
+                return Err(AuthError::DeviceDisabled);
+            }
+            if !dv.is_served_by(g, Some(&gv)) {
+                return Err(AuthError::BadCredentials);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether devices of `tenant` may publish without authenticating on `adapter_type`
+    /// (e.g. `hono-http`): the tenant is enabled and lists the adapter enabled with
+    /// `device-authentication-required: false`.
+    ///
+    /// # Errors
+    /// [`AuthError::Unavailable`] if the store fails.
+    pub async fn allows_unauthenticated(
+        &self,
+        tenant: &str,
+        adapter_type: &str,
+    ) -> Result<bool, AuthError> {
+        let Ok(t) = TenantId::new(tenant) else {
+            return Ok(false);
+        };
+        Ok(self
+            .get_tenant(&t)
+            .await?
+            .is_some_and(|t| t.enabled && t.allows_unauthenticated(adapter_type)))
+    }
+
+    fn record_change(&self, change: &Change) {
+        let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
+        let now = Instant::now();
+        let mut s = self.state();
+        // Records older than every cache TTL cannot invalidate a live entry any more.
+        let horizon = self
+            .inner
+            .settings
+            .cache_ttl
+            .max(self.inner.settings.lookup_ttl)
+            .max(self.inner.settings.failure_window);
+        let max = self.inner.settings.max_entries;
+        match change {
+            Change::All => {
+                s.failures.clear();
+                s.changes.all = seq;
+                s.changes.tenants.clear();
+                s.changes.devices.clear();
+            }
+            Change::Tenant(t) => {
+                // A registry change may make a refused secret valid: forget failures.
+                s.failures.retain(|(ft, _), _| ft != t);
+                if s.changes.tenants.len() >= max {
+                    s.changes
+                        .tenants
+                        .retain(|_, (_, at)| now.duration_since(*at) < horizon);
+                    if s.changes.tenants.len() >= max {
+                        s.changes.tenants.clear();
+                        s.changes.all = seq;
+                    }
+                }
+                s.changes.tenants.insert(t.clone(), (seq, now));
+            }
+            Change::Device(t, d) => {
+                s.failures.retain(|(ft, _), _| ft != t);
+                if s.changes.devices.len() >= max {
+                    s.changes
+                        .devices
+                        .retain(|_, (_, at)| now.duration_since(*at) < horizon);
+                    if s.changes.devices.len() >= max {
+                        s.changes.devices.clear();
+                        s.changes.all = seq;
+                    }
+                }
+                s.changes.devices.insert((t.clone(), d.clone()), (seq, now));
+            }
+        }
+    }
+
+    /// How many successful verifications are cached (for tests and metrics).
+    pub fn cached_verifications(&self) -> usize {
+        self.state().auth.len()
+    }
+}
+
+/// Follows store changes until `stop` or until the service is dropped.
+async fn follow_changes(
+    inner: std::sync::Weak<Inner>,
+    mut rx: tokio::sync::broadcast::Receiver<Change>,
+    stop: CancellationToken,
+) {
+    loop {
+        let change = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.recv() => match r {
+                Ok(c) => c,
+                // Missed some: everything may be stale.
+                Err(RecvError::Lagged(_)) => Change::All,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        AuthService { inner }.record_change(&change);
+    }
+}
+
+impl AuthService {
+    /// For tests: the latest change sequence number processed.
+    pub fn change_seq(&self) -> u64 {
+        self.inner.seq.load(Ordering::SeqCst)
+    }
+}

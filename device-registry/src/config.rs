@@ -1,0 +1,237 @@
+//! The registry's configuration section, with documented defaults.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::AuthSettings;
+
+/// Which store holds tenants, devices and credentials.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// A redb file `registry.redb` under the data directory (no server needed).
+    Embedded,
+    /// A Redis server shared by all registry instances (`redis_url`).
+    Redis,
+}
+
+/// Configuration of the device registry (`[registry]` in `ferrule.toml`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Management API listen address. Default `0.0.0.0:28080`.
+    pub bind: SocketAddr,
+    /// `embedded` (default) or `redis`.
+    pub storage: StorageKind,
+    /// File name of the embedded store, relative to the data directory. Default `registry.redb`.
+    pub embedded_file: String,
+    /// Redis URL for `storage = "redis"`. Default `redis://127.0.0.1:6379/0`.
+    pub redis_url: String,
+    /// Prefix of every Redis key and of the change channel. Default `ferrule:registry`.
+    pub redis_key_prefix: String,
+    /// Bearer tokens accepted from operators (also as the password of HTTP Basic auth).
+    /// Default: none, so only `allow_anonymous` opens the API.
+    pub auth_tokens: Vec<String>,
+    /// Serve the management API without authentication. Default `false`.
+    pub allow_anonymous: bool,
+    /// How long a successful device verification stays cached. Default `5m`.
+    #[serde(with = "humantime_serde")]
+    pub auth_cache_ttl: Duration,
+    /// How long tenant/device look-ups for adapters stay cached. Default `1m`.
+    #[serde(with = "humantime_serde")]
+    pub lookup_cache_ttl: Duration,
+    /// Failed authentications per auth-id tolerated within `failure_window`. Default `5`.
+    pub max_failures: u32,
+    /// Window for `max_failures`, and how long a wrong secret is remembered. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub failure_window: Duration,
+    /// Bound on entries per cache. Default `100000`.
+    pub cache_max_entries: usize,
+    /// Password hashes/verifications running at once (blocking threads). Default `2`.
+    pub hash_pool_size: usize,
+    /// Largest accepted request body in bytes; larger bodies get 413. Default `65536`.
+    pub max_body_bytes: usize,
+    /// Concurrent management API connections. Default `256`.
+    pub max_connections: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([0, 0, 0, 0], 28080)),
+            storage: StorageKind::Embedded,
+            embedded_file: "registry.redb".into(),
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_key_prefix: "ferrule:registry".into(),
+            auth_tokens: Vec::new(),
+            allow_anonymous: false,
+            auth_cache_ttl: Duration::from_secs(300),
+            lookup_cache_ttl: Duration::from_secs(60),
+            max_failures: 5,
+            failure_window: Duration::from_secs(10),
+            cache_max_entries: 100_000,
+            hash_pool_size: 2,
+            max_body_bytes: 64 * 1024,
+            max_connections: 256,
+        }
+    }
+}
+
+impl fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("bind", &self.bind)
+            .field("storage", &self.storage)
+            .field("embedded_file", &self.embedded_file)
+            .field("redis_url", &"<redacted: may hold a password>")
+            .field("redis_key_prefix", &self.redis_key_prefix)
+            .field(
+                "auth_tokens",
+                &format_args!("<{} redacted>", self.auth_tokens.len()),
+            )
+            .field("allow_anonymous", &self.allow_anonymous)
+            .field("auth_cache_ttl", &self.auth_cache_ttl)
+            .field("lookup_cache_ttl", &self.lookup_cache_ttl)
+            .field("max_failures", &self.max_failures)
+            .field("failure_window", &self.failure_window)
+            .field("cache_max_entries", &self.cache_max_entries)
+            .field("hash_pool_size", &self.hash_pool_size)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// A configuration value that cannot work; names the key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("registry.{key}: {problem}")]
+pub struct ConfigError {
+    /// The offending key.
+    pub key: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl RegistryConfig {
+    /// Checks values serde cannot check.
+    ///
+    /// # Errors
+    /// The first [`ConfigError`] found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key, problem: &str| {
+            Err(ConfigError {
+                key,
+                problem: problem.to_owned(),
+            })
+        };
+        if self.hash_pool_size == 0 {
+            return err("hash_pool_size", "must be at least 1");
+        }
+        if self.max_connections == 0 {
+            return err("max_connections", "must be at least 1");
+        }
+        if self.max_body_bytes < 1024 {
+            return err("max_body_bytes", "must be at least 1024");
+        }
+        if self.cache_max_entries == 0 {
+            return err("cache_max_entries", "must be at least 1");
+        }
+        if self.auth_tokens.iter().any(|t| t.len() < 16) {
+            return err("auth_tokens", "tokens must be at least 16 characters");
+        }
+        if self.storage == StorageKind::Embedded && self.embedded_file.is_empty() {
+            return err("embedded_file", "must not be empty");
+        }
+        if self.storage == StorageKind::Redis
+            && redis::Client::open(self.redis_url.as_str()).is_err()
+        {
+            return err("redis_url", "is not a valid Redis URL");
+        }
+        Ok(())
+    }
+
+    /// The [`AuthSettings`] these values describe.
+    pub fn auth_settings(&self) -> AuthSettings {
+        AuthSettings {
+            cache_ttl: self.auth_cache_ttl,
+            lookup_ttl: self.lookup_cache_ttl,
+            max_failures: self.max_failures,
+            failure_window: self.failure_window,
+            max_entries: self.cache_max_entries,
+        }
+    }
+}
+
+/// The defaults as commented TOML, for `ferrule config print-default` (the `[registry]`
+/// section). A unit test checks it parses to `RegistryConfig::default()`.
+pub const DEFAULT_TOML: &str = r#"[registry]
+# Management API (Hono Device Registry Management API v1) listen address.
+bind = "0.0.0.0:28080"
+# "embedded": a redb file under the data directory; "redis": shared store for several instances.
+storage = "embedded"
+# File of the embedded store, relative to the data directory.
+embedded_file = "registry.redb"
+# Redis server for storage = "redis" (cache invalidation between instances uses its pub/sub).
+redis_url = "redis://127.0.0.1:6379/0"
+# Prefix of every Redis key and of the change channel.
+redis_key_prefix = "ferrule:registry"
+# Bearer tokens accepted from operators (also accepted as the Basic auth password), >= 16 chars.
+auth_tokens = []
+# Serve the management API without authentication (development only).
+allow_anonymous = false
+# How long a successful device verification stays cached (changes invalidate it at once).
+auth_cache_ttl = "5m"
+# How long tenant/device look-ups for adapters stay cached (changes invalidate them at once).
+lookup_cache_ttl = "1m"
+# Failed authentications per auth-id tolerated within failure_window, then refused until it ends.
+max_failures = 5
+failure_window = "10s"
+# Bound on entries per cache.
+cache_max_entries = 100000
+# Password hashes/verifications running at once (argon2id: ~20 ms CPU and 19 MiB each).
+hash_pool_size = 2
+# Largest request body in bytes (413 above).
+max_body_bytes = 65536
+# Concurrent management API connections.
+max_connections = 256
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct File {
+        registry: RegistryConfig,
+    }
+
+    #[test]
+    fn default_toml_is_the_default() {
+        let f: File = toml::from_str(DEFAULT_TOML).unwrap();
+        assert_eq!(f.registry, RegistryConfig::default());
+        assert!(RegistryConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        assert!(toml::from_str::<File>("[registry]\nbindd = \"x\"").is_err());
+        let c = RegistryConfig {
+            hash_pool_size: 0,
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "hash_pool_size");
+    }
+
+    #[test]
+    fn debug_hides_tokens() {
+        let c = RegistryConfig {
+            auth_tokens: vec!["supersecrettoken123".into()],
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("supersecret"));
+    }
+}

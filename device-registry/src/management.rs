@@ -1,0 +1,556 @@
+//! Management operations: the rules Hono's API puts on top of plain storage (device
+//! status timestamps, secret ids, password hashing, patch-mode secret updates, input
+//! bounds). The HTTP layer (`api`) only parses and maps errors; everything that decides
+//! what gets stored lives here.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio::sync::Semaphore;
+
+use crate::model::{Credentials, Device, DeviceId, DeviceStatus, Tenant, TenantId, Versioned};
+use crate::password::{self, PasswordError, ARGON2ID};
+use crate::store::{RegistryStore, StoreError};
+
+/// Most credentials entries one device may have: each is an index entry and a possible
+/// argon2 hash per write.
+pub const MAX_CREDENTIALS_PER_DEVICE: usize = 64;
+/// Most secrets per credentials entry.
+pub const MAX_SECRETS_PER_CREDENTIALS: usize = 16;
+
+/// Failures of a management operation.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagementError {
+    /// The request is well-formed JSON but breaks a rule of the API.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Storage refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The hashing pool was shut down.
+    #[error("password hashing is unavailable")]
+    PoolClosed,
+    /// Too many hashes are already waiting for the pool.
+    #[error("password hashing is overloaded; retry later")]
+    Busy,
+}
+
+impl From<PasswordError> for ManagementError {
+    fn from(e: PasswordError) -> Self {
+        Self::BadRequest(e.to_string())
+    }
+}
+
+/// A bounded pool for CPU-heavy hashing: at most `permits` hashes run at once on tokio's
+/// blocking threads, so a burst of logins or password writes cannot take every core (or
+/// every blocking thread) away from the rest of the process.
+#[derive(Clone, Debug)]
+pub struct HashPool {
+    permits: Arc<Semaphore>,
+    /// Jobs waiting or running; bounded so a login storm is refused ("busy") instead of
+    /// queueing without limit.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+}
+
+/// Jobs allowed to wait per pool slot before [`ManagementError::Busy`].
+const QUEUE_PER_SLOT: usize = 256;
+
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HashPool {
+    /// A pool running at most `size` (at least 1) hashes at once, with up to
+    /// 256 × `size` jobs waiting.
+    pub fn new(size: usize) -> Self {
+        let size = size.max(1);
+        Self {
+            permits: Arc::new(Semaphore::new(size)),
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_queued: size * QUEUE_PER_SLOT,
+        }
+    }
+
+    /// Runs `f` on a blocking thread once a permit is free.
+    ///
+    /// # Cancel safety
+    /// Cancelling while waiting for a permit is safe; once started, `f` runs to the end
+    /// even if the caller goes away (its permit is released when it finishes).
+    ///
+    /// # Errors
+    /// [`ManagementError::Busy`] if too many jobs are queued; [`ManagementError::PoolClosed`]
+    /// if the semaphore was closed or `f` panicked.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, ManagementError> {
+        let slot = QueueSlot(self.queued.clone());
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
+            return Err(ManagementError::Busy);
+        }
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ManagementError::PoolClosed)?;
+        tokio::task::spawn_blocking(move || {
+            let r = f();
+            drop(permit);
+            drop(slot);
+            r
+        })
+        .await
+        .map_err(|_| ManagementError::PoolClosed)
+    }
+}
+
+/// Management operations over a store; cheap to clone.
+#[derive(Clone)]
+pub struct Management {
+    store: Arc<dyn RegistryStore>,
+    pool: HashPool,
+}
+
+impl Management {
+    /// Management over `store`, hashing new passwords on `pool`.
+    pub fn new(store: Arc<dyn RegistryStore>, pool: HashPool) -> Self {
+        Self { store, pool }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn RegistryStore> {
+        &self.store
+    }
+
+    /// Creates a tenant (`id` generated if `None`); returns (id, version).
+    ///
+    /// # Errors
+    /// `BadRequest` for invalid adapter lists; store errors (`AlreadyExists`).
+    pub async fn create_tenant(
+        &self,
+        id: Option<TenantId>,
+        mut tenant: Tenant,
+    ) -> Result<(TenantId, String), ManagementError> {
+        normalize_tenant(&mut tenant)?;
+        let id = match id {
+            Some(id) => id,
+            None => TenantId::new(uuid::Uuid::new_v4().to_string())
+                .map_err(|e| ManagementError::BadRequest(e.to_string()))?,
+        };
+        let v = self.store.create_tenant(&id, &tenant).await?;
+        Ok((id, v))
+    }
+
+    /// Replaces a tenant.
+    ///
+    /// # Errors
+    /// `BadRequest`; store errors (`NotFound`, `VersionMismatch`).
+    pub async fn update_tenant(
+        &self,
+        id: &TenantId,
+        mut tenant: Tenant,
+        if_match: Option<&str>,
+    ) -> Result<String, ManagementError> {
+        normalize_tenant(&mut tenant)?;
+        Ok(self.store.update_tenant(id, &tenant, if_match).await?)
+    }
+
+    /// Creates a device in an existing tenant; returns (id, version).
+    ///
+    /// # Errors
+    /// Store errors (`NotFound` for the tenant, `AlreadyExists`).
+    pub async fn create_device(
+        &self,
+        tenant: &TenantId,
+        id: Option<DeviceId>,
+        mut device: Device,
+    ) -> Result<(DeviceId, String), ManagementError> {
+        let id = match id {
+            Some(id) => id,
+            None => DeviceId::new(uuid::Uuid::new_v4().to_string())
+                .map_err(|e| ManagementError::BadRequest(e.to_string()))?,
+        };
+        // `status` is read-only: whatever the client sent is replaced.
+        device.status = Some(DeviceStatus {
+            created: Some(Utc::now()),
+            ..Default::default()
+        });
+        let v = self.store.create_device(tenant, &id, &device).await?;
+        Ok((id, v))
+    }
+
+    /// Replaces a device, keeping its creation time.
+    ///
+    /// # Errors
+    /// Store errors (`NotFound`, `VersionMismatch`).
+    pub async fn update_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        mut device: Device,
+        if_match: Option<&str>,
+    ) -> Result<String, ManagementError> {
+        let created = self
+            .store
+            .get_device(tenant, id)
+            .await?
+            .and_then(|d| d.value.status)
+            .and_then(|s| s.created);
+        device.status = Some(DeviceStatus {
+            created,
+            updated: Some(Utc::now()),
+            ..Default::default()
+        });
+        Ok(self
+            .store
+            .update_device(tenant, id, &device, if_match)
+            .await?)
+    }
+
+    /// A device's credentials with all confidential material removed.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn get_credentials(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+    ) -> Result<Option<Versioned<Vec<Credentials>>>, ManagementError> {
+        Ok(self
+            .store
+            .get_credentials(tenant, device)
+            .await?
+            .map(|v| Versioned {
+                version: v.version,
+                value: v.value.iter().map(Credentials::redacted).collect(),
+            }))
+    }
+
+    /// Replaces a device's credentials (Hono's `setAllCredentials`): secrets carrying
+    /// only the `id` of an existing secret keep its confidential properties; `pwd-plain`
+    /// is hashed with argon2id; new secrets get an id.
+    ///
+    /// # Errors
+    /// `BadRequest` for invalid secrets or unknown secret ids; store errors.
+    pub async fn set_credentials(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        creds: Vec<Credentials>,
+        if_match: Option<&str>,
+    ) -> Result<String, ManagementError> {
+        let existing = self
+            .store
+            .get_credentials(tenant, device)
+            .await?
+            .ok_or(StoreError::NotFound("device"))?;
+        let mut creds = merge_and_validate(creds, &existing.value)?;
+        // Hash plain passwords off the async threads, bounded by the pool.
+        let needs_hashing = creds.iter().any(|c| match c {
+            Credentials::HashedPassword(p) => p.secrets.iter().any(|s| s.pwd_plain.is_some()),
+            _ => false,
+        });
+        if needs_hashing {
+            creds = self.pool.run(move || hash_plain_passwords(creds)).await??;
+        }
+        // If-Match is checked against the version read above inside the store's atomic write.
+        Ok(self
+            .store
+            .set_credentials(tenant, device, &creds, if_match)
+            .await?)
+    }
+}
+
+fn normalize_tenant(t: &mut Tenant) -> Result<(), ManagementError> {
+    if let Some(alias) = &t.alias {
+        // An LDH label, as the spec's description requires.
+        if alias.is_empty()
+            || !alias
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(bad(
+                "alias must consist of lower case letters, digits and hyphens",
+            ));
+        }
+    }
+    if let Some(limits) = &t.resource_limits {
+        let periods = [
+            limits.data_volume.as_ref().and_then(|d| d.period.as_ref()),
+            limits
+                .connection_duration
+                .as_ref()
+                .and_then(|d| d.period.as_ref()),
+        ];
+        for p in periods.into_iter().flatten() {
+            if p.no_of_days.is_some_and(|n| n < 1) {
+                return Err(bad("period no-of-days must be at least 1"));
+            }
+        }
+    }
+    for ca in t.trusted_ca.iter().flatten() {
+        let fields = [
+            ("subject-dn-bytes", &ca.subject_dn_bytes),
+            ("public-key", &ca.public_key),
+            ("cert", &ca.cert),
+            ("ocsp-responder-cert", &ca.ocsp_responder_cert),
+        ];
+        for (name, v) in fields {
+            if v.as_deref().is_some_and(|v| decode_b64(v).is_none()) {
+                return Err(bad(format!("trusted-ca {name} is not valid base64")));
+            }
+        }
+    }
+    if let Some(adapters) = &t.adapters {
+        if adapters.is_empty() {
+            return Err(ManagementError::BadRequest(
+                "adapters must not be empty if present".into(),
+            ));
+        }
+        for (i, a) in adapters.iter().enumerate() {
+            if adapters[..i].iter().any(|b| b.r#type == a.r#type) {
+                return Err(ManagementError::BadRequest(format!(
+                    "adapter type {:?} is configured twice",
+                    a.r#type
+                )));
+            }
+        }
+    }
+    if let Some(cas) = &mut t.trusted_ca {
+        for ca in cas.iter_mut() {
+            if ca.id.is_none() {
+                ca.id = Some(uuid::Uuid::new_v4().to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bad(msg: impl Into<String>) -> ManagementError {
+    ManagementError::BadRequest(msg.into())
+}
+
+/// Applies patch-mode merges and checks every rule that does not need hashing.
+fn merge_and_validate(
+    mut creds: Vec<Credentials>,
+    existing: &[Credentials],
+) -> Result<Vec<Credentials>, ManagementError> {
+    if creds.len() > MAX_CREDENTIALS_PER_DEVICE {
+        return Err(bad(format!(
+            "at most {MAX_CREDENTIALS_PER_DEVICE} credentials per device"
+        )));
+    }
+    for c in &mut creds {
+        let old = existing
+            .iter()
+            .find(|e| e.cred_type() == c.cred_type() && e.auth_id() == c.auth_id());
+        match c {
+            Credentials::HashedPassword(p) => {
+                check_secret_count(p.secrets.len(), 1)?;
+                if p.auth_id.is_empty() {
+                    return Err(bad("auth-id must not be empty"));
+                }
+                for s in &mut p.secrets {
+                    check_window(&s.meta)?;
+                    if s.salt.as_deref().is_some_and(|v| decode_b64(v).is_none()) {
+                        return Err(PasswordError::BadSalt.into());
+                    }
+                    let has_material = s.pwd_plain.is_some() || s.pwd_hash.is_some();
+                    if let Some(id) = s.meta.id.clone() {
+                        let prev = match old {
+                            Some(Credentials::HashedPassword(o)) => {
+                                o.secrets.iter().find(|x| x.meta.id.as_deref() == Some(&id))
+                            }
+                            _ => None,
+                        }
+                        .ok_or_else(|| bad(format!("no existing secret with id {id:?}")))?;
+                        if !has_material {
+                            s.hash_function = prev.hash_function.clone();
+                            s.pwd_hash = prev.pwd_hash.clone();
+                            s.salt = prev.salt.clone();
+                            continue;
+                        }
+                    } else {
+                        s.meta.id = Some(uuid::Uuid::new_v4().to_string());
+                    }
+                    if s.pwd_plain.is_some() {
+                        // Hashed later; user-provided hash properties are ignored (Hono).
+                        s.hash_function = None;
+                        s.pwd_hash = None;
+                        s.salt = None;
+                    } else {
+                        match (&s.hash_function, &s.pwd_hash) {
+                            (Some(f), Some(h)) => {
+                                password::validate_imported(f, h, s.salt.as_deref())?
+                            }
+                            _ => return Err(PasswordError::Missing.into()),
+                        }
+                    }
+                }
+            }
+            Credentials::Psk(p) => {
+                check_secret_count(p.secrets.len(), 1)?;
+                if p.auth_id.is_empty() {
+                    return Err(bad("auth-id must not be empty"));
+                }
+                for s in &mut p.secrets {
+                    check_window(&s.meta)?;
+                    if let Some(id) = s.meta.id.clone() {
+                        let prev = match old {
+                            Some(Credentials::Psk(o)) => {
+                                o.secrets.iter().find(|x| x.meta.id.as_deref() == Some(&id))
+                            }
+                            _ => None,
+                        }
+                        .ok_or_else(|| bad(format!("no existing secret with id {id:?}")))?;
+                        if s.key.is_none() {
+                            s.key = prev.key.clone();
+                        }
+                    } else {
+                        s.meta.id = Some(uuid::Uuid::new_v4().to_string());
+                    }
+                    match &s.key {
+                        Some(k) if decode_b64(k).is_some_and(|k| !k.is_empty()) => {}
+                        _ => return Err(bad("a psk secret needs a non-empty base64 key")),
+                    }
+                }
+            }
+            Credentials::X509Cert(x) => {
+                if x.cert.is_some() {
+                    return Err(bad("x509-cert credentials with cert are not supported; give the subject DN as auth-id"));
+                }
+                if x.auth_id.as_deref().is_none_or(str::is_empty) {
+                    return Err(bad("x509-cert credentials need an auth-id (subject DN)"));
+                }
+                if x.secrets.as_ref().is_some_and(|v| v.len() != 1) {
+                    return Err(bad(
+                        "x509-cert credentials have exactly one secret if secrets are given",
+                    ));
+                }
+                for s in x.secrets.iter_mut().flatten() {
+                    check_window(&s.meta)?;
+                    if s.meta.id.is_none() {
+                        s.meta.id = Some(uuid::Uuid::new_v4().to_string());
+                    }
+                }
+            }
+            Credentials::Rpk(r) => {
+                check_secret_count(r.secrets.len(), 1)?;
+                if r.auth_id.is_empty() {
+                    return Err(bad("auth-id must not be empty"));
+                }
+                for s in &mut r.secrets {
+                    check_window(&s.meta)?;
+                    if let Some(id) = s.meta.id.clone() {
+                        let prev = match old {
+                            Some(Credentials::Rpk(o)) => {
+                                o.secrets.iter().find(|x| x.meta.id.as_deref() == Some(&id))
+                            }
+                            _ => None,
+                        }
+                        .ok_or_else(|| bad(format!("no existing secret with id {id:?}")))?;
+                        if s.key.is_none() && s.cert.is_none() {
+                            s.key = prev.key.clone();
+                            s.algorithm = prev.algorithm.clone();
+                        }
+                    } else {
+                        s.meta.id = Some(uuid::Uuid::new_v4().to_string());
+                    }
+                    for (name, v) in [("key", &s.key), ("cert", &s.cert)] {
+                        if v.as_deref().is_some_and(|v| decode_b64(v).is_none()) {
+                            return Err(bad(format!("rpk secret {name} is not valid base64")));
+                        }
+                    }
+                    // Certificates are not parsed: keep only key + algorithm.
+                    s.cert = None;
+                }
+            }
+        }
+        // Secret ids must be unique within an entry so patch updates are unambiguous.
+        let ids: Vec<Option<&String>> = c.secret_meta().iter().map(|m| m.id.as_ref()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            if id.is_some() && ids[..i].contains(id) {
+                return Err(bad("secret ids must be unique within a credentials entry"));
+            }
+        }
+    }
+    Ok(creds)
+}
+
+fn check_secret_count(n: usize, min: usize) -> Result<(), ManagementError> {
+    if n < min {
+        return Err(bad("secrets must not be empty"));
+    }
+    if n > MAX_SECRETS_PER_CREDENTIALS {
+        return Err(bad(format!(
+            "at most {MAX_SECRETS_PER_CREDENTIALS} secrets per credentials entry"
+        )));
+    }
+    Ok(())
+}
+
+fn check_window(m: &crate::model::SecretMeta) -> Result<(), ManagementError> {
+    match (m.not_before, m.not_after) {
+        (Some(a), Some(b)) if a > b => Err(bad("not-before is after not-after")),
+        _ => Ok(()),
+    }
+}
+
+fn decode_b64(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
+}
+
+/// Replaces every `pwd-plain` with an argon2id PHC string (blocking).
+fn hash_plain_passwords(mut creds: Vec<Credentials>) -> Result<Vec<Credentials>, ManagementError> {
+    for c in &mut creds {
+        if let Credentials::HashedPassword(p) = c {
+            for s in &mut p.secrets {
+                if let Some(plain) = s.pwd_plain.take() {
+                    s.pwd_hash = Some(password::hash_plain(&plain)?);
+                    s.hash_function = Some(ARGON2ID.to_owned());
+                    s.salt = None;
+                }
+            }
+        }
+    }
+    Ok(creds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pool_refuses_when_queue_is_full() {
+        let pool = HashPool {
+            max_queued: 2,
+            ..HashPool::new(1)
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        let p1 = pool.clone();
+        let r1 = rx.clone();
+        let first =
+            tokio::spawn(async move { p1.run(move || r1.lock().unwrap().recv().ok()).await });
+        let p2 = pool.clone();
+        let r2 = rx.clone();
+        let second =
+            tokio::spawn(async move { p2.run(move || r2.lock().unwrap().recv().ok()).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(matches!(pool.run(|| ()).await, Err(ManagementError::Busy)));
+        tx.send(()).unwrap();
+        tx.send(()).unwrap();
+        assert!(first.await.unwrap().is_ok());
+        assert!(second.await.unwrap().is_ok());
+        // Slots are released: the pool accepts work again.
+        assert!(pool.run(|| 1).await.is_ok());
+    }
+}

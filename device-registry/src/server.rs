@@ -1,0 +1,258 @@
+//! Start-up and lifecycle: open the store, build the services, serve the API until the
+//! shutdown token is cancelled, then drain connections.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, ApiState};
+use crate::auth::AuthService;
+use crate::config::{ConfigError, RegistryConfig, StorageKind};
+use crate::management::{HashPool, Management};
+use crate::store::{EmbeddedStore, RedisStore, RegistryStore, StoreError};
+
+/// How long shutdown waits for in-flight requests.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// Slow clients get this long to send request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the registry could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error("opening the registry store: {0}")]
+    Store(#[from] StoreError),
+    /// The API address could not be bound.
+    #[error("binding the management API to {addr}: {source}")]
+    Bind {
+        /// Configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Opens the configured store.
+///
+/// # Errors
+/// [`StoreError`] if the file or server is unusable.
+pub async fn open_store(
+    config: &RegistryConfig,
+    data_dir: &Path,
+) -> Result<Arc<dyn RegistryStore>, StoreError> {
+    Ok(match config.storage {
+        StorageKind::Embedded => {
+            let path = data_dir.join(&config.embedded_file);
+            let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
+                .await
+                .map_err(|e| StoreError::Backend(e.to_string()))??;
+            Arc::new(store)
+        }
+        StorageKind::Redis => {
+            Arc::new(RedisStore::connect(&config.redis_url, &config.redis_key_prefix).await?)
+        }
+    })
+}
+
+/// A running registry.
+pub struct Registry {
+    local_addr: SocketAddr,
+    auth: AuthService,
+    management: Management,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Validates `config`, opens the store, binds the API and starts serving. The API
+    /// stops when `shutdown` is cancelled; await [`Registry::stopped`] to wait for the drain.
+    ///
+    /// # Errors
+    /// [`RegistryError`] for bad config, an unusable store or a failed bind.
+    pub async fn start(
+        config: &RegistryConfig,
+        data_dir: &Path,
+        shutdown: CancellationToken,
+    ) -> Result<Self, RegistryError> {
+        config.validate()?;
+        let store = open_store(config, data_dir).await?;
+        Self::start_with_store(config, store, shutdown).await
+    }
+
+    /// Like [`Registry::start`] over an already opened store (tests, or a binary that
+    /// shares one store between components).
+    ///
+    /// # Errors
+    /// [`RegistryError::Bind`] if the address cannot be bound.
+    pub async fn start_with_store(
+        config: &RegistryConfig,
+        store: Arc<dyn RegistryStore>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, RegistryError> {
+        config.validate()?;
+        let pool = HashPool::new(config.hash_pool_size);
+        let auth = AuthService::new(store.clone(), pool.clone(), config.auth_settings());
+        let management = Management::new(store, pool);
+        let listener =
+            TcpListener::bind(config.bind)
+                .await
+                .map_err(|source| RegistryError::Bind {
+                    addr: config.bind,
+                    source,
+                })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| RegistryError::Bind {
+                addr: config.bind,
+                source,
+            })?;
+        if config.allow_anonymous {
+            tracing::warn!(
+                "management API allows anonymous access (registry.allow_anonymous = true)"
+            );
+        } else if config.auth_tokens.is_empty() {
+            tracing::warn!("management API has no auth_tokens: every request will get 401");
+        }
+        let state = Arc::new(ApiState {
+            management: management.clone(),
+            tokens: config.auth_tokens.clone(),
+            allow_anonymous: config.allow_anonymous,
+            max_body_bytes: config.max_body_bytes,
+        });
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(config.max_connections));
+        tracker.spawn(accept_loop(
+            listener,
+            state,
+            limit,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        tracing::info!(%local_addr, "device registry management API listening");
+        Ok(Self {
+            local_addr,
+            auth,
+            management,
+            shutdown,
+            tracker,
+        })
+    }
+
+    /// The bound API address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The authentication service for protocol adapters.
+    pub fn auth(&self) -> &AuthService {
+        &self.auth
+    }
+
+    /// Management operations (for in-process provisioning).
+    pub fn management(&self) -> &Management {
+        &self.management
+    }
+
+    /// Cancels the shutdown token and waits for connections to drain.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.stopped().await;
+    }
+
+    /// Waits until the API stopped after the shutdown token was cancelled.
+    pub async fn stopped(self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// Serves the registry until `shutdown` is cancelled (what `ferrule serve` calls).
+/// `ready` gets the bound address and the [`AuthService`] once the API listens.
+///
+/// # Errors
+/// [`RegistryError`] if start-up fails.
+pub async fn run(
+    config: RegistryConfig,
+    data_dir: &Path,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<(SocketAddr, AuthService)>>,
+) -> Result<(), RegistryError> {
+    let registry = Registry::start(&config, data_dir, shutdown.clone()).await?;
+    if let Some(ready) = ready {
+        let _ = ready.send((registry.local_addr(), registry.auth().clone()));
+    }
+    shutdown.cancelled().await;
+    registry.stopped().await;
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    limit: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        // Wait for a connection slot first: over the limit, new clients queue in the
+        // kernel backlog instead of costing us memory.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // E.g. EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "management API accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| api::handle(state.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "management connection ended with error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(DRAIN_GRACE, conn).await;
+                }
+            }
+        });
+    }
+}

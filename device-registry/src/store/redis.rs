@@ -1,0 +1,666 @@
+//! Redis store for multi-instance deployments.
+//!
+//! Layout under a key prefix `P` (default `ferrule:registry`):
+//! - `P:tenants`: set of tenant ids; `P:t:{tenant}`: tenant record (JSON `Versioned<Tenant>`);
+//! - `P:d:{tenant}`: hash device id -> device record;
+//! - `P:c:{tenant}`: hash device id -> credentials record;
+//! - `P:i:{tenant}`: hash `{type}\n{auth-id}` -> device id (credentials look-up index);
+//! - channel `P:changes`: one message per write, so other instances drop cached entries.
+//!
+//! Every write is one Lua script, so the version check, the existence checks and the
+//! write are atomic, as in the embedded store. Versions are compared inside the script
+//! against the accepted `If-Match` tags, normalised in Rust.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    decode, encode, index_keys, Change, RegistryStore, StoreError, CHANGE_CHANNEL_CAPACITY,
+};
+use crate::model::{
+    new_version, CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned,
+};
+
+fn be(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// Shared by every script: does the record `cur` (JSON with a `version`) match `want`
+/// (empty: anything; else space-separated accepted versions, `*` = any)?
+const VMATCH: &str = r#"
+local function vmatch(cur, want)
+  if want == '' then return true end
+  local v = cjson.decode(cur)['version']
+  for tag in string.gmatch(want, '%S+') do
+    if tag == '*' or tag == v then return true end
+  end
+  return false
+end
+local function drop_index(ikey, credrec, dev)
+  local creds = cjson.decode(credrec)['value']
+  for _, c in ipairs(creds) do
+    local a = c['auth-id']
+    if type(a) ~= 'string' then a = '' end
+    local f = c['type'] .. '\n' .. a
+    if redis.call('HGET', ikey, f) == dev then redis.call('HDEL', ikey, f) end
+  end
+end
+"#;
+
+const CREATE_TENANT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 'ok'
+"#;
+
+const UPDATE_TENANT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 'notfound' end
+if not vmatch(cur, ARGV[1]) then return 'mismatch' end
+redis.call('SET', KEYS[1], ARGV[2])
+return 'ok'
+"#;
+
+const DELETE_TENANT: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 'notfound' end
+if not vmatch(cur, ARGV[1]) then return 'mismatch' end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SREM', KEYS[2], ARGV[2])
+return 'ok'
+"#;
+
+const CREATE_DEVICE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'notenant' end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 'exists' end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+return 'ok'
+"#;
+
+const UPDATE_DEVICE: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 'notfound' end
+if not vmatch(cur, ARGV[2]) then return 'mismatch' end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 'ok'
+"#;
+
+const DELETE_DEVICE: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 'notfound' end
+if not vmatch(cur, ARGV[2]) then return 'mismatch' end
+local creds = redis.call('HGET', KEYS[2], ARGV[1])
+if creds then drop_index(KEYS[3], creds, ARGV[1]) end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 'ok'
+"#;
+
+const DELETE_DEVICES: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'notfound' end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+return 'ok'
+"#;
+
+const SET_CREDENTIALS: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if not cur then return 'notfound' end
+if not vmatch(cur, ARGV[2]) then return 'mismatch' end
+for i = 4, #ARGV do
+  local owner = redis.call('HGET', KEYS[2], ARGV[i])
+  if owner and owner ~= ARGV[1] then return 'conflict' end
+end
+drop_index(KEYS[2], cur, ARGV[1])
+for i = 4, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], ARGV[1]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 'ok'
+"#;
+
+struct Scripts {
+    create_tenant: Script,
+    update_tenant: Script,
+    delete_tenant: Script,
+    create_device: Script,
+    update_device: Script,
+    delete_device: Script,
+    delete_devices: Script,
+    set_credentials: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let s = |body: &str| Script::new(&format!("{VMATCH}\n{body}"));
+        Self {
+            create_tenant: s(CREATE_TENANT),
+            update_tenant: s(UPDATE_TENANT),
+            delete_tenant: s(DELETE_TENANT),
+            create_device: s(CREATE_DEVICE),
+            update_device: s(UPDATE_DEVICE),
+            delete_device: s(DELETE_DEVICE),
+            delete_devices: s(DELETE_DEVICES),
+            set_credentials: s(SET_CREDENTIALS),
+        }
+    }
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    prefix: String,
+    scripts: Scripts,
+    changes: broadcast::Sender<Change>,
+    /// Stops the pub/sub relay task when the last handle is dropped.
+    stop: CancellationToken,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Redis-backed [`RegistryStore`]; cheap to clone.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Normalises an `If-Match` value into the script's `want` argument.
+fn want(if_match: Option<&str>) -> String {
+    let Some(v) = if_match else {
+        return String::new();
+    };
+    let tags: Vec<&str> = v
+        .split(',')
+        .map(|t| {
+            let t = t.trim();
+            t.strip_prefix("W/").unwrap_or(t).trim_matches('"')
+        })
+        .filter(|t| !t.is_empty() && !t.contains(char::is_whitespace))
+        .collect();
+    if tags.is_empty() {
+        // Present but unusable: must match nothing, not everything.
+        "\u{1}".to_owned()
+    } else {
+        tags.join(" ")
+    }
+}
+
+fn outcome(r: &str, what: &'static str) -> Result<(), StoreError> {
+    match r {
+        "ok" => Ok(()),
+        "exists" => Err(StoreError::AlreadyExists(what)),
+        "notfound" => Err(StoreError::NotFound(what)),
+        "notenant" => Err(StoreError::NotFound("tenant")),
+        "mismatch" => Err(StoreError::VersionMismatch),
+        "conflict" => Err(StoreError::Conflict(
+            "credentials with this type and auth-id belong to another device".into(),
+        )),
+        other => Err(StoreError::Backend(format!(
+            "unexpected script result {other:?}"
+        ))),
+    }
+}
+
+fn index_field(t: CredentialType, auth_id: &str) -> String {
+    format!("{}\n{auth_id}", t.as_str())
+}
+
+impl RedisStore {
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379/0`) and starts relaying other
+    /// instances' changes.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if the URL is invalid or Redis cannot be reached.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(be)?;
+        let conn = ConnectionManager::new(client.clone()).await.map_err(be)?;
+        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        let stop = CancellationToken::new();
+        let channel = format!("{prefix}:changes");
+        tokio::spawn(relay_changes(
+            client,
+            channel,
+            changes.clone(),
+            stop.clone(),
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn,
+                prefix: prefix.to_owned(),
+                scripts: Scripts::new(),
+                changes,
+                stop,
+            }),
+        })
+    }
+
+    fn key(&self, kind: &str, tenant: &TenantId) -> String {
+        format!("{}:{kind}:{tenant}", self.inner.prefix)
+    }
+
+    fn tenants_key(&self) -> String {
+        format!("{}:tenants", self.inner.prefix)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    /// Tells this instance's subscribers at once and other instances via pub/sub.
+    async fn announce(&self, c: Change) {
+        let _ = self.inner.changes.send(c.clone());
+        let payload = match &c {
+            Change::Tenant(t) => format!("T\t{t}"),
+            Change::Device(t, d) => format!("D\t{t}\t{d}"),
+            Change::All => "*".to_owned(),
+        };
+        let channel = format!("{}:changes", self.inner.prefix);
+        if let Err(e) = self.conn().publish::<_, _, ()>(channel, payload).await {
+            // The write is done; other instances fall back to their cache TTL.
+            tracing::warn!(error = %e, "could not publish registry change");
+        }
+    }
+}
+
+fn parse_change(payload: &str) -> Change {
+    let mut parts = payload.split('\t');
+    let tag = parts.next();
+    let t = parts.next().and_then(|t| TenantId::new(t).ok());
+    let d = parts.next().and_then(|d| DeviceId::new(d).ok());
+    match (tag, t, d) {
+        (Some("T"), Some(t), _) => Change::Tenant(t),
+        (Some("D"), Some(t), Some(d)) => Change::Device(t, d),
+        // Anything unexpected: be safe and drop everything.
+        _ => Change::All,
+    }
+}
+
+/// Relays pub/sub messages into the local broadcast until `stop`. After any (re)subscribe
+/// it emits [`Change::All`]: messages sent while disconnected are lost.
+async fn relay_changes(
+    client: redis::Client,
+    channel: String,
+    tx: broadcast::Sender<Change>,
+    stop: CancellationToken,
+) {
+    loop {
+        let session = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            let _ = tx.send(Change::All);
+            let mut stream = pubsub.on_message();
+            while let Some(msg) = stream.next().await {
+                let payload: String = msg.get_payload().unwrap_or_default();
+                let _ = tx.send(parse_change(&payload));
+            }
+            Ok::<(), redis::RedisError>(())
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = session => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "registry change subscription failed; retrying");
+                }
+            }
+        }
+        let _ = tx.send(Change::All);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[async_trait]
+impl RegistryStore for RedisStore {
+    async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
+        let version = new_version();
+        let rec = encode(&Versioned {
+            version: version.clone(),
+            value: tenant.clone(),
+        })?;
+        let r: String = self
+            .inner
+            .scripts
+            .create_tenant
+            .key(self.key("t", id))
+            .key(self.tenants_key())
+            .arg(id.as_str())
+            .arg(rec)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        outcome(&r, "tenant")?;
+        self.announce(Change::Tenant(id.clone())).await;
+        Ok(version)
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Versioned<Tenant>>, StoreError> {
+        let v: Option<Vec<u8>> = self.conn().get(self.key("t", id)).await.map_err(be)?;
+        v.map(|b| decode(&b)).transpose()
+    }
+
+    async fn update_tenant(
+        &self,
+        id: &TenantId,
+        tenant: &Tenant,
+        if_match: Option<&str>,
+    ) -> Result<String, StoreError> {
+        let version = new_version();
+        let rec = encode(&Versioned {
+            version: version.clone(),
+            value: tenant.clone(),
+        })?;
+        let r: String = self
+            .inner
+            .scripts
+            .update_tenant
+            .key(self.key("t", id))
+            .arg(want(if_match))
+            .arg(rec)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        outcome(&r, "tenant")?;
+        self.announce(Change::Tenant(id.clone())).await;
+        Ok(version)
+    }
+
+    async fn delete_tenant(&self, id: &TenantId, if_match: Option<&str>) -> Result<(), StoreError> {
+        let r: String = self
+            .inner
+            .scripts
+            .delete_tenant
+            .key(self.key("t", id))
+            .key(self.tenants_key())
+            .key(self.key("d", id))
+            .key(self.key("c", id))
+            .key(self.key("i", id))
+            .arg(want(if_match))
+            .arg(id.as_str())
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        outcome(&r, "tenant")?;
+        self.announce(Change::Tenant(id.clone())).await;
+        Ok(())
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<(TenantId, Versioned<Tenant>)>, StoreError> {
+        let mut ids: Vec<String> = self.conn().smembers(self.tenants_key()).await.map_err(be)?;
+        ids.sort();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        // MGET in bounded batches so one call never builds a huge reply.
+        for chunk in ids.chunks(500) {
+            let tids: Vec<TenantId> = chunk
+                .iter()
+                .map(|i| TenantId::new(i.as_str()).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect::<Result<_, _>>()?;
+            let keys: Vec<String> = tids.iter().map(|t| self.key("t", t)).collect();
+            let vals: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(be)?;
+            for (t, v) in tids.into_iter().zip(vals) {
+                // A tenant deleted between SMEMBERS and MGET is simply skipped.
+                if let Some(v) = v {
+                    out.push((t, decode(&v)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        device: &Device,
+    ) -> Result<String, StoreError> {
+        let version = new_version();
+        let rec = encode(&Versioned {
+            version: version.clone(),
+            value: device.clone(),
+        })?;
+        let creds = encode(&Versioned {
+            version: new_version(),
+            value: Vec::<Credentials>::new(),
+        })?;
+        let r: String = self
+            .inner
+            .scripts
+            .create_device
+            .key(self.key("t", tenant))
+            .key(self.key("d", tenant))
+            .key(self.key("c", tenant))
+            .arg(id.as_str())
+            .arg(rec)
+            .arg(creds)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        outcome(&r, "device")?;
+        self.announce(Change::Device(tenant.clone(), id.clone()))
+            .await;
+        Ok(version)
+    }
+
+    async fn get_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+    ) -> Result<Option<Versioned<Device>>, StoreError> {
+        let v: Option<Vec<u8>> = self
+            .conn()
+            .hget(self.key("d", tenant), id.as_str())
+            .await
+            .map_err(be)?;
+        v.map(|b| decode(&b)).transpose()
+    }
+
+    async fn update_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        device: &Device,
+        if_match: Option<&str>,
+    ) -> Result<String, StoreError> {
+        let version = new_version();
+        let rec = encode(&Versioned {
+            version: version.clone(),
+            value: device.clone(),
+        })?;
+        let r: String = self
+            .inner
+            .scripts
+            .update_device
+            .key(self.key("d", tenant))
+            .arg(id.as_str())
+            .arg(want(if_match))
+            .arg(rec)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        outcome(&r, "device")?;
+        self.announce(Change::Device(tenant.clone(), id.clone()))
+            .await;
+        Ok(version)
+    }
+
+    async fn delete_device(
+        &self,
+        tenant: &TenantId,
+        id: &DeviceId,
+        if_match: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let r: String = self
+            .inner
+            .scripts
+            .delete_device
+            .key(self.key("d", tenant))
+            .key(self.key("c", tenant))
+            .key(self.key("i", tenant))
+            .arg(id.as_str())
+            .arg(want(if_match))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        outcome(&r, "device")?;
+        self.announce(Change::Device(tenant.clone(), id.clone()))
+            .await;
+        Ok(())
+    }
+
+    async fn list_devices(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Vec<(DeviceId, Versioned<Device>)>, StoreError> {
+        let all: Vec<(String, Vec<u8>)> = self
+            .conn()
+            .hgetall(self.key("d", tenant))
+            .await
+            .map_err(be)?;
+        let mut out = all
+            .into_iter()
+            .map(|(k, v)| {
+                let id = DeviceId::new(k).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok((id, decode(&v)?))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    async fn delete_devices_of_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
+        let r: String = self
+            .inner
+            .scripts
+            .delete_devices
+            .key(self.key("t", tenant))
+            .key(self.key("d", tenant))
+            .key(self.key("c", tenant))
+            .key(self.key("i", tenant))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(be)?;
+        outcome(&r, "tenant")?;
+        self.announce(Change::Tenant(tenant.clone())).await;
+        Ok(())
+    }
+
+    async fn get_credentials(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+    ) -> Result<Option<Versioned<Vec<Credentials>>>, StoreError> {
+        let v: Option<Vec<u8>> = self
+            .conn()
+            .hget(self.key("c", tenant), device.as_str())
+            .await
+            .map_err(be)?;
+        v.map(|b| decode(&b)).transpose()
+    }
+
+    async fn set_credentials(
+        &self,
+        tenant: &TenantId,
+        device: &DeviceId,
+        credentials: &[Credentials],
+        if_match: Option<&str>,
+    ) -> Result<String, StoreError> {
+        let keys = index_keys(credentials)?;
+        let version = new_version();
+        let rec = encode(&Versioned {
+            version: version.clone(),
+            value: credentials.to_vec(),
+        })?;
+        let mut inv = self.inner.scripts.set_credentials.prepare_invoke();
+        inv.key(self.key("c", tenant))
+            .key(self.key("i", tenant))
+            .arg(device.as_str())
+            .arg(want(if_match))
+            .arg(rec);
+        for (t, a) in &keys {
+            inv.arg(index_field(*t, a));
+        }
+        let r: String = inv.invoke_async(&mut self.conn()).await.map_err(be)?;
+        outcome(&r, "device")?;
+        self.announce(Change::Device(tenant.clone(), device.clone()))
+            .await;
+        Ok(version)
+    }
+
+    async fn find_credentials(
+        &self,
+        tenant: &TenantId,
+        cred_type: CredentialType,
+        auth_id: &str,
+    ) -> Result<Option<(DeviceId, Credentials)>, StoreError> {
+        let dev: Option<String> = self
+            .conn()
+            .hget(self.key("i", tenant), index_field(cred_type, auth_id))
+            .await
+            .map_err(be)?;
+        let Some(dev) = dev else { return Ok(None) };
+        let dev = DeviceId::new(dev).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let Some(set) = self.get_credentials(tenant, &dev).await? else {
+            return Ok(None);
+        };
+        Ok(set
+            .value
+            .into_iter()
+            .find(|c| c.cred_type() == cred_type && c.auth_id() == auth_id)
+            .map(|c| (dev, c)))
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.inner.changes.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_normalisation() {
+        assert_eq!(want(None), "");
+        assert_eq!(want(Some("\"abc\"")), "abc");
+        assert_eq!(want(Some("W/\"a\", b")), "a b");
+        assert_eq!(want(Some("\"\"")), "\u{1}");
+    }
+
+    #[test]
+    fn change_messages_parse() {
+        assert_eq!(
+            parse_change("T\tt1"),
+            Change::Tenant(TenantId::new("t1").unwrap())
+        );
+        assert_eq!(
+            parse_change("D\tt1\td1"),
+            Change::Device(TenantId::new("t1").unwrap(), DeviceId::new("d1").unwrap())
+        );
+        assert_eq!(parse_change("garbage"), Change::All);
+    }
+}

@@ -1,0 +1,450 @@
+//! The management API over real sockets: status codes, headers and bodies as Hono's
+//! Device Registry Management API v1 specifies them.
+
+mod support;
+
+use http::{Method, StatusCode};
+use serde_json::json;
+use support::TestRegistry;
+
+#[tokio::test]
+async fn operators_must_authenticate() {
+    let reg = TestRegistry::embedded().await;
+    let anon = reg.anonymous_client();
+    let r = anon
+        .request(Method::GET, "/v1/tenants", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.www_authenticate.as_deref().unwrap().contains("Bearer"));
+    assert!(r.json()["error"].is_string());
+
+    let wrong = ferrule_device_registry::client::RegistryClient::new(
+        &reg.base_url(),
+        Some("wrong-token-wrong-token".into()),
+    )
+    .unwrap();
+    let r = wrong
+        .request(Method::POST, "/v1/tenants/t1", Some(&json!({})), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // The OpenAPI document is public.
+    let r = anon
+        .request(Method::GET, "/v1/openapi.yaml", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&r.body).contains("openapi: 3.0.1"));
+}
+
+#[tokio::test]
+async fn anonymous_access_only_when_configured() {
+    let (store, _dir) = support::embedded_store();
+    let config = ferrule_device_registry::RegistryConfig {
+        allow_anonymous: true,
+        ..support::test_config()
+    };
+    let reg = TestRegistry::with_store(store, config).await;
+    let r = reg
+        .anonymous_client()
+        .request(Method::POST, "/v1/tenants/anon", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn tenant_lifecycle_with_etags() {
+    let reg = TestRegistry::embedded().await;
+    let c = reg.client();
+    let r = c
+        .request(
+            Method::POST,
+            "/v1/tenants/t1",
+            Some(&json!({"ext": {"a": 1}})),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(
+        r.location.clone().unwrap(),
+        format!("{}/v1/tenants/t1", reg.base_url())
+    );
+    assert_eq!(r.json(), json!({"id": "t1"}));
+    let v1 = r.etag.unwrap();
+
+    let r = c
+        .request(Method::POST, "/v1/tenants/t1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert!(r.json()["error"].is_string());
+
+    let r = c
+        .request(Method::GET, "/v1/tenants/t1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.etag.as_deref(), Some(v1.as_str()));
+    assert_eq!(r.json(), json!({"enabled": true, "ext": {"a": 1}}));
+
+    let r = c
+        .request(
+            Method::PUT,
+            "/v1/tenants/t1",
+            Some(&json!({"enabled": false})),
+            Some("\"other\""),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    let r = c
+        .request(
+            Method::PUT,
+            "/v1/tenants/t1",
+            Some(&json!({"enabled": false})),
+            Some(&format!("\"{v1}\"")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let v2 = r.etag.unwrap();
+    assert_ne!(v1, v2);
+
+    // Unknown properties and bad ids are 400, missing resources 404.
+    let r = c
+        .request(
+            Method::PUT,
+            "/v1/tenants/t1",
+            Some(&json!({"enabeld": false})),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"].as_str().unwrap().contains("enabeld"));
+    let r = c
+        .request(Method::POST, "/v1/tenants/bad%2Fid", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = c
+        .request(Method::GET, "/v1/tenants/missing", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.json()["error"].is_string());
+    let r = c
+        .request(Method::PUT, "/v1/tenants/missing", Some(&json!({})), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // Updates need a body (creates do not).
+    let r = c
+        .request(Method::PUT, "/v1/tenants/t1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Generated id.
+    let r = c
+        .request(Method::POST, "/v1/tenants", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CREATED);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        r.location.clone().unwrap(),
+        format!("{}/v1/tenants/{id}", reg.base_url())
+    );
+
+    let r = c
+        .request(Method::DELETE, "/v1/tenants/t1", None, Some("\"stale\""))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    let r = c
+        .request(Method::DELETE, "/v1/tenants/t1", None, Some(&v2))
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = c
+        .request(Method::DELETE, "/v1/tenants/t1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let r = c
+        .request(Method::PATCH, "/v1/tenants/t1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    let r = c
+        .request(Method::GET, "/v2/whatever", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn devices_search_and_credentials() {
+    let reg = TestRegistry::embedded().await;
+    let c = reg.client();
+    let r = c
+        .request(Method::POST, "/v1/devices/nope/d1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    c.request(Method::POST, "/v1/tenants/t", None, None)
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    for (id, brand, n) in [
+        ("d1", "eclipse-a", 3),
+        ("d2", "other", 1),
+        ("d3", "eclipse-b", 2),
+    ] {
+        let r = c
+            .request(
+                Method::POST,
+                &format!("/v1/devices/t/{id}"),
+                Some(&json!({"ext": {"brand": brand, "n": n}})),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::CREATED);
+        assert_eq!(
+            r.location.clone().unwrap(),
+            format!("{}/v1/devices/t/{id}", reg.base_url())
+        );
+    }
+    let r = c
+        .request(Method::POST, "/v1/devices/t/d1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = c
+        .request(
+            Method::POST,
+            "/v1/devices/t/gw",
+            Some(&json!({"via": []})),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CREATED);
+    let r = c
+        .request(
+            Method::PUT,
+            "/v1/devices/t/d2",
+            Some(&json!({"via": ["gw"], "ext": {"brand": "other", "n": 1}})),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+
+    let r = c
+        .request(Method::GET, "/v1/devices/t/d1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.etag.is_some());
+    assert!(r.json()["status"]["created"].is_string());
+
+    let filter = "%7B%22field%22%3A%22%2Fext%2Fbrand%22%2C%22value%22%3A%22eclipse*%22%7D";
+    let sort = "%7B%22field%22%3A%22%2Fext%2Fn%22%2C%22direction%22%3A%22desc%22%7D";
+    let r = c
+        .request(
+            Method::GET,
+            &format!("/v1/devices/t?filterJson={filter}&sortJson={sort}&pageSize=1"),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    let j = r.json();
+    assert_eq!(j["total"], 2);
+    assert_eq!(j["result"][0]["id"], "d1");
+    assert_eq!(j["result"].as_array().unwrap().len(), 1);
+    let r = c
+        .request(Method::GET, "/v1/devices/t?isGateway=true", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.json()["result"][0]["id"], "gw");
+    let r = c
+        .request(Method::GET, "/v1/devices/t?pageSize=500", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = c
+        .request(Method::GET, "/v1/devices/t?filterJson=%7B", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Hono answers an empty result with 404.
+    let r = c
+        .request(Method::GET, "/v1/devices/t?pageOffset=100", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = c
+        .request(
+            Method::GET,
+            "/v1/tenants?filterJson=%7B%22field%22%3A%22%2Fid%22%2C%22value%22%3A%22t%22%7D",
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.json(),
+        json!({"total": 1, "result": [{"id": "t", "enabled": true}]})
+    );
+
+    // Credentials: empty set first, then patch-mode metadata on GET.
+    let r = c
+        .request(Method::GET, "/v1/credentials/t/d1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json(), json!([]));
+    let r = c
+        .request(Method::GET, "/v1/credentials/t/none", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let creds =
+        json!([{"type": "psk", "auth-id": "d1-psk", "secrets": [{"key": "c2VjcmV0LWtleQ=="}]}]);
+    let r = c
+        .request(Method::PUT, "/v1/credentials/t/d1", Some(&creds), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = c
+        .request(Method::GET, "/v1/credentials/t/d1", None, None)
+        .await
+        .unwrap();
+    let got = r.json();
+    assert_eq!(got[0]["auth-id"], "d1-psk");
+    assert!(got[0]["secrets"][0]["id"].is_string());
+    assert!(
+        got[0]["secrets"][0].get("key").is_none(),
+        "key material must not be returned"
+    );
+    // Same auth-id on another device: 409.
+    let r = c
+        .request(Method::PUT, "/v1/credentials/t/d3", Some(&creds), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    // Unknown secret id: 400; unsupported hash function: 400.
+    let r = c
+        .request(
+            Method::PUT,
+            "/v1/credentials/t/d1",
+            Some(&json!([{"type": "psk", "auth-id": "d1-psk", "secrets": [{"id": "nope"}]}])),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = c
+        .request(
+            Method::PUT,
+            "/v1/credentials/t/d1",
+            Some(&json!([{"type": "hashed-password", "auth-id": "x", "secrets": [{"hash-function": "md5", "pwd-hash": "abc"}]}])),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Deleting all devices of a tenant.
+    let r = c
+        .request(Method::DELETE, "/v1/devices/t", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = c
+        .request(Method::GET, "/v1/devices/t/d1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_bodies() {
+    let reg = TestRegistry::embedded().await;
+    let c = reg.client();
+    let big = json!({"ext": {"blob": "x".repeat(100_000)}});
+    let r = c
+        .request(Method::POST, "/v1/tenants/big", Some(&big), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let r = c
+        .request(Method::POST, "/v1/tenants/t", Some(&json!([1, 2])), None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = c
+        .request(
+            Method::POST,
+            "/v1/tenants/t",
+            Some(&json!({"adapters": []})),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn run_serves_until_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::test_config();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let data_dir = dir.path().to_owned();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { ferrule_device_registry::run(config, &data_dir, shutdown, Some(tx)).await }
+    });
+    let (addr, auth) = rx.await.expect("registry ready");
+    let c = ferrule_device_registry::client::RegistryClient::new(
+        &format!("http://{addr}"),
+        Some(support::TOKEN.into()),
+    )
+    .unwrap();
+    c.request(Method::POST, "/v1/tenants/t", None, None)
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
+    assert!(auth
+        .get_tenant(&"t".parse().unwrap())
+        .await
+        .unwrap()
+        .is_some());
+    shutdown.cancel();
+    tokio::time::timeout(std::time::Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // The embedded store file lives in the data directory.
+    assert!(dir.path().join("registry.redb").exists());
+    assert!(
+        c.request(Method::GET, "/v1/tenants/t", None, None)
+            .await
+            .is_err(),
+        "still serving after shutdown"
+    );
+}
