@@ -22,6 +22,17 @@ pub struct Config {
     pub log: LogConfig,
     pub ops: crate::ops::OpsConfig,
     pub messaging: MessagingConfig,
+    pub registry: ferrule_device_registry::RegistryConfig,
+    pub adapters: AdaptersConfig,
+}
+
+/// `[adapters]`: the protocol adapters, each with its own section.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptersConfig {
+    pub http: ferrule_adapters::http::HttpConfig,
+    pub mqtt: ferrule_adapters::mqtt::MqttConfig,
+    pub coap: ferrule_adapters::coap::CoapConfig,
 }
 
 impl Default for Config {
@@ -31,6 +42,8 @@ impl Default for Config {
             log: LogConfig::default(),
             ops: Default::default(),
             messaging: MessagingConfig::default(),
+            registry: Default::default(),
+            adapters: Default::default(),
         }
     }
 }
@@ -75,7 +88,20 @@ level = "info"
 
 /// The default configuration as commented TOML.
 pub fn default_toml() -> String {
-    format!("{ROOT_DEFAULT_TOML}{}{}", crate::ops::DEFAULT_TOML, ferrule_messaging::config::DEFAULT_TOML)
+    [
+        ROOT_DEFAULT_TOML,
+        crate::ops::DEFAULT_TOML,
+        ferrule_messaging::config::DEFAULT_TOML,
+        "\n",
+        ferrule_device_registry::DEFAULT_TOML,
+        "\n",
+        ferrule_adapters::http::DEFAULT_TOML,
+        "\n",
+        ferrule_adapters::mqtt::DEFAULT_TOML,
+        "\n",
+        ferrule_adapters::coap::DEFAULT_TOML,
+    ]
+    .concat()
 }
 
 const ENV_PREFIX: &str = "FERRULE__";

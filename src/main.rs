@@ -3,6 +3,7 @@
 
 mod config;
 mod ops;
+mod wiring;
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use ferrule_adapters::{coap::CoapAdapter, http::HttpAdapter, mqtt, DeviceRegistry, Downstream};
+use ferrule_command_control::CommandRouter;
+use ferrule_device_registry::Registry;
 use ferrule_messaging::{AmqpServer, Broker, UserConfig};
 
 #[derive(Parser)]
@@ -32,6 +38,8 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    #[command(flatten)]
+    Registry(ferrule_device_registry::CliCommand),
 }
 
 #[derive(Subcommand)]
@@ -60,6 +68,11 @@ fn main() -> std::process::ExitCode {
             print!("{}", toml::to_string_pretty(&c).expect("config serialises"));
         }),
         Command::Serve { config } => serve(config.as_deref()),
+        Command::Registry(command) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ferrule_device_registry::run_cli(command))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -86,6 +99,7 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     ensure_application_user(&mut config)?;
+    ensure_operator_token(&mut config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(run(config))
 }
@@ -97,9 +111,38 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     let broker = Broker::open(&config.messaging, &config.data_dir).context("opening the messaging store")?;
     let amqp = AmqpServer::bind(&config.messaging, broker.clone()).await?;
     let ops_listener = ops::bind(&config.ops).await?;
-    let mut listeners = vec![("amqp", amqp.local_addr()), ("ops", ops_listener.local_addr()?)];
+    let registry = Registry::start(&config.registry, &config.data_dir, shutdown.clone())
+        .await
+        .context("starting the device registry")?;
+    let devices = wiring::RegistryDevices(registry.auth().clone());
+    let device_registry: Arc<dyn DeviceRegistry> = Arc::new(devices.clone());
+    let router = CommandRouter::new(broker.clone(), Arc::new(devices));
+    router.install();
+    let downstream = Downstream::new(broker.clone());
+    let commands = Some(router.clone());
+    let http = HttpAdapter::bind(config.adapters.http.clone(), downstream.clone(), device_registry.clone(), commands.clone()).await?;
+    let coap = CoapAdapter::bind(config.adapters.coap.clone(), downstream.clone(), device_registry.clone(), commands.clone()).await?;
+    let mqtt = mqtt::start_with_commands(
+        config.adapters.mqtt.clone(),
+        downstream.clone(),
+        device_registry.clone(),
+        commands,
+        shutdown.child_token(),
+    )?;
+
+    let mut listeners = vec![
+        ("amqp", amqp.local_addr()),
+        ("ops", ops_listener.local_addr()?),
+        ("registry", registry.local_addr()),
+        ("http", http.local_addr()),
+        ("mqtt", mqtt.local_addr()),
+        ("coap", coap.local_addr()),
+        ("coaps", coap.local_dtls_addr()),
+    ];
     listeners.extend(amqp.local_tls_addr().map(|addr| ("amqps", addr)));
     write_listeners(&config.data_dir, &listeners)?;
+    let http_task = tokio::spawn(http.run(shutdown.clone()));
+    let coap_task = tokio::spawn(coap.run(shutdown.clone()));
 
     let maintenance = tokio::spawn(broker.clone().run_maintenance(config.messaging.expiry_check_interval, shutdown.clone()));
     let ops_task = tokio::spawn(ops::run(ops_listener, metrics, ready.clone(), broker.clone(), shutdown.clone()));
@@ -111,9 +154,14 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     ready.set(false);
     shutdown.cancel();
-    let _ = ops_task.await;
+    // Devices first (their in-flight messages still reach the core), then applications;
+    // each listener stops accepting at once and gets the grace period to drain.
     let grace = std::time::Duration::from_secs(10);
-    if tokio::time::timeout(grace, server).await.is_err() {
+    let drained = tokio::time::timeout(grace, async {
+        let _ = tokio::join!(http_task, coap_task, mqtt.stopped(), registry.stopped(), ops_task);
+        let _ = server.await;
+    });
+    if drained.await.is_err() {
         tracing::warn!("connections still open after {grace:?}; closing anyway");
     }
     let _ = maintenance.await;
@@ -166,6 +214,29 @@ fn ensure_application_user(config: &mut config::Config) -> anyhow::Result<()> {
     };
     tracing::info!(user = "admin@*", credentials = %path.display(), "no application users configured; using the generated admin user (log in as admin@TENANT)");
     sasl.users.push(UserConfig { username: "admin@*".into(), password });
+    Ok(())
+}
+
+/// Likewise for operators: with no management API token configured and anonymous access
+/// off, generate one into `DATA_DIR/operator-token` (mode 0600), reused on later starts.
+fn ensure_operator_token(config: &mut config::Config) -> anyhow::Result<()> {
+    let registry = &mut config.registry;
+    if !registry.auth_tokens.is_empty() || registry.allow_anonymous {
+        return Ok(());
+    }
+    let path = config.data_dir.join("operator-token");
+    let token = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().to_owned(),
+        Err(_) => {
+            use rand::distr::{Alphanumeric, SampleString};
+            let token = Alphanumeric.sample_string(&mut rand::rng(), 32);
+            write_private(&path, &format!("{token}\n"))?;
+            token
+        }
+    };
+    anyhow::ensure!(token.len() >= 16, "{} holds a token shorter than 16 characters", path.display());
+    tracing::info!(token_file = %path.display(), "no operator token configured; using the generated one");
+    registry.auth_tokens.push(token);
     Ok(())
 }
 

@@ -53,7 +53,7 @@ async fn start_with(config: CoapConfig) -> Setup {
         allow_unauthenticated: true,
         ..config
     };
-    let adapter = CoapAdapter::bind(config, downstream.clone(), Arc::new(registry.clone())).await.unwrap();
+    let adapter = CoapAdapter::bind(config, downstream.clone(), Arc::new(registry.clone()), None).await.unwrap();
     let (udp, dtls) = (adapter.local_addr(), adapter.local_dtls_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(adapter.run(shutdown.clone()));

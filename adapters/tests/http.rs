@@ -31,7 +31,7 @@ async fn start(allow_unauthenticated: bool) -> Setup {
         allow_unauthenticated,
         ..Default::default()
     };
-    let adapter = HttpAdapter::bind(config, Downstream::new(broker.clone()), Arc::new(registry.clone())).await.unwrap();
+    let adapter = HttpAdapter::bind(config, Downstream::new(broker.clone()), Arc::new(registry.clone()), None).await.unwrap();
     let url = format!("http://{}", adapter.local_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(adapter.run(shutdown.clone()));

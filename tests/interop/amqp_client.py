@@ -1,5 +1,6 @@
 """Small helpers over python-qpid-proton's blocking API (an independent AMQP 1.0 client)."""
 import threading
+import time
 
 from proton import Message
 from proton.utils import BlockingConnection
@@ -13,11 +14,12 @@ def connect(url, timeout=10, **kwargs):
 class Collector(threading.Thread):
     """Receives from `address` on its own connection until `stop` is set; accepts everything."""
 
-    def __init__(self, url, address, credit=10):
+    def __init__(self, url, address, credit=10, name=None):
         super().__init__(daemon=True)
         self.conn = connect(url)
-        self.receiver = self.conn.create_receiver(address, credit=credit)
+        self.receiver = self.conn.create_receiver(address, credit=credit, name=name)
         self.bodies = []
+        self.messages = []
         self.stop = threading.Event()
         self.error = None
 
@@ -31,6 +33,7 @@ class Collector(threading.Thread):
                         continue
                     raise
                 self.bodies.append(msg.body)
+                self.messages.append(msg)
                 self.receiver.accept()
         except Exception as e:
             self.error = e
@@ -39,6 +42,24 @@ class Collector(threading.Thread):
                 self.conn.close()
             except Exception:
                 pass
+
+
+    def next(self, timeout=10):
+        """The next message not yet taken by `next` (waits for it)."""
+        deadline = time.time() + timeout
+        taken = getattr(self, "_taken", 0)
+        while len(self.messages) <= taken:
+            if self.error is not None:
+                raise self.error
+            if time.time() > deadline:
+                raise TimeoutError(f"no message within {timeout} s")
+            time.sleep(0.01)
+        self._taken = taken + 1
+        return self.messages[taken]
+
+    def close(self):
+        self.stop.set()
+        self.join(5)
 
 
 def message(body, **kwargs):

@@ -34,13 +34,29 @@ expiry_check_interval = "200ms"
 addresses = [
   {{ pattern = "broadcast/*", type = "multicast" }},
   {{ pattern = "news/*", type = "topic" }},
+  {{ pattern = "service/*", type = "anycast" }},
 ]
 [messaging.sasl]
 users = [
   {{ username = "app@t1", password = "secret-one" }},
   {{ username = "app@t2", password = "secret-two" }},
 ]
+[registry]
+bind = "127.0.0.1:0"
+auth_tokens = ["{registry_token}"]
+[adapters.http]
+listen = "127.0.0.1:0"
+allow_unauthenticated = true
+[adapters.mqtt]
+listen = "127.0.0.1:0"
+allow_unauthenticated = true
+[adapters.coap]
+listen = "127.0.0.1:0"
+listen_dtls = "127.0.0.1:0"
+allow_unauthenticated = true
 """
+
+REGISTRY_TOKEN = "test-operator-token"
 
 
 class Platform:
@@ -50,7 +66,10 @@ class Platform:
         self.data_dir = data_dir
         self.config_path = data_dir / "ferrule.toml"
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(CONFIG.format(data_dir=data_dir, max_depth=max_depth) + extra)
+        self.config_path.write_text(
+            CONFIG.format(data_dir=data_dir, max_depth=max_depth, registry_token=REGISTRY_TOKEN) + extra
+        )
+        self.registry_token = REGISTRY_TOKEN
         self.proc = None
         self.log_path = data_dir / "ferrule.log"
 
@@ -78,6 +97,10 @@ class Platform:
         user, secret = USERS[tenant]
         host, port = self.listeners["amqp"].rsplit(":", 1)
         return f"amqp://{user}:{password or secret}@{host}:{port}"
+
+    @property
+    def registry_url(self):
+        return f"http://{self.listeners['registry']}"
 
     @property
     def address(self):

@@ -181,7 +181,7 @@ def test_request_response_with_dynamic_reply_address(platform):
     def responder():
         try:
             conn = connect(url)
-            requests = conn.create_receiver("command/t1")
+            requests = conn.create_receiver("service/t1")
             replies = conn.create_sender(None)  # anonymous relay: routed by `to`
             ready.set()
             for _ in range(3):
@@ -200,7 +200,7 @@ def test_request_response_with_dynamic_reply_address(platform):
     replies = conn.create_receiver(None, dynamic=True)
     reply_to = replies.link.remote_source.address
     assert reply_to and reply_to.startswith("dynamic/t1/"), reply_to
-    requests = conn.create_sender("command/t1")
+    requests = conn.create_sender("service/t1")
     for i in range(3):
         rid = str(uuid.uuid4())
         requests.send(Message(id=rid, reply_to=reply_to, body=f"q{i}"))

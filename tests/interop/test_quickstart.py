@@ -5,6 +5,8 @@ import os
 import signal
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 from proton import Message
 
@@ -14,7 +16,17 @@ from conftest import BIN
 
 def test_serve_with_defaults_generates_credentials_and_works(tmp_path):
     data = tmp_path / "data"
-    env = dict(os.environ, FERRULE__DATA_DIR=str(data), FERRULE__MESSAGING__LISTEN="127.0.0.1:0")
+    # Defaults everywhere except the ports (port 0: nothing else on the machine is disturbed).
+    ports = {
+        "FERRULE__MESSAGING__LISTEN": "127.0.0.1:0",
+        "FERRULE__OPS__LISTEN": "127.0.0.1:0",
+        "FERRULE__REGISTRY__BIND": "127.0.0.1:0",
+        "FERRULE__ADAPTERS__HTTP__LISTEN": "127.0.0.1:0",
+        "FERRULE__ADAPTERS__MQTT__LISTEN": "127.0.0.1:0",
+        "FERRULE__ADAPTERS__COAP__LISTEN": "127.0.0.1:0",
+        "FERRULE__ADAPTERS__COAP__LISTEN_DTLS": "127.0.0.1:0",
+    }
+    env = dict(os.environ, FERRULE__DATA_DIR=str(data), **ports)
     env.pop("FERRULE_CONFIG", None)
     log = open(tmp_path / "log", "wb")
     proc = subprocess.Popen([str(BIN), "serve"], env=env, stdout=log, stderr=log, cwd=tmp_path)
@@ -37,6 +49,19 @@ def test_serve_with_defaults_generates_credentials_and_works(tmp_path):
         assert receiver.receive(timeout=5).body == "hello"
         receiver.accept()
         conn.close()
+        # The generated operator token opens the management API; nothing else does.
+        token = (data / "operator-token").read_text().strip()
+        assert oct((data / "operator-token").stat().st_mode & 0o777) == "0o600"
+        registry = json.loads((data / "listeners.json").read_text())["registry"]
+        req = urllib.request.Request(f"http://{registry}/v1/tenants/qs", data=b"{}", method="POST",
+                                     headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+        assert urllib.request.urlopen(req, timeout=5).status == 201
+        req = urllib.request.Request(f"http://{registry}/v1/tenants/qs", headers={"authorization": "Bearer wrong-token-123456789"})
+        try:
+            urllib.request.urlopen(req, timeout=5)
+            raise AssertionError("wrong token accepted")
+        except urllib.error.HTTPError as e:
+            assert e.code == 401
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=20)
@@ -44,6 +69,7 @@ def test_serve_with_defaults_generates_credentials_and_works(tmp_path):
     text = (tmp_path / "log").read_text()
     assert "admin-credentials" in text, "the log says where the credentials are"
     assert creds["password"] not in text, "the password is never logged"
+    assert token not in text, "the operator token is never logged"
 
 
 def test_print_default_config_lists_every_section():

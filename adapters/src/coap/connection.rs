@@ -21,8 +21,10 @@ use tokio_util::task::TaskTracker;
 use webrtc_dtls::conn::DTLSConn;
 
 use super::mapping;
-use super::session::{Admission, Assembled, Assemblies, ExchangeKey, Exchanges, Session, EXCHANGE_LIFETIME};
-use super::{Failure, Shared};
+use super::session::{
+    Admission, Assembled, Assemblies, Confirmations, ExchangeKey, Exchanges, Session, EXCHANGE_LIFETIME,
+};
+use super::{Failure, Handled, Poll, Shared};
 use crate::device::DeviceIdentity;
 use crate::downstream::UploadError;
 
@@ -34,6 +36,13 @@ const PEER_QUEUE: usize = 32;
 const HEADER_ROOM: usize = 1024;
 /// Pause after a failed receive.
 const RECEIVE_ERROR_PAUSE: Duration = Duration::from_millis(1);
+/// A CON request still waiting for a command after this long gets an empty ACK, and
+/// the answer comes later as a separate CON response (RFC 7252 §5.2.2). Well under
+/// ACK_TIMEOUT (2 s), so the client does not retransmit in between.
+const SEPARATE_RESPONSE_AFTER: Duration = Duration::from_millis(1500);
+/// RFC 7252 §4.8 defaults for our separate CON responses.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_RETRANSMIT: u32 = 4;
 
 /// What one datagram is, before deduplication.
 #[derive(Debug)]
@@ -41,6 +50,8 @@ enum Inbound {
     Request(Packet),
     /// Answer with this at once (a Reset).
     Reply(Bytes),
+    /// An ACK or RST: the peer's answer to one of our CON messages.
+    Answer { message_id: u16, acknowledged: bool },
     /// Silently ignore (RFC 7252 §4.2, §4.3).
     Drop,
 }
@@ -57,8 +68,8 @@ fn classify(datagram: &[u8]) -> Inbound {
     let message_id = u16::from_be_bytes([id_hi, id_lo]);
     let reject = || if kind == 0 { Inbound::Reply(reset(message_id)) } else { Inbound::Drop };
     match kind {
-        // ACK and RST: this endpoint sends no CON, so there is nothing to match.
-        2 | 3 => Inbound::Drop,
+        // ACK and RST: only separate responses (our CONs) wait for them.
+        2 | 3 => Inbound::Answer { message_id, acknowledged: kind == 2 },
         // Empty CON = CoAP ping, answered by a Reset (§4.3); responses or reserved
         // classes where a request belongs are rejected the same way.
         _ if code == 0 || code >> 5 != 0 => reject(),
@@ -129,6 +140,10 @@ fn dispatch(
         Inbound::Request(packet) => packet,
         Inbound::Reply(bytes) => return Some(bytes),
         Inbound::Drop => return None,
+        Inbound::Answer { message_id, acknowledged } => {
+            lock_confirmations(&session.confirmations).resolve(ExchangeKey { peer, message_id }, acknowledged);
+            return None;
+        }
     };
     let key = ExchangeKey { peer, message_id: packet.header.message_id };
     let confirmable = packet.header.get_type() == MessageType::Confirmable;
@@ -165,19 +180,108 @@ fn dispatch(
     };
     let (shared, session, reply) = (shared.clone(), session.clone(), reply.clone());
     tasks.spawn(async move {
-        let mut response = shared.handle(session.identity.as_ref(), packet).await;
-        if let Some(block) = last_block {
-            // The final response names the final block (RFC 7959 §2.3).
-            response.add_option(CoapOption::Block1, block.encode());
-        }
-        let response = encode(&response);
-        lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
-        if let Some(bytes) = response {
-            reply.send(&bytes).await;
+        // The final response names the final block (RFC 7959 §2.3).
+        let finish = |mut response: Packet| {
+            if let Some(block) = last_block {
+                response.add_option(CoapOption::Block1, block.encode());
+            }
+            encode(&response)
+        };
+        match shared.handle(session.identity.as_ref(), packet).await {
+            Handled::Done(response) => {
+                let response = finish(response);
+                lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
+                if let Some(bytes) = response {
+                    reply.send(&bytes).await;
+                }
+            }
+            Handled::Poll(poll) => command_poll(&shared, &session, key, &reply, poll, finish).await,
         }
         drop(permit);
     });
     None
+}
+
+/// The wait for a command after an accepted upload with `hono-ttd`. A NON request, or
+/// a CON whose command comes quickly, gets it piggy-backed; a CON still waiting after
+/// [`SEPARATE_RESPONSE_AFTER`] gets an empty ACK now and the answer as a separate CON,
+/// retransmitted until the device acknowledges it. The command is `accepted` once the
+/// answer carrying it went out (piggy-backed / NON; a lost one is replayed from the
+/// exchange cache when the device retransmits) or the device acknowledged it (separate).
+async fn command_poll(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    key: ExchangeKey,
+    reply: &Reply,
+    poll: Poll,
+    finish: impl Fn(Packet) -> Option<Bytes>,
+) {
+    let confirmable = poll.confirmable();
+    let waiting = shared.wait_for_command(&poll);
+    let mut waiting = std::pin::pin!(waiting);
+    let early = if confirmable {
+        tokio::select! {
+            done = &mut waiting => Some(done),
+            _ = tokio::time::sleep(SEPARATE_RESPONSE_AFTER) => None,
+        }
+    } else {
+        Some(waiting.as_mut().await)
+    };
+    if let Some((response, confirmation)) = early {
+        let response = finish(response);
+        lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
+        if let Some(bytes) = response {
+            reply.send(&bytes).await;
+            if let Some(confirmation) = confirmation {
+                confirmation.accepted();
+            }
+        }
+        return;
+    }
+    // Empty ACK (RFC 7252 §5.2.2), replayed to retransmissions of the request.
+    let ack = empty_ack(key.message_id);
+    lock(&session.exchanges).complete(key, Some(ack.clone()));
+    reply.send(&ack).await;
+    let (mut response, confirmation) = waiting.await;
+    response.header.set_type(MessageType::Confirmable);
+    response.header.message_id = shared.message_id();
+    let con = ExchangeKey { peer: key.peer, message_id: response.header.message_id };
+    let Some(bytes) = finish(response) else { return };
+    let mut answered = lock_confirmations(&session.confirmations).expect(con);
+    // Cancel safety of the loop: `answered` and the timer are polled by reference and
+    // lose nothing when the other branch wins.
+    let mut timeout = ACK_TIMEOUT;
+    let mut acknowledged = false;
+    for _ in 0..=MAX_RETRANSMIT {
+        reply.send(&bytes).await;
+        tokio::select! {
+            answer = &mut answered => {
+                acknowledged = answer.unwrap_or(false);
+                break;
+            }
+            _ = tokio::time::sleep(timeout) => timeout *= 2,
+            // Shutting down: give up; the command is released.
+            _ = shared.stopping.cancelled() => break,
+        }
+    }
+    lock_confirmations(&session.confirmations).forget(con);
+    if acknowledged {
+        if let Some(confirmation) = confirmation {
+            confirmation.accepted();
+        }
+    } else {
+        tracing::debug!(peer = %key.peer, "separate CoAP response not acknowledged; command released");
+    }
+}
+
+/// An empty ACK for `message_id`: Ver 1, T = ACK (2), TKL 0, Code 0.00.
+fn empty_ack(message_id: u16) -> Bytes {
+    let [hi, lo] = message_id.to_be_bytes();
+    Bytes::copy_from_slice(&[0x60, 0x00, hi, lo])
+}
+
+fn lock_confirmations(confirmations: &Mutex<Confirmations>) -> std::sync::MutexGuard<'_, Confirmations> {
+    confirmations.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Like [`lock`]: short critical sections, consistent data even if poisoned.
@@ -201,8 +305,12 @@ pub(super) async fn serve_udp(
     let config = &shared.config;
     let exchanges = Exchanges::new(EXCHANGE_LIFETIME, config.max_exchanges, config.max_in_flight_per_peer);
     let assemblies = Assemblies::new(EXCHANGE_LIFETIME, config.max_block_transfers, config.max_payload);
-    let session =
-        Arc::new(Session { identity: None, exchanges: Mutex::new(exchanges), assemblies: Mutex::new(assemblies) });
+    let session = Arc::new(Session {
+        identity: None,
+        exchanges: Mutex::new(exchanges),
+        assemblies: Mutex::new(assemblies),
+        confirmations: Mutex::default(),
+    });
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         // Cancel safety: `recv_from` loses nothing when cancelled.
@@ -366,6 +474,7 @@ async fn run_session(
         identity: Some(identity),
         exchanges: Mutex::new(exchanges),
         assemblies: Mutex::new(assemblies),
+        confirmations: Mutex::default(),
     });
     let reply = Reply::Dtls(dtls.clone());
     let mut buf = vec![0u8; config.max_payload + HEADER_ROOM];
@@ -505,10 +614,10 @@ mod tests {
         assert!(matches!(classify(&[0x59, 0x02, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]), Inbound::Drop));
         // CON POST with an option length nibble of 15 (reserved) → RST.
         assert!(matches!(classify(&[0x40, 0x02, 0, 1, 0xbf]), Inbound::Reply(_)));
-        // CON carrying a response code (2.04) → RST; ACK / RST → dropped.
+        // CON carrying a response code (2.04) → RST; ACK / RST → answers to our CONs.
         assert!(matches!(classify(&[0x40, 0x44, 0, 1]), Inbound::Reply(_)));
-        assert!(matches!(classify(&[0x60, 0x44, 0, 1]), Inbound::Drop));
-        assert!(matches!(classify(&[0x70, 0x00, 0, 1]), Inbound::Drop));
+        assert!(matches!(classify(&[0x60, 0x00, 0, 7]), Inbound::Answer { message_id: 7, acknowledged: true }));
+        assert!(matches!(classify(&[0x70, 0x00, 1, 0]), Inbound::Answer { message_id: 256, acknowledged: false }));
         // CON POST /t (Uri-Path option 11, length 1) → a request.
         assert!(matches!(classify(&[0x40, 0x02, 0, 1, 0xb1, b't']), Inbound::Request(_)));
         // ... but with a payload marker and no payload → RST.

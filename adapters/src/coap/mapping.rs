@@ -26,6 +26,24 @@ pub struct Request {
     pub ttl: Option<Duration>,
     /// The URI path as the device sent it: `orig_address`.
     pub path: String,
+    /// `hono-ttd`: how long the device waits for a command in the response (uncapped).
+    pub ttd: Option<Duration>,
+    /// The device used the short endpoint names (`t`, `e`): commands name their
+    /// response resource in the short form (`cr`, `c`) too.
+    pub short_form: bool,
+}
+
+/// `POST /command_response/REQ-ID` (`/cr/...`) or `PUT /command_response/TENANT/DEVICE/REQ-ID`:
+/// a device's (or a gateway's) answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandResponse {
+    pub request_id: String,
+    /// `Some((tenant, device))` for the PUT form; an empty tenant means the gateway's own.
+    pub target: Option<(String, String)>,
+    /// `hono-cmd-status`, 200 to 599.
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub path: String,
 }
 
 /// Why a request cannot be mapped. Each maps to one CoAP code in `mod.rs`.
@@ -80,7 +98,38 @@ pub fn request(packet: &Packet) -> Result<Request, MappingError> {
         content_format(packet)?.map(str::to_owned)
     };
     let ttl = if route.endpoint == Endpoint::Event { query.ttl } else { None };
-    Ok(Request { route, qos, content_type, ttl, path })
+    let short_form = matches!(segments.first().map(String::as_str), Some("t" | "e"));
+    Ok(Request { route, qos, content_type, ttl, path, ttd: query.ttd, short_form })
+}
+
+/// Decodes a request to `command_response` (`cr`); `Ok(None)` for any other resource.
+pub fn command_response(packet: &Packet) -> Result<Option<CommandResponse>, MappingError> {
+    let segments = uri_path(packet)?;
+    if !matches!(segments.first().map(String::as_str), Some("command_response" | "cr")) {
+        return Ok(None);
+    }
+    if let Some(option) = unsupported_critical_option(packet) {
+        return Err(MappingError::UnsupportedCriticalOption(option));
+    }
+    let path = format!("/{}", segments.join("/"));
+    let method = match packet.header.code {
+        MessageClass::Request(method) => method,
+        _ => return Err(MappingError::MethodNotAllowed(path)),
+    };
+    let (request_id, target) = match (method, &segments[1..]) {
+        (RequestType::Post, [id]) if !id.is_empty() => (id.clone(), None),
+        (RequestType::Put, [tenant, device, id]) if !device.is_empty() && !id.is_empty() => {
+            (id.clone(), Some((tenant.clone(), device.clone())))
+        }
+        (_, [id]) if !id.is_empty() => return Err(MappingError::MethodNotAllowed(path)),
+        (_, [_, device, id]) if !device.is_empty() && !id.is_empty() => return Err(MappingError::MethodNotAllowed(path)),
+        _ => return Err(MappingError::NotFound(path)),
+    };
+    let status = Query::parse(packet)?
+        .status
+        .ok_or_else(|| MappingError::BadOption("hono-cmd-status (200-599) is required".into()))?;
+    let content_type = content_format(packet)?.map(str::to_owned);
+    Ok(Some(CommandResponse { request_id, target, status, content_type, path }))
 }
 
 /// Maps `POST /telemetry|t|event|e` and `PUT /telemetry|t|event|e/TENANT/DEVICE`.
@@ -192,6 +241,8 @@ fn uri_path(packet: &Packet) -> Result<Vec<String>, MappingError> {
 struct Query {
     ttl: Option<Duration>,
     empty: bool,
+    ttd: Option<Duration>,
+    status: Option<u16>,
 }
 
 impl Query {
@@ -211,7 +262,20 @@ impl Query {
                 }
                 // Hono marks empty notifications with a bare `empty` parameter.
                 "empty" => query.empty = value.is_empty() || value == "true",
-                // `hono-ttd` (commands) and unknown parameters are ignored, as Hono does.
+                // Zero or negative: no wait (as Hono).
+                "hono-ttd" => {
+                    let seconds = value.parse::<i64>().map_err(|_| {
+                        MappingError::BadOption(format!("hono-ttd must be a number of seconds, not {value:?}"))
+                    })?;
+                    query.ttd = (seconds > 0).then(|| Duration::from_secs(seconds as u64));
+                }
+                "hono-cmd-status" => {
+                    let status = value.parse::<u16>().ok().filter(|s| (200..600).contains(s));
+                    query.status = Some(status.ok_or_else(|| {
+                        MappingError::BadOption(format!("hono-cmd-status must be 200-599, not {value:?}"))
+                    })?);
+                }
+                // Unknown parameters are ignored, as Hono does.
                 _ => {}
             }
         }
@@ -254,6 +318,17 @@ pub fn media_type(content_format: u16) -> Option<&'static str> {
         11543 => "application/vnd.oma.lwm2m+json",
         _ => return None,
     })
+}
+
+/// The Content-Format number of a media type, if the registry has one (parameters
+/// and case ignored, except that `text/plain` means 0).
+pub fn content_format_of(content_type: &str) -> Option<u16> {
+    let wanted: String = content_type.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_lowercase();
+    if wanted == "text/plain" || wanted.starts_with("text/plain;") {
+        return Some(0);
+    }
+    const KNOWN: [u16; 19] = [0, 16, 17, 18, 40, 41, 42, 47, 50, 51, 52, 60, 61, 110, 111, 112, 113, 11542, 11543];
+    KNOWN.into_iter().find(|n| media_type(*n).is_some_and(|m| m.eq_ignore_ascii_case(&wanted)))
 }
 
 /// Splits a PSK identity `auth-id@tenant` (Hono's form). The tenant is after the last `@`.
@@ -407,6 +482,39 @@ mod tests {
         assert_ne!(transfer_key(&a), transfer_key(&tagged));
         assert_ne!(transfer_key(&a), transfer_key(&other));
         assert_ne!(transfer_key(&a), transfer_key(&split));
+    }
+
+    #[test]
+    fn commands_and_their_responses() {
+        let poll = packet(MessageType::Confirmable, RequestType::Post, &["t"], &["hono-ttd=30"], None);
+        let request = request(&poll).unwrap();
+        assert_eq!((request.ttd, request.short_form), (Some(Duration::from_secs(30)), true));
+        let long = packet(MessageType::Confirmable, RequestType::Post, &["telemetry"], &["hono-ttd=-1"], None);
+        assert_eq!(super::request(&long).unwrap().ttd, None);
+        assert!(!super::request(&long).unwrap().short_form);
+        let bad = packet(MessageType::Confirmable, RequestType::Post, &["t"], &["hono-ttd=x"], None);
+        assert!(matches!(super::request(&bad), Err(MappingError::BadOption(_))));
+
+        let answer = packet(MessageType::Confirmable, RequestType::Post, &["cr", "abc"], &["hono-cmd-status=200"], Some(&[]));
+        let r = command_response(&answer).unwrap().unwrap();
+        assert_eq!((r.request_id.as_str(), r.target, r.status), ("abc", None, 200));
+        assert_eq!(r.content_type.as_deref(), Some("text/plain;charset=utf-8"));
+        let gw = packet(MessageType::Confirmable, RequestType::Put, &["command_response", "t1", "d1", "abc"], &["hono-cmd-status=404"], None);
+        assert_eq!(command_response(&gw).unwrap().unwrap().target, Some(("t1".into(), "d1".into())));
+        let no_status = packet(MessageType::Confirmable, RequestType::Post, &["cr", "abc"], &[], None);
+        assert!(matches!(command_response(&no_status), Err(MappingError::BadOption(_))));
+        let bad_status = packet(MessageType::Confirmable, RequestType::Post, &["cr", "abc"], &["hono-cmd-status=99"], None);
+        assert!(matches!(command_response(&bad_status), Err(MappingError::BadOption(_))));
+        let wrong_method = packet(MessageType::Confirmable, RequestType::Put, &["cr", "abc"], &["hono-cmd-status=200"], None);
+        assert!(matches!(command_response(&wrong_method), Err(MappingError::MethodNotAllowed(_))));
+        let too_short = packet(MessageType::Confirmable, RequestType::Post, &["cr"], &["hono-cmd-status=200"], None);
+        assert!(matches!(command_response(&too_short), Err(MappingError::NotFound(_))));
+        assert_eq!(command_response(&poll), Ok(None));
+
+        assert_eq!(content_format_of("text/plain"), Some(0));
+        assert_eq!(content_format_of("application/JSON"), Some(50));
+        assert_eq!(content_format_of("application/vnd.oma.lwm2m+tlv"), Some(11542));
+        assert_eq!(content_format_of("application/x-unknown"), None);
     }
 
     #[test]

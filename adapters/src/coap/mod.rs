@@ -12,6 +12,13 @@
 //! CON requests are at least once: the piggy-backed 2.04 goes out only after the
 //! messaging core accepted the message. NON requests are at most once. Each request is
 //! processed in its own task (bounded), so the receive loops never wait for downstream.
+//!
+//! Commands: with a [`CommandRouter`], an upload carrying `?hono-ttd=N` then waits up to
+//! N seconds (at most `max_ttd`) for a command, which comes back in the 2.04
+//! (Location-Query `hono-command=NAME`, Location-Path `cr/REQ-ID` / `c`, long forms for
+//! long endpoint names); a CON request still waiting after `SEPARATE_RESPONSE_AFTER`
+//! gets an empty ACK and later a separate CON response. Devices answer on
+//! `/command_response/REQ-ID` (`/cr`), gateways on `/command_response/TENANT/DEVICE/REQ-ID`.
 
 mod connection;
 pub mod mapping;
@@ -28,8 +35,11 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use ferrule_command_control::{Command, CommandRouter, RespondError};
+
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 use crate::downstream::{Downstream, Upload, UploadError};
+use crate::http::command::{self as poll, Confirmation};
 use mapping::MappingError;
 
 /// Value of `orig_adapter` for messages from this adapter.
@@ -66,6 +76,9 @@ pub struct CoapConfig {
     /// A DTLS session without traffic for this long is closed.
     #[serde(with = "humantime_serde")]
     pub session_idle_timeout: Duration,
+    /// Upper bound for `hono-ttd`: the longest a request waits for a command.
+    #[serde(with = "humantime_serde")]
+    pub max_ttd: Duration,
 }
 
 impl Default for CoapConfig {
@@ -83,6 +96,7 @@ impl Default for CoapConfig {
             max_dtls_sessions: 10_000,
             handshake_timeout: Duration::from_secs(10),
             session_idle_timeout: Duration::from_secs(300),
+            max_ttd: Duration::from_secs(60),
         }
     }
 }
@@ -114,6 +128,9 @@ max_dtls_sessions = 10000
 handshake_timeout = "10s"
 # A DTLS session without traffic for this long is closed.
 session_idle_timeout = "5m"
+# Upper bound for hono-ttd: the longest a request waits for a command (larger values
+# are cut to this). Each waiting request counts against max_in_flight.
+max_ttd = "1m"
 "#;
 
 /// Errors that stop the adapter from starting.
@@ -181,10 +198,15 @@ pub(crate) struct Shared {
     next_message_id: AtomicU16,
     /// Requests being processed, over all peers.
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// Commands (`hono-ttd`) and command responses; `None`: both are off.
+    router: Option<CommandRouter>,
+    /// Cancelled at shutdown: requests waiting for a command stop waiting.
+    stopping: CancellationToken,
 }
 
 impl CoapAdapter {
-    /// Binds the plain UDP and the DTLS sockets.
+    /// Binds the plain UDP and the DTLS sockets. With a `router`, uploads carrying
+    /// `hono-ttd` wait for a command and `/command_response` takes command responses.
     ///
     /// # Errors
     /// The config is invalid, a socket cannot be bound, or the runtime is not
@@ -193,6 +215,7 @@ impl CoapAdapter {
         config: CoapConfig,
         downstream: Downstream,
         registry: Arc<dyn DeviceRegistry>,
+        router: Option<CommandRouter>,
     ) -> Result<Self, CoapError> {
         config.validate()?;
         if tokio::runtime::Handle::current().runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
@@ -209,7 +232,15 @@ impl CoapAdapter {
             .map(|d| d.subsec_nanos() as u16)
             .unwrap_or(0);
         let in_flight = Arc::new(tokio::sync::Semaphore::new(config.max_in_flight));
-        let shared = Shared { config, downstream, registry, next_message_id: AtomicU16::new(seed), in_flight };
+        let shared = Shared {
+            config,
+            downstream,
+            registry,
+            next_message_id: AtomicU16::new(seed),
+            in_flight,
+            router,
+            stopping: CancellationToken::new(),
+        };
         Ok(Self { udp, dtls, shared: Arc::new(shared) })
     }
 
@@ -227,9 +258,14 @@ impl CoapAdapter {
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(udp = %self.local_addr(), dtls = %self.local_dtls_addr(), "CoAP adapter up");
         let tasks = tokio_util::task::TaskTracker::new();
+        let stopping = self.shared.stopping.clone();
+        let stop = async {
+            shutdown.cancelled().await;
+            stopping.cancel();
+        };
         let udp = connection::serve_udp(self.udp, self.shared.clone(), tasks.clone(), shutdown.clone());
-        let dtls = connection::serve_dtls(self.dtls, self.shared, tasks.clone(), shutdown);
-        tokio::join!(udp, dtls);
+        let dtls = connection::serve_dtls(self.dtls, self.shared, tasks.clone(), shutdown.clone());
+        tokio::join!(udp, dtls, stop);
         tasks.close();
         tasks.wait().await;
     }
@@ -247,6 +283,10 @@ enum Failure {
     Overloaded,
     /// A Block1 block out of sequence (RFC 7959 §2.9.2).
     BlockIncomplete,
+    /// A command response the router could not deliver.
+    Respond(RespondError),
+    /// `/command_response` without a command router.
+    NoCommands,
 }
 
 impl Failure {
@@ -273,6 +313,9 @@ impl Failure {
             Failure::Upload(UploadError::TooLarge { .. }) => ResponseType::RequestEntityTooLarge,
             Failure::Upload(_) => ResponseType::BadRequest,
             Failure::BlockIncomplete => ResponseType::RequestEntityIncomplete,
+            Failure::Respond(RespondError::BadRequestId(_)) => ResponseType::BadRequest,
+            Failure::Respond(_) => ResponseType::ServiceUnavailable,
+            Failure::NoCommands => ResponseType::NotFound,
         }
     }
 
@@ -299,6 +342,8 @@ impl Failure {
             Failure::NoCredentials => "credentials required (use DTLS)".into(),
             Failure::Overloaded => "too many requests in flight".into(),
             Failure::BlockIncomplete => "block out of sequence; start again with block 0".into(),
+            Failure::Respond(e) => e.to_string(),
+            Failure::NoCommands => "commands are not enabled".into(),
         }
     }
 }
@@ -349,23 +394,26 @@ impl Shared {
         response
     }
 
-    /// Processes one request and returns the response to send.
-    async fn handle(&self, identity: Option<&DeviceIdentity>, mut request: Packet) -> Packet {
+    /// Processes one request: the response to send, or a wait for a command.
+    async fn handle(&self, identity: Option<&DeviceIdentity>, mut request: Packet) -> Handled {
         match self.accept(identity, &mut request).await {
-            Ok(()) => self.response(&request, ResponseType::Changed),
+            Ok(None) => Handled::Done(self.response(&request, ResponseType::Changed)),
+            Ok(Some(wait)) => Handled::Poll(Poll { request, wait }),
             Err(failure) => {
                 tracing::debug!(?failure, "CoAP request refused");
-                self.failure_response(&request, failure)
+                Handled::Done(self.failure_response(&request, failure))
             }
         }
     }
 
-    /// Decides and sends; takes the payload out of `packet` (the answer needs only its
-    /// header and token).
-    async fn accept(&self, identity: Option<&DeviceIdentity>, packet: &mut Packet) -> Result<(), Failure> {
-        let request = mapping::request(packet).map_err(Failure::Mapping)?;
+    /// Who the request acts for: `(tenant, device, via_gateway)`.
+    async fn authorize(
+        &self,
+        identity: Option<&DeviceIdentity>,
+        target: Option<(String, String)>,
+    ) -> Result<(String, String, bool), Failure> {
         let registry = &self.registry;
-        let (tenant, device_id) = match (identity, request.route.target) {
+        match (identity, target) {
             (Some(identity), target) => {
                 let (tenant, device_id) = match target {
                     None => (identity.tenant.clone(), identity.device_id.clone()),
@@ -383,23 +431,35 @@ impl Shared {
                 if gateway.is_some() {
                     registry.authorize_device(&tenant, &identity.device_id, None).await.map_err(Failure::Auth)?;
                 }
-                (tenant, device_id)
+                Ok((tenant, device_id, gateway.is_some()))
             }
             (None, Some((tenant, device))) if self.config.allow_unauthenticated && !tenant.is_empty() => {
                 if !registry.allows_unauthenticated(&tenant, ADAPTER).await.map_err(Failure::Auth)? {
                     return Err(Failure::NoCredentials);
                 }
                 registry.authorize_device(&tenant, &device, None).await.map_err(Failure::Auth)?;
-                (tenant, device)
+                Ok((tenant, device, false))
             }
-            (None, _) => return Err(Failure::NoCredentials),
-        };
+            (None, _) => Err(Failure::NoCredentials),
+        }
+    }
+
+    /// Decides and sends; takes the payload out of `packet` (the answer needs only its
+    /// header and token). `Some`: the upload was accepted and the device waits for a
+    /// command.
+    async fn accept(&self, identity: Option<&DeviceIdentity>, packet: &mut Packet) -> Result<Option<Wait>, Failure> {
+        if let Some(answer) = mapping::command_response(packet).map_err(Failure::Mapping)? {
+            self.respond(identity, answer, packet).await?;
+            return Ok(None);
+        }
+        let request = mapping::request(packet).map_err(Failure::Mapping)?;
+        let (tenant, device_id, via_gateway) = self.authorize(identity, request.route.target).await?;
         let max = self.config.max_payload;
         Downstream::validate(&packet.payload, request.content_type.as_deref(), max).map_err(Failure::Upload)?;
         let payload = Bytes::from(std::mem::take(&mut packet.payload));
         let upload = Upload {
-            tenant,
-            device_id,
+            tenant: tenant.clone(),
+            device_id: device_id.clone(),
             endpoint: request.route.endpoint,
             qos: request.qos,
             payload,
@@ -410,8 +470,113 @@ impl Shared {
             properties: Vec::new(),
         };
         // NON (at most once) is dropped and counted by `send` when nobody consumes.
-        self.downstream.send(upload).await.map_err(Failure::Upload)
+        self.downstream.send(upload).await.map_err(Failure::Upload)?;
+        let ttd = request.ttd.map(|ttd| ttd.min(self.config.max_ttd)).filter(|ttd| !ttd.is_zero());
+        Ok(match (&self.router, ttd) {
+            (Some(_), Some(ttd)) => Some(Wait { tenant, device_id, via_gateway, ttd, short_form: request.short_form }),
+            _ => None,
+        })
     }
+
+    /// `POST /command_response/REQ-ID`, `PUT /command_response/TENANT/DEVICE/REQ-ID`.
+    async fn respond(
+        &self,
+        identity: Option<&DeviceIdentity>,
+        answer: mapping::CommandResponse,
+        packet: &mut Packet,
+    ) -> Result<(), Failure> {
+        let router = self.router.as_ref().ok_or(Failure::NoCommands)?;
+        let (tenant, device_id, _) = self.authorize(identity, answer.target).await?;
+        let max = self.config.max_payload;
+        if packet.payload.len() > max {
+            return Err(Failure::Upload(UploadError::TooLarge { size: packet.payload.len(), max }));
+        }
+        let response = ferrule_command_control::Response {
+            tenant,
+            device_id,
+            request_id: answer.request_id,
+            status: answer.status,
+            payload: Bytes::from(std::mem::take(&mut packet.payload)),
+            content_type: answer.content_type,
+        };
+        router.respond(response).await.map_err(Failure::Respond)
+    }
+
+    /// Waits for a command for `poll`'s device: the 2.04 to send (with the command, if one
+    /// came) and, with a command, its confirmation (use it once the device has the
+    /// response; dropping it releases the command).
+    ///
+    /// # Cancel safety
+    /// Dropping the future ends the wait; a command being handed over is released.
+    async fn wait_for_command(&self, poll: &Poll) -> (Packet, Option<Confirmation>) {
+        let plain = self.response(&poll.request, ResponseType::Changed);
+        let Some(router) = &self.router else { return (plain, None) };
+        let w = &poll.wait;
+        let Some(handover) = poll::wait(router, ADAPTER, &w.tenant, &w.device_id, w.ttd, &self.stopping).await else {
+            return (plain, None);
+        };
+        let (command, confirmation) = handover.into_parts();
+        let response = self.command_response(&poll.request, w, &command);
+        // A command that does not fit a datagram (no Block2 here) is released.
+        match response.to_bytes() {
+            Ok(_) => (response, Some(confirmation)),
+            Err(e) => {
+                tracing::warn!(error = ?e, command = %command.name, "command does not fit a CoAP response; released");
+                (plain, None)
+            }
+        }
+    }
+
+    /// 2.04 carrying `command` (Hono's CoAP command format).
+    fn command_response(&self, request: &Packet, wait: &Wait, command: &Command) -> Packet {
+        let mut response = self.response(request, ResponseType::Changed);
+        let (one_way, answer) = if wait.short_form { ("c", "cr") } else { ("command", "command_response") };
+        let mut path = vec![if command.request_id.is_some() { answer } else { one_way }.to_owned()];
+        if wait.via_gateway {
+            path.push(wait.tenant.clone());
+            path.push(command.device_id.clone());
+        }
+        path.extend(command.request_id.clone());
+        for segment in path {
+            response.add_option(CoapOption::LocationPath, segment.into_bytes());
+        }
+        response.add_option(CoapOption::LocationQuery, format!("hono-command={}", command.name).into_bytes());
+        if let Some(format) = command.content_type.as_deref().and_then(mapping::content_format_of) {
+            response.add_option(CoapOption::ContentFormat, uint(u32::from(format)));
+        }
+        response.payload = command.payload.to_vec();
+        response
+    }
+}
+
+/// What became of a request.
+pub(crate) enum Handled {
+    /// Answer with this.
+    Done(Packet),
+    /// Accepted; the device waits for a command ([`Shared::wait_for_command`]).
+    Poll(Poll),
+}
+
+/// A request waiting for a command.
+pub(crate) struct Poll {
+    /// The request, payload taken (for the response's type, message id and token).
+    request: Packet,
+    wait: Wait,
+}
+
+impl Poll {
+    pub(crate) fn confirmable(&self) -> bool {
+        self.request.header.get_type() == MessageType::Confirmable
+    }
+}
+
+/// For whom and how long to wait.
+struct Wait {
+    tenant: String,
+    device_id: String,
+    via_gateway: bool,
+    ttd: Duration,
+    short_form: bool,
 }
 
 /// Longest diagnostic payload, in bytes.

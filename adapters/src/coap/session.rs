@@ -5,6 +5,8 @@
 //!   (peer, message id); a retransmitted CON must not be processed twice, and gets the
 //!   response the first one got. Entries live `EXCHANGE_LIFETIME`, the cache is bounded,
 //!   and so are the requests in flight per peer.
+//! - [`Confirmations`]: separate responses sent as CON (commands after a long
+//!   `hono-ttd` wait), waiting for the peer's ACK or RST.
 //! - [`Session`]: what a DTLS connection knows about its peer (the authenticated device).
 
 use std::collections::{HashMap, VecDeque};
@@ -250,6 +252,40 @@ impl Assemblies {
     }
 }
 
+/// Our CON messages (separate responses, RFC 7252 §5.2.2) awaiting the peer's ACK or
+/// RST, by (peer, message id).
+#[derive(Debug, Default)]
+pub struct Confirmations {
+    waiting: HashMap<ExchangeKey, tokio::sync::oneshot::Sender<bool>>,
+}
+
+impl Confirmations {
+    /// A CON with `key` goes out: the receiver says `true` on ACK, `false` on RST.
+    pub fn expect(&mut self, key: ExchangeKey) -> tokio::sync::oneshot::Receiver<bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting.insert(key, tx);
+        rx
+    }
+
+    /// An ACK (`acknowledged`) or RST arrived; false if nothing waited for it.
+    pub fn resolve(&mut self, key: ExchangeKey, acknowledged: bool) -> bool {
+        self.waiting.remove(&key).is_some_and(|tx| tx.send(acknowledged).is_ok())
+    }
+
+    /// Gives up on `key` (retransmissions exhausted).
+    pub fn forget(&mut self, key: ExchangeKey) {
+        self.waiting.remove(&key);
+    }
+
+    pub fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
 /// One endpoint's protocol state: the plain UDP socket (no identity: every peer is
 /// unauthenticated) or one DTLS session (the device its PSK belongs to). Shared with the
 /// tasks that process its requests.
@@ -258,6 +294,7 @@ pub struct Session {
     pub identity: Option<DeviceIdentity>,
     pub exchanges: Mutex<Exchanges>,
     pub assemblies: Mutex<Assemblies>,
+    pub confirmations: Mutex<Confirmations>,
 }
 
 #[cfg(test)]
@@ -355,6 +392,21 @@ mod tests {
         assert_eq!(x.receive(key(1, 7), true, now), Admission::Replay(Bytes::from_static(b"ack")));
         // Same id from another peer is another exchange.
         assert_eq!(x.receive(key(2, 7), true, now), Admission::New);
+    }
+
+    #[test]
+    fn confirmations_match_acks_by_peer_and_message_id() {
+        let mut c = Confirmations::default();
+        let mut acked = c.expect(key(1, 5));
+        let mut reset = c.expect(key(2, 5));
+        assert!(!c.resolve(key(1, 6), true), "other message id");
+        assert!(c.resolve(key(1, 5), true));
+        assert!(c.resolve(key(2, 5), false));
+        assert_eq!((acked.try_recv(), reset.try_recv()), (Ok(true), Ok(false)));
+        assert!(!c.resolve(key(1, 5), true), "answered once");
+        let _late = c.expect(key(3, 1));
+        c.forget(key(3, 1));
+        assert!(c.is_empty());
     }
 
     #[test]

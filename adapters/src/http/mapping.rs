@@ -1,4 +1,5 @@
-//! HTTP request → upload: pure translation of method, path and headers (no I/O).
+//! HTTP request → upload or command response: pure translation of method, path, query
+//! and headers (no I/O).
 
 use std::time::Duration;
 
@@ -10,6 +11,19 @@ pub struct Route {
     pub endpoint: Endpoint,
     /// `Some` for `PUT /ENDPOINT/TENANT/DEVICE` (gateways, unauthenticated devices).
     pub target: Option<(String, String)>,
+}
+
+/// Any resource of the adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    /// `POST /telemetry|event`, `PUT /telemetry|event/TENANT/DEVICE`.
+    Upload(Route),
+    /// `POST /command/res/REQ-ID` (the authenticated device itself) or
+    /// `PUT /command/res/TENANT/DEVICE/REQ-ID` (gateways, unauthenticated devices).
+    CommandResponse {
+        request_id: String,
+        target: Option<(String, String)>,
+    },
 }
 
 /// Why a request cannot be mapped.
@@ -39,6 +53,64 @@ pub fn route(method: &str, path: &str) -> Result<Route, MappingError> {
         (_, []) | (_, [_, _]) => Err(MappingError::MethodNotAllowed { method: method.to_owned(), path: path.to_owned() }),
         _ => Err(MappingError::NotFound(path.to_owned())),
     }
+}
+
+/// Maps every resource: uploads (see [`route`]) and command responses.
+pub fn resource(method: &str, path: &str) -> Result<Resource, MappingError> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["command", "res", rest @ ..] => match (method, rest) {
+            ("POST", [id]) if !id.is_empty() => {
+                Ok(Resource::CommandResponse { request_id: decode(id)?, target: None })
+            }
+            ("PUT", [tenant, device, id]) if !tenant.is_empty() && !device.is_empty() && !id.is_empty() => {
+                Ok(Resource::CommandResponse {
+                    request_id: decode(id)?,
+                    target: Some((decode(tenant)?, decode(device)?)),
+                })
+            }
+            (_, [id]) if !id.is_empty() => {
+                Err(MappingError::MethodNotAllowed { method: method.to_owned(), path: path.to_owned() })
+            }
+            (_, [tenant, device, id]) if !tenant.is_empty() && !device.is_empty() && !id.is_empty() => {
+                Err(MappingError::MethodNotAllowed { method: method.to_owned(), path: path.to_owned() })
+            }
+            _ => Err(MappingError::NotFound(path.to_owned())),
+        },
+        _ => route(method, path).map(Resource::Upload),
+    }
+}
+
+/// The value of query parameter `name` (percent-decoded; `+` is a space), if present.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| decode(&value.replace('+', " ")).unwrap_or_else(|_| value.to_owned()))
+    })
+}
+
+/// `hono-ttd` (header, else query parameter): seconds the device waits for a command,
+/// capped at `max`. Absent, zero or negative (Hono ignores those): no wait.
+pub fn ttd(header: Option<&str>, query: Option<&str>, max: Duration) -> Result<Option<Duration>, MappingError> {
+    let Some(value) = header.map(str::to_owned).or_else(|| query_param(query, "hono-ttd")) else { return Ok(None) };
+    let seconds = value
+        .trim()
+        .parse::<i64>()
+        .map_err(|_| MappingError::BadHeader(format!("hono-ttd must be a number of seconds, not {value:?}")))?;
+    Ok((seconds > 0).then(|| Duration::from_secs(seconds as u64).min(max)).filter(|d| !d.is_zero()))
+}
+
+/// `hono-cmd-status` (query parameter, else header): an HTTP status code, 200 to 599.
+pub fn command_status(header: Option<&str>, query: Option<&str>) -> Result<u16, MappingError> {
+    let value = query_param(query, "hono-cmd-status")
+        .or_else(|| header.map(str::to_owned))
+        .ok_or_else(|| MappingError::BadHeader("hono-cmd-status is required".into()))?;
+    value
+        .trim()
+        .parse::<u16>()
+        .ok()
+        .filter(|status| (200..600).contains(status))
+        .ok_or_else(|| MappingError::BadHeader(format!("hono-cmd-status must be a status code 200-599, not {value:?}")))
 }
 
 fn decode(segment: &str) -> Result<String, MappingError> {
@@ -106,6 +178,43 @@ mod tests {
         assert!(matches!(route("PUT", "/telemetry"), Err(MappingError::MethodNotAllowed { .. })));
         assert!(matches!(route("PUT", "/telemetry/t1"), Err(MappingError::NotFound(_))));
         assert!(matches!(route("PUT", "/telemetry/t1/d/x"), Err(MappingError::NotFound(_))));
+    }
+
+    #[test]
+    fn command_response_resources() {
+        assert_eq!(
+            resource("POST", "/command/res/abc").unwrap(),
+            Resource::CommandResponse { request_id: "abc".into(), target: None }
+        );
+        assert_eq!(
+            resource("PUT", "/command/res/t1/d%201/abc").unwrap(),
+            Resource::CommandResponse { request_id: "abc".into(), target: Some(("t1".into(), "d 1".into())) }
+        );
+        assert_eq!(resource("POST", "/telemetry").unwrap(), Resource::Upload(route("POST", "/telemetry").unwrap()));
+        assert!(matches!(resource("PUT", "/command/res/abc"), Err(MappingError::MethodNotAllowed { .. })));
+        assert!(matches!(resource("POST", "/command/res/t1/d1/abc"), Err(MappingError::MethodNotAllowed { .. })));
+        assert!(matches!(resource("POST", "/command/res"), Err(MappingError::NotFound(_))));
+        assert!(matches!(resource("POST", "/command/res/"), Err(MappingError::NotFound(_))));
+        assert!(matches!(resource("PUT", "/command/res/t1/d1"), Err(MappingError::NotFound(_))));
+    }
+
+    #[test]
+    fn ttd_and_status() {
+        let max = Duration::from_secs(60);
+        assert_eq!(ttd(None, None, max).unwrap(), None);
+        assert_eq!(ttd(Some("10"), None, max).unwrap(), Some(Duration::from_secs(10)));
+        assert_eq!(ttd(None, Some("a=1&hono-ttd=5"), max).unwrap(), Some(Duration::from_secs(5)));
+        assert_eq!(ttd(Some("7"), Some("hono-ttd=5"), max).unwrap(), Some(Duration::from_secs(7)), "header first");
+        assert_eq!(ttd(Some("600"), None, max).unwrap(), Some(max), "capped");
+        assert_eq!(ttd(Some("-1"), None, max).unwrap(), None);
+        assert_eq!(ttd(Some("0"), None, max).unwrap(), None);
+        assert!(ttd(Some("soon"), None, max).is_err());
+        assert_eq!(command_status(None, Some("hono-cmd-status=200")).unwrap(), 200);
+        assert_eq!(command_status(Some("404"), None).unwrap(), 404);
+        assert!(command_status(None, None).is_err());
+        assert!(command_status(None, Some("hono-cmd-status=42")).is_err());
+        assert!(command_status(None, Some("hono-cmd-status=x")).is_err());
+        assert_eq!(query_param(Some("x=a%20b+c"), "x").as_deref(), Some("a b c"));
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! The HTTP adapter (Hono's HTTP API): `POST /telemetry`, `POST /event` with Basic auth
 //! `auth-id@tenant`, and `PUT /telemetry|event/TENANT/DEVICE` for gateways and
-//! unauthenticated devices.
+//! unauthenticated devices; commands piggy-backed on the response of an upload that
+//! carries `hono-ttd`, and command responses on `/command/res/...`.
 //!
-//! - `mapping`: method, path and headers → what is asked (pure).
+//! - `mapping`: method, path, query and headers → what is asked (pure).
+//! - `command`: the long poll, one [`CommandSink`](ferrule_command_control::CommandSink)
+//!   per waiting request.
 //! - this module: the hyper server (keep-alive, body size limit before reading), the
 //!   authentication decision, and the one place where errors become status codes.
 
+pub(crate) mod command;
 pub mod mapping;
 
 use std::net::SocketAddr;
@@ -23,9 +27,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use ferrule_command_control::{CommandRouter, RespondError};
+
 use crate::device::{AuthError, DeviceRegistry};
 use crate::downstream::{Downstream, Qos, Upload, UploadError};
-use mapping::MappingError;
+use mapping::{MappingError, Resource};
 
 /// Value of `orig_adapter` for messages from this adapter.
 pub const ADAPTER: &str = "hono-http";
@@ -45,6 +51,9 @@ pub struct HttpConfig {
     /// Closes connections whose request headers take longer than this.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Upper bound for `hono-ttd`: the longest a request waits for a command.
+    #[serde(with = "humantime_serde")]
+    pub max_ttd: Duration,
 }
 
 impl Default for HttpConfig {
@@ -55,6 +64,7 @@ impl Default for HttpConfig {
             allow_unauthenticated: false,
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            max_ttd: Duration::from_secs(60),
         }
     }
 }
@@ -71,6 +81,9 @@ allow_unauthenticated = false
 max_connections = 10000
 # Closes connections whose request headers take longer than this.
 header_read_timeout = "10s"
+# Upper bound for hono-ttd: the longest a request waits for a command (larger values
+# are cut to this).
+max_ttd = "1m"
 "#;
 
 /// Errors that stop the adapter from starting.
@@ -90,18 +103,27 @@ struct State {
     config: HttpConfig,
     downstream: Downstream,
     registry: Arc<dyn DeviceRegistry>,
+    /// Commands and command responses; `None`: `hono-ttd` is ignored and
+    /// `/command/res` is not a resource.
+    router: Option<CommandRouter>,
 }
 
 impl HttpAdapter {
+    /// Binds the listener. With a `router`, uploads carrying `hono-ttd` wait for a
+    /// command and `/command/res/...` takes command responses.
+    ///
+    /// # Errors
+    /// The listen address cannot be bound.
     pub async fn bind(
         config: HttpConfig,
         downstream: Downstream,
         registry: Arc<dyn DeviceRegistry>,
+        router: Option<CommandRouter>,
     ) -> Result<Self, HttpError> {
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| HttpError::Bind { addr: config.listen, source })?;
-        Ok(Self { listener, state: Arc::new(State { config, downstream, registry }) })
+        Ok(Self { listener, state: Arc::new(State { config, downstream, registry, router }) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -134,9 +156,10 @@ impl HttpAdapter {
             let shutdown = shutdown.clone();
             let header_timeout = state.config.header_read_timeout;
             tasks.spawn(async move {
+                let stopping = shutdown.clone();
                 let service = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
+                    let (state, stopping) = (state.clone(), stopping.clone());
+                    async move { Ok::<_, std::convert::Infallible>(handle(&state, req, &stopping).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -171,6 +194,10 @@ enum Failure {
     NoCredentials,
     BodyTooLarge(usize),
     BadBody(String),
+    /// A command response the router could not deliver.
+    Respond(RespondError),
+    /// `/command/res` without a command router.
+    NoCommands,
 }
 
 impl Failure {
@@ -197,6 +224,11 @@ impl Failure {
                 (StatusCode::BAD_REQUEST, self.message())
             }
             Failure::Upload(_) => (StatusCode::BAD_REQUEST, self.message()),
+            Failure::Respond(RespondError::BadRequestId(_)) => (StatusCode::BAD_REQUEST, self.message()),
+            Failure::Respond(RespondError::NoConsumer) | Failure::Respond(RespondError::Refused(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, self.message())
+            }
+            Failure::NoCommands => (StatusCode::NOT_FOUND, self.message()),
         };
         let mut response = text(status, &message);
         let headers = response.headers_mut();
@@ -217,6 +249,8 @@ impl Failure {
             Failure::NoCredentials => "credentials required".into(),
             Failure::BodyTooLarge(max) => format!("payload exceeds the maximum of {max} bytes"),
             Failure::BadBody(e) => e.clone(),
+            Failure::Respond(e) => e.to_string(),
+            Failure::NoCommands => "commands are not enabled".into(),
         }
     }
 }
@@ -228,33 +262,46 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     response
 }
 
-async fn handle(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match accept(state, req).await {
-        Ok(()) => {
-            let mut response = Response::new(Full::new(Bytes::new()));
-            *response.status_mut() = StatusCode::ACCEPTED;
-            response
+async fn handle(state: &State, req: Request<Incoming>, shutdown: &CancellationToken) -> Response<Full<Bytes>> {
+    let result = match mapping::resource(req.method().as_str(), req.uri().path()) {
+        Err(e) => Err(Failure::Mapping(e)),
+        Ok(Resource::Upload(route)) => upload(state, req, route, shutdown).await,
+        Ok(Resource::CommandResponse { request_id, target }) => {
+            command_response(state, req, request_id, target).await.map(|()| status(StatusCode::ACCEPTED))
         }
-        Err(failure) => {
-            tracing::debug!(?failure, "HTTP request refused");
-            failure.into_response()
-        }
-    }
+    };
+    result.unwrap_or_else(|failure| {
+        tracing::debug!(?failure, "HTTP request refused");
+        failure.into_response()
+    })
+}
+
+fn status(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
 }
 
 fn header<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn accept(state: &State, req: Request<Incoming>) -> Result<(), Failure> {
-    let route = mapping::route(req.method().as_str(), req.uri().path()).map_err(Failure::Mapping)?;
-    let qos = mapping::qos(route.endpoint, header(&req, "qos-level")).map_err(Failure::Mapping)?;
-    let ttl = mapping::ttl(header(&req, "hono-ttl")).map_err(Failure::Mapping)?;
-    let content_type = header(&req, CONTENT_TYPE.as_str()).map(str::to_owned);
+/// Who a request acts for, once authenticated and authorised.
+struct Principal {
+    tenant: String,
+    device_id: String,
+    /// A gateway acting for `device_id` (not the device itself).
+    via_gateway: bool,
+}
 
-    // Who is this, and for which device does it publish?
-    let credentials = basic_credentials(&req)?;
-    let (tenant, device_id) = match (credentials, route.target) {
+/// Authenticates the request (Basic auth, or an allowed unauthenticated PUT form) and
+/// checks it may act for `target` (the URI's tenant and device, if any).
+async fn authorize(
+    state: &State,
+    req: &Request<Incoming>,
+    target: Option<(String, String)>,
+) -> Result<Principal, Failure> {
+    match (basic_credentials(req)?, target) {
         (Some((username, password)), target) => {
             let (auth_id, tenant) = mapping::split_username(&username).ok_or(Failure::Auth(AuthError::BadCredentials))?;
             let identity = state
@@ -263,19 +310,20 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<(), Failure> {
                 .await
                 .map_err(Failure::Auth)?;
             match target {
-                None => (identity.tenant, identity.device_id),
+                None => Ok(Principal { tenant: identity.tenant, device_id: identity.device_id, via_gateway: false }),
                 Some((tenant, device)) => {
                     if tenant != identity.tenant {
                         return Err(Failure::Auth(AuthError::TenantMismatch));
                     }
-                    if device != identity.device_id {
+                    let via_gateway = device != identity.device_id;
+                    if via_gateway {
                         state
                             .registry
                             .authorize_device(&tenant, &device, Some(&identity.device_id))
                             .await
                             .map_err(Failure::Auth)?;
                     }
-                    (tenant, device)
+                    Ok(Principal { tenant, device_id: device, via_gateway })
                 }
             }
         }
@@ -284,20 +332,22 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<(), Failure> {
                 return Err(Failure::NoCredentials);
             }
             state.registry.authorize_device(&tenant, &device, None).await.map_err(Failure::Auth)?;
-            (tenant, device)
+            Ok(Principal { tenant, device_id: device, via_gateway: false })
         }
-        (None, _) => return Err(Failure::NoCredentials),
-    };
+        (None, _) => Err(Failure::NoCredentials),
+    }
+}
 
-    // Refuse oversized bodies before reading them.
+/// Reads the body, refusing one over `max_payload` before reading it where the length
+/// is announced.
+async fn body(state: &State, req: Request<Incoming>) -> Result<Bytes, Failure> {
     let max = state.config.max_payload;
     if let Some(length) = header(&req, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<usize>().ok()) {
         if length > max {
             return Err(Failure::BodyTooLarge(max));
         }
     }
-    let orig_address = req.uri().path().to_owned();
-    let body = Limited::new(req.into_body(), max)
+    Ok(Limited::new(req.into_body(), max)
         .collect()
         .await
         .map_err(|e| {
@@ -307,14 +357,30 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<(), Failure> {
                 Failure::BadBody(format!("reading the body failed: {e}"))
             }
         })?
-        .to_bytes();
-    Downstream::validate(&body, content_type.as_deref(), max).map_err(Failure::Upload)?;
+        .to_bytes())
+}
+
+/// Telemetry or event; then, with `hono-ttd`, the wait for a command.
+async fn upload(
+    state: &State,
+    req: Request<Incoming>,
+    route: mapping::Route,
+    shutdown: &CancellationToken,
+) -> Result<Response<Full<Bytes>>, Failure> {
+    let qos = mapping::qos(route.endpoint, header(&req, "qos-level")).map_err(Failure::Mapping)?;
+    let ttl = mapping::ttl(header(&req, "hono-ttl")).map_err(Failure::Mapping)?;
+    let ttd = mapping::ttd(header(&req, "hono-ttd"), req.uri().query(), state.config.max_ttd).map_err(Failure::Mapping)?;
+    let content_type = header(&req, CONTENT_TYPE.as_str()).map(str::to_owned);
+    let principal = authorize(state, &req, route.target).await?;
+    let orig_address = req.uri().path().to_owned();
+    let payload = body(state, req).await?;
+    Downstream::validate(&payload, content_type.as_deref(), state.config.max_payload).map_err(Failure::Upload)?;
     let upload = Upload {
-        tenant,
-        device_id,
+        tenant: principal.tenant.clone(),
+        device_id: principal.device_id.clone(),
         endpoint: route.endpoint,
         qos,
-        payload: body,
+        payload,
         content_type,
         ttl,
         orig_adapter: ADAPTER,
@@ -322,7 +388,39 @@ async fn accept(state: &State, req: Request<Incoming>) -> Result<(), Failure> {
         properties: Vec::new(),
     };
     // HTTP has no fire-and-forget: even QoS 0 tells the device there was no consumer.
-    state.downstream.send_reporting_drops(upload, qos == Qos::AtMostOnce).await.map_err(Failure::Upload)
+    state.downstream.send_reporting_drops(upload, qos == Qos::AtMostOnce).await.map_err(Failure::Upload)?;
+    let (Some(router), Some(ttd)) = (&state.router, ttd) else { return Ok(status(StatusCode::ACCEPTED)) };
+    match command::wait(router, ADAPTER, &principal.tenant, &principal.device_id, ttd, shutdown).await {
+        Some(handover) => {
+            let (command, confirmation) = handover.into_parts();
+            confirmation.accepted();
+            Ok(command::response(command, principal.via_gateway))
+        }
+        None => Ok(status(StatusCode::ACCEPTED)),
+    }
+}
+
+/// `POST /command/res/REQ-ID`, `PUT /command/res/TENANT/DEVICE/REQ-ID`.
+async fn command_response(
+    state: &State,
+    req: Request<Incoming>,
+    request_id: String,
+    target: Option<(String, String)>,
+) -> Result<(), Failure> {
+    let router = state.router.as_ref().ok_or(Failure::NoCommands)?;
+    let status = mapping::command_status(header(&req, "hono-cmd-status"), req.uri().query()).map_err(Failure::Mapping)?;
+    let content_type = header(&req, CONTENT_TYPE.as_str()).map(str::to_owned);
+    let principal = authorize(state, &req, target).await?;
+    let payload = body(state, req).await?;
+    let response = ferrule_command_control::Response {
+        tenant: principal.tenant,
+        device_id: principal.device_id,
+        request_id,
+        status,
+        payload,
+        content_type,
+    };
+    router.respond(response).await.map_err(Failure::Respond)
 }
 
 /// `Authorization: Basic base64(username:password)`; `Ok(None)` when absent.
@@ -336,4 +434,43 @@ fn basic_credentials(req: &Request<Incoming>) -> Result<Option<(String, String)>
     let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
     let (user, password) = decoded.split_once(':').ok_or_else(bad)?;
     Ok(Some((user.to_owned(), password.to_owned())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_toml_is_the_default_config() {
+        #[derive(Deserialize)]
+        struct File {
+            adapters: Adapters,
+        }
+        #[derive(Deserialize)]
+        struct Adapters {
+            http: HttpConfig,
+        }
+        let file: File = toml::from_str(DEFAULT_TOML).expect("DEFAULT_TOML parses");
+        assert_eq!(file.adapters.http, HttpConfig::default());
+    }
+
+    #[test]
+    fn command_response_failures_map_to_status_codes() {
+        let cases = [
+            (Failure::Respond(RespondError::NoConsumer), StatusCode::SERVICE_UNAVAILABLE),
+            (Failure::Respond(RespondError::Refused("x".into())), StatusCode::SERVICE_UNAVAILABLE),
+            (
+                Failure::Respond(RespondError::BadRequestId(ferrule_command_control::CommandError::NoSubject)),
+                StatusCode::BAD_REQUEST,
+            ),
+            (Failure::NoCommands, StatusCode::NOT_FOUND),
+        ];
+        for (failure, status) in cases {
+            let response = failure.into_response();
+            assert_eq!(response.status(), status);
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                assert!(response.headers().contains_key(RETRY_AFTER));
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The ntex-mqtt services of one connection (CONNECT, PUBLISH, SUBSCRIBE/UNSUBSCRIBE,
 //! control) for both protocol versions, and the single place where failures become
-//! protocol answers ([`Failure`]).
+//! protocol answers ([`Failure`]). Command subscriptions are registered with the
+//! command router here; command responses are publishes handed to it.
 //!
 //! Everything here runs on an ntex worker thread; sessions and sinks are `Rc`-based and
 //! never leave it. The messaging core and the registry are reached through `Send`
@@ -11,13 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use ferrule_command_control::{CommandRouter, Notify, RespondError, Response, Target as CommandTarget};
 use ntex_mqtt::v5::codec::{ConnectAckReason, Disconnect, DisconnectReasonCode, PublishAckReason, SubscribeAckReason};
 use ntex_mqtt::{v3, v5, Control, MqttServer, MqttServiceConfig, QoS, Reason};
 use ntex_service::cfg::SharedCfg;
 use ntex_util::time::Seconds;
 use tokio_util::sync::CancellationToken;
 
-use super::mapping::{self, DeviceFilter, ErrorSubscription, MappingError, OnError, PublishAddress};
+use super::command::{Outbound, Outbox};
+use super::mapping::{self, DeviceFilter, ErrorSubscription, MappingError, OnError, PublishAddress, ResponseAddress};
 use super::session::{Principal, Session, Target, TargetError, Version};
 use super::{MqttConfig, ADAPTER};
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
@@ -28,6 +31,8 @@ pub(super) struct Shared {
     pub config: MqttConfig,
     pub downstream: Downstream,
     pub registry: Arc<dyn DeviceRegistry>,
+    /// `None`: commands are off (command subscriptions refused).
+    pub commands: Option<CommandRouter>,
 }
 
 /// An error that ends the connection; ntex hands it to the control service.
@@ -294,6 +299,8 @@ fn connected(shared: &Arc<Shared>, principal: &Principal, client_id: &str) {
 /// The control service: ntex reports the end of a connection here, exactly once.
 fn stopped(shared: &Arc<Shared>, session: &Session, control: Control<Close>) {
     if let Control::Stop(reason) = control {
+        // Announces `ttd` 0 and releases commands not yet acknowledged.
+        session.end_commands();
         match &reason {
             Reason::Error(e) => tracing::debug!(client_id = %session.client_id, error = %e.get_ref(), "MQTT connection closed"),
             Reason::Protocol(e) => {
@@ -354,6 +361,8 @@ pub(super) enum Failure {
     EventAtQos0,
     /// Retained messages are not supported.
     Retain,
+    /// The command router did not take a device's command response.
+    Respond(RespondError),
 }
 
 impl Failure {
@@ -370,6 +379,8 @@ impl Failure {
             Failure::Upload(e) if e.is_transient() => 503,
             Failure::Upload(UploadError::TooLarge { .. }) => 413,
             Failure::Upload(_) => 400,
+            Failure::Respond(RespondError::BadRequestId(_) | RespondError::Refused(_)) => 400,
+            Failure::Respond(RespondError::NoConsumer) => 503,
         }
     }
 
@@ -385,6 +396,9 @@ impl Failure {
             Failure::Upload(UploadError::EmptyWithoutContentType) => PublishAckReason::PayloadFormatInvalid,
             Failure::Upload(UploadError::Refused(_)) => PublishAckReason::UnspecifiedError,
             Failure::EventAtQos0 | Failure::Retain => PublishAckReason::ImplementationSpecificError,
+            Failure::Respond(RespondError::BadRequestId(_)) => PublishAckReason::TopicNameInvalid,
+            Failure::Respond(RespondError::NoConsumer) => PublishAckReason::UnspecifiedError,
+            Failure::Respond(RespondError::Refused(_)) => PublishAckReason::ImplementationSpecificError,
         }
     }
 
@@ -401,6 +415,9 @@ impl Failure {
             Failure::Upload(_) => DisconnectReasonCode::UnspecifiedError,
             Failure::EventAtQos0 => DisconnectReasonCode::QosNotSupported,
             Failure::Retain => DisconnectReasonCode::RetainNotSupported,
+            Failure::Respond(RespondError::BadRequestId(_)) => DisconnectReasonCode::TopicNameInvalid,
+            Failure::Respond(RespondError::NoConsumer) => DisconnectReasonCode::UnspecifiedError,
+            Failure::Respond(RespondError::Refused(_)) => DisconnectReasonCode::ImplementationSpecificError,
         }
     }
 
@@ -413,6 +430,7 @@ impl Failure {
             Failure::UnauthenticatedNotAllowed => "the tenant does not allow unauthenticated devices".into(),
             Failure::EventAtQos0 => "events must be published with QoS 1".into(),
             Failure::Retain => "retained messages are not supported".into(),
+            Failure::Respond(e) => e.to_string(),
         }
     }
 }
@@ -470,6 +488,11 @@ struct Failed {
 }
 
 async fn handle_publish(shared: &Shared, session: &Session, inbound: Inbound<'_>) -> Result<(), Failed> {
+    if let Some(router) = &shared.commands {
+        if let Some(response) = mapping::parse_response_topic(inbound.topic) {
+            return handle_response(shared, router, session, inbound, response).await;
+        }
+    }
     let fail = |failure, address: Option<&PublishAddress>, target: Option<Target>| Failed {
         failure,
         on_error: address.map(|a| a.properties.on_error).unwrap_or_default(),
@@ -495,30 +518,7 @@ async fn handle_publish(shared: &Shared, session: &Session, inbound: Inbound<'_>
     if address.endpoint == Endpoint::Event && inbound.qos == Qos::AtMostOnce {
         return Err(fail(Failure::EventAtQos0));
     }
-    let registry = &shared.registry;
-    match &target {
-        // The registry's cache makes this cheap, and a device disabled while connected is
-        // cut off at its next publish instead of at its next CONNECT.
-        Target::Own { tenant, device } => registry
-            .authorize_device(tenant, device, None)
-            .await
-            .map_err(|e| {
-                let terminal = matches!(
-                    e,
-                    AuthError::DeviceDisabled | AuthError::UnknownDevice | AuthError::TenantDisabled | AuthError::UnknownTenant
-                );
-                Failed { terminal, ..fail(Failure::Auth(e)) }
-            })?,
-        Target::ViaGateway { tenant, device, gateway } => {
-            registry.authorize_device(tenant, device, Some(gateway)).await.map_err(|e| fail(Failure::Auth(e)))?
-        }
-        Target::Unauthenticated { tenant, device } => {
-            if !registry.allows_unauthenticated(tenant, ADAPTER).await.map_err(|e| fail(Failure::Auth(e)))? {
-                return Err(fail(Failure::UnauthenticatedNotAllowed));
-            }
-            registry.authorize_device(tenant, device, None).await.map_err(|e| fail(Failure::Auth(e)))?
-        }
-    }
+    authorize(shared, &target).await.map_err(|(failure, terminal)| Failed { terminal, ..fail(failure) })?;
     let properties = &address.properties;
     let content_type = properties.content_type.clone().or(inbound.content_type);
     Downstream::validate(&inbound.payload, content_type.as_deref(), shared.config.max_payload)
@@ -541,6 +541,76 @@ async fn handle_publish(shared: &Shared, session: &Session, inbound: Inbound<'_>
         properties: properties.other.clone(),
     };
     shared.downstream.send(upload).await.map_err(|e| fail(Failure::Upload(e)))
+}
+
+/// Registry checks for a publish for `target`; `Err((failure, terminal))`.
+async fn authorize(shared: &Shared, target: &Target) -> Result<(), (Failure, bool)> {
+    let registry = &shared.registry;
+    let auth = |e| (Failure::Auth(e), false);
+    match target {
+        // The registry's cache makes this cheap, and a device disabled while connected is
+        // cut off at its next publish instead of at its next CONNECT.
+        Target::Own { tenant, device } => registry.authorize_device(tenant, device, None).await.map_err(|e| {
+            let terminal = matches!(
+                e,
+                AuthError::DeviceDisabled | AuthError::UnknownDevice | AuthError::TenantDisabled | AuthError::UnknownTenant
+            );
+            (Failure::Auth(e), terminal)
+        }),
+        Target::ViaGateway { tenant, device, gateway } => registry.authorize_device(tenant, device, Some(gateway)).await.map_err(auth),
+        Target::Unauthenticated { tenant, device } => {
+            if !registry.allows_unauthenticated(tenant, ADAPTER).await.map_err(auth)? {
+                return Err((Failure::UnauthenticatedNotAllowed, false));
+            }
+            registry.authorize_device(tenant, device, None).await.map_err(auth)
+        }
+    }
+}
+
+/// A device's answer to a command (`command/[T]/[D]/res/REQ-ID/STATUS`): handed to the
+/// router, which resolves once the application has it; only then the PUBACK goes out.
+async fn handle_response(
+    shared: &Shared,
+    router: &CommandRouter,
+    session: &Session,
+    inbound: Inbound<'_>,
+    parsed: Result<ResponseAddress, MappingError>,
+) -> Result<(), Failed> {
+    let address = parsed.map_err(|e| {
+        let bag = mapping::property_bag_of(inbound.topic).unwrap_or_default();
+        Failed { failure: Failure::Mapping(e), on_error: bag.on_error, correlation_id: bag.correlation_id, target: None, terminal: false }
+    })?;
+    let fail = |failure, target: Option<Target>| Failed {
+        failure,
+        on_error: address.properties.on_error,
+        correlation_id: address.properties.correlation_id.clone(),
+        target,
+        terminal: false,
+    };
+    let target = session.target_of(address.tenant.as_ref(), address.device.as_ref()).map_err(|e| {
+        let failure = match e {
+            TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
+            TargetError::IdentityRequired => Failure::IdentityRequired,
+        };
+        fail(failure, None)
+    })?;
+    if inbound.retain {
+        return Err(fail(Failure::Retain, Some(target)));
+    }
+    authorize(shared, &target).await.map_err(|(failure, terminal)| Failed { terminal, ..fail(failure, Some(target.clone())) })?;
+    let max = shared.config.max_payload;
+    if inbound.payload.len() > max {
+        return Err(fail(Failure::Upload(UploadError::TooLarge { size: inbound.payload.len(), max }), Some(target)));
+    }
+    let response = Response {
+        tenant: target.tenant().to_owned(),
+        device_id: target.device().to_owned(),
+        request_id: address.request_id.clone(),
+        status: address.status,
+        payload: inbound.payload,
+        content_type: address.properties.content_type.clone().or(inbound.content_type),
+    };
+    router.respond(response).await.map_err(|e| fail(Failure::Respond(e), Some(target)))
 }
 
 /// Where (if anywhere) the failure is reported, and the JSON to publish there.
@@ -670,18 +740,60 @@ async fn error_subscription(shared: &Shared, session: &Session, filter: &str) ->
     Some(subscription)
 }
 
+/// Registers a command subscription if `filter` is a command filter this session may
+/// use; the granted QoS, `None` to refuse. Unauthenticated devices get no commands.
+async fn command_subscription(
+    shared: &Shared,
+    session: &Session,
+    filter: &str,
+    requested: QoS,
+    outbound: impl FnOnce() -> Outbound,
+) -> Option<QoS> {
+    let router = shared.commands.as_ref()?;
+    let form = mapping::parse_command_filter(filter)?;
+    let identity = session.identity()?;
+    if form.tenant.as_ref().is_some_and(|t| *t != identity.tenant) {
+        return None;
+    }
+    let target = match &form.device {
+        DeviceFilter::Own => CommandTarget::Device(identity.device_id.clone()),
+        DeviceFilter::One(device) if *device == identity.device_id => CommandTarget::Device(device.clone()),
+        DeviceFilter::One(device) => {
+            let gateway = Some(identity.device_id.as_str());
+            shared.registry.authorize_device(&identity.tenant, device, gateway).await.ok()?;
+            CommandTarget::Device(device.clone())
+        }
+        DeviceFilter::Any => CommandTarget::AllDevicesOf { gateway: identity.device_id.clone() },
+    };
+    let at_least_once = requested != QoS::AtMostOnce;
+    let ack_timeout = shared.config.command_ack_timeout;
+    session.subscribe_commands(
+        filter.to_owned(),
+        || Outbox::start(outbound(), ack_timeout),
+        |outbox| {
+            let sink = outbox.sink(form, at_least_once);
+            router.subscribe(&identity.tenant, target, sink, Notify { adapter: ADAPTER, ttd: -1 })
+        },
+    );
+    Some(if at_least_once { QoS::AtLeastOnce } else { QoS::AtMostOnce })
+}
+
 async fn protocol_v3(shared: &Shared, session: &v3::Session<Session>, message: v3::ProtocolMessage) -> Result<v3::ProtocolMessageAck, Close> {
     match message {
         v3::ProtocolMessage::Subscribe(mut subscribe) => {
             for mut item in subscribe.iter_mut() {
                 let filter = item.topic().to_string();
+                let outbound = || Outbound::V3(session.sink().clone());
+                if let Some(qos) = command_subscription(shared, session, &filter, item.qos(), outbound).await {
+                    item.confirm(qos);
+                    continue;
+                }
                 match error_subscription(shared, session, &filter).await {
                     Some(subscription) => {
                         session.subscribe_errors(subscription);
                         // Error messages are published at QoS 0 only (Hono).
                         item.confirm(QoS::AtMostOnce);
                     }
-                    // Commands come with the command & control component.
                     None => item.fail(),
                 }
             }
@@ -690,6 +802,7 @@ async fn protocol_v3(shared: &Shared, session: &v3::Session<Session>, message: v
         v3::ProtocolMessage::Unsubscribe(unsubscribe) => {
             for filter in unsubscribe.iter() {
                 session.unsubscribe_errors(filter);
+                session.unsubscribe_commands(filter);
             }
             Ok(unsubscribe.ack())
         }
@@ -702,6 +815,11 @@ async fn protocol_v5(shared: &Shared, session: &v5::Session<Session>, message: v
         v5::ProtocolMessage::Subscribe(mut subscribe) => {
             for mut item in subscribe.iter_mut() {
                 let filter = item.topic().to_string();
+                let outbound = || Outbound::V5(session.sink().clone());
+                if let Some(qos) = command_subscription(shared, session, &filter, item.options().qos, outbound).await {
+                    item.confirm(qos);
+                    continue;
+                }
                 match error_subscription(shared, session, &filter).await {
                     Some(subscription) => {
                         session.subscribe_errors(subscription);
@@ -715,6 +833,7 @@ async fn protocol_v5(shared: &Shared, session: &v5::Session<Session>, message: v
         v5::ProtocolMessage::Unsubscribe(unsubscribe) => {
             for filter in unsubscribe.iter() {
                 session.unsubscribe_errors(filter);
+                session.unsubscribe_commands(filter);
             }
             Ok(unsubscribe.ack())
         }

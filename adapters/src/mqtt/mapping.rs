@@ -4,6 +4,9 @@
 //! `/TENANT/DEVICE` (tenant may be empty: `t//DEVICE`), optionally followed by a property
 //! bag `/?name=value&...` (URL-encoded). Error topic filters: `error/[TENANT]/[DEVICE]/#`
 //! (or `e/...`); error messages go to `error/[TENANT]/[DEVICE]/ENDPOINT/CORRELATION/CODE`.
+//! Command filters: `command/[TENANT]/[DEVICE]/req/#` (short `c/[TENANT]/[DEVICE]/q/#`);
+//! commands go to `command/[TENANT]/[DEVICE]/req/REQ-ID/NAME` in the filter's spelling;
+//! responses come on `command/[TENANT]/[DEVICE]/res/REQ-ID/STATUS` (`c/.../s/...`).
 
 use std::time::Duration;
 
@@ -36,6 +39,12 @@ pub enum MappingError {
     /// `on-error` with an unknown value.
     #[error("unknown on-error value {0:?}")]
     BadOnError(String),
+    /// A command response topic whose status is not an HTTP-style code (200-599).
+    #[error("command response status must be a number from 200 to 599, got {0:?}")]
+    BadStatus(String),
+    /// A command response topic whose request id was not issued by Ferrule.
+    #[error("malformed command request id: {0}")]
+    BadRequestId(String),
 }
 
 /// The `on-error` property-bag parameter (Hono's error handling table).
@@ -246,6 +255,115 @@ pub fn parse_error_filter(filter: &str) -> Option<ErrorSubscription> {
     Some(ErrorSubscription { long, tenant: (!tenant.is_empty()).then(|| (*tenant).to_owned()), device })
 }
 
+/// A parsed command subscription filter (`command/[TENANT]/[DEVICE]/req/#`, short
+/// `c/[TENANT]/[DEVICE]/q/#`). Commands are published in the same spelling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandFilter {
+    /// `command`/`req` or `c`/`q`.
+    pub long: bool,
+    /// Tenant named in the filter (echoed in command topics).
+    pub tenant: Option<String>,
+    /// `Own` (`command///req/#`), `Any` (a gateway's `command//+/req/#`) or `One(D)`.
+    pub device: DeviceFilter,
+}
+
+impl CommandFilter {
+    /// The topic a command for `device` is published on; one-way commands have an empty
+    /// request id (`command///req//NAME`). Gateway forms carry the device id.
+    pub fn command_topic(&self, tenant: &str, device: &str, request_id: Option<&str>, name: &str) -> String {
+        let (prefix, req) = if self.long { ("command", "req") } else { ("c", "q") };
+        let tenant = if self.tenant.is_some() { tenant } else { "" };
+        let device = match self.device {
+            DeviceFilter::Own => "",
+            DeviceFilter::Any | DeviceFilter::One(_) => device,
+        };
+        format!("{prefix}/{tenant}/{device}/{req}/{}/{name}", request_id.unwrap_or_default())
+    }
+}
+
+/// Whether a command name can be a topic level (MQTT topic names carry no wildcards and
+/// no NUL; `/` would only add levels, which Hono allows).
+pub fn valid_command_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['+', '#', '\0'])
+}
+
+/// Parses a SUBSCRIBE topic filter; `None` if it is not a command filter.
+pub fn parse_command_filter(filter: &str) -> Option<CommandFilter> {
+    let segments: Vec<&str> = filter.split('/').collect();
+    let [prefix, tenant, device, req, "#"] = segments.as_slice() else { return None };
+    let long = match (*prefix, *req) {
+        ("command", "req") => true,
+        ("c", "q") => false,
+        _ => return None,
+    };
+    if tenant.contains(['+', '#']) || device.contains('#') {
+        return None;
+    }
+    let device = match *device {
+        "" => DeviceFilter::Own,
+        "+" => DeviceFilter::Any,
+        d if d.contains('+') => return None,
+        d => DeviceFilter::One(d.to_owned()),
+    };
+    Some(CommandFilter { long, tenant: (!tenant.is_empty()).then(|| (*tenant).to_owned()), device })
+}
+
+/// A device's answer to a command, from its topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseAddress {
+    /// `Some` only when the topic names one.
+    pub tenant: Option<String>,
+    /// `Some` for the gateway form `command//DEVICE/res/...`.
+    pub device: Option<String>,
+    pub request_id: String,
+    pub status: u16,
+    pub properties: PropertyBag,
+}
+
+/// Parses a command response topic; `None` if the topic is not under `command/` or `c/`
+/// (then it is a telemetry/event topic or unknown).
+///
+/// # Errors
+/// [`MappingError::MalformedTopic`], [`MappingError::BadStatus`],
+/// [`MappingError::BadRequestId`] and property-bag errors.
+pub fn parse_response_topic(topic: &str) -> Option<Result<ResponseAddress, MappingError>> {
+    let (path, bag) = match topic.find("/?") {
+        Some(at) => (&topic[..at], Some(&topic[at + 2..])),
+        None => (topic, None),
+    };
+    let segments: Vec<&str> = path.split('/').collect();
+    let res = match segments.first() {
+        Some(&"command") => "res",
+        Some(&"c") => "s",
+        _ => return None,
+    };
+    let malformed = || MappingError::MalformedTopic(topic.to_owned());
+    let parse = || {
+        let [_, tenant, device, r, request_id, status] = segments.as_slice() else { return Err(malformed()) };
+        if *r != res || request_id.is_empty() {
+            return Err(malformed());
+        }
+        let status = status
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (200..600).contains(s))
+            .ok_or_else(|| MappingError::BadStatus((*status).to_owned()))?;
+        ferrule_command_control::RequestId::decode(request_id).map_err(|e| MappingError::BadRequestId(e.to_string()))?;
+        let properties = match bag {
+            Some(bag) => parse_property_bag(bag)?,
+            None => PropertyBag::default(),
+        };
+        Ok(ResponseAddress {
+            tenant: (!tenant.is_empty()).then(|| (*tenant).to_owned()),
+            device: (!device.is_empty()).then(|| (*device).to_owned()),
+            request_id: (*request_id).to_owned(),
+            status,
+            properties,
+        })
+    };
+    Some(parse())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +452,46 @@ mod tests {
         assert!(own.matches("d1", Some("d1")) && !own.matches("d2", Some("d1")));
         for bad in ["error/#", "error///", "err///#", "error/+//#", "error//a+/#", "command///req/#"] {
             assert_eq!(parse_error_filter(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_filters_and_topics() {
+        let own = parse_command_filter("command///req/#").expect("valid");
+        assert_eq!(own, CommandFilter { long: true, tenant: None, device: DeviceFilter::Own });
+        assert_eq!(own.command_topic("t1", "d1", Some("R1"), "light"), "command///req/R1/light");
+        assert_eq!(own.command_topic("t1", "d1", None, "light"), "command///req//light", "one-way");
+        let short = parse_command_filter("c///q/#").expect("valid");
+        assert_eq!(short.command_topic("t1", "d1", Some("R"), "x"), "c///q/R/x");
+        let all = parse_command_filter("c//+/q/#").expect("valid");
+        assert_eq!(all.device, DeviceFilter::Any);
+        assert_eq!(all.command_topic("t1", "child", Some("R"), "x"), "c//child/q/R/x");
+        let one = parse_command_filter("command/t1/child/req/#").expect("valid");
+        assert_eq!(one.device, DeviceFilter::One("child".into()));
+        assert_eq!(one.command_topic("t1", "child", None, "x"), "command/t1/child/req//x");
+        assert!(valid_command_name("set/volume") && !valid_command_name("a+b") && !valid_command_name("#") && !valid_command_name(""));
+        for bad in ["command///req", "command///q/#", "c///req/#", "command/+//req/#", "command//a+/req/#", "error///#", "cmd///req/#"] {
+            assert_eq!(parse_command_filter(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn response_topics() {
+        use ferrule_command_control::RequestId;
+        use fe2o3_amqp::types::messaging::MessageId;
+        let id = RequestId { correlation_id: MessageId::String("m1".into()), reply_id: "app".into() }.encode().unwrap();
+        let r = parse_response_topic(&format!("command///res/{id}/200")).expect("a command topic").expect("valid");
+        assert_eq!((r.tenant, r.device, r.request_id.as_str(), r.status), (None, None, id.as_str(), 200));
+        let r = parse_response_topic(&format!("c//child/s/{id}/503/?content-type=text%2Fplain")).unwrap().unwrap();
+        assert_eq!((r.device.as_deref(), r.status), (Some("child"), 503));
+        assert_eq!(r.properties.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(parse_response_topic("telemetry"), None);
+        assert_eq!(parse_response_topic("t//d"), None);
+        assert!(matches!(parse_response_topic(&format!("command///res/{id}/ok")), Some(Err(MappingError::BadStatus(_)))));
+        assert!(matches!(parse_response_topic(&format!("command///res/{id}/700")), Some(Err(MappingError::BadStatus(_)))));
+        assert!(matches!(parse_response_topic("command///res/!!/200"), Some(Err(MappingError::BadRequestId(_)))));
+        for bad in ["command///res//200".to_owned(), format!("command///s/{id}/200"), format!("c///res/{id}/200"), "command///req/x/y".to_owned(), "c/x".to_owned()] {
+            assert!(matches!(parse_response_topic(&bad), Some(Err(MappingError::MalformedTopic(_)))), "{bad}");
         }
     }
 }

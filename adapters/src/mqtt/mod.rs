@@ -1,9 +1,15 @@
 //! The MQTT adapter (Hono's MQTT API, MQTT 3.1.1 and 5) on ntex-mqtt: devices publish
 //! telemetry and events; the adapter authenticates them through the [`DeviceRegistry`]
-//! and hands their messages to the messaging core through [`Downstream`].
+//! and hands their messages to the messaging core through [`Downstream`]. With a
+//! [`CommandRouter`] ([`start_with_commands`]) devices also subscribe to commands and
+//! answer them.
 //!
-//! - `mapping`: topics → endpoint, tenant, device, property bag (pure).
-//! - `session`: per-connection state (principal, MQTT version, error-topic subscription).
+//! - `mapping`: topics → endpoint, tenant, device, property bag; command filters and
+//!   topics (pure).
+//! - `session`: per-connection state (principal, MQTT version, error-topic subscription,
+//!   command subscriptions).
+//! - `command`: the router's sink for a session and the outbox that publishes commands
+//!   on the worker thread and waits for PUBACKs.
 //! - `connection`: the ntex services (CONNECT, PUBLISH, SUBSCRIBE, control) and the one
 //!   place where failures become CONNACK codes, PUBACK reason codes, DISCONNECTs or
 //!   error-topic messages.
@@ -11,6 +17,7 @@
 //!   single-threaded runtimes, so the adapter lives on its own thread(s); the socket is
 //!   bound before that thread starts, so a bind failure is returned, not lost.
 
+mod command;
 mod connection;
 pub mod mapping;
 pub mod session;
@@ -19,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferrule_command_control::CommandRouter;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +58,10 @@ pub struct MqttConfig {
     /// On shutdown, how long open connections get to finish in-flight publishes.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// How long a command sent at QoS 1 waits for the device's PUBACK before it is
+    /// released.
+    #[serde(with = "humantime_serde")]
+    pub command_ack_timeout: Duration,
 }
 
 impl Default for MqttConfig {
@@ -62,6 +74,7 @@ impl Default for MqttConfig {
             connect_timeout: Duration::from_secs(10),
             workers: 1,
             shutdown_grace: Duration::from_secs(2),
+            command_ack_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -83,6 +96,9 @@ connect_timeout = "10s"
 workers = 1
 # On shutdown, how long open connections get to finish in-flight publishes.
 shutdown_grace = "2s"
+# How long a command sent at QoS 1 waits for the device's PUBACK before it is
+# released.
+command_ack_timeout = "10s"
 "#;
 
 impl MqttConfig {
@@ -99,6 +115,9 @@ impl MqttConfig {
         }
         if self.connect_timeout.is_zero() || self.connect_timeout > Duration::from_secs(3600) {
             return bad("adapters.mqtt.connect_timeout", "must be between 1s and 1h");
+        }
+        if self.command_ack_timeout < Duration::from_millis(10) || self.command_ack_timeout > Duration::from_secs(3600) {
+            return bad("adapters.mqtt.command_ack_timeout", "must be between 10ms and 1h");
         }
         Ok(())
     }
@@ -154,16 +173,34 @@ impl MqttAdapter {
     }
 }
 
-/// Binds `config.listen` and starts serving on ntex worker threads.
+/// Binds `config.listen` and starts serving on ntex worker threads, without commands
+/// (command subscriptions are refused); see [`start_with_commands`].
+///
+/// # Errors
+/// As [`start_with_commands`].
+pub fn start(
+    config: MqttConfig,
+    downstream: Downstream,
+    registry: Arc<dyn DeviceRegistry>,
+    shutdown: CancellationToken,
+) -> Result<MqttAdapter, MqttError> {
+    start_with_commands(config, downstream, registry, None, shutdown)
+}
+
+/// Binds `config.listen` and starts serving on ntex worker threads. With `commands`,
+/// devices may subscribe to commands (`command///req/#` and the gateway forms) and
+/// answer them (`command///res/REQ-ID/STATUS`); without, such subscriptions are refused
+/// and such publishes fail like unknown topics.
 ///
 /// # Errors
 /// [`MqttError::Bind`] if the socket cannot be bound (returned here, synchronously),
 /// [`MqttError::Config`] for out-of-range settings, [`MqttError::Start`] if the server
 /// thread cannot start.
-pub fn start(
+pub fn start_with_commands(
     config: MqttConfig,
     downstream: Downstream,
     registry: Arc<dyn DeviceRegistry>,
+    commands: Option<CommandRouter>,
     shutdown: CancellationToken,
 ) -> Result<MqttAdapter, MqttError> {
     config.validate()?;
@@ -172,7 +209,7 @@ pub fn start(
     let local_addr = listener.local_addr().map_err(|source| MqttError::Bind { addr, source })?;
     listener.set_nonblocking(true).map_err(MqttError::Start)?;
 
-    let shared = Arc::new(connection::Shared { config, downstream, registry });
+    let shared = Arc::new(connection::Shared { config, downstream, registry, commands });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new()

@@ -1,13 +1,17 @@
-//! Per-connection protocol state: who is connected, over which MQTT version, and whether
-//! publish errors are reported on the error topic instead of closing the connection.
+//! Per-connection protocol state: who is connected, over which MQTT version, whether
+//! publish errors are reported on the error topic instead of closing the connection, and
+//! the connection's command subscriptions.
 //!
 //! A session lives on one ntex worker thread (ntex sessions are `Rc`-based), so plain
 //! `RefCell`s are enough.
 
 use std::cell::RefCell;
 
+use ferrule_command_control::Subscription;
+
 use crate::device::DeviceIdentity;
 
+use super::command::Outbox;
 use super::mapping::{ErrorSubscription, PublishAddress};
 
 /// The MQTT protocol version of a connection.
@@ -68,11 +72,40 @@ pub struct Session {
     pub version: Version,
     pub client_id: String,
     error_subscription: RefCell<Option<ErrorSubscription>>,
+    commands: RefCell<Commands>,
+}
+
+/// The connection's command subscriptions (by topic filter) and, once there is one, the
+/// outbox their commands go through.
+#[derive(Default)]
+struct Commands {
+    outbox: Option<Outbox>,
+    subscriptions: Vec<(String, Subscription)>,
+}
+
+impl Drop for Commands {
+    fn drop(&mut self) {
+        // Ending a subscription makes the router spawn its `ttd` notification, which needs
+        // the worker's runtime; connections normally end through `end_commands` while it
+        // runs. Should a session outlive it (the worker tearing down), the subscriptions
+        // are left to die with the process rather than panic.
+        if !self.subscriptions.is_empty() && tokio::runtime::Handle::try_current().is_err() {
+            tracing::debug!(count = self.subscriptions.len(), "command subscriptions left at shutdown");
+            std::mem::forget(std::mem::take(&mut self.subscriptions));
+        }
+    }
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let filters: Vec<&str> = self.subscriptions.iter().map(|(f, _)| f.as_str()).collect();
+        f.debug_struct("Commands").field("filters", &filters).finish()
+    }
 }
 
 impl Session {
     pub fn new(principal: Principal, version: Version, client_id: String) -> Self {
-        Self { principal, version, client_id, error_subscription: RefCell::new(None) }
+        Self { principal, version, client_id, error_subscription: RefCell::new(None), commands: RefCell::default() }
     }
 
     pub fn identity(&self) -> Option<&DeviceIdentity> {
@@ -84,10 +117,15 @@ impl Session {
 
     /// Decides for whom a publish to `address` is (pure; the registry checks follow).
     pub fn target(&self, address: &PublishAddress) -> Result<Target, TargetError> {
-        match (&self.principal, &address.device) {
+        self.target_of(address.tenant.as_ref(), address.device.as_ref())
+    }
+
+    /// Decides for whom a topic naming `tenant` and `device` (either may be left out) is.
+    pub fn target_of(&self, tenant: Option<&String>, device: Option<&String>) -> Result<Target, TargetError> {
+        match (&self.principal, device) {
             (Principal::Device(id), None) => Ok(Target::Own { tenant: id.tenant.clone(), device: id.device_id.clone() }),
             (Principal::Device(id), Some(device)) => {
-                if address.tenant.as_ref().is_some_and(|t| *t != id.tenant) {
+                if tenant.is_some_and(|t| *t != id.tenant) {
                     return Err(TargetError::TenantMismatch);
                 }
                 if *device == id.device_id {
@@ -96,7 +134,7 @@ impl Session {
                     Ok(Target::ViaGateway { tenant: id.tenant.clone(), device: device.clone(), gateway: id.device_id.clone() })
                 }
             }
-            (Principal::Anonymous, Some(device)) => match &address.tenant {
+            (Principal::Anonymous, Some(device)) => match tenant {
                 Some(tenant) => Ok(Target::Unauthenticated { tenant: tenant.clone(), device: device.clone() }),
                 None => Err(TargetError::IdentityRequired),
             },
@@ -123,6 +161,40 @@ impl Session {
         let subscription = self.error_subscription.borrow();
         let subscription = subscription.as_ref().filter(|s| s.matches(device, own))?;
         Some(subscription.error_topic(tenant, device, endpoint, correlation_id, code))
+    }
+
+    /// Adds a command subscription under `filter`, replacing one with the same filter
+    /// (MQTT: a repeated SUBSCRIBE replaces). `subscribe` gets the outbox, started on
+    /// first use with `start`.
+    pub(super) fn subscribe_commands(
+        &self,
+        filter: String,
+        start: impl FnOnce() -> Outbox,
+        subscribe: impl FnOnce(&Outbox) -> Subscription,
+    ) {
+        let mut commands = self.commands.borrow_mut();
+        commands.subscriptions.retain(|(f, _)| *f != filter);
+        let outbox = commands.outbox.get_or_insert_with(start);
+        let subscription = subscribe(outbox);
+        commands.subscriptions.push((filter, subscription));
+    }
+
+    /// Ends the command subscription under `filter` (the router announces `ttd` 0).
+    pub(super) fn unsubscribe_commands(&self, filter: &str) {
+        let removed: Vec<_> = {
+            let mut commands = self.commands.borrow_mut();
+            let (gone, kept) = std::mem::take(&mut commands.subscriptions).into_iter().partition(|(f, _)| f == filter);
+            commands.subscriptions = kept;
+            gone
+        };
+        drop(removed);
+    }
+
+    /// The connection ended: every command subscription ends and the outbox stops
+    /// (commands queued or waiting for a PUBACK are released).
+    pub(super) fn end_commands(&self) {
+        let commands = std::mem::take(&mut *self.commands.borrow_mut());
+        drop(commands);
     }
 
     /// Whether an error subscription exists at all.

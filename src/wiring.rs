@@ -1,0 +1,98 @@
+//! Glue between components: the device registry's authentication service seen through the
+//! adapters' [`DeviceRegistry`] trait and the command router's [`ViaCheck`].
+
+use ferrule_adapters::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
+use ferrule_command_control::ViaCheck;
+use ferrule_device_registry::{AuthError as RegistryAuthError, AuthService, CredentialType, TenantId};
+
+/// The registry's [`AuthService`] as the adapters and the command router need it.
+#[derive(Clone)]
+pub struct RegistryDevices(pub AuthService);
+
+fn map(e: RegistryAuthError) -> AuthError {
+    match e {
+        RegistryAuthError::BadCredentials => AuthError::BadCredentials,
+        RegistryAuthError::TenantDisabled => AuthError::TenantDisabled,
+        RegistryAuthError::DeviceDisabled => AuthError::DeviceDisabled,
+        RegistryAuthError::RateLimited | RegistryAuthError::Busy => AuthError::Busy,
+        RegistryAuthError::Unavailable(why) => AuthError::Unavailable(why),
+    }
+}
+
+impl RegistryDevices {
+    /// Distinguishes an unknown tenant from an unknown device (the registry reports both
+    /// as bad credentials, which is right for authentication but not for look-ups).
+    async fn unknown(&self, tenant: &str) -> AuthError {
+        let Ok(id) = TenantId::new(tenant) else { return AuthError::UnknownTenant };
+        match self.0.get_tenant(&id).await {
+            Ok(Some(_)) => AuthError::UnknownDevice,
+            Ok(None) => AuthError::UnknownTenant,
+            Err(e) => map(e),
+        }
+    }
+}
+
+impl DeviceRegistry for RegistryDevices {
+    fn authenticate_password<'a>(
+        &'a self,
+        tenant: &'a str,
+        auth_id: &'a str,
+        password: &'a [u8],
+    ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
+        Box::pin(async move {
+            let device = self.0.authenticate(tenant, CredentialType::HashedPassword, auth_id, password).await.map_err(map)?;
+            // Warm the tenant/device look-up caches that every publish consults, so that
+            // a device's first publish is answered without waiting for storage (ntex-mqtt
+            // 9.0 panics on a QoS 0 publish still pending when DISCONNECT arrives).
+            let _ = self.0.authorize_device(device.tenant.as_str(), device.device.as_str(), None).await;
+            Ok(DeviceIdentity {
+                tenant: device.tenant.to_string(),
+                device_id: device.device.to_string(),
+                auth_id: device.auth_id,
+            })
+        })
+    }
+
+    fn authorize_device<'a>(
+        &'a self,
+        tenant: &'a str,
+        device_id: &'a str,
+        gateway: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), AuthError>> {
+        Box::pin(async move {
+            match self.0.authorize_device(tenant, device_id, None).await {
+                Ok(()) => {}
+                Err(RegistryAuthError::BadCredentials) => return Err(self.unknown(tenant).await),
+                Err(e) => return Err(map(e)),
+            }
+            match gateway {
+                None => Ok(()),
+                Some(gateway) => match self.0.authorize_device(tenant, device_id, Some(gateway)).await {
+                    Ok(()) => Ok(()),
+                    Err(RegistryAuthError::BadCredentials) => Err(AuthError::GatewayNotAuthorized),
+                    Err(e) => Err(map(e)),
+                },
+            }
+        })
+    }
+
+    fn allows_unauthenticated<'a>(&'a self, tenant: &'a str, adapter: &'a str) -> BoxFuture<'a, Result<bool, AuthError>> {
+        Box::pin(async move { self.0.allows_unauthenticated(tenant, adapter).await.map_err(map) })
+    }
+
+    fn psk<'a>(&'a self, tenant: &'a str, auth_id: &'a str) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>> {
+        Box::pin(async move {
+            let key = self.0.psk_for(tenant, auth_id).await.map_err(map)?;
+            let identity = DeviceIdentity { tenant: tenant.to_owned(), device_id: key.device.to_string(), auth_id: auth_id.to_owned() };
+            Ok((identity, key.key))
+        })
+    }
+}
+
+impl ViaCheck for RegistryDevices {
+    fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> ferrule_command_control::BoxFuture<bool> {
+        let auth = self.0.clone();
+        let (tenant, device, gateway) = (tenant.to_owned(), device.to_owned(), gateway.to_owned());
+        Box::pin(async move { auth.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok() })
+    }
+}

@@ -1,0 +1,222 @@
+"""Devices with stock clients (curl, mosquitto_pub, paho-mqtt, coap-client) → ferrule →
+a python-qpid-proton application. Everything runs in one `ferrule serve` process,
+provisioned through its management API."""
+import subprocess
+import threading
+import time
+
+import paho.mqtt.client as paho
+import pytest
+from proton import Timeout
+
+from amqp_client import Collector, connect
+from registry_client import Registry
+
+PSK = "coap-secret-key"
+
+
+@pytest.fixture
+def provisioned(platform):
+    reg = Registry(platform.registry_url, platform.registry_token)
+    reg.tenant("t1", unauthenticated=True)
+    reg.device("t1", "d1", password="pw1", psk=PSK)
+    reg.device("t1", "gw", password="gwpw")
+    reg.device("t1", "child", via=["gw"])
+    return platform, reg
+
+
+def receiver(platform, address, name=None, credit=10):
+    """An application receiver accepting everything, on its own thread (the blocking
+    client does I/O only while called, so a receiver in the test thread would sit on its
+    dispositions while the test waits for a device)."""
+    collector = Collector(platform.url("t1"), address, credit=credit, name=name)
+    collector.start()
+    return collector, collector
+
+
+def expect_message(rcv, device, adapter, qos, timeout=10):
+    msg = rcv.next(timeout=timeout)
+    props = msg.properties
+    assert props["device_id"] == device, props
+    assert props["orig_adapter"] == adapter, props
+    assert props["qos"] == qos, props
+    assert msg.annotations["tenant_id"] == "t1"
+    return msg
+
+
+def run(cmd, timeout=20):
+    """Runs a device client to completion (only for cases where no application has to act)."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+class Device:
+    """A device client running in the background while the test acts as the application
+    (the blocking AMQP client only does I/O while the test calls it)."""
+
+    def __init__(self, cmd):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(self, timeout=20):
+        out, err = self.proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+
+def http_host(p):
+    return p.listeners["http"]
+
+
+def mqtt_port(p):
+    return p.listeners["mqtt"].rsplit(":", 1)[1]
+
+
+def curl_post(p, path, body, user="d1@t1:pw1", headers=()):
+    cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", f"http://{http_host(p)}{path}",
+           "-u", user, "-H", "content-type: text/plain", "--data-binary", body]
+    for h in headers:
+        cmd += ["-H", h]
+    return cmd
+
+
+# --- HTTP (curl) -----------------------------------------------------------------
+
+def test_curl_telemetry_and_events(provisioned):
+    p, _ = provisioned
+    conn, rcv = receiver(p, "telemetry/t1")
+    device = Device(curl_post(p, "/telemetry", "21.5", headers=["QoS-Level: 1"]))
+    msg = expect_message(rcv, "d1", "hono-http", 1)
+    assert device.finish().stdout == "202"
+    assert msg.body == b"21.5" and msg.content_type == "text/plain"
+    conn.close()
+    # An event sent before the application attaches arrives after it does.
+    assert run(curl_post(p, "/event", "door open", headers=["hono-ttl: 60"])).stdout == "202"
+    conn, rcv = receiver(p, "event/t1")
+    msg = expect_message(rcv, "d1", "hono-http", 1)
+    assert msg.body == b"door open" and msg.durable
+    conn.close()
+
+
+def test_curl_qos1_answers_only_after_the_application_accepted(provisioned):
+    p, _ = provisioned
+    conn = connect(p.url("t1"))
+    rcv = conn.create_receiver("telemetry/t1", credit=10)
+    proc = subprocess.Popen(curl_post(p, "/telemetry", "x", headers=["QoS-Level: 1"]), stdout=subprocess.PIPE, text=True)
+    rcv.receive(timeout=10)
+    time.sleep(0.5)
+    assert proc.poll() is None, "the device got its answer before the application accepted"
+    rcv.accept()
+    # The blocking client sends the disposition the next time it does I/O.
+    try:
+        rcv.receive(timeout=0.5)
+    except Timeout:
+        pass
+    assert proc.communicate(timeout=10)[0] == "202"
+    conn.close()
+    # Without a receiver: 503 at once.
+    assert run(curl_post(p, "/telemetry", "x", headers=["QoS-Level: 1"])).stdout == "503"
+
+
+def test_curl_gateway_and_unauthenticated(provisioned):
+    p, _ = provisioned
+    conn, rcv = receiver(p, "telemetry/t1")
+    cmd = curl_post(p, "/telemetry/t1/child", "from gw", user="gw@t1:gwpw")
+    cmd[cmd.index("POST")] = "PUT"
+    device = Device(cmd)
+    expect_message(rcv, "child", "hono-http", 0)
+    assert device.finish().stdout == "202"
+    anon = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", f"http://{http_host(p)}/telemetry/t1/d1",
+            "-H", "content-type: text/plain", "--data-binary", "anon"]
+    device = Device(anon)
+    expect_message(rcv, "d1", "hono-http", 0)
+    assert device.finish().stdout == "202"
+    conn.close()
+
+
+# --- MQTT (mosquitto_pub, paho-mqtt) ------------------------------------------------
+
+@pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])
+def test_mosquitto_pub_telemetry_and_events(provisioned, version):
+    p, _ = provisioned
+    conn, rcv = receiver(p, "telemetry/t1")
+    base = ["mosquitto_pub", "-V", version, "-h", "127.0.0.1", "-p", mqtt_port(p), "-u", "d1@t1", "-P", "pw1", "-i", f"dev-{version}"]
+    for qos in ("0", "1"):
+        device = Device(base + ["-q", qos, "-t", "telemetry", "-m", f"hello q{qos}"])
+        msg = expect_message(rcv, "d1", "hono-mqtt", int(qos))
+        assert msg.body == f"hello q{qos}".encode()
+        res = device.finish()
+        assert res.returncode == 0, res.stderr
+    conn.close()
+    res = run(base + ["-q", "1", "-t", "event/?content-type=text%2Fplain", "-m", "stored"])
+    assert res.returncode == 0, res.stderr
+    conn, rcv = receiver(p, "event/t1")
+    events = []
+    while True:  # skip connection events
+        msg = rcv.next(timeout=10)
+        if msg.content_type != "application/vnd.eclipse-hono-dc-notification+json":
+            events.append(msg)
+            break
+    assert events[0].body == b"stored" and events[0].content_type == "text/plain"
+    assert events[0].properties["orig_adapter"] == "hono-mqtt"
+    conn.close()
+
+
+def test_paho_mqtt_publishes_telemetry(provisioned):
+    p, _ = provisioned
+    conn, rcv = receiver(p, "telemetry/t1")
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="paho-d1", protocol=paho.MQTTv311)
+    client.username_pw_set("d1@t1", "pw1")
+    client.connect("127.0.0.1", int(mqtt_port(p)))
+    client.loop_start()
+    info = client.publish("t", b"from paho", qos=1)
+    info.wait_for_publish(timeout=10)
+    msg = expect_message(rcv, "d1", "hono-mqtt", 1)
+    assert msg.body == b"from paho"
+    assert info.is_published()
+    client.disconnect()
+    client.loop_stop()
+    conn.close()
+
+
+def test_paho_wrong_password_is_refused(provisioned):
+    p, _ = provisioned
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="paho-bad", protocol=paho.MQTTv311)
+    client.username_pw_set("d1@t1", "wrong")
+    result = {}
+    client.on_connect = lambda c, u, f, rc, props=None: result.setdefault("rc", rc)
+    client.connect("127.0.0.1", int(mqtt_port(p)))
+    client.loop_start()
+    deadline = time.time() + 10
+    while "rc" not in result and time.time() < deadline:
+        time.sleep(0.05)
+    client.loop_stop()
+    assert result.get("rc") is not None and result["rc"].value == 4 or str(result.get("rc")).lower().startswith("bad user")
+
+
+# --- CoAP (libcoap's coap-client) ----------------------------------------------------
+
+def coap_addr(p, key):
+    return p.listeners[key]
+
+
+def test_coap_client_psk_and_unauthenticated(provisioned):
+    p, _ = provisioned
+    conn, rcv = receiver(p, "telemetry/t1")
+    device = Device(["coap-client-openssl", "-m", "post", "-u", "d1@t1", "-k", PSK, "-t", "text/plain", "-e", "over dtls",
+                     f"coaps://{coap_addr(p, 'coaps')}/telemetry"])
+    msg = expect_message(rcv, "d1", "hono-coap", 1)
+    assert msg.body == b"over dtls"
+    res = device.finish()
+    assert res.returncode == 0, res.stderr
+    device = Device(["coap-client-notls", "-m", "put", "-t", "text/plain", "-e", "plain udp",
+                     f"coap://{coap_addr(p, 'coap')}/telemetry/t1/d1"])
+    msg = expect_message(rcv, "d1", "hono-coap", 1)
+    assert msg.body == b"plain udp"
+    res = device.finish()
+    assert res.returncode == 0, res.stderr
+    conn.close()
+    res = run(["coap-client-notls", "-m", "put", "-t", "text/plain", "-e", "event",
+               f"coap://{coap_addr(p, 'coap')}/event/t1/d1"])
+    assert res.returncode == 0, res.stderr
+    conn, rcv = receiver(p, "event/t1")
+    msg = expect_message(rcv, "d1", "hono-coap", 1)
+    assert msg.body == b"event"
+    conn.close()
