@@ -173,7 +173,7 @@ def test_deferred_command_survives_restart_and_expires(provisioned):
     conn.close()
     assert p.stop() == 0
     p.start()
-    time.sleep(2)  # the second command's TTL passes; device subscribes a few seconds later
+    time.sleep(5)  # the device comes back 5 s later; by then the second command's TTL has passed
     device = MqttDevice(p, "d1@t1", "pw1", "command///req/#", answer=False)
     deadline = time.time() + 10
     while not device.received and time.time() < deadline:
@@ -182,3 +182,43 @@ def test_deferred_command_survives_restart_and_expires(provisioned):
     assert [t.rsplit("/", 1)[1] for t, _ in device.received] == ["later"]
     assert device.received[0][1] == b"keep me"
     device.close()
+
+
+def coap_client(p, args, path, out):
+    return ["coap-client-openssl", "-B", "30", "-v", "7", "-o", str(out), "-u", "d1@t1", "-k", "coap-secret-key",
+            *args, f"coaps://{p.listeners['coaps']}{path}"]
+
+
+def test_coap_device_waits_for_a_command_with_hono_ttd(provisioned, tmp_path):
+    p = provisioned
+    Registry(p.registry_url, p.registry_token).device("t1", "c1", psk="coap-secret-key")
+    replies = Collector(p.url("t1"), "command_response/t1/app-4", name="replies")
+    replies.start()
+    events = Collector(p.url("t1"), "event/t1", name="events")
+    events.start()
+    args = lambda cmd: [a.replace("d1@t1", "c1@t1") for a in cmd]  # noqa: E731
+    poll = subprocess.Popen(args(coap_client(p, ["-m", "post", "-t", "0", "-e", "21.5"], "/e?hono-ttd=10", tmp_path / "cmd")),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    conn = connect(p.url("t1"))
+    sender = conn.create_sender("command/t1", name="commands")
+    deadline = time.time() + 15
+    while True:
+        try:
+            sender.send(command("c1", "setLed", b"on", reply_to="command_response/t1/app-4", msg_id="coap-1"))
+            break
+        except SendException:
+            assert time.time() < deadline, "the polling CoAP device never took the command"
+            time.sleep(0.2)
+    log = poll.communicate(timeout=40)[0]
+    assert (tmp_path / "cmd").read_text() == "on", log
+    line = [l for l in log.splitlines() if "Location-Query" in l][-1]
+    assert "hono-command=setLed" in line, line
+    req_id = [seg.split(",")[0].split(" ")[0].rstrip("]") for seg in line.split("Location-Path:")[1:]][-1]
+    res = subprocess.run(args(coap_client(p, ["-m", "post", "-t", "0", "-e", "done"],
+                                          f"/command_response/{req_id}?hono-cmd-status=200", tmp_path / "res")),
+                         capture_output=True, text=True, timeout=40)
+    reply = replies.next(timeout=10)
+    assert reply.correlation_id == "coap-1" and reply.properties["status"] == 200, res.stdout
+    conn.close()
+    events.close()
+    replies.close()
