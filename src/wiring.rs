@@ -19,6 +19,19 @@ fn map(e: RegistryAuthError) -> AuthError {
     }
 }
 
+/// Device authentication attempts by credential type and outcome. No tenant label: the
+/// tenant comes from unauthenticated input and would let anyone grow the label set.
+fn count_attempt<T>(cred_type: &'static str, result: &Result<T, RegistryAuthError>) {
+    let outcome = match result {
+        Ok(_) => "success",
+        Err(RegistryAuthError::BadCredentials) => "bad_credentials",
+        Err(RegistryAuthError::TenantDisabled | RegistryAuthError::DeviceDisabled) => "disabled",
+        Err(RegistryAuthError::RateLimited | RegistryAuthError::Busy) => "busy",
+        Err(RegistryAuthError::Unavailable(_)) => "unavailable",
+    };
+    metrics::counter!("ferrule_auth_attempts_total", "type" => cred_type, "outcome" => outcome).increment(1);
+}
+
 impl RegistryDevices {
     /// Distinguishes an unknown tenant from an unknown device (the registry reports both
     /// as bad credentials, which is right for authentication but not for look-ups).
@@ -40,7 +53,9 @@ impl DeviceRegistry for RegistryDevices {
         password: &'a [u8],
     ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
         Box::pin(async move {
-            let device = self.0.authenticate(tenant, CredentialType::HashedPassword, auth_id, password).await.map_err(map)?;
+            let result = self.0.authenticate(tenant, CredentialType::HashedPassword, auth_id, password).await;
+            count_attempt("hashed-password", &result);
+            let device = result.map_err(map)?;
             // Warm the tenant/device look-up caches that every publish consults, so that
             // a device's first publish is answered without waiting for storage (ntex-mqtt
             // 9.0 panics on a QoS 0 publish still pending when DISCONNECT arrives).
@@ -82,7 +97,9 @@ impl DeviceRegistry for RegistryDevices {
 
     fn psk<'a>(&'a self, tenant: &'a str, auth_id: &'a str) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>> {
         Box::pin(async move {
-            let key = self.0.psk_for(tenant, auth_id).await.map_err(map)?;
+            let result = self.0.psk_for(tenant, auth_id).await;
+            count_attempt("psk", &result);
+            let key = result.map_err(map)?;
             let identity = DeviceIdentity { tenant: tenant.to_owned(), device_id: key.device.to_string(), auth_id: auth_id.to_owned() };
             Ok((identity, key.key))
         })

@@ -291,6 +291,7 @@ async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::Co
 // Connection events
 
 fn connected(shared: &Arc<Shared>, principal: &Principal, client_id: &str) {
+    metrics::gauge!("ferrule_adapter_connections", "adapter" => "hono-mqtt").increment(1.0);
     if let Principal::Device(identity) = principal {
         connection_event(shared, identity, client_id, "connected");
     }
@@ -299,6 +300,7 @@ fn connected(shared: &Arc<Shared>, principal: &Principal, client_id: &str) {
 /// The control service: ntex reports the end of a connection here, exactly once.
 fn stopped(shared: &Arc<Shared>, session: &Session, control: Control<Close>) {
     if let Control::Stop(reason) = control {
+        metrics::gauge!("ferrule_adapter_connections", "adapter" => "hono-mqtt").decrement(1.0);
         // Announces `ttd` 0 and releases commands not yet acknowledged.
         session.end_commands();
         match &reason {
