@@ -6,7 +6,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
-use tokio_rustls::TlsAcceptor;
+pub use tokio_rustls::TlsAcceptor;
 
 /// TLS settings of one listener. TLS is on when both `cert` and `key` are set.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -46,6 +46,7 @@ bind = "127.0.0.1:0"
 auth_tokens = ["{registry_token}"]
 [adapters.http]
 listen = "127.0.0.1:0"
+listen_tls = "127.0.0.1:0"
 allow_unauthenticated = true
 [adapters.mqtt]
 listen = "127.0.0.1:0"

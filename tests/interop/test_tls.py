@@ -38,3 +38,34 @@ key = "{pki['key']}"
             pass
     finally:
         assert p.stop() == 0
+
+
+def test_https_adapter_with_curl(tmp_path):
+    import subprocess
+
+    from amqp_client import Collector
+    from registry_client import Registry
+
+    pki = make_pki(tmp_path / "pki")
+    p = Platform(tmp_path / "data", extra=f"""
+[adapters.http.tls]
+cert = "{pki['cert']}"
+key = "{pki['key']}"
+""").start()
+    try:
+        Registry(p.registry_url, p.registry_token).tenant("t1").device("t1", "d1", password="pw1")
+        app = Collector(p.url("t1"), "telemetry/t1")
+        app.start()
+        port = p.listeners["https"].rsplit(":", 1)[1]
+        url = f"https://localhost:{port}/telemetry"
+        base = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", "d1@t1:pw1", "-H", "QoS-Level: 1",
+                "-H", "content-type: text/plain", "--data-binary", "over https"]
+        res = subprocess.run(base + ["--cacert", str(pki["ca"]), url], capture_output=True, text=True, timeout=20)
+        assert res.stdout == "202", res.stderr
+        assert bytes(app.next(timeout=10).body) == b"over https"
+        # Without the CA, curl refuses the server certificate (exit 60).
+        res = subprocess.run(base + [url], capture_output=True, text=True, timeout=20)
+        assert res.returncode == 60, (res.returncode, res.stdout)
+        app.close()
+    finally:
+        assert p.stop() == 0

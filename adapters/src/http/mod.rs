@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use ferrule_messaging::tls::{TlsAcceptor, TlsConfig};
 
 use ferrule_command_control::{CommandRouter, RespondError};
 
@@ -42,6 +43,10 @@ pub const ADAPTER: &str = "hono-http";
 pub struct HttpConfig {
     /// Address of the HTTP adapter.
     pub listen: SocketAddr,
+    /// Address of the HTTPS listener, used when `tls` is set.
+    pub listen_tls: SocketAddr,
+    /// Certificate and key for `listen_tls`; HTTPS is off unless both are set.
+    pub tls: TlsConfig,
     /// Largest accepted payload in bytes (larger: 413).
     pub max_payload: usize,
     /// Let devices of tenants that allow it publish without credentials (PUT form only).
@@ -60,6 +65,8 @@ impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8080".parse().expect("valid"),
+            listen_tls: "0.0.0.0:8443".parse().expect("valid"),
+            tls: TlsConfig::default(),
             max_payload: 2048,
             allow_unauthenticated: false,
             max_connections: 10_000,
@@ -84,6 +91,13 @@ header_read_timeout = "10s"
 # Upper bound for hono-ttd: the longest a request waits for a command (larger values
 # are cut to this).
 max_ttd = "1m"
+# Address of the HTTPS listener, used when [adapters.http.tls] is set.
+listen_tls = "0.0.0.0:8443"
+
+[adapters.http.tls]
+# PEM certificate chain and private key for listen_tls; HTTPS is off unless both are set.
+# cert = "/etc/ferrule/tls/server.crt"
+# key = "/etc/ferrule/tls/server.key"
 "#;
 
 /// Errors that stop the adapter from starting.
@@ -91,11 +105,15 @@ max_ttd = "1m"
 pub enum HttpError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    /// The TLS certificate or key is unusable.
+    #[error("adapters.http.tls: {0}")]
+    Tls(ferrule_messaging::tls::TlsError),
 }
 
 /// A bound HTTP adapter, ready to [`HttpAdapter::run`].
 pub struct HttpAdapter {
     listener: TcpListener,
+    tls: Option<(TcpListener, TlsAcceptor)>,
     state: Arc<State>,
 }
 
@@ -120,68 +138,110 @@ impl HttpAdapter {
         registry: Arc<dyn DeviceRegistry>,
         router: Option<CommandRouter>,
     ) -> Result<Self, HttpError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| HttpError::Bind { addr: config.listen, source })?;
-        Ok(Self { listener, state: Arc::new(State { config, downstream, registry, router }) })
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })
+        };
+        let listener = bind(config.listen).await?;
+        let tls = if config.tls.enabled() {
+            let acceptor = config.tls.acceptor().map_err(HttpError::Tls)?;
+            Some((bind(config.listen_tls).await?, acceptor))
+        } else {
+            None
+        };
+        Ok(Self { listener, tls, state: Arc::new(State { config, downstream, registry, router }) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound socket has an address")
     }
 
+    /// The HTTPS listener's address, if TLS is configured.
+    pub fn local_tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"))
+    }
+
     /// Serves until `shutdown`; then lets open requests finish.
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
         let limit = Arc::new(tokio::sync::Semaphore::new(self.state.config.max_connections));
-        tracing::info!(addr = %self.local_addr(), "HTTP adapter up");
-        loop {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                permit = limit.clone().acquire_owned() => permit.expect("never closed"),
-            };
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let state = self.state.clone();
-            let shutdown = shutdown.clone();
-            let header_timeout = state.config.header_read_timeout;
-            tasks.spawn(async move {
-                let stopping = shutdown.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let (state, stopping) = (state.clone(), stopping.clone());
-                    async move { Ok::<_, std::convert::Infallible>(handle(&state, req, &stopping).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Some(header_timeout))
-                    .serve_connection(TokioIo::new(stream), service);
-                let mut conn = std::pin::pin!(conn);
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
-                        }
-                    }
-                    _ = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
-                    }
-                }
-                drop(permit);
-            });
+        if let Some((listener, acceptor)) = self.tls {
+            tracing::info!(addr = %listener.local_addr().expect("bound"), "HTTPS adapter up");
+            let (state, limit, shutdown, t) = (self.state.clone(), limit.clone(), shutdown.clone(), tasks.clone());
+            tasks.spawn(accept_loop(listener, Some(acceptor), state, limit, shutdown, t));
         }
+        tracing::info!(addr = %self.listener.local_addr().expect("bound"), "HTTP adapter up");
+        accept_loop(self.listener, None, self.state, limit, shutdown, tasks.clone()).await;
         tasks.close();
         tasks.wait().await;
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<State>,
+    limit: Arc<tokio::sync::Semaphore>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = limit.clone().acquire_owned() => permit.expect("never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (state, shutdown, tls) = (state.clone(), shutdown.clone(), tls.clone());
+        tasks.spawn(async move {
+            match tls {
+                None => serve(TokioIo::new(stream), peer, state, shutdown).await,
+                Some(acceptor) => match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve(TokioIo::new(stream), peer, state, shutdown).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Serves one connection (plain or TLS) until it ends or `shutdown` drains it.
+async fn serve<Io>(io: Io, peer: SocketAddr, state: Arc<State>, shutdown: CancellationToken)
+where
+    Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let header_timeout = state.config.header_read_timeout;
+    let stopping = shutdown.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (state, stopping) = (state.clone(), stopping.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(&state, req, &stopping).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Some(header_timeout))
+        .serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 
