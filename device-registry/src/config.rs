@@ -24,6 +24,8 @@ pub enum StorageKind {
 pub struct RegistryConfig {
     /// Management API listen address. Default `0.0.0.0:28080`.
     pub bind: SocketAddr,
+    /// TLS for the management API (PEM certificate and key); off unless both are set.
+    pub tls: ferrule_messaging::tls::TlsConfig,
     /// `embedded` (default) or `redis`.
     pub storage: StorageKind,
     /// File name of the embedded store, relative to the data directory. Default `registry.redb`.
@@ -62,6 +64,7 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from(([0, 0, 0, 0], 28080)),
+            tls: Default::default(),
             storage: StorageKind::Embedded,
             embedded_file: "registry.redb".into(),
             redis_url: "redis://127.0.0.1:6379/0".into(),
@@ -84,6 +87,7 @@ impl fmt::Debug for RegistryConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegistryConfig")
             .field("bind", &self.bind)
+            .field("tls", &self.tls)
             .field("storage", &self.storage)
             .field("embedded_file", &self.embedded_file)
             .field("redis_url", &"<redacted: may hold a password>")
@@ -197,6 +201,12 @@ hash_pool_size = 2
 max_body_bytes = 65536
 # Concurrent management API connections.
 max_connections = 256
+
+[registry.tls]
+# PEM certificate chain and private key for the management API; TLS is off unless both
+# are set.
+# cert = "/etc/ferrule/tls/server.crt"
+# key = "/etc/ferrule/tls/server.key"
 "#;
 
 #[cfg(test)]

@@ -41,6 +41,9 @@ pub enum RegistryError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS certificate or key is unusable.
+    #[error("registry.tls: {0}")]
+    Tls(String),
 }
 
 /// Opens the configured store.
@@ -140,8 +143,14 @@ impl Registry {
         });
         let tracker = TaskTracker::new();
         let limit = Arc::new(Semaphore::new(config.max_connections));
+        let tls = if config.tls.enabled() {
+            Some(config.tls.acceptor().map_err(|e| RegistryError::Tls(e.to_string()))?)
+        } else {
+            None
+        };
         tracker.spawn(accept_loop(
             listener,
+            tls,
             state,
             limit,
             shutdown.clone(),
@@ -207,6 +216,7 @@ pub async fn run(
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<ferrule_messaging::tls::TlsAcceptor>,
     state: Arc<ApiState>,
     limit: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -234,25 +244,41 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            let svc = service_fn(move |req| api::handle(state.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "management connection ended with error");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(DRAIN_GRACE, conn).await;
-                }
+            match tls {
+                None => serve(TokioIo::new(stream), state, shutdown).await,
+                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve(TokioIo::new(stream), state, shutdown).await,
+                    Ok(Err(e)) => tracing::debug!(error = %e, "management API TLS handshake failed"),
+                    Err(_) => tracing::debug!("management API TLS handshake timed out"),
+                },
             }
         });
+    }
+}
+
+/// Serves one management connection (plain or TLS).
+async fn serve<Io>(io: Io, state: Arc<ApiState>, shutdown: CancellationToken)
+where
+    Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| api::handle(state.clone(), req));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "management connection ended with error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN_GRACE, conn).await;
+        }
     }
 }

@@ -69,3 +69,25 @@ key = "{pki['key']}"
         app.close()
     finally:
         assert p.stop() == 0
+
+
+def test_management_api_over_tls_with_curl(tmp_path):
+    import subprocess
+
+    pki = make_pki(tmp_path / "pki")
+    p = Platform(tmp_path / "data", extra=f"""
+[registry.tls]
+cert = "{pki['cert']}"
+key = "{pki['key']}"
+""").start()
+    try:
+        port = p.listeners["registry"].rsplit(":", 1)[1]
+        base = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                "-H", f"authorization: Bearer {p.registry_token}", "-H", "content-type: application/json",
+                "--data", "{}", f"https://localhost:{port}/v1/tenants/tls-tenant"]
+        res = subprocess.run(base + ["--cacert", str(pki["ca"])], capture_output=True, text=True, timeout=20)
+        assert res.stdout == "201", res.stderr
+        res = subprocess.run(base, capture_output=True, text=True, timeout=20)
+        assert res.returncode == 60, (res.returncode, res.stdout)
+    finally:
+        assert p.stop() == 0
