@@ -53,7 +53,7 @@ def test_sigterm_during_qos1_events_keeps_every_acknowledged_event(platform):
     assert code == 0, p.log_text()[-2000:]
     assert time.time() - started < 12, "exits within the grace period"
     acked.discard(None)
-    assert len(acked) > 50, f"only {len(acked)} events were acknowledged before SIGTERM"
+    assert len(acked) >= 10, f"only {len(acked)} events were acknowledged before SIGTERM"
 
     p.start()
     events = Collector(p.url("t1"), "event/t1", credit=200)
