@@ -229,7 +229,7 @@ async fn accept_loop(
             _ = shutdown.cancelled() => return,
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -249,11 +249,11 @@ async fn accept_loop(
             let _permit = permit;
             match tls {
                 None => serve(TokioIo::new(stream), state, shutdown).await,
-                Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve(TokioIo::new(stream), state, shutdown).await,
-                    Ok(Err(e)) => tracing::debug!(error = %e, "management API TLS handshake failed"),
-                    Err(_) => tracing::debug!("management API TLS handshake timed out"),
-                },
+                Some(acceptor) => {
+                    if let Some(stream) = ferrule_messaging::tls::handshake(&acceptor, stream, peer).await {
+                        serve(TokioIo::new(stream), state, shutdown).await;
+                    }
+                }
             }
         });
     }

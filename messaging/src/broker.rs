@@ -189,15 +189,6 @@ impl Broker {
         self.subscribe(&address, &SubscribeOptions::default()).expect("dynamic addresses always resolve")
     }
 
-    /// True if a direct address has at least one consumer attached.
-    pub fn has_consumers(&self, address: &str) -> bool {
-        match self.inner.nodes.read().expect("poisoned").get(address) {
-            Some(Node::Direct(node)) => node.has_consumers(),
-            Some(Node::Queue(node)) => node.consumer_count() > 0,
-            _ => false,
-        }
-    }
-
     /// Messages held by queue `address` (stored, in flight or being written).
     pub fn queue_depth(&self, address: &str) -> Option<usize> {
         match self.inner.nodes.read().expect("poisoned").get(address) {

@@ -48,10 +48,6 @@ impl DirectNode {
         self.consumers.lock().expect("poisoned").len()
     }
 
-    pub(crate) fn has_consumers(&self) -> bool {
-        !self.consumers.lock().expect("poisoned").is_empty()
-    }
-
     pub(crate) fn submit(&self, message: Message, settled: bool) -> Submission {
         if self.multicast {
             return self.submit_multicast(message, settled);

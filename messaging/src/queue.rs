@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::delivery::{new_slot, Consumer, ConsumerHost, ConsumerSlot, Credit, Delivery, Responder};
 use crate::message::{condition, expiry_of, now_millis, Message, Outcome};
-use crate::store::Store;
+use crate::store::{encode_record, Store};
 use crate::{BrokerRef, Submission};
 
 /// Suffix of the address that receives a queue's dead letters.
@@ -139,6 +139,11 @@ impl QueueNode {
     pub(crate) fn enqueue(&self, message: Message, done: Box<dyn FnOnce(Outcome) + Send>) {
         let now = now_millis();
         let expiry = expiry_of(&message, now);
+        // Encode before taking the lock: the lock is held only to order the append.
+        let record = match self.store.as_ref().map(|_| encode_record(expiry, &message)).transpose() {
+            Ok(record) => record,
+            Err(e) => return done(Outcome::rejected(condition::INTERNAL_ERROR, e.to_string())),
+        };
         let mut state = self.lock();
         if state.depth() >= self.max_depth {
             drop(state);
@@ -151,24 +156,18 @@ impl QueueNode {
         let seq = state.next_seq;
         state.next_seq += 1;
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-        match &self.store {
-            None => {
-                state.ready.push_back(Entry { seq, message, expiry, delivery_count: 0 });
-                self.dispatch(state);
-                done(Outcome::Accepted);
-            }
-            Some(store) => {
+        match (&self.store, record) {
+            (Some(store), Some(record)) => {
                 state.committing += 1;
                 // Appending under the lock keeps the store's order equal to `seq` order.
                 let this = self.this.clone();
-                let pending = message.clone();
-                store.append(&self.name, seq, expiry, &message, Box::new(move |result| {
+                store.append(&self.name, seq, record, Box::new(move |result| {
                     let Some(this) = this.upgrade() else { return done(Outcome::Released) };
                     let mut state = this.lock();
                     state.committing -= 1;
                     match result {
                         Ok(()) => {
-                            state.requeue(Entry { seq, message: pending, expiry, delivery_count: 0 });
+                            state.requeue(Entry { seq, message, expiry, delivery_count: 0 });
                             this.dispatch(state);
                             done(Outcome::Accepted);
                         }
@@ -178,6 +177,11 @@ impl QueueNode {
                         }
                     }
                 }));
+            }
+            _ => {
+                state.ready.push_back(Entry { seq, message, expiry, delivery_count: 0 });
+                self.dispatch(state);
+                done(Outcome::Accepted);
             }
         }
     }
@@ -252,22 +256,11 @@ impl QueueNode {
     pub(crate) fn sweep(&self) {
         let now = now_millis();
         let mut state = self.lock();
-        let before = state.ready.len();
-        let mut expired = Vec::new();
-        let kept: VecDeque<Entry> = std::mem::take(&mut state.ready)
-            .into_iter()
-            .filter_map(|e| {
-                if e.expiry.is_some_and(|x| x <= now) {
-                    expired.push(e);
-                    None
-                } else {
-                    Some(e)
-                }
-            })
-            .collect();
+        let (expired, kept): (VecDeque<Entry>, VecDeque<Entry>) =
+            std::mem::take(&mut state.ready).into_iter().partition(|e| e.expiry.is_some_and(|x| x <= now));
         state.ready = kept;
         drop(state);
-        if before > 0 && !expired.is_empty() {
+        if !expired.is_empty() {
             tracing::debug!(queue = %self.name, expired = expired.len(), "expired messages");
         }
         for entry in expired {

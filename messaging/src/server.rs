@@ -139,11 +139,8 @@ async fn accept_loop(listener: TcpListener, connection: ConnectionTask, tls: Opt
                     // ordinary amqps clients do not send: terminate TLS here instead.
                     let acceptor = acceptor.clone();
                     tasks.spawn(async move {
-                        let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream));
-                        match handshake.await {
-                            Ok(Ok(stream)) => connection.run(stream, peer).await,
-                            Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                            Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                        if let Some(stream) = crate::tls::handshake(&acceptor, stream, peer).await {
+                            connection.run(stream, peer).await;
                         }
                     });
                 }

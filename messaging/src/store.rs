@@ -86,12 +86,9 @@ impl Store {
         Ok((Store { tx }, recovery))
     }
 
-    /// Appends a message; `done` runs on the writer thread once it is on disk (or failed).
-    pub(crate) fn append(&self, queue: &Arc<str>, seq: u64, expiry: Option<u64>, message: &Message, done: Completion) {
-        let record = match encode_record(expiry, message) {
-            Ok(record) => record,
-            Err(e) => return done(Err(io(e))),
-        };
+    /// Appends a record made by [`encode_record`]; `done` runs on the writer thread once
+    /// it is on disk (or failed).
+    pub(crate) fn append(&self, queue: &Arc<str>, seq: u64, record: Vec<u8>, done: Completion) {
         let op = Op::Append { queue: queue.clone(), seq, record, done };
         if let Err(std_mpsc::SendError(Op::Append { done, .. })) = self.tx.send(op) {
             done(Err(StoreError::Closed));
@@ -122,7 +119,8 @@ impl Store {
     }
 }
 
-fn encode_record(expiry: Option<u64>, message: &Message) -> Result<Vec<u8>, serde_amqp::Error> {
+/// A stored message: its expiry (ms since the epoch, 0 for none) then its AMQP encoding.
+pub(crate) fn encode_record(expiry: Option<u64>, message: &Message) -> Result<Vec<u8>, serde_amqp::Error> {
     let body = message::encode(message)?;
     let mut record = Vec::with_capacity(8 + body.len());
     record.extend_from_slice(&expiry.unwrap_or(0).to_le_bytes());

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
 pub use tokio_rustls::TlsAcceptor;
 
 /// TLS settings of one listener. TLS is on when both `cert` and `key` are set.
@@ -54,5 +55,28 @@ impl TlsConfig {
             .with_no_client_auth()
             .with_single_cert(chain, key_der)?;
         Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// How long a client may take to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs the server side of a TLS handshake, bounded by [`HANDSHAKE_TIMEOUT`]; a failed or
+/// stalled handshake is logged (it is the client's problem, not the server's) and `None`.
+pub async fn handshake(
+    acceptor: &TlsAcceptor,
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            None
+        }
     }
 }

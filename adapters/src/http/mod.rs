@@ -205,11 +205,11 @@ async fn accept_loop(
         tasks.spawn(async move {
             match tls {
                 None => serve(TokioIo::new(stream), peer, state, shutdown).await,
-                Some(acceptor) => match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve(TokioIo::new(stream), peer, state, shutdown).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
+                Some(acceptor) => {
+                    if let Some(stream) = ferrule_messaging::tls::handshake(&acceptor, stream, peer).await {
+                        serve(TokioIo::new(stream), peer, state, shutdown).await;
+                    }
+                }
             }
             drop(permit);
         });
