@@ -141,6 +141,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     ];
     listeners.extend(amqp.local_tls_addr().map(|addr| ("amqps", addr)));
     listeners.extend(http.local_tls_addr().map(|addr| ("https", addr)));
+    listeners.extend(mqtt.local_tls_addr().map(|addr| ("mqtts", addr)));
     write_listeners(&config.data_dir, &listeners)?;
     let http_task = tokio::spawn(http.run(shutdown.clone()));
     let coap_task = tokio::spawn(coap.run(shutdown.clone()));

@@ -68,6 +68,20 @@ impl DeviceRegistry for RegistryDevices {
         })
     }
 
+    fn authenticate_certificate<'a>(&'a self, der: &'a [u8]) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
+        Box::pin(async move {
+            let result = self.0.authenticate_certificate(der).await;
+            count_attempt("x509-cert", &result);
+            let device = result.map_err(map)?;
+            let _ = self.0.authorize_device(device.tenant.as_str(), device.device.as_str(), None).await;
+            Ok(DeviceIdentity {
+                tenant: device.tenant.to_string(),
+                device_id: device.device.to_string(),
+                auth_id: device.auth_id,
+            })
+        })
+    }
+
     fn authorize_device<'a>(
         &'a self,
         tenant: &'a str,

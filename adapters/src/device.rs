@@ -57,6 +57,14 @@ pub trait DeviceRegistry: Send + Sync + 'static {
         password: &'a [u8],
     ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>>;
 
+    /// Authenticates a device by the X.509 certificate (DER, end entity) it presented in
+    /// the TLS handshake: issued by its tenant's trusted CA, subject DN registered as an
+    /// `x509-cert` credential. A registry without certificate support refuses them all.
+    fn authenticate_certificate<'a>(&'a self, der: &'a [u8]) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
+        let _ = der;
+        Box::pin(async { Err(AuthError::BadCredentials) })
+    }
+
     /// Checks that `device_id` exists and is enabled in `tenant` (and its tenant is
     /// enabled); with `gateway`, also that the device lists the gateway in `via`.
     fn authorize_device<'a>(

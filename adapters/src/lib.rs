@@ -11,6 +11,7 @@ pub mod downstream;
 pub mod coap;
 pub mod http;
 pub mod mqtt;
+pub mod tls;
 
 pub use device::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};

@@ -35,6 +35,7 @@ use crate::management::HashPool;
 use crate::model::{CredentialType, Credentials, Device, DeviceId, SecretMeta, Tenant, TenantId};
 use crate::password;
 use crate::store::{Change, RegistryStore, StoreError};
+use crate::x509::{CertError, ClientCertificate, TrustAnchor};
 
 /// Why authentication or a look-up failed. Adapters map these to protocol codes in one
 /// place (e.g. MQTT: `BadCredentials` 0x04/0x86, `*Disabled` 0x05/0x87, `RateLimited` and
@@ -152,6 +153,8 @@ struct Cached<T> {
 struct Changes {
     all: u64,
     tenants: HashMap<TenantId, (u64, Instant)>,
+    /// Latest change to any tenant (trust anchors depend on all of them).
+    any_tenant: u64,
     devices: HashMap<(TenantId, DeviceId), (u64, Instant)>,
 }
 
@@ -177,6 +180,7 @@ struct State {
     failures: HashMap<(TenantId, String), Failures>,
     tenants: HashMap<TenantId, Cached<Tenant>>,
     devices: HashMap<(TenantId, DeviceId), Cached<Device>>,
+    anchors: Option<Cached<Arc<Vec<TrustAnchor>>>>,
     changes: Changes,
 }
 
@@ -279,6 +283,7 @@ impl AuthService {
         s.auth.clear();
         s.failures.clear();
         s.tenants.clear();
+        s.anchors = None;
         s.devices.clear();
     }
 
@@ -463,6 +468,84 @@ impl AuthService {
             },
             window,
         ))
+    }
+
+    /// Authenticates a device by the X.509 certificate it presented in a TLS handshake
+    /// (DER, the end-entity certificate): see [`crate::x509`] for the checks. The
+    /// certificate's subject DN is the auth-id of an `x509-cert` credential in the tenant
+    /// whose trusted CA issued it.
+    ///
+    /// # Errors
+    /// [`AuthError::BadCredentials`] for a malformed, expired or untrusted certificate or
+    /// an unknown subject; otherwise as [`AuthService::authenticate`].
+    pub async fn authenticate_certificate(
+        &self,
+        der: &[u8],
+    ) -> Result<AuthenticatedDevice, AuthError> {
+        let now = Utc::now();
+        let cert = ClientCertificate::parse(der, now).map_err(|e| {
+            tracing::debug!(reason = %e, "client certificate refused");
+            AuthError::BadCredentials
+        })?;
+        let anchors = self.trust_anchors().await?;
+        let mut refusal = CertError::UnknownIssuer(cert.issuer_dn.clone());
+        let mut last = AuthError::BadCredentials;
+        for anchor in anchors.iter().filter(|a| a.valid_at(now)) {
+            if let Err(e) = cert.verify_issued_by(anchor) {
+                if e == CertError::BadSignature {
+                    refusal = e;
+                }
+                continue;
+            }
+            // The secret is the certificate itself: a cached verification is only reused
+            // for the very same certificate.
+            let tenant = anchor.tenant.as_str();
+            match self.authenticate(tenant, CredentialType::X509Cert, &cert.subject_dn, cert.der()).await {
+                Ok(device) => return Ok(device),
+                Err(e) => {
+                    refusal = CertError::UnknownSubject;
+                    last = e;
+                }
+            }
+        }
+        tracing::debug!(subject = %cert.subject_dn, reason = %refusal, "client certificate refused");
+        Err(last)
+    }
+
+    /// Every tenant's decoded trusted CAs, cached for `lookup_ttl` and dropped on any
+    /// tenant change.
+    async fn trust_anchors(&self) -> Result<Arc<Vec<TrustAnchor>>, AuthError> {
+        let now = Instant::now();
+        {
+            let s = self.state();
+            if let Some(c) = &s.anchors {
+                if c.expires > now && c.seq >= s.changes.all.max(s.changes.any_tenant) {
+                    if let Some(v) = &c.value {
+                        return Ok(v.clone());
+                    }
+                }
+            }
+        }
+        let seq = self.inner.seq.load(Ordering::SeqCst);
+        let tenants = self.inner.store.list_tenants().await?;
+        let anchors: Vec<TrustAnchor> = tenants
+            .iter()
+            .filter(|(_, t)| t.value.enabled)
+            .flat_map(|(id, t)| {
+                t.value
+                    .trusted_ca
+                    .iter()
+                    .flatten()
+                    .filter_map(move |ca| TrustAnchor::from_trusted_ca(id, ca))
+            })
+            .collect();
+        let anchors = Arc::new(anchors);
+        self.state().anchors = Some(Cached {
+            value: Some(anchors.clone()),
+            seq,
+            expires: now + self.inner.settings.lookup_ttl,
+        });
+        Ok(anchors)
     }
 
     /// The PSK for a DTLS handshake with identity `auth_id@tenant`: the key of the first
@@ -688,6 +771,7 @@ impl AuthService {
                     }
                 }
                 s.changes.tenants.insert(t.clone(), (seq, now));
+                s.changes.any_tenant = seq;
             }
             Change::Device(t, d) => {
                 s.failures.retain(|(ft, _), _| ft != t);

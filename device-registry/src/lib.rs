@@ -46,6 +46,7 @@ pub mod password;
 pub mod search;
 pub mod server;
 pub mod store;
+pub mod x509;
 
 pub use auth::{AuthError, AuthService, AuthenticatedDevice, PskKey};
 pub use cli::{run_cli, CliCommand};

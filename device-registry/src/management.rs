@@ -423,8 +423,19 @@ fn merge_and_validate(
                 }
             }
             Credentials::X509Cert(x) => {
-                if x.cert.is_some() {
-                    return Err(bad("x509-cert credentials with cert are not supported; give the subject DN as auth-id"));
+                // Like Hono: a given certificate (base64 DER) yields the auth-id (its
+                // subject DN) and is not stored.
+                if let Some(cert) = x.cert.take() {
+                    let der = decode_b64(&cert)
+                        .ok_or_else(|| bad("x509-cert cert is not valid base64"))?;
+                    let subject = crate::x509::subject_dn(&der)
+                        .ok_or_else(|| bad("x509-cert cert is not a DER X.509 certificate"))?;
+                    if x.auth_id.as_deref().is_some_and(|a| a != subject) {
+                        return Err(bad(format!(
+                            "x509-cert auth-id does not match the certificate's subject DN {subject}"
+                        )));
+                    }
+                    x.auth_id = Some(subject);
                 }
                 if x.auth_id.as_deref().is_none_or(str::is_empty) {
                     return Err(bad("x509-cert credentials need an auth-id (subject DN)"));

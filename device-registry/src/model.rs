@@ -1046,7 +1046,7 @@ pub struct X509Credentials {
         skip_serializing_if = "Option::is_none"
     )]
     pub secrets: Option<Vec<X509Secret>>,
-    /// DER certificate (write-only); not supported by Ferrule yet.
+    /// DER certificate, base64 (write-only): its subject DN becomes the auth-id.
     #[serde(
         default,
         deserialize_with = "no_null",

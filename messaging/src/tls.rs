@@ -40,6 +40,15 @@ impl TlsConfig {
 
     /// Builds the acceptor, reading the PEM files now (so errors show at start-up).
     pub fn acceptor(&self) -> Result<TlsAcceptor, TlsError> {
+        Ok(TlsAcceptor::from(self.server_config(None)?))
+    }
+
+    /// The rustls server configuration, reading the PEM files now; with `client_auth`,
+    /// clients are asked for certificates, which that verifier checks.
+    pub fn server_config(
+        &self,
+        client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let (Some(cert), Some(key)) = (&self.cert, &self.key) else { return Err(TlsError::Incomplete) };
         let pem = |path: &PathBuf, reason: String| TlsError::Pem { path: path.clone(), reason };
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -50,11 +59,13 @@ impl TlsConfig {
             return Err(pem(cert, "no certificate found".into()));
         }
         let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key_der)?;
-        Ok(TlsAcceptor::from(Arc::new(config)))
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?;
+        let builder = match client_auth {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Arc::new(builder.with_single_cert(chain, key_der)?))
     }
 }
 

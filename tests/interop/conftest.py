@@ -50,6 +50,7 @@ listen_tls = "127.0.0.1:0"
 allow_unauthenticated = true
 [adapters.mqtt]
 listen = "127.0.0.1:0"
+listen_tls = "127.0.0.1:0"
 allow_unauthenticated = true
 [adapters.coap]
 listen = "127.0.0.1:0"

@@ -143,7 +143,7 @@ impl HttpAdapter {
         };
         let listener = bind(config.listen).await?;
         let tls = if config.tls.enabled() {
-            let acceptor = config.tls.acceptor().map_err(HttpError::Tls)?;
+            let acceptor = TlsAcceptor::from(crate::tls::device_server_config(&config.tls).map_err(HttpError::Tls)?);
             Some((bind(config.listen_tls).await?, acceptor))
         } else {
             None
@@ -204,10 +204,12 @@ async fn accept_loop(
         let (state, shutdown, tls) = (state.clone(), shutdown.clone(), tls.clone());
         tasks.spawn(async move {
             match tls {
-                None => serve(TokioIo::new(stream), peer, state, shutdown).await,
+                None => serve(TokioIo::new(stream), peer, None, state, shutdown).await,
                 Some(acceptor) => {
                     if let Some(stream) = ferrule_messaging::tls::handshake(&acceptor, stream, peer).await {
-                        serve(TokioIo::new(stream), peer, state, shutdown).await;
+                        let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+                        let cert = cert.map(|c| ClientCert(Arc::from(c.as_ref())));
+                        serve(TokioIo::new(stream), peer, cert, state, shutdown).await;
                     }
                 }
             }
@@ -216,14 +218,22 @@ async fn accept_loop(
     }
 }
 
+/// The end-entity certificate (DER) a client presented in the TLS handshake; put into
+/// every request's extensions of that connection.
+#[derive(Clone)]
+struct ClientCert(Arc<[u8]>);
+
 /// Serves one connection (plain or TLS) until it ends or `shutdown` drains it.
-async fn serve<Io>(io: Io, peer: SocketAddr, state: Arc<State>, shutdown: CancellationToken)
+async fn serve<Io>(io: Io, peer: SocketAddr, cert: Option<ClientCert>, state: Arc<State>, shutdown: CancellationToken)
 where
     Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let header_timeout = state.config.header_read_timeout;
     let stopping = shutdown.clone();
-    let service = hyper::service::service_fn(move |req| {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        if let Some(cert) = &cert {
+            req.extensions_mut().insert(cert.clone());
+        }
         let (state, stopping) = (state.clone(), stopping.clone());
         async move { Ok::<_, std::convert::Infallible>(handle(&state, req, &stopping).await) }
     });
@@ -354,21 +364,36 @@ struct Principal {
     via_gateway: bool,
 }
 
-/// Authenticates the request (Basic auth, or an allowed unauthenticated PUT form) and
-/// checks it may act for `target` (the URI's tenant and device, if any).
+/// How a request authenticates.
+enum Credentials {
+    /// A client certificate from the TLS handshake (it wins over Basic, as in Hono).
+    Certificate(ClientCert),
+    Basic(String, String),
+}
+
+/// Authenticates the request (client certificate, Basic auth, or an allowed
+/// unauthenticated form) and checks it may act for `target` (the URI's tenant and device,
+/// if any).
 async fn authorize(
     state: &State,
     req: &Request<Incoming>,
     target: Option<(String, String)>,
 ) -> Result<Principal, Failure> {
-    match (basic_credentials(req)?, target) {
-        (Some((username, password)), target) => {
-            let (auth_id, tenant) = mapping::split_username(&username).ok_or(Failure::Auth(AuthError::BadCredentials))?;
-            let identity = state
-                .registry
-                .authenticate_password(tenant, auth_id, password.as_bytes())
-                .await
-                .map_err(Failure::Auth)?;
+    let credentials = match req.extensions().get::<ClientCert>() {
+        Some(cert) => Some(Credentials::Certificate(cert.clone())),
+        None => basic_credentials(req)?.map(|(user, password)| Credentials::Basic(user, password)),
+    };
+    match (credentials, target) {
+        (Some(credentials), target) => {
+            let identity = match credentials {
+                Credentials::Certificate(cert) => state.registry.authenticate_certificate(&cert.0).await,
+                Credentials::Basic(username, password) => {
+                    let (auth_id, tenant) =
+                        mapping::split_username(&username).ok_or(Failure::Auth(AuthError::BadCredentials))?;
+                    state.registry.authenticate_password(tenant, auth_id, password.as_bytes()).await
+                }
+            }
+            .map_err(Failure::Auth)?;
             match target {
                 None => Ok(Principal { tenant: identity.tenant, device_id: identity.device_id, via_gateway: false }),
                 Some((tenant, device)) => {

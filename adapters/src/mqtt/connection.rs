@@ -16,6 +16,7 @@ use ferrule_command_control::{CommandRouter, Notify, RespondError, Response, Tar
 use ntex_mqtt::v5::codec::{ConnectAckReason, Disconnect, DisconnectReasonCode, PublishAckReason, SubscribeAckReason};
 use ntex_mqtt::{v3, v5, Control, MqttServer, MqttServiceConfig, QoS, Reason};
 use ntex_service::cfg::SharedCfg;
+use ntex_service::Service as _;
 use ntex_util::time::Seconds;
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +55,7 @@ impl TryFrom<Close> for v5::PublishAck {
 /// `ready` learns whether the server started.
 pub(super) fn serve(
     listener: std::net::TcpListener,
+    tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     ready: std::sync::mpsc::Sender<std::io::Result<()>>,
@@ -66,7 +68,7 @@ pub(super) fn serve(
         // error. A whole packet under the limit is delivered in one piece.
         let max_packet = u32::try_from(config.max_payload.saturating_add(64 * 1024)).unwrap_or(u32::MAX);
         let connect_timeout = Seconds(u16::try_from(config.connect_timeout.as_secs().max(1)).unwrap_or(u16::MAX));
-        let mqtt_config = MqttServiceConfig::new()
+        let mqtt_config = || MqttServiceConfig::new()
             .set_max_qos(QoS::AtLeastOnce)
             .set_max_size(max_packet)
             .set_min_chunk_size(max_packet)
@@ -86,9 +88,24 @@ pub(super) fn serve(
             .disable_signals()
             .maxconn(per_worker)
             .shutdown_timeout(ntex_util::time::Millis(u32::try_from(config.shutdown_grace.as_millis()).unwrap_or(u32::MAX)))
-            .listen("mqtt", listener, SharedCfg::new("MQTT").add(mqtt_config), async move |_| {
+            .listen("mqtt", listener, SharedCfg::new("MQTT").add(mqtt_config()), async move |_| {
                 build_server(factory_shared.clone())
             });
+        let builder = match (builder, tls) {
+            (Ok(builder), Some((listener, server_config))) => {
+                let tls_config = ntex_tls::TlsConfig::new().set_handshake_timeout(connect_timeout);
+                let cfg = SharedCfg::new("MQTTS").add(mqtt_config()).add(tls_config);
+                let factory_shared = shared.clone();
+                builder.listen("mqtts", listener, cfg, async move |_| {
+                    // A failed handshake (bad or expired client certificate, plain text on
+                    // the TLS port) ends that connection only.
+                    ntex_tls::rustls::TlsAcceptor::new(server_config.clone())
+                        .map_err(|e| ntex_mqtt::MqttError::Service(Close(format!("TLS handshake failed: {e}"))))
+                        .and_then(build_server(factory_shared.clone()))
+                })
+            }
+            (builder, _) => builder,
+        };
         let server = match builder {
             Ok(builder) => builder.run(),
             Err(e) => {
@@ -111,16 +128,22 @@ pub(super) fn serve(
     });
 }
 
-/// One worker's MQTT service: v3.1.1 and v5 on the same port.
-fn build_server(
+/// One worker's MQTT service: v3.1.1 and v5 on the same port; `Req` is the connection
+/// (plain or with a TLS filter). The service types are unnameable (closures), hence the
+/// long signature.
+#[allow(clippy::type_complexity)]
+fn build_server<Req>(
     shared: Arc<Shared>,
 ) -> MqttServer<
     (),
-    ntex_io::Io,
+    Req,
     impl ntex_service::Service<(), ntex_service::State<(), ntex_io::IoBoxed>, Res = (), Error = ntex_mqtt::MqttError<Close>>,
     impl ntex_service::Service<(), ntex_service::State<(), ntex_io::IoBoxed>, Res = (), Error = ntex_mqtt::MqttError<Close>>,
     Close,
-> {
+>
+where
+    Req: ntex_service::RequestState<ntex_io::IoBoxed, State = ()>,
+{
     let (s1, s2, s3, s4) = (shared.clone(), shared.clone(), shared.clone(), shared.clone());
     let (s5, s6, s7, s8) = (shared.clone(), shared.clone(), shared.clone(), shared);
     let v3 = v3::MqttServer::new(async move |session: &v3::Session<Session>, publish: v3::Publish| {
@@ -212,7 +235,23 @@ impl From<AuthError> for Refusal {
     }
 }
 
-async fn authenticate(shared: &Shared, username: Option<&str>, password: Option<&[u8]>) -> Result<Principal, Refusal> {
+/// The end-entity certificate a client presented in the TLS handshake (DER).
+fn client_certificate(io: &ntex_io::IoBoxed) -> Option<Vec<u8>> {
+    io.query::<ntex_tls::rustls::PeerCert<'static>>().as_ref().map(|cert| cert.0.as_ref().to_vec())
+}
+
+/// Authenticates a CONNECT: a client certificate wins (as in Hono; username and password
+/// are then ignored), else username/password, else anonymous if allowed.
+async fn authenticate(
+    shared: &Shared,
+    cert: Option<Vec<u8>>,
+    username: Option<&str>,
+    password: Option<&[u8]>,
+) -> Result<Principal, Refusal> {
+    if let Some(cert) = cert {
+        let identity = shared.registry.authenticate_certificate(&cert).await.map_err(Refusal::from)?;
+        return Ok(Principal::Device(identity));
+    }
     match username.filter(|u| !u.is_empty()) {
         None if password.is_none() => {
             if shared.config.allow_unauthenticated {
@@ -235,6 +274,7 @@ async fn authenticate(shared: &Shared, username: Option<&str>, password: Option<
 }
 
 async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::ConnectAck<Session>, Close> {
+    let cert = client_certificate(connect.io());
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
     let refused = if packet.last_will.is_some() {
@@ -242,7 +282,7 @@ async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::Co
     } else if !packet.clean_session {
         Err(Refusal::PersistentSession)
     } else {
-        authenticate(shared, packet.username.as_deref(), packet.password.as_deref()).await
+        authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref()).await
     };
     match refused {
         Ok(principal) => {
@@ -257,13 +297,14 @@ async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::Co
 }
 
 async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::ConnectAck<Session>, Close> {
+    let cert = client_certificate(connect.io());
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
     let asks_for_session = packet.session_expiry_interval_secs > 0;
     let refused = if packet.last_will.is_some() {
         Err(Refusal::WillNotSupported)
     } else {
-        authenticate(shared, packet.username.as_deref(), packet.password.as_deref()).await
+        authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref()).await
     };
     match refused {
         Ok(principal) => {

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrule_command_control::CommandRouter;
+use ferrule_messaging::tls::{TlsConfig, TlsError};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +44,11 @@ pub const ADAPTER: &str = "hono-mqtt";
 pub struct MqttConfig {
     /// Address of the MQTT adapter.
     pub listen: SocketAddr,
+    /// Address of the MQTT-over-TLS listener, used when `tls` is set.
+    pub listen_tls: SocketAddr,
+    /// Certificate and key for `listen_tls`; MQTT over TLS is off unless both are set.
+    /// Devices may authenticate there with X.509 client certificates.
+    pub tls: TlsConfig,
     /// Largest accepted payload in bytes (larger: error topic message or disconnect).
     pub max_payload: usize,
     /// Let devices connect without credentials; they must then name tenant and device
@@ -68,6 +74,8 @@ impl Default for MqttConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            listen_tls: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            tls: TlsConfig::default(),
             max_payload: 2048,
             allow_unauthenticated: false,
             max_connections: 10_000,
@@ -83,6 +91,8 @@ impl Default for MqttConfig {
 pub const DEFAULT_TOML: &str = r#"[adapters.mqtt]
 # Address of the MQTT adapter.
 listen = "0.0.0.0:1883"
+# Address of the MQTT-over-TLS listener, used when [adapters.mqtt.tls] is set.
+listen_tls = "0.0.0.0:8883"
 # Largest accepted payload in bytes (larger: error topic message or disconnect).
 max_payload = 2048
 # Let devices connect without credentials; they must then name tenant and device
@@ -99,6 +109,12 @@ shutdown_grace = "2s"
 # How long a command sent at QoS 1 waits for the device's PUBACK before it is
 # released.
 command_ack_timeout = "10s"
+
+[adapters.mqtt.tls]
+# PEM certificate chain and private key for listen_tls; MQTT over TLS is off unless both
+# are set. Devices may then also authenticate with X.509 client certificates.
+# cert = "/etc/ferrule/tls/server.crt"
+# key = "/etc/ferrule/tls/server.key"
 "#;
 
 impl MqttConfig {
@@ -132,6 +148,9 @@ pub enum MqttError {
     /// A configuration value is out of range.
     #[error("{key}: {why}")]
     Config { key: &'static str, why: &'static str },
+    /// The TLS certificate or key could not be loaded.
+    #[error("adapters.mqtt.tls: {0}")]
+    Tls(TlsError),
     /// The adapter's thread or ntex server could not be started.
     #[error("cannot start the MQTT adapter: {0}")]
     Start(std::io::Error),
@@ -141,6 +160,7 @@ pub enum MqttError {
 /// cancelled; [`MqttAdapter::stopped`] / [`MqttAdapter::join`] wait for that.
 pub struct MqttAdapter {
     local_addr: SocketAddr,
+    local_tls_addr: Option<SocketAddr>,
     stopped: tokio::sync::watch::Receiver<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -149,6 +169,11 @@ impl MqttAdapter {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound address of the MQTT-over-TLS listener, if TLS is configured.
+    pub fn local_tls_addr(&self) -> Option<SocketAddr> {
+        self.local_tls_addr
     }
 
     /// Waits until the adapter has stopped (after the shutdown token was cancelled).
@@ -208,6 +233,19 @@ pub fn start_with_commands(
     let listener = std::net::TcpListener::bind(addr).map_err(|source| MqttError::Bind { addr, source })?;
     let local_addr = listener.local_addr().map_err(|source| MqttError::Bind { addr, source })?;
     listener.set_nonblocking(true).map_err(MqttError::Start)?;
+    let tls = if config.tls.enabled() {
+        let server_config = crate::tls::device_server_config(&config.tls).map_err(MqttError::Tls)?;
+        let addr = config.listen_tls;
+        let listener = std::net::TcpListener::bind(addr).map_err(|source| MqttError::Bind { addr, source })?;
+        listener.set_nonblocking(true).map_err(MqttError::Start)?;
+        Some((listener, server_config))
+    } else {
+        None
+    };
+    let local_tls_addr = match &tls {
+        Some((l, _)) => Some(l.local_addr().map_err(|source| MqttError::Bind { addr: config.listen_tls, source })?),
+        None => None,
+    };
 
     let shared = Arc::new(connection::Shared { config, downstream, registry, commands });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
@@ -215,7 +253,7 @@ pub fn start_with_commands(
     let thread = std::thread::Builder::new()
         .name("ferrule-mqtt".into())
         .spawn(move || {
-            connection::serve(listener, shared, shutdown, ready_tx);
+            connection::serve(listener, tls, shared, shutdown, ready_tx);
             let _ = stopped_tx.send(true);
         })
         .map_err(MqttError::Start)?;
@@ -232,7 +270,10 @@ pub fn start_with_commands(
         }
     }
     tracing::info!(addr = %local_addr, "MQTT adapter up");
-    Ok(MqttAdapter { local_addr, stopped: stopped_rx, thread: Mutex::new(Some(thread)) })
+    if let Some(addr) = local_tls_addr {
+        tracing::info!(%addr, "MQTT adapter (TLS) up");
+    }
+    Ok(MqttAdapter { local_addr, local_tls_addr, stopped: stopped_rx, thread: Mutex::new(Some(thread)) })
 }
 
 #[cfg(test)]
