@@ -1,15 +1,19 @@
 //! TLS for Ferrule's TCP listeners (rustls with the ring provider, PEM files from config).
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 pub use tokio_rustls::TlsAcceptor;
 
-/// TLS settings of one listener. TLS is on when both `cert` and `key` are set.
+/// TLS settings of one listener. TLS is on when both `cert` and `key` are set. The files
+/// are re-read when they change (checked at most once a second, on new handshakes).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
@@ -50,22 +54,86 @@ impl TlsConfig {
         client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let (Some(cert), Some(key)) = (&self.cert, &self.key) else { return Err(TlsError::Incomplete) };
-        let pem = |path: &PathBuf, reason: String| TlsError::Pem { path: path.clone(), reason };
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| pem(cert, e.to_string()))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| pem(cert, e.to_string()))?;
-        if chain.is_empty() {
-            return Err(pem(cert, "no certificate found".into()));
-        }
-        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
-        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let resolver = ReloadingCert::new(cert.clone(), key.clone(), provider.clone())?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
         let builder = match client_auth {
             Some(verifier) => builder.with_client_cert_verifier(verifier),
             None => builder.with_no_client_auth(),
         };
-        Ok(Arc::new(builder.with_single_cert(chain, key_der)?))
+        Ok(Arc::new(builder.with_cert_resolver(Arc::new(resolver))))
+    }
+}
+
+/// How often, at most, the certificate files are checked for changes.
+const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The server certificate, reloaded when its PEM files change (hot rotation, e.g. by
+/// cert-manager or certbot): at most once per [`RELOAD_CHECK_INTERVAL`], a handshake
+/// compares the files' modification times and sizes with the loaded ones and reloads them.
+/// A new pair that does not load (half-written file, key not matching) is logged and the
+/// previous certificate stays in use.
+#[derive(Debug)]
+struct ReloadingCert {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    state: Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    stamp: Option<[(SystemTime, u64); 2]>,
+    checked: Instant,
+}
+
+impl ReloadingCert {
+    fn new(cert: PathBuf, key: PathBuf, provider: Arc<rustls::crypto::CryptoProvider>) -> Result<Self, TlsError> {
+        let stamp = stamp(&cert, &key);
+        let loaded = load(&cert, &key, &provider)?;
+        let state = Mutex::new(Loaded { key: loaded, stamp, checked: Instant::now() });
+        Ok(Self { cert, key, provider, state })
+    }
+}
+
+fn stamp(cert: &Path, key: &Path) -> Option<[(SystemTime, u64); 2]> {
+    let one = |p: &Path| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+    Some([one(cert)?, one(key)?])
+}
+
+fn load(cert: &Path, key: &Path, provider: &rustls::crypto::CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
+    let pem = |path: &Path, reason: String| TlsError::Pem { path: path.to_owned(), reason };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| pem(cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(pem(cert, "no certificate found".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem(key, e.to_string()))?;
+    let certified = CertifiedKey::from_der(chain, key_der, provider)?;
+    Ok(Arc::new(certified))
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.checked.elapsed() >= RELOAD_CHECK_INTERVAL {
+            state.checked = Instant::now();
+            let now = stamp(&self.cert, &self.key);
+            if now.is_some() && now != state.stamp {
+                match load(&self.cert, &self.key, &self.provider) {
+                    Ok(key) => {
+                        tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                        state.key = key;
+                        state.stamp = now;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "TLS certificate changed but does not load; keeping the previous one"),
+                }
+            }
+        }
+        Some(state.key.clone())
     }
 }
 

@@ -66,6 +66,25 @@ key = "{pki['key']}"
         # Without the CA, curl refuses the server certificate (exit 60).
         res = subprocess.run(base + [url], capture_output=True, text=True, timeout=20)
         assert res.returncode == 60, (res.returncode, res.stdout)
+
+        # Hot rotation: new files from another CA are picked up without a restart.
+        import os
+        import time
+        new = make_pki(tmp_path / "pki2")
+        for part in ("key", "cert"):
+            staged = pki[part].with_suffix(".new")
+            staged.write_bytes(new[part].read_bytes())
+            os.replace(staged, pki[part])
+        deadline = time.time() + 15
+        while True:
+            res = subprocess.run(base + ["--cacert", str(new["ca"]), url], capture_output=True, text=True, timeout=20)
+            if res.stdout == "202" or time.time() > deadline:
+                break
+            time.sleep(0.3)
+        assert res.stdout == "202", (res.returncode, res.stderr)
+        res = subprocess.run(base + ["--cacert", str(pki["ca"]), url], capture_output=True, text=True, timeout=20)
+        assert res.returncode == 60, "the old CA must no longer verify the server"
+        assert "TLS certificate reloaded" in p.log_text()
         app.close()
     finally:
         assert p.stop() == 0
