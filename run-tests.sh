@@ -11,6 +11,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 declare -A need=(
   [redis-server]=redis-server
   [mosquitto_pub]=mosquitto-clients
+  [mosquitto]=mosquitto
   [coap-client-notls]=libcoap3-bin
   [coap-client-openssl]=libcoap3-bin
   [curl]=curl
@@ -32,6 +33,9 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
 
 echo "==> cargo build"
 cargo build --workspace --all-targets
+
+echo "==> benchmark harness, smoke mode (tiny counts; no timing is asserted)"
+timeout 600 python3 tests/loadgen/bench.py --smoke
 
 echo "==> cargo test"
 # A hung test must fail the run, not eat CI's time budget.

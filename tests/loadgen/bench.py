@@ -1,0 +1,1268 @@
+#!/usr/bin/env python3
+"""Ferrule's benchmark suite: Ferrule against a peer (Mosquitto, bare hyper) on this machine.
+
+    python3 tests/loadgen/bench.py            # full suite: release build, >= 3 runs each, writes BENCHMARKS.md
+    python3 tests/loadgen/bench.py --smoke    # tiny counts, debug binaries, < 90 s, exit 1 on any failure
+    python3 tests/loadgen/bench.py --only qos0,http --runs 5 --scale 0.5
+
+Every scenario drives real sockets with `ferrule-loadgen` (tests/loadgen/src), which prints
+one JSON line of results per process. Ferrule runs from a generated config on ephemeral
+ports (read back from DATA_DIR/listeners.json) with a tenant `bench` provisioned over the
+management API; Mosquitto from a generated config. Python 3 standard library only.
+"""
+import argparse
+import concurrent.futures
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ANALYSIS_MARKER = "<!-- analysis -->"
+TENANT = "bench"
+APP_USER, APP_PASSWORD = "app@bench", "bench-app-secret"
+DEVICE_PASSWORD = "bench-device-pw"
+TOKEN = "bench-operator-token-0123456789"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+IDLE_SOURCES = ",".join(f"127.0.0.{i}" for i in range(2, 10))
+STORM_SOURCES = ",".join(f"127.0.0.{i}" for i in range(10, 18))
+
+SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands"]
+# Messages (requests, commands, devices) per run: (full mode, smoke mode); --scale multiplies the first.
+COUNTS = {"qos0": (200_000, 2_000), "qos1": (50_000, 1_000), "events": (100_000, 1_000), "http": (100_000, 1_000),
+          "coap": (100_000, 1_000), "commands": (50_000, 500), "storm-devices": (100, 10)}
+
+T0 = time.time()
+
+
+def log(msg):
+    print(f"[bench {time.time() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class Failure(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------
+# processes
+
+def raise_nofile():
+    """preexec_fn: as many file descriptors as allowed (root with CAP_SYS_RESOURCE: 1M)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def nofile_limit():
+    """The RLIMIT_NOFILE our children get (after raise_nofile)."""
+    out = subprocess.run([sys.executable, "-c", "import resource,sys\n"
+                          "try: resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))\n"
+                          "except Exception:\n h = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; resource.setrlimit(resource.RLIMIT_NOFILE, (h, h))\n"
+                          "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])"], capture_output=True, text=True)
+    return int(out.stdout.strip() or 1024)
+
+
+def cpu_seconds(pid):
+    """user + system CPU seconds of a running process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RUNNING = []  # every process we started and have not reaped
+
+
+class Proc:
+    """A child process with stdout/stderr in files; reaped with wait4 for its CPU time."""
+
+    def __init__(self, suite, name, argv, stdin=False, display=None):
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.display = display
+        n = suite.next_id()
+        self.out_path = suite.workdir / f"{n:03d}-{name}.out"
+        self.err_path = suite.workdir / f"{n:03d}-{name}.err"
+        self.out = open(self.out_path, "wb")
+        self.err = open(self.err_path, "wb")
+        suite.commands_log.write(" ".join(self.argv) + "\n")
+        self.proc = subprocess.Popen(self.argv, stdout=self.out, stderr=self.err,
+                                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                     preexec_fn=raise_nofile, cwd=suite.workdir)
+        self.pid = self.proc.pid
+        self.cpu = None
+        self.returncode = None
+        RUNNING.append(self)
+
+    def poll(self):
+        if self.returncode is not None:
+            return self.returncode
+        pid, status, ru = os.wait4(self.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        self._reaped(status, ru)
+        return self.returncode
+
+    def _reaped(self, status, ru):
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.returncode
+        self.cpu = ru.ru_utime + ru.ru_stime
+        self.out.close()
+        self.err.close()
+        if self in RUNNING:
+            RUNNING.remove(self)
+
+    def wait(self, timeout):
+        deadline = time.time() + timeout
+        while self.poll() is None:
+            if time.time() > deadline:
+                self.kill()
+                raise Failure(f"{self.name} did not finish within {timeout:.0f} s; stderr: {self.stderr_tail()}")
+            time.sleep(0.01)
+        return self.returncode
+
+    def kill(self):
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _, status, ru = os.wait4(self.pid, 0)
+            self._reaped(status, ru)
+
+    def terminate(self, timeout=20):
+        if self.returncode is None:
+            try:
+                if self.proc.stdin:
+                    self.proc.stdin.close()
+                os.kill(self.pid, signal.SIGTERM)
+            except (ProcessLookupError, BrokenPipeError):
+                pass
+            try:
+                self.wait(timeout)
+            except Failure:
+                pass
+
+    def stderr_tail(self, n=1500):
+        try:
+            return self.err_path.read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+    def json_lines(self):
+        out = []
+        for line in self.out_path.read_text(errors="replace").splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    pass
+        return out
+
+    def result(self, timeout):
+        """Waits for the process and returns its JSON result line."""
+        self.wait(timeout)
+        lines = self.json_lines()
+        if self.returncode != 0 or not lines:
+            raise Failure(f"{self.name} exited with {self.returncode}: {self.stderr_tail()}")
+        r = lines[-1]
+        r["_cpu"] = self.cpu
+        return r
+
+    def first_line(self, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            lines = self.json_lines()
+            if lines:
+                return lines[0]
+            if self.poll() is not None:
+                raise Failure(f"{self.name} exited with {self.returncode}: {self.stderr_tail()}")
+            time.sleep(0.05)
+        raise Failure(f"{self.name}: no result within {timeout:.0f} s: {self.stderr_tail()}")
+
+
+def wait_file(path, proc, timeout):
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise Failure(f"{proc.name} exited with {proc.returncode} before it was ready: {proc.stderr_tail()}")
+        if time.time() > deadline:
+            raise Failure(f"{proc.name} not ready within {timeout:.0f} s")
+        time.sleep(0.02)
+    return path.read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# servers
+
+FERRULE_CONFIG = """\
+data_dir = "{data_dir}"
+[log]
+level = "warn"
+[ops]
+listen = "127.0.0.1:0"
+[messaging]
+listen = "127.0.0.1:0"
+listen_tls = "127.0.0.1:0"
+[messaging.sasl]
+users = [{{ username = "{app_user}", password = "{app_password}" }}]
+[registry]
+bind = "127.0.0.1:0"
+auth_tokens = ["{token}"]
+[adapters.http]
+listen = "127.0.0.1:0"
+listen_tls = "127.0.0.1:0"
+allow_unauthenticated = true
+max_connections = 100000
+[adapters.mqtt]
+listen = "127.0.0.1:0"
+allow_unauthenticated = true
+max_connections = 1000000
+{mqtt_extra}
+[adapters.coap]
+listen = "127.0.0.1:0"
+listen_dtls = "127.0.0.1:0"
+allow_unauthenticated = true
+"""
+
+
+class Ferrule:
+    peer = False
+    label = "Ferrule"
+
+    def __init__(self, suite, name, devices=0, passwords=True):
+        self.suite = suite
+        self.name = name
+        self.devices = devices
+        self.passwords = passwords
+        self.dir = suite.workdir / f"ferrule-{name}-{suite.next_id()}"
+        self.data = self.dir / "data"
+        self.data.mkdir(parents=True)
+        self.config = self.dir / "ferrule.toml"
+        extra = f"workers = {suite.args.mqtt_workers}" if suite.args.mqtt_workers else ""
+        self.config.write_text(FERRULE_CONFIG.format(data_dir=self.data, app_user=APP_USER, app_password=APP_PASSWORD,
+                                                     token=TOKEN, mqtt_extra=extra))
+        self.proc = None
+
+    def start(self):
+        self.proc = Proc(self.suite, f"ferrule-{self.name}", [self.suite.ferrule_bin, "serve", "--config", self.config])
+        listeners = self.data / "listeners.json"
+        deadline = time.time() + 60
+        while not listeners.exists():
+            if self.proc.poll() is not None:
+                raise Failure(f"ferrule exited with {self.proc.returncode}: {self.proc.stderr_tail()}")
+            if time.time() > deadline:
+                raise Failure("ferrule did not write listeners.json within 60 s")
+            time.sleep(0.05)
+        time.sleep(0.05)
+        self.listeners = json.loads(listeners.read_text())
+        if self.devices:
+            self.provision(self.devices, self.passwords)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def addrs(self):
+        return {k: self.listeners[k] for k in ("mqtt", "amqp", "http", "coap", "ops")}
+
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://{self.listeners['registry']}{path}", data=data, method=method)
+        req.add_header("authorization", f"Bearer {TOKEN}")
+        if data is not None:
+            req.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status
+        except urllib.error.HTTPError as e:
+            if e.code == 409:
+                return e.code
+            raise Failure(f"registry {method} {path}: {e.code} {e.read()[:300]!r}")
+
+    def provision(self, devices, passwords=True):
+        """Tenant `bench` (unauthenticated devices allowed on every adapter), devices dev0..,
+        each with the password credential `devN` / DEVICE_PASSWORD."""
+        self.call("POST", f"/v1/tenants/{TENANT}", {"enabled": True, "adapters": [
+            {"type": t, "enabled": True, "device-authentication-required": False}
+            for t in ("hono-http", "hono-mqtt", "hono-coap")]})
+
+        def one(i):
+            self.call("POST", f"/v1/devices/{TENANT}/dev{i}", {"enabled": True})
+            if passwords:
+                self.call("PUT", f"/v1/credentials/{TENANT}/dev{i}",
+                          [{"type": "hashed-password", "auth-id": f"dev{i}", "secrets": [{"pwd-plain": DEVICE_PASSWORD}]}])
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(devices)))
+        return self
+
+    def metric(self, name, labels):
+        """A counter from /metrics (0 if absent)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.listeners['ops']}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        want = "{" + labels + "}"
+        for line in text.splitlines():
+            if line.startswith(name + want):
+                return float(line.split()[-1])
+        return 0.0
+
+    def dropped(self):
+        return self.metric("ferrule_direct_dropped_total", f'address="telemetry/{TENANT}"')
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+            if self.proc.returncode not in (0, None):
+                log(f"ferrule exited with {self.proc.returncode}: {self.proc.stderr_tail(500)}")
+            text = self.proc.err_path.read_text(errors="replace") + self.proc.out_path.read_text(errors="replace")
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in text.splitlines()]
+            warnings = [l for l in lines if re.search(r"\b(ERROR|WARN)\b|panicked", l)]
+            if warnings:
+                self.suite.server_errors.append((self.name, len(warnings), warnings[:3]))
+
+
+MOSQUITTO_CONFIG = """\
+listener {port} 127.0.0.1
+allow_anonymous {anonymous}
+{password_file}
+persistence false
+user root
+max_inflight_messages 1000
+max_queued_messages 1000000
+max_queued_bytes 0
+max_keepalive 65535
+set_tcp_nodelay true
+log_dest stderr
+log_type error
+log_type warning
+"""
+
+
+class Mosquitto:
+    peer = True
+    label = "Mosquitto"
+
+    def __init__(self, suite, name, devices=0):
+        self.suite = suite
+        self.name = name
+        self.dir = suite.workdir / f"mosquitto-{name}-{suite.next_id()}"
+        self.dir.mkdir(parents=True)
+        self.port = free_port()
+        pw = ""
+        if devices:
+            pwfile = self.dir / "passwords"
+            pwfile.write_text("".join(f"dev{i}@{TENANT}:{DEVICE_PASSWORD}\n" for i in range(devices)))
+            subprocess.run(["mosquitto_passwd", "-U", str(pwfile)], check=True, capture_output=True)
+            pw = f"password_file {pwfile}"
+        self.config = self.dir / "mosquitto.conf"
+        self.config.write_text(MOSQUITTO_CONFIG.format(port=self.port, anonymous="false" if devices else "true", password_file=pw))
+        self.proc = None
+
+    def start(self):
+        self.proc = Proc(self.suite, f"mosquitto-{self.name}", ["mosquitto", "-c", self.config])
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise Failure(f"mosquitto exited with {self.proc.returncode}: {self.proc.stderr_tail()}")
+                if time.time() > deadline:
+                    raise Failure("mosquitto did not listen within 20 s")
+                time.sleep(0.05)
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def addrs(self):
+        return {"mqtt": f"127.0.0.1:{self.port}"}
+
+    def dropped(self):
+        return None
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+
+
+class HelloServer:
+    peer = True
+    label = "bare hyper"
+
+    def __init__(self, suite):
+        self.suite = suite
+        self.ready = suite.workdir / f"hello-{suite.next_id()}.ready"
+        self.proc = None
+
+    def start(self):
+        self.proc = Proc(self.suite, "hello-server", [self.suite.loadgen_bin, "hello-server", "--listen", "127.0.0.1:0",
+                                                     "--ready-file", self.ready], stdin=True)
+        self.addr = wait_file(self.ready, self.proc, 20).strip()
+        return self
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def addrs(self):
+        return {"http": self.addr}
+
+    def dropped(self):
+        return None
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+
+
+# ---------------------------------------------------------------------------------------
+# the suite
+
+PLACEHOLDERS = {"mqtt": "$MQTT", "amqp": "$AMQP", "http": "$HTTP", "coap": "$COAP", "ops": "$OPS"}
+
+
+def median_min_max(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.median(values), min(values), max(values)
+
+
+class Suite:
+    def __init__(self, args):
+        self.args = args
+        self.smoke = args.smoke
+        self.runs = args.runs or (1 if args.smoke else 3)
+        self.scale = args.scale
+        self._id = 0
+        self.workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="ferrule-bench-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.commands_log = open(self.workdir / "commands.log", "w", buffering=1)
+        self.results = {}      # (scenario key, side) -> list of run dicts
+        self.failures = []     # (scenario, message)
+        self.notes = []
+        self.server_errors = []
+        self.examples = {}     # scenario key -> list of display command lines
+        self.nofile = nofile_limit()
+        profile = "debug" if args.smoke else "release"
+        self.ferrule_bin = Path(args.ferrule_bin or ROOT / "target" / profile / "ferrule")
+        self.loadgen_bin = Path(args.loadgen_bin or ROOT / "target" / profile / "ferrule-loadgen")
+        self.have_mosquitto = shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
+
+    def next_id(self):
+        self._id += 1
+        return self._id
+
+    def n(self, full, smoke):
+        return smoke if self.smoke else max(1, int(full * self.scale))
+
+    def count(self, key):
+        return self.n(*COUNTS[key])
+
+    # -- running loadgen processes ----------------------------------------------------
+
+    def lg(self, name, args, stdin=False):
+        return Proc(self, name, [self.loadgen_bin, *args], stdin=stdin)
+
+    def timeout_for(self, count):
+        return 60 + count / 1000
+
+    def example(self, key, argvs):
+        if key not in self.examples:
+            self.examples[key] = argvs
+
+    def measure(self, server, receiver, senders, key, count):
+        """Starts the receiver (if any), waits for it, runs the senders to completion,
+        then the receiver; returns (receiver result, sender results, cpu figures)."""
+        recv = None
+        ready = None
+        if receiver is not None:
+            ready = self.workdir / f"ready-{self.next_id()}"
+            recv = self.lg("recv", receiver + ["--ready-file", ready])
+            wait_file(ready, recv, 60)
+        cpu0 = cpu_seconds(server.pid)
+        procs = [self.lg(f"send{i}", s) for i, s in enumerate(senders)]
+        results = []
+        for p in procs:
+            results.append(p.result(self.timeout_for(count)))
+        r = recv.result(self.timeout_for(count)) if recv else None
+        cpu1 = cpu_seconds(server.pid)
+        active = max([x.get("seconds", 0) for x in results] + ([r.get("seconds", 0)] if r else []))
+        active = max(active, 1e-3)
+        lg_cpu = sum(x["_cpu"] for x in results) + (r["_cpu"] if r else 0)
+        cpu = {"server_cpu_pct": 100 * (cpu1 - cpu0) / active, "lg_cpu_pct": 100 * lg_cpu / active, "active_s": active}
+        if r:
+            cpu["recv_cpu_pct"] = 100 * r["_cpu"] / active
+        return r, results, cpu
+
+    def record(self, key, side, run):
+        self.results.setdefault((key, side), []).append(run)
+
+    def check(self, key, ok, message):
+        if not ok:
+            self.failures.append((key, message))
+            log(f"FAILED {key}: {message}")
+        return ok
+
+    # -- scenario helpers ---------------------------------------------------------------
+
+    def recv_args(self, addrs, address, expect):
+        return ["amqp-recv", "--amqp", addrs["amqp"], "--amqp-user", APP_USER, "--amqp-password", APP_PASSWORD,
+                "--address", address, "--expect", str(expect), "--idle-timeout", "2" if self.smoke else "3"]
+
+    def sub_args(self, addrs, qos, expect):
+        return ["mqtt-sub", "--host", addrs["mqtt"], "--filter", "telemetry", "--qos", str(qos), "--expect", str(expect),
+                "--idle-timeout", "2" if self.smoke else "3", "--client-id", "lg-sub"]
+
+    def pub_args(self, addrs, server, qos, count, topic="telemetry", rate=None):
+        a = ["mqtt-pub", "--host", addrs["mqtt"], "--connections", str(self.args.connections), "--qos", str(qos),
+             "--count", str(count), "--size", str(self.args.size), "--topic", topic, "--window", str(self.args.window),
+             "--client-id", "lg-pub-{i}"]
+        if not server.peer:
+            a += ["--username", "dev{i}@" + TENANT, "--password", DEVICE_PASSWORD, "--devices", str(self.args.connections)]
+        if rate:
+            a += ["--rate", f"{rate:.0f}"]
+        return a
+
+    def display(self, argv, addrs):
+        text = " ".join(str(a) for a in argv)
+        for k, v in addrs.items():
+            text = text.replace(v, PLACEHOLDERS.get(k, v))
+        return re.sub(r" --ready-file \S+", "", text)
+
+    def mqtt_pair(self, key, server, qos, count, topic="telemetry", rate=None, warm=False):
+        """One run: publishers → server → AMQP application (Ferrule) or MQTT subscriber (peer)."""
+        addrs = server.addrs()
+        if server.peer:
+            receiver = self.sub_args(addrs, qos, count)
+        else:
+            address = f"event/{TENANT}" if topic == "event" else f"telemetry/{TENANT}"
+            receiver = self.recv_args(addrs, address, count)
+        sender = self.pub_args(addrs, server, qos, count, topic, rate)
+        if not warm:
+            self.example(f"{key}/{server.label}", [self.display(["ferrule-loadgen"] + receiver, addrs),
+                                                    self.display(["ferrule-loadgen"] + sender, addrs)])
+        dropped0 = server.dropped()
+        r, (p,), cpu = self.measure(server, receiver, [sender], key, count)
+        dropped1 = server.dropped()
+        run = {"rate": r["msgs_per_s"], "p50": r.get("p50_ms"), "p99": r.get("p99_ms"), "max": r.get("max_ms"),
+               "lost": r.get("lost", 0), "received": r["msgs"], "sent": p["msgs"], "send_rate": p["msgs_per_s"],
+               "puback_p50": p.get("puback_p50_ms"), "puback_p99": p.get("puback_p99_ms"), "errors": p["errors"] + r["errors"],
+               **cpu}
+        if dropped1 is not None and dropped0 is not None:
+            run["server_dropped"] = dropped1 - dropped0
+        if qos == 1:
+            run["rate"] = p["msgs_per_s"]  # acknowledged publishes per second
+        if not warm:
+            self.check(key, p["errors"] == 0, f"{server.label}: publisher errors {p['errors']}: {p.get('first_error')}")
+            if qos == 1:
+                self.check(key, r.get("lost", 0) == 0, f"{server.label}: {r.get('lost')} of {count} QoS 1 messages not received")
+                self.check(key, p.get("acked") == count, f"{server.label}: {p.get('acked')} of {count} PUBACKs")
+            elif self.smoke:
+                self.check(key, r["msgs"] >= count * 0.5, f"{server.label}: only {r['msgs']} of {count} received")
+            else:
+                self.check(key, r["msgs"] > 0, f"{server.label}: nothing received")
+        return run
+
+    # -- scenarios ----------------------------------------------------------------------
+
+    def servers(self, make_ferrule, make_peer):
+        out = [("ferrule", make_ferrule)]
+        if make_peer and self.peer_enabled():
+            out.append(("peer", make_peer))
+        return out
+
+    def peer_enabled(self):
+        if self.args.no_peer:
+            return False
+        if not self.have_mosquitto:
+            note = "Mosquitto is not installed: peer rows skipped."
+            if note not in self.notes:
+                self.notes.append(note)
+                log(note)
+            return False
+        return True
+
+    def with_server(self, server, fn):
+        server.start()
+        try:
+            return fn(server)
+        finally:
+            server.stop()
+
+    def scenario_qos0(self):
+        count = self.count("qos0")
+        for side, make in self.servers(lambda: Ferrule(self, "qos0", devices=self.args.connections),
+                                       lambda: Mosquitto(self, "qos0")):
+            def body(server):
+                self.mqtt_pair("qos0", server, 0, max(count // 10, 500), warm=True)
+                rates = []
+                for i in range(self.runs):
+                    run = self.mqtt_pair("qos0", server, 0, count)
+                    rates.append(run["rate"])
+                    self.record("qos0", side, run)
+                    log(f"qos0 {server.label} run {i + 1}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms lost {run['lost']}")
+                # p99 at half load: half the median throughput.
+                rate = statistics.median(rates) / 2
+                seconds = 2 if self.smoke else max(2, 10 * self.scale)
+                n = max(int(rate * seconds), 100)
+                for i in range(self.runs):
+                    run = self.mqtt_pair("halfload", server, 0, n, rate=rate)
+                    run["target_rate"] = rate
+                    self.record("halfload", side, run)
+                    log(f"half load {server.label} run {i + 1}: {rate:.0f} msgs/s target, p50 {run['p50']} p99 {run['p99']} ms")
+            self.with_server(make(), body)
+
+    def scenario_qos1(self):
+        count = self.count("qos1")
+        for side, make in self.servers(lambda: Ferrule(self, "qos1", devices=self.args.connections),
+                                       lambda: Mosquitto(self, "qos1")):
+            def body(server):
+                self.mqtt_pair("qos1", server, 1, max(count // 10, 500), warm=True)
+                for i in range(self.runs):
+                    run = self.mqtt_pair("qos1", server, 1, count)
+                    self.record("qos1", side, run)
+                    log(f"qos1 {server.label} run {i + 1}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms")
+            self.with_server(make(), body)
+
+    def scenario_events(self):
+        count = self.count("events")
+
+        def body(server):
+            self.mqtt_pair("events", server, 1, max(count // 10, 500), topic="event", warm=True)
+            for i in range(self.runs):
+                run = self.mqtt_pair("events", server, 1, count, topic="event")
+                self.record("events", "ferrule", run)
+                log(f"events run {i + 1}: {run['rate']:.0f} msgs/s PUBACK p99 {run['puback_p99']} ms, end-to-end p99 {run['p99']} ms")
+        self.with_server(Ferrule(self, "events", devices=self.args.connections), body)
+
+    def http_run(self, key, server, count, warm=False):
+        addrs = server.addrs()
+        conns = str(self.args.http_connections)
+        sender = ["http-pub", "--host", addrs["http"], "--connections", conns, "--count", str(count), "--size", str(self.args.size)]
+        receiver = None
+        if not server.peer:
+            sender += ["--path", "/telemetry", "--basic", "dev{i}@" + TENANT + ":" + DEVICE_PASSWORD, "--devices", str(self.args.connections)]
+            receiver = self.recv_args(addrs, f"telemetry/{TENANT}", count)
+        if not warm:
+            self.example(f"{key}/{server.label}", [self.display(["ferrule-loadgen"] + x, addrs) for x in (receiver, sender) if x])
+        r, (p,), cpu = self.measure(server, receiver, [sender], key, count)
+        run = {"rate": p["msgs_per_s"], "p50": p.get("p50_ms"), "p99": p.get("p99_ms"), "max": p.get("max_ms"),
+               "errors": p["errors"], **cpu}
+        if r:
+            run["received"] = r["msgs"]
+        if p.get("statuses"):
+            run["statuses"] = p["statuses"]
+        if not warm:
+            # Ferrule answers 503 when the application cannot take more (QoS 0 included):
+            # reported, and only a failure when it is most of the traffic (smoke: 10 %).
+            bound = 0.1 if self.smoke else 0.5
+            self.check(key, p["errors"] <= count * bound and not p.get("first_error"),
+                       f"{server.label}: {p['errors']} of {count} HTTP requests failed {p.get('statuses')} {p.get('first_error')}")
+            if r:
+                self.check(key, r["msgs"] == p["msgs"], f"{server.label}: {r['msgs']} received of {p['msgs']} uploads answered 2xx")
+        return run
+
+    def scenario_http(self):
+        count = self.count("http")
+        makers = [("ferrule", lambda: Ferrule(self, "http", devices=self.args.connections))]
+        if not self.args.no_peer:
+            makers.append(("peer", lambda: HelloServer(self)))
+        for side, make in makers:
+            def body(server):
+                self.http_run("http", server, max(count // 10, 500), warm=True)
+                for i in range(self.runs):
+                    run = self.http_run("http", server, count)
+                    self.record("http", side, run)
+                    log(f"http {server.label} run {i + 1}: {run['rate']:.0f} req/s p99 {run['p99']} ms")
+            self.with_server(make(), body)
+
+    def coap_run(self, key, server, kind, count, warm=False):
+        addrs = server.addrs()
+        sender = ["coap-pub", "--host", addrs["coap"], "--type", kind, "--clients", str(self.args.connections),
+                  "--devices", str(self.args.connections), "--window", "8", "--count", str(count), "--size", str(self.args.size),
+                  "--path", f"/telemetry/{TENANT}/dev{{i}}"]
+        receiver = self.recv_args(addrs, f"telemetry/{TENANT}", count)
+        if not warm:
+            self.example(f"{key}/{server.label}", [self.display(["ferrule-loadgen"] + x, addrs) for x in (receiver, sender)])
+        dropped0 = server.dropped()
+        r, (p,), cpu = self.measure(server, receiver, [sender], key, count)
+        dropped1 = server.dropped()
+        run = {"rate": r["msgs_per_s"] if kind == "non" else p["msgs_per_s"], "ack_rate": p["msgs_per_s"],
+               "p50": p.get("p50_ms"), "p99": p.get("p99_ms"), "e2e_p99": r.get("p99_ms"), "received": r["msgs"],
+               "lost": r.get("lost", 0), "errors": p["errors"], "codes": p.get("codes"), **cpu}
+        if dropped0 is not None and dropped1 is not None:
+            run["server_dropped"] = dropped1 - dropped0
+        if not warm:
+            self.check(key, p["errors"] == 0 or kind == "non", f"CoAP {kind}: errors {p['errors']} {p.get('codes')} timeouts {p.get('timeouts')}")
+            if kind == "con":
+                self.check(key, r["msgs"] == count, f"CoAP CON: {r['msgs']} of {count} received")
+            else:
+                self.check(key, r["msgs"] >= count * (0.5 if self.smoke else 0.01), f"CoAP NON: {r['msgs']} of {count} received")
+        return run
+
+    def scenario_coap(self):
+        count = self.count("coap")
+
+        def body(server):
+            for kind in ("non", "con"):
+                key = f"coap-{kind}"
+                self.coap_run(key, server, kind, max(count // 10, 500), warm=True)
+                for i in range(self.runs):
+                    run = self.coap_run(key, server, kind, count)
+                    self.record(key, "ferrule", run)
+                    log(f"CoAP {kind.upper()} run {i + 1}: {run['rate']:.0f} msgs/s (responses {run['ack_rate']:.0f}/s), lost {run['lost']}")
+        self.with_server(Ferrule(self, "coap", devices=self.args.connections, passwords=False), body)
+
+    def idle_run(self, make, label, n):
+        server = make().start()
+        gens = []
+        try:
+            addrs = server.addrs()
+            # Warm-up: a few connections opened and closed, so that one-time allocations
+            # are not charged to the idle connections.
+            warm = self.lg("idle-warm", ["idle", "--host", addrs["mqtt"], "--connections", "100", "--client-id", "warm-{i}"], stdin=True)
+            warm.first_line(60)
+            warm.terminate()
+            time.sleep(1.0)
+            before = rss_bytes(server.pid)
+            per_gen = max(1, self.nofile - 500)
+            start = time.time()
+            left, k = n, 0
+            while left > 0:
+                m = min(left, per_gen)
+                argv = ["idle", "--host", addrs["mqtt"], "--connections", str(m), "--keepalive", "600",
+                        "--sources", IDLE_SOURCES, "--client-id", f"idle{k}-{{i}}"]
+                self.example(f"idle/{label}", [self.display(["ferrule-loadgen"] + argv, addrs)])
+                gens.append(self.lg(f"idle{k}", argv, stdin=True))
+                left -= m
+                k += 1
+            lines = [g.first_line(120 + n / 500) for g in gens]
+            connect_s = time.time() - start
+            connected = sum(x["connections"] for x in lines)
+            failed = sum(x["failed"] for x in lines)
+            time.sleep(2.0)
+            after = rss_bytes(server.pid)
+            # Closing stdin ends the generators; each reports on stderr how many of its
+            # connections the server dropped while they were held.
+            dropped = 0
+            for g in gens:
+                g.terminate()
+                for line in g.stderr_tail(100000).splitlines():
+                    if line.startswith("{") and '"idle-end"' in line:
+                        dropped += json.loads(line).get("dropped", 0)
+            run = {"connections": connected, "failed": failed, "rss_before": before, "rss_after": after,
+                   "bytes_per_conn": (after - before) / max(connected, 1), "connect_s": connect_s,
+                   "connects_per_s": connected / max(connect_s, 1e-3), "dropped": dropped}
+            self.check("idle", dropped == 0, f"{label} idle {n}: the server dropped {dropped} held connections")
+            errors = [x.get("first_error") for x in lines if x.get("first_error")]
+            self.check("idle", failed == 0, f"{label} idle {n}: {failed} connections failed ({errors[:1]})")
+            return run
+        finally:
+            for g in gens:
+                g.terminate()
+            server.stop()
+
+    def scenario_idle(self):
+        cap = max(100, self.nofile - 1000)
+        sizes = [200] if self.smoke else [int(s) for s in self.args.idle_sizes.split(",")]
+        done = set()
+        for size in sizes:
+            n = min(size, cap)
+            if n in done:
+                continue
+            done.add(n)
+            if n < size:
+                note = (f"idle {size}: capped at {n} connections: RLIMIT_NOFILE hard limit {self.nofile} "
+                        "(raising it needs CAP_SYS_RESOURCE, which this machine does not grant)")
+                self.notes.append(note)
+                log(note)
+            key = f"idle-{n}"
+            self.idle_sizes_run = getattr(self, "idle_sizes_run", []) + [(size, n)]
+            for side, make in self.servers(lambda: Ferrule(self, "idle"), lambda: Mosquitto(self, "idle")):
+                for i in range(self.runs):
+                    run = self.idle_run(make, "Ferrule" if side == "ferrule" else "Mosquitto", n)
+                    self.record(key, side, run)
+                    log(f"idle {n} {side} run {i + 1}: {run['bytes_per_conn']:.0f} B/conn, {run['connects_per_s']:.0f} connects/s")
+
+    def scenario_storm(self):
+        devices = self.count("storm-devices")
+        seconds = 1.5 if self.smoke else max(2.0, 10 * self.scale)
+        workers = 8 if self.smoke else 32
+        for side, make in self.servers(lambda: Ferrule(self, "storm", devices=devices),
+                                       lambda: Mosquitto(self, "storm", devices=devices)):
+            def body(server):
+                addrs = server.addrs()
+                for i in range(self.runs):
+                    argv = ["connect-storm", "--host", addrs["mqtt"], "--workers", str(workers), "--devices", str(devices),
+                            "--username", "dev{i}@" + TENANT, "--password", DEVICE_PASSWORD, "--duration", str(seconds),
+                            "--sources", STORM_SOURCES, "--client-id", f"storm{i}-{{i}}"]
+                    if i == 0:
+                        argv.append("--warm")
+                    self.example(f"storm/{server.label}", [self.display(["ferrule-loadgen"] + argv, addrs)])
+                    _, (p,), cpu = self.measure(server, None, [argv], "storm", 10_000)
+                    run = {"rate": p["connects_per_s"], "p50": p.get("connack_p50_ms"), "p99": p.get("connack_p99_ms"),
+                           "errors": p["errors"], "failures": p.get("failures"), **cpu}
+                    if "cold_connects_per_s" in p:
+                        run["cold_rate"] = p["cold_connects_per_s"]
+                        run["cold_seconds"] = p["cold_seconds"]
+                        self.check("storm", p.get("cold_failed", 0) == 0, f"{server.label}: cold connects failed: {p.get('cold_failures')}")
+                    self.check("storm", p["errors"] == 0 and p["msgs"] > 0, f"{server.label}: {p['errors']} failed connects: {p.get('failures')}")
+                    self.record("storm", side, run)
+                    log(f"storm {server.label} run {i + 1}: {run['rate']:.0f} CONNECT/s" +
+                        (f" (cold: {run['cold_rate']:.0f}/s)" if "cold_rate" in run else ""))
+            self.with_server(make(), body)
+
+    def scenario_commands(self):
+        count = self.count("commands")
+        devices = min(10, self.args.connections)
+
+        def body(server):
+            addrs = server.addrs()
+            for i in range(self.runs + 1):
+                n = max(count // 10, 200) if i == 0 else count
+                argv = ["commands", "--amqp", addrs["amqp"], "--amqp-user", APP_USER, "--amqp-password", APP_PASSWORD,
+                        "--host", addrs["mqtt"], "--username", "dev{i}@" + TENANT, "--password", DEVICE_PASSWORD,
+                        "--devices", str(devices), "--device-count", str(devices), "--window", "32", "--count", str(n),
+                        "--client-id", f"cmd{i}-{{i}}"]
+                if i > 0:
+                    self.example("commands/Ferrule", [self.display(["ferrule-loadgen"] + argv, addrs)])
+                _, (p,), cpu = self.measure(server, None, [argv], "commands", n)
+                if i == 0:
+                    continue
+                run = {"rate": p["msgs_per_s"], "p50": p.get("p50_ms"), "p99": p.get("p99_ms"), "max": p.get("max_ms"),
+                       "errors": p["errors"], **cpu}
+                self.check("commands", p["errors"] == 0 and p["msgs"] == n,
+                           f"{p['msgs']} of {n} round trips, {p['errors']} errors: {p.get('first_error')}")
+                self.record("commands", "ferrule", run)
+                log(f"commands run {i}: {run['rate']:.0f}/s p99 {run['p99']} ms")
+        self.with_server(Ferrule(self, "commands", devices=devices), body)
+
+    def run(self, names):
+        for name in names:
+            log(f"== {name}")
+            try:
+                getattr(self, f"scenario_{name}")()
+            except Failure as e:
+                self.check(name, False, str(e))
+            except Exception as e:  # a harness bug must not hide the other scenarios
+                self.check(name, False, f"{type(e).__name__}: {e}")
+                import traceback
+                traceback.print_exc()
+            finally:
+                for p in list(RUNNING):
+                    p.kill()
+
+
+# ---------------------------------------------------------------------------------------
+# report
+
+def fmt(x, digits=0):
+    if x is None:
+        return "–"
+    if isinstance(x, float) and digits:
+        return f"{x:,.{digits}f}"
+    return f"{x:,.0f}"
+
+
+def cell(values, digits=0, unit=""):
+    mm = median_min_max(values)
+    if mm is None:
+        return "–"
+    med, lo, hi = mm
+    if len([v for v in values if v is not None]) == 1:
+        return f"{fmt(med, digits)}{unit}"
+    return f"{fmt(med, digits)}{unit} ({fmt(lo, digits)}–{fmt(hi, digits)})"
+
+
+def med(values):
+    mm = median_min_max(values)
+    return mm[0] if mm else None
+
+
+def machine_facts(suite):
+    def cmd(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = "?"
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal"):
+            mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    mosq = "not installed"
+    if shutil.which("mosquitto"):
+        out = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout
+        m = re.search(r"mosquitto version (\S+)", out)
+        mosq = m.group(1) if m else "?"
+    commit = cmd(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = cmd(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
+    return [
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("nproc", str(os.cpu_count())),
+        ("CPU", cpu),
+        ("memory", mem),
+        ("kernel", platform.release()),
+        ("rustc", cmd(["rustc", "--version"])),
+        ("mosquitto", mosq),
+        ("Ferrule commit", commit + (" (with uncommitted changes)" if dirty else "")),
+        ("binaries", f"{suite.ferrule_bin.relative_to(ROOT) if suite.ferrule_bin.is_relative_to(ROOT) else suite.ferrule_bin}"),
+        ("RLIMIT_NOFILE (hard)", str(suite.nofile)),
+        ("runs per scenario", str(suite.runs)),
+        ("scale", str(suite.scale)),
+    ]
+
+
+def build_report(suite, elapsed):
+    R = suite.results
+
+    def vals(key, side, field):
+        return [r.get(field) for r in R.get((key, side), [])]
+
+    rows = []       # summary rows
+    targets = []    # (target text, value text, met)
+
+    def ratio(key, field="rate"):
+        f, p = med(vals(key, "ferrule", field)), med(vals(key, "peer", field))
+        return (f / p) if f and p else None
+
+    def row(name, metric, key, field, digits=0, unit="", peer=None, pfield=None, ratio_field=None):
+        rows.append((name, metric, cell(vals(key, "ferrule", field), digits, unit),
+                     peer or "—", cell(vals(key, "peer", pfield or field), digits, unit) if (key, "peer") in R else "—",
+                     (f"{ratio(key, ratio_field):.2f}×" if ratio_field and ratio(key, ratio_field) else "—")))
+
+    if ("qos0", "ferrule") in R:
+        row("MQTT QoS 0 telemetry, device → AMQP app", "msgs/s", "qos0", "rate", peer="Mosquitto pub → sub", ratio_field="rate")
+        row("", "p50 / p99 ms (end to end)", "qos0", "p50", 2, peer="", ratio_field=None)
+        rows[-1] = rows[-1][:2] + (f"{cell(vals('qos0', 'ferrule', 'p50'), 2)} / {cell(vals('qos0', 'ferrule', 'p99'), 2)}", "",
+                                   f"{cell(vals('qos0', 'peer', 'p50'), 2)} / {cell(vals('qos0', 'peer', 'p99'), 2)}" if ("qos0", "peer") in R else "—", "")
+        row("", "lost (not delivered)", "qos0", "lost", peer="")
+        row("", "dropped, by Ferrule's own count", "qos0", "server_dropped", peer="")
+    if ("qos1", "ferrule") in R:
+        row("MQTT QoS 1 telemetry (PUBACK after app accept)", "msgs/s", "qos1", "rate", peer="Mosquitto QoS 1 pub → sub", ratio_field="rate")
+        rows.append(("", "p50 / p99 ms (end to end)", f"{cell(vals('qos1', 'ferrule', 'p50'), 2)} / {cell(vals('qos1', 'ferrule', 'p99'), 2)}", "",
+                     f"{cell(vals('qos1', 'peer', 'p50'), 2)} / {cell(vals('qos1', 'peer', 'p99'), 2)}" if ("qos1", "peer") in R else "—", ""))
+        row("", "PUBACK p99 ms", "qos1", "puback_p99", 2, peer="")
+    if ("events", "ferrule") in R:
+        row("events, durable, QoS 1 (MQTT `event` → event/bench)", "msgs/s", "events", "rate")
+        row("", "PUBACK p99 ms (on disk)", "events", "puback_p99", 2)
+        row("", "end-to-end p99 ms", "events", "p99", 2)
+    if ("http", "ferrule") in R:
+        row("HTTP telemetry (POST /telemetry, Basic auth)", "req/s", "http", "rate", peer="bare hyper hello-world", ratio_field="rate")
+        row("", "p99 ms (request → response)", "http", "p99", 2, peer="")
+        row("", "failed requests (Ferrule: 503, no credit)", "http", "errors", peer="")
+    if ("coap-non", "ferrule") in R:
+        row("CoAP NON telemetry (delivered to the app)", "msgs/s", "coap-non", "rate")
+        row("", "lost (not delivered)", "coap-non", "lost")
+    if ("coap-con", "ferrule") in R:
+        row("CoAP CON telemetry", "msgs/s", "coap-con", "rate")
+        row("", "p99 ms (request → ACK)", "coap-con", "p99", 2)
+    for size, n in getattr(suite, "idle_sizes_run", []):
+        key = f"idle-{n}"
+        if (key, "ferrule") in R:
+            label = f"idle MQTT devices, {n:,}" + (f" (asked {size:,}: capped)" if n < size else "")
+            row(label, "RSS bytes per connection (lower is better)", key, "bytes_per_conn", peer="Mosquitto, same clients", ratio_field="bytes_per_conn")
+    if ("storm", "ferrule") in R:
+        row("connect storm with authentication (warm)", "CONNECT/s", "storm", "rate", peer="Mosquitto with password_file", ratio_field="rate")
+        row("", "cold (first connect per device)", "storm", "cold_rate", peer="")
+    if ("commands", "ferrule") in R:
+        row("commands round trip (app → MQTT device → app)", "per s", "commands", "rate")
+        row("", "p50 / p99 ms", "commands", "p50", 2)
+        rows[-1] = rows[-1][:2] + (f"{cell(vals('commands', 'ferrule', 'p50'), 2)} / {cell(vals('commands', 'ferrule', 'p99'), 2)}", "—", "—", "—")
+    if ("halfload", "ferrule") in R:
+        rate = med(vals("halfload", "ferrule", "target_rate"))
+        prate = med(vals("halfload", "peer", "target_rate"))
+        rows.append((f"p99 at half load (QoS 0 at {fmt(rate)} msgs/s" + (f"; Mosquitto at {fmt(prate)}" if prate else "") + ")",
+                     "p50 / p99 ms", f"{cell(vals('halfload', 'ferrule', 'p50'), 2)} / {cell(vals('halfload', 'ferrule', 'p99'), 2)}",
+                     "Mosquitto at half its rate" if prate else "—",
+                     f"{cell(vals('halfload', 'peer', 'p50'), 2)} / {cell(vals('halfload', 'peer', 'p99'), 2)}" if prate else "—", "—"))
+
+    def target(text, value_text, met):
+        targets.append((text, value_text, "met" if met else ("not met" if met is not None else "not measured")))
+
+    r0 = ratio("qos0")
+    target("QoS 0 ≥ 1.5× Mosquitto", f"{r0:.2f}×" if r0 else "–", (r0 >= 1.5) if r0 else None)
+    r1 = ratio("qos1")
+    target("QoS 1 ≥ 1.0× Mosquitto", f"{r1:.2f}×" if r1 else "–", (r1 >= 1.0) if r1 else None)
+    ev, evp = med(vals("events", "ferrule", "rate")), med(vals("events", "ferrule", "puback_p99"))
+    target("durable events ≥ 50k msgs/s with p99 ≤ 20 ms (PUBACK)", f"{fmt(ev)} msgs/s, p99 {fmt(evp, 2)} ms" if ev else "–",
+           (ev >= 50_000 and evp is not None and evp <= 20) if ev else None)
+    rh = ratio("http")
+    target("HTTP ≥ 0.5× bare hyper", f"{rh:.2f}×" if rh else "–", (rh >= 0.5) if rh else None)
+    cn = med(vals("coap-non", "ferrule", "rate"))
+    target("CoAP NON ≥ 50k msgs/s", f"{fmt(cn)} msgs/s" if cn else "–", (cn >= 50_000) if cn else None)
+    idle_keys = [f"idle-{n}" for _, n in getattr(suite, "idle_sizes_run", [])]
+    if idle_keys:
+        worst = max((med(vals(k, "ferrule", "bytes_per_conn")) or 0) for k in idle_keys)
+        target("idle ≤ 4 KiB RSS per device", f"{fmt(worst)} B (largest of the sizes run)", worst <= 4096 if worst else None)
+    else:
+        target("idle ≤ 4 KiB RSS per device", "–", None)
+    st = med(vals("storm", "ferrule", "rate"))
+    target("connect storm ≥ 5k CONNECT/s", f"{fmt(st)} /s" if st else "–", (st >= 5000) if st else None)
+    hl = med(vals("halfload", "ferrule", "p99"))
+    target("p99 ≤ 2 ms at half load", f"{fmt(hl, 2)} ms" if hl is not None else "–", (hl <= 2) if hl is not None else None)
+
+    cpu_rows = []
+    for key, label in [("qos0", "MQTT QoS 0"), ("halfload", "QoS 0 at half load"), ("qos1", "MQTT QoS 1"), ("events", "events"),
+                       ("http", "HTTP"), ("coap-non", "CoAP NON"), ("coap-con", "CoAP CON"), ("storm", "connect storm"),
+                       ("commands", "commands")]:
+        if (key, "ferrule") in R:
+            cpu_rows.append((label, cell(vals(key, "ferrule", "server_cpu_pct"), unit=" %"), cell(vals(key, "ferrule", "lg_cpu_pct"), unit=" %"),
+                             cell(vals(key, "peer", "server_cpu_pct"), unit=" %") if (key, "peer") in R else "—",
+                             cell(vals(key, "peer", "lg_cpu_pct"), unit=" %") if (key, "peer") in R else "—"))
+
+    out = []
+    w = out.append
+    w("# Ferrule benchmarks\n")
+    w("Generated by `python3 tests/loadgen/bench.py` (the harness: [tests/loadgen](tests/loadgen/README.md)). "
+      "Ferrule and its peer run side by side in the same run on the same machine, with the same load generator "
+      "(`ferrule-loadgen`) and the same clients; every figure is the median of the runs with the minimum–maximum "
+      "in parentheses. The load generator shares the machine's cores with the server under test.\n")
+    w("## Machine\n")
+    w("| | |\n|---|---|")
+    for k, v in machine_facts(suite):
+        w(f"| {k} | {v} |")
+    w(f"| suite wall time | {elapsed / 60:.1f} min |\n")
+    w("## Results\n")
+    w("| scenario | metric | Ferrule | peer | peer result | Ferrule/peer |\n|---|---|---|---|---|---|")
+    for r in rows:
+        w("| " + " | ".join(r) + " |")
+    w("")
+    w("## Targets\n")
+    w("| target | measured (median) | |\n|---|---|---|")
+    for t in targets:
+        w(f"| {t[0]} | {t[1]} | {t[2]} |")
+    w("")
+    w("## CPU\n")
+    w("User + system CPU seconds over the measured interval (publishers' first send to the receiver's last "
+      "message), as % of one core; `loadgen` adds up every load generator process of the run.\n")
+    w("| scenario | Ferrule | loadgen (vs Ferrule) | peer | loadgen (vs peer) |\n|---|---|---|---|---|")
+    for r in cpu_rows:
+        w("| " + " | ".join(r) + " |")
+    w("")
+    w("## Scenarios\n")
+    a = suite.args
+    w(f"- Ferrule: `ferrule serve` from a generated config (log level warn, its own temp data dir, every listener on "
+      f"127.0.0.1 with an ephemeral port read back from `listeners.json`, MQTT `max_connections` raised"
+      f"{', MQTT workers = ' + str(a.mqtt_workers) if a.mqtt_workers else ', everything else at its default'}); tenant "
+      f"`{TENANT}` and devices `dev0..` with passwords created over the management API; the application is "
+      f"`ferrule-loadgen amqp-recv` (SASL PLAIN `{APP_USER}`, credit 5000, accepts every message). Mosquitto: a generated "
+      f"config (`listener PORT 127.0.0.1`, `allow_anonymous true`, `persistence false`, `max_inflight_messages 1000`, "
+      f"`max_queued_messages 1000000`; `password_file` made with `mosquitto_passwd -U` for the storm); the application "
+      f"is `ferrule-loadgen mqtt-sub`.")
+    w(f"- MQTT: {a.connections} publisher connections (one device each on Ferrule), payload {a.size} bytes starting "
+      f"with the send timestamp, QoS 1 window {a.window} per connection; QoS 0 {suite.count('qos0'):,} messages "
+      f"per run, QoS 1 {suite.count('qos1'):,}, events {suite.count('events'):,}; a warm-up run (a tenth of the count) before the measured runs "
+      "of each server. QoS 0 is flat out: what the server cannot deliver is lost (at most once) and counted.")
+    w(f"- HTTP: {a.http_connections} keep-alive connections, one request at a time each, {suite.count('http'):,} requests "
+      "per run; Ferrule: `POST /telemetry` with Basic auth (QoS 0, answered 202 after routing), an application "
+      "receiving; peer: the same requests to a bare hyper 1 hello-world server (`ferrule-loadgen hello-server`).")
+    w(f"- CoAP: {a.connections} UDP clients with 8 requests outstanding each (Ferrule's `max_in_flight_per_peer`), "
+      f"`PUT /telemetry/{TENANT}/devN` (unauthenticated), {suite.count('coap'):,} per run; NON is paced by Ferrule's NON "
+      "responses and measured at the application, CON by the piggy-backed ACKs.")
+    w("- Idle: MQTT 3.1.1 connections without credentials (CONNECT with keep-alive 600 s, then nothing), from "
+      f"source addresses {IDLE_SOURCES.split(',')[0]}–{IDLE_SOURCES.split(',')[-1]}; a fresh server per run, 100 "
+      "connections opened and closed first, RSS (VmRSS) read before and 2 s after the last CONNACK; bytes per "
+      "connection = difference / connections.")
+    w(f"- Connect storm: {suite.count('storm-devices')} devices with passwords, {8 if suite.smoke else 32} workers each looping CONNECT → CONNACK → "
+      "DISCONNECT for the run's duration (first run: every device connected once before, timed as the cold rate: "
+      "Ferrule verifies an argon2id hash once per device, then caches the verification). Ferrule also sends a "
+      "durable connection event (connected, disconnected) to `event/bench` for every connection; no application "
+      "consumes them here, so the queue fills up to `queue_max_depth` and further ones are refused (logged at debug).")
+    w(f"- Commands: {min(10, a.connections)} MQTT devices subscribed to `command///req/#` (QoS 1) answering every request on "
+      f"`command///res/REQ-ID/200`, an AMQP application with 32 commands in flight, {suite.count('commands'):,} per run.")
+    w("- Half load: the QoS 0 scenario paced at half the measured median throughput.")
+    w("")
+    if suite.notes or suite.failures or suite.server_errors:
+        w("## Notes\n")
+        for n in suite.notes:
+            w(f"- {n}")
+        for key, msg in suite.failures:
+            w(f"- FAILED {key}: {msg}")
+        for name, count, lines in suite.server_errors:
+            w(f"- Ferrule (`{name}` scenario) logged {count} warning/error line(s), e.g. " +
+              "; ".join(f"`{l.strip()[:240]}`" for l in lines))
+        w("")
+    w("## Reproduce\n")
+    w("```sh")
+    w("python3 tests/loadgen/bench.py                      # everything (installs mosquitto if missing, release build)")
+    w("python3 tests/loadgen/bench.py --only qos0 --runs 5 # one scenario")
+    w("python3 tests/loadgen/bench.py --smoke              # the CI check: tiny counts, debug binaries")
+    w("```\n")
+    w("The load generator's commands of one run of each scenario ($MQTT, $AMQP, $HTTP, $COAP: the addresses "
+      "from `listeners.json` or the peer's port):\n")
+    w("```sh")
+    for key, argvs in suite.examples.items():
+        w(f"# {key}")
+        for a_ in argvs:
+            w(a_)
+    w("```\n")
+    w("<details><summary>Every run (raw)</summary>\n")
+    w("```")
+    for (key, side), runs in sorted(R.items()):
+        for i, r in enumerate(runs):
+            w(f"{key} {side} #{i + 1}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+    w("```\n</details>\n")
+    return "\n".join(out), targets
+
+
+def write_report(path, text):
+    preserved = None
+    if path.exists():
+        old = path.read_text()
+        if ANALYSIS_MARKER in old:
+            preserved = old.split(ANALYSIS_MARKER, 1)[1]
+    if preserved is None:
+        preserved = "\n<!-- The lead fills this section in: what the figures mean, bottlenecks, what to do next. "\
+                    "bench.py keeps everything below the marker line above when it rewrites this file. -->\n"
+    path.write_text(text + "\n## Analysis\n\n" + ANALYSIS_MARKER + preserved)
+
+
+# ---------------------------------------------------------------------------------------
+# main
+
+def build(smoke, args):
+    if args.no_build:
+        return
+    profile = [] if smoke else ["--release"]
+    if smoke:
+        # CI builds the workspace before; build only what is missing or older than its sources.
+        lg = ROOT / "target" / "debug" / "ferrule-loadgen"
+        fe = ROOT / "target" / "debug" / "ferrule"
+        src_mtime = max(p.stat().st_mtime for p in (ROOT / "tests" / "loadgen").rglob("*") if p.is_file() and "target" not in p.parts)
+        if fe.exists() and lg.exists() and lg.stat().st_mtime >= src_mtime:
+            return
+    cmd = ["cargo", "build", *profile, "-p", "ferrule", "-p", "ferrule-loadgen"]
+    log("building: " + " ".join(cmd))
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def install_mosquitto(args):
+    if args.no_install or (shutil.which("mosquitto") and shutil.which("mosquitto_passwd")):
+        return
+    log("installing mosquitto (Debian package)")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(sudo + ["apt-get", "update", "-qq"], check=False, env=env)
+    subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "mosquitto"], check=False, env=env)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny counts, debug binaries, one run; exit 1 on failure (CI)")
+    ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiplies message counts and durations (full mode)")
+    ap.add_argument("--only", help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
+    ap.add_argument("--skip", default="", help="comma-separated scenarios to leave out")
+    ap.add_argument("--out", help="report file (default: BENCHMARKS.md; smoke: a temp file)")
+    ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
+    ap.add_argument("--no-install", action="store_true", help="do not apt-get install mosquitto")
+    ap.add_argument("--no-peer", action="store_true", help="Ferrule only")
+    ap.add_argument("--ferrule-bin", help="ferrule binary (default target/release or target/debug with --smoke)")
+    ap.add_argument("--loadgen-bin", help="ferrule-loadgen binary")
+    ap.add_argument("--workdir", help="keep logs, configs and outputs here (default: a temp dir, removed on success)")
+    ap.add_argument("--connections", type=int, default=8, help="MQTT publisher connections / devices / CoAP clients")
+    ap.add_argument("--http-connections", type=int, default=16)
+    ap.add_argument("--window", type=int, default=16, help="MQTT QoS 1 in-flight window per connection")
+    ap.add_argument("--size", type=int, default=64, help="payload bytes")
+    ap.add_argument("--idle-sizes", default="10000,100000", help="idle connection counts (full mode)")
+    ap.add_argument("--mqtt-workers", type=int, help="Ferrule [adapters.mqtt] workers (default: Ferrule's default)")
+    args = ap.parse_args()
+
+    names = args.only.split(",") if args.only else list(SCENARIOS)
+    names = [n for n in names if n not in args.skip.split(",")]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenarios {unknown}; known: {SCENARIOS}")
+
+    build(args.smoke, args)
+    if not args.smoke:
+        install_mosquitto(args)
+    suite = Suite(args)
+    for b in (suite.ferrule_bin, suite.loadgen_bin):
+        if not b.exists():
+            sys.exit(f"missing {b}: build it first (cargo build{'' if args.smoke else ' --release'} -p ferrule -p ferrule-loadgen)")
+    log(f"workdir {suite.workdir}; {suite.runs} run(s) per scenario; RLIMIT_NOFILE {suite.nofile}")
+
+    def on_signal(signum, frame):
+        for p in list(RUNNING):
+            p.kill()
+        sys.exit(130)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    try:
+        suite.run(names)
+    finally:
+        for p in list(RUNNING):
+            p.kill()
+    elapsed = time.time() - T0
+    text, targets = build_report(suite, elapsed)
+    if args.out:
+        out = Path(args.out)
+    elif args.smoke:
+        out = Path(tempfile.gettempdir()) / "ferrule-BENCHMARKS-smoke.md"
+    else:
+        out = ROOT / "BENCHMARKS.md"
+    write_report(out, text)
+    if args.smoke:
+        # The summary on stdout (CI log).
+        print(text.split("## Scenarios")[0])
+    log(f"report: {out}")
+    log(f"{len(suite.failures)} failure(s) in {elapsed:.0f} s")
+    for key, msg in suite.failures:
+        log(f"  {key}: {msg}")
+    suite.commands_log.close()
+    if suite.failures or args.workdir:
+        log(f"logs, configs and outputs kept in {suite.workdir}")
+    else:
+        shutil.rmtree(suite.workdir, ignore_errors=True)
+    sys.exit(1 if suite.failures else 0)
+
+
+if __name__ == "__main__":
+    main()
