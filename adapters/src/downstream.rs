@@ -141,13 +141,16 @@ impl Downstream {
         let settled = upload.qos == Qos::AtMostOnce;
         let message = to_message(&address, &upload);
         let outcome = self.broker.submit(&address, message, settled).outcome().await;
+        // An at-most-once upload nobody took is fine for the device but must not count as
+        // accepted in the metrics.
+        let dropped = settled && outcome != Outcome::Accepted;
         let result = if report && settled && outcome == Outcome::Released {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             Err(UploadError::NoConsumer(address))
         } else {
             self.account(&address, settled, outcome)
         };
-        record(&upload, &result, started.elapsed());
+        record(&upload, &result, dropped, started.elapsed());
         result
     }
 
@@ -178,9 +181,12 @@ impl Downstream {
 }
 
 /// Per-tenant message counters and latency histograms, by adapter, endpoint, QoS, outcome.
-fn record(upload: &Upload, result: &Result<(), UploadError>, elapsed: Duration) {
+/// Outcomes: `accepted`, `dropped` (at most once, nobody took it), `no_consumer`,
+/// `overloaded`, `refused`.
+fn record(upload: &Upload, result: &Result<(), UploadError>, dropped: bool, elapsed: Duration) {
     let qos = if upload.qos == Qos::AtLeastOnce { "1" } else { "0" };
     let outcome = match result {
+        Ok(()) if dropped => "dropped",
         Ok(()) => "accepted",
         Err(UploadError::NoConsumer(_)) => "no_consumer",
         Err(UploadError::Overloaded(_)) => "overloaded",

@@ -75,6 +75,11 @@ def test_metrics_match_a_scripted_mixed_workload(platform):
         res = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-u", "d1@t1", "-P", "pw1", "-q", "1",
                               "-t", "telemetry", "-m", f"m{i}"], capture_output=True, text=True, timeout=20)
         assert res.returncode == 0, res.stderr
+    # QoS 0 to a tenant nobody consumes: the device is fine (at most once), the metric says dropped.
+    for i in range(3):
+        res = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-u", "d2@t2", "-P", "pw2", "-q", "0",
+                              "-t", "telemetry", "-m", f"q{i}"], capture_output=True, text=True, timeout=20)
+        assert res.returncode == 0, res.stderr
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="metrics-dev")
     client.username_pw_set("d1@t1", "pw1")
     client.connect("127.0.0.1", int(port))
@@ -89,6 +94,8 @@ def test_metrics_match_a_scripted_mixed_workload(platform):
     assert m(total, adapter="hono-http", tenant="t2", endpoint="telemetry", qos="1", outcome="no_consumer") == 2
     assert m(total, adapter="hono-http", tenant="t1", endpoint="event", qos="1", outcome="accepted") == 3
     assert m(total, adapter="hono-mqtt", tenant="t1", endpoint="telemetry", qos="1", outcome="accepted") == 4
+    assert m(total, adapter="hono-mqtt", tenant="t2", endpoint="telemetry", qos="0", outcome="dropped") == 3
+    assert m(total, adapter="hono-mqtt", tenant="t2", endpoint="telemetry", qos="0", outcome="accepted") is None
     assert m("ferrule_adapter_message_duration_seconds_count", adapter="hono-http", endpoint="telemetry", qos="1",
              outcome="accepted") == 5
     assert m("ferrule_auth_attempts_total", type="hashed-password", outcome="bad_credentials") == 1
