@@ -13,6 +13,7 @@
 
 pub mod address;
 mod broker;
+mod coalesce;
 pub mod config;
 mod delivery;
 mod direct;

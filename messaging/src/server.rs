@@ -149,6 +149,9 @@ async fn accept_loop(listener: TcpListener, connection: ConnectionTask, tls: Opt
     }
 }
 
+/// Bytes of outgoing frames buffered per connection before the engine waits for the socket.
+const COALESCE_MAX_BUFFER: usize = 256 * 1024;
+
 #[derive(Clone)]
 struct ConnectionTask {
     broker: Broker,
@@ -171,6 +174,8 @@ impl ConnectionTask {
             .add_offered_capabilities(Symbol::from("ANONYMOUS-RELAY"))
             .sasl_acceptor(sasl)
             .build();
+        // One write syscall per batch of frames instead of one per frame (see coalesce.rs).
+        let stream = crate::coalesce::Coalesced::new(stream, COALESCE_MAX_BUFFER, &self.tasks);
         let mut connection = match acceptor.accept(stream).await {
             Ok(connection) => connection,
             Err(e) => {
