@@ -5,6 +5,11 @@ mod config;
 mod ops;
 mod wiring;
 
+/// mimalloc instead of glibc malloc: malloc/free were 11-13 % of the broker's CPU under
+/// load; with mimalloc QoS 1 and durable events go up 16-19 % (BENCHMARKS.md, round 2).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
