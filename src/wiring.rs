@@ -57,8 +57,7 @@ impl DeviceRegistry for RegistryDevices {
             count_attempt("hashed-password", &result);
             let device = result.map_err(map)?;
             // Warm the tenant/device look-up caches that every publish consults, so that
-            // a device's first publish is answered without waiting for storage (ntex-mqtt
-            // 9.0 panics on a QoS 0 publish still pending when DISCONNECT arrives).
+            // a device's first publish is answered without waiting for storage.
             let _ = self.0.authorize_device(device.tenant.as_str(), device.device.as_str(), None).await;
             Ok(DeviceIdentity {
                 tenant: device.tenant.to_string(),

@@ -473,6 +473,34 @@ async fn bad_input_qos2() {
     nothing(&mut consumer).await;
 }
 
+/// A one-shot QoS 0 publisher sends PUBLISH and DISCONNECT in one segment; the device
+/// look-up is slow (cache miss). The message must still be delivered, and the connection
+/// must end cleanly (ntex-mqtt 9.0 panicked on a QoS 0 handler still pending at DISCONNECT).
+#[tokio::test]
+async fn qos0_publish_then_disconnect_while_the_registry_is_slow() {
+    let s = start();
+    let mut consumer = s.consumer("telemetry/t1", 10);
+    let client = RawClient::connect(s.addr, "one-shot", Some(("d1@t1", "pw1"))).await;
+    s.registry.set_lookup_delay(Duration::from_millis(300));
+    let mut stream = client.stream;
+    let mut publish = Vec::new();
+    string(b"telemetry", &mut publish);
+    publish.extend_from_slice(b"last words");
+    let mut segment = packet(0x30, &publish); // PUBLISH QoS 0
+    segment.extend_from_slice(&[0xe0, 0]); // DISCONNECT
+    stream.write_all(&segment).await.expect("PUBLISH + DISCONNECT");
+    let delivery = next(&mut consumer).await;
+    assert_eq!(body(&delivery), b"last words");
+    // The adapter still serves new connections and publishes afterwards.
+    s.registry.set_lookup_delay(Duration::ZERO);
+    let mut again = RawClient::connect(s.addr, "after", Some(("d1@t1", "pw1"))).await;
+    again.publish("telemetry", b"after", 1).await;
+    let after = next(&mut consumer).await;
+    assert_eq!(body(&after), b"after");
+    after.settle(Outcome::Accepted);
+    assert_eq!(again.read_packet().await.map(|(h, _)| h), Some(0x40), "PUBACK");
+}
+
 #[tokio::test]
 async fn bad_input_retain() {
     let s = start();

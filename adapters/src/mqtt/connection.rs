@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::command::{Outbound, Outbox};
 use super::mapping::{self, DeviceFilter, ErrorSubscription, MappingError, OnError, PublishAddress, ResponseAddress};
-use super::session::{Principal, Session, Target, TargetError, Version};
+use super::session::{Principal, Qos0Slot, Session, Target, TargetError, Version};
 use super::{MqttConfig, ADAPTER};
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 use crate::downstream::{Downstream, Endpoint, Qos, Upload, UploadError, CONNECTION_EVENT};
@@ -344,6 +344,7 @@ fn stopped(shared: &Arc<Shared>, session: &Session, control: Control<Close>) {
         metrics::gauge!("ferrule_adapter_connections", "adapter" => "hono-mqtt").decrement(1.0);
         // Announces `ttd` 0 and releases commands not yet acknowledged.
         session.end_commands();
+        session.end_qos0();
         match &reason {
             Reason::Error(e) => tracing::debug!(client_id = %session.client_id, error = %e.get_ref(), "MQTT connection closed"),
             Reason::Protocol(e) => {
@@ -689,23 +690,24 @@ fn qos_of(qos: QoS) -> Option<Qos> {
     }
 }
 
-async fn publish_v3(shared: &Shared, session: &v3::Session<Session>, publish: v3::Publish) -> Result<(), Close> {
+async fn publish_v3(shared: &Arc<Shared>, session: &v3::Session<Session>, publish: v3::Publish) -> Result<(), Close> {
     let qos = qos_of(publish.qos()).ok_or_else(|| Close("QoS 2 is not supported".into()))?;
     let topic = publish.publish_topic().to_owned();
     let packet_id = publish.id();
-    let inbound = match publish.read_all().await {
-        Ok(payload) => {
-            let payload = Bytes::copy_from_slice(&payload);
-            Inbound { topic: &topic, qos, retain: publish.retain(), payload, content_type: None, expiry: None }
-        }
+    let payload = match publish.read_all().await {
+        Ok(payload) => Bytes::copy_from_slice(&payload),
         Err(e) => return Err(Close(format!("cannot read the payload: {e}"))),
     };
+    if qos == Qos::AtMostOnce {
+        let item = Qos0 { topic, retain: publish.retain(), payload, content_type: None, expiry: None };
+        queue_qos0(shared, Conn::V3(session.clone()), item).await;
+        return Ok(());
+    }
+    let inbound = Inbound { topic: &topic, qos, retain: publish.retain(), payload, content_type: None, expiry: None };
     let Err(failed) = handle_publish(shared, session, inbound).await else { return Ok(()) };
     let report = error_report(session, &topic, packet_id, &failed);
     if let Some((error_topic, body)) = &report {
-        if let Err(e) = session.sink().publish(error_topic.clone()).send_at_most_once(ntex_bytes::Bytes::copy_from_slice(body)) {
-            tracing::debug!(error = ?e, "cannot publish on the error topic");
-        }
+        publish_error(&Conn::V3(session.clone()), error_topic, body);
     }
     tracing::debug!(client_id = %session.client_id, topic, failure = ?failed.failure, "MQTT 3.1.1 publish failed");
     match answer(failed.on_error, report.is_some(), Version::V3_1_1, qos) {
@@ -715,7 +717,7 @@ async fn publish_v3(shared: &Shared, session: &v3::Session<Session>, publish: v3
     }
 }
 
-async fn publish_v5(shared: &Shared, session: &v5::Session<Session>, publish: v5::Publish) -> Result<v5::PublishAck, Close> {
+async fn publish_v5(shared: &Arc<Shared>, session: &v5::Session<Session>, publish: v5::Publish) -> Result<v5::PublishAck, Close> {
     let qos = qos_of(publish.qos()).ok_or_else(|| Close("QoS 2 is not supported".into()))?;
     let packet = publish.packet();
     let topic = packet.topic.to_string();
@@ -729,13 +731,16 @@ async fn publish_v5(shared: &Shared, session: &v5::Session<Session>, publish: v5
     };
     // ntex and the messaging core use different `Bytes` types: one copy here.
     let payload = Bytes::copy_from_slice(&payload);
+    if qos == Qos::AtMostOnce {
+        let item = Qos0 { topic, retain, payload, content_type, expiry };
+        queue_qos0(shared, Conn::V5(session.clone()), item).await;
+        return Ok(publish.ack());
+    }
     let inbound = Inbound { topic: &topic, qos, retain, payload, content_type, expiry };
     let Err(failed) = handle_publish(shared, session, inbound).await else { return Ok(publish.ack()) };
     let report = error_report(session, &topic, packet_id, &failed);
     if let Some((error_topic, body)) = &report {
-        if let Err(e) = session.sink().publish(error_topic.clone()).send_at_most_once(ntex_bytes::Bytes::copy_from_slice(body)) {
-            tracing::debug!(error = ?e, "cannot publish on the error topic");
-        }
+        publish_error(&Conn::V5(session.clone()), error_topic, body);
     }
     tracing::debug!(client_id = %session.client_id, topic, failure = ?failed.failure, "MQTT 5 publish failed");
     let reason = failed.failure.message();
@@ -750,6 +755,116 @@ async fn publish_v5(shared: &Shared, session: &v5::Session<Session>, publish: v5
             // An error, not an ack: a QoS 1 publish must not get a PUBACK on the way out.
             Err(Close(reason))
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// QoS 0: answered at once, handed to the messaging core in order by a per-connection task
+//
+// A QoS 0 publish needs no answer, so its handler returns as soon as the publish is
+// queued. This keeps the order of a device's QoS 0 messages, and no QoS 0 handler is still
+// pending when the client's DISCONNECT arrives (ntex-mqtt 9.0 panics the connection task
+// then, losing the message: a one-shot `mosquitto_pub -q 0` whose device look-up misses
+// the registry cache). A full queue makes the handler wait (backpressure on the reader).
+
+/// QoS 0 publishes of one connection that may wait for the messaging core.
+const QOS0_QUEUE: usize = 64;
+
+/// The connection, as the QoS 0 task (which outlives the handler) uses it.
+#[derive(Clone)]
+enum Conn {
+    V3(v3::Session<Session>),
+    V5(v5::Session<Session>),
+}
+
+impl Conn {
+    fn state(&self) -> &Session {
+        match self {
+            Conn::V3(s) => s,
+            Conn::V5(s) => s,
+        }
+    }
+}
+
+/// A queued QoS 0 publish.
+#[derive(Debug)]
+pub(super) struct Qos0 {
+    topic: String,
+    retain: bool,
+    payload: Bytes,
+    content_type: Option<String>,
+    expiry: Option<Duration>,
+}
+
+async fn queue_qos0(shared: &Arc<Shared>, conn: Conn, item: Qos0) {
+    let sender = {
+        let mut slot = conn.state().qos0.borrow_mut();
+        match &*slot {
+            Qos0Slot::Open(sender) => Some(sender.clone()),
+            Qos0Slot::Idle => {
+                let (sender, receiver) = tokio::sync::mpsc::channel(QOS0_QUEUE);
+                ntex_rt::spawn(run_qos0(shared.clone(), conn.clone(), receiver));
+                *slot = Qos0Slot::Open(sender.clone());
+                Some(sender)
+            }
+            // A publish handled after the connection ended: no queue to keep alive.
+            Qos0Slot::Closed => None,
+        }
+    };
+    match sender {
+        Some(sender) => {
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(item)) = sender.try_send(item) {
+                let _ = sender.send(item).await;
+            }
+        }
+        None => {
+            let (shared, conn) = (shared.clone(), conn.clone());
+            ntex_rt::spawn(async move { send_qos0(&shared, &conn, item).await });
+        }
+    }
+}
+
+/// The queue's task: ends once the connection ended and the queue is empty.
+async fn run_qos0(shared: Arc<Shared>, conn: Conn, mut queue: tokio::sync::mpsc::Receiver<Qos0>) {
+    while let Some(item) = queue.recv().await {
+        send_qos0(&shared, &conn, item).await;
+    }
+}
+
+/// Sends one QoS 0 publish; a failure is reported as Hono's table says (error topic,
+/// closing the connection), without an acknowledgement to withhold.
+async fn send_qos0(shared: &Shared, conn: &Conn, item: Qos0) {
+    let Qos0 { topic, retain, payload, content_type, expiry } = item;
+    let inbound = Inbound { topic: &topic, qos: Qos::AtMostOnce, retain, payload, content_type, expiry };
+    let session = conn.state();
+    let Err(failed) = handle_publish(shared, session, inbound).await else { return };
+    let report = error_report(session, &topic, None, &failed);
+    if let Some((error_topic, body)) = &report {
+        publish_error(conn, error_topic, body);
+    }
+    tracing::debug!(client_id = %session.client_id, topic, failure = ?failed.failure, "MQTT QoS 0 publish failed");
+    let answer = if failed.terminal { Answer::Close } else { answer(failed.on_error, report.is_some(), session.version, Qos::AtMostOnce) };
+    if answer == Answer::Close {
+        match conn {
+            Conn::V3(s) => s.sink().close(),
+            Conn::V5(s) => {
+                let mut disconnect = Disconnect::new(failed.failure.disconnect_reason());
+                disconnect.reason_string = Some(failed.failure.message().as_str().into());
+                s.sink().close_with_reason(disconnect);
+            }
+        }
+    }
+}
+
+/// Publishes an error report at most once on the device's error topic.
+fn publish_error(conn: &Conn, error_topic: &str, body: &Bytes) {
+    let body = ntex_bytes::Bytes::copy_from_slice(body);
+    let sent = match conn {
+        Conn::V3(s) => s.sink().publish(error_topic).send_at_most_once(body).map_err(|e| format!("{e:?}")),
+        Conn::V5(s) => s.sink().publish(error_topic).send_at_most_once(body).map_err(|e| format!("{e:?}")),
+    };
+    if let Err(e) = sent {
+        tracing::debug!(error = %e, "cannot publish on the error topic");
     }
 }
 

@@ -73,6 +73,17 @@ pub struct Session {
     pub client_id: String,
     error_subscription: RefCell<Option<ErrorSubscription>>,
     commands: RefCell<Commands>,
+    /// The connection's ordered QoS 0 queue (see `connection::queue_qos0`).
+    pub(super) qos0: RefCell<Qos0Slot>,
+}
+
+/// The QoS 0 queue's sender, created on first use; `Closed` once the connection ended.
+#[derive(Debug, Default)]
+pub(super) enum Qos0Slot {
+    #[default]
+    Idle,
+    Open(tokio::sync::mpsc::Sender<super::connection::Qos0>),
+    Closed,
 }
 
 /// The connection's command subscriptions (by topic filter) and, once there is one, the
@@ -105,7 +116,14 @@ impl std::fmt::Debug for Commands {
 
 impl Session {
     pub fn new(principal: Principal, version: Version, client_id: String) -> Self {
-        Self { principal, version, client_id, error_subscription: RefCell::new(None), commands: RefCell::default() }
+        Self {
+            principal,
+            version,
+            client_id,
+            error_subscription: RefCell::new(None),
+            commands: RefCell::default(),
+            qos0: RefCell::default(),
+        }
     }
 
     pub fn identity(&self) -> Option<&DeviceIdentity> {
@@ -195,6 +213,12 @@ impl Session {
     pub(super) fn end_commands(&self) {
         let commands = std::mem::take(&mut *self.commands.borrow_mut());
         drop(commands);
+    }
+
+    /// The connection ended: the QoS 0 queue's task sends what is queued, then ends (and
+    /// with it its reference to this session).
+    pub(super) fn end_qos0(&self) {
+        *self.qos0.borrow_mut() = Qos0Slot::Closed;
     }
 
     /// Whether an error subscription exists at all.

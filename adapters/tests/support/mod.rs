@@ -28,6 +28,8 @@ pub struct Tenant {
 #[derive(Clone, Default)]
 pub struct MemoryRegistry {
     tenants: Arc<Mutex<HashMap<String, Tenant>>>,
+    /// Added to every `authorize_device` (a registry whose cache missed).
+    lookup_delay: Arc<Mutex<std::time::Duration>>,
 }
 
 impl MemoryRegistry {
@@ -75,6 +77,11 @@ impl MemoryRegistry {
             .psks
             .insert(auth_id.into(), (device.into(), key.to_vec()));
         self
+    }
+
+    /// Makes every device look-up take `delay`.
+    pub fn set_lookup_delay(&self, delay: std::time::Duration) {
+        *self.lookup_delay.lock().unwrap() = delay;
     }
 
     pub fn set_device_enabled(&self, tenant: &str, device: &str, enabled: bool) {
@@ -132,6 +139,10 @@ impl DeviceRegistry for MemoryRegistry {
         gateway: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), AuthError>> {
         Box::pin(async move {
+            let delay = *self.lookup_delay.lock().unwrap();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let device = self.check(tenant, device_id)?;
             match gateway {
                 Some(gw) if !device.via.iter().any(|v| v == gw) => Err(AuthError::GatewayNotAuthorized),
