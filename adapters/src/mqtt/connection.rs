@@ -796,14 +796,28 @@ pub(super) struct Qos0 {
     expiry: Option<Duration>,
 }
 
+/// A QoS 0 publish on its way: owns everything it needs, so it can move to the queue.
+pub(super) type Qos0Send = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
 async fn queue_qos0(shared: &Arc<Shared>, conn: Conn, item: Qos0) {
+    let (owned_shared, owned_conn) = (shared.clone(), conn.clone());
+    let mut send: Qos0Send = Box::pin(async move { send_qos0(&owned_shared, &owned_conn, item).await });
+    let state = conn.state();
+    // Fast path, when nothing is queued before it (order): most publishes complete on the
+    // first poll (cached registry look-ups, synchronous routing) and need no queue.
+    if state.qos0_pending.get() == 0
+        && send.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
+    {
+        return;
+    }
+    // Slow path: the rest of this publish (polled once already) goes to the queue.
     let sender = {
-        let mut slot = conn.state().qos0.borrow_mut();
+        let mut slot = state.qos0.borrow_mut();
         match &*slot {
             Qos0Slot::Open(sender) => Some(sender.clone()),
             Qos0Slot::Idle => {
                 let (sender, receiver) = tokio::sync::mpsc::channel(QOS0_QUEUE);
-                ntex_rt::spawn(run_qos0(shared.clone(), conn.clone(), receiver));
+                ntex_rt::spawn(run_qos0(conn.clone(), receiver));
                 *slot = Qos0Slot::Open(sender.clone());
                 Some(sender)
             }
@@ -813,21 +827,25 @@ async fn queue_qos0(shared: &Arc<Shared>, conn: Conn, item: Qos0) {
     };
     match sender {
         Some(sender) => {
-            if let Err(tokio::sync::mpsc::error::TrySendError::Full(item)) = sender.try_send(item) {
-                let _ = sender.send(item).await;
+            state.qos0_pending.set(state.qos0_pending.get() + 1);
+            if let Err(tokio::sync::mpsc::error::TrySendError::Full(send)) = sender.try_send(send) {
+                if sender.send(send).await.is_err() {
+                    state.qos0_pending.set(state.qos0_pending.get() - 1);
+                }
             }
         }
         None => {
-            let (shared, conn) = (shared.clone(), conn.clone());
-            ntex_rt::spawn(async move { send_qos0(&shared, &conn, item).await });
+            ntex_rt::spawn(send);
         }
     }
 }
 
 /// The queue's task: ends once the connection ended and the queue is empty.
-async fn run_qos0(shared: Arc<Shared>, conn: Conn, mut queue: tokio::sync::mpsc::Receiver<Qos0>) {
-    while let Some(item) = queue.recv().await {
-        send_qos0(&shared, &conn, item).await;
+async fn run_qos0(conn: Conn, mut queue: tokio::sync::mpsc::Receiver<Qos0Send>) {
+    while let Some(send) = queue.recv().await {
+        send.await;
+        let pending = &conn.state().qos0_pending;
+        pending.set(pending.get().saturating_sub(1));
     }
 }
 

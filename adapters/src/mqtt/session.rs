@@ -75,15 +75,27 @@ pub struct Session {
     commands: RefCell<Commands>,
     /// The connection's ordered QoS 0 queue (see `connection::queue_qos0`).
     pub(super) qos0: RefCell<Qos0Slot>,
+    /// QoS 0 publishes waiting in, or being sent by, that queue.
+    pub(super) qos0_pending: std::cell::Cell<usize>,
 }
 
 /// The QoS 0 queue's sender, created on first use; `Closed` once the connection ended.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(super) enum Qos0Slot {
     #[default]
     Idle,
-    Open(tokio::sync::mpsc::Sender<super::connection::Qos0>),
+    Open(tokio::sync::mpsc::Sender<super::connection::Qos0Send>),
     Closed,
+}
+
+impl std::fmt::Debug for Qos0Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Qos0Slot::Idle => "Idle",
+            Qos0Slot::Open(_) => "Open",
+            Qos0Slot::Closed => "Closed",
+        })
+    }
 }
 
 /// The connection's command subscriptions (by topic filter) and, once there is one, the
@@ -123,6 +135,7 @@ impl Session {
             error_subscription: RefCell::new(None),
             commands: RefCell::default(),
             qos0: RefCell::default(),
+            qos0_pending: std::cell::Cell::new(0),
         }
     }
 
