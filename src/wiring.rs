@@ -45,6 +45,22 @@ impl RegistryDevices {
     }
 }
 
+impl RegistryDevices {
+    /// The end of every device authentication: counts the attempt, maps the error, and
+    /// warms the tenant/device look-up caches that every publish consults, so that a
+    /// device's first publish is answered without waiting for storage.
+    async fn identified(
+        &self,
+        credential: &'static str,
+        result: Result<ferrule_device_registry::auth::AuthenticatedDevice, RegistryAuthError>,
+    ) -> Result<DeviceIdentity, AuthError> {
+        count_attempt(credential, &result);
+        let device = result.map_err(map)?;
+        let _ = self.0.authorize_device(device.tenant.as_str(), device.device.as_str(), None).await;
+        Ok(DeviceIdentity { tenant: device.tenant.to_string(), device_id: device.device.to_string(), auth_id: device.auth_id })
+    }
+}
+
 impl DeviceRegistry for RegistryDevices {
     fn authenticate_password<'a>(
         &'a self,
@@ -54,30 +70,14 @@ impl DeviceRegistry for RegistryDevices {
     ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
         Box::pin(async move {
             let result = self.0.authenticate(tenant, CredentialType::HashedPassword, auth_id, password).await;
-            count_attempt("hashed-password", &result);
-            let device = result.map_err(map)?;
-            // Warm the tenant/device look-up caches that every publish consults, so that
-            // a device's first publish is answered without waiting for storage.
-            let _ = self.0.authorize_device(device.tenant.as_str(), device.device.as_str(), None).await;
-            Ok(DeviceIdentity {
-                tenant: device.tenant.to_string(),
-                device_id: device.device.to_string(),
-                auth_id: device.auth_id,
-            })
+            self.identified("hashed-password", result).await
         })
     }
 
     fn authenticate_certificate<'a>(&'a self, der: &'a [u8]) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
         Box::pin(async move {
             let result = self.0.authenticate_certificate(der).await;
-            count_attempt("x509-cert", &result);
-            let device = result.map_err(map)?;
-            let _ = self.0.authorize_device(device.tenant.as_str(), device.device.as_str(), None).await;
-            Ok(DeviceIdentity {
-                tenant: device.tenant.to_string(),
-                device_id: device.device.to_string(),
-                auth_id: device.auth_id,
-            })
+            self.identified("x509-cert", result).await
         })
     }
 

@@ -4,6 +4,8 @@
 //! observed through its in-process consumer API.
 
 mod support;
+#[path = "support/raw_mqtt.rs"]
+mod raw_mqtt;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -14,6 +16,7 @@ use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use ferrule_adapters::mqtt::{self, MqttAdapter, MqttConfig, MqttError};
 use ferrule_adapters::Downstream;
 use ferrule_messaging::{Broker, Consumer, Delivery, Outcome, SubscribeOptions};
+use raw_mqtt::{packet, string, RawClient};
 use support::MemoryRegistry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -574,10 +577,10 @@ async fn bad_input_malformed_packet_closes_only_that_connection() {
 async fn error_topic_reports_instead_of_disconnecting() {
     let s = start();
     let mut client = RawClient::connect(s.addr, "reporter", Some(("d1@t1", "pw1"))).await;
-    client.subscribe("error///#", 7).await;
+    client.send_subscribe("error///#", 0, 7).await;
     let (header, suback) = client.read_packet().await.expect("SUBACK");
     assert_eq!((header >> 4, suback), (9, vec![0, 7, 0x00]), "granted QoS 0");
-    client.subscribe("command///req/#", 8).await;
+    client.send_subscribe("command///req/#", 0, 8).await;
     let (_, suback) = client.read_packet().await.expect("SUBACK");
     assert_eq!(suback, vec![0, 8, 0x80], "not an error topic: refused (commands come later)");
 
@@ -622,7 +625,7 @@ async fn a_device_disabled_while_connected_is_cut_off_even_with_an_error_subscri
     let s = start();
     let mut consumer = s.consumer("telemetry/t1", 10);
     let mut client = RawClient::connect(s.addr, "doomed", Some(("d1@t1", "pw1"))).await;
-    client.subscribe("e///#", 1).await;
+    client.send_subscribe("e///#", 0, 1).await;
     assert_eq!(client.read_packet().await.map(|p| p.0 >> 4), Some(9), "SUBACK");
     client.publish("t", b"before", 1).await;
     next(&mut consumer).await.settle(Outcome::Accepted);
@@ -733,102 +736,4 @@ async fn stops_when_cancelled() {
     tokio::time::timeout(Duration::from_secs(10), s.adapter.stopped()).await.expect("stopped in time");
     assert!(TcpStream::connect(s.addr).await.is_err(), "no longer listening");
     drop(client);
-}
-
-// ---------------------------------------------------------------------------------------
-// A raw MQTT 3.1.1 client: enough to hold many connections cheaply, and to subscribe and
-// publish on one connection (mosquitto's command line clients cannot).
-
-struct RawClient {
-    stream: TcpStream,
-}
-
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn string(s: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
-
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![header];
-    remaining_length(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
-}
-
-impl RawClient {
-    async fn connect(addr: SocketAddr, client_id: &str, credentials: Option<(&str, &str)>) -> Self {
-        let mut stream = TcpStream::connect(addr).await.expect("connects");
-        stream.set_nodelay(true).expect("nodelay");
-        let mut body = Vec::new();
-        string(b"MQTT", &mut body);
-        body.push(4); // protocol level 3.1.1
-        body.push(if credentials.is_some() { 0xc2 } else { 0x02 }); // clean session (+ user, password)
-        body.extend_from_slice(&60u16.to_be_bytes());
-        string(client_id.as_bytes(), &mut body);
-        if let Some((user, password)) = credentials {
-            string(user.as_bytes(), &mut body);
-            string(password.as_bytes(), &mut body);
-        }
-        stream.write_all(&packet(0x10, &body)).await.expect("CONNECT");
-        let mut client = RawClient { stream };
-        let (header, connack) = client.read_packet().await.expect("CONNACK");
-        assert_eq!((header, connack), (0x20, vec![0, 0]), "{client_id} accepted");
-        client
-    }
-
-    async fn publish(&mut self, topic: &str, payload: &[u8], packet_id: u16) {
-        let mut body = Vec::new();
-        string(topic.as_bytes(), &mut body);
-        body.extend_from_slice(&packet_id.to_be_bytes());
-        body.extend_from_slice(payload);
-        // A closed connection shows up on the next read.
-        let _ = self.stream.write_all(&packet(0x32, &body)).await;
-    }
-
-    async fn subscribe(&mut self, filter: &str, packet_id: u16) {
-        let mut body = packet_id.to_be_bytes().to_vec();
-        string(filter.as_bytes(), &mut body);
-        body.push(0);
-        self.stream.write_all(&packet(0x82, &body)).await.expect("SUBSCRIBE");
-    }
-
-    /// The next packet (first byte, body), or `None` once the server closed.
-    async fn read_packet(&mut self) -> Option<(u8, Vec<u8>)> {
-        let read = async {
-            let header = self.stream.read_u8().await.ok()?;
-            let (mut length, mut shift) = (0usize, 0);
-            loop {
-                let byte = self.stream.read_u8().await.ok()?;
-                length += usize::from(byte & 0x7f) << shift;
-                shift += 7;
-                if byte & 0x80 == 0 {
-                    break;
-                }
-            }
-            let mut body = vec![0; length];
-            self.stream.read_exact(&mut body).await.ok()?;
-            Some((header, body))
-        };
-        tokio::time::timeout(Duration::from_secs(30), read).await.expect("a packet or a close in time")
-    }
-
-    /// True once the server has closed the connection (packets before that are skipped).
-    async fn closed(&mut self) -> bool {
-        while self.read_packet().await.is_some() {}
-        true
-    }
 }

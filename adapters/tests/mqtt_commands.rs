@@ -5,6 +5,8 @@
 //! the test must control PUBACKs or hold many connections.
 
 mod support;
+#[path = "support/raw_mqtt.rs"]
+mod raw_mqtt;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,9 +21,8 @@ use ferrule_adapters::{DeviceRegistry, Downstream};
 use ferrule_command_control::{BoxFuture, CommandRouter, RequestId, ViaCheck};
 use ferrule_messaging::message::data_message;
 use ferrule_messaging::{Broker, Consumer, Delivery, Message, Outcome, SubscribeOptions};
+use raw_mqtt::RawClient;
 use support::MemoryRegistry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 const EMPTY_NOTIFICATION: &str = "application/vnd.eclipse-hono-empty-notification";
@@ -249,7 +250,7 @@ async fn device_not_subscribed_is_released_and_malformed_is_rejected() {
 async fn qos1_subscription_without_puback_is_released_after_the_timeout() {
     let timeout = Duration::from_millis(500);
     let p = Platform::start(MqttConfig { command_ack_timeout: timeout, ..Default::default() }, 0);
-    let mut device = RawClient::connect(p.addr, "silent", "d1@t1", "pw1").await;
+    let mut device = RawClient::connect(p.addr, "silent", Some(("d1@t1", "pw1"))).await;
     assert_eq!(device.subscribe("command///req/#", 1, 1).await, 1, "granted QoS 1");
     let started = Instant::now();
     let outcome = p.send(command("d1", "light", Some("app"), "c", "on"));
@@ -265,7 +266,7 @@ async fn qos1_subscription_without_puback_is_released_after_the_timeout() {
 async fn unsubscribe_and_disconnect_announce_ttd_0() {
     let p = Platform::start(MqttConfig::default(), 0);
     let mut events = p.consumer("event/t1", 100);
-    let mut device = RawClient::connect(p.addr, "d1", "d1@t1", "pw1").await;
+    let mut device = RawClient::connect(p.addr, "d1", Some(("d1@t1", "pw1"))).await;
     assert_eq!(device.subscribe("c///q/#", 0, 1).await, 0, "granted QoS 0");
     assert_eq!(ttd(&mut events, "d1").await, -1);
     device.unsubscribe("c///q/#", 2).await;
@@ -280,7 +281,7 @@ async fn unsubscribe_and_disconnect_announce_ttd_0() {
 #[tokio::test]
 async fn forbidden_filters_and_malformed_responses() {
     let p = Platform::start(MqttConfig::default(), 0);
-    let mut device = RawClient::connect(p.addr, "d1", "d1@t1", "pw1").await;
+    let mut device = RawClient::connect(p.addr, "d1", Some(("d1@t1", "pw1"))).await;
     // Another tenant, and a device that does not list d1 as its gateway.
     assert_eq!(device.subscribe("command/t2//req/#", 1, 1).await, 0x80);
     assert_eq!(device.subscribe("command//child/req/#", 1, 2).await, 0x80);
@@ -288,7 +289,7 @@ async fn forbidden_filters_and_malformed_responses() {
     // connection is closed (as for a malformed telemetry topic).
     device.publish("command///res/AAAx/abc", b"", 3).await;
     assert!(device.closed().await);
-    let mut device = RawClient::connect(p.addr, "d1b", "d1@t1", "pw1").await;
+    let mut device = RawClient::connect(p.addr, "d1b", Some(("d1@t1", "pw1"))).await;
     device.publish("command///res/!!/200", b"", 4).await;
     assert!(device.closed().await, "malformed request id");
 }
@@ -296,7 +297,7 @@ async fn forbidden_filters_and_malformed_responses() {
 #[tokio::test]
 async fn gateway_subscribed_for_one_device_gets_its_commands_on_the_short_topic() {
     let p = Platform::start(MqttConfig::default(), 0);
-    let mut gateway = RawClient::connect(p.addr, "gw", "gw@t1", "gwpw").await;
+    let mut gateway = RawClient::connect(p.addr, "gw", Some(("gw@t1", "gwpw"))).await;
     assert_eq!(gateway.subscribe("c//child/q/#", 0, 1).await, 0);
     let wildcard = p.send(command("child", "a+b", None, "c", "on"));
     assert!(matches!(wildcard.await.unwrap(), Outcome::Rejected { .. }), "not a topic level");
@@ -311,7 +312,7 @@ async fn gateway_subscribed_for_one_device_gets_its_commands_on_the_short_topic(
 async fn unauthenticated_devices_cannot_subscribe_to_commands() {
     let p = Platform::start(MqttConfig { allow_unauthenticated: true, ..Default::default() }, 0);
     p.registry.set_allow_unauthenticated("t1", true);
-    let mut device = RawClient::connect_as(p.addr, "anon", None).await;
+    let mut device = RawClient::connect(p.addr, "anon", None).await;
     assert_eq!(device.subscribe("command/t1/d1/req/#", 1, 1).await, 0x80);
     assert_eq!(device.subscribe("command///req/#", 1, 2).await, 0x80);
     assert_eq!(p.send(command("d1", "light", None, "c", "on")).await.unwrap(), Outcome::Released);
@@ -341,7 +342,7 @@ async fn a_hundred_devices_with_ten_commands_each_all_answered_once() {
     let mut devices = Vec::new();
     for i in 0..DEVICES {
         let id = format!("dev-{i}");
-        let mut client = RawClient::connect(p.addr, &id, &format!("{id}@t1"), "pw").await;
+        let mut client = RawClient::connect(p.addr, &id, Some((&format!("{id}@t1"), "pw"))).await;
         assert_eq!(client.subscribe("command///req/#", 1, 1).await, 1);
         devices.push(tokio::spawn(echo(client, id)));
     }
@@ -386,154 +387,5 @@ async fn echo(mut client: RawClient, id: String) {
         let answer = format!("{id} {}", String::from_utf8_lossy(&publish.payload));
         packet_id = packet_id.wrapping_add(1).max(1);
         client.publish(&format!("command///res/{request_id}/200"), answer.as_bytes(), packet_id).await;
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// A raw MQTT 3.1.1 client: controls PUBACKs and holds many connections cheaply.
-
-struct RawClient {
-    stream: TcpStream,
-}
-
-struct Publish {
-    topic: String,
-    packet_id: Option<u16>,
-    payload: Vec<u8>,
-}
-
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![header];
-    let mut n = body.len();
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(s: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s);
-}
-
-impl RawClient {
-    async fn connect(addr: SocketAddr, client_id: &str, user: &str, password: &str) -> Self {
-        Self::connect_as(addr, client_id, Some((user, password))).await
-    }
-
-    async fn connect_as(addr: SocketAddr, client_id: &str, credentials: Option<(&str, &str)>) -> Self {
-        let mut stream = TcpStream::connect(addr).await.expect("connects");
-        stream.set_nodelay(true).expect("nodelay");
-        let mut body = Vec::new();
-        string(b"MQTT", &mut body);
-        body.push(4); // 3.1.1
-        body.push(if credentials.is_some() { 0xc2 } else { 0x02 }); // clean session (+ user name, password)
-        body.extend_from_slice(&60u16.to_be_bytes());
-        string(client_id.as_bytes(), &mut body);
-        if let Some((user, password)) = credentials {
-            string(user.as_bytes(), &mut body);
-            string(password.as_bytes(), &mut body);
-        }
-        stream.write_all(&packet(0x10, &body)).await.expect("CONNECT");
-        let mut client = RawClient { stream };
-        let (header, connack) = client.read_packet().await.expect("CONNACK");
-        assert_eq!((header, connack), (0x20, vec![0, 0]), "{client_id} accepted");
-        client
-    }
-
-    /// Subscribes and returns the SUBACK return code (granted QoS or 0x80).
-    async fn subscribe(&mut self, filter: &str, qos: u8, packet_id: u16) -> u8 {
-        let mut body = packet_id.to_be_bytes().to_vec();
-        string(filter.as_bytes(), &mut body);
-        body.push(qos);
-        self.stream.write_all(&packet(0x82, &body)).await.expect("SUBSCRIBE");
-        loop {
-            let (header, body) = self.read_packet().await.expect("SUBACK");
-            if header == 0x90 {
-                assert_eq!(body[..2], packet_id.to_be_bytes());
-                return body[2];
-            }
-        }
-    }
-
-    async fn unsubscribe(&mut self, filter: &str, packet_id: u16) {
-        let mut body = packet_id.to_be_bytes().to_vec();
-        string(filter.as_bytes(), &mut body);
-        self.stream.write_all(&packet(0xa2, &body)).await.expect("UNSUBSCRIBE");
-        loop {
-            let (header, _) = self.read_packet().await.expect("UNSUBACK");
-            if header == 0xb0 {
-                return;
-            }
-        }
-    }
-
-    /// Publishes at QoS 1.
-    async fn publish(&mut self, topic: &str, payload: &[u8], packet_id: u16) {
-        let mut body = Vec::new();
-        string(topic.as_bytes(), &mut body);
-        body.extend_from_slice(&packet_id.to_be_bytes());
-        body.extend_from_slice(payload);
-        // A closed connection shows up on the next read.
-        let _ = self.stream.write_all(&packet(0x32, &body)).await;
-    }
-
-    async fn puback(&mut self, packet_id: u16) {
-        let _ = self.stream.write_all(&packet(0x40, &packet_id.to_be_bytes())).await;
-    }
-
-    /// The next PUBLISH from the server (other packets skipped); `None` once closed.
-    async fn next_publish(&mut self) -> Option<Publish> {
-        loop {
-            let (header, body) = self.read_packet().await?;
-            if header & 0xf0 != 0x30 {
-                continue;
-            }
-            let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-            let topic = String::from_utf8(body[2..2 + len].to_vec()).expect("UTF-8 topic");
-            let mut at = 2 + len;
-            let packet_id = if header & 0x06 != 0 {
-                at += 2;
-                Some(u16::from_be_bytes([body[at - 2], body[at - 1]]))
-            } else {
-                None
-            };
-            return Some(Publish { topic, packet_id, payload: body[at..].to_vec() });
-        }
-    }
-
-    /// The next packet (first byte, body), or `None` once the server closed.
-    async fn read_packet(&mut self) -> Option<(u8, Vec<u8>)> {
-        let read = async {
-            let header = self.stream.read_u8().await.ok()?;
-            let (mut length, mut shift) = (0usize, 0);
-            loop {
-                let byte = self.stream.read_u8().await.ok()?;
-                length += usize::from(byte & 0x7f) << shift;
-                shift += 7;
-                if byte & 0x80 == 0 {
-                    break;
-                }
-            }
-            let mut body = vec![0; length];
-            self.stream.read_exact(&mut body).await.ok()?;
-            Some((header, body))
-        };
-        tokio::time::timeout(Duration::from_secs(30), read).await.expect("a packet or a close in time")
-    }
-
-    /// True once the server has closed the connection (packets before that are skipped).
-    async fn closed(&mut self) -> bool {
-        while self.read_packet().await.is_some() {}
-        true
     }
 }

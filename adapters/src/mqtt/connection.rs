@@ -705,13 +705,7 @@ async fn publish_v3(shared: &Arc<Shared>, session: &v3::Session<Session>, publis
     }
     let inbound = Inbound { topic: &topic, qos, retain: publish.retain(), payload, content_type: None, expiry: None };
     let Err(failed) = handle_publish(shared, session, inbound).await else { return Ok(()) };
-    let report = error_report(session, &topic, packet_id, &failed);
-    if let Some((error_topic, body)) = &report {
-        publish_error(&Conn::V3(session.clone()), error_topic, body);
-    }
-    tracing::debug!(client_id = %session.client_id, topic, failure = ?failed.failure, "MQTT 3.1.1 publish failed");
-    match answer(failed.on_error, report.is_some(), Version::V3_1_1, qos) {
-        _ if failed.terminal => Err(Close(failed.failure.message())),
+    match report_failure(&Conn::V3(session.clone()), &topic, packet_id, qos, &failed) {
         Answer::Ack | Answer::Nack => Ok(()),
         Answer::Close => Err(Close(failed.failure.message())),
     }
@@ -738,24 +732,40 @@ async fn publish_v5(shared: &Arc<Shared>, session: &v5::Session<Session>, publis
     }
     let inbound = Inbound { topic: &topic, qos, retain, payload, content_type, expiry };
     let Err(failed) = handle_publish(shared, session, inbound).await else { return Ok(publish.ack()) };
-    let report = error_report(session, &topic, packet_id, &failed);
-    if let Some((error_topic, body)) = &report {
-        publish_error(&Conn::V5(session.clone()), error_topic, body);
-    }
-    tracing::debug!(client_id = %session.client_id, topic, failure = ?failed.failure, "MQTT 5 publish failed");
     let reason = failed.failure.message();
-    let answer = if failed.terminal { Answer::Close } else { answer(failed.on_error, report.is_some(), Version::V5, qos) };
-    match answer {
+    match report_failure(&Conn::V5(session.clone()), &topic, packet_id, qos, &failed) {
         Answer::Ack => Ok(publish.ack()),
         Answer::Nack => Ok(publish.ack().reason_code(failed.failure.puback_reason()).reason(reason.into())),
         Answer::Close => {
-            let mut disconnect = Disconnect::new(failed.failure.disconnect_reason());
-            disconnect.reason_string = Some(reason.as_str().into());
-            session.sink().close_with_reason(disconnect);
+            session.sink().close_with_reason(disconnect_v5(&failed.failure));
             // An error, not an ack: a QoS 1 publish must not get a PUBACK on the way out.
             Err(Close(reason))
         }
     }
+}
+
+/// The one place a failed publish is reported: on the device's error topic if it
+/// subscribed one, in the log, and the answer Hono's table gives (always `Close` for a
+/// device that is no longer allowed).
+fn report_failure(conn: &Conn, topic: &str, packet_id: Option<NonZeroU16>, qos: Qos, failed: &Failed) -> Answer {
+    let session = conn.state();
+    let report = error_report(session, topic, packet_id, failed);
+    if let Some((error_topic, body)) = &report {
+        publish_error(conn, error_topic, body);
+    }
+    tracing::debug!(client_id = %session.client_id, version = ?session.version, ?qos, topic, failure = ?failed.failure, "MQTT publish failed");
+    if failed.terminal {
+        Answer::Close
+    } else {
+        answer(failed.on_error, report.is_some(), session.version, qos)
+    }
+}
+
+/// MQTT 5 DISCONNECT for a failure that closes the connection.
+fn disconnect_v5(failure: &Failure) -> Disconnect {
+    let mut disconnect = Disconnect::new(failure.disconnect_reason());
+    disconnect.reason_string = Some(failure.message().as_str().into());
+    disconnect
 }
 
 // ---------------------------------------------------------------------------------------
@@ -856,20 +866,10 @@ async fn send_qos0(shared: &Shared, conn: &Conn, item: Qos0) {
     let inbound = Inbound { topic: &topic, qos: Qos::AtMostOnce, retain, payload, content_type, expiry };
     let session = conn.state();
     let Err(failed) = handle_publish(shared, session, inbound).await else { return };
-    let report = error_report(session, &topic, None, &failed);
-    if let Some((error_topic, body)) = &report {
-        publish_error(conn, error_topic, body);
-    }
-    tracing::debug!(client_id = %session.client_id, topic, failure = ?failed.failure, "MQTT QoS 0 publish failed");
-    let answer = if failed.terminal { Answer::Close } else { answer(failed.on_error, report.is_some(), session.version, Qos::AtMostOnce) };
-    if answer == Answer::Close {
+    if report_failure(conn, &topic, None, Qos::AtMostOnce, &failed) == Answer::Close {
         match conn {
             Conn::V3(s) => s.sink().close(),
-            Conn::V5(s) => {
-                let mut disconnect = Disconnect::new(failed.failure.disconnect_reason());
-                disconnect.reason_string = Some(failed.failure.message().as_str().into());
-                s.sink().close_with_reason(disconnect);
-            }
+            Conn::V5(s) => s.sink().close_with_reason(disconnect_v5(&failed.failure)),
         }
     }
 }
