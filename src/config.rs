@@ -164,6 +164,9 @@ fn validate(config: &Config) -> anyhow::Result<()> {
     if m.max_frame_size < 512 {
         bail!("messaging.max_frame_size must be at least 512 (AMQP minimum)");
     }
+    if m.max_message_size == 0 {
+        bail!("messaging.max_message_size must be at least 1");
+    }
     for (i, user) in m.sasl.users.iter().enumerate() {
         match user.username.rsplit_once('@') {
             Some((name, tenant)) if !name.is_empty() && !tenant.is_empty() => {}

@@ -30,6 +30,9 @@ pub struct MessagingConfig {
     pub consumer_window: u32,
     /// Largest AMQP frame the listener accepts.
     pub max_frame_size: u32,
+    /// Largest message an application may send; a larger one is refused with
+    /// `amqp:link:message-size-exceeded` (and never held in memory whole).
+    pub max_message_size: u32,
     /// How often queues drop expired messages that nobody consumes.
     #[serde(with = "humantime_serde")]
     pub expiry_check_interval: Duration,
@@ -48,6 +51,7 @@ impl Default for MessagingConfig {
             consumer_prefetch: 256,
             consumer_window: 1024,
             max_frame_size: 65_536,
+            max_message_size: 1024 * 1024,
             expiry_check_interval: Duration::from_secs(1),
             sasl: SaslConfig::default(),
         }
@@ -98,6 +102,9 @@ consumer_prefetch = 256
 consumer_window = 1024
 # Largest AMQP frame accepted.
 max_frame_size = 65536
+# Largest message an application may send (bytes); larger ones are refused with
+# amqp:link:message-size-exceeded.
+max_message_size = 1048576
 # How often queues drop expired messages that nobody consumes.
 expiry_check_interval = "1s"
 # Address rules, consulted in order before the built-in ones:

@@ -17,6 +17,7 @@ mod coalesce;
 pub mod config;
 mod delivery;
 mod direct;
+mod guard;
 pub mod message;
 mod queue;
 mod sasl;

@@ -174,6 +174,9 @@ impl ConnectionTask {
             .add_offered_capabilities(Symbol::from("ANONYMOUS-RELAY"))
             .sasl_acceptor(sasl)
             .build();
+        // Every frame is checked before fe2o3-amqp decodes it (nesting depth; see guard.rs).
+        let checker = crate::guard::FrameChecker::new(self.config.max_frame_size, self.config.max_message_size as usize);
+        let stream = crate::guard::Guarded::new(stream, checker);
         // One write syscall per batch of frames instead of one per frame (see coalesce.rs).
         let stream = crate::coalesce::Coalesced::new(stream, COALESCE_MAX_BUFFER, &self.tasks);
         let mut connection = match acceptor.accept(stream).await {
@@ -220,6 +223,9 @@ impl ConnectionTask {
     async fn session(self, mut session: ListenerSessionHandle, identity: Identity) {
         let tenant_for_dynamic = identity.tenant.clone().unwrap_or_else(|| "anonymous".into());
         let link_acceptor = LinkAcceptor::builder()
+            // Also what the guard under the connection relies on: a delivery over this is
+            // refused by fe2o3-amqp as it arrives and never decoded.
+            .max_message_size(self.config.max_message_size as u64)
             .on_dynamic_source(move |mut source: Source| {
                 // The real consumer is created when the link task starts; the address is
                 // reserved here so that the attach reply carries it.
