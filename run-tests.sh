@@ -43,3 +43,6 @@ timeout 1800 cargo test --workspace
 
 echo "==> interoperability tests"
 FERRULE_BIN="$PWD/target/debug/ferrule" timeout 1800 python3 -m pytest -q tests/interop
+
+echo "==> hostile-input tests (raw-socket attacks against a real ferrule serve)"
+FERRULE_BIN="$PWD/target/debug/ferrule" timeout 600 python3 -m pytest -q tests/hostile

@@ -141,9 +141,9 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
         ("registry", registry.local_addr()),
         ("http", http.local_addr()),
         ("mqtt", mqtt.local_addr()),
-        ("coap", coap.local_addr()),
         ("coaps", coap.local_dtls_addr()),
     ];
+    listeners.extend(coap.local_addr().map(|addr| ("coap", addr)));
     listeners.extend(amqp.local_tls_addr().map(|addr| ("amqps", addr)));
     listeners.extend(http.local_tls_addr().map(|addr| ("https", addr)));
     listeners.extend(mqtt.local_tls_addr().map(|addr| ("mqtts", addr)));

@@ -54,7 +54,7 @@ async fn start_with(config: CoapConfig) -> Setup {
         ..config
     };
     let adapter = CoapAdapter::bind(config, downstream.clone(), Arc::new(registry.clone()), None).await.unwrap();
-    let (udp, dtls) = (adapter.local_addr(), adapter.local_dtls_addr());
+    let (udp, dtls) = (adapter.local_addr().expect("plain UDP is on"), adapter.local_dtls_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(adapter.run(shutdown.clone()));
     Setup { udp, dtls, broker, downstream, registry, _shutdown: shutdown.drop_guard() }
@@ -490,4 +490,49 @@ async fn requests_in_flight_are_bounded_and_retransmissions_wait_for_the_first_a
     assert_eq!(answer.header.code, MessageClass::Response(ResponseType::Changed));
     assert_eq!(raw_exchange(&device, s.udp, &request).await, Some(first));
     assert!(consumer.try_recv().is_err(), "exactly one message downstream");
+}
+
+/// One epoch-0 DTLS 1.2 handshake record holding `fragments` (offset, byte) of one
+/// ClientHello of `length` bytes, one byte each.
+fn dtls_fragments(length: usize, fragments: &[(usize, u8)]) -> Vec<u8> {
+    let u24 = |n: usize| (n as u32).to_be_bytes()[1..].to_vec();
+    let mut body = Vec::new();
+    for (offset, byte) in fragments {
+        body.push(1);
+        body.extend(u24(length));
+        body.extend_from_slice(&[0, 0]);
+        body.extend(u24(*offset));
+        body.extend(u24(1));
+        body.push(*byte);
+    }
+    let mut record = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 1];
+    record.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    record.extend(body);
+    record
+}
+
+/// Security review C1: ~2.6 MB of one-byte handshake fragments of one message from one
+/// address, offset 0 last, made webrtc-dtls's reassembly recurse once per fragment and
+/// overflow a worker's stack (the whole process aborted). The front drops fragmented
+/// handshake messages before any session exists; devices keep connecting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtls_fragment_flood_never_reaches_the_handshake() {
+    let s = start().await;
+    let mut consumer = s.broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(10);
+    let attacker = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    const LENGTH: usize = 200_000;
+    // A whole, valid-looking ClientHello first would open a session; then the fragments.
+    let mut offsets: Vec<usize> = (1..LENGTH).collect();
+    offsets.push(0);
+    for chunk in offsets.chunks(1000) {
+        let fragments: Vec<(usize, u8)> = chunk.iter().map(|o| (*o, 0)).collect();
+        let record = dtls_fragments(LENGTH, &fragments);
+        attacker.send_to(&record, s.dtls).await.unwrap();
+        // Loopback drops what the receive buffer cannot hold: pace a little.
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "still here"], "/t").await;
+    assert_eq!(answer.code, "2.04", "{answer:?}");
+    next(&mut consumer).await;
 }

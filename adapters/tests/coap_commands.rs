@@ -63,7 +63,7 @@ async fn start() -> Setup {
     };
     let adapter =
         CoapAdapter::bind(config, Downstream::new(broker.clone()), Arc::new(registry), Some(router)).await.unwrap();
-    let (udp, dtls) = (adapter.local_addr(), adapter.local_dtls_addr());
+    let (udp, dtls) = (adapter.local_addr().expect("plain UDP is on"), adapter.local_dtls_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(adapter.run(shutdown.clone()));
     Setup { udp, dtls, broker, events, _shutdown: shutdown.drop_guard() }

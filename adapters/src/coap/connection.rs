@@ -20,11 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use webrtc_dtls::conn::DTLSConn;
 
-use super::mapping;
 use super::session::{
     Admission, Assembled, Assemblies, Confirmations, ExchangeKey, Exchanges, Session, EXCHANGE_LIFETIME,
 };
-use super::{Failure, Handled, Poll, Shared};
+use super::{dtls_front, mapping, Failure, Handled, Poll, Shared};
 use crate::device::DeviceIdentity;
 use crate::downstream::UploadError;
 
@@ -73,12 +72,60 @@ fn classify(datagram: &[u8]) -> Inbound {
         // Empty CON = CoAP ping, answered by a Reset (§4.3); responses or reserved
         // classes where a request belongs are rejected the same way.
         _ if code == 0 || code >> 5 != 0 => reject(),
+        // Bounded before coap-lite allocates a node per option (a 60 KB datagram can
+        // carry 60,000 empty ones).
+        _ if !options_within_bounds(datagram) => reject(),
         _ => match Packet::from_bytes(datagram) {
             Ok(packet) if marker_without_payload(&packet, datagram) => reject(),
             Ok(packet) => Inbound::Request(packet),
             Err(_) => reject(),
         },
     }
+}
+
+/// Most options in one request: a Hono request needs fewer than a dozen (Uri-Path and
+/// Uri-Query segments, Content-Format, Block1, Size1, Accept).
+pub(crate) const MAX_OPTIONS: usize = 32;
+/// Most bytes of option values in one request.
+pub(crate) const MAX_OPTION_BYTES: usize = 2048;
+
+/// Counts the options of a request without parsing them (RFC 7252 §3.1): false when
+/// there are more than [`MAX_OPTIONS`] or their values exceed [`MAX_OPTION_BYTES`], or
+/// the options are malformed (coap-lite refuses those too).
+fn options_within_bounds(datagram: &[u8]) -> bool {
+    let token_length = (datagram[0] & 0x0f) as usize;
+    let mut pos = 4 + token_length;
+    let (mut count, mut bytes) = (0usize, 0usize);
+    while let Some(&byte) = datagram.get(pos) {
+        if byte == 0xff {
+            break;
+        }
+        pos += 1;
+        let mut extended = |nibble: u8| -> Option<usize> {
+            match nibble {
+                0..=12 => Some(nibble as usize),
+                13 => {
+                    let value = *datagram.get(pos)? as usize + 13;
+                    pos += 1;
+                    Some(value)
+                }
+                14 => {
+                    let value = u16::from_be_bytes([*datagram.get(pos)?, *datagram.get(pos + 1)?]) as usize + 269;
+                    pos += 2;
+                    Some(value)
+                }
+                _ => None,
+            }
+        };
+        let (Some(_delta), Some(length)) = (extended(byte >> 4), extended(byte & 0x0f)) else { return false };
+        count += 1;
+        bytes += length;
+        pos += length;
+        if count > MAX_OPTIONS || bytes > MAX_OPTION_BYTES || pos > datagram.len() {
+            return false;
+        }
+    }
+    true
 }
 
 /// A payload marker followed by nothing is a format error (RFC 7252 §3) that coap-lite
@@ -339,6 +386,14 @@ pub(super) async fn serve_udp(
 }
 
 /// The DTLS endpoint: one UDP socket, demultiplexed by peer address into sessions.
+///
+/// Every datagram passes [`dtls_front::inspect`] first, and each session has a budget of
+/// handshake records, so webrtc-dtls only ever sees whole, well-formed handshake
+/// messages in small numbers (see `dtls_front.rs`). A ClientHello from the address of an
+/// established session starts a second, pending session beside it: the established one
+/// keeps its application data until the new handshake completes (RFC 6347 §4.2.8), so a
+/// spoofed ClientHello cannot end a device's session. Handshaking sessions are capped
+/// per source IP and in total.
 pub(super) async fn serve_dtls(
     socket: Arc<UdpSocket>,
     shared: Arc<Shared>,
@@ -346,6 +401,7 @@ pub(super) async fn serve_dtls(
     shutdown: CancellationToken,
 ) {
     let peers: Peers = Arc::default();
+    let handshaking: Handshaking = Arc::default();
     let mut next_id = 0u64;
     let sessions = Arc::new(tokio::sync::Semaphore::new(shared.config.max_dtls_sessions.max(1)));
     let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -363,73 +419,209 @@ pub(super) async fn serve_dtls(
             },
         };
         let datagram = &buf[..n];
-        let hello = is_client_hello(datagram);
-        let known = lock_peers(&peers).get(&peer).map(|p| (p.queue.clone(), p.established.clone(), p.cancel.clone()));
-        match known {
-            // A fresh ClientHello on an established session: the device started over
-            // (reboot, or a NAT handed its port to another device). Serve the new
-            // handshake rather than lock the address out until the old session idles
-            // out (RFC 6347 §4.2.8). The price: a spoofed ClientHello can end a session.
-            Some((_, established, cancel)) if hello && established.load(Ordering::Acquire) => {
-                cancel.cancel();
-                lock_peers(&peers).remove(&peer);
+        let shape = match dtls_front::inspect(datagram) {
+            Ok(shape) => shape,
+            Err(refusal) => {
+                dtls_dropped(refusal.as_str());
+                continue;
             }
-            Some((queue, _, _)) => {
+        };
+        let route = {
+            let mut peers = lock_peers(&peers);
+            let entry = peers.entry(peer).or_default();
+            entry.promote();
+            let route = entry.route(shape);
+            if !matches!(route, Route::NewSession) && entry.is_empty() {
+                peers.remove(&peer);
+            }
+            route
+        };
+        match route {
+            Route::Session(queue) => {
                 // Full queue: the peer sends faster than its session reads; drop, as UDP may.
                 let _ = queue.try_send(Bytes::copy_from_slice(datagram));
                 continue;
             }
-            // Only a ClientHello opens a session: stray records cost nothing.
-            None if !hello => continue,
-            None => {}
+            Route::Drop(reason) => {
+                dtls_dropped(reason);
+                continue;
+            }
+            Route::NewSession => {}
         }
-        let Ok(permit) = sessions.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "too many DTLS sessions; ClientHello ignored");
-            continue;
+        let admitted = HandshakeSlot::take(&handshaking, peer.ip(), shared.config.max_dtls_handshakes_per_ip)
+            .ok_or("handshakes_per_ip")
+            .and_then(|slot| sessions.clone().try_acquire_owned().map(|permit| (slot, permit)).map_err(|_| "sessions"));
+        let (slot, permit) = match admitted {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                dtls_dropped(reason);
+                forget_if_empty(&peers, peer);
+                continue;
+            }
         };
         let (queue, inbox) = mpsc::channel(PEER_QUEUE);
         let _ = queue.try_send(Bytes::copy_from_slice(datagram));
         next_id += 1;
-        let entry = PeerEntry { id: next_id, queue, established: Arc::default(), cancel: shutdown.child_token() };
-        let (id, established, cancel) = (entry.id, entry.established.clone(), entry.cancel.clone());
-        lock_peers(&peers).insert(peer, entry);
+        let handle = SessionHandle {
+            id: next_id,
+            queue,
+            established: Arc::default(),
+            cancel: shutdown.child_token(),
+            budget: dtls_front::HANDSHAKE_RECORD_BUDGET.saturating_sub(shape.handshake_records),
+        };
+        let (id, established, cancel) = (handle.id, handle.established.clone(), handle.cancel.clone());
+        lock_peers(&peers).entry(peer).or_default().pending = Some(handle);
         let conn = Arc::new(PeerConn { socket: socket.clone(), peer, inbox: tokio::sync::Mutex::new(inbox) });
         let (shared, peers, tasks2) = (shared.clone(), peers.clone(), tasks.clone());
         tasks.spawn(async move {
-            run_session(conn, &shared, &tasks2, &cancel, &established).await;
-            // Only this session's entry: a newer one may have replaced it.
+            run_session(conn, &shared, &tasks2, &cancel, &established, slot).await;
+            // Only this session's handle: a newer one may have replaced it.
             let mut peers = lock_peers(&peers);
-            if peers.get(&peer).is_some_and(|p| p.id == id) {
-                peers.remove(&peer);
+            if let Some(entry) = peers.get_mut(&peer) {
+                entry.remove(id);
+                if entry.is_empty() {
+                    peers.remove(&peer);
+                }
             }
             drop(permit);
         });
     }
 }
 
+fn dtls_dropped(reason: &'static str) {
+    metrics::counter!("ferrule_coap_dtls_dropped_total", "reason" => reason).increment(1);
+}
+
+fn forget_if_empty(peers: &Peers, peer: SocketAddr) {
+    let mut peers = lock_peers(peers);
+    if peers.get(&peer).is_some_and(PeerEntry::is_empty) {
+        peers.remove(&peer);
+    }
+}
+
 /// The DTLS sessions by peer address.
 type Peers = Arc<Mutex<HashMap<SocketAddr, PeerEntry>>>;
 
+/// Handshaking sessions per source IP.
+type Handshaking = Arc<Mutex<HashMap<std::net::IpAddr, usize>>>;
+
+/// One handshaking session's place in the per-IP count, given back when dropped (the
+/// handshake completed or failed).
+struct HandshakeSlot {
+    handshaking: Handshaking,
+    ip: std::net::IpAddr,
+}
+
+impl HandshakeSlot {
+    fn take(handshaking: &Handshaking, ip: std::net::IpAddr, max: usize) -> Option<Self> {
+        let mut counts = handshaking.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(Self { handshaking: handshaking.clone(), ip })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut counts = self.handshaking.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What one peer address has: an established session, and a handshake in progress
+/// (the first one, or a replacement for the established one).
+#[derive(Default)]
 struct PeerEntry {
+    current: Option<SessionHandle>,
+    pending: Option<SessionHandle>,
+}
+
+struct SessionHandle {
     /// Tells this session from a later one of the same address.
     id: u64,
     /// Datagrams for the session.
     queue: mpsc::Sender<Bytes>,
     /// The handshake completed.
     established: Arc<AtomicBool>,
-    /// Ends the session (shutdown, or the peer started over).
+    /// Ends the session (shutdown, or a newer session of the peer took over).
     cancel: CancellationToken,
+    /// Handshake records it may still receive.
+    budget: u32,
+}
+
+/// Where a datagram goes.
+enum Route {
+    Session(mpsc::Sender<Bytes>),
+    NewSession,
+    Drop(&'static str),
+}
+
+impl PeerEntry {
+    /// A pending session whose handshake completed replaces the established one.
+    fn promote(&mut self) {
+        if self.pending.as_ref().is_some_and(|p| p.established.load(Ordering::Acquire)) {
+            if let Some(old) = self.current.take() {
+                old.cancel.cancel();
+            }
+            self.current = self.pending.take();
+        }
+    }
+
+    fn route(&mut self, shape: dtls_front::Shape) -> Route {
+        // Handshake traffic goes to the handshake in progress, within its budget; so
+        // does everything else while there is no established session (a client's
+        // first request may overtake the end of the server's handshake: webrtc-dtls
+        // queues it until its keys are ready).
+        if let Some(pending) = self.pending.as_mut() {
+            if shape.plaintext_only || shape.handshake_records > 0 || self.current.is_none() {
+                if shape.handshake_records > pending.budget {
+                    return Route::Drop("handshake_budget");
+                }
+                pending.budget -= shape.handshake_records;
+                return Route::Session(pending.queue.clone());
+            }
+        }
+        if shape.client_hello {
+            // A device starting over (reboot, new NAT mapping), or a spoof: the
+            // established session, if any, stays until the new handshake completes.
+            return Route::NewSession;
+        }
+        match self.current.as_mut() {
+            // webrtc-dtls does not renegotiate: an established session takes handshake
+            // records only within its budget (retransmitted Finished flights).
+            Some(current) if !shape.plaintext_only && shape.handshake_records <= current.budget => {
+                current.budget -= shape.handshake_records;
+                Route::Session(current.queue.clone())
+            }
+            Some(_) => Route::Drop("handshake_budget"),
+            None => Route::Drop("no_session"),
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if self.current.as_ref().is_some_and(|c| c.id == id) {
+            self.current = None;
+        }
+        if self.pending.as_ref().is_some_and(|p| p.id == id) {
+            self.pending = None;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.current.is_none() && self.pending.is_none()
+    }
 }
 
 fn lock_peers(peers: &Peers) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, PeerEntry>> {
     peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// An unencrypted (epoch 0) DTLS record of type handshake (22), DTLS version (0xFE..),
-/// whose first handshake message is a ClientHello (1). The record header is 13 bytes:
-/// type, version (2), epoch (2), sequence number (6), length (2) (RFC 6347 §4.1).
-fn is_client_hello(datagram: &[u8]) -> bool {
-    datagram.len() > 13 && datagram[0] == 22 && datagram[1] == 0xfe && datagram[3..5] == [0, 0] && datagram[13] == 1
 }
 
 /// Handshake, then serve one DTLS session until it idles out, fails or is cancelled.
@@ -439,6 +631,7 @@ async fn run_session(
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     established: &AtomicBool,
+    slot: HandshakeSlot,
 ) {
     let peer = conn.peer;
     let authenticated: Arc<Mutex<Option<DeviceIdentity>>> = Arc::default();
@@ -465,6 +658,7 @@ async fn run_session(
         let _ = dtls.close().await;
         return;
     };
+    drop(slot);
     established.store(true, Ordering::Release);
     tracing::debug!(%peer, tenant = %identity.tenant, device = %identity.device_id, "DTLS session up");
     let config = &shared.config;
@@ -618,6 +812,17 @@ mod tests {
         assert!(matches!(classify(&[0x40, 0x44, 0, 1]), Inbound::Reply(_)));
         assert!(matches!(classify(&[0x60, 0x00, 0, 7]), Inbound::Answer { message_id: 7, acknowledged: true }));
         assert!(matches!(classify(&[0x70, 0x00, 1, 0]), Inbound::Answer { message_id: 256, acknowledged: false }));
+        // Too many options (the H1 bloat: thousands of empty ones) → RST before parsing.
+        let mut bloated = vec![0x40, 0x02, 0, 1, 0xb1, b't'];
+        bloated.extend(std::iter::repeat(0x00).take(MAX_OPTIONS));
+        assert!(matches!(classify(&bloated), Inbound::Reply(_)));
+        bloated.truncate(6 + MAX_OPTIONS - 1);
+        assert!(matches!(classify(&bloated), Inbound::Request(_)));
+        // Option values over the byte bound.
+        let mut long = vec![0x40, 0x02, 0, 1, 0xbe];
+        long.extend_from_slice(&((MAX_OPTION_BYTES + 1 - 269) as u16).to_be_bytes());
+        long.extend(std::iter::repeat(b'a').take(MAX_OPTION_BYTES + 1));
+        assert!(matches!(classify(&long), Inbound::Reply(_)));
         // CON POST /t (Uri-Path option 11, length 1) → a request.
         assert!(matches!(classify(&[0x40, 0x02, 0, 1, 0xb1, b't']), Inbound::Request(_)));
         // ... but with a payload marker and no payload → RST.
@@ -626,15 +831,4 @@ mod tests {
         assert!(matches!(classify(&[0x40, 0x02, 0, 1, 0xb1, 0xff]), Inbound::Request(_)));
     }
 
-    #[test]
-    fn client_hello_detection() {
-        let mut hello = vec![22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 50, 1];
-        assert!(is_client_hello(&hello));
-        hello[13] = 2;
-        assert!(!is_client_hello(&hello));
-        hello[13] = 1;
-        hello[4] = 1; // epoch 1: encrypted, whatever byte 13 is
-        assert!(!is_client_hello(&hello));
-        assert!(!is_client_hello(&[0x40, 0x02, 0, 1]));
-    }
 }

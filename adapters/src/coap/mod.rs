@@ -21,6 +21,7 @@
 //! `/command_response/REQ-ID` (`/cr`), gateways on `/command_response/TENANT/DEVICE/REQ-ID`.
 
 mod connection;
+mod dtls_front;
 pub mod mapping;
 pub mod session;
 
@@ -70,6 +71,8 @@ pub struct CoapConfig {
     pub max_block_transfers: usize,
     /// Most DTLS sessions (handshaking or established); further peers are ignored.
     pub max_dtls_sessions: usize,
+    /// Most DTLS handshakes in progress from one source IP address (more: ignored).
+    pub max_dtls_handshakes_per_ip: usize,
     /// A DTLS handshake that takes longer than this is abandoned.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -94,6 +97,7 @@ impl Default for CoapConfig {
             max_exchanges_per_session: 64,
             max_block_transfers: 1000,
             max_dtls_sessions: 10_000,
+            max_dtls_handshakes_per_ip: 32,
             handshake_timeout: Duration::from_secs(10),
             session_idle_timeout: Duration::from_secs(300),
             max_ttd: Duration::from_secs(60),
@@ -103,7 +107,8 @@ impl Default for CoapConfig {
 
 /// The defaults above as commented TOML.
 pub const DEFAULT_TOML: &str = r#"[adapters.coap]
-# Plain UDP endpoint (unauthenticated devices only; see allow_unauthenticated).
+# Plain UDP endpoint (unauthenticated devices only: bound only when
+# allow_unauthenticated is set).
 listen = "0.0.0.0:5683"
 # DTLS endpoint (devices and gateways authenticated by PSK, identity auth-id@tenant).
 listen_dtls = "0.0.0.0:5684"
@@ -124,6 +129,9 @@ max_exchanges_per_session = 64
 max_block_transfers = 1000
 # Most DTLS sessions (handshaking or established); further peers are ignored.
 max_dtls_sessions = 10000
+# Most DTLS handshakes in progress from one source IP address (more are ignored), so
+# that one host cannot take every session slot.
+max_dtls_handshakes_per_ip = 32
 # A DTLS handshake that takes longer than this is abandoned.
 handshake_timeout = "10s"
 # A DTLS session without traffic for this long is closed.
@@ -165,6 +173,7 @@ impl CoapConfig {
             ("max_exchanges_per_session", self.max_exchanges_per_session),
             ("max_block_transfers", self.max_block_transfers),
             ("max_dtls_sessions", self.max_dtls_sessions),
+            ("max_dtls_handshakes_per_ip", self.max_dtls_handshakes_per_ip),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(CoapError::Config(format!("{key} must be at least 1")));
@@ -184,7 +193,8 @@ impl CoapConfig {
 
 /// A bound CoAP adapter, ready to [`CoapAdapter::run`].
 pub struct CoapAdapter {
-    udp: Arc<UdpSocket>,
+    /// Bound only when unauthenticated devices are allowed: nothing else may use it.
+    udp: Option<Arc<UdpSocket>>,
     dtls: Arc<UdpSocket>,
     shared: Arc<Shared>,
 }
@@ -224,7 +234,9 @@ impl CoapAdapter {
         let bind = |addr: SocketAddr| async move {
             UdpSocket::bind(addr).await.map(Arc::new).map_err(|source| CoapError::Bind { addr, source })
         };
-        let udp = bind(config.listen).await?;
+        // Plain UDP serves unauthenticated devices only: unbound otherwise, so it is
+        // neither an attack surface nor a reflector.
+        let udp = if config.allow_unauthenticated { Some(bind(config.listen).await?) } else { None };
         let dtls = bind(config.listen_dtls).await?;
         // Start message ids somewhere unpredictable, so a restart does not reuse recent ones.
         let seed = std::time::SystemTime::now()
@@ -244,9 +256,9 @@ impl CoapAdapter {
         Ok(Self { udp, dtls, shared: Arc::new(shared) })
     }
 
-    /// The plain UDP address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.udp.local_addr().expect("bound socket has an address")
+    /// The plain UDP address; `None` unless `allow_unauthenticated` is set.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.udp.as_ref().map(|udp| udp.local_addr().expect("bound socket has an address"))
     }
 
     /// The DTLS address.
@@ -256,14 +268,22 @@ impl CoapAdapter {
 
     /// Serves until `shutdown`; then lets requests being processed finish.
     pub async fn run(self, shutdown: CancellationToken) {
-        tracing::info!(udp = %self.local_addr(), dtls = %self.local_dtls_addr(), "CoAP adapter up");
+        match self.local_addr() {
+            Some(udp) => tracing::info!(%udp, dtls = %self.local_dtls_addr(), "CoAP adapter up"),
+            None => tracing::info!(dtls = %self.local_dtls_addr(), "CoAP adapter up (plain UDP off)"),
+        }
         let tasks = tokio_util::task::TaskTracker::new();
         let stopping = self.shared.stopping.clone();
         let stop = async {
             shutdown.cancelled().await;
             stopping.cancel();
         };
-        let udp = connection::serve_udp(self.udp, self.shared.clone(), tasks.clone(), shutdown.clone());
+        let (shared, udp_tasks, udp_shutdown) = (self.shared.clone(), tasks.clone(), shutdown.clone());
+        let udp = async move {
+            if let Some(udp) = self.udp {
+                connection::serve_udp(udp, shared, udp_tasks, udp_shutdown).await;
+            }
+        };
         let dtls = connection::serve_dtls(self.dtls, self.shared, tasks.clone(), shutdown.clone());
         tokio::join!(udp, dtls, stop);
         tasks.close();
