@@ -167,6 +167,15 @@ fn validate(config: &Config) -> anyhow::Result<()> {
     if m.max_message_size == 0 {
         bail!("messaging.max_message_size must be at least 1");
     }
+    if m.max_connections == 0 {
+        bail!("messaging.max_connections must be at least 1");
+    }
+    if let Err(problem) = m.source_limits().validate() {
+        bail!("messaging.{problem}");
+    }
+    if m.connect_timeout.is_zero() || m.idle_timeout.is_zero() {
+        bail!("messaging.connect_timeout and messaging.idle_timeout must not be zero");
+    }
     for (i, user) in m.sasl.users.iter().enumerate() {
         match user.username.rsplit_once('@') {
             Some((name, tenant)) if !name.is_empty() && !tenant.is_empty() => {}

@@ -152,7 +152,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     let coap_task = tokio::spawn(coap.run(shutdown.clone()));
 
     let maintenance = tokio::spawn(broker.clone().run_maintenance(config.messaging.expiry_check_interval, shutdown.clone()));
-    let ops_task = tokio::spawn(ops::run(ops_listener, metrics, ready.clone(), broker.clone(), shutdown.clone()));
+    let ops_task = tokio::spawn(ops::run(ops_listener, config.ops.clone(), metrics, ready.clone(), broker.clone(), shutdown.clone()));
     let server = tokio::spawn(amqp.run(shutdown.clone()));
     ready.set(true);
     tracing::info!(data_dir = %config.data_dir.display(), "ferrule is up");

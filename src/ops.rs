@@ -21,19 +21,35 @@ use ferrule_messaging::Broker;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OpsConfig {
-    /// Address of the metrics and health endpoint.
+    /// Address of the metrics and health endpoint: loopback by default (metrics name
+    /// every tenant and address); open it to the pod network or a scraper on purpose.
     pub listen: SocketAddr,
+    /// Most connections open at once (a scraper and the probes need a handful).
+    pub max_connections: usize,
+    /// Closes connections whose request headers take longer than this.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for OpsConfig {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:8088".parse().expect("valid") }
+        Self {
+            listen: "127.0.0.1:8088".parse().expect("valid"),
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+        }
     }
 }
 
 pub const DEFAULT_TOML: &str = r#"[ops]
 # Address of the metrics (/metrics) and health (/health/live, /health/ready) endpoint.
-listen = "0.0.0.0:8088"
+# Loopback by default: metrics name every tenant and address. In a container or on
+# Kubernetes set "0.0.0.0:8088" (probes and scrapers come from outside the process's host).
+listen = "127.0.0.1:8088"
+# Most connections open at once (a scraper and the probes need a handful).
+max_connections = 64
+# Closes connections whose request headers take longer than this.
+header_read_timeout = "10s"
 
 "#;
 
@@ -67,28 +83,37 @@ pub async fn bind(config: &OpsConfig) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (ops.listen): {e}", config.listen))
 }
 
-pub async fn run(listener: TcpListener, metrics: PrometheusHandle, ready: Readiness, broker: Broker, shutdown: CancellationToken) {
+pub async fn run(
+    listener: TcpListener,
+    config: OpsConfig,
+    metrics: PrometheusHandle,
+    ready: Readiness,
+    broker: Broker,
+    shutdown: CancellationToken,
+) {
     let state = Arc::new(State { metrics, ready, broker });
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
+    // One scraper and a few probes: one connection per source is plenty, but a probe
+    // and a scraper may share a host; the rate stops a request flood from one host.
+    let limits = ferrule_messaging::net::SourceLimits { max_per_source: 16, rate_per_second: 20.0, burst: 40 };
+    let admission = ferrule_messaging::net::Admission::new("ops", config.max_connections, limits);
+    let header_timeout = config.header_read_timeout;
+    let tasks = tokio_util::task::TaskTracker::new();
+    ferrule_messaging::net::serve(listener, admission, shutdown, tasks.clone(), move |stream, _peer| {
         let state = state.clone();
-        tokio::spawn(async move {
+        async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
-    }
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await;
+    tasks.close();
 }
 
 async fn handle(state: &State, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
@@ -100,8 +125,9 @@ async fn handle(state: &State, req: Request<hyper::body::Incoming>) -> Response<
         ("GET", "/health/live") => (StatusCode::OK, "text/plain", "live\n".into()),
         ("GET", "/health/ready") => {
             let listeners_up = state.ready.0.load(Ordering::Acquire);
-            // The store writer answers a flush only while it works.
-            let storage_ok = matches!(tokio::time::timeout(Duration::from_secs(2), state.broker.flush()).await, Ok(Ok(())));
+            // The store's health as the writer last saw it: a probe never forces a disk
+            // flush (an unauthenticated probe loop would otherwise run fsyncs).
+            let storage_ok = state.broker.storage_healthy();
             if listeners_up && storage_ok {
                 (StatusCode::OK, "text/plain", "ready\n".into())
             } else {

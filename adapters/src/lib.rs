@@ -15,3 +15,25 @@ pub mod tls;
 
 pub use device::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
+
+/// For the fuzz targets only (`fuzz/`, see `fuzz/README.md`): the checks that see a CoAP
+/// or DTLS datagram first, which are otherwise private, and the libraries they guard.
+/// Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::coap::dtls_front::{client_hello_is_well_formed, inspect, Refusal, Shape, MAX_RECORDS_PER_DATAGRAM};
+    pub use {coap_lite, webrtc_dtls};
+
+    /// Bounds `classify` applies before coap-lite parses a request.
+    pub const COAP_MAX_OPTIONS: usize = crate::coap::connection::MAX_OPTIONS;
+    pub const COAP_MAX_OPTION_BYTES: usize = crate::coap::connection::MAX_OPTION_BYTES;
+
+    /// The CoAP socket loops' `classify`: `Some(packet)` for a request to process, `None`
+    /// for a datagram answered with a Reset, dropped, or taken as an ACK/RST.
+    pub fn coap_classify(datagram: &[u8]) -> Option<coap_lite::Packet> {
+        match crate::coap::connection::classify(datagram) {
+            crate::coap::connection::Inbound::Request(packet) => Some(packet),
+            _ => None,
+        }
+    }
+}

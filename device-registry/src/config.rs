@@ -58,6 +58,12 @@ pub struct RegistryConfig {
     pub max_body_bytes: usize,
     /// Concurrent management API connections. Default `256`.
     pub max_connections: usize,
+    /// Most connections open at once from one source address (IPv4, or IPv6 /64). Default `64`.
+    pub max_connections_per_ip: usize,
+    /// New connections per second from one source address (token bucket rate). Default `20`.
+    pub connection_rate_per_ip: f64,
+    /// ... and burst. Default `40`.
+    pub connection_burst_per_ip: u32,
 }
 
 impl Default for RegistryConfig {
@@ -79,6 +85,9 @@ impl Default for RegistryConfig {
             hash_pool_size: 2,
             max_body_bytes: 64 * 1024,
             max_connections: 256,
+            max_connections_per_ip: 64,
+            connection_rate_per_ip: 20.0,
+            connection_burst_per_ip: 40,
         }
     }
 }
@@ -105,6 +114,9 @@ impl fmt::Debug for RegistryConfig {
             .field("hash_pool_size", &self.hash_pool_size)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_connections", &self.max_connections)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
+            .field("connection_rate_per_ip", &self.connection_rate_per_ip)
+            .field("connection_burst_per_ip", &self.connection_burst_per_ip)
             .finish()
     }
 }
@@ -120,6 +132,15 @@ pub struct ConfigError {
 }
 
 impl RegistryConfig {
+    /// The per-source connection limits of the management API.
+    pub fn source_limits(&self) -> ferrule_messaging::net::SourceLimits {
+        ferrule_messaging::net::SourceLimits {
+            max_per_source: self.max_connections_per_ip,
+            rate_per_second: self.connection_rate_per_ip,
+            burst: self.connection_burst_per_ip,
+        }
+    }
+
     /// Checks values serde cannot check.
     ///
     /// # Errors
@@ -136,6 +157,10 @@ impl RegistryConfig {
         }
         if self.max_connections == 0 {
             return err("max_connections", "must be at least 1");
+        }
+        if let Err(problem) = self.source_limits().validate() {
+            let key = problem.split(' ').next().unwrap_or("max_connections_per_ip");
+            return err(key, "must be a positive number");
         }
         if self.max_body_bytes < 1024 {
             return err("max_body_bytes", "must be at least 1024");
@@ -201,6 +226,11 @@ hash_pool_size = 2
 max_body_bytes = 65536
 # Concurrent management API connections.
 max_connections = 256
+# Per source address (IPv4, or IPv6 /64): open connections, and new connections per
+# second (token bucket: rate and burst). Refused peers are closed at once.
+max_connections_per_ip = 64
+connection_rate_per_ip = 20.0
+connection_burst_per_ip = 40
 
 [registry.tls]
 # PEM certificate chain and private key for the management API; TLS is off unless both

@@ -9,7 +9,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -142,7 +141,7 @@ impl Registry {
             max_body_bytes: config.max_body_bytes,
         });
         let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(config.max_connections));
+        let admission = ferrule_messaging::net::Admission::new("registry", config.max_connections, config.source_limits());
         let tls = if config.tls.enabled() {
             Some(config.tls.acceptor().map_err(|e| RegistryError::Tls(e.to_string()))?)
         } else {
@@ -152,7 +151,7 @@ impl Registry {
             listener,
             tls,
             state,
-            limit,
+            admission,
             shutdown.clone(),
             tracker.clone(),
         ));
@@ -218,35 +217,14 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<ferrule_messaging::tls::TlsAcceptor>,
     state: Arc<ApiState>,
-    limit: Arc<Semaphore>,
+    admission: Arc<ferrule_messaging::net::Admission>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    loop {
-        // Wait for a connection slot first: over the limit, new clients queue in the
-        // kernel backlog instead of costing us memory.
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // E.g. EMFILE: back off instead of spinning.
-                    tracing::warn!(error = %e, "management API accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let shutdown = shutdown.clone();
-        let tls = tls.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
+    let serve_shutdown = shutdown.clone();
+    ferrule_messaging::net::serve(listener, admission, shutdown, tracker, move |stream, peer| {
+        let (state, shutdown, tls) = (state.clone(), serve_shutdown.clone(), tls.clone());
+        async move {
             match tls {
                 None => serve(TokioIo::new(stream), state, shutdown).await,
                 Some(acceptor) => {
@@ -255,8 +233,9 @@ async fn accept_loop(
                     }
                 }
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Serves one management connection (plain or TLS).

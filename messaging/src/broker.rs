@@ -257,6 +257,12 @@ impl Broker {
     }
 
     /// Waits until everything accepted so far is on disk.
+    /// Whether durable storage works, as its writer last saw it (no I/O; in-memory
+    /// brokers are always healthy).
+    pub fn storage_healthy(&self) -> bool {
+        self.inner.store.as_ref().is_none_or(|store| store.healthy())
+    }
+
     pub async fn flush(&self) -> Result<(), BrokerError> {
         if let Some(store) = &self.inner.store {
             store.flush().await?;

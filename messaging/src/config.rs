@@ -30,6 +30,22 @@ pub struct MessagingConfig {
     pub consumer_window: u32,
     /// Largest AMQP frame the listener accepts.
     pub max_frame_size: u32,
+    /// Most application connections open at once; further ones wait in the backlog.
+    pub max_connections: usize,
+    /// Most connections open at once from one source address (IPv4, or IPv6 /64).
+    pub max_connections_per_ip: usize,
+    /// New connections per second from one source address (token bucket rate)...
+    pub connection_rate_per_ip: f64,
+    /// ... and burst.
+    pub connection_burst_per_ip: u32,
+    /// Time a client has for the protocol header, SASL and open; then it is closed.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Idle timeout advertised in open: a peer that sends nothing (not even a heartbeat)
+    /// for this long is closed, and its unsettled deliveries go to other consumers.
+    /// TCP keep-alive probes start after the same time.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     /// Largest message an application may send; a larger one is refused with
     /// `amqp:link:message-size-exceeded` (and never held in memory whole).
     pub max_message_size: u32,
@@ -38,6 +54,17 @@ pub struct MessagingConfig {
     pub expiry_check_interval: Duration,
     /// Application authentication.
     pub sasl: SaslConfig,
+}
+
+impl MessagingConfig {
+    /// The per-source connection limits of the AMQP listeners.
+    pub fn source_limits(&self) -> crate::net::SourceLimits {
+        crate::net::SourceLimits {
+            max_per_source: self.max_connections_per_ip,
+            rate_per_second: self.connection_rate_per_ip,
+            burst: self.connection_burst_per_ip,
+        }
+    }
 }
 
 impl Default for MessagingConfig {
@@ -51,6 +78,12 @@ impl Default for MessagingConfig {
             consumer_prefetch: 256,
             consumer_window: 1024,
             max_frame_size: 65_536,
+            max_connections: 10_000,
+            max_connections_per_ip: crate::net::SourceLimits::DEFAULT.max_per_source,
+            connection_rate_per_ip: crate::net::SourceLimits::DEFAULT.rate_per_second,
+            connection_burst_per_ip: crate::net::SourceLimits::DEFAULT.burst,
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
             max_message_size: 1024 * 1024,
             expiry_check_interval: Duration::from_secs(1),
             sasl: SaslConfig::default(),
@@ -102,6 +135,18 @@ consumer_prefetch = 256
 consumer_window = 1024
 # Largest AMQP frame accepted.
 max_frame_size = 65536
+# Most application connections open at once (further ones wait in the backlog).
+max_connections = 10000
+# Per source address (IPv4, or IPv6 /64): open connections, and new connections per
+# second (token bucket: rate and burst). Refused peers are closed at once.
+max_connections_per_ip = 1000
+connection_rate_per_ip = 100.0
+connection_burst_per_ip = 200
+# Time a client has for the protocol header, SASL and open.
+connect_timeout = "10s"
+# Idle timeout advertised in open (a silent peer is closed and its unsettled deliveries
+# go to other consumers); TCP keep-alive probes start after the same time.
+idle_timeout = "60s"
 # Largest message an application may send (bytes); larger ones are refused with
 # amqp:link:message-size-exceeded.
 max_message_size = 1048576

@@ -18,6 +18,7 @@ pub mod config;
 mod delivery;
 mod direct;
 mod guard;
+pub mod net;
 pub mod message;
 mod queue;
 mod sasl;
@@ -34,3 +35,11 @@ pub use message::{Message, Outcome};
 pub use sasl::{Authenticator, Identity};
 pub use server::{AmqpServer, ServerError};
 pub use store::StoreError;
+
+/// For the fuzz targets only (`fuzz/`, see `fuzz/README.md`): the AMQP frame guard, which
+/// is otherwise private, and the decoder it protects. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::guard::{scan, FrameChecker, FrameError, ScanError, MAX_DEPTH};
+    pub use fe2o3_amqp;
+}

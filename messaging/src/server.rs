@@ -98,54 +98,53 @@ impl AmqpServer {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
         };
+        // One cap for both listeners: they serve the same applications.
+        let admission =
+            crate::net::Admission::new("amqp", self.config.max_connections, self.config.source_limits());
         if let Some((listener, acceptor)) = self.tls {
             tracing::info!(addr = %listener.local_addr().expect("bound"), "AMQP TLS listener up");
             let connection = connection.clone();
-            tasks.spawn(accept_loop(listener, connection, Some(acceptor)));
+            tasks.spawn(accept_loop(listener, connection, Some(acceptor), admission.clone()));
         }
         tracing::info!(addr = %self.listener.local_addr().expect("bound"), "AMQP listener up");
-        accept_loop(self.listener, connection, None).await;
+        accept_loop(self.listener, connection, None, admission).await;
         tasks.close();
         tasks.wait().await;
     }
 }
 
-async fn accept_loop(listener: TcpListener, connection: ConnectionTask, tls: Option<TlsAcceptor>) {
-    let shutdown = connection.shutdown.clone();
-    let tasks = connection.tasks.clone();
-    {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Typically EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            // fe2o3-amqp never sets it; without it small transfers wait for Nagle.
-            let _ = stream.set_nodelay(true);
-            let connection = connection.clone();
-            match &tls {
-                None => {
-                    tasks.spawn(async move { connection.run(stream, peer).await });
-                }
+async fn accept_loop(
+    listener: TcpListener,
+    connection: ConnectionTask,
+    tls: Option<TlsAcceptor>,
+    admission: Arc<crate::net::Admission>,
+) {
+    let (shutdown, tasks) = (connection.shutdown.clone(), connection.tasks.clone());
+    crate::net::serve(listener, admission, shutdown, tasks, move |stream, peer| {
+        let (connection, tls) = (connection.clone(), tls.clone());
+        async move {
+            keep_alive(&stream, connection.config.idle_timeout);
+            match tls {
+                None => connection.run(stream, peer).await,
+                // fe2o3-amqp's own TLS acceptor expects the AMQP TLS header first, which
+                // ordinary amqps clients do not send: terminate TLS here instead.
                 Some(acceptor) => {
-                    // fe2o3-amqp's own TLS acceptor expects the AMQP TLS header first, which
-                    // ordinary amqps clients do not send: terminate TLS here instead.
-                    let acceptor = acceptor.clone();
-                    tasks.spawn(async move {
-                        if let Some(stream) = crate::tls::handshake(&acceptor, stream, peer).await {
-                            connection.run(stream, peer).await;
-                        }
-                    });
+                    if let Some(stream) = crate::tls::handshake(&acceptor, stream, peer).await {
+                        connection.run(stream, peer).await;
+                    }
                 }
             }
         }
+    })
+    .await;
+}
+
+/// TCP keep-alive, so that a peer whose host vanished (no FIN) is noticed even if it
+/// never advertised an idle timeout of its own.
+fn keep_alive(stream: &tokio::net::TcpStream, after: std::time::Duration) {
+    let keepalive = socket2::TcpKeepalive::new().with_time(after).with_interval(after / 4);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "cannot set TCP keep-alive");
     }
 }
 
@@ -171,6 +170,7 @@ impl ConnectionTask {
         let acceptor = ConnectionAcceptor::builder()
             .container_id("ferrule")
             .max_frame_size(self.config.max_frame_size)
+            .idle_time_out(self.config.idle_timeout.as_millis().min(u32::MAX as u128) as u32)
             .add_offered_capabilities(Symbol::from("ANONYMOUS-RELAY"))
             .sasl_acceptor(sasl)
             .build();
@@ -179,10 +179,16 @@ impl ConnectionTask {
         let stream = crate::guard::Guarded::new(stream, checker);
         // One write syscall per batch of frames instead of one per frame (see coalesce.rs).
         let stream = crate::coalesce::Coalesced::new(stream, COALESCE_MAX_BUFFER, &self.tasks);
-        let mut connection = match acceptor.accept(stream).await {
-            Ok(connection) => connection,
-            Err(e) => {
+        // Protocol header, SASL and open must all come within connect_timeout.
+        let mut connection = match tokio::time::timeout(self.config.connect_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "AMQP connection not opened");
+                return;
+            }
+            Err(_) => {
+                crate::net::count_pre_auth_timeout("amqp");
+                tracing::debug!(%peer, "AMQP connection not opened in time");
                 return;
             }
         };

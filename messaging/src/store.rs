@@ -68,6 +68,8 @@ pub(crate) struct Recovery {
 #[derive(Clone)]
 pub struct Store {
     tx: std_mpsc::Sender<Op>,
+    /// The last commit succeeded and the writer thread runs.
+    healthy: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -79,11 +81,13 @@ impl Store {
         let db = Database::create(path).map_err(io)?;
         let recovery = recover(&db)?;
         let (tx, rx) = std_mpsc::channel();
+        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let writer_healthy = healthy.clone();
         thread::Builder::new()
             .name("ferrule-store".into())
-            .spawn(move || writer(db, rx))
+            .spawn(move || writer(db, rx, &writer_healthy))
             .map_err(io)?;
-        Ok((Store { tx }, recovery))
+        Ok((Store { tx, healthy }, recovery))
     }
 
     /// Appends a record made by [`encode_record`]; `done` runs on the writer thread once
@@ -109,6 +113,11 @@ impl Store {
 
     pub(crate) fn delete_subscription(&self, queue: &Arc<str>) {
         let _ = self.tx.send(Op::DeleteSubscription { queue: queue.clone() });
+    }
+
+    /// Whether the last commit succeeded (and the writer still runs); costs no I/O.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Waits until everything submitted so far is on disk.
@@ -167,7 +176,7 @@ fn recover(db: &Database) -> Result<Recovery, StoreError> {
     Ok(recovery)
 }
 
-fn writer(db: Database, rx: std_mpsc::Receiver<Op>) {
+fn writer(db: Database, rx: std_mpsc::Receiver<Op>, healthy: &std::sync::atomic::AtomicBool) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -178,6 +187,7 @@ fn writer(db: Database, rx: std_mpsc::Receiver<Op>) {
             }
         }
         let result = commit(&db, &batch);
+        healthy.store(result.is_ok(), std::sync::atomic::Ordering::Release);
         if let Err(e) = &result {
             tracing::error!(error = %e, ops = batch.len(), "store commit failed");
         }
@@ -191,6 +201,7 @@ fn writer(db: Database, rx: std_mpsc::Receiver<Op>) {
             }
         }
     }
+    healthy.store(false, std::sync::atomic::Ordering::Release);
     tracing::debug!("store writer stopped");
 }
 

@@ -45,7 +45,7 @@ const MAX_RETRANSMIT: u32 = 4;
 
 /// What one datagram is, before deduplication.
 #[derive(Debug)]
-enum Inbound {
+pub(crate) enum Inbound {
     Request(Packet),
     /// Answer with this at once (a Reset).
     Reply(Bytes),
@@ -57,7 +57,7 @@ enum Inbound {
 
 /// Classifies a datagram. Malformed CONs get a Reset, as RFC 7252 §4.2 asks; anything
 /// else that is not a request is dropped, so garbage never costs more than this.
-fn classify(datagram: &[u8]) -> Inbound {
+pub(crate) fn classify(datagram: &[u8]) -> Inbound {
     // Header: Ver(2) T(2) TKL(4) | Code | Message ID (16), RFC 7252 §3.
     let [first, code, id_hi, id_lo, ..] = *datagram else { return Inbound::Drop };
     if first >> 6 != 1 {

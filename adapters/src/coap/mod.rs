@@ -20,8 +20,8 @@
 //! gets an empty ACK and later a separate CON response. Devices answer on
 //! `/command_response/REQ-ID` (`/cr`), gateways on `/command_response/TENANT/DEVICE/REQ-ID`.
 
-mod connection;
-mod dtls_front;
+pub(crate) mod connection;
+pub(crate) mod dtls_front;
 pub mod mapping;
 pub mod session;
 

@@ -24,6 +24,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use ferrule_messaging::net::Admission;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use ferrule_messaging::tls::{TlsAcceptor, TlsConfig};
@@ -53,12 +54,29 @@ pub struct HttpConfig {
     pub allow_unauthenticated: bool,
     /// Most concurrent connections; further ones wait in the accept queue.
     pub max_connections: usize,
+    /// Most connections open at once from one source address (IPv4, or IPv6 /64).
+    pub max_connections_per_ip: usize,
+    /// New connections per second from one source address (token bucket rate)...
+    pub connection_rate_per_ip: f64,
+    /// ... and burst.
+    pub connection_burst_per_ip: u32,
     /// Closes connections whose request headers take longer than this.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Upper bound for `hono-ttd`: the longest a request waits for a command.
     #[serde(with = "humantime_serde")]
     pub max_ttd: Duration,
+}
+
+impl HttpConfig {
+    /// The per-source connection limits of this listener.
+    pub fn source_limits(&self) -> ferrule_messaging::net::SourceLimits {
+        ferrule_messaging::net::SourceLimits {
+            max_per_source: self.max_connections_per_ip,
+            rate_per_second: self.connection_rate_per_ip,
+            burst: self.connection_burst_per_ip,
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -70,6 +88,9 @@ impl Default for HttpConfig {
             max_payload: 2048,
             allow_unauthenticated: false,
             max_connections: 10_000,
+            max_connections_per_ip: ferrule_messaging::net::SourceLimits::DEFAULT.max_per_source,
+            connection_rate_per_ip: ferrule_messaging::net::SourceLimits::DEFAULT.rate_per_second,
+            connection_burst_per_ip: ferrule_messaging::net::SourceLimits::DEFAULT.burst,
             header_read_timeout: Duration::from_secs(10),
             max_ttd: Duration::from_secs(60),
         }
@@ -86,6 +107,11 @@ max_payload = 2048
 allow_unauthenticated = false
 # Most concurrent connections; further ones wait in the accept queue.
 max_connections = 10000
+# Per source address (IPv4, or IPv6 /64): open connections, and new connections per
+# second (token bucket: rate and burst). Refused peers are closed at once.
+max_connections_per_ip = 1000
+connection_rate_per_ip = 100.0
+connection_burst_per_ip = 200
 # Closes connections whose request headers take longer than this.
 header_read_timeout = "10s"
 # Upper bound for hono-ttd: the longest a request waits for a command (larger values
@@ -163,14 +189,15 @@ impl HttpAdapter {
     /// Serves until `shutdown`; then lets open requests finish.
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
-        let limit = Arc::new(tokio::sync::Semaphore::new(self.state.config.max_connections));
+        let config = &self.state.config;
+        let admission = Admission::new("http", config.max_connections, config.source_limits());
         if let Some((listener, acceptor)) = self.tls {
             tracing::info!(addr = %listener.local_addr().expect("bound"), "HTTPS adapter up");
-            let (state, limit, shutdown, t) = (self.state.clone(), limit.clone(), shutdown.clone(), tasks.clone());
-            tasks.spawn(accept_loop(listener, Some(acceptor), state, limit, shutdown, t));
+            let (state, admission, shutdown, t) = (self.state.clone(), admission.clone(), shutdown.clone(), tasks.clone());
+            tasks.spawn(accept_loop(listener, Some(acceptor), state, admission, shutdown, t));
         }
         tracing::info!(addr = %self.listener.local_addr().expect("bound"), "HTTP adapter up");
-        accept_loop(self.listener, None, self.state, limit, shutdown, tasks.clone()).await;
+        accept_loop(self.listener, None, self.state, admission, shutdown, tasks.clone()).await;
         tasks.close();
         tasks.wait().await;
     }
@@ -180,29 +207,14 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     state: Arc<State>,
-    limit: Arc<tokio::sync::Semaphore>,
+    admission: Arc<Admission>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 ) {
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = limit.clone().acquire_owned() => permit.expect("never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let (state, shutdown, tls) = (state.clone(), shutdown.clone(), tls.clone());
-        tasks.spawn(async move {
+    let serve_shutdown = shutdown.clone();
+    ferrule_messaging::net::serve(listener, admission, shutdown, tasks, move |stream, peer| {
+        let (state, shutdown, tls) = (state.clone(), serve_shutdown.clone(), tls.clone());
+        async move {
             match tls {
                 None => serve(TokioIo::new(stream), peer, None, state, shutdown).await,
                 Some(acceptor) => {
@@ -213,9 +225,9 @@ async fn accept_loop(
                     }
                 }
             }
-            drop(permit);
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// The end-entity certificate (DER) a client presented in the TLS handshake; put into

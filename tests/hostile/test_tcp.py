@@ -1,0 +1,188 @@
+"""Connection floods against the TCP listeners: idle connections that never speak, slow
+headers (slowloris), half-open and slow MQTT CONNECTs. Each runs while a legitimate
+device's telemetry must keep reaching a proton application, and afterwards the server
+must have closed what the attacker held and stay within a memory bound.
+
+The attacker's sockets come from 127.0.0.5 (any 127/8 address is this host) so that
+the per-source limits, which are the point, do not also hit the legitimate clients on
+127.0.0.1. Timeouts are shortened through the environment to keep the suite fast.
+"""
+import selectors
+import socket
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from hostile_support import TENANT, Collector, expect_body, http_telemetry
+
+ATTACKER = "127.0.0.5"
+RSS_GROWTH_BOUND_MB = 100
+FLOOD = 2_000
+
+
+def open_idle(addr, count, payload=b""):
+    """TCP connections from ATTACKER to `addr`, each sending `payload` (maybe none).
+    Returns the ones that completed their connect within a few seconds."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((ATTACKER, 0))
+        s.setblocking(False)
+        try:
+            s.connect(addr)
+        except BlockingIOError:
+            pass
+        socks.append(s)
+    established = []
+    deadline = time.time() + 5
+    pending = list(socks)
+    while pending and time.time() < deadline:
+        sel = selectors.DefaultSelector()
+        for s in pending:
+            sel.register(s, selectors.EVENT_WRITE)
+        ready = {key.fileobj for key, _ in sel.select(timeout=1)}
+        sel.close()
+        for s in ready:
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                established.append(s)
+                if payload:
+                    try:
+                        s.send(payload)
+                    except OSError:
+                        pass
+            else:
+                s.close()
+        pending = [s for s in pending if s not in ready]
+    close_all(pending)
+    assert len(established) > count // 2, f"only {len(established)} of {count} connections were established"
+    return established
+
+
+def held_by_server(port):
+    """Established connections from ATTACKER to local `port`, as the server's kernel
+    sees them (/proc/net/tcp). The client-side view overcounts: when the listen backlog
+    overflows, the client believes connections established that the server never had."""
+    attacker = "".join(f"{int(octet):02X}" for octet in reversed(ATTACKER.split(".")))
+    count = 0
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state = fields[1], fields[2], fields[3]
+        if state == "01" and int(local.split(":")[1], 16) == port and remote.split(":")[0] == attacker:
+            count += 1
+    return count
+
+
+def released_by_server(port, within):
+    """Waits until the server holds no connection from ATTACKER on `port`; returns
+    how many it still holds."""
+    deadline = time.time() + within
+    while (held := held_by_server(port)) and time.time() < deadline:
+        time.sleep(0.2)
+    return held
+
+
+def close_all(socks):
+    for s in socks:
+        s.close()
+
+
+def metrics(target):
+    host, port = target.addr("ops")
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
+def refused(text, listener, reasons=("connections_per_ip", "connection_rate")):
+    """Connections of `listener` refused for any of `reasons`, from /metrics."""
+    total = 0.0
+    for reason in reasons:
+        prefix = f'ferrule_connections_refused_total{{listener="{listener}",reason="{reason}"}}'
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                total += float(line.split()[-1])
+    return total
+
+
+def telemetry_during(target, collector):
+    body = f"during-{uuid.uuid4().hex}".encode()
+    assert http_telemetry(target, body) == 202
+    expect_body(collector, body, timeout=5)
+
+
+@pytest.mark.server_env(FERRULE__MESSAGING__CONNECT_TIMEOUT="2s", FERRULE__OPS__HEADER_READ_TIMEOUT="2s")
+def test_idle_connections_on_amqp_and_ops(target):
+    """Review H3: AMQP and ops had no connection cap and no timeout before
+    authentication; idle connections held fds (shared by every listener) forever."""
+    collector = Collector(target.platform.url(TENANT), f"telemetry/{TENANT}")
+    collector.start()
+    try:
+        amqp = open_idle(target.addr("amqp"), FLOOD)
+        ops = open_idle(target.addr("ops"), FLOOD)
+        try:
+            telemetry_during(target, collector)
+            # Over the per-source cap (1000 AMQP, 16 ops) peers are closed at once; the
+            # AMQP connections that were admitted are closed by the connect timeout.
+            assert released_by_server(target.addr("amqp")[1], within=8) == 0, "AMQP: idle connections left open"
+            assert released_by_server(target.addr("ops")[1], within=8) == 0, "ops: idle connections left open"
+        finally:
+            close_all(amqp)
+            close_all(ops)
+        text = metrics(target)
+        assert refused(text, "amqp") > 0, "no AMQP connection refused by the per-source limits"
+        assert refused(text, "amqp", ("pre_auth_timeout",)) > 0, "no AMQP connection timed out before SASL"
+        assert refused(text, "ops") > 0, "no ops connection refused by the per-source limits"
+        telemetry_during(target, collector)
+    finally:
+        collector.stop.set()
+        collector.join(5)
+    target.assert_healthy("idle connection flood on AMQP and ops", RSS_GROWTH_BOUND_MB)
+
+
+@pytest.mark.server_env(FERRULE__ADAPTERS__HTTP__HEADER_READ_TIMEOUT="2s")
+def test_http_slowloris(target):
+    """Slow headers: each connection sends part of a request and then a byte now and
+    then. The header timeout ends them; the per-source cap bounds how many there are."""
+    collector = Collector(target.platform.url(TENANT), f"telemetry/{TENANT}")
+    collector.start()
+    try:
+        socks = open_idle(target.addr("http"), FLOOD, b"POST /telemetry HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(3):
+                for s in socks:
+                    try:
+                        s.send(b"X")
+                    except OSError:
+                        pass
+                telemetry_during(target, collector)
+                time.sleep(0.5)
+            assert released_by_server(target.addr("http")[1], within=8) == 0, "slow-header connections left open"
+        finally:
+            close_all(socks)
+        assert refused(metrics(target), "http") > 0, "no HTTP connection refused by the per-source limits"
+    finally:
+        collector.stop.set()
+        collector.join(5)
+    target.assert_healthy("HTTP slowloris", RSS_GROWTH_BOUND_MB)
+
+
+@pytest.mark.server_env(FERRULE__ADAPTERS__MQTT__CONNECT_TIMEOUT="2s")
+def test_mqtt_half_open_and_slow_connects(target):
+    """Half-open connections (nothing sent) and CONNECTs that stop half-way: the MQTT
+    connect timeout ends both."""
+    half_open = open_idle(target.addr("mqtt"), 500)
+    # A CONNECT announcing 100 bytes of which only the protocol name arrives.
+    slow = open_idle(target.addr("mqtt"), 500, b"\x10\x64\x00\x04MQTT")
+    try:
+        collector = Collector(target.platform.url(TENANT), f"telemetry/{TENANT}")
+        collector.start()
+        try:
+            telemetry_during(target, collector)
+        finally:
+            collector.stop.set()
+            collector.join(5)
+        assert released_by_server(target.addr("mqtt")[1], within=10) == 0, "MQTT connections left open"
+    finally:
+        close_all(half_open + slow)
+    target.assert_healthy("MQTT half-open and slow CONNECTs", RSS_GROWTH_BOUND_MB)
