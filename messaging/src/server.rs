@@ -166,7 +166,8 @@ impl ConnectionTask {
         Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
     {
         let identity = Arc::new(OnceLock::new());
-        let sasl = ConnectionSasl { authenticator: self.authenticator.clone(), identity: identity.clone() };
+        let sasl =
+            ConnectionSasl { authenticator: self.authenticator.clone(), identity: identity.clone(), source: peer.ip() };
         let acceptor = ConnectionAcceptor::builder()
             .container_id("ferrule")
             .max_frame_size(self.config.max_frame_size)

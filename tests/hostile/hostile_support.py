@@ -89,7 +89,10 @@ class Target:
         collector.start()
         try:
             body = f"health-{uuid.uuid4().hex}".encode()
-            status = http_telemetry(self, body)
+            # 503: the receiver's link has no credit yet (it was just attached): retry.
+            deadline = time.time() + timeout
+            while (status := http_telemetry(self, body)) == 503 and time.time() < deadline:
+                time.sleep(0.1)
             assert status == 202, f"legitimate HTTP telemetry answered {status}"
             expect_body(collector, body, timeout)
         finally:
