@@ -22,7 +22,7 @@ pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::coap::dtls_front::{client_hello_is_well_formed, inspect, Refusal, Shape, MAX_RECORDS_PER_DATAGRAM};
-    pub use {coap_lite, webrtc_dtls};
+    pub use coap_lite;
 
     /// Bounds `classify` applies before coap-lite parses a request.
     pub const COAP_MAX_OPTIONS: usize = crate::coap::connection::MAX_OPTIONS;

@@ -1,5 +1,6 @@
 //! The sockets: the plain UDP loop, and the DTLS listener that demultiplexes one UDP
-//! socket into per-peer DTLS sessions (webrtc-dtls does the record layer and handshake).
+//! socket into per-peer DTLS sessions (OpenSSL does the record layer and handshake, behind
+//! the stateless cookie exchange and the checks of `dtls.rs` and `dtls_front.rs`).
 //!
 //! Neither loop ever waits for the registry or the messaging core: each request is
 //! checked against its session's exchanges and then processed in its own task, bounded
@@ -11,20 +12,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use coap_lite::{CoapOption, MessageType, Packet};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use webrtc_dtls::conn::DTLSConn;
 
 use super::session::{
     Admission, Assembled, Assemblies, Confirmations, ExchangeKey, Exchanges, Session, EXCHANGE_LIFETIME,
 };
-use super::{dtls_front, mapping, Failure, Handled, Poll, Shared};
-use crate::device::DeviceIdentity;
+use super::{dtls, dtls_front, mapping, Failure, Handled, Poll, Shared};
 use crate::downstream::UploadError;
 
 /// Largest UDP datagram; one such buffer per socket loop.
@@ -158,14 +156,17 @@ fn encode(packet: &Packet) -> Option<Bytes> {
 #[derive(Clone)]
 enum Reply {
     Udp { socket: Arc<UdpSocket>, peer: SocketAddr },
-    Dtls(Arc<DTLSConn>),
+    Dtls { session: Arc<dtls::Session>, socket: Arc<UdpSocket>, peer: SocketAddr },
 }
 
 impl Reply {
     async fn send(&self, bytes: &[u8]) {
         let result = match self {
             Reply::Udp { socket, peer } => socket.send_to(bytes, *peer).await.map(drop).map_err(|e| e.to_string()),
-            Reply::Dtls(conn) => conn.write(bytes, None).await.map(drop).map_err(|e| e.to_string()),
+            Reply::Dtls { session, socket, peer } => {
+                send_all(socket, *peer, session.seal(bytes)).await;
+                Ok(())
+            }
         };
         if let Err(error) = result {
             tracing::debug!(%error, "cannot send CoAP response");
@@ -388,8 +389,9 @@ pub(super) async fn serve_udp(
 /// The DTLS endpoint: one UDP socket, demultiplexed by peer address into sessions.
 ///
 /// Every datagram passes [`dtls_front::inspect`] first, and each session has a budget of
-/// handshake records, so webrtc-dtls only ever sees whole, well-formed handshake
-/// messages in small numbers (see `dtls_front.rs`). A ClientHello from the address of an
+/// handshake records, so OpenSSL only ever sees whole, well-formed handshake
+/// messages in small numbers (see `dtls_front.rs`). A ClientHello without a valid cookie
+/// is answered statelessly (`dtls.rs`); one with a valid cookie from the address of an
 /// established session starts a second, pending session beside it: the established one
 /// keeps its application data until the new handshake completes (RFC 6347 §4.2.8), so a
 /// spoofed ClientHello cannot end a device's session. Handshaking sessions are capped
@@ -426,6 +428,21 @@ pub(super) async fn serve_dtls(
                 continue;
             }
         };
+        if shape.client_hello {
+            // The stateless cookie exchange: no state for a ClientHello without a cookie
+            // made for this address (a spoofed source never gets further).
+            let Some(hello) = dtls::hello_fields(datagram) else {
+                dtls_dropped("bad_handshake");
+                continue;
+            };
+            if !shared.dtls.cookies().verify(peer, hello.cookie) {
+                let answer = dtls::hello_verify_request(&hello, &shared.dtls.cookies().cookie(peer));
+                if let Err(e) = socket.try_send_to(&answer, peer) {
+                    tracing::debug!(%peer, error = %e, "cannot send HelloVerifyRequest");
+                }
+                continue;
+            }
+        }
         let route = {
             let mut peers = lock_peers(&peers);
             let entry = peers.entry(peer).or_default();
@@ -460,7 +477,6 @@ pub(super) async fn serve_dtls(
             }
         };
         let (queue, inbox) = mpsc::channel(PEER_QUEUE);
-        let _ = queue.try_send(Bytes::copy_from_slice(datagram));
         next_id += 1;
         let handle = SessionHandle {
             id: next_id,
@@ -471,10 +487,11 @@ pub(super) async fn serve_dtls(
         };
         let (id, established, cancel) = (handle.id, handle.established.clone(), handle.cancel.clone());
         lock_peers(&peers).entry(peer).or_default().pending = Some(handle);
-        let conn = Arc::new(PeerConn { socket: socket.clone(), peer, inbox: tokio::sync::Mutex::new(inbox) });
+        let hello = Bytes::copy_from_slice(datagram);
+        let link = PeerLink { socket: socket.clone(), peer, inbox };
         let (shared, peers, tasks2) = (shared.clone(), peers.clone(), tasks.clone());
         tasks.spawn(async move {
-            run_session(conn, &shared, &tasks2, &cancel, &established, slot).await;
+            run_session(link, hello, &shared, &tasks2, &cancel, &established, slot).await;
             // Only this session's handle: a newer one may have replaced it.
             let mut peers = lock_peers(&peers);
             if let Some(entry) = peers.get_mut(&peer) {
@@ -485,6 +502,21 @@ pub(super) async fn serve_dtls(
             }
             drop(permit);
         });
+    }
+}
+
+/// One peer's side of the shared DTLS socket.
+struct PeerLink {
+    socket: Arc<UdpSocket>,
+    peer: SocketAddr,
+    inbox: mpsc::Receiver<Bytes>,
+}
+
+async fn send_all(socket: &UdpSocket, peer: SocketAddr, datagrams: Vec<Vec<u8>>) {
+    for datagram in datagrams {
+        if let Err(error) = socket.send_to(&datagram, peer).await {
+            tracing::debug!(%peer, %error, "cannot send a DTLS record");
+        }
     }
 }
 
@@ -578,8 +610,8 @@ impl PeerEntry {
     fn route(&mut self, shape: dtls_front::Shape) -> Route {
         // Handshake traffic goes to the handshake in progress, within its budget; so
         // does everything else while there is no established session (a client's
-        // first request may overtake the end of the server's handshake: webrtc-dtls
-        // queues it until its keys are ready).
+        // first request may arrive before the handshake's end was noticed here: the
+        // session's task handles it after the handshake, in order).
         if let Some(pending) = self.pending.as_mut() {
             if shape.plaintext_only || shape.handshake_records > 0 || self.current.is_none() {
                 if shape.handshake_records > pending.budget {
@@ -595,7 +627,7 @@ impl PeerEntry {
             return Route::NewSession;
         }
         match self.current.as_mut() {
-            // webrtc-dtls does not renegotiate: an established session takes handshake
+            // No renegotiation: an established session takes handshake
             // records only within its budget (retransmitted Finished flights).
             Some(current) if !shape.plaintext_only && shape.handshake_records <= current.budget => {
                 current.budget -= shape.handshake_records;
@@ -626,165 +658,124 @@ fn lock_peers(peers: &Peers) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Pe
 
 /// Handshake, then serve one DTLS session until it idles out, fails or is cancelled.
 async fn run_session(
-    conn: Arc<PeerConn>,
+    mut link: PeerLink,
+    hello: Bytes,
     shared: &Arc<Shared>,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     established: &AtomicBool,
     slot: HandshakeSlot,
 ) {
-    let peer = conn.peer;
-    let authenticated: Arc<Mutex<Option<DeviceIdentity>>> = Arc::default();
-    let config = dtls_config(shared, authenticated.clone());
-    let handshake = tokio::time::timeout(shared.config.handshake_timeout, DTLSConn::new(conn, config, false, None));
-    // Cancel safety: dropping the handshake drops the connection; the peer retries.
-    let dtls = tokio::select! {
-        _ = shutdown.cancelled() => return,
-        result = handshake => match result {
-            Ok(Ok(dtls)) => Arc::new(dtls),
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "DTLS handshake failed");
-                return;
-            }
-            Err(_) => {
+    let peer = link.peer;
+    let (mut handshake, flight) = match shared.dtls.start(peer, &hello) {
+        Ok(started) => started,
+        Err(error) => {
+            tracing::debug!(%peer, %error, "DTLS handshake not started");
+            return;
+        }
+    };
+    send_all(&link.socket, peer, flight).await;
+    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+    let mut retransmit = tokio::time::interval(dtls::RETRANSMIT_INTERVAL);
+    retransmit.tick().await;
+    let session = loop {
+        // Cancel safety: `recv` and the timers lose nothing when another branch wins.
+        let datagram = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(deadline) => {
                 tracing::debug!(%peer, "DTLS handshake timed out");
                 return;
             }
-        },
-    };
-    let identity = authenticated.lock().unwrap_or_else(|p| p.into_inner()).take();
-    let Some(identity) = identity else {
-        // Cannot happen with PSK suites only, but never serve an unknown peer.
-        let _ = dtls.close().await;
-        return;
+            _ = retransmit.tick() => {
+                send_all(&link.socket, peer, handshake.handle_timeout()).await;
+                continue;
+            }
+            datagram = link.inbox.recv() => match datagram {
+                Some(datagram) => datagram,
+                None => return,
+            },
+        };
+        if let Some(identity) = dtls_front::psk_identity(&datagram) {
+            look_up_psk(shared, handshake.data(), identity).await;
+        }
+        match handshake.step(datagram) {
+            Ok(dtls::Step::Continue(flight)) => send_all(&link.socket, peer, flight).await,
+            Ok(dtls::Step::Established(session, flight)) => {
+                send_all(&link.socket, peer, flight).await;
+                break Arc::new(session);
+            }
+            Ok(dtls::Step::Failed(error, alert)) => {
+                tracing::debug!(%peer, %error, "DTLS handshake failed");
+                send_all(&link.socket, peer, alert).await;
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(%peer, %error, "DTLS handshake failed");
+                return;
+            }
+        }
     };
     drop(slot);
     established.store(true, Ordering::Release);
+    let identity = session.identity.clone();
     tracing::debug!(%peer, tenant = %identity.tenant, device = %identity.device_id, "DTLS session up");
     let config = &shared.config;
     let exchanges = Exchanges::new(EXCHANGE_LIFETIME, config.max_exchanges_per_session, config.max_in_flight_per_peer);
     let assemblies = Assemblies::new(EXCHANGE_LIFETIME, config.max_in_flight_per_peer, config.max_payload);
-    let session = Arc::new(Session {
+    let coap = Arc::new(Session {
         identity: Some(identity),
         exchanges: Mutex::new(exchanges),
         assemblies: Mutex::new(assemblies),
         confirmations: Mutex::default(),
     });
-    let reply = Reply::Dtls(dtls.clone());
-    let mut buf = vec![0u8; config.max_payload + HEADER_ROOM];
+    let reply = Reply::Dtls { session: session.clone(), socket: link.socket.clone(), peer };
+    let max_request = config.max_payload + HEADER_ROOM;
     loop {
-        // Cancel safety: `read` takes a decrypted record from a channel; cancelling it
-        // between records loses nothing.
-        let n = tokio::select! {
+        // Cancel safety: `recv` takes a datagram from a channel; cancelling it between
+        // datagrams loses nothing.
+        let datagram = tokio::select! {
             _ = shutdown.cancelled() => break,
-            read = dtls.read(&mut buf, Some(config.session_idle_timeout)) => match read {
-                Ok(n) => n,
-                Err(webrtc_dtls::Error::ErrBufferTooSmall) => {
-                    // Larger than any acceptable request; nothing to parse an answer from.
-                    tracing::debug!(%peer, "DTLS record larger than the maximum request dropped");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "DTLS session ends");
-                    break;
-                }
+            _ = tokio::time::sleep(config.session_idle_timeout) => {
+                tracing::debug!(%peer, "DTLS session idle; closing");
+                break;
+            }
+            datagram = link.inbox.recv() => match datagram {
+                Some(datagram) => datagram,
+                None => break,
             },
         };
-        if let Some(bytes) = dispatch(shared, tasks, &session, peer, &reply, &buf[..n]) {
-            reply.send(&bytes).await;
-        }
-    }
-    let _ = dtls.close().await;
-}
-
-/// PSK-only DTLS 1.2 server config whose PSK callback looks the identity
-/// `auth-id@tenant` up in the registry and remembers whose key it was.
-fn dtls_config(shared: &Arc<Shared>, authenticated: Arc<Mutex<Option<DeviceIdentity>>>) -> webrtc_dtls::config::Config {
-    let registry = shared.registry.clone();
-    let timeout = shared.config.handshake_timeout;
-    let runtime = tokio::runtime::Handle::current();
-    let psk = move |psk_identity: &[u8]| -> Result<Vec<u8>, webrtc_dtls::Error> {
-        let Some((auth_id, tenant)) = mapping::split_identity(psk_identity) else {
-            return Err(webrtc_dtls::Error::Other("PSK identity is not auth-id@tenant".into()));
-        };
-        // webrtc-dtls calls this synchronously from inside its handshake; the registry is
-        // async. `block_in_place` hands this worker's other tasks to the rest of the
-        // (multi-threaded, checked in `bind`) runtime while it waits.
-        let lookup = registry.psk(tenant, auth_id);
-        let result = tokio::task::block_in_place(|| runtime.block_on(tokio::time::timeout(timeout, lookup)));
-        match result {
-            Ok(Ok((identity, key))) => {
-                *authenticated.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
-                Ok(key)
+        match session.receive(datagram, max_request) {
+            dtls::Received::Data(requests, out) => {
+                send_all(&link.socket, peer, out).await;
+                for request in requests {
+                    if let Some(bytes) = dispatch(shared, tasks, &coap, peer, &reply, &request) {
+                        reply.send(&bytes).await;
+                    }
+                }
             }
-            Ok(Err(e)) => Err(webrtc_dtls::Error::Other(format!("PSK identity {auth_id}@{tenant} refused: {e}"))),
-            Err(_) => Err(webrtc_dtls::Error::Other("registry did not answer in time".into())),
+            dtls::Received::Closed(out) => {
+                send_all(&link.socket, peer, out).await;
+                return;
+            }
         }
+    }
+    send_all(&link.socket, peer, session.close()).await;
+}
+
+/// Looks the PSK identity `auth-id@tenant` of a ClientKeyExchange up in the registry,
+/// for OpenSSL's (synchronous) PSK callback to find.
+async fn look_up_psk(shared: &Arc<Shared>, data: &dtls::SessionData, identity: &[u8]) {
+    let Some((auth_id, tenant)) = mapping::split_identity(identity) else {
+        tracing::debug!("PSK identity is not auth-id@tenant");
+        return;
     };
-    use webrtc_dtls::cipher_suite::CipherSuiteId;
-    webrtc_dtls::config::Config {
-        psk: Some(Arc::new(psk)),
-        // webrtc-dtls's defaults are certificate suites only. CCM_8 is the one RFC 7252
-        // §9.1.3.1 makes mandatory for CoAP with PSK.
-        cipher_suites: vec![
-            CipherSuiteId::Tls_Psk_With_Aes_128_Ccm_8,
-            CipherSuiteId::Tls_Psk_With_Aes_128_Gcm_Sha256,
-            CipherSuiteId::Tls_Psk_With_Aes_128_Ccm,
-        ],
-        // Handshake flights are retransmitted on loss; keep them under common path MTUs.
-        flight_interval: Duration::from_secs(1),
-        ..Default::default()
-    }
-}
-
-/// One peer's datagrams on the shared DTLS socket, as the `Conn` webrtc-dtls runs on.
-/// (webrtc-util's own UDP listener never forgets a peer and buffers without bound.)
-struct PeerConn {
-    socket: Arc<UdpSocket>,
-    peer: SocketAddr,
-    inbox: tokio::sync::Mutex<mpsc::Receiver<Bytes>>,
-}
-
-#[async_trait]
-impl webrtc_util::Conn for PeerConn {
-    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
-        Err(webrtc_util::Error::Other("a demultiplexed peer is always connected".into()))
-    }
-
-    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        let datagram = self.inbox.lock().await.recv().await.ok_or(webrtc_util::Error::ErrClosedListener)?;
-        let n = datagram.len().min(buf.len());
-        buf[..n].copy_from_slice(&datagram[..n]);
-        Ok(n)
-    }
-
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        Ok((self.recv(buf).await?, self.peer))
-    }
-
-    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        Ok(self.socket.send_to(buf, self.peer).await?)
-    }
-
-    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        Ok(self.socket.send_to(buf, target).await?)
-    }
-
-    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        Ok(self.socket.local_addr()?)
-    }
-
-    fn remote_addr(&self) -> Option<SocketAddr> {
-        Some(self.peer)
-    }
-
-    async fn close(&self) -> webrtc_util::Result<()> {
-        self.inbox.lock().await.close();
-        Ok(())
-    }
-
-    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-        self
+    let lookup = tokio::time::timeout(shared.config.handshake_timeout, shared.registry.psk(tenant, auth_id));
+    match lookup.await {
+        Ok(Ok((device, key))) => {
+            *data.psk.lock().unwrap_or_else(|p| p.into_inner()) = Some((identity.to_vec(), key, device));
+        }
+        Ok(Err(e)) => tracing::debug!(auth_id, tenant, error = %e, "PSK identity refused"),
+        Err(_) => tracing::debug!(auth_id, tenant, "registry did not answer in time"),
     }
 }
 

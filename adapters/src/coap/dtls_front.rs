@@ -1,21 +1,16 @@
-//! The DTLS front: what a datagram on the DTLS port must look like before webrtc-dtls
-//! sees it. Pure functions over the bytes (fuzzed in `fuzz/`); the socket loop in
-//! `connection.rs` applies them and keeps the per-session budget.
+//! The DTLS front: what a datagram on the DTLS port must look like before the cookie
+//! check (`dtls.rs`) or OpenSSL sees it. Pure functions over the bytes (fuzzed in
+//! `fuzz/`); the socket loop in `connection.rs` applies them and keeps the per-session
+//! budget.
 //!
-//! webrtc-dtls cannot be trusted with unauthenticated input as it is:
-//! - its handshake reassembly (`FragmentBuffer`) recurses once per chained fragment and
-//!   takes up to 2 MB of them: ~2.6 MB of one-byte fragments from one address overflowed
-//!   a worker's stack and aborted the whole process (security review C1);
-//! - its ClientHello parser indexes past the end of a 1–3-byte extensions block (a panic
-//!   in the session task), and skips a non-empty session id's bytes wrongly.
-//!
-//! So the front admits only what a PSK client sends in a handshake, in the shape it
-//! sends it: epoch-0 handshake messages whole (never fragmented: a PSK client's
-//! ClientHello and ClientKeyExchange are far below any MTU), only ClientHello and
-//! ClientKeyExchange, a ClientHello that parses exactly, small encrypted handshake
-//! records (the Finished), and a bounded number of handshake records per session
-//! ([`HANDSHAKE_RECORD_BUDGET`]). With every message whole and at most that many records,
-//! webrtc-dtls's reassembly never chains more than a few fragments.
+//! It admits only what a PSK client sends in a handshake, in the shape it sends it:
+//! epoch-0 handshake messages whole (never fragmented: a PSK client's ClientHello and
+//! ClientKeyExchange are far below any MTU), only ClientHello and ClientKeyExchange, a
+//! ClientHello that parses exactly, small encrypted handshake records (the Finished),
+//! and a bounded number of handshake records per session ([`HANDSHAKE_RECORD_BUDGET`]).
+//! OpenSSL would cope with more; the point is that nothing a peer sends before it has
+//! authenticated costs more than a few small, bounded steps (webrtc-dtls, used before,
+//! recursed once per chained fragment and aborted the process on ~2.6 MB of them).
 
 /// Records in one datagram; a flight of a PSK client has at most four.
 pub const MAX_RECORDS_PER_DATAGRAM: usize = 8;
@@ -112,6 +107,29 @@ pub fn inspect(datagram: &[u8]) -> Result<Shape, Refusal> {
     Ok(shape)
 }
 
+/// The PSK identity of a ClientKeyExchange in a datagram already admitted by [`inspect`]
+/// (epoch-0 handshake records only), if it carries one.
+pub fn psk_identity(datagram: &[u8]) -> Option<&[u8]> {
+    let mut rest = datagram;
+    while rest.len() >= RECORD_HEADER {
+        let length = u16::from_be_bytes([rest[11], rest[12]]) as usize;
+        let body = rest.get(RECORD_HEADER..RECORD_HEADER + length)?;
+        if rest[0] == CONTENT_HANDSHAKE && rest[3..5] == [0, 0] {
+            let mut messages = body;
+            while messages.len() >= HANDSHAKE_HEADER {
+                let length = u32::from_be_bytes([0, messages[1], messages[2], messages[3]]) as usize;
+                let message = messages.get(HANDSHAKE_HEADER..HANDSHAKE_HEADER + length)?;
+                if messages[0] == CLIENT_KEY_EXCHANGE {
+                    return message.get(2..);
+                }
+                messages = &messages[HANDSHAKE_HEADER + length..];
+            }
+        }
+        rest = &rest[RECORD_HEADER + length..];
+    }
+    None
+}
+
 /// Checks the handshake messages of one epoch-0 record; true if one is a ClientHello.
 fn plaintext_handshake(mut body: &[u8]) -> Result<bool, Refusal> {
     let mut client_hello = false;
@@ -146,8 +164,8 @@ fn plaintext_handshake(mut body: &[u8]) -> Result<bool, Refusal> {
     Ok(client_hello)
 }
 
-/// A ClientHello (RFC 6347 §4.2.1) that parses exactly, with an empty session id (the
-/// only kind webrtc-dtls parses correctly, and all a new PSK session sends), at least
+/// A ClientHello (RFC 6347 §4.2.1) that parses exactly, with an empty session id (all a
+/// new PSK session sends: resumption is not offered), at least
 /// one cipher suite and compression method, and extensions that tile their block.
 pub fn client_hello_is_well_formed(message: &[u8]) -> bool {
     let mut r = Cursor(message);
@@ -243,6 +261,8 @@ mod tests {
         flight.extend(record(20, 0, &[1]));
         flight.extend(record(22, 1, &[0xaa; 48]));
         let shape = inspect(&flight).expect("admitted");
+        assert_eq!(psk_identity(&flight), Some(&b"d1@t1x"[..]));
+        assert_eq!(psk_identity(&record(23, 1, &[1, 2, 3])), None);
         assert_eq!((shape.client_hello, shape.handshake_records, shape.plaintext_only), (false, 2, false));
         // Application data after the handshake.
         assert!(inspect(&record(23, 1, &[1, 2, 3])).is_ok());
@@ -274,7 +294,7 @@ mod tests {
     fn client_hello_must_parse_exactly() {
         assert!(client_hello_is_well_formed(&client_hello_body(None)));
         assert!(client_hello_is_well_formed(&client_hello_body(Some(&[0, 0]))));
-        // The webrtc-dtls panic: an extensions block of 1, 2 or 3 bytes.
+        // An extensions block of 1, 2 or 3 bytes (webrtc-dtls, used before, panicked on it).
         for block in [&[0, 1, 0][..], &[0, 2, 0, 0], &[0, 3, 0, 0, 0]] {
             assert!(!client_hello_is_well_formed(&client_hello_body(Some(block))));
         }

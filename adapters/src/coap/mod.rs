@@ -21,6 +21,7 @@
 //! `/command_response/REQ-ID` (`/cr`), gateways on `/command_response/TENANT/DEVICE/REQ-ID`.
 
 pub(crate) mod connection;
+mod dtls;
 pub(crate) mod dtls_front;
 pub mod mapping;
 pub mod session;
@@ -151,6 +152,9 @@ pub enum CoapError {
     /// current-thread runtime cannot do.
     #[error("the CoAP adapter needs a multi-threaded tokio runtime")]
     Runtime,
+    /// OpenSSL's DTLS context could not be set up.
+    #[error("cannot set up DTLS: {0}")]
+    Dtls(String),
     /// A config value is out of range; the message names the key.
     #[error("adapters.coap.{0}")]
     Config(String),
@@ -212,6 +216,8 @@ pub(crate) struct Shared {
     router: Option<CommandRouter>,
     /// Cancelled at shutdown: requests waiting for a command stop waiting.
     stopping: CancellationToken,
+    /// OpenSSL's DTLS context and the cookie key.
+    dtls: dtls::DtlsServer,
 }
 
 impl CoapAdapter {
@@ -252,6 +258,7 @@ impl CoapAdapter {
             in_flight,
             router,
             stopping: CancellationToken::new(),
+            dtls: dtls::DtlsServer::new().map_err(|e| CoapError::Dtls(e.to_string()))?,
         };
         Ok(Self { udp, dtls, shared: Arc::new(shared) })
     }
