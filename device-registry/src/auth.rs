@@ -37,6 +37,27 @@ use crate::password;
 use crate::store::{Change, RegistryStore, StoreError};
 use crate::x509::{CertError, ClientCertificate, TrustAnchor};
 
+/// Releases an attempt's place among the running verifications of its auth-id.
+struct InFlight<'a> {
+    service: &'a AuthService,
+    key: &'a (TenantId, String),
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.service.state().failures.get_mut(self.key) {
+            f.in_flight = f.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+/// An argon2id hash of nothing in particular, with the parameters new passwords get:
+/// verified for unknown auth-ids so that they cost as much as known ones.
+fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| password::hash_plain("decoy password, never valid").unwrap_or_default())
+}
+
 /// Why authentication or a look-up failed. Adapters map these to protocol codes in one
 /// place (e.g. MQTT: `BadCredentials` 0x04/0x86, `*Disabled` 0x05/0x87, `RateLimited` and
 /// `Unavailable` 0x03/0x88).
@@ -141,6 +162,9 @@ struct Failures {
     count: u32,
     since: Instant,
     last_mac: Option<Mac32>,
+    /// Verifications running now: they count against `max_failures` from the moment
+    /// they start, so concurrency cannot multiply guesses.
+    in_flight: u32,
 }
 
 struct Cached<T> {
@@ -321,21 +345,37 @@ impl AuthService {
                     s.auth.remove(&key);
                 }
             }
-            if let Some(f) = s.failures.get(&fkey) {
-                let live = now.duration_since(f.since) < self.inner.settings.failure_window;
-                if live && f.count >= self.inner.settings.max_failures {
-                    return Err(AuthError::RateLimited);
-                }
-                if live && f.last_mac.is_some_and(|m| bool::from(m.ct_eq(&mac))) {
-                    return Err(AuthError::BadCredentials);
-                }
+            let window = self.inner.settings.failure_window;
+            bound(&mut s.failures, self.inner.settings.max_entries, |f| {
+                f.in_flight == 0 && now.duration_since(f.since) >= window
+            });
+            let f = s.failures.entry(fkey.clone()).or_insert(Failures {
+                count: 0,
+                since: now,
+                last_mac: None,
+                in_flight: 0,
+            });
+            if now.duration_since(f.since) >= window {
+                *f = Failures { count: 0, since: now, last_mac: None, in_flight: f.in_flight };
             }
+            if f.count + f.in_flight >= self.inner.settings.max_failures {
+                return Err(AuthError::RateLimited);
+            }
+            if f.last_mac.is_some_and(|m| bool::from(m.ct_eq(&mac))) {
+                return Err(AuthError::BadCredentials);
+            }
+            // Counted from now: released when this attempt ends, however it ends.
+            f.in_flight += 1;
         }
+        let _running = InFlight { service: self, key: &fkey };
         let seq = self.inner.seq.load(Ordering::SeqCst);
         match self.verify(&tenant, cred_type, auth_id, secret).await {
             Ok((device, window)) => {
                 let mut s = self.state();
-                s.failures.remove(&fkey);
+                if let Some(f) = s.failures.get_mut(&fkey) {
+                    f.count = 0;
+                    f.last_mac = None;
+                }
                 let max = self.inner.settings.max_entries;
                 bound(&mut s.auth, max, |e| e.expires <= now);
                 s.auth.insert(
@@ -359,16 +399,18 @@ impl AuthService {
                 // Remember the wrong secret only if no change happened while verifying:
                 // otherwise it may have been judged against stale data.
                 let last_mac = (self.inner.seq.load(Ordering::SeqCst) == seq).then_some(mac);
-                let f = s.failures.entry(fkey).or_insert(Failures {
+                let f = s.failures.entry(fkey.clone()).or_insert(Failures {
                     count: 0,
                     since: now,
                     last_mac: None,
+                    in_flight: 0,
                 });
                 if now.duration_since(f.since) >= window {
                     *f = Failures {
                         count: 0,
                         since: now,
                         last_mac: None,
+                        in_flight: f.in_flight,
                     };
                 }
                 f.count += 1;
@@ -398,6 +440,11 @@ impl AuthService {
         }
         let Some((device_id, creds)) = store.find_credentials(tenant, cred_type, auth_id).await?
         else {
+            if cred_type == CredentialType::HashedPassword {
+                // As slow as a known auth-id: timing must not tell which ones exist.
+                let presented = secret.to_vec();
+                let _ = self.inner.pool.run(move || password::verify(password::ARGON2ID, decoy_hash(), None, &presented)).await;
+            }
             return Err(AuthError::BadCredentials);
         };
         let Some(device) = store.get_device(tenant, &device_id).await? else {

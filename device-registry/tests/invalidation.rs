@@ -221,3 +221,31 @@ async fn registry_starts_on_redis_from_config() {
         .is_some());
     reg.stop().await;
 }
+
+/// Security review M3: failures were counted only after a hash finished, so 500
+/// simultaneous guesses all got hashed. Attempts now count when they start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guesses_count_when_they_start() {
+    let reg = TestRegistry::embedded().await;
+    provision(&reg.client()).await;
+    let a = reg.registry.auth().clone();
+    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 })
+        .await
+        .is_some());
+    let guesses: Vec<_> = (0..50)
+        .map(|i| {
+            let a = a.clone();
+            tokio::spawn(async move { auth(&a, &format!("guess-{i}")).await })
+        })
+        .collect();
+    let mut checked = 0;
+    for guess in guesses {
+        match guess.await.unwrap() {
+            Err(AuthError::BadCredentials) => checked += 1,
+            Err(AuthError::RateLimited) => {}
+            other => panic!("a guess got {other:?}"),
+        }
+    }
+    assert!(checked <= 5, "{checked} guesses were verified; at most max_failures (5) may be");
+    assert_eq!(auth(&a, "first-password").await, Err(AuthError::RateLimited));
+}
