@@ -21,8 +21,24 @@ pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
 /// Not part of the API.
 #[doc(hidden)]
 pub mod fuzzing {
-    pub use crate::coap::dtls_front::{client_hello_is_well_formed, inspect, Refusal, Shape, MAX_RECORDS_PER_DATAGRAM};
+    pub use crate::coap::dtls_front::{
+        client_hello_is_well_formed, inspect, psk_identity, Refusal, Shape, MAX_RECORDS_PER_DATAGRAM,
+    };
     pub use coap_lite;
+
+    /// The DTLS loop's answer to an admitted ClientHello without a valid cookie
+    /// (`dtls::hello_fields`, then `dtls::hello_verify_request` with `cookie`): `None`
+    /// when the datagram is dropped instead.
+    pub fn dtls_hello_verify_request(datagram: &[u8], cookie: &[u8]) -> Option<Vec<u8>> {
+        let hello = crate::coap::dtls::hello_fields(datagram)?;
+        Some(crate::coap::dtls::hello_verify_request(&hello, cookie))
+    }
+
+    /// `dtls::rewrite_for_handover`: the synthetic first ClientHello and the real one that
+    /// OpenSSL is given for a ClientHello with a valid cookie.
+    pub fn dtls_rewrite_for_handover(datagram: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+        crate::coap::dtls::rewrite_for_handover(datagram)
+    }
 
     /// Bounds `classify` applies before coap-lite parses a request.
     pub const COAP_MAX_OPTIONS: usize = crate::coap::connection::MAX_OPTIONS;

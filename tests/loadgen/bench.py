@@ -245,6 +245,7 @@ listen = "127.0.0.1:0"
 listen_tls = "127.0.0.1:0"
 allow_unauthenticated = true
 max_connections = 100000
+{http_extra}
 [adapters.mqtt]
 listen = "127.0.0.1:0"
 allow_unauthenticated = true
@@ -254,7 +255,24 @@ max_connections = 1000000
 listen = "127.0.0.1:0"
 listen_dtls = "127.0.0.1:0"
 allow_unauthenticated = true
+{coap_extra}
 """
+
+# The load generator plays thousands of devices from one host: lift the per-source limits
+# (which would otherwise rightly throttle it) where the binary under test has them.
+SOURCE_LIMITS_OFF = {
+    "http": "max_connections_per_ip = 1000000\nconnection_rate_per_ip = 1000000.0\nconnection_burst_per_ip = 1000000",
+    "coap": "reply_rate_per_ip = 1000000",
+}
+
+
+def supported_keys(ferrule_bin):
+    """The config keys `ferrule_bin` knows (from `config print-default`)."""
+    try:
+        out = subprocess.run([str(ferrule_bin), "config", "print-default"], capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        return set()
+    return {line.split("=", 1)[0].strip() for line in out.splitlines() if "=" in line and not line.lstrip().startswith("#")}
 
 
 class Ferrule:
@@ -271,8 +289,11 @@ class Ferrule:
         self.data.mkdir(parents=True)
         self.config = self.dir / "ferrule.toml"
         extra = f"workers = {suite.args.mqtt_workers}" if suite.args.mqtt_workers else ""
+        keys = suite.supported_keys()
+        limits_off = {k: (v if v.split(" =", 1)[0] in keys else "") for k, v in SOURCE_LIMITS_OFF.items()}
         self.config.write_text(FERRULE_CONFIG.format(data_dir=self.data, app_user=APP_USER, app_password=APP_PASSWORD,
-                                                     token=TOKEN, mqtt_extra=extra))
+                                                     token=TOKEN, mqtt_extra=extra, http_extra=limits_off["http"],
+                                                     coap_extra=limits_off["coap"]))
         self.proc = None
 
     def start(self):
@@ -491,6 +512,11 @@ class Suite:
     def next_id(self):
         self._id += 1
         return self._id
+
+    def supported_keys(self):
+        if not hasattr(self, "_keys"):
+            self._keys = supported_keys(self.ferrule_bin)
+        return self._keys
 
     def n(self, full, smoke):
         return smoke if self.smoke else max(1, int(full * self.scale))

@@ -72,7 +72,10 @@ pub(crate) fn classify(datagram: &[u8]) -> Inbound {
         _ if code == 0 || code >> 5 != 0 => reject(),
         // Bounded before coap-lite allocates a node per option (a 60 KB datagram can
         // carry 60,000 empty ones).
-        _ if !options_within_bounds(datagram) => reject(),
+        _ if !options_within_bounds(datagram) => {
+            metrics::counter!("ferrule_coap_refused_total", "reason" => "options").increment(1);
+            reject()
+        }
         _ => match Packet::from_bytes(datagram) {
             Ok(packet) if marker_without_payload(&packet, datagram) => reject(),
             Ok(packet) => Inbound::Request(packet),
@@ -155,14 +158,19 @@ fn encode(packet: &Packet) -> Option<Bytes> {
 /// Where the answer to a request goes.
 #[derive(Clone)]
 enum Reply {
-    Udp { socket: Arc<UdpSocket>, peer: SocketAddr },
+    Udp { socket: Arc<UdpSocket>, peer: SocketAddr, replies: Arc<ReplyBudget> },
     Dtls { session: Arc<dtls::Session>, socket: Arc<UdpSocket>, peer: SocketAddr },
 }
 
 impl Reply {
     async fn send(&self, bytes: &[u8]) {
         let result = match self {
-            Reply::Udp { socket, peer } => socket.send_to(bytes, *peer).await.map(drop).map_err(|e| e.to_string()),
+            Reply::Udp { socket, peer, replies } => {
+                if !replies.allow(peer.ip()) {
+                    return;
+                }
+                socket.send_to(bytes, *peer).await.map(drop).map_err(|e| e.to_string())
+            }
             Reply::Dtls { session, socket, peer } => {
                 send_all(socket, *peer, session.seal(bytes)).await;
                 Ok(())
@@ -343,6 +351,48 @@ fn lock(exchanges: &Mutex<Exchanges>) -> std::sync::MutexGuard<'_, Exchanges> {
     exchanges.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Answers per source address on plain UDP: a token bucket, so that the endpoint cannot
+/// be used to reflect traffic at a spoofed victim faster than `rate` answers a second
+/// (answers are a few times larger than the smallest requests). The table of sources is
+/// bounded; sources over the bound share one bucket.
+pub(crate) struct ReplyBudget {
+    rate: f64,
+    buckets: Mutex<HashMap<std::net::IpAddr, (f64, Instant)>>,
+}
+
+/// Sources tracked by a [`ReplyBudget`].
+const MAX_REPLY_SOURCES: usize = 65_536;
+
+impl ReplyBudget {
+    pub(crate) fn new(rate: u32) -> Self {
+        Self { rate: rate.max(1) as f64, buckets: Mutex::default() }
+    }
+
+    /// Takes one answer from `ip`'s budget; false (and counted) when it is spent.
+    pub(crate) fn allow(&self, ip: std::net::IpAddr) -> bool {
+        let now = Instant::now();
+        let burst = self.rate * 2.0;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_REPLY_SOURCES && !buckets.contains_key(&ip) {
+            buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * self.rate < burst);
+        }
+        let key = if buckets.len() >= MAX_REPLY_SOURCES && !buckets.contains_key(&ip) {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+        } else {
+            ip
+        };
+        let (tokens, at) = buckets.entry(key).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(burst);
+        *at = now;
+        if *tokens < 1.0 {
+            metrics::counter!("ferrule_coap_refused_total", "reason" => "reply_rate").increment(1);
+            return false;
+        }
+        *tokens -= 1.0;
+        true
+    }
+}
+
 /// The plain UDP endpoint: unauthenticated devices only.
 pub(super) async fn serve_udp(
     socket: Arc<UdpSocket>,
@@ -359,6 +409,7 @@ pub(super) async fn serve_udp(
         assemblies: Mutex::new(assemblies),
         confirmations: Mutex::default(),
     });
+    let replies = Arc::new(ReplyBudget::new(shared.config.reply_rate_per_ip));
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         // Cancel safety: `recv_from` loses nothing when cancelled.
@@ -375,8 +426,8 @@ pub(super) async fn serve_udp(
                 }
             },
         };
-        let reply = Reply::Udp { socket: socket.clone(), peer };
-        if let Some(bytes) = dispatch(&shared, &tasks, &session, peer, &reply, &buf[..n]) {
+        let reply = Reply::Udp { socket: socket.clone(), peer, replies: replies.clone() };
+        if let Some(bytes) = dispatch(&shared, &tasks, &session, peer, &reply, &buf[..n]).filter(|_| replies.allow(peer.ip())) {
             // Never wait in the receive loop: a full socket buffer drops the answer,
             // as the network might, and the peer retransmits.
             if let Err(e) = socket.try_send_to(&bytes, peer) {
@@ -782,6 +833,15 @@ async fn look_up_psk(shared: &Arc<Shared>, data: &dtls::SessionData, identity: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_are_rate_limited_per_source() {
+        let budget = ReplyBudget::new(10);
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let allowed = (0..100).filter(|_| budget.allow(a)).count();
+        assert_eq!(allowed, 20, "a burst of twice the rate, then nothing");
+        assert!(budget.allow(b), "another source has its own budget");
+    }
 
     #[test]
     fn malformed_datagrams_are_reset_or_dropped() {

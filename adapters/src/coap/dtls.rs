@@ -344,14 +344,14 @@ impl Session {
 
 /// The ClientHello of `datagram` (epoch 0, whole, one record as [`super::dtls_front`]
 /// admits): its message's cookie, client random and record sequence number.
-pub(super) struct HelloFields<'a> {
+pub(crate) struct HelloFields<'a> {
     pub(super) record_sequence: [u8; 8],
     pub(super) message_seq: [u8; 2],
     pub(super) cookie: &'a [u8],
 }
 
 /// Finds the ClientHello in the first record of `datagram`.
-pub(super) fn hello_fields(datagram: &[u8]) -> Option<HelloFields<'_>> {
+pub(crate) fn hello_fields(datagram: &[u8]) -> Option<HelloFields<'_>> {
     let record = datagram.get(..RECORD_HEADER)?;
     if record[0] != 22 || record[3..5] != [0, 0] {
         return None;
@@ -372,7 +372,7 @@ pub(super) fn hello_fields(datagram: &[u8]) -> Option<HelloFields<'_>> {
 
 /// The HelloVerifyRequest answering `hello` (RFC 6347 §4.2.1): record sequence number
 /// and message_seq of the ClientHello, version DTLS 1.0 (as the RFC asks), `cookie`.
-pub(super) fn hello_verify_request(hello: &HelloFields<'_>, cookie: &[u8]) -> Vec<u8> {
+pub(crate) fn hello_verify_request(hello: &HelloFields<'_>, cookie: &[u8]) -> Vec<u8> {
     let body_len = 3 + cookie.len();
     let mut out = Vec::with_capacity(RECORD_HEADER + HANDSHAKE_HEADER + body_len);
     out.extend_from_slice(&[22, 0xfe, 0xff]);
@@ -393,7 +393,7 @@ pub(super) fn hello_verify_request(hello: &HelloFields<'_>, cookie: &[u8]) -> Ve
 /// (cookie removed, message_seq 0, record sequence 0) and the real one with record
 /// sequence 1 (epoch-0 record numbers are not authenticated; this keeps OpenSSL's
 /// replay window from taking the real one for a duplicate of the synthetic one).
-fn rewrite_for_handover(datagram: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+pub(crate) fn rewrite_for_handover(datagram: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     let record_len = u16::from_be_bytes([*datagram.get(11)?, *datagram.get(12)?]) as usize;
     let record = datagram.get(..RECORD_HEADER + record_len)?;
     let message = record.get(RECORD_HEADER..)?;

@@ -21,7 +21,7 @@
 //! `/command_response/REQ-ID` (`/cr`), gateways on `/command_response/TENANT/DEVICE/REQ-ID`.
 
 pub(crate) mod connection;
-mod dtls;
+pub(crate) mod dtls;
 pub(crate) mod dtls_front;
 pub mod mapping;
 pub mod session;
@@ -74,6 +74,9 @@ pub struct CoapConfig {
     pub max_dtls_sessions: usize,
     /// Most DTLS handshakes in progress from one source IP address (more: ignored).
     pub max_dtls_handshakes_per_ip: usize,
+    /// Answers per second to one source address on plain UDP (burst: twice that); more
+    /// are not sent, so the endpoint cannot reflect traffic at a spoofed victim.
+    pub reply_rate_per_ip: u32,
     /// A DTLS handshake that takes longer than this is abandoned.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
@@ -99,6 +102,7 @@ impl Default for CoapConfig {
             max_block_transfers: 1000,
             max_dtls_sessions: 10_000,
             max_dtls_handshakes_per_ip: 32,
+            reply_rate_per_ip: 200,
             handshake_timeout: Duration::from_secs(10),
             session_idle_timeout: Duration::from_secs(300),
             max_ttd: Duration::from_secs(60),
@@ -133,6 +137,9 @@ max_dtls_sessions = 10000
 # Most DTLS handshakes in progress from one source IP address (more are ignored), so
 # that one host cannot take every session slot.
 max_dtls_handshakes_per_ip = 32
+# Answers per second to one source address on plain UDP (burst: twice that); more are not
+# sent, so the endpoint cannot reflect traffic at a spoofed victim.
+reply_rate_per_ip = 200
 # A DTLS handshake that takes longer than this is abandoned.
 handshake_timeout = "10s"
 # A DTLS session without traffic for this long is closed.
@@ -178,6 +185,7 @@ impl CoapConfig {
             ("max_block_transfers", self.max_block_transfers),
             ("max_dtls_sessions", self.max_dtls_sessions),
             ("max_dtls_handshakes_per_ip", self.max_dtls_handshakes_per_ip),
+            ("reply_rate_per_ip", self.reply_rate_per_ip as usize),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
             return Err(CoapError::Config(format!("{key} must be at least 1")));
