@@ -378,14 +378,24 @@ impl FrameChecker {
         if body.is_empty() {
             return Ok(Some(frame.len())); // heartbeat
         }
+        // A performative is a described list (AMQP 1.0 §2.7, §5.3.3): a body starting any
+        // other way could be grouped differently by the decoder than by the walker.
+        if body[0] != 0x00 {
+            return Err(FrameError::Performative(ScanError::Malformed));
+        }
         let performative = scan(body, Some(1), MAX_DEPTH).map_err(FrameError::Performative)?;
+        let rest = &body[performative..];
         // Type 0 is AMQP; SASL frames (type 1) carry no payload.
         if head[5] == 0 {
             let channel = u16::from_be_bytes([head[6], head[7]]);
             if let Some(transfer) = transfer_fields(&body[..performative]).map_err(|()| FrameError::BadTransfer)? {
-                self.transfer(channel, transfer, &body[performative..])?;
+                self.transfer(channel, transfer, rest)?;
+                return Ok(Some(frame.len()));
             }
         }
+        // Nothing follows other performatives; whatever does is walked like the rest, so
+        // that no decoder reading past the performative finds unchecked bytes.
+        scan(rest, None, MAX_DEPTH).map_err(FrameError::Performative)?;
         Ok(Some(frame.len()))
     }
 
@@ -676,6 +686,16 @@ mod tests {
         let mut huge = frame(0, &transfer(0, false), &[]);
         huge[..4].copy_from_slice(&100_000u32.to_be_bytes());
         assert!(matches!(checker.check(&huge[..8]), Err(FrameError::FrameTooLarge { .. })));
+        // A SASL frame whose body is not a described value, followed by deep values (found
+        // by the amqp_decode fuzz target: fe2o3 took the first value as a descriptor and
+        // decoded the rest as its value).
+        let mut sasl = frame(0, &[0x53, 0x41], &[0x00, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x41]);
+        sasl[5] = 1;
+        assert_eq!(checker.check(&sasl), Err(FrameError::Performative(ScanError::Malformed)));
+        // Trailing bytes after a performative are walked too.
+        let mut trailing = frame(0, &[0x00, 0x53, 0x41, 0x45], &nested_lists(40));
+        trailing[5] = 1;
+        assert_eq!(checker.check(&trailing), Err(FrameError::Performative(ScanError::TooDeep)));
         // A deep performative (e.g. attach properties).
         let deep_attach = [&[0x00, 0x53, 0x12][..], &nested_lists(40)].concat();
         let bad = frame(0, &deep_attach, &[]);

@@ -113,7 +113,7 @@ pub struct Admission {
 pub struct Admitted {
     admission: Arc<Admission>,
     key: SourceKey,
-    _permit: OwnedSemaphorePermit,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Drop for Admitted {
@@ -142,6 +142,25 @@ impl Admission {
 
     /// Admits a connection from `ip` holding `permit` (a place under the listener's cap).
     pub fn admit(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit, now: Instant) -> Result<Admitted, Refusal> {
+        self.admit_inner(ip, Some(permit), now)
+    }
+
+    /// Admits a connection from `ip` by the per-source limits only, for a listener whose
+    /// total is capped elsewhere (MQTT: ntex's accept loop). Counts a refusal.
+    pub fn admit_source(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refusal> {
+        let admitted = self.admit_inner(ip, None, Instant::now());
+        if let Err(refusal) = &admitted {
+            metrics::counter!(
+                "ferrule_connections_refused_total",
+                "listener" => self.listener,
+                "reason" => refusal.as_str()
+            )
+            .increment(1);
+        }
+        admitted
+    }
+
+    fn admit_inner(self: &Arc<Self>, ip: IpAddr, permit: Option<OwnedSemaphorePermit>, now: Instant) -> Result<Admitted, Refusal> {
         let key = SourceKey::from(ip);
         let limits = self.limits;
         let mut sources = self.lock();

@@ -7,6 +7,7 @@ The attacker's sockets come from 127.0.0.5 (any 127/8 address is this host) so t
 the per-source limits, which are the point, do not also hit the legitimate clients on
 127.0.0.1. Timeouts are shortened through the environment to keep the suite fast.
 """
+import collections
 import selectors
 import socket
 import time
@@ -250,3 +251,42 @@ def test_amqp_sasl_wrong_password_flood(target):
     # but the application's cached login passes from anywhere.
     assert sasl_plain_code(addr, user, password, source="127.0.0.6") == 0
     target.assert_healthy("AMQP SASL wrong-password flood", RSS_GROWTH_BOUND_MB)
+
+
+def mqtt_connect_packet(client_id: str) -> bytes:
+    """An MQTT 3.1.1 CONNECT without credentials (clean session, keep-alive 60 s)."""
+    cid = client_id.encode()
+    variable = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid
+    return bytes([0x10, len(variable)]) + variable
+
+
+def mqtt_connack_code(addr, client_id, source=ATTACKER):
+    """Return code of the CONNACK to an anonymous CONNECT from `source` (None: closed)."""
+    s = socket.create_connection(addr, timeout=10, source_address=(source, 0))
+    try:
+        s.sendall(mqtt_connect_packet(client_id))
+        data = b""
+        while len(data) < 4:
+            chunk = s.recv(4 - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data[3]
+    finally:
+        s.close()
+
+
+@pytest.mark.server_env(
+    FERRULE__ADAPTERS__MQTT__CONNECTION_RATE_PER_IP="5.0",
+    FERRULE__ADAPTERS__MQTT__CONNECTION_BURST_PER_IP="20",
+)
+def test_mqtt_connect_flood_from_one_source(target):
+    """CONNECTs from one source beyond its token bucket get CONNACK 0x03 (server
+    unavailable) before any authentication work; other sources connect normally."""
+    addr = target.addr("mqtt")
+    codes = collections.Counter(mqtt_connack_code(addr, f"flood-{i}") for i in range(100))
+    assert codes[0] <= 25, f"more CONNECTs accepted than the burst allows: {dict(codes)}"
+    assert codes[3] >= 70, f"CONNECTs over the rate were not refused with 0x03: {dict(codes)}"
+    assert mqtt_connack_code(addr, "legit", source="127.0.0.1") == 0, "another source was refused"
+    assert refused(metrics(target), "mqtt", ("connection_rate",)) >= 70
+    target.assert_healthy("MQTT CONNECT flood from one source", RSS_GROWTH_BOUND_MB)

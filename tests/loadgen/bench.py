@@ -260,19 +260,27 @@ allow_unauthenticated = true
 
 # The load generator plays thousands of devices from one host: lift the per-source limits
 # (which would otherwise rightly throttle it) where the binary under test has them.
-SOURCE_LIMITS_OFF = {
+SOURCE_LIMITS_OFF = {  # [adapters.X] -> keys
     "http": "max_connections_per_ip = 1000000\nconnection_rate_per_ip = 1000000.0\nconnection_burst_per_ip = 1000000",
     "coap": "reply_rate_per_ip = 1000000",
+    "mqtt": "max_connections_per_ip = 1000000\nconnection_rate_per_ip = 1000000.0\nconnection_burst_per_ip = 1000000",
 }
 
 
 def supported_keys(ferrule_bin):
-    """The config keys `ferrule_bin` knows (from `config print-default`)."""
+    """The config keys `ferrule_bin` knows, as "section.key" (from `config print-default`)."""
     try:
         out = subprocess.run([str(ferrule_bin), "config", "print-default"], capture_output=True, text=True, timeout=30).stdout
     except OSError:
         return set()
-    return {line.split("=", 1)[0].strip() for line in out.splitlines() if "=" in line and not line.lstrip().startswith("#")}
+    keys, section = set(), ""
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif "=" in line and not line.startswith("#"):
+            keys.add(f"{section}.{line.split('=', 1)[0].strip()}")
+    return keys
 
 
 class Ferrule:
@@ -288,9 +296,10 @@ class Ferrule:
         self.data = self.dir / "data"
         self.data.mkdir(parents=True)
         self.config = self.dir / "ferrule.toml"
-        extra = f"workers = {suite.args.mqtt_workers}" if suite.args.mqtt_workers else ""
         keys = suite.supported_keys()
-        limits_off = {k: (v if v.split(" =", 1)[0] in keys else "") for k, v in SOURCE_LIMITS_OFF.items()}
+        limits_off = {k: (v if f"adapters.{k}.{v.split(' =', 1)[0]}" in keys else "") for k, v in SOURCE_LIMITS_OFF.items()}
+        extra = f"workers = {suite.args.mqtt_workers}" if suite.args.mqtt_workers else ""
+        extra += "\n" + limits_off["mqtt"]
         self.config.write_text(FERRULE_CONFIG.format(data_dir=self.data, app_user=APP_USER, app_password=APP_PASSWORD,
                                                      token=TOKEN, mqtt_extra=extra, http_extra=limits_off["http"],
                                                      coap_extra=limits_off["coap"]))

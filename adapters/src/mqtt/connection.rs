@@ -34,6 +34,8 @@ pub(super) struct Shared {
     pub registry: Arc<dyn DeviceRegistry>,
     /// `None`: commands are off (command subscriptions refused).
     pub commands: Option<CommandRouter>,
+    /// Per-source limits, checked at CONNECT (ntex caps the total).
+    pub admission: Arc<ferrule_messaging::net::Admission>,
 }
 
 /// An error that ends the connection; ntex hands it to the control service.
@@ -187,6 +189,10 @@ enum Refusal {
     WillNotSupported,
     /// A persistent session (Ferrule keeps no session state).
     PersistentSession,
+    /// Too many sessions from the client's source address.
+    SourceConnections,
+    /// CONNECTs from the client's source address come too fast.
+    SourceRate,
 }
 
 impl Refusal {
@@ -195,7 +201,7 @@ impl Refusal {
         match self {
             Refusal::BadCredentials => R::BadUserNameOrPassword,
             Refusal::NotAuthorized | Refusal::WillNotSupported => R::NotAuthorized,
-            Refusal::Unavailable => R::ServiceUnavailable,
+            Refusal::Unavailable | Refusal::SourceConnections | Refusal::SourceRate => R::ServiceUnavailable,
             Refusal::PersistentSession => R::IdentifierRejected,
         }
     }
@@ -206,6 +212,8 @@ impl Refusal {
             Refusal::NotAuthorized => ConnectAckReason::NotAuthorized,
             Refusal::Unavailable => ConnectAckReason::ServerUnavailable,
             Refusal::WillNotSupported | Refusal::PersistentSession => ConnectAckReason::ImplementationSpecificError,
+            Refusal::SourceConnections => ConnectAckReason::QuotaExceeded,
+            Refusal::SourceRate => ConnectAckReason::ConnectionRateExceeded,
         }
     }
 
@@ -216,7 +224,21 @@ impl Refusal {
             Refusal::Unavailable => "device registry unavailable",
             Refusal::WillNotSupported => "will messages are not supported",
             Refusal::PersistentSession => "persistent sessions are not supported",
+            Refusal::SourceConnections => "too many connections from this address",
+            Refusal::SourceRate => "connecting too fast from this address",
         }
+    }
+}
+
+/// The per-source admission of a CONNECT, held by the session for its life.
+fn admit(shared: &Shared, io: &ntex_io::IoBoxed) -> Result<Option<ferrule_messaging::net::Admitted>, Refusal> {
+    let Some(peer) = io.query::<ntex_io::types::PeerAddr>().get() else { return Ok(None) };
+    match shared.admission.admit_source(peer.0.ip()) {
+        Ok(admitted) => Ok(Some(admitted)),
+        Err(ferrule_messaging::net::Refusal::PerSource | ferrule_messaging::net::Refusal::TableFull) => {
+            Err(Refusal::SourceConnections)
+        }
+        Err(ferrule_messaging::net::Refusal::Rate) => Err(Refusal::SourceRate),
     }
 }
 
@@ -277,7 +299,10 @@ async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::Co
     let cert = client_certificate(connect.io());
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
-    let refused = if packet.last_will.is_some() {
+    let admitted = admit(shared, connect.io());
+    let refused = if let Err(refusal) = admitted {
+        Err(refusal)
+    } else if packet.last_will.is_some() {
         Err(Refusal::WillNotSupported)
     } else if !packet.clean_session {
         Err(Refusal::PersistentSession)
@@ -287,7 +312,8 @@ async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::Co
     match refused {
         Ok(principal) => {
             connected(shared, &principal, &client_id);
-            Ok(connect.ack(Session::new(principal, Version::V3_1_1, client_id), false))
+            let session = Session::new(principal, Version::V3_1_1, client_id).admitted(admitted.ok().flatten());
+            Ok(connect.ack(session, false))
         }
         Err(refusal) => {
             tracing::debug!(client_id, reason = refusal.reason(), "MQTT 3.1.1 CONNECT refused");
@@ -301,7 +327,10 @@ async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::Co
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
     let asks_for_session = packet.session_expiry_interval_secs > 0;
-    let refused = if packet.last_will.is_some() {
+    let admitted = admit(shared, connect.io());
+    let refused = if let Err(refusal) = admitted {
+        Err(refusal)
+    } else if packet.last_will.is_some() {
         Err(Refusal::WillNotSupported)
     } else {
         authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref()).await
@@ -309,7 +338,7 @@ async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::Co
     match refused {
         Ok(principal) => {
             connected(shared, &principal, &client_id);
-            let session = Session::new(principal, Version::V5, client_id);
+            let session = Session::new(principal, Version::V5, client_id).admitted(admitted.ok().flatten());
             Ok(connect.ack(session).with(|ack| {
                 ack.retain_available = false;
                 ack.shared_subscription_available = false;

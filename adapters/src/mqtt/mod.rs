@@ -56,6 +56,14 @@ pub struct MqttConfig {
     pub allow_unauthenticated: bool,
     /// Most concurrent connections; further ones wait in the accept queue.
     pub max_connections: usize,
+    /// Most sessions open at once from one source address (IPv4, or IPv6 /64); checked at
+    /// CONNECT, before authentication (CONNACK 0x03 / v5 0x97).
+    pub max_connections_per_ip: usize,
+    /// CONNECTs per second from one source address (token bucket rate; CONNACK 0x03 / v5
+    /// 0x9F beyond it)...
+    pub connection_rate_per_ip: f64,
+    /// ... and burst (devices behind one NAT reconnecting together).
+    pub connection_burst_per_ip: u32,
     /// Closes connections whose CONNECT packet does not arrive within this time.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -79,6 +87,9 @@ impl Default for MqttConfig {
             max_payload: 2048,
             allow_unauthenticated: false,
             max_connections: 10_000,
+            max_connections_per_ip: 1000,
+            connection_rate_per_ip: 200.0,
+            connection_burst_per_ip: 1000,
             connect_timeout: Duration::from_secs(10),
             workers: 1,
             shutdown_grace: Duration::from_secs(2),
@@ -100,6 +111,12 @@ max_payload = 2048
 allow_unauthenticated = false
 # Most concurrent connections; further ones wait in the accept queue.
 max_connections = 10000
+# Per source address (IPv4, or IPv6 /64), checked at CONNECT before authentication:
+# sessions open at once (more: CONNACK 0x03 / v5 0x97) and CONNECTs per second (token
+# bucket: rate and burst; more: 0x03 / v5 0x9F).
+max_connections_per_ip = 1000
+connection_rate_per_ip = 200.0
+connection_burst_per_ip = 1000
 # Closes connections whose CONNECT packet does not arrive within this time.
 connect_timeout = "10s"
 # Number of ntex worker threads.
@@ -118,6 +135,15 @@ command_ack_timeout = "10s"
 "#;
 
 impl MqttConfig {
+    /// The per-source limits checked at CONNECT.
+    pub fn source_limits(&self) -> ferrule_messaging::net::SourceLimits {
+        ferrule_messaging::net::SourceLimits {
+            max_per_source: self.max_connections_per_ip,
+            rate_per_second: self.connection_rate_per_ip,
+            burst: self.connection_burst_per_ip,
+        }
+    }
+
     fn validate(&self) -> Result<(), MqttError> {
         let bad = |key: &'static str, why: &'static str| Err(MqttError::Config { key, why });
         if self.max_payload == 0 || self.max_payload > 256 * 1024 * 1024 {
@@ -125,6 +151,9 @@ impl MqttConfig {
         }
         if self.max_connections == 0 {
             return bad("adapters.mqtt.max_connections", "must be at least 1");
+        }
+        if let Err(why) = self.source_limits().validate() {
+            return bad("adapters.mqtt.max_connections_per_ip", why);
         }
         if self.workers == 0 || self.workers > 64 {
             return bad("adapters.mqtt.workers", "must be between 1 and 64");
@@ -247,7 +276,8 @@ pub fn start_with_commands(
         None => None,
     };
 
-    let shared = Arc::new(connection::Shared { config, downstream, registry, commands });
+    let admission = ferrule_messaging::net::Admission::new("mqtt", config.max_connections, config.source_limits());
+    let shared = Arc::new(connection::Shared { config, downstream, registry, commands, admission });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new()
