@@ -67,9 +67,10 @@ impl DeviceRegistry for RegistryDevices {
         tenant: &'a str,
         auth_id: &'a str,
         password: &'a [u8],
+        source: Option<std::net::IpAddr>,
     ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
         Box::pin(async move {
-            let result = self.0.authenticate(tenant, CredentialType::HashedPassword, auth_id, password).await;
+            let result = self.0.authenticate_from(tenant, CredentialType::HashedPassword, auth_id, password, source).await;
             self.identified("hashed-password", result).await
         })
     }

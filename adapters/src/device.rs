@@ -49,12 +49,14 @@ pub enum AuthError {
 
 /// The adapters' view of the device registry.
 pub trait DeviceRegistry: Send + Sync + 'static {
-    /// Verifies a `hashed-password` credential.
+    /// Verifies a `hashed-password` credential presented from `source` (the client's
+    /// address, when known: failures are remembered per source as well as per auth-id).
     fn authenticate_password<'a>(
         &'a self,
         tenant: &'a str,
         auth_id: &'a str,
         password: &'a [u8],
+        source: Option<std::net::IpAddr>,
     ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>>;
 
     /// Authenticates a device by the X.509 certificate (DER, end entity) it presented in

@@ -37,10 +37,31 @@ use crate::password;
 use crate::store::{Change, RegistryStore, StoreError};
 use crate::x509::{CertError, ClientCertificate, TrustAnchor};
 
+/// How failures of one auth-id are counted: per source address, and all sources together.
+type FailureKey = (TenantId, String, Option<std::net::IpAddr>);
+
+/// With a source address, the failures of all sources together may reach this many times
+/// `max_failures` (one source's own may reach `max_failures`).
+pub const SOURCES_FACTOR: u32 = 20;
+
+/// The failure entry for `key` as of `now` (a new window once the old one is over).
+fn failures_entry<'m>(
+    failures: &'m mut HashMap<FailureKey, Failures>,
+    key: &FailureKey,
+    now: Instant,
+    window: Duration,
+) -> &'m mut Failures {
+    let f = failures.entry(key.clone()).or_insert(Failures { count: 0, since: now, last_mac: None, in_flight: 0 });
+    if now.duration_since(f.since) >= window {
+        *f = Failures { count: 0, since: now, last_mac: None, in_flight: f.in_flight };
+    }
+    f
+}
+
 /// Releases an attempt's place among the running verifications of its auth-id.
 struct InFlight<'a> {
     service: &'a AuthService,
-    key: &'a (TenantId, String),
+    key: &'a FailureKey,
 }
 
 impl Drop for InFlight<'_> {
@@ -201,7 +222,8 @@ impl Changes {
 #[derive(Default)]
 struct State {
     auth: HashMap<(TenantId, CredentialType, String), AuthEntry>,
-    failures: HashMap<(TenantId, String), Failures>,
+    /// By (tenant, auth-id, source address); `None`: all sources together.
+    failures: HashMap<FailureKey, Failures>,
     tenants: HashMap<TenantId, Cached<Tenant>>,
     devices: HashMap<(TenantId, DeviceId), Cached<Device>>,
     anchors: Option<Cached<Arc<Vec<TrustAnchor>>>>,
@@ -326,12 +348,36 @@ impl AuthService {
         auth_id: &str,
         secret: &[u8],
     ) -> Result<AuthenticatedDevice, AuthError> {
+        self.authenticate_from(tenant, cred_type, auth_id, secret, None).await
+    }
+
+    /// As [`AuthService::authenticate`], for a client at `source`: failures then count
+    /// per (tenant, auth-id, source address) against `max_failures`, and per (tenant,
+    /// auth-id) from all sources against [`SOURCES_FACTOR`] × `max_failures`, so that a
+    /// guessing source locks out only itself (and a device with a recently verified secret
+    /// passes anyway).
+    ///
+    /// # Errors
+    /// See [`AuthError`].
+    pub async fn authenticate_from(
+        &self,
+        tenant: &str,
+        cred_type: CredentialType,
+        auth_id: &str,
+        secret: &[u8],
+        source: Option<std::net::IpAddr>,
+    ) -> Result<AuthenticatedDevice, AuthError> {
         let Ok(tenant) = TenantId::new(tenant) else {
             return Err(AuthError::BadCredentials);
         };
         let mac = self.mac(&tenant, cred_type, auth_id, secret);
         let now = Instant::now();
-        let fkey = (tenant.clone(), auth_id.to_owned());
+        let max = self.inner.settings.max_failures;
+        // (key, limit): the source's own, and with a source also all sources together.
+        let mut keys = vec![((tenant.clone(), auth_id.to_owned(), source), max)];
+        if source.is_some() {
+            keys.push(((tenant.clone(), auth_id.to_owned(), None), max.saturating_mul(SOURCES_FACTOR)));
+        }
         {
             let mut s = self.state();
             let key = (tenant.clone(), cred_type, auth_id.to_owned());
@@ -349,30 +395,27 @@ impl AuthService {
             bound(&mut s.failures, self.inner.settings.max_entries, |f| {
                 f.in_flight == 0 && now.duration_since(f.since) >= window
             });
-            let f = s.failures.entry(fkey.clone()).or_insert(Failures {
-                count: 0,
-                since: now,
-                last_mac: None,
-                in_flight: 0,
-            });
-            if now.duration_since(f.since) >= window {
-                *f = Failures { count: 0, since: now, last_mac: None, in_flight: f.in_flight };
+            for (fkey, limit) in &keys {
+                let f = failures_entry(&mut s.failures, fkey, now, window);
+                if f.count + f.in_flight >= *limit {
+                    return Err(AuthError::RateLimited);
+                }
             }
-            if f.count + f.in_flight >= self.inner.settings.max_failures {
-                return Err(AuthError::RateLimited);
-            }
-            if f.last_mac.is_some_and(|m| bool::from(m.ct_eq(&mac))) {
+            if failures_entry(&mut s.failures, &keys[0].0, now, window).last_mac.is_some_and(|m| bool::from(m.ct_eq(&mac))) {
                 return Err(AuthError::BadCredentials);
             }
             // Counted from now: released when this attempt ends, however it ends.
-            f.in_flight += 1;
+            for (fkey, _) in &keys {
+                failures_entry(&mut s.failures, fkey, now, window).in_flight += 1;
+            }
         }
-        let _running = InFlight { service: self, key: &fkey };
+        let _running: Vec<InFlight<'_>> = keys.iter().map(|(key, _)| InFlight { service: self, key }).collect();
         let seq = self.inner.seq.load(Ordering::SeqCst);
         match self.verify(&tenant, cred_type, auth_id, secret).await {
             Ok((device, window)) => {
                 let mut s = self.state();
-                if let Some(f) = s.failures.get_mut(&fkey) {
+                // A success clears the source's failures (others' stay counted).
+                if let Some(f) = s.failures.get_mut(&keys[0].0) {
                     f.count = 0;
                     f.last_mac = None;
                 }
@@ -393,28 +436,16 @@ impl AuthService {
             Err(AuthError::BadCredentials) => {
                 let mut s = self.state();
                 let window = self.inner.settings.failure_window;
-                bound(&mut s.failures, self.inner.settings.max_entries, |f| {
-                    now.duration_since(f.since) >= window
-                });
                 // Remember the wrong secret only if no change happened while verifying:
                 // otherwise it may have been judged against stale data.
                 let last_mac = (self.inner.seq.load(Ordering::SeqCst) == seq).then_some(mac);
-                let f = s.failures.entry(fkey.clone()).or_insert(Failures {
-                    count: 0,
-                    since: now,
-                    last_mac: None,
-                    in_flight: 0,
-                });
-                if now.duration_since(f.since) >= window {
-                    *f = Failures {
-                        count: 0,
-                        since: now,
-                        last_mac: None,
-                        in_flight: f.in_flight,
-                    };
+                for (i, (fkey, _)) in keys.iter().enumerate() {
+                    let f = failures_entry(&mut s.failures, fkey, now, window);
+                    f.count += 1;
+                    if i == 0 {
+                        f.last_mac = last_mac;
+                    }
                 }
-                f.count += 1;
-                f.last_mac = last_mac;
                 // Never log the secret; the auth-id is not confidential.
                 tracing::debug!(auth_id, "authentication failed");
                 Err(AuthError::BadCredentials)
@@ -807,7 +838,7 @@ impl AuthService {
             }
             Change::Tenant(t) => {
                 // A registry change may make a refused secret valid: forget failures.
-                s.failures.retain(|(ft, _), _| ft != t);
+                s.failures.retain(|(ft, _, _), _| ft != t);
                 if s.changes.tenants.len() >= max {
                     s.changes
                         .tenants
@@ -821,7 +852,7 @@ impl AuthService {
                 s.changes.any_tenant = seq;
             }
             Change::Device(t, d) => {
-                s.failures.retain(|(ft, _), _| ft != t);
+                s.failures.retain(|(ft, _, _), _| ft != t);
                 if s.changes.devices.len() >= max {
                     s.changes
                         .devices

@@ -249,3 +249,31 @@ async fn concurrent_guesses_count_when_they_start() {
     assert!(checked <= 5, "{checked} guesses were verified; at most max_failures (5) may be");
     assert_eq!(auth(&a, "first-password").await, Err(AuthError::RateLimited));
 }
+
+/// A source guessing an auth-id's password locks out only itself: the device, from its
+/// own address, still gets in (issue 11: a lockout must not be usable against the
+/// legitimate device).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guessing_source_locks_out_only_itself() {
+    let reg = TestRegistry::embedded().await;
+    provision(&reg.client()).await;
+    let a = reg.registry.auth().clone();
+    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 })
+        .await
+        .is_some());
+    let attacker: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    let device: std::net::IpAddr = "203.0.113.9".parse().unwrap();
+    let from = |source, pw: String| {
+        let a = a.clone();
+        async move {
+            a.authenticate_from("t", CredentialType::HashedPassword, "sensor", pw.as_bytes(), Some(source))
+                .await
+                .map(|_| ())
+        }
+    };
+    for i in 0..5 {
+        assert_eq!(from(attacker, format!("guess-{i}")).await, Err(AuthError::BadCredentials));
+    }
+    assert_eq!(from(attacker, "first-password".into()).await, Err(AuthError::RateLimited));
+    assert_eq!(from(device, "first-password".into()).await, Ok(()), "the device's own address is not locked out");
+}

@@ -235,6 +235,11 @@ async fn accept_loop(
 #[derive(Clone)]
 struct ClientCert(Arc<[u8]>);
 
+/// The client's address, in every request's extensions (failures are remembered per
+/// source address).
+#[derive(Clone, Copy)]
+struct PeerIp(std::net::IpAddr);
+
 /// Serves one connection (plain or TLS) until it ends or `shutdown` drains it.
 async fn serve<Io>(io: Io, peer: SocketAddr, cert: Option<ClientCert>, state: Arc<State>, shutdown: CancellationToken)
 where
@@ -246,6 +251,7 @@ where
         if let Some(cert) = &cert {
             req.extensions_mut().insert(cert.clone());
         }
+        req.extensions_mut().insert(PeerIp(peer.ip()));
         let (state, stopping) = (state.clone(), stopping.clone());
         async move { Ok::<_, std::convert::Infallible>(handle(&state, req, &stopping).await) }
     });
@@ -402,7 +408,8 @@ async fn authorize(
                 Credentials::Basic(username, password) => {
                     let (auth_id, tenant) =
                         mapping::split_username(&username).ok_or(Failure::Auth(AuthError::BadCredentials))?;
-                    state.registry.authenticate_password(tenant, auth_id, password.as_bytes()).await
+                    let source = req.extensions().get::<PeerIp>().map(|p| p.0);
+                    state.registry.authenticate_password(tenant, auth_id, password.as_bytes(), source).await
                 }
             }
             .map_err(Failure::Auth)?;

@@ -230,10 +230,14 @@ impl Refusal {
     }
 }
 
+fn peer_ip(io: &ntex_io::IoBoxed) -> Option<std::net::IpAddr> {
+    io.query::<ntex_io::types::PeerAddr>().get().map(|peer| peer.0.ip())
+}
+
 /// The per-source admission of a CONNECT, held by the session for its life.
 fn admit(shared: &Shared, io: &ntex_io::IoBoxed) -> Result<Option<ferrule_messaging::net::Admitted>, Refusal> {
-    let Some(peer) = io.query::<ntex_io::types::PeerAddr>().get() else { return Ok(None) };
-    match shared.admission.admit_source(peer.0.ip()) {
+    let Some(ip) = peer_ip(io) else { return Ok(None) };
+    match shared.admission.admit_source(ip) {
         Ok(admitted) => Ok(Some(admitted)),
         Err(ferrule_messaging::net::Refusal::PerSource | ferrule_messaging::net::Refusal::TableFull) => {
             Err(Refusal::SourceConnections)
@@ -269,6 +273,7 @@ async fn authenticate(
     cert: Option<Vec<u8>>,
     username: Option<&str>,
     password: Option<&[u8]>,
+    source: Option<std::net::IpAddr>,
 ) -> Result<Principal, Refusal> {
     if let Some(cert) = cert {
         let identity = shared.registry.authenticate_certificate(&cert).await.map_err(Refusal::from)?;
@@ -287,7 +292,7 @@ async fn authenticate(
             let (auth_id, tenant) = mapping::split_username(username).ok_or(Refusal::BadCredentials)?;
             let identity = shared
                 .registry
-                .authenticate_password(tenant, auth_id, password.unwrap_or_default())
+                .authenticate_password(tenant, auth_id, password.unwrap_or_default(), source)
                 .await
                 .map_err(Refusal::from)?;
             Ok(Principal::Device(identity))
@@ -307,7 +312,7 @@ async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::Co
     } else if !packet.clean_session {
         Err(Refusal::PersistentSession)
     } else {
-        authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref()).await
+        authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref(), peer_ip(connect.io())).await
     };
     match refused {
         Ok(principal) => {
@@ -333,7 +338,7 @@ async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::Co
     } else if packet.last_will.is_some() {
         Err(Refusal::WillNotSupported)
     } else {
-        authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref()).await
+        authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref(), peer_ip(connect.io())).await
     };
     match refused {
         Ok(principal) => {

@@ -116,6 +116,7 @@ impl DeviceRegistry for MemoryRegistry {
         tenant: &'a str,
         auth_id: &'a str,
         password: &'a [u8],
+        _source: Option<std::net::IpAddr>,
     ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
         Box::pin(async move {
             let device_id = {
