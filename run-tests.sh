@@ -44,5 +44,8 @@ timeout 1800 cargo test --workspace
 echo "==> interoperability tests"
 FERRULE_BIN="$PWD/target/debug/ferrule" timeout 1800 python3 -m pytest -q tests/interop
 
+echo "==> fuzz targets, smoke run (fixed seeds, a fixed number of runs per target)"
+timeout 1800 fuzz/run.sh smoke
+
 echo "==> hostile-input tests (raw-socket attacks against a real ferrule serve)"
 FERRULE_BIN="$PWD/target/debug/ferrule" timeout 600 python3 -m pytest -q tests/hostile
