@@ -119,7 +119,9 @@ fn decode(segment: &str) -> Result<String, MappingError> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            // Two hex digits exactly (`from_str_radix` alone would take "+4").
+            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+            let hex = hex.and_then(|h| std::str::from_utf8(h).ok());
             let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
             out.push(byte.ok_or_else(|| MappingError::NotFound(segment.to_owned()))?);
             i += 3;
@@ -174,6 +176,8 @@ mod tests {
             Some(("t1".to_owned(), "dev 1".to_owned()))
         );
         assert!(matches!(route("POST", "/nothing"), Err(MappingError::NotFound(_))));
+        // "%+4" is not an escape (found by the http_request fuzz target).
+        assert!(matches!(route("PUT", "/telemetry/t1/dev%+4"), Err(MappingError::NotFound(_))));
         assert!(matches!(route("GET", "/telemetry"), Err(MappingError::MethodNotAllowed { .. })));
         assert!(matches!(route("PUT", "/telemetry"), Err(MappingError::MethodNotAllowed { .. })));
         assert!(matches!(route("PUT", "/telemetry/t1"), Err(MappingError::NotFound(_))));

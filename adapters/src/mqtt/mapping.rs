@@ -167,7 +167,8 @@ pub fn url_decode(s: &str) -> Result<String, MappingError> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or_else(bad)?;
+                // Two hex digits exactly (`from_str_radix` alone would take "+4").
+                let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit)).ok_or_else(bad)?;
                 let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
                 out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
                 i += 3;
@@ -370,6 +371,14 @@ mod tests {
 
     fn parse(topic: &str) -> PublishAddress {
         parse_publish_topic(topic).unwrap_or_else(|e| panic!("{topic}: {e}"))
+    }
+
+    #[test]
+    fn percent_escapes_are_two_hex_digits() {
+        assert_eq!(url_decode("a%41+b").unwrap(), "aA b");
+        // "%+4" is not an escape (found by the mqtt_topic fuzz target).
+        assert!(url_decode("%+4").is_err());
+        assert!(url_decode("%4").is_err());
     }
 
     #[test]
