@@ -201,6 +201,11 @@ impl Walker<'_> {
                 let end = start.checked_add(size).filter(|end| *end <= self.limit()).ok_or(ScanError::Malformed)?;
                 let count = if wide { self.u32()? } else { self.u8()? as u32 };
                 if code >> 4 <= 0xd {
+                    // A map's count is keys and values: an odd one is malformed (serde_amqp
+                    // subtracts two per entry and underflows; found by amqp_decode).
+                    if code & 0x0f == 0x1 && count % 2 != 0 {
+                        return Err(ScanError::Malformed);
+                    }
                     return self.push(Node::Seq { end, remaining: count });
                 }
                 // Array: one element constructor (possibly described once), then bodies.
@@ -590,6 +595,9 @@ mod tests {
         assert_eq!(scan(&[0xc0, 0x10, 0x00], None, MAX_DEPTH), Err(ScanError::Malformed));
         // A string running past its list.
         assert_eq!(scan(&[0xc0, 0x03, 0x01, 0xa1, 0x05, b'a'], None, MAX_DEPTH), Err(ScanError::Malformed));
+        // A map with an odd count (keys and values come in pairs).
+        assert_eq!(scan(&[0xc1, 0x02, 0x01, 0x40], None, MAX_DEPTH), Err(ScanError::Malformed));
+        assert_eq!(scan(&[0xc1, 0x03, 0x02, 0x40, 0x40], None, MAX_DEPTH), Ok(5));
         // Reserved format codes and descriptors other than ulong/symbol.
         assert_eq!(scan(&[0x01], None, MAX_DEPTH), Err(ScanError::Malformed));
         assert_eq!(scan(&[0x00, 0x45, 0x40], None, MAX_DEPTH), Err(ScanError::Malformed));
