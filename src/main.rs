@@ -119,6 +119,9 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     let registry = Registry::start(&config.registry, &config.data_dir, shutdown.clone())
         .await
         .context("starting the device registry")?;
+    // One bounded pool for all password work: device logins, management writes and
+    // application (SASL) logins.
+    let amqp = amqp.with_hash_pool(registry.hash_pool().clone());
     let devices = wiring::RegistryDevices(registry.auth().clone());
     let device_registry: Arc<dyn DeviceRegistry> = Arc::new(devices.clone());
     let router = CommandRouter::new(broker.clone(), Arc::new(devices));

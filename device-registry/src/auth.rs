@@ -512,7 +512,7 @@ impl AuthService {
                         })
                         .await
                         .map_err(|e| match e {
-                            crate::management::ManagementError::Busy => AuthError::Busy,
+                            ferrule_messaging::hashing::PoolError::Busy => AuthError::Busy,
                             other => AuthError::Unavailable(other.to_string()),
                         })?
                 }

@@ -52,7 +52,10 @@ pub struct RegistryConfig {
     pub failure_window: Duration,
     /// Bound on entries per cache. Default `100000`.
     pub cache_max_entries: usize,
-    /// Password hashes/verifications running at once (blocking threads). Default `2`.
+    /// Password hashes/verifications running at once (blocking threads), for the whole
+    /// process: device logins, management writes and AMQP application logins share this
+    /// one pool; up to 256 × this many wait, beyond that a login is refused as busy.
+    /// Default `2`.
     pub hash_pool_size: usize,
     /// Largest accepted request body in bytes; larger bodies get 413. Default `65536`.
     pub max_body_bytes: usize,
@@ -220,7 +223,9 @@ max_failures = 5
 failure_window = "10s"
 # Bound on entries per cache.
 cache_max_entries = 100000
-# Password hashes/verifications running at once (argon2id: ~20 ms CPU and 19 MiB each).
+# Password hashes/verifications running at once, for the whole process (device logins,
+# management writes and AMQP application logins share one pool; argon2id: ~20 ms CPU and
+# 19 MiB each). Up to 256 x this many wait; beyond that a login is refused as busy.
 hash_pool_size = 2
 # Largest request body in bytes (413 above).
 max_body_bytes = 65536

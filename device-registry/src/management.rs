@@ -3,11 +3,11 @@
 //! bounds). The HTTP layer (`api`) only parses and maps errors; everything that decides
 //! what gets stored lives here.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use chrono::Utc;
-use tokio::sync::Semaphore;
+pub use ferrule_messaging::hashing::HashPool;
+use ferrule_messaging::hashing::PoolError;
 
 use crate::model::{Credentials, Device, DeviceId, DeviceStatus, Tenant, TenantId, Versioned};
 use crate::password::{self, PasswordError, ARGON2ID};
@@ -42,72 +42,12 @@ impl From<PasswordError> for ManagementError {
     }
 }
 
-/// A bounded pool for CPU-heavy hashing: at most `permits` hashes run at once on tokio's
-/// blocking threads, so a burst of logins or password writes cannot take every core (or
-/// every blocking thread) away from the rest of the process.
-#[derive(Clone, Debug)]
-pub struct HashPool {
-    permits: Arc<Semaphore>,
-    /// Jobs waiting or running; bounded so a login storm is refused ("busy") instead of
-    /// queueing without limit.
-    queued: Arc<AtomicUsize>,
-    max_queued: usize,
-}
-
-/// Jobs allowed to wait per pool slot before [`ManagementError::Busy`].
-const QUEUE_PER_SLOT: usize = 256;
-
-struct QueueSlot(Arc<AtomicUsize>);
-
-impl Drop for QueueSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl HashPool {
-    /// A pool running at most `size` (at least 1) hashes at once, with up to
-    /// 256 × `size` jobs waiting.
-    pub fn new(size: usize) -> Self {
-        let size = size.max(1);
-        Self {
-            permits: Arc::new(Semaphore::new(size)),
-            queued: Arc::new(AtomicUsize::new(0)),
-            max_queued: size * QUEUE_PER_SLOT,
+impl From<PoolError> for ManagementError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Busy => Self::Busy,
+            PoolError::Closed => Self::PoolClosed,
         }
-    }
-
-    /// Runs `f` on a blocking thread once a permit is free.
-    ///
-    /// # Cancel safety
-    /// Cancelling while waiting for a permit is safe; once started, `f` runs to the end
-    /// even if the caller goes away (its permit is released when it finishes).
-    ///
-    /// # Errors
-    /// [`ManagementError::Busy`] if too many jobs are queued; [`ManagementError::PoolClosed`]
-    /// if the semaphore was closed or `f` panicked.
-    pub async fn run<R: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> Result<R, ManagementError> {
-        let slot = QueueSlot(self.queued.clone());
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
-            return Err(ManagementError::Busy);
-        }
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ManagementError::PoolClosed)?;
-        tokio::task::spawn_blocking(move || {
-            let r = f();
-            drop(permit);
-            drop(slot);
-            r
-        })
-        .await
-        .map_err(|_| ManagementError::PoolClosed)
     }
 }
 
@@ -533,35 +473,4 @@ fn hash_plain_passwords(mut creds: Vec<Credentials>) -> Result<Vec<Credentials>,
         }
     }
     Ok(creds)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn pool_refuses_when_queue_is_full() {
-        let pool = HashPool {
-            max_queued: 2,
-            ..HashPool::new(1)
-        };
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let rx = Arc::new(std::sync::Mutex::new(rx));
-        let p1 = pool.clone();
-        let r1 = rx.clone();
-        let first =
-            tokio::spawn(async move { p1.run(move || r1.lock().unwrap().recv().ok()).await });
-        let p2 = pool.clone();
-        let r2 = rx.clone();
-        let second =
-            tokio::spawn(async move { p2.run(move || r2.lock().unwrap().recv().ok()).await });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert!(matches!(pool.run(|| ()).await, Err(ManagementError::Busy)));
-        tx.send(()).unwrap();
-        tx.send(()).unwrap();
-        assert!(first.await.unwrap().is_ok());
-        assert!(second.await.unwrap().is_ok());
-        // Slots are released: the pool accepts work again.
-        assert!(pool.run(|| 1).await.is_ok());
-    }
 }

@@ -72,6 +72,7 @@ pub struct Registry {
     local_addr: SocketAddr,
     auth: AuthService,
     management: Management,
+    pool: HashPool,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -113,7 +114,7 @@ impl Registry {
         config.validate()?;
         let pool = HashPool::new(config.hash_pool_size);
         let auth = AuthService::new(store.clone(), pool.clone(), config.auth_settings());
-        let management = Management::new(store, pool);
+        let management = Management::new(store, pool.clone());
         let listener =
             TcpListener::bind(config.bind)
                 .await
@@ -160,6 +161,7 @@ impl Registry {
             local_addr,
             auth,
             management,
+            pool,
             shutdown,
             tracker,
         })
@@ -173,6 +175,12 @@ impl Registry {
     /// The authentication service for protocol adapters.
     pub fn auth(&self) -> &AuthService {
         &self.auth
+    }
+
+    /// The bounded pool every password check and hash of this registry runs on; share it
+    /// with the AMQP endpoint so that the whole process has one bound.
+    pub fn hash_pool(&self) -> &HashPool {
+        &self.pool
     }
 
     /// Management operations (for in-process provisioning).

@@ -18,6 +18,7 @@ pub mod config;
 mod delivery;
 mod direct;
 mod guard;
+pub mod hashing;
 pub mod net;
 pub mod message;
 mod queue;

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::config::{SaslConfig, UserConfig};
+use crate::hashing::HashPool;
 
 /// Who an application connection authenticated as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +49,9 @@ impl Identity {
 ///   concurrency cannot multiply guesses and one source cannot lock a user out for
 ///   everyone else. The same wrong password from the same source is refused without
 ///   hashing again.
-/// - At most [`max_verifications`] argon2 verifications run at once, platform-wide;
-///   beyond that a login is refused at once with `sys-temp` (the client retries).
+/// - argon2 verifications run on the platform's one bounded [`HashPool`], shared with
+///   device logins and management writes; when its queue is full a login is refused with
+///   `sys-temp` (the client retries).
 /// - An unknown user costs the same argon2 run as a known one (no user enumeration by
 ///   timing), when any configured user has an argon2 password.
 pub struct Authenticator {
@@ -59,8 +60,7 @@ pub struct Authenticator {
     mac_key: Hmac<Sha256>,
     /// A hash to verify against when the user is unknown (same cost as a real one).
     decoy: Option<String>,
-    running: AtomicUsize,
-    max_running: usize,
+    pool: HashPool,
     memory: Mutex<Memory>,
 }
 
@@ -81,8 +81,8 @@ pub const MAX_FAILURES_PER_USER: u32 = 100;
 /// Entries per table of the failure memory and the success cache.
 const MAX_ENTRIES: usize = 100_000;
 
-/// Argon2 verifications allowed at once: one per core (each takes a core for tens of
-/// milliseconds and 19 MiB).
+/// Argon2 verifications allowed at once when no pool is shared in: one per core (each
+/// takes a core for tens of milliseconds and 19 MiB).
 pub fn max_verifications() -> usize {
     std::thread::available_parallelism().map(usize::from).unwrap_or(2)
 }
@@ -132,7 +132,13 @@ pub enum Verdict {
 }
 
 impl Authenticator {
+    /// An authenticator with a pool of its own ([`max_verifications`] at once).
     pub fn new(config: &SaslConfig) -> Self {
+        Self::with_pool(config, HashPool::new(max_verifications()))
+    }
+
+    /// An authenticator whose argon2 runs share `pool` with the rest of the platform.
+    pub fn with_pool(config: &SaslConfig, pool: HashPool) -> Self {
         let key: [u8; 32] = rand::random();
         let mac_key = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("HMAC takes any key length");
         // A decoy with the parameters of the first argon2 user: as slow as a real check.
@@ -151,8 +157,7 @@ impl Authenticator {
             allow_anonymous: config.allow_anonymous,
             mac_key,
             decoy,
-            running: AtomicUsize::new(0),
-            max_running: max_verifications(),
+            pool,
             memory: Mutex::default(),
         }
     }
@@ -218,14 +223,13 @@ impl Authenticator {
         let stored = user.map(|u| u.password.as_str()).or(self.decoy.as_deref());
         let matches = match stored {
             Some(stored) if stored.starts_with("$argon2") => {
-                if self.running.fetch_add(1, Ordering::AcqRel) >= self.max_running {
-                    self.running.fetch_sub(1, Ordering::AcqRel);
-                    self.forget_attempt(&source_key, now);
-                    return Verdict::Busy;
+                match self.pool.run_blocking(|| argon2_matches(stored, password)) {
+                    Ok(matches) => matches,
+                    Err(_) => {
+                        self.forget_attempt(&source_key, now);
+                        return Verdict::Busy;
+                    }
                 }
-                let matches = argon2_matches(stored, password);
-                self.running.fetch_sub(1, Ordering::AcqRel);
-                matches
             }
             Some(stored) => stored.as_bytes().ct_eq(password).into(),
             None => false,
@@ -279,14 +283,7 @@ fn argon2_matches(stored: &str, presented: &[u8]) -> bool {
         tracing::error!("an application user's password hash is not a valid PHC string");
         return false;
     };
-    // argon2 is deliberately slow: keep it off the async worker's hot loop.
-    let verify = || argon2::Argon2::default().verify_password(presented, &hash).is_ok();
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(verify)
-        }
-        _ => verify(),
-    }
+    argon2::Argon2::default().verify_password(presented, &hash).is_ok()
 }
 
 /// The per-connection SASL acceptor.
@@ -416,16 +413,28 @@ mod tests {
             let argon2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
             argon2::password_hash::PasswordHasher::hash_password(&argon2, b"pw").unwrap().to_string()
         };
-        let auth = Authenticator::new(&SaslConfig {
-            allow_anonymous: false,
-            users: vec![UserConfig { username: "app@t1".into(), password: hash }],
-        });
+        let pool = HashPool::with_queue(1, 1);
+        let auth = Authenticator::with_pool(
+            &SaslConfig {
+                allow_anonymous: false,
+                users: vec![UserConfig { username: "app@t1".into(), password: hash }],
+            },
+            pool.clone(),
+        );
         assert!(matches!(auth.verify("app@t1", b"pw", HOST), Verdict::Accepted(_)));
-        // Every slot taken: the next verification is refused at once, not queued, and the
-        // attempt is not held against the source.
-        auth.running.store(auth.max_running, Ordering::Release);
+        // The shared pool's queue is full (a device login holds it): the verification is
+        // refused at once, not queued, and the attempt is not held against the source.
+        let (hold, release) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn({
+            let pool = pool.clone();
+            move || pool.run_blocking(|| release.recv().ok())
+        });
+        while pool.queued() == 0 {
+            std::thread::yield_now();
+        }
         assert_eq!(auth.verify("app@t1", b"other", OTHER), Verdict::Busy);
-        auth.running.store(0, Ordering::Release);
+        hold.send(()).unwrap();
+        assert_eq!(holder.join().unwrap(), Ok(Some(())));
         assert_eq!(auth.verify("app@t1", b"other-guess", OTHER), Verdict::Denied);
         // A repeated wrong password is refused without hashing again.
         assert_eq!(auth.verify("app@t1", b"other-guess", OTHER), Verdict::Throttled);

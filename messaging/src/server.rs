@@ -59,6 +59,8 @@ pub struct AmqpServer {
 }
 
 impl AmqpServer {
+    /// Binds the listeners; application logins get a hashing pool of their own
+    /// (see [`AmqpServer::with_hash_pool`] to share the platform's).
     pub async fn bind(config: &MessagingConfig, broker: Broker) -> Result<Self, ServerError> {
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
@@ -77,6 +79,14 @@ impl AmqpServer {
             authenticator: Arc::new(Authenticator::new(&config.sasl)),
             config: Arc::new(config.clone()),
         })
+    }
+
+    /// Runs application password checks on `pool`, shared with the device registry, so
+    /// that all password work in the process has one bound.
+    #[must_use]
+    pub fn with_hash_pool(mut self, pool: crate::hashing::HashPool) -> Self {
+        self.authenticator = Arc::new(Authenticator::with_pool(&self.config.sasl, pool));
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {

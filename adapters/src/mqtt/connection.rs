@@ -91,7 +91,13 @@ pub(super) fn serve(
             .maxconn(per_worker)
             .shutdown_timeout(ntex_util::time::Millis(u32::try_from(config.shutdown_grace.as_millis()).unwrap_or(u32::MAX)))
             .listen("mqtt", listener, SharedCfg::new("MQTT").add(mqtt_config()), async move |_| {
-                build_server(factory_shared.clone())
+                let admission = factory_shared.admission.clone();
+                ntex_service::apply_fn(build_server(factory_shared.clone()), async move |io: ntex_io::Io, inner| {
+                    // Per-source caps and connection rate, checked as the connection is
+                    // accepted (before a byte is read); the place is held until it closes.
+                    let Some(_admitted) = admit(&admission, &io) else { return Ok(()) };
+                    inner.call(io).await
+                })
             });
         let builder = match (builder, tls) {
             (Ok(builder), Some((listener, server_config))) => {
@@ -101,9 +107,15 @@ pub(super) fn serve(
                 builder.listen("mqtts", listener, cfg, async move |_| {
                     // A failed handshake (bad or expired client certificate, plain text on
                     // the TLS port) ends that connection only.
-                    ntex_tls::rustls::TlsAcceptor::new(server_config.clone())
+                    let admission = factory_shared.admission.clone();
+                    let tls = ntex_tls::rustls::TlsAcceptor::new(server_config.clone())
                         .map_err(|e| ntex_mqtt::MqttError::Service(Close(format!("TLS handshake failed: {e}"))))
-                        .and_then(build_server(factory_shared.clone()))
+                        .and_then(build_server(factory_shared.clone()));
+                    ntex_service::apply_fn(tls, async move |io: ntex_io::Io, inner| {
+                        // Admitted before the TLS handshake costs anything.
+                        let Some(_admitted) = admit(&admission, &io) else { return Ok(()) };
+                        inner.call(io).await
+                    })
                 })
             }
             (builder, _) => builder,
@@ -189,10 +201,6 @@ enum Refusal {
     WillNotSupported,
     /// A persistent session (Ferrule keeps no session state).
     PersistentSession,
-    /// Too many sessions from the client's source address.
-    SourceConnections,
-    /// CONNECTs from the client's source address come too fast.
-    SourceRate,
 }
 
 impl Refusal {
@@ -201,7 +209,7 @@ impl Refusal {
         match self {
             Refusal::BadCredentials => R::BadUserNameOrPassword,
             Refusal::NotAuthorized | Refusal::WillNotSupported => R::NotAuthorized,
-            Refusal::Unavailable | Refusal::SourceConnections | Refusal::SourceRate => R::ServiceUnavailable,
+            Refusal::Unavailable => R::ServiceUnavailable,
             Refusal::PersistentSession => R::IdentifierRejected,
         }
     }
@@ -212,8 +220,6 @@ impl Refusal {
             Refusal::NotAuthorized => ConnectAckReason::NotAuthorized,
             Refusal::Unavailable => ConnectAckReason::ServerUnavailable,
             Refusal::WillNotSupported | Refusal::PersistentSession => ConnectAckReason::ImplementationSpecificError,
-            Refusal::SourceConnections => ConnectAckReason::QuotaExceeded,
-            Refusal::SourceRate => ConnectAckReason::ConnectionRateExceeded,
         }
     }
 
@@ -224,8 +230,6 @@ impl Refusal {
             Refusal::Unavailable => "device registry unavailable",
             Refusal::WillNotSupported => "will messages are not supported",
             Refusal::PersistentSession => "persistent sessions are not supported",
-            Refusal::SourceConnections => "too many connections from this address",
-            Refusal::SourceRate => "connecting too fast from this address",
         }
     }
 }
@@ -234,15 +238,23 @@ fn peer_ip(io: &ntex_io::IoBoxed) -> Option<std::net::IpAddr> {
     io.query::<ntex_io::types::PeerAddr>().get().map(|peer| peer.0.ip())
 }
 
-/// The per-source admission of a CONNECT, held by the session for its life.
-fn admit(shared: &Shared, io: &ntex_io::IoBoxed) -> Result<Option<ferrule_messaging::net::Admitted>, Refusal> {
-    let Some(ip) = peer_ip(io) else { return Ok(None) };
-    match shared.admission.admit_source(ip) {
-        Ok(admitted) => Ok(Some(admitted)),
-        Err(ferrule_messaging::net::Refusal::PerSource | ferrule_messaging::net::Refusal::TableFull) => {
-            Err(Refusal::SourceConnections)
+/// The per-source admission of an accepted connection (caps and connection rate), held
+/// until the connection closes; `None`: refused (the connection is closed unanswered, before
+/// anything is read, and counted in `ferrule_connections_refused_total`). Connections whose
+/// peer address is unknown are admitted.
+fn admit(
+    admission: &Arc<ferrule_messaging::net::Admission>,
+    io: &ntex_io::Io,
+) -> Option<Option<ferrule_messaging::net::Admitted>> {
+    let Some(ip) = io.query::<ntex_io::types::PeerAddr>().get().map(|peer| peer.0.ip()) else {
+        return Some(None);
+    };
+    match admission.admit_source(ip) {
+        Ok(admitted) => Some(Some(admitted)),
+        Err(refusal) => {
+            tracing::debug!(%ip, reason = refusal.as_str(), "MQTT connection refused");
+            None
         }
-        Err(ferrule_messaging::net::Refusal::Rate) => Err(Refusal::SourceRate),
     }
 }
 
@@ -304,10 +316,7 @@ async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::Co
     let cert = client_certificate(connect.io());
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
-    let admitted = admit(shared, connect.io());
-    let refused = if let Err(refusal) = admitted {
-        Err(refusal)
-    } else if packet.last_will.is_some() {
+    let refused = if packet.last_will.is_some() {
         Err(Refusal::WillNotSupported)
     } else if !packet.clean_session {
         Err(Refusal::PersistentSession)
@@ -317,7 +326,7 @@ async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::Co
     match refused {
         Ok(principal) => {
             connected(shared, &principal, &client_id);
-            let session = Session::new(principal, Version::V3_1_1, client_id).admitted(admitted.ok().flatten());
+            let session = Session::new(principal, Version::V3_1_1, client_id);
             Ok(connect.ack(session, false))
         }
         Err(refusal) => {
@@ -332,10 +341,7 @@ async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::Co
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
     let asks_for_session = packet.session_expiry_interval_secs > 0;
-    let admitted = admit(shared, connect.io());
-    let refused = if let Err(refusal) = admitted {
-        Err(refusal)
-    } else if packet.last_will.is_some() {
+    let refused = if packet.last_will.is_some() {
         Err(Refusal::WillNotSupported)
     } else {
         authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref(), peer_ip(connect.io())).await
@@ -343,7 +349,7 @@ async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::Co
     match refused {
         Ok(principal) => {
             connected(shared, &principal, &client_id);
-            let session = Session::new(principal, Version::V5, client_id).admitted(admitted.ok().flatten());
+            let session = Session::new(principal, Version::V5, client_id);
             Ok(connect.ack(session).with(|ack| {
                 ack.retain_available = false;
                 ack.shared_subscription_available = false;

@@ -56,11 +56,11 @@ pub struct MqttConfig {
     pub allow_unauthenticated: bool,
     /// Most concurrent connections; further ones wait in the accept queue.
     pub max_connections: usize,
-    /// Most sessions open at once from one source address (IPv4, or IPv6 /64); checked at
-    /// CONNECT, before authentication (CONNACK 0x03 / v5 0x97).
+    /// Most connections open at once from one source address (IPv4, or IPv6 /64); checked
+    /// as a connection is accepted, before anything is read (beyond it: closed unanswered).
     pub max_connections_per_ip: usize,
-    /// CONNECTs per second from one source address (token bucket rate; CONNACK 0x03 / v5
-    /// 0x9F beyond it)...
+    /// Connections per second from one source address (token bucket rate; beyond it:
+    /// closed unanswered)...
     pub connection_rate_per_ip: f64,
     /// ... and burst (devices behind one NAT reconnecting together).
     pub connection_burst_per_ip: u32,
@@ -111,9 +111,9 @@ max_payload = 2048
 allow_unauthenticated = false
 # Most concurrent connections; further ones wait in the accept queue.
 max_connections = 10000
-# Per source address (IPv4, or IPv6 /64), checked at CONNECT before authentication:
-# sessions open at once (more: CONNACK 0x03 / v5 0x97) and CONNECTs per second (token
-# bucket: rate and burst; more: 0x03 / v5 0x9F).
+# Per source address (IPv4, or IPv6 /64), checked as a connection is accepted, before
+# anything is read: connections open at once and new connections per second (token
+# bucket: rate and burst). Beyond them the connection is closed unanswered.
 max_connections_per_ip = 1000
 connection_rate_per_ip = 200.0
 connection_burst_per_ip = 1000

@@ -77,8 +77,6 @@ pub struct Session {
     pub(super) qos0: RefCell<Qos0Slot>,
     /// QoS 0 publishes waiting in, or being sent by, that queue.
     pub(super) qos0_pending: std::cell::Cell<usize>,
-    /// This session's place under the per-source limits (freed when the session ends).
-    _admitted: Option<ferrule_messaging::net::Admitted>,
 }
 
 /// The QoS 0 queue's sender, created on first use; `Closed` once the connection ended.
@@ -138,14 +136,7 @@ impl Session {
             commands: RefCell::default(),
             qos0: RefCell::default(),
             qos0_pending: std::cell::Cell::new(0),
-            _admitted: None,
         }
-    }
-
-    /// Holds `admitted` (its per-source place) for the session's life.
-    pub fn admitted(mut self, admitted: Option<ferrule_messaging::net::Admitted>) -> Self {
-        self._admitted = admitted;
-        self
     }
 
     pub fn identity(&self) -> Option<&DeviceIdentity> {
