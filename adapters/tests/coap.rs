@@ -467,6 +467,46 @@ async fn block_wise_bodies_are_put_together() {
     assert!(consumer.try_recv().is_err(), "the oversized body never went downstream");
 }
 
+/// A plain-UDP Block1 block (SZX 6: 1 KiB) of a PUT to `path`.
+fn block_request(message_id: u16, path: &[&str], num: u32, more: bool, payload: &[u8]) -> Vec<u8> {
+    let mut p = Packet::from_bytes(&raw_request(MessageType::Confirmable, message_id, RequestType::Put, path, payload)).unwrap();
+    let value = (num << 4) | (u32::from(more) << 3) | 6;
+    let bytes = value.to_be_bytes();
+    let skip = bytes.iter().take(3).take_while(|b| **b == 0).count();
+    p.add_option(CoapOption::Block1, bytes[skip..].to_vec());
+    p.to_bytes().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_blocks_are_kept_only_for_tenants_that_allow_it() {
+    // Review H1 / issue 11: on plain UDP a body's first block is checked before it is kept.
+    let s = start_with(CoapConfig { max_payload: 4096, ..Default::default() }).await;
+    let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let code = |bytes: Option<Vec<u8>>| Packet::from_bytes(&bytes.expect("an answer")).unwrap().header.code;
+    let path = ["e", "t1", "d1"];
+    let first = block_request(1, &path, 0, true, &[b'a'; 1024]);
+    // t1 does not allow unauthenticated devices: refused at the first block ...
+    let answer = code(raw_exchange(&device, s.udp, &first).await);
+    assert_eq!(answer, MessageClass::Response(ResponseType::Unauthorized));
+    // ... and nothing was kept: the next block finds no transfer to continue.
+    let second = block_request(2, &path, 1, false, b"end");
+    let answer = code(raw_exchange(&device, s.udp, &second).await);
+    assert_eq!(answer, MessageClass::Response(ResponseType::RequestEntityIncomplete));
+    // Once the tenant allows it, the same transfer goes through.
+    s.registry.set_allow_unauthenticated("t1", true);
+    let mut consumer = s.broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(1);
+    let answer = code(raw_exchange(&device, s.udp, &block_request(3, &path, 0, true, &[b'a'; 1024])).await);
+    assert_eq!(answer, MessageClass::Response(ResponseType::Continue));
+    let done = tokio::spawn(async move {
+        let d = next(&mut consumer).await;
+        d.settle(Outcome::Accepted);
+    });
+    let answer = code(raw_exchange(&device, s.udp, &block_request(4, &path, 1, false, b"end")).await);
+    assert_eq!(answer, MessageClass::Response(ResponseType::Changed));
+    done.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_are_bounded_and_retransmissions_wait_for_the_first_answer() {
     let s = start_with(CoapConfig { max_in_flight: 1, max_payload: 64, ..Default::default() }).await;

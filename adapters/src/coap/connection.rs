@@ -217,10 +217,14 @@ fn dispatch(
         lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
         response
     };
-    // Block-wise bodies are put together here; only whole requests go further.
-    let (packet, last_block) = match mapping::block1(&packet) {
+    // Block-wise bodies are put together here; only whole requests go further. Without a
+    // DTLS identity (plain CoAP), a body's first block is kept only once the target device
+    // may upload unauthenticated (checked in the task below), so an anonymous peer cannot
+    // make the adapter hold blocks for tenants that do not allow it.
+    let (packet, last_block, unchecked_first) = match mapping::block1(&packet) {
         Err(e) => return answer_now(shared.failure_response(&packet, Failure::Mapping(e))),
-        Ok(None) => (packet, None),
+        Ok(None) => (packet, None, None),
+        Ok(Some(block)) if block.num == 0 && session.identity.is_none() => (packet, None, Some(block)),
         Ok(Some(block)) => match lock_assemblies(&session.assemblies).add(peer, &packet, block, now) {
             Assembled::Continue => return answer_now(shared.continue_response(&packet, block)),
             Assembled::TooLarge { size } => {
@@ -228,7 +232,7 @@ fn dispatch(
                 return answer_now(shared.failure_response(&packet, failure));
             }
             Assembled::Incomplete => return answer_now(shared.failure_response(&packet, Failure::BlockIncomplete)),
-            Assembled::Complete(whole) => (whole, Some(block)),
+            Assembled::Complete(whole) => (whole, Some(block), None),
         },
     };
     let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
@@ -236,6 +240,32 @@ fn dispatch(
     };
     let (shared, session, reply) = (shared.clone(), session.clone(), reply.clone());
     tasks.spawn(async move {
+        let answer = async |response: Packet| {
+            let response = encode(&response);
+            lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
+            if let Some(bytes) = response {
+                reply.send(&bytes).await;
+            }
+        };
+        let (packet, last_block) = match unchecked_first {
+            None => (packet, last_block),
+            Some(block) => {
+                if let Err(failure) = shared.may_upload_unauthenticated(&packet).await {
+                    tracing::debug!(?failure, "CoAP block-wise upload refused at its first block");
+                    return answer(shared.failure_response(&packet, failure)).await;
+                }
+                let added = lock_assemblies(&session.assemblies).add(peer, &packet, block, Instant::now());
+                match added {
+                    Assembled::Continue => return answer(shared.continue_response(&packet, block)).await,
+                    Assembled::TooLarge { size } => {
+                        let failure = Failure::Upload(UploadError::TooLarge { size, max: shared.config.max_payload });
+                        return answer(shared.failure_response(&packet, failure)).await;
+                    }
+                    Assembled::Incomplete => return answer(shared.failure_response(&packet, Failure::BlockIncomplete)).await,
+                    Assembled::Complete(whole) => (whole, Some(block)),
+                }
+            }
+        };
         // The final response names the final block (RFC 7959 §2.3).
         let finish = |mut response: Packet| {
             if let Some(block) = last_block {

@@ -479,6 +479,16 @@ impl Shared {
         }
     }
 
+    /// For a request without a DTLS identity: whether its target device may upload
+    /// unauthenticated (the same checks as for the whole request, without the body).
+    async fn may_upload_unauthenticated(&self, packet: &Packet) -> Result<(), Failure> {
+        let target = match mapping::command_response(packet).map_err(Failure::Mapping)? {
+            Some(answer) => answer.target,
+            None => mapping::request(packet).map_err(Failure::Mapping)?.route.target,
+        };
+        self.authorize(None, target).await.map(drop)
+    }
+
     /// Decides and sends; takes the payload out of `packet` (the answer needs only its
     /// header and token). `Some`: the upload was accepted and the device waits for a
     /// command.
