@@ -109,7 +109,9 @@ const ENV_PREFIX: &str = "FERRULE__";
 /// Reads `path` (if any), applies environment overrides, and validates.
 pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     let text = match path {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
         None => String::new(),
     };
     let mut table: toml::Table = toml::from_str(&text).with_context(|| match path {
@@ -118,7 +120,8 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     })?;
     for (key, value) in std::env::vars() {
         if let Some(rest) = key.strip_prefix(ENV_PREFIX) {
-            apply_override(&mut table, rest, &value).with_context(|| format!("environment variable {key}"))?;
+            apply_override(&mut table, rest, &value)
+                .with_context(|| format!("environment variable {key}"))?;
         }
     }
     let config: Config = toml::Value::Table(table)
@@ -140,7 +143,8 @@ fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> anyhow::R
     let (last, parents) = keys.split_last().expect("at least one key");
     let mut current = table;
     for key in parents {
-        let entry = current.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry =
+            current.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
         current = match entry {
             toml::Value::Table(t) => t,
             _ => bail!("{key} is not a section"),
@@ -205,7 +209,8 @@ mod tests {
         let mut table = toml::Table::new();
         apply_override(&mut table, "MESSAGING__LISTEN", "127.0.0.1:5999").unwrap();
         apply_override(&mut table, "MESSAGING__QUEUE_MAX_DEPTH", "7").unwrap();
-        apply_override(&mut table, "MESSAGING__SASL__USERS", r#"[{username="a@t", password="p"}]"#).unwrap();
+        apply_override(&mut table, "MESSAGING__SASL__USERS", r#"[{username="a@t", password="p"}]"#)
+            .unwrap();
         apply_override(&mut table, "DATA_DIR", "/tmp/x").unwrap();
         let config: Config = toml::Value::Table(table).try_into().unwrap();
         assert_eq!(config.messaging.listen.port(), 5999);

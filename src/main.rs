@@ -24,7 +24,11 @@ use ferrule_device_registry::Registry;
 use ferrule_messaging::{AmqpServer, Broker, UserConfig};
 
 #[derive(Parser)]
-#[command(name = "ferrule", version, about = "IoT device connectivity: MQTT, HTTP and CoAP devices, AMQP 1.0 applications")]
+#[command(
+    name = "ferrule",
+    version,
+    about = "IoT device connectivity: MQTT, HTTP and CoAP devices, AMQP 1.0 applications"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -65,13 +69,15 @@ fn main() -> std::process::ExitCode {
             print!("{}", config::default_toml());
             Ok(())
         }
-        Command::Config { command: ConfigCommand::Check { config } } => config::load(config.as_deref()).map(|c| {
-            let mut c = c;
-            for user in &mut c.messaging.sasl.users {
-                user.password = "<redacted>".into();
-            }
-            print!("{}", toml::to_string_pretty(&c).expect("config serialises"));
-        }),
+        Command::Config { command: ConfigCommand::Check { config } } => {
+            config::load(config.as_deref()).map(|c| {
+                let mut c = c;
+                for user in &mut c.messaging.sasl.users {
+                    user.password = "<redacted>".into();
+                }
+                print!("{}", toml::to_string_pretty(&c).expect("config serialises"));
+            })
+        }
         Command::Serve { config } => serve(config.as_deref()),
         Command::Registry(command) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -113,7 +119,8 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let metrics = ops::install_recorder()?;
     let ready = ops::Readiness::default();
-    let broker = Broker::open(&config.messaging, &config.data_dir).context("opening the messaging store")?;
+    let broker =
+        Broker::open(&config.messaging, &config.data_dir).context("opening the messaging store")?;
     let amqp = AmqpServer::bind(&config.messaging, broker.clone()).await?;
     let ops_listener = ops::bind(&config.ops).await?;
     let registry = Registry::start(&config.registry, &config.data_dir, shutdown.clone())
@@ -128,8 +135,20 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     router.install();
     let downstream = Downstream::new(broker.clone());
     let commands = Some(router.clone());
-    let http = HttpAdapter::bind(config.adapters.http.clone(), downstream.clone(), device_registry.clone(), commands.clone()).await?;
-    let coap = CoapAdapter::bind(config.adapters.coap.clone(), downstream.clone(), device_registry.clone(), commands.clone()).await?;
+    let http = HttpAdapter::bind(
+        config.adapters.http.clone(),
+        downstream.clone(),
+        device_registry.clone(),
+        commands.clone(),
+    )
+    .await?;
+    let coap = CoapAdapter::bind(
+        config.adapters.coap.clone(),
+        downstream.clone(),
+        device_registry.clone(),
+        commands.clone(),
+    )
+    .await?;
     let mqtt = mqtt::start_with_commands(
         config.adapters.mqtt.clone(),
         downstream.clone(),
@@ -154,8 +173,17 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     let http_task = tokio::spawn(http.run(shutdown.clone()));
     let coap_task = tokio::spawn(coap.run(shutdown.clone()));
 
-    let maintenance = tokio::spawn(broker.clone().run_maintenance(config.messaging.expiry_check_interval, shutdown.clone()));
-    let ops_task = tokio::spawn(ops::run(ops_listener, config.ops.clone(), metrics, ready.clone(), broker.clone(), shutdown.clone()));
+    let maintenance = tokio::spawn(
+        broker.clone().run_maintenance(config.messaging.expiry_check_interval, shutdown.clone()),
+    );
+    let ops_task = tokio::spawn(ops::run(
+        ops_listener,
+        config.ops.clone(),
+        metrics,
+        ready.clone(),
+        broker.clone(),
+        shutdown.clone(),
+    ));
     let server = tokio::spawn(amqp.run(shutdown.clone()));
     ready.set(true);
     tracing::info!(data_dir = %config.data_dir.display(), "ferrule is up");
@@ -191,8 +219,12 @@ async fn wait_for_signal() {
 
 /// Writes the bound addresses to `DATA_DIR/listeners.json` so that tools and tests can
 /// find listeners configured on port 0.
-fn write_listeners(data_dir: &Path, listeners: &[(&str, std::net::SocketAddr)]) -> anyhow::Result<()> {
-    let body: Vec<String> = listeners.iter().map(|(name, addr)| format!("  \"{name}\": \"{addr}\"")).collect();
+fn write_listeners(
+    data_dir: &Path,
+    listeners: &[(&str, std::net::SocketAddr)],
+) -> anyhow::Result<()> {
+    let body: Vec<String> =
+        listeners.iter().map(|(name, addr)| format!("  \"{name}\": \"{addr}\"")).collect();
     let path = data_dir.join("listeners.json");
     let tmp = data_dir.join("listeners.json.tmp");
     std::fs::write(&tmp, format!("{{\n{}\n}}\n", body.join(",\n")))?;
@@ -244,7 +276,11 @@ fn ensure_operator_token(config: &mut config::Config) -> anyhow::Result<()> {
             token
         }
     };
-    anyhow::ensure!(token.len() >= 16, "{} holds a token shorter than 16 characters", path.display());
+    anyhow::ensure!(
+        token.len() >= 16,
+        "{} holds a token shorter than 16 characters",
+        path.display()
+    );
     tracing::info!(token_file = %path.display(), "no operator token configured; using the generated one");
     registry.auth_tokens.push(token);
     Ok(())

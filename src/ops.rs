@@ -94,24 +94,34 @@ pub async fn run(
     let state = Arc::new(State { metrics, ready, broker });
     // One scraper and a few probes: one connection per source is plenty, but a probe
     // and a scraper may share a host; the rate stops a request flood from one host.
-    let limits = ferrule_messaging::net::SourceLimits { max_per_source: 16, rate_per_second: 20.0, burst: 40 };
+    let limits = ferrule_messaging::net::SourceLimits {
+        max_per_source: 16,
+        rate_per_second: 20.0,
+        burst: 40,
+    };
     let admission = ferrule_messaging::net::Admission::new("ops", config.max_connections, limits);
     let header_timeout = config.header_read_timeout;
     let tasks = tokio_util::task::TaskTracker::new();
-    ferrule_messaging::net::serve(listener, admission, shutdown, tasks.clone(), move |stream, _peer| {
-        let state = state.clone();
-        async move {
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        }
-    })
+    ferrule_messaging::net::serve(
+        listener,
+        admission,
+        shutdown,
+        tasks.clone(),
+        move |stream, _peer| {
+            let state = state.clone();
+            async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            }
+        },
+    )
     .await;
     tasks.close();
 }
@@ -139,6 +149,8 @@ async fn handle(state: &State, req: Request<hyper::body::Incoming>) -> Response<
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    response
+        .headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
     response
 }

@@ -3,7 +3,9 @@
 
 use ferrule_adapters::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 use ferrule_command_control::ViaCheck;
-use ferrule_device_registry::{AuthError as RegistryAuthError, AuthService, CredentialType, TenantId};
+use ferrule_device_registry::{
+    AuthError as RegistryAuthError, AuthService, CredentialType, TenantId,
+};
 
 /// The registry's [`AuthService`] as the adapters and the command router need it.
 #[derive(Clone)]
@@ -29,7 +31,8 @@ fn count_attempt<T>(cred_type: &'static str, result: &Result<T, RegistryAuthErro
         Err(RegistryAuthError::RateLimited | RegistryAuthError::Busy) => "busy",
         Err(RegistryAuthError::Unavailable(_)) => "unavailable",
     };
-    metrics::counter!("ferrule_auth_attempts_total", "type" => cred_type, "outcome" => outcome).increment(1);
+    metrics::counter!("ferrule_auth_attempts_total", "type" => cred_type, "outcome" => outcome)
+        .increment(1);
 }
 
 impl RegistryDevices {
@@ -57,7 +60,11 @@ impl RegistryDevices {
         count_attempt(credential, &result);
         let device = result.map_err(map)?;
         let _ = self.0.authorize_device(device.tenant.as_str(), device.device.as_str(), None).await;
-        Ok(DeviceIdentity { tenant: device.tenant.to_string(), device_id: device.device.to_string(), auth_id: device.auth_id })
+        Ok(DeviceIdentity {
+            tenant: device.tenant.to_string(),
+            device_id: device.device.to_string(),
+            auth_id: device.auth_id,
+        })
     }
 }
 
@@ -70,12 +77,24 @@ impl DeviceRegistry for RegistryDevices {
         source: Option<std::net::IpAddr>,
     ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
         Box::pin(async move {
-            let result = self.0.authenticate_from(tenant, CredentialType::HashedPassword, auth_id, password, source).await;
+            let result = self
+                .0
+                .authenticate_from(
+                    tenant,
+                    CredentialType::HashedPassword,
+                    auth_id,
+                    password,
+                    source,
+                )
+                .await;
             self.identified("hashed-password", result).await
         })
     }
 
-    fn authenticate_certificate<'a>(&'a self, der: &'a [u8]) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
+    fn authenticate_certificate<'a>(
+        &'a self,
+        der: &'a [u8],
+    ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
         Box::pin(async move {
             let result = self.0.authenticate_certificate(der).await;
             self.identified("x509-cert", result).await
@@ -96,34 +115,57 @@ impl DeviceRegistry for RegistryDevices {
             }
             match gateway {
                 None => Ok(()),
-                Some(gateway) => match self.0.authorize_device(tenant, device_id, Some(gateway)).await {
-                    Ok(()) => Ok(()),
-                    Err(RegistryAuthError::BadCredentials) => Err(AuthError::GatewayNotAuthorized),
-                    Err(e) => Err(map(e)),
-                },
+                Some(gateway) => {
+                    match self.0.authorize_device(tenant, device_id, Some(gateway)).await {
+                        Ok(()) => Ok(()),
+                        Err(RegistryAuthError::BadCredentials) => {
+                            Err(AuthError::GatewayNotAuthorized)
+                        }
+                        Err(e) => Err(map(e)),
+                    }
+                }
             }
         })
     }
 
-    fn allows_unauthenticated<'a>(&'a self, tenant: &'a str, adapter: &'a str) -> BoxFuture<'a, Result<bool, AuthError>> {
+    fn allows_unauthenticated<'a>(
+        &'a self,
+        tenant: &'a str,
+        adapter: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AuthError>> {
         Box::pin(async move { self.0.allows_unauthenticated(tenant, adapter).await.map_err(map) })
     }
 
-    fn psk<'a>(&'a self, tenant: &'a str, auth_id: &'a str) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>> {
+    fn psk<'a>(
+        &'a self,
+        tenant: &'a str,
+        auth_id: &'a str,
+    ) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>> {
         Box::pin(async move {
             let result = self.0.psk_for(tenant, auth_id).await;
             count_attempt("psk", &result);
             let key = result.map_err(map)?;
-            let identity = DeviceIdentity { tenant: tenant.to_owned(), device_id: key.device.to_string(), auth_id: auth_id.to_owned() };
+            let identity = DeviceIdentity {
+                tenant: tenant.to_owned(),
+                device_id: key.device.to_string(),
+                auth_id: auth_id.to_owned(),
+            };
             Ok((identity, key.key))
         })
     }
 }
 
 impl ViaCheck for RegistryDevices {
-    fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> ferrule_command_control::BoxFuture<bool> {
+    fn gateway_may_act_for(
+        &self,
+        tenant: &str,
+        device: &str,
+        gateway: &str,
+    ) -> ferrule_command_control::BoxFuture<bool> {
         let auth = self.0.clone();
         let (tenant, device, gateway) = (tenant.to_owned(), device.to_owned(), gateway.to_owned());
-        Box::pin(async move { auth.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok() })
+        Box::pin(
+            async move { auth.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok() },
+        )
     }
 }

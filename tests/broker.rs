@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use fe2o3_amqp::types::messaging::{Body, Header};
 use ferrule_messaging::address::{AddressRule, AddressType};
 use ferrule_messaging::message::{data_message, Message};
 use ferrule_messaging::{Broker, MessagingConfig, Outcome, SubscribeOptions};
-use fe2o3_amqp::types::messaging::{Body, Header};
 
 fn config() -> MessagingConfig {
     MessagingConfig {
@@ -24,23 +24,37 @@ fn payload(message: &Message) -> Vec<u8> {
 }
 
 async fn next(consumer: &mut ferrule_messaging::Consumer) -> ferrule_messaging::Delivery {
-    tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await.expect("a delivery in time").expect("open")
+    tokio::time::timeout(Duration::from_secs(5), consumer.recv())
+        .await
+        .expect("a delivery in time")
+        .expect("open")
 }
 
 #[tokio::test]
 async fn anycast_needs_a_consumer_with_credit() {
     let broker = Broker::in_memory(&config());
-    assert_eq!(broker.send("telemetry/t1", data_message("x")).await, Outcome::Released, "no consumer");
+    assert_eq!(
+        broker.send("telemetry/t1", data_message("x")).await,
+        Outcome::Released,
+        "no consumer"
+    );
 
     let mut consumer = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
-    assert_eq!(broker.send("telemetry/t1", data_message("x")).await, Outcome::Released, "no credit");
+    assert_eq!(
+        broker.send("telemetry/t1", data_message("x")).await,
+        Outcome::Released,
+        "no credit"
+    );
 
     consumer.add_credit(1);
     let pending = broker.submit("telemetry/t1", data_message("hello"), false);
     let delivery = next(&mut consumer).await;
     assert_eq!(payload(delivery.message()), b"hello");
     delivery.settle(Outcome::rejected("amqp:invalid-field", "bad"));
-    assert!(matches!(pending.outcome().await, Outcome::Rejected { .. }), "consumer's outcome reaches the producer");
+    assert!(
+        matches!(pending.outcome().await, Outcome::Rejected { .. }),
+        "consumer's outcome reaches the producer"
+    );
 
     // Credit was used up: the next message is released at once, not buffered.
     assert_eq!(broker.send("telemetry/t1", data_message("y")).await, Outcome::Released);
@@ -68,7 +82,10 @@ async fn competing_consumers_share_anycast_round_robin() {
     a.add_credit(100);
     b.add_credit(100);
     for i in 0..10u8 {
-        assert!(matches!(broker.submit("telemetry/t1", data_message(vec![i]), true), ferrule_messaging::Submission::Ready(Outcome::Accepted)));
+        assert!(matches!(
+            broker.submit("telemetry/t1", data_message(vec![i]), true),
+            ferrule_messaging::Submission::Ready(Outcome::Accepted)
+        ));
     }
     let mut got = Vec::new();
     for consumer in [&mut a, &mut b] {
@@ -169,12 +186,18 @@ async fn topic_durable_subscription_outlives_its_consumer() {
     broker.send("news/t1", data_message("after close")).await;
     let mut consumer = broker.subscribe("news/t1", &durable).unwrap();
     consumer.add_credit(1);
-    assert!(tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await.is_err(), "closed subscription was deleted");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await.is_err(),
+        "closed subscription was deleted"
+    );
 }
 
 #[tokio::test]
 async fn unknown_addresses_are_refused() {
     let broker = Broker::in_memory(&config());
-    assert!(matches!(broker.send("nowhere/t1", data_message("x")).await, Outcome::Rejected { condition: "amqp:not-found", .. }));
+    assert!(matches!(
+        broker.send("nowhere/t1", data_message("x")).await,
+        Outcome::Rejected { condition: "amqp:not-found", .. }
+    ));
     assert!(broker.subscribe("nowhere/t1", &SubscribeOptions::default()).is_err());
 }

@@ -62,7 +62,10 @@ pub trait DeviceRegistry: Send + Sync + 'static {
     /// Authenticates a device by the X.509 certificate (DER, end entity) it presented in
     /// the TLS handshake: issued by its tenant's trusted CA, subject DN registered as an
     /// `x509-cert` credential. A registry without certificate support refuses them all.
-    fn authenticate_certificate<'a>(&'a self, der: &'a [u8]) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
+    fn authenticate_certificate<'a>(
+        &'a self,
+        der: &'a [u8],
+    ) -> BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
         let _ = der;
         Box::pin(async { Err(AuthError::BadCredentials) })
     }
@@ -77,10 +80,18 @@ pub trait DeviceRegistry: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), AuthError>>;
 
     /// Whether `tenant` lets devices publish without authenticating on `adapter`.
-    fn allows_unauthenticated<'a>(&'a self, tenant: &'a str, adapter: &'a str) -> BoxFuture<'a, Result<bool, AuthError>>;
+    fn allows_unauthenticated<'a>(
+        &'a self,
+        tenant: &'a str,
+        adapter: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AuthError>>;
 
     /// Looks up the `psk` credential of `auth_id` in `tenant` (DTLS-PSK handshakes need the
     /// key itself, not a verification): the device it belongs to and the shared key. The
     /// device and its tenant must be enabled.
-    fn psk<'a>(&'a self, tenant: &'a str, auth_id: &'a str) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>>;
+    fn psk<'a>(
+        &'a self,
+        tenant: &'a str,
+        auth_id: &'a str,
+    ) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>>;
 }

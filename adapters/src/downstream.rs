@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fe2o3_amqp::types::messaging::{
-    ApplicationProperties, Header, MessageAnnotations, Properties,
-};
+use fe2o3_amqp::types::messaging::{ApplicationProperties, Header, MessageAnnotations, Properties};
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use ferrule_messaging::message::{condition, data_message, now_millis};
 use ferrule_messaging::{Broker, Message, Outcome};
@@ -116,7 +114,11 @@ impl Downstream {
     }
 
     /// The shared rules every adapter applies before sending.
-    pub fn validate(payload: &[u8], content_type: Option<&str>, max_payload: usize) -> Result<(), UploadError> {
+    pub fn validate(
+        payload: &[u8],
+        content_type: Option<&str>,
+        max_payload: usize,
+    ) -> Result<(), UploadError> {
         if payload.len() > max_payload {
             return Err(UploadError::TooLarge { size: payload.len(), max: max_payload });
         }
@@ -135,7 +137,11 @@ impl Downstream {
 
     /// Like [`Downstream::send`], but an at-most-once upload that nobody consumed is an
     /// error too when `report` is set (HTTP answers 503 even for QoS 0).
-    pub async fn send_reporting_drops(&self, upload: Upload, report: bool) -> Result<(), UploadError> {
+    pub async fn send_reporting_drops(
+        &self,
+        upload: Upload,
+        report: bool,
+    ) -> Result<(), UploadError> {
         let started = std::time::Instant::now();
         let address = format!("{}/{}", upload.endpoint.as_str(), upload.tenant);
         let settled = upload.qos == Qos::AtMostOnce;
@@ -286,7 +292,10 @@ mod tests {
     fn shared_rules() {
         assert_eq!(Downstream::validate(b"", None, 10), Err(UploadError::EmptyWithoutContentType));
         assert!(Downstream::validate(b"", Some(EMPTY_NOTIFICATION), 10).is_ok());
-        assert_eq!(Downstream::validate(&[0; 11], None, 10), Err(UploadError::TooLarge { size: 11, max: 10 }));
+        assert_eq!(
+            Downstream::validate(&[0; 11], None, 10),
+            Err(UploadError::TooLarge { size: 11, max: 10 })
+        );
     }
 
     #[tokio::test]

@@ -6,9 +6,9 @@
 //! (per-connection protocol state) and `mapping` (pure translation of topics/URIs to
 //! tenant, device and endpoint, unit-tested without I/O).
 
+pub mod coap;
 pub mod device;
 pub mod downstream;
-pub mod coap;
 pub mod http;
 pub mod mqtt;
 pub mod tls;
@@ -22,7 +22,8 @@ pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::coap::dtls_front::{
-        client_hello_is_well_formed, inspect, psk_identity, Refusal, Shape, MAX_RECORDS_PER_DATAGRAM,
+        client_hello_is_well_formed, inspect, psk_identity, Refusal, Shape,
+        MAX_RECORDS_PER_DATAGRAM,
     };
     pub use coap_lite;
 

@@ -53,7 +53,9 @@ async fn start_with(config: CoapConfig) -> Setup {
         allow_unauthenticated: true,
         ..config
     };
-    let adapter = CoapAdapter::bind(config, downstream.clone(), Arc::new(registry.clone()), None).await.unwrap();
+    let adapter = CoapAdapter::bind(config, downstream.clone(), Arc::new(registry.clone()), None)
+        .await
+        .unwrap();
     let (udp, dtls) = (adapter.local_addr().expect("plain UDP is on"), adapter.local_dtls_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(adapter.run(shutdown.clone()));
@@ -71,22 +73,37 @@ struct Answer {
 /// Runs a libcoap client; libcoap prints error responses as `N.NN diagnostic`.
 async fn client(program: &'static str, args: Vec<String>) -> Answer {
     let output = tokio::task::spawn_blocking(move || {
-        Command::new(program).args(["-B", "8"]).args(&args).output().expect("libcoap3-bin is installed")
+        Command::new(program)
+            .args(["-B", "8"])
+            .args(&args)
+            .output()
+            .expect("libcoap3-bin is installed")
     })
     .await
     .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     let code = text
         .lines()
         .find_map(|line| {
             let code = line.trim().get(..4)?;
             let b = code.as_bytes();
-            (b[0].is_ascii_digit() && b[1] == b'.' && b[2].is_ascii_digit() && b[3].is_ascii_digit())
-                .then(|| code.to_owned())
+            (b[0].is_ascii_digit()
+                && b[1] == b'.'
+                && b[2].is_ascii_digit()
+                && b[3].is_ascii_digit())
+            .then(|| code.to_owned())
         })
-        .unwrap_or_else(
-            || if output.status.success() && text.trim().is_empty() { "2.04".into() } else { "none".into() },
-        );
+        .unwrap_or_else(|| {
+            if output.status.success() && text.trim().is_empty() {
+                "2.04".into()
+            } else {
+                "none".into()
+            }
+        });
     Answer { code, output: text }
 }
 
@@ -114,7 +131,10 @@ async fn dtls_to(addr: SocketAddr, identity: &str, key: &str, args: &[&str], pat
 }
 
 async fn next(consumer: &mut Consumer) -> ferrule_messaging::Delivery {
-    tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await.expect("in time").expect("open")
+    tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+        .await
+        .expect("in time")
+        .expect("open")
 }
 
 fn app_property(d: &ferrule_messaging::Delivery, key: &str) -> Option<SimpleValue> {
@@ -125,7 +145,13 @@ fn string(s: &str) -> Option<SimpleValue> {
     Some(SimpleValue::String(s.into()))
 }
 
-fn raw_request(kind: MessageType, message_id: u16, method: RequestType, path: &[&str], payload: &[u8]) -> Vec<u8> {
+fn raw_request(
+    kind: MessageType,
+    message_id: u16,
+    method: RequestType,
+    path: &[&str],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut p = Packet::new();
     p.header.set_type(kind);
     p.header.code = MessageClass::Request(method);
@@ -143,7 +169,8 @@ fn raw_request(kind: MessageType, message_id: u16, method: RequestType, path: &[
 async fn raw_exchange(socket: &UdpSocket, to: SocketAddr, datagram: &[u8]) -> Option<Vec<u8>> {
     socket.send_to(datagram, to).await.unwrap();
     let mut buf = vec![0u8; 2048];
-    let received = tokio::time::timeout(Duration::from_secs(3), socket.recv_from(&mut buf)).await.ok()?;
+    let received =
+        tokio::time::timeout(Duration::from_secs(3), socket.recv_from(&mut buf)).await.ok()?;
     let (n, _) = received.unwrap();
     Some(buf[..n].to_vec())
 }
@@ -158,7 +185,14 @@ async fn dtls_telemetry_con_is_acknowledged_only_after_the_consumer_accepted() {
     let request = tokio::spawn({
         let s = (s.udp, s.dtls);
         async move {
-            dtls_to(s.1, "sensor1@t1", "secret1", &["-m", "post", "-t", "50", "-e", "{\"temp\":5}"], "/telemetry").await
+            dtls_to(
+                s.1,
+                "sensor1@t1",
+                "secret1",
+                &["-m", "post", "-t", "50", "-e", "{\"temp\":5}"],
+                "/telemetry",
+            )
+            .await
         }
     });
     let delivery = next(&mut consumer).await;
@@ -193,7 +227,9 @@ async fn dtls_telemetry_non_is_at_most_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtls_events_are_stored_until_a_consumer_comes() {
     let s = start().await;
-    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "door open"], "/e?hono-ttl=60").await;
+    let answer =
+        dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "door open"], "/e?hono-ttl=60")
+            .await;
     assert_eq!(answer.code, "2.04", "{answer:?}");
     let mut consumer = s.broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
     consumer.add_credit(1);
@@ -242,8 +278,11 @@ async fn con_without_consumer_is_503_and_non_is_dropped_and_counted() {
     // The 5.03 carries Max-Age, the time to wait before retrying.
     s.registry.set_allow_unauthenticated("t1", true);
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let request = raw_request(MessageType::Confirmable, 7, RequestType::Put, &["t", "t1", "d1"], b"x");
-    let response = Packet::from_bytes(&raw_exchange(&socket, s.udp, &request).await.expect("an answer")).unwrap();
+    let request =
+        raw_request(MessageType::Confirmable, 7, RequestType::Put, &["t", "t1", "d1"], b"x");
+    let response =
+        Packet::from_bytes(&raw_exchange(&socket, s.udp, &request).await.expect("an answer"))
+            .unwrap();
     assert_eq!(response.header.code, MessageClass::Response(ResponseType::ServiceUnavailable));
     assert_eq!(response.get_first_option(CoapOption::MaxAge), Some(&vec![1]));
 }
@@ -295,7 +334,9 @@ async fn gateway_publishes_only_for_devices_that_list_it() {
     consumer.add_credit(10);
     let request = tokio::spawn({
         let addr = s.dtls;
-        async move { dtls_to(addr, "gw1@t1", "gwsecret", &["-m", "put", "-e", "x"], "/t/t1/child").await }
+        async move {
+            dtls_to(addr, "gw1@t1", "gwsecret", &["-m", "put", "-e", "x"], "/t/t1/child").await
+        }
     });
     let d = next(&mut consumer).await;
     assert_eq!(app_property(&d, "device_id"), string("child"));
@@ -315,7 +356,8 @@ async fn foreign_tenant_in_uri_is_forbidden() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_event_is_a_bad_request() {
     let s = start().await;
-    let answer = dtls(&s, "sensor1@t1", "secret1", &["-N", "-m", "post", "-e", "x"], "/event").await;
+    let answer =
+        dtls(&s, "sensor1@t1", "secret1", &["-N", "-m", "post", "-e", "x"], "/event").await;
     assert_eq!(answer.code, "4.00", "{answer:?}");
 }
 
@@ -349,7 +391,10 @@ async fn empty_payload_needs_a_content_format() {
     let mut consumer = s.broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
     consumer.add_credit(2);
     let first = next(&mut consumer).await;
-    assert_eq!(first.message().properties.clone().unwrap().content_type.unwrap().as_str(), "text/plain;charset=utf-8");
+    assert_eq!(
+        first.message().properties.clone().unwrap().content_type.unwrap().as_str(),
+        "text/plain;charset=utf-8"
+    );
     first.settle(Outcome::Accepted);
     let second = next(&mut consumer).await;
     let content_type = second.message().properties.clone().unwrap().content_type.unwrap();
@@ -364,7 +409,11 @@ async fn malformed_datagram_gets_a_reset_and_the_adapter_keeps_serving() {
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     // CON, message id 0x1234, then an option byte with the reserved length nibble 15.
     let reset = raw_exchange(&socket, s.udp, &[0x40, 0x02, 0x12, 0x34, 0xbf]).await;
-    assert_eq!(reset.as_deref(), Some(&[0x70, 0x00, 0x12, 0x34][..]), "RST with the same message id");
+    assert_eq!(
+        reset.as_deref(),
+        Some(&[0x70, 0x00, 0x12, 0x34][..]),
+        "RST with the same message id"
+    );
     // Not CoAP at all: silently dropped.
     assert_eq!(raw_exchange(&socket, s.udp, &[0xff, 0x00]).await, None);
     // Other devices (and this one) keep flowing.
@@ -379,7 +428,13 @@ async fn duplicate_con_is_sent_downstream_once_and_answered_alike() {
     let s = start().await;
     s.registry.set_allow_unauthenticated("t1", true);
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let request = raw_request(MessageType::Confirmable, 0x4242, RequestType::Put, &["e", "t1", "d1"], b"once");
+    let request = raw_request(
+        MessageType::Confirmable,
+        0x4242,
+        RequestType::Put,
+        &["e", "t1", "d1"],
+        b"once",
+    );
     let first = raw_exchange(&socket, s.udp, &request).await.expect("an answer");
     let second = raw_exchange(&socket, s.udp, &request).await.expect("the same answer");
     assert_eq!(first, second);
@@ -403,10 +458,21 @@ async fn non_request_gets_a_non_response_with_its_own_message_id() {
     let s = start().await;
     s.registry.set_allow_unauthenticated("t1", true);
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let request = raw_request(MessageType::NonConfirmable, 0x0101, RequestType::Put, &["t", "t1", "d1"], b"x");
-    let response = Packet::from_bytes(&raw_exchange(&socket, s.udp, &request).await.expect("an answer")).unwrap();
+    let request = raw_request(
+        MessageType::NonConfirmable,
+        0x0101,
+        RequestType::Put,
+        &["t", "t1", "d1"],
+        b"x",
+    );
+    let response =
+        Packet::from_bytes(&raw_exchange(&socket, s.udp, &request).await.expect("an answer"))
+            .unwrap();
     assert_eq!(response.header.get_type(), MessageType::NonConfirmable);
-    assert_ne!(response.header.message_id, 0x0101, "RFC 7252 §4.3: a NON carries its own message id");
+    assert_ne!(
+        response.header.message_id, 0x0101,
+        "RFC 7252 §4.3: a NON carries its own message id"
+    );
     assert_eq!(response.get_token(), &[0xca, 0xfe]);
     assert_eq!(response.header.code, MessageClass::Response(ResponseType::Changed));
     assert_eq!(s.downstream.stats.dropped.load(Ordering::Relaxed), 1, "nobody consumed it");
@@ -417,10 +483,24 @@ async fn a_device_starting_over_from_the_same_port_gets_a_new_session() {
     let s = start().await;
     let mut consumer = s.broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
     consumer.add_credit(10);
-    let port = UdpSocket::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port().to_string();
+    let port =
+        UdpSocket::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port().to_string();
     // A device whose session is established and busy, then dies without a close_notify.
     let mut first = Command::new("coap-client-openssl")
-        .args(["-B", "8", "-p", &port, "-u", "sensor1@t1", "-k", "secret1", "-m", "post", "-e", "1"])
+        .args([
+            "-B",
+            "8",
+            "-p",
+            &port,
+            "-u",
+            "sensor1@t1",
+            "-k",
+            "secret1",
+            "-m",
+            "post",
+            "-e",
+            "1",
+        ])
         .arg(format!("coaps://{}/t", s.dtls))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -431,7 +511,9 @@ async fn a_device_starting_over_from_the_same_port_gets_a_new_session() {
     first.wait().unwrap();
     delivery.settle(Outcome::Accepted);
     // It comes back from the same address with a new handshake.
-    let answer = dtls(&s, "sensor1@t1", "secret1", &["-p", &port, "-m", "post", "-t", "0", "-e", "2"], "/e").await;
+    let answer =
+        dtls(&s, "sensor1@t1", "secret1", &["-p", &port, "-m", "post", "-t", "0", "-e", "2"], "/e")
+            .await;
     assert_eq!(answer.code, "2.04", "{answer:?}");
 }
 
@@ -443,7 +525,8 @@ async fn block_wise_bodies_are_put_together() {
     let body = "0123456789".repeat(150);
     let answer = udp(&s, &["-m", "put", "-t", "42", "-e", &body], "/e/t1/d1").await;
     assert_eq!(answer.code, "2.04", "plain UDP: {answer:?}");
-    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-t", "42", "-e", &body], "/e").await;
+    let answer =
+        dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-t", "42", "-e", &body], "/e").await;
     assert_eq!(answer.code, "2.04", "DTLS: {answer:?}");
     let too_big = "x".repeat(3000);
     let answer = udp(&s, &["-m", "put", "-t", "42", "-e", &too_big], "/e/t1/d1").await;
@@ -469,7 +552,14 @@ async fn block_wise_bodies_are_put_together() {
 
 /// A plain-UDP Block1 block (SZX 6: 1 KiB) of a PUT to `path`.
 fn block_request(message_id: u16, path: &[&str], num: u32, more: bool, payload: &[u8]) -> Vec<u8> {
-    let mut p = Packet::from_bytes(&raw_request(MessageType::Confirmable, message_id, RequestType::Put, path, payload)).unwrap();
+    let mut p = Packet::from_bytes(&raw_request(
+        MessageType::Confirmable,
+        message_id,
+        RequestType::Put,
+        path,
+        payload,
+    ))
+    .unwrap();
     let value = (num << 4) | (u32::from(more) << 3) | 6;
     let bytes = value.to_be_bytes();
     let skip = bytes.iter().take(3).take_while(|b| **b == 0).count();
@@ -482,7 +572,9 @@ async fn unauthenticated_blocks_are_kept_only_for_tenants_that_allow_it() {
     // Review H1 / issue 11: on plain UDP a body's first block is checked before it is kept.
     let s = start_with(CoapConfig { max_payload: 4096, ..Default::default() }).await;
     let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let code = |bytes: Option<Vec<u8>>| Packet::from_bytes(&bytes.expect("an answer")).unwrap().header.code;
+    let code = |bytes: Option<Vec<u8>>| {
+        Packet::from_bytes(&bytes.expect("an answer")).unwrap().header.code
+    };
     let path = ["e", "t1", "d1"];
     let first = block_request(1, &path, 0, true, &[b'a'; 1024]);
     // t1 does not allow unauthenticated devices: refused at the first block ...
@@ -496,25 +588,34 @@ async fn unauthenticated_blocks_are_kept_only_for_tenants_that_allow_it() {
     s.registry.set_allow_unauthenticated("t1", true);
     let mut consumer = s.broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
     consumer.add_credit(1);
-    let answer = code(raw_exchange(&device, s.udp, &block_request(3, &path, 0, true, &[b'a'; 1024])).await);
+    let answer =
+        code(raw_exchange(&device, s.udp, &block_request(3, &path, 0, true, &[b'a'; 1024])).await);
     assert_eq!(answer, MessageClass::Response(ResponseType::Continue));
     let done = tokio::spawn(async move {
         let d = next(&mut consumer).await;
         d.settle(Outcome::Accepted);
     });
-    let answer = code(raw_exchange(&device, s.udp, &block_request(4, &path, 1, false, b"end")).await);
+    let answer =
+        code(raw_exchange(&device, s.udp, &block_request(4, &path, 1, false, b"end")).await);
     assert_eq!(answer, MessageClass::Response(ResponseType::Changed));
     done.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_in_flight_are_bounded_and_retransmissions_wait_for_the_first_answer() {
-    let s = start_with(CoapConfig { max_in_flight: 1, max_payload: 64, ..Default::default() }).await;
+    let s =
+        start_with(CoapConfig { max_in_flight: 1, max_payload: 64, ..Default::default() }).await;
     s.registry.set_allow_unauthenticated("t1", true);
     let mut consumer = s.broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
     consumer.add_credit(10);
     let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let request = raw_request(MessageType::Confirmable, 0x0a0a, RequestType::Put, &["t", "t1", "d1"], b"slow");
+    let request = raw_request(
+        MessageType::Confirmable,
+        0x0a0a,
+        RequestType::Put,
+        &["t", "t1", "d1"],
+        b"slow",
+    );
     device.send_to(&request, s.udp).await.unwrap();
     let delivery = next(&mut consumer).await; // held: the request stays in flight
                                               // A retransmission while it is processed is not processed again, nor answered yet.
@@ -522,14 +623,18 @@ async fn requests_in_flight_are_bounded_and_retransmissions_wait_for_the_first_a
     // Another device finds the adapter full: 5.03 at once, nothing downstream.
     let other = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let busy = raw_request(MessageType::Confirmable, 1, RequestType::Put, &["t", "t1", "d1"], b"x");
-    let answer = Packet::from_bytes(&raw_exchange(&other, s.udp, &busy).await.expect("an answer")).unwrap();
+    let answer =
+        Packet::from_bytes(&raw_exchange(&other, s.udp, &busy).await.expect("an answer")).unwrap();
     assert_eq!(answer.header.code, MessageClass::Response(ResponseType::ServiceUnavailable));
     assert!(consumer.try_recv().is_err());
     // The application accepts: the first request gets its 2.04, and a late retransmission
     // the very same answer.
     delivery.settle(Outcome::Accepted);
     let mut buf = vec![0u8; 2048];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(5), device.recv_from(&mut buf)).await.unwrap().unwrap();
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), device.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     let first = buf[..n].to_vec();
     let answer = Packet::from_bytes(&first).unwrap();
     assert_eq!(answer.header.code, MessageClass::Response(ResponseType::Changed));

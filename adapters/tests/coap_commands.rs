@@ -26,8 +26,11 @@ struct Via(MemoryRegistry);
 
 impl ViaCheck for Via {
     fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> BoxFuture<bool> {
-        let (registry, tenant, device, gateway) = (self.0.clone(), tenant.to_owned(), device.to_owned(), gateway.to_owned());
-        Box::pin(async move { registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok() })
+        let (registry, tenant, device, gateway) =
+            (self.0.clone(), tenant.to_owned(), device.to_owned(), gateway.to_owned());
+        Box::pin(async move {
+            registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok()
+        })
     }
 }
 
@@ -61,8 +64,14 @@ async fn start() -> Setup {
         max_payload: 64,
         ..Default::default()
     };
-    let adapter =
-        CoapAdapter::bind(config, Downstream::new(broker.clone()), Arc::new(registry), Some(router)).await.unwrap();
+    let adapter = CoapAdapter::bind(
+        config,
+        Downstream::new(broker.clone()),
+        Arc::new(registry),
+        Some(router),
+    )
+    .await
+    .unwrap();
     let (udp, dtls) = (adapter.local_addr().expect("plain UDP is on"), adapter.local_dtls_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(adapter.run(shutdown.clone()));
@@ -94,21 +103,39 @@ impl Answer {
 /// at `-v 7`) to stdout.
 async fn client(program: &'static str, args: Vec<String>) -> Answer {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let file = std::env::temp_dir().join(format!("ferrule-coap-cmd-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    let file = std::env::temp_dir().join(format!(
+        "ferrule-coap-cmd-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     let out = file.to_string_lossy().to_string();
     let output = tokio::task::spawn_blocking(move || {
-        Command::new(program).args(["-B", "30", "-v", "7", "-o", &out]).args(&args).output().expect("libcoap3-bin is installed")
+        Command::new(program)
+            .args(["-B", "30", "-v", "7", "-o", &out])
+            .args(&args)
+            .output()
+            .expect("libcoap3-bin is installed")
     })
     .await
     .unwrap();
     let payload = std::fs::read_to_string(&file).unwrap_or_default();
     let _ = std::fs::remove_file(&file);
-    let log = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     Answer { payload, log }
 }
 
 /// `coap-client-openssl` over DTLS with PSK `identity`/`key`: `args` then `coaps://ADDR{path}`.
-fn dtls(s: &Setup, identity: &str, key: &str, args: &[&str], path: &str) -> tokio::task::JoinHandle<Answer> {
+fn dtls(
+    s: &Setup,
+    identity: &str,
+    key: &str,
+    args: &[&str],
+    path: &str,
+) -> tokio::task::JoinHandle<Answer> {
     let mut all: Vec<String> = vec!["-u".into(), identity.into(), "-k".into(), key.into()];
     all.extend(args.iter().map(|a| a.to_string()));
     all.push(format!("coaps://{}{path}", s.dtls));
@@ -141,7 +168,10 @@ fn app_property(m: &Message, key: &str) -> Option<SimpleValue> {
 /// Waits for `device`'s `ttd` notification (> 0, from the CoAP adapter).
 async fn ready(events: &mut Consumer, device: &str) {
     loop {
-        let d = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("notification").unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("notification")
+            .unwrap();
         let m = d.message();
         let waiting = matches!(app_property(m, "ttd"), Some(SimpleValue::Int(n)) if n > 0)
             && app_property(m, "device_id") == Some(SimpleValue::String(device.into()))
@@ -156,7 +186,12 @@ async fn ready(events: &mut Consumer, device: &str) {
 /// The request id in the logged Location-Path (`Location-Path:cr` or `command_response`,
 /// then tenant/device for gateways, then the id).
 fn request_id(answer: &Answer) -> String {
-    let line = answer.log.lines().rev().find(|l| l.contains("Location-Query")).expect("a response with a command");
+    let line = answer
+        .log
+        .lines()
+        .rev()
+        .find(|l| l.contains("Location-Query"))
+        .expect("a response with a command");
     let paths: Vec<&str> = line
         .split("Location-Path:")
         .skip(1)
@@ -168,11 +203,19 @@ fn request_id(answer: &Answer) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtls_device_gets_a_command_and_answers_it() {
     let mut s = start().await;
-    let mut responses = s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
+    let mut responses =
+        s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
     responses.add_credit(10);
-    let poll = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "21.5", "-t", "0"], "/e?hono-ttd=10");
+    let poll = dtls(
+        &s,
+        "sensor1@t1",
+        "secret1",
+        &["-m", "post", "-e", "21.5", "-t", "0"],
+        "/e?hono-ttd=10",
+    );
     ready(&mut s.events, "d1").await;
-    let outcome = s.broker.send("command/t1", command("d1", "light", "on", Some(("app", "m-1")))).await;
+    let outcome =
+        s.broker.send("command/t1", command("d1", "light", "on", Some(("app", "m-1")))).await;
     assert_eq!(outcome, Outcome::Accepted);
     let answer = poll.await.unwrap();
     assert_eq!(answer.code(), Some("2.04"), "{answer:?}");
@@ -182,9 +225,19 @@ async fn dtls_device_gets_a_command_and_answers_it() {
     let id = request_id(&answer);
     assert!(RequestId::decode(&id).is_ok(), "{id}");
 
-    let respond = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "done", "-t", "0"], &format!("/cr/{id}?hono-cmd-status=200"));
-    let reply = tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
-    assert_eq!(reply.message().properties.clone().unwrap().correlation_id, Some(MessageId::String("m-1".into())));
+    let respond = dtls(
+        &s,
+        "sensor1@t1",
+        "secret1",
+        &["-m", "post", "-e", "done", "-t", "0"],
+        &format!("/cr/{id}?hono-cmd-status=200"),
+    );
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        reply.message().properties.clone().unwrap().correlation_id,
+        Some(MessageId::String("m-1".into()))
+    );
     assert_eq!(app_property(reply.message(), "status"), Some(SimpleValue::Int(200)));
     assert_eq!(app_property(reply.message(), "device_id"), Some(SimpleValue::String("d1".into())));
     reply.settle(Outcome::Accepted);
@@ -195,12 +248,23 @@ async fn dtls_device_gets_a_command_and_answers_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_command_comes_as_a_separate_response() {
     let mut s = start().await;
-    let poll = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "x", "-t", "0"], "/event?hono-ttd=10");
+    let poll = dtls(
+        &s,
+        "sensor1@t1",
+        "secret1",
+        &["-m", "post", "-e", "x", "-t", "0"],
+        "/event?hono-ttd=10",
+    );
     ready(&mut s.events, "d1").await;
     // Longer than the adapter waits before it sends the empty ACK.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let outcome = s.broker.send("command/t1", command("d1", "light", "off", Some(("app", "m-2")))).await;
-    assert_eq!(outcome, Outcome::Accepted, "accepted once the device acknowledged the separate response");
+    let outcome =
+        s.broker.send("command/t1", command("d1", "light", "off", Some(("app", "m-2")))).await;
+    assert_eq!(
+        outcome,
+        Outcome::Accepted,
+        "accepted once the device acknowledged the separate response"
+    );
     let answer = poll.await.unwrap();
     assert!(answer.has("t:ACK c:0.00"), "empty ACK first: {}", answer.log);
     assert!(answer.has("t:CON c:2.04"), "separate response: {}", answer.log);
@@ -213,7 +277,10 @@ async fn unauthenticated_udp_device_gets_a_one_way_command() {
     let mut s = start().await;
     let poll = udp(&s, &["-m", "put", "-e", "x", "-t", "0"], "/event/t1/d1?hono-ttd=10");
     ready(&mut s.events, "d1").await;
-    assert_eq!(s.broker.send("command/t1", command("d1", "blink", "3", None)).await, Outcome::Accepted);
+    assert_eq!(
+        s.broker.send("command/t1", command("d1", "blink", "3", None)).await,
+        Outcome::Accepted
+    );
     let answer = poll.await.unwrap();
     assert_eq!(answer.code(), Some("2.04"), "{answer:?}");
     assert_eq!(answer.payload, "3");
@@ -224,30 +291,61 @@ async fn unauthenticated_udp_device_gets_a_one_way_command() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_command_in_time_is_a_plain_204_and_late_commands_are_released() {
     let s = start().await;
-    let answer = dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "x", "-t", "0"], "/e?hono-ttd=1").await.unwrap();
+    let answer =
+        dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "x", "-t", "0"], "/e?hono-ttd=1")
+            .await
+            .unwrap();
     assert_eq!(answer.code(), Some("2.04"), "{answer:?}");
     assert!(!answer.has("Location-Query"), "{}", answer.log);
-    assert_eq!(s.broker.send("command/t1", command("d1", "light", "on", None)).await, Outcome::Released);
+    assert_eq!(
+        s.broker.send("command/t1", command("d1", "light", "on", None)).await,
+        Outcome::Released
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_waits_for_a_device_and_answers_for_it() {
     let mut s = start().await;
-    let mut responses = s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
+    let mut responses =
+        s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
     responses.add_credit(10);
-    let poll = dtls(&s, "gw1@t1", "gwsecret", &["-m", "put", "-e", "x", "-t", "0"], "/e/t1/child?hono-ttd=10");
+    let poll = dtls(
+        &s,
+        "gw1@t1",
+        "gwsecret",
+        &["-m", "put", "-e", "x", "-t", "0"],
+        "/e/t1/child?hono-ttd=10",
+    );
     ready(&mut s.events, "child").await;
-    let outcome = s.broker.send("command/t1", command("child", "open", "valve", Some(("app", "g-1")))).await;
+    let outcome =
+        s.broker.send("command/t1", command("child", "open", "valve", Some(("app", "g-1")))).await;
     assert_eq!(outcome, Outcome::Accepted);
     let answer = poll.await.unwrap();
     assert_eq!(answer.payload, "valve", "{answer:?}");
-    assert!(answer.has("Location-Path:cr, Location-Path:t1, Location-Path:child,"), "{}", answer.log);
+    assert!(
+        answer.has("Location-Path:cr, Location-Path:t1, Location-Path:child,"),
+        "{}",
+        answer.log
+    );
     let id = request_id(&answer);
 
-    let respond = dtls(&s, "gw1@t1", "gwsecret", &["-m", "put", "-t", "0", "-e", "ok"], &format!("/cr/t1/child/{id}?hono-cmd-status=200"));
-    let reply = tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
-    assert_eq!(app_property(reply.message(), "device_id"), Some(SimpleValue::String("child".into())));
-    assert_eq!(reply.message().properties.clone().unwrap().correlation_id, Some(MessageId::String("g-1".into())));
+    let respond = dtls(
+        &s,
+        "gw1@t1",
+        "gwsecret",
+        &["-m", "put", "-t", "0", "-e", "ok"],
+        &format!("/cr/t1/child/{id}?hono-cmd-status=200"),
+    );
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
+    assert_eq!(
+        app_property(reply.message(), "device_id"),
+        Some(SimpleValue::String("child".into()))
+    );
+    assert_eq!(
+        reply.message().properties.clone().unwrap().correlation_id,
+        Some(MessageId::String("g-1".into()))
+    );
     reply.settle(Outcome::Accepted);
     assert_eq!(respond.await.unwrap().code(), Some("2.04"));
 }
@@ -255,7 +353,9 @@ async fn gateway_waits_for_a_device_and_answers_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_command_responses_get_clear_codes() {
     let s = start().await;
-    let id = RequestId { correlation_id: MessageId::String("x".into()), reply_id: "app".into() }.encode().unwrap();
+    let id = RequestId { correlation_id: MessageId::String("x".into()), reply_id: "app".into() }
+        .encode()
+        .unwrap();
     let post = ["-m", "post", "-t", "0", "-e", "r"];
     let cases = [
         ("no status", format!("/cr/{id}"), "4.00"),
@@ -269,7 +369,10 @@ async fn bad_command_responses_get_clear_codes() {
         assert_eq!(answer.code(), Some(code), "{name}: {}", answer.log);
     }
     let put = ["-m", "put", "-t", "0", "-e", "r"];
-    let answer = dtls(&s, "sensor1@t1", "secret1", &put, &format!("/cr/t2/d9/{id}?hono-cmd-status=200")).await.unwrap();
+    let answer =
+        dtls(&s, "sensor1@t1", "secret1", &put, &format!("/cr/t2/d9/{id}?hono-cmd-status=200"))
+            .await
+            .unwrap();
     assert_eq!(answer.code(), Some("4.03"), "foreign tenant: {}", answer.log);
     let answer = udp(&s, &post, &format!("/cr/{id}?hono-cmd-status=200")).await.unwrap();
     assert_eq!(answer.code(), Some("4.01"), "plain UDP needs the PUT form: {}", answer.log);
@@ -295,12 +398,19 @@ async fn separate_response_refused_with_reset_releases_the_command() {
     socket.send_to(&request.to_bytes().unwrap(), s.udp).await.unwrap();
     async fn recv(socket: &tokio::net::UdpSocket) -> Packet {
         let mut buf = vec![0u8; 2048];
-        let (n, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf)).await.unwrap().unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         Packet::from_bytes(&buf[..n]).unwrap()
     }
     ready(&mut s.events, "d1").await;
     let ack = recv(&socket).await;
-    assert_eq!((ack.header.get_type(), ack.header.message_id), (MessageType::Acknowledgement, 0x1234), "empty ACK");
+    assert_eq!(
+        (ack.header.get_type(), ack.header.message_id),
+        (MessageType::Acknowledgement, 0x1234),
+        "empty ACK"
+    );
     assert_eq!(u8::from(ack.header.code), 0);
     let sending = tokio::spawn({
         let broker = s.broker.clone();

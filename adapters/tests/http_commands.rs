@@ -24,8 +24,11 @@ struct Via(MemoryRegistry);
 
 impl ViaCheck for Via {
     fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> BoxFuture<bool> {
-        let (registry, tenant, device, gateway) = (self.0.clone(), tenant.to_owned(), device.to_owned(), gateway.to_owned());
-        Box::pin(async move { registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok() })
+        let (registry, tenant, device, gateway) =
+            (self.0.clone(), tenant.to_owned(), device.to_owned(), gateway.to_owned());
+        Box::pin(async move {
+            registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok()
+        })
     }
 }
 
@@ -39,7 +42,12 @@ struct Setup {
 
 async fn start() -> Setup {
     let mut registry = MemoryRegistry::new().tenant("t1").tenant("t2").device("t2", "d9", "pw9");
-    registry = registry.device("t1", "d1", "pw1").device("t1", "gw", "gwpw").device_via("t1", "child", "", &["gw"]);
+    registry = registry.device("t1", "d1", "pw1").device("t1", "gw", "gwpw").device_via(
+        "t1",
+        "child",
+        "",
+        &["gw"],
+    );
     for i in 0..50 {
         registry = registry.device("t1", &format!("p{i}"), "pw");
     }
@@ -48,9 +56,19 @@ async fn start() -> Setup {
     router.install();
     let events = broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
     events.add_credit(1000);
-    let config = HttpConfig { listen: "127.0.0.1:0".parse().unwrap(), max_payload: 64, ..Default::default() };
-    let adapter =
-        HttpAdapter::bind(config, Downstream::new(broker.clone()), Arc::new(registry), Some(router)).await.unwrap();
+    let config = HttpConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        max_payload: 64,
+        ..Default::default()
+    };
+    let adapter = HttpAdapter::bind(
+        config,
+        Downstream::new(broker.clone()),
+        Arc::new(registry),
+        Some(router),
+    )
+    .await
+    .unwrap();
     let url = format!("http://{}", adapter.local_addr());
     let shutdown = CancellationToken::new();
     tokio::spawn(adapter.run(shutdown.clone()));
@@ -68,14 +86,22 @@ struct Answer {
 /// Runs curl with `args` (`-i` prints the response head before the body).
 async fn curl(args: Vec<String>) -> Answer {
     let output = tokio::task::spawn_blocking(move || {
-        Command::new("curl").args(["-s", "-i", "--max-time", "20"]).args(&args).output().expect("curl is installed")
+        Command::new("curl")
+            .args(["-s", "-i", "--max-time", "20"])
+            .args(&args)
+            .output()
+            .expect("curl is installed")
     })
     .await
     .unwrap();
     let text = String::from_utf8_lossy(&output.stdout).to_string();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
@@ -83,8 +109,15 @@ async fn curl(args: Vec<String>) -> Answer {
     Answer { status, headers, body: body.to_owned() }
 }
 
-fn request(method: &str, url: &str, user: Option<&str>, body: &str, headers: &[&str]) -> Vec<String> {
-    let mut args = vec!["-X".into(), method.into(), url.into(), "--data-binary".into(), body.into()];
+fn request(
+    method: &str,
+    url: &str,
+    user: Option<&str>,
+    body: &str,
+    headers: &[&str],
+) -> Vec<String> {
+    let mut args =
+        vec!["-X".into(), method.into(), url.into(), "--data-binary".into(), body.into()];
     if let Some(user) = user {
         args.extend(["-u".into(), user.into()]);
     }
@@ -118,12 +151,18 @@ fn app_property(m: &Message, key: &str) -> Option<SimpleValue> {
 async fn ready(events: &mut Consumer, devices: &[String]) {
     let mut missing: Vec<&String> = devices.iter().collect();
     while !missing.is_empty() {
-        let d = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("notification").unwrap();
+        let d = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("notification")
+            .unwrap();
         let m = d.message();
         if let (Some(SimpleValue::Int(ttd)), Some(SimpleValue::String(device))) =
             (app_property(m, "ttd"), app_property(m, "device_id"))
         {
-            assert_eq!(app_property(m, "orig_adapter"), Some(SimpleValue::String("hono-http".into())));
+            assert_eq!(
+                app_property(m, "orig_adapter"),
+                Some(SimpleValue::String("hono-http".into()))
+            );
             if ttd > 0 {
                 missing.retain(|d| **d != device);
             }
@@ -139,12 +178,18 @@ fn device(name: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_response_command_round_trip() {
     let mut s = start().await;
-    let mut responses = s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
+    let mut responses =
+        s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
     responses.add_credit(10);
     let url = format!("{}/event", s.url);
-    let poll = tokio::spawn(curl(request("POST", &url, Some("d1@t1:pw1"), "21.5", &["hono-ttd: 10"])));
+    let poll =
+        tokio::spawn(curl(request("POST", &url, Some("d1@t1:pw1"), "21.5", &["hono-ttd: 10"])));
     ready(&mut s.events, &device("d1")).await;
-    let outcome = s.broker.submit("command/t1", command("d1", "light", "on", Some(("app", "m-1"))), false).outcome().await;
+    let outcome = s
+        .broker
+        .submit("command/t1", command("d1", "light", "on", Some(("app", "m-1"))), false)
+        .outcome()
+        .await;
     assert_eq!(outcome, Outcome::Accepted);
     let answer = poll.await.unwrap();
     assert_eq!(answer.status, 200, "{answer:?}");
@@ -157,7 +202,8 @@ async fn request_response_command_round_trip() {
     // The device answers; the application gets status and correlation id.
     let url = format!("{}/command/res/{request_id}?hono-cmd-status=200", s.url);
     let respond = tokio::spawn(curl(request("POST", &url, Some("d1@t1:pw1"), "done", &[])));
-    let reply = tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
     let props = reply.message().properties.clone().unwrap();
     assert_eq!(props.correlation_id, Some(MessageId::String("m-1".into())));
     assert_eq!(app_property(reply.message(), "status"), Some(SimpleValue::Int(200)));
@@ -173,9 +219,15 @@ async fn request_response_command_round_trip() {
     let d = tokio::time::timeout(Duration::from_secs(10), telemetry.recv()).await.unwrap().unwrap();
     d.settle(Outcome::Accepted);
     ready(&mut s.events, &device("d1")).await;
-    assert_eq!(s.broker.send("command/t1", command("d1", "reset", "", Some(("app", "m-2")))).await, Outcome::Accepted);
+    assert_eq!(
+        s.broker.send("command/t1", command("d1", "reset", "", Some(("app", "m-2")))).await,
+        Outcome::Accepted
+    );
     let answer = poll.await.unwrap();
-    assert_eq!((answer.status, answer.headers.get("hono-command").map(String::as_str)), (200, Some("reset")));
+    assert_eq!(
+        (answer.status, answer.headers.get("hono-command").map(String::as_str)),
+        (200, Some("reset"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +236,10 @@ async fn one_way_command_has_no_request_id() {
     let url = format!("{}/event", s.url);
     let poll = tokio::spawn(curl(request("POST", &url, Some("d1@t1:pw1"), "x", &["hono-ttd: 10"])));
     ready(&mut s.events, &device("d1")).await;
-    assert_eq!(s.broker.send("command/t1", command("d1", "blink", "3", None)).await, Outcome::Accepted);
+    assert_eq!(
+        s.broker.send("command/t1", command("d1", "blink", "3", None)).await,
+        Outcome::Accepted
+    );
     let answer = poll.await.unwrap();
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.headers.get("hono-command").map(String::as_str), Some("blink"));
@@ -200,7 +255,10 @@ async fn no_command_in_time_is_202_and_late_commands_are_released() {
     assert_eq!(answer.status, 202, "{answer:?}");
     assert!(!answer.headers.contains_key("hono-command"));
     // Nobody polls any more: the application learns at once.
-    assert_eq!(s.broker.send("command/t1", command("d1", "light", "on", Some(("app", "m")))).await, Outcome::Released);
+    assert_eq!(
+        s.broker.send("command/t1", command("d1", "light", "on", Some(("app", "m")))).await,
+        Outcome::Released
+    );
 
     // The client gives up (closes the connection) before its ttd is over: released too.
     let answer = curl({
@@ -211,18 +269,23 @@ async fn no_command_in_time_is_202_and_late_commands_are_released() {
     .await;
     assert_eq!(answer.status, 0, "curl gave up");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(s.broker.send("command/t1", command("d1", "light", "on", None)).await, Outcome::Released);
+    assert_eq!(
+        s.broker.send("command/t1", command("d1", "light", "on", None)).await,
+        Outcome::Released
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_polls_for_a_device_and_answers_for_it() {
     let mut s = start().await;
-    let mut responses = s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
+    let mut responses =
+        s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
     responses.add_credit(10);
     let url = format!("{}/event/t1/child", s.url);
     let poll = tokio::spawn(curl(request("PUT", &url, Some("gw@t1:gwpw"), "x", &["hono-ttd: 10"])));
     ready(&mut s.events, &device("child")).await;
-    let outcome = s.broker.send("command/t1", command("child", "open", "valve", Some(("app", "g-1")))).await;
+    let outcome =
+        s.broker.send("command/t1", command("child", "open", "valve", Some(("app", "g-1")))).await;
     assert_eq!(outcome, Outcome::Accepted);
     let answer = poll.await.unwrap();
     assert_eq!(answer.status, 200, "{answer:?}");
@@ -231,16 +294,26 @@ async fn gateway_polls_for_a_device_and_answers_for_it() {
 
     let url = format!("{}/command/res/t1/child/{request_id}?hono-cmd-status=204", s.url);
     let respond = tokio::spawn(curl(request("PUT", &url, Some("gw@t1:gwpw"), "", &[])));
-    let reply = tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
+    let reply =
+        tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
     assert_eq!(app_property(reply.message(), "status"), Some(SimpleValue::Int(204)));
-    assert_eq!(app_property(reply.message(), "device_id"), Some(SimpleValue::String("child".into())));
-    assert_eq!(reply.message().properties.clone().unwrap().correlation_id, Some(MessageId::String("g-1".into())));
+    assert_eq!(
+        app_property(reply.message(), "device_id"),
+        Some(SimpleValue::String("child".into()))
+    );
+    assert_eq!(
+        reply.message().properties.clone().unwrap().correlation_id,
+        Some(MessageId::String("g-1".into()))
+    );
     reply.settle(Outcome::Accepted);
     assert_eq!(respond.await.unwrap().status, 202);
 
     // d1 does not list gw in `via`: neither polling nor answering for it.
     let url = format!("{}/event/t1/d1", s.url);
-    assert_eq!(curl(request("PUT", &url, Some("gw@t1:gwpw"), "x", &["hono-ttd: 1"])).await.status, 403);
+    assert_eq!(
+        curl(request("PUT", &url, Some("gw@t1:gwpw"), "x", &["hono-ttd: 1"])).await.status,
+        403
+    );
     let url = format!("{}/command/res/t1/d1/{request_id}?hono-cmd-status=200", s.url);
     assert_eq!(curl(request("PUT", &url, Some("gw@t1:gwpw"), "", &[])).await.status, 403);
 }
@@ -251,21 +324,109 @@ async fn bad_command_responses_get_clear_answers() {
     let id = {
         // A well-formed request id for reply address `app` (no one listening there).
         use ferrule_command_control::RequestId;
-        RequestId { correlation_id: MessageId::String("x".into()), reply_id: "app".into() }.encode().unwrap()
+        RequestId { correlation_id: MessageId::String("x".into()), reply_id: "app".into() }
+            .encode()
+            .unwrap()
     };
     let u = &s.url;
     let cases: Vec<(&str, Vec<String>, u16)> = vec![
-        ("no status", request("POST", &format!("{u}/command/res/{id}"), Some("d1@t1:pw1"), "", &[]), 400),
-        ("bad status", request("POST", &format!("{u}/command/res/{id}?hono-cmd-status=1"), Some("d1@t1:pw1"), "", &[]), 400),
-        ("bad request id", request("POST", &format!("{u}/command/res/garbage!?hono-cmd-status=200"), Some("d1@t1:pw1"), "", &[]), 400),
-        ("nobody waits", request("POST", &format!("{u}/command/res/{id}?hono-cmd-status=200"), Some("d1@t1:pw1"), "", &[]), 503),
-        ("status as header", request("POST", &format!("{u}/command/res/{id}"), Some("d1@t1:pw1"), "", &["hono-cmd-status: 200"]), 503),
-        ("wrong password", request("POST", &format!("{u}/command/res/{id}?hono-cmd-status=200"), Some("d1@t1:no"), "", &[]), 401),
-        ("no credentials", request("POST", &format!("{u}/command/res/{id}?hono-cmd-status=200"), None, "", &[]), 401),
-        ("foreign tenant", request("PUT", &format!("{u}/command/res/t2/d9/{id}?hono-cmd-status=200"), Some("d1@t1:pw1"), "", &[]), 403),
-        ("wrong method", request("GET", &format!("{u}/command/res/{id}"), Some("d1@t1:pw1"), "", &[]), 405),
-        ("too large", request("POST", &format!("{u}/command/res/{id}?hono-cmd-status=200"), Some("d1@t1:pw1"), &"x".repeat(65), &[]), 413),
-        ("bad hono-ttd", request("POST", &format!("{u}/event"), Some("d1@t1:pw1"), "x", &["hono-ttd: soon"]), 400),
+        (
+            "no status",
+            request("POST", &format!("{u}/command/res/{id}"), Some("d1@t1:pw1"), "", &[]),
+            400,
+        ),
+        (
+            "bad status",
+            request(
+                "POST",
+                &format!("{u}/command/res/{id}?hono-cmd-status=1"),
+                Some("d1@t1:pw1"),
+                "",
+                &[],
+            ),
+            400,
+        ),
+        (
+            "bad request id",
+            request(
+                "POST",
+                &format!("{u}/command/res/garbage!?hono-cmd-status=200"),
+                Some("d1@t1:pw1"),
+                "",
+                &[],
+            ),
+            400,
+        ),
+        (
+            "nobody waits",
+            request(
+                "POST",
+                &format!("{u}/command/res/{id}?hono-cmd-status=200"),
+                Some("d1@t1:pw1"),
+                "",
+                &[],
+            ),
+            503,
+        ),
+        (
+            "status as header",
+            request(
+                "POST",
+                &format!("{u}/command/res/{id}"),
+                Some("d1@t1:pw1"),
+                "",
+                &["hono-cmd-status: 200"],
+            ),
+            503,
+        ),
+        (
+            "wrong password",
+            request(
+                "POST",
+                &format!("{u}/command/res/{id}?hono-cmd-status=200"),
+                Some("d1@t1:no"),
+                "",
+                &[],
+            ),
+            401,
+        ),
+        (
+            "no credentials",
+            request("POST", &format!("{u}/command/res/{id}?hono-cmd-status=200"), None, "", &[]),
+            401,
+        ),
+        (
+            "foreign tenant",
+            request(
+                "PUT",
+                &format!("{u}/command/res/t2/d9/{id}?hono-cmd-status=200"),
+                Some("d1@t1:pw1"),
+                "",
+                &[],
+            ),
+            403,
+        ),
+        (
+            "wrong method",
+            request("GET", &format!("{u}/command/res/{id}"), Some("d1@t1:pw1"), "", &[]),
+            405,
+        ),
+        (
+            "too large",
+            request(
+                "POST",
+                &format!("{u}/command/res/{id}?hono-cmd-status=200"),
+                Some("d1@t1:pw1"),
+                &"x".repeat(65),
+                &[],
+            ),
+            413,
+        ),
+        (
+            "bad hono-ttd",
+            request("POST", &format!("{u}/event"), Some("d1@t1:pw1"), "x", &["hono-ttd: soon"]),
+            400,
+        ),
     ];
     for (name, args, expected) in cases {
         let answer = curl(args).await;
@@ -283,7 +444,11 @@ async fn deferred_command_arrives_with_the_next_poll() {
     let mut app = OrderedMap::new();
     app.insert(DEFER_TTL_PROPERTY.to_owned(), SimpleValue::Int(60));
     deferred.application_properties = Some(ApplicationProperties(app));
-    assert_eq!(s.broker.send("command/t1", deferred).await, Outcome::Accepted, "kept for the offline device");
+    assert_eq!(
+        s.broker.send("command/t1", deferred).await,
+        Outcome::Accepted,
+        "kept for the offline device"
+    );
     let url = format!("{}/event", s.url);
     let answer = curl(request("POST", &url, Some("d1@t1:pw1"), "x", &["hono-ttd: 10"])).await;
     assert_eq!(answer.status, 200, "{answer:?}");
@@ -299,7 +464,13 @@ async fn fifty_concurrent_polls_each_get_their_own_command() {
         .iter()
         .map(|d| {
             let url = format!("{}/event", s.url);
-            tokio::spawn(curl(request("POST", &url, Some(&format!("{d}@t1:pw")), "x", &["hono-ttd: 15"])))
+            tokio::spawn(curl(request(
+                "POST",
+                &url,
+                Some(&format!("{d}@t1:pw")),
+                "x",
+                &["hono-ttd: 15"],
+            )))
         })
         .collect();
     ready(&mut s.events, &devices).await;

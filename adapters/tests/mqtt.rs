@@ -3,9 +3,9 @@
 //! at once, by a small raw MQTT 3.1.1 client below. What reaches the messaging core is
 //! observed through its in-process consumer API.
 
-mod support;
 #[path = "support/raw_mqtt.rs"]
 mod raw_mqtt;
+mod support;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -50,8 +50,13 @@ fn start_with(config: MqttConfig) -> Setup {
     let broker = Broker::in_memory(&Default::default());
     let shutdown = CancellationToken::new();
     let config = MqttConfig { listen: "127.0.0.1:0".parse().unwrap(), ..config };
-    let adapter = mqtt::start(config, Downstream::new(broker.clone()), Arc::new(registry.clone()), shutdown.clone())
-        .expect("adapter starts");
+    let adapter = mqtt::start(
+        config,
+        Downstream::new(broker.clone()),
+        Arc::new(registry.clone()),
+        shutdown.clone(),
+    )
+    .expect("adapter starts");
     Setup { addr: adapter.local_addr(), broker, registry, shutdown, adapter }
 }
 
@@ -61,7 +66,8 @@ fn start() -> Setup {
 
 impl Setup {
     fn consumer(&self, address: &str, credit: u32) -> Consumer {
-        let consumer = self.broker.subscribe(address, &SubscribeOptions::default()).expect("address exists");
+        let consumer =
+            self.broker.subscribe(address, &SubscribeOptions::default()).expect("address exists");
         consumer.add_credit(credit);
         consumer
     }
@@ -78,17 +84,33 @@ struct Run {
 /// Runs mosquitto_pub against the adapter with `-d` (packet log) and a hard time limit.
 async fn mosquitto_pub(addr: SocketAddr, version: &str, args: &[&str]) -> Run {
     let mut command = Command::new("timeout");
-    command.args(["15", "mosquitto_pub", "-d", "-h", "127.0.0.1", "-p", &addr.port().to_string(), "-V", version]);
+    command.args([
+        "15",
+        "mosquitto_pub",
+        "-d",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &addr.port().to_string(),
+        "-V",
+        version,
+    ]);
     command.args(args);
-    let output = tokio::task::spawn_blocking(move || command.output().expect("mosquitto_pub (mosquitto-clients) is installed"))
-        .await
-        .expect("not cancelled");
+    let output = tokio::task::spawn_blocking(move || {
+        command.output().expect("mosquitto_pub (mosquitto-clients) is installed")
+    })
+    .await
+    .expect("not cancelled");
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
     Run { code: output.status.code(), output: text }
 }
 
-fn spawn_pub(addr: SocketAddr, version: &'static str, args: Vec<String>) -> tokio::task::JoinHandle<Run> {
+fn spawn_pub(
+    addr: SocketAddr,
+    version: &'static str,
+    args: Vec<String>,
+) -> tokio::task::JoinHandle<Run> {
     tokio::spawn(async move {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         mosquitto_pub(addr, version, &args).await
@@ -100,7 +122,10 @@ fn strings(args: &[&str]) -> Vec<String> {
 }
 
 async fn next(consumer: &mut Consumer) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await.expect("a message in time").expect("open")
+    tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+        .await
+        .expect("a message in time")
+        .expect("open")
 }
 
 /// Asserts that nothing arrives for a while (after a refused publish).
@@ -129,7 +154,9 @@ fn content_type(d: &Delivery) -> Option<String> {
 
 fn body(d: &Delivery) -> Vec<u8> {
     match &d.message().body {
-        fe2o3_amqp::types::messaging::Body::Data(batch) => batch.iter().flat_map(|data| data.0.to_vec()).collect(),
+        fe2o3_amqp::types::messaging::Body::Data(batch) => {
+            batch.iter().flat_map(|data| data.0.to_vec()).collect()
+        }
         other => panic!("not a data body: {other:?}"),
     }
 }
@@ -140,7 +167,22 @@ fn body(d: &Delivery) -> Vec<u8> {
 async fn telemetry_arrives(version: &'static str, qos: &str) {
     let s = start();
     let mut consumer = s.consumer("telemetry/t1", 10);
-    let run = spawn_pub(s.addr, version, strings(&["-u", "d1@t1", "-P", "pw1", "-q", qos, "-t", "telemetry/?content-type=application%2Fjson&seq=7", "-m", "{\"temp\":5}"]));
+    let run = spawn_pub(
+        s.addr,
+        version,
+        strings(&[
+            "-u",
+            "d1@t1",
+            "-P",
+            "pw1",
+            "-q",
+            qos,
+            "-t",
+            "telemetry/?content-type=application%2Fjson&seq=7",
+            "-m",
+            "{\"temp\":5}",
+        ]),
+    );
     let d = next(&mut consumer).await;
     if qos == "1" {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -154,7 +196,10 @@ async fn telemetry_arrives(version: &'static str, qos: &str) {
     assert_eq!(app(&d, "seq"), text("7"));
     assert_eq!(annotation(&d, "tenant_id"), Some(Value::String("t1".into())));
     assert_eq!(content_type(&d).as_deref(), Some("application/json"));
-    assert_eq!(d.message().properties.as_ref().and_then(|p| p.to.clone()).as_deref(), Some("telemetry/t1"));
+    assert_eq!(
+        d.message().properties.as_ref().and_then(|p| p.to.clone()).as_deref(),
+        Some("telemetry/t1")
+    );
     assert_eq!(d.is_presettled(), qos == "0");
     d.settle(Outcome::Accepted);
     let run = run.await.unwrap();
@@ -184,7 +229,12 @@ async fn v5_telemetry_qos1() {
 #[tokio::test]
 async fn v311_event_qos1_with_property_bag_ttl() {
     let s = start();
-    let run = mosquitto_pub(s.addr, "mqttv311", &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "e/?hono-ttl=30", "-m", "door open"]).await;
+    let run = mosquitto_pub(
+        s.addr,
+        "mqttv311",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "e/?hono-ttl=30", "-m", "door open"],
+    )
+    .await;
     assert_eq!(run.code, Some(0), "{}", run.output);
     // Events are stored: the consumer may come after the PUBACK.
     let mut consumer = s.consumer("event/t1", 10);
@@ -209,7 +259,26 @@ async fn v5_event_qos1_with_content_type_and_expiry_properties() {
     let run = mosquitto_pub(
         s.addr,
         "mqttv5",
-        &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "event", "-m", "<a/>", "-D", "publish", "content-type", "text/xml", "-D", "publish", "message-expiry-interval", "45"],
+        &[
+            "-u",
+            "d1@t1",
+            "-P",
+            "pw1",
+            "-q",
+            "1",
+            "-t",
+            "event",
+            "-m",
+            "<a/>",
+            "-D",
+            "publish",
+            "content-type",
+            "text/xml",
+            "-D",
+            "publish",
+            "message-expiry-interval",
+            "45",
+        ],
     )
     .await;
     assert_eq!(run.code, Some(0), "{}", run.output);
@@ -232,11 +301,18 @@ async fn connection_events_on_connect_and_disconnect() {
     let s = start();
     let mut events = s.consumer("event/t1", 10);
     let mut telemetry = s.consumer("telemetry/t1", 10);
-    let run = spawn_pub(s.addr, "mqttv311", strings(&["-u", "d1@t1", "-P", "pw1", "-i", "dev-one", "-t", "t", "-m", "x"]));
+    let run = spawn_pub(
+        s.addr,
+        "mqttv311",
+        strings(&["-u", "d1@t1", "-P", "pw1", "-i", "dev-one", "-t", "t", "-m", "x"]),
+    );
     let mut causes = Vec::new();
     for _ in 0..2 {
         let d = next(&mut events).await;
-        assert_eq!(content_type(&d).as_deref(), Some(ferrule_adapters::downstream::CONNECTION_EVENT));
+        assert_eq!(
+            content_type(&d).as_deref(),
+            Some(ferrule_adapters::downstream::CONNECTION_EVENT)
+        );
         assert_eq!(app(&d, "device_id"), text("d1"));
         let json: serde_json::Value = serde_json::from_slice(&body(&d)).expect("JSON body");
         assert_eq!(json["remote-id"], "dev-one");
@@ -254,7 +330,11 @@ async fn gateway_publishes_for_a_device_that_lists_it() {
     let s = start();
     let mut consumer = s.consumer("telemetry/t1", 10);
     for topic in ["t//child", "telemetry/t1/child"] {
-        let run = spawn_pub(s.addr, "mqttv5", strings(&["-u", "gw@t1", "-P", "gwpw", "-q", "1", "-t", topic, "-m", "x"]));
+        let run = spawn_pub(
+            s.addr,
+            "mqttv5",
+            strings(&["-u", "gw@t1", "-P", "gwpw", "-q", "1", "-t", topic, "-m", "x"]),
+        );
         let d = next(&mut consumer).await;
         assert_eq!(app(&d, "device_id"), text("child"), "{topic}");
         d.settle(Outcome::Accepted);
@@ -281,11 +361,11 @@ async fn unauthenticated_devices_only_where_adapter_and_tenant_allow() {
     assert!(run.output.contains("received PUBACK (Mid: 1, RC:135)"), "{}", run.output);
     // Without the adapter-level switch, anonymous CONNECTs are refused.
     let strict = start();
-    let run = mosquitto_pub(strict.addr, "mqttv311", &["-q", "1", "-t", "t/t1/d1", "-m", "x"]).await;
+    let run =
+        mosquitto_pub(strict.addr, "mqttv311", &["-q", "1", "-t", "t/t1/d1", "-m", "x"]).await;
     assert_ne!(run.code, Some(0));
     assert!(run.output.contains("not authorised"), "{}", run.output);
 }
-
 
 // ---------------------------------------------------------------------------------------
 // Flow control: no consumer means an answer at once, never a buffer
@@ -293,7 +373,12 @@ async fn unauthenticated_devices_only_where_adapter_and_tenant_allow() {
 #[tokio::test]
 async fn v311_telemetry_qos1_without_consumer_closes_the_connection() {
     let s = start();
-    let run = mosquitto_pub(s.addr, "mqttv311", &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "t", "-m", "x"]).await;
+    let run = mosquitto_pub(
+        s.addr,
+        "mqttv311",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "t", "-m", "x"],
+    )
+    .await;
     // 3.1.1 has no negative PUBACK: the adapter closes the connection without acking.
     assert!(!run.output.contains("received PUBACK"), "{}", run.output);
     assert!(run.output.contains("The connection was lost"), "{}", run.output);
@@ -305,7 +390,12 @@ async fn v5_telemetry_qos1_without_consumer_gets_a_negative_puback() {
     let s = start();
     // A consumer without credit is as good as none.
     let _consumer = s.consumer("telemetry/t1", 0);
-    let run = mosquitto_pub(s.addr, "mqttv5", &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "t", "-m", "x"]).await;
+    let run = mosquitto_pub(
+        s.addr,
+        "mqttv5",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "t", "-m", "x"],
+    )
+    .await;
     assert!(run.output.contains("received PUBACK (Mid: 1, RC:128)"), "{}", run.output);
     assert!(run.output.contains("no consumer for telemetry/t1"), "{}", run.output);
 }
@@ -317,8 +407,14 @@ async fn telemetry_qos0_without_consumer_is_dropped_and_counted() {
     let downstream = Downstream::new(s.broker.clone());
     let shutdown = CancellationToken::new();
     let config = MqttConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
-    let adapter = mqtt::start(config, downstream.clone(), registry, shutdown.clone()).expect("starts");
-    let run = mosquitto_pub(adapter.local_addr(), "mqttv311", &["-u", "d1@t1", "-P", "pw1", "-t", "t", "-m", "x"]).await;
+    let adapter =
+        mqtt::start(config, downstream.clone(), registry, shutdown.clone()).expect("starts");
+    let run = mosquitto_pub(
+        adapter.local_addr(),
+        "mqttv311",
+        &["-u", "d1@t1", "-P", "pw1", "-t", "t", "-m", "x"],
+    )
+    .await;
     assert_eq!(run.code, Some(0), "{}", run.output);
     let dropped = &downstream.stats.dropped;
     for _ in 0..50 {
@@ -337,7 +433,8 @@ async fn telemetry_qos0_without_consumer_is_dropped_and_counted() {
 
 async fn refused_connect(version: &'static str, user: &str, password: &str, code: i32, text: &str) {
     let s = start();
-    let run = mosquitto_pub(s.addr, version, &["-u", user, "-P", password, "-t", "t", "-m", "x"]).await;
+    let run =
+        mosquitto_pub(s.addr, version, &["-u", user, "-P", password, "-t", "t", "-m", "x"]).await;
     assert!(run.output.contains(&format!("received CONNACK ({code})")), "{}", run.output);
     assert!(run.output.contains(text), "{}", run.output);
     assert_eq!(run.code, Some(code), "mosquitto_pub exits with the CONNACK code: {}", run.output);
@@ -379,9 +476,32 @@ async fn bad_input_disabled_tenant() {
 #[tokio::test]
 async fn bad_input_persistent_session_and_will_v311() {
     let s = start();
-    let run = mosquitto_pub(s.addr, "mqttv311", &["-u", "d1@t1", "-P", "pw1", "-c", "-i", "sleepy", "-t", "t", "-m", "x"]).await;
+    let run = mosquitto_pub(
+        s.addr,
+        "mqttv311",
+        &["-u", "d1@t1", "-P", "pw1", "-c", "-i", "sleepy", "-t", "t", "-m", "x"],
+    )
+    .await;
     assert!(run.output.contains("received CONNACK (2)"), "clean-session=0: {}", run.output);
-    let run = mosquitto_pub(s.addr, "mqttv311", &["-u", "d1@t1", "-P", "pw1", "--will-topic", "e", "--will-payload", "bye", "-t", "t", "-m", "x"]).await;
+    let run = mosquitto_pub(
+        s.addr,
+        "mqttv311",
+        &[
+            "-u",
+            "d1@t1",
+            "-P",
+            "pw1",
+            "--will-topic",
+            "e",
+            "--will-payload",
+            "bye",
+            "-t",
+            "t",
+            "-m",
+            "x",
+        ],
+    )
+    .await;
     assert!(run.output.contains("received CONNACK (5)"), "will: {}", run.output);
 }
 
@@ -397,7 +517,11 @@ async fn refused_publish(user: &str, password: &str, topic: &str, payload: &[&st
     assert!(!run.output.contains("received PUBACK"), "{topic}: {}", run.output);
     assert!(run.output.contains("The connection was lost"), "{topic}: {}", run.output);
     let run = mosquitto_pub(s.addr, "mqttv5", &args).await;
-    assert!(run.output.contains(&format!("received PUBACK (Mid: 1, RC:{reason})")), "{topic}: {}", run.output);
+    assert!(
+        run.output.contains(&format!("received PUBACK (Mid: 1, RC:{reason})")),
+        "{topic}: {}",
+        run.output
+    );
     nothing(&mut telemetry).await;
     nothing(&mut foreign).await;
 }
@@ -430,9 +554,26 @@ async fn bad_input_empty_payload_without_content_type() {
     // With the empty-notification content type it is fine.
     let s = start();
     let mut consumer = s.consumer("telemetry/t1", 10);
-    let run = spawn_pub(s.addr, "mqttv311", strings(&["-u", "d1@t1", "-P", "pw1", "-q", "1", "-n", "-t", "t/?content-type=application%2Fvnd.eclipse-hono-empty-notification"]));
+    let run = spawn_pub(
+        s.addr,
+        "mqttv311",
+        strings(&[
+            "-u",
+            "d1@t1",
+            "-P",
+            "pw1",
+            "-q",
+            "1",
+            "-n",
+            "-t",
+            "t/?content-type=application%2Fvnd.eclipse-hono-empty-notification",
+        ]),
+    );
     let d = next(&mut consumer).await;
-    assert_eq!(content_type(&d).as_deref(), Some("application/vnd.eclipse-hono-empty-notification"));
+    assert_eq!(
+        content_type(&d).as_deref(),
+        Some("application/vnd.eclipse-hono-empty-notification")
+    );
     assert!(body(&d).is_empty());
     d.settle(Outcome::Accepted);
     assert_eq!(run.await.unwrap().code, Some(0));
@@ -443,12 +584,26 @@ async fn bad_input_event_at_qos0() {
     for version in ["mqttv311", "mqttv5"] {
         let s = start();
         let mut events = s.consumer("event/t1", 10);
-        let run = mosquitto_pub(s.addr, version, &["-u", "d1@t1", "-P", "pw1", "-q", "0", "-t", "e", "-m", "x"]).await;
-        assert_eq!(run.code, Some(0), "a QoS 0 publisher does not wait for an answer: {}", run.output);
+        let run = mosquitto_pub(
+            s.addr,
+            version,
+            &["-u", "d1@t1", "-P", "pw1", "-q", "0", "-t", "e", "-m", "x"],
+        )
+        .await;
+        assert_eq!(
+            run.code,
+            Some(0),
+            "a QoS 0 publisher does not wait for an answer: {}",
+            run.output
+        );
         // Only the connection events arrive, not the QoS 0 event.
         for _ in 0..2 {
             let d = next(&mut events).await;
-            assert_eq!(content_type(&d).as_deref(), Some(ferrule_adapters::downstream::CONNECTION_EVENT), "{version}");
+            assert_eq!(
+                content_type(&d).as_deref(),
+                Some(ferrule_adapters::downstream::CONNECTION_EVENT),
+                "{version}"
+            );
             d.settle(Outcome::Accepted);
         }
         nothing(&mut events).await;
@@ -458,7 +613,12 @@ async fn bad_input_event_at_qos0() {
 #[tokio::test]
 async fn v5_on_error_disconnect_gets_a_disconnect_with_reason_code() {
     let s = start();
-    let run = mosquitto_pub(s.addr, "mqttv5", &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "foo/?on-error=disconnect", "-m", "x"]).await;
+    let run = mosquitto_pub(
+        s.addr,
+        "mqttv5",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "foo/?on-error=disconnect", "-m", "x"],
+    )
+    .await;
     assert!(!run.output.contains("received PUBACK"), "{}", run.output);
     assert!(run.output.contains("Received DISCONNECT (144)"), "topic name invalid: {}", run.output);
 }
@@ -467,11 +627,21 @@ async fn v5_on_error_disconnect_gets_a_disconnect_with_reason_code() {
 async fn bad_input_qos2() {
     let s = start();
     let mut consumer = s.consumer("telemetry/t1", 10);
-    let run = mosquitto_pub(s.addr, "mqttv311", &["-u", "d1@t1", "-P", "pw1", "-q", "2", "-t", "t", "-m", "x"]).await;
+    let run = mosquitto_pub(
+        s.addr,
+        "mqttv311",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "2", "-t", "t", "-m", "x"],
+    )
+    .await;
     assert!(!run.output.contains("received PUBREC"), "{}", run.output);
     assert!(run.output.contains("The connection was lost"), "{}", run.output);
     // MQTT 5 clients learn the maximum QoS from the CONNACK and do not even try.
-    let run = mosquitto_pub(s.addr, "mqttv5", &["-u", "d1@t1", "-P", "pw1", "-q", "2", "-t", "t", "-m", "x"]).await;
+    let run = mosquitto_pub(
+        s.addr,
+        "mqttv5",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "2", "-t", "t", "-m", "x"],
+    )
+    .await;
     assert!(run.output.contains("QoS not supported"), "{}", run.output);
     nothing(&mut consumer).await;
 }
@@ -508,7 +678,12 @@ async fn qos0_publish_then_disconnect_while_the_registry_is_slow() {
 async fn bad_input_retain() {
     let s = start();
     let mut consumer = s.consumer("telemetry/t1", 10);
-    let run = mosquitto_pub(s.addr, "mqttv311", &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-r", "-t", "t", "-m", "x"]).await;
+    let run = mosquitto_pub(
+        s.addr,
+        "mqttv311",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-r", "-t", "t", "-m", "x"],
+    )
+    .await;
     assert!(!run.output.contains("received PUBACK"), "{}", run.output);
     assert!(run.output.contains("The connection was lost"), "{}", run.output);
     // mosquitto_pub honours "retain not available" from the MQTT 5 CONNACK and clears the
@@ -530,7 +705,11 @@ async fn bad_input_retain() {
     body.extend_from_slice(b"x");
     client.stream.write_all(&packet(0x31, &body)).await.expect("PUBLISH QoS 0, retain");
     let (header, disconnect) = client.read_packet().await.expect("DISCONNECT");
-    assert_eq!((header, disconnect.first().copied()), (0xe0, Some(0x9a)), "DISCONNECT retain not supported");
+    assert_eq!(
+        (header, disconnect.first().copied()),
+        (0xe0, Some(0x9a)),
+        "DISCONNECT retain not supported"
+    );
     nothing(&mut consumer).await;
 }
 
@@ -552,8 +731,13 @@ async fn bad_input_malformed_packet_closes_only_that_connection() {
         let mut bad = TcpStream::connect(s.addr).await.expect("connects");
         bad.write_all(bytes).await.expect("writes");
         let mut buf = [0u8; 16];
-        let read = tokio::time::timeout(Duration::from_secs(10), bad.read(&mut buf)).await.expect("closed in time");
-        assert!(matches!(read, Ok(0) | Err(_)), "{bytes:?}: the server closes the connection, got {read:?}");
+        let read = tokio::time::timeout(Duration::from_secs(10), bad.read(&mut buf))
+            .await
+            .expect("closed in time");
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "{bytes:?}: the server closes the connection, got {read:?}"
+        );
     }
     // After CONNECT, a PUBLISH with a wildcard topic is a protocol violation too.
     let mut bad = RawClient::connect(s.addr, "wild", Some(("d1@t1", "pw1"))).await;
@@ -565,7 +749,11 @@ async fn bad_input_malformed_packet_closes_only_that_connection() {
     assert_eq!(body(&d), b"still here");
     d.settle(Outcome::Accepted);
     assert_eq!(good.read_packet().await.map(|p| p.0 >> 4), Some(4), "PUBACK");
-    let run = spawn_pub(s.addr, "mqttv5", strings(&["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "t", "-m", "y"]));
+    let run = spawn_pub(
+        s.addr,
+        "mqttv5",
+        strings(&["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "t", "-m", "y"]),
+    );
     next(&mut consumer).await.settle(Outcome::Accepted);
     assert_eq!(run.await.unwrap().code, Some(0));
 }
@@ -634,7 +822,11 @@ async fn a_device_disabled_while_connected_is_cut_off_even_with_an_error_subscri
     client.publish("t", b"after", 2).await;
     let (header, body) = client.read_packet().await.expect("error message");
     assert_eq!(header >> 4, 3);
-    assert!(String::from_utf8_lossy(&body).contains("e///t/2/404"), "{}", String::from_utf8_lossy(&body));
+    assert!(
+        String::from_utf8_lossy(&body).contains("e///t/2/404"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     assert_eq!(client.read_packet().await, None, "closed without a PUBACK");
     nothing(&mut consumer).await;
 }
@@ -646,20 +838,27 @@ async fn a_device_disabled_while_connected_is_cut_off_even_with_an_error_subscri
 async fn a_thousand_devices_connected_at_once_each_send_telemetry() {
     const DEVICES: usize = 1000;
     let registry = MemoryRegistry::new().tenant("t1");
-    let registry = (0..DEVICES).fold(registry, |r, i| r.device("t1", &format!("dev{i}"), &format!("pw{i}")));
+    let registry =
+        (0..DEVICES).fold(registry, |r, i| r.device("t1", &format!("dev{i}"), &format!("pw{i}")));
     let broker = Broker::in_memory(&Default::default());
     let shutdown = CancellationToken::new();
     let _guard = shutdown.clone().drop_guard();
     let config = MqttConfig { listen: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
-    let adapter = mqtt::start(config, Downstream::new(broker.clone()), Arc::new(registry), shutdown.clone()).expect("starts");
+    let adapter =
+        mqtt::start(config, Downstream::new(broker.clone()), Arc::new(registry), shutdown.clone())
+            .expect("starts");
     let addr = adapter.local_addr();
 
-    let mut consumer = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).expect("consumer");
+    let mut consumer =
+        broker.subscribe("telemetry/t1", &SubscribeOptions::default()).expect("consumer");
     consumer.add_credit(DEVICES as u32);
     let collector = tokio::spawn(async move {
         let mut seen = std::collections::HashSet::new();
         while seen.len() < DEVICES {
-            let d = tokio::time::timeout(Duration::from_secs(30), consumer.recv()).await.expect("in time").expect("open");
+            let d = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .expect("in time")
+                .expect("open");
             if let Some(SimpleValue::String(device)) = app(&d, "device_id") {
                 seen.insert(device);
             }
@@ -697,7 +896,9 @@ async fn a_thousand_devices_connected_at_once_each_send_telemetry() {
     drop(clients);
 }
 
-async fn futures_join<T: Send + 'static>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+async fn futures_join<T: Send + 'static>(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
     let mut out = Vec::new();
     for handle in handles.collect::<Vec<_>>() {
         out.push(handle.await.expect("task"));
@@ -707,14 +908,17 @@ async fn futures_join<T: Send + 'static>(handles: impl Iterator<Item = tokio::ta
 
 #[tokio::test]
 async fn silent_clients_are_dropped_after_the_connect_timeout() {
-    let s = start_with(MqttConfig { connect_timeout: Duration::from_secs(1), ..Default::default() });
+    let s =
+        start_with(MqttConfig { connect_timeout: Duration::from_secs(1), ..Default::default() });
     let started = std::time::Instant::now();
     let mut silent = TcpStream::connect(s.addr).await.expect("connects");
     let mut half = TcpStream::connect(s.addr).await.expect("connects");
     half.write_all(&[0x10, 0x20, 0x00, 0x04, b'M']).await.expect("a CONNECT that never completes");
     for stream in [&mut silent, &mut half] {
         let mut buf = [0u8; 8];
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await.expect("closed in time");
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .expect("closed in time");
         assert!(matches!(read, Ok(0) | Err(_)), "closed, got {read:?}");
     }
     assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
@@ -724,7 +928,12 @@ async fn silent_clients_are_dropped_after_the_connect_timeout() {
 async fn bind_failure_is_returned() {
     let s = start();
     let config = MqttConfig { listen: s.addr, ..Default::default() };
-    let result = mqtt::start(config, Downstream::new(s.broker.clone()), Arc::new(s.registry.clone()), CancellationToken::new());
+    let result = mqtt::start(
+        config,
+        Downstream::new(s.broker.clone()),
+        Arc::new(s.registry.clone()),
+        CancellationToken::new(),
+    );
     assert!(matches!(result, Err(MqttError::Bind { .. })), "the port is taken");
 }
 
@@ -733,7 +942,9 @@ async fn stops_when_cancelled() {
     let s = start();
     let client = RawClient::connect(s.addr, "lingering", Some(("d1@t1", "pw1"))).await;
     s.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), s.adapter.stopped()).await.expect("stopped in time");
+    tokio::time::timeout(Duration::from_secs(10), s.adapter.stopped())
+        .await
+        .expect("stopped in time");
     assert!(TcpStream::connect(s.addr).await.is_err(), "no longer listening");
     drop(client);
 }

@@ -4,9 +4,9 @@
 //! device side is mosquitto_sub / mosquitto_pub, or a small raw MQTT 3.1.1 client where
 //! the test must control PUBACKs or hold many connections.
 
-mod support;
 #[path = "support/raw_mqtt.rs"]
 mod raw_mqtt;
+mod support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,7 +34,9 @@ impl ViaCheck for RegistryVia {
     fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> BoxFuture<bool> {
         let registry = self.0.clone();
         let (tenant, device, gateway) = (tenant.to_owned(), device.to_owned(), gateway.to_owned());
-        Box::pin(async move { registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok() })
+        Box::pin(async move {
+            registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok()
+        })
     }
 }
 
@@ -79,7 +81,8 @@ impl Platform {
     }
 
     fn consumer(&self, address: &str, credit: u32) -> Consumer {
-        let consumer = self.broker.subscribe(address, &SubscribeOptions::default()).expect("address exists");
+        let consumer =
+            self.broker.subscribe(address, &SubscribeOptions::default()).expect("address exists");
         consumer.add_credit(credit);
         consumer
     }
@@ -93,7 +96,13 @@ impl Platform {
 
 /// A command as an application sends it (`reply`: request/response to
 /// `command_response/t1/REPLY`, else one-way).
-fn command(device: &str, name: &str, reply: Option<&str>, correlation: &str, payload: &str) -> Message {
+fn command(
+    device: &str,
+    name: &str,
+    reply: Option<&str>,
+    correlation: &str,
+    payload: &str,
+) -> Message {
     let mut m = data_message(payload.as_bytes().to_vec());
     m.properties = Some(Properties {
         to: Some(format!("command/t1/{device}")),
@@ -107,7 +116,10 @@ fn command(device: &str, name: &str, reply: Option<&str>, correlation: &str, pay
 }
 
 async fn next(consumer: &mut Consumer) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await.expect("a message in time").expect("open")
+    tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+        .await
+        .expect("a message in time")
+        .expect("open")
 }
 
 fn app(d: &Delivery, key: &str) -> Option<SimpleValue> {
@@ -147,7 +159,12 @@ async fn ttd(events: &mut Consumer, device: &str) -> i32 {
 
 /// Runs a mosquitto client (`mosquitto_sub` / `mosquitto_pub`) with a hard time limit;
 /// returns exit code and stdout.
-fn mosquitto(addr: SocketAddr, tool: &'static str, version: &'static str, args: &[&str]) -> tokio::task::JoinHandle<(Option<i32>, String)> {
+fn mosquitto(
+    addr: SocketAddr,
+    tool: &'static str,
+    version: &'static str,
+    args: &[&str],
+) -> tokio::task::JoinHandle<(Option<i32>, String)> {
     let mut command = Command::new("timeout");
     command.args(["20", tool, "-h", "127.0.0.1", "-p", &addr.port().to_string(), "-V", version]);
     command.args(args);
@@ -166,7 +183,12 @@ async fn request_response_with_a_device_subscription_and_ttd_notifications() {
     let p = Platform::start(MqttConfig::default(), 0);
     let mut events = p.consumer("event/t1", 100);
     let mut responses = p.consumer("command_response/t1/app", 10);
-    let sub = mosquitto(p.addr, "mosquitto_sub", "mqttv311", &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "command///req/#", "-v", "-C", "1"]);
+    let sub = mosquitto(
+        p.addr,
+        "mosquitto_sub",
+        "mqttv311",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "command///req/#", "-v", "-C", "1"],
+    );
     assert_eq!(ttd(&mut events, "d1").await, -1, "subscribed");
 
     let outcome = p.send(command("d1", "light", Some("app"), "corr-1", "on"));
@@ -176,13 +198,21 @@ async fn request_response_with_a_device_subscription_and_ttd_notifications() {
     assert_eq!(outcome.await.unwrap(), Outcome::Accepted);
     let (topic, payload) = printed.trim().split_once(' ').expect("topic and payload");
     assert_eq!(payload, "on");
-    let request_id = topic.strip_prefix("command///req/").and_then(|rest| rest.strip_suffix("/light")).expect(topic);
+    let request_id = topic
+        .strip_prefix("command///req/")
+        .and_then(|rest| rest.strip_suffix("/light"))
+        .expect(topic);
     assert!(!request_id.is_empty(), "request/response commands carry a request id");
     // mosquitto_sub disconnected after its one message.
     assert_eq!(ttd(&mut events, "d1").await, 0, "connection gone");
 
     let topic = format!("command///res/{request_id}/200");
-    let answer = mosquitto(p.addr, "mosquitto_pub", "mqttv311", &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", &topic, "-m", "done"]);
+    let answer = mosquitto(
+        p.addr,
+        "mosquitto_pub",
+        "mqttv311",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", &topic, "-m", "done"],
+    );
     let response = next(&mut responses).await;
     assert_eq!(correlation(&response), Some(MessageId::String("corr-1".into())));
     assert_eq!(app(&response, "status"), Some(SimpleValue::Int(200)));
@@ -197,7 +227,12 @@ async fn request_response_with_a_device_subscription_and_ttd_notifications() {
 async fn one_way_command_on_the_short_topic_at_qos0() {
     let p = Platform::start(MqttConfig::default(), 0);
     let mut events = p.consumer("event/t1", 100);
-    let sub = mosquitto(p.addr, "mosquitto_sub", "mqttv5", &["-u", "d1@t1", "-P", "pw1", "-q", "0", "-t", "c///q/#", "-v", "-C", "1"]);
+    let sub = mosquitto(
+        p.addr,
+        "mosquitto_sub",
+        "mqttv5",
+        &["-u", "d1@t1", "-P", "pw1", "-q", "0", "-t", "c///q/#", "-v", "-C", "1"],
+    );
     assert_eq!(ttd(&mut events, "d1").await, -1);
     let outcome = p.send(command("d1", "reboot", None, "c-2", "now"));
     assert_eq!(outcome.await.unwrap(), Outcome::Accepted, "QoS 0: accepted once written");
@@ -211,7 +246,12 @@ async fn gateway_subscribed_for_all_its_devices() {
     let p = Platform::start(MqttConfig::default(), 0);
     let mut events = p.consumer("event/t1", 100);
     let mut responses = p.consumer("command_response/t1/app", 10);
-    let sub = mosquitto(p.addr, "mosquitto_sub", "mqttv5", &["-u", "gw@t1", "-P", "gwpw", "-q", "1", "-t", "command//+/req/#", "-v", "-C", "1"]);
+    let sub = mosquitto(
+        p.addr,
+        "mosquitto_sub",
+        "mqttv5",
+        &["-u", "gw@t1", "-P", "gwpw", "-q", "1", "-t", "command//+/req/#", "-v", "-C", "1"],
+    );
     assert_eq!(ttd(&mut events, "gw").await, -1);
 
     // d1 does not list gw in via: nobody to deliver to.
@@ -222,16 +262,42 @@ async fn gateway_subscribed_for_all_its_devices() {
     assert_eq!(outcome.await.unwrap(), Outcome::Accepted);
     let (topic, payload) = printed.trim().split_once(' ').expect("topic and payload");
     assert_eq!(payload, "off");
-    let request_id = topic.strip_prefix("command//child/req/").and_then(|r| r.strip_suffix("/light")).expect(topic);
+    let request_id = topic
+        .strip_prefix("command//child/req/")
+        .and_then(|r| r.strip_suffix("/light"))
+        .expect(topic);
 
     let topic = format!("command//child/res/{request_id}/204");
-    let answer = mosquitto(p.addr, "mosquitto_pub", "mqttv5", &["-u", "gw@t1", "-P", "gwpw", "-q", "1", "-t", &topic, "-n", "-D", "publish", "content-type", "application/vnd.empty"]);
+    let answer = mosquitto(
+        p.addr,
+        "mosquitto_pub",
+        "mqttv5",
+        &[
+            "-u",
+            "gw@t1",
+            "-P",
+            "gwpw",
+            "-q",
+            "1",
+            "-t",
+            &topic,
+            "-n",
+            "-D",
+            "publish",
+            "content-type",
+            "application/vnd.empty",
+        ],
+    );
     let response = next(&mut responses).await;
     assert_eq!(correlation(&response), Some(MessageId::String("corr-gw".into())));
     assert_eq!(app(&response, "status"), Some(SimpleValue::Int(204)));
     assert_eq!(app(&response, "device_id"), Some(SimpleValue::String("child".into())));
     let content_type = response.message().properties.as_ref().and_then(|p| p.content_type.clone());
-    assert_eq!(content_type.as_ref().map(|c| c.as_str()), Some("application/vnd.empty"), "MQTT 5 content type");
+    assert_eq!(
+        content_type.as_ref().map(|c| c.as_str()),
+        Some("application/vnd.empty"),
+        "MQTT 5 content type"
+    );
     response.settle(Outcome::Accepted);
     let (code, printed) = answer.await.unwrap();
     assert_eq!(code, Some(0), "{printed}");
@@ -240,7 +306,10 @@ async fn gateway_subscribed_for_all_its_devices() {
 #[tokio::test]
 async fn device_not_subscribed_is_released_and_malformed_is_rejected() {
     let p = Platform::start(MqttConfig::default(), 0);
-    assert_eq!(p.send(command("d1", "light", Some("app"), "c", "on")).await.unwrap(), Outcome::Released);
+    assert_eq!(
+        p.send(command("d1", "light", Some("app"), "c", "on")).await.unwrap(),
+        Outcome::Released
+    );
     let mut no_subject = command("d1", "light", None, "c", "on");
     no_subject.properties.as_mut().unwrap().subject = None;
     assert!(matches!(p.send(no_subject).await.unwrap(), Outcome::Rejected { .. }));
@@ -255,11 +324,19 @@ async fn qos1_subscription_without_puback_is_released_after_the_timeout() {
     let started = Instant::now();
     let outcome = p.send(command("d1", "light", Some("app"), "c", "on"));
     let publish = device.next_publish().await.expect("the command arrives");
-    assert!(publish.topic.starts_with("command///req/") && publish.topic.ends_with("/light"), "{}", publish.topic);
+    assert!(
+        publish.topic.starts_with("command///req/") && publish.topic.ends_with("/light"),
+        "{}",
+        publish.topic
+    );
     assert_eq!(publish.packet_id.map(|_| ()), Some(()), "sent at QoS 1");
     // No PUBACK from the device.
     assert_eq!(outcome.await.unwrap(), Outcome::Released);
-    assert!(started.elapsed() >= timeout, "released only after the timeout ({:?})", started.elapsed());
+    assert!(
+        started.elapsed() >= timeout,
+        "released only after the timeout ({:?})",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -271,7 +348,11 @@ async fn unsubscribe_and_disconnect_announce_ttd_0() {
     assert_eq!(ttd(&mut events, "d1").await, -1);
     device.unsubscribe("c///q/#", 2).await;
     assert_eq!(ttd(&mut events, "d1").await, 0);
-    assert_eq!(p.send(command("d1", "light", None, "c", "on")).await.unwrap(), Outcome::Released, "unsubscribed");
+    assert_eq!(
+        p.send(command("d1", "light", None, "c", "on")).await.unwrap(),
+        Outcome::Released,
+        "unsubscribed"
+    );
     assert_eq!(device.subscribe("command///req/#", 1, 3).await, 1);
     assert_eq!(ttd(&mut events, "d1").await, -1);
     drop(device);
@@ -303,9 +384,16 @@ async fn gateway_subscribed_for_one_device_gets_its_commands_on_the_short_topic(
     assert!(matches!(wildcard.await.unwrap(), Outcome::Rejected { .. }), "not a topic level");
     let outcome = p.send(command("child", "light", None, "c", "on"));
     let publish = gateway.next_publish().await.expect("the command arrives");
-    assert_eq!((publish.topic.as_str(), publish.packet_id, &publish.payload[..]), ("c//child/q//light", None, &b"on"[..]));
+    assert_eq!(
+        (publish.topic.as_str(), publish.packet_id, &publish.payload[..]),
+        ("c//child/q//light", None, &b"on"[..])
+    );
     assert_eq!(outcome.await.unwrap(), Outcome::Accepted);
-    assert_eq!(p.send(command("gw", "light", None, "c", "on")).await.unwrap(), Outcome::Released, "only child's commands");
+    assert_eq!(
+        p.send(command("gw", "light", None, "c", "on")).await.unwrap(),
+        Outcome::Released,
+        "only child's commands"
+    );
 }
 
 #[tokio::test]
@@ -321,11 +409,17 @@ async fn unauthenticated_devices_cannot_subscribe_to_commands() {
 #[tokio::test]
 async fn v5_responses_nobody_waits_for_or_not_allowed_get_a_negative_puback() {
     let p = Platform::start(MqttConfig::default(), 0);
-    let request_id = RequestId { correlation_id: MessageId::String("x".into()), reply_id: "nobody".into() }.encode().unwrap();
+    let request_id =
+        RequestId { correlation_id: MessageId::String("x".into()), reply_id: "nobody".into() }
+            .encode()
+            .unwrap();
     let topic = format!("command///res/{request_id}/200");
     let args = ["-d", "-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", topic.as_str(), "-m", "late"];
     let (_, printed) = mosquitto(p.addr, "mosquitto_pub", "mqttv5", &args).await.unwrap();
-    assert!(printed.contains("received PUBACK (Mid: 1, RC:128)"), "no application waiting: {printed}");
+    assert!(
+        printed.contains("received PUBACK (Mid: 1, RC:128)"),
+        "no application waiting: {printed}"
+    );
     // d1 does not list gw in via.
     let topic = format!("command//d1/res/{request_id}/200");
     let args = ["-d", "-u", "gw@t1", "-P", "gwpw", "-q", "1", "-t", topic.as_str(), "-m", "x"];
@@ -358,7 +452,11 @@ async fn a_hundred_devices_with_ten_commands_each_all_answered_once() {
         let d = next(&mut responses).await;
         let Some(MessageId::String(tag)) = correlation(&d) else { panic!("correlation id") };
         let device = tag.split('/').next().unwrap().to_owned();
-        assert_eq!(String::from_utf8(body(&d)).unwrap(), format!("{device} {tag}"), "answered by the right device");
+        assert_eq!(
+            String::from_utf8(body(&d)).unwrap(),
+            format!("{device} {tag}"),
+            "answered by the right device"
+        );
         assert_eq!(app(&d, "device_id"), Some(SimpleValue::String(device)));
         *answered.entry(tag).or_default() += 1;
         d.settle(Outcome::Accepted);
@@ -368,7 +466,9 @@ async fn a_hundred_devices_with_ten_commands_each_all_answered_once() {
     for outcome in outcomes {
         assert_eq!(outcome.await.unwrap(), Outcome::Accepted);
     }
-    if let Ok(Some(extra)) = tokio::time::timeout(Duration::from_millis(200), responses.recv()).await {
+    if let Ok(Some(extra)) =
+        tokio::time::timeout(Duration::from_millis(200), responses.recv()).await
+    {
         panic!("a response too many: {:?}", extra.message());
     }
     for device in devices {
@@ -383,9 +483,15 @@ async fn echo(mut client: RawClient, id: String) {
         if let Some(pid) = publish.packet_id {
             client.puback(pid).await;
         }
-        let request_id = publish.topic.strip_prefix("command///req/").and_then(|r| r.strip_suffix("/echo")).expect("command topic");
+        let request_id = publish
+            .topic
+            .strip_prefix("command///req/")
+            .and_then(|r| r.strip_suffix("/echo"))
+            .expect("command topic");
         let answer = format!("{id} {}", String::from_utf8_lossy(&publish.payload));
         packet_id = packet_id.wrapping_add(1).max(1);
-        client.publish(&format!("command///res/{request_id}/200"), answer.as_bytes(), packet_id).await;
+        client
+            .publish(&format!("command///res/{request_id}/200"), answer.as_bytes(), packet_id)
+            .await;
     }
 }

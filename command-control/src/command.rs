@@ -97,13 +97,21 @@ pub fn parse(tenant: &str, message: &Message) -> Result<Parsed, CommandError> {
         },
         Body::Sequence(_) => return Err(CommandError::BadBody),
     };
-    let defer_ttl = match message.application_properties.as_ref().and_then(|a| a.0.get(DEFER_TTL_PROPERTY)) {
-        None => None,
-        Some(value) => Some(positive(value).ok_or(CommandError::BadDeferTtl)?),
-    };
+    let defer_ttl =
+        match message.application_properties.as_ref().and_then(|a| a.0.get(DEFER_TTL_PROPERTY)) {
+            None => None,
+            Some(value) => Some(positive(value).ok_or(CommandError::BadDeferTtl)?),
+        };
     let content_type = props.and_then(|p| p.content_type.as_ref()).map(|s| s.as_str().to_owned());
     Ok(Parsed {
-        command: Command { tenant: tenant.to_owned(), device_id, name, payload, content_type, request_id },
+        command: Command {
+            tenant: tenant.to_owned(),
+            device_id,
+            name,
+            payload,
+            content_type,
+            request_id,
+        },
         defer_ttl,
     })
 }
@@ -135,7 +143,12 @@ mod tests {
     use fe2o3_amqp::types::primitives::OrderedMap;
     use ferrule_messaging::message::data_message;
 
-    fn command(to: &str, subject: Option<&str>, reply_to: Option<&str>, id: Option<&str>) -> Message {
+    fn command(
+        to: &str,
+        subject: Option<&str>,
+        reply_to: Option<&str>,
+        id: Option<&str>,
+    ) -> Message {
         let mut m = data_message(b"on".to_vec());
         m.properties = Some(Properties {
             to: Some(to.into()),
@@ -150,7 +163,11 @@ mod tests {
 
     #[test]
     fn request_response_and_one_way() {
-        let p = parse("t1", &command("command/t1/d1", Some("light"), Some("command_response/t1/app1"), Some("m1"))).unwrap();
+        let p = parse(
+            "t1",
+            &command("command/t1/d1", Some("light"), Some("command_response/t1/app1"), Some("m1")),
+        )
+        .unwrap();
         assert_eq!(p.command.device_id, "d1");
         assert_eq!(p.command.name, "light");
         assert_eq!(&p.command.payload[..], b"on");
@@ -168,8 +185,14 @@ mod tests {
             (command("command/t1", Some("x"), None, None), "no device"),
             (command("command/t1/d1/x", Some("x"), None, None), "extra segment"),
             (command("command/t1/d1", None, None, None), "no subject"),
-            (command("command/t1/d1", Some("x"), Some("elsewhere/t1/a"), Some("m")), "bad reply-to"),
-            (command("command/t1/d1", Some("x"), Some("command_response/t1/a"), None), "no correlation"),
+            (
+                command("command/t1/d1", Some("x"), Some("elsewhere/t1/a"), Some("m")),
+                "bad reply-to",
+            ),
+            (
+                command("command/t1/d1", Some("x"), Some("command_response/t1/a"), None),
+                "no correlation",
+            ),
         ];
         for (message, what) in cases {
             assert!(parse("t1", &message).is_err(), "{what}");

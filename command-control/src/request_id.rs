@@ -60,9 +60,15 @@ impl RequestId {
         }
         let (corr, reply) = rest.split_at(len);
         let correlation_id = match tag {
-            STRING => MessageId::String(String::from_utf8(corr.to_vec()).map_err(|_| RequestIdError::Malformed)?),
-            ULONG => MessageId::Ulong(u64::from_be_bytes(corr.try_into().map_err(|_| RequestIdError::Malformed)?)),
-            UUID => MessageId::Uuid(Uuid::from(<[u8; 16]>::try_from(corr).map_err(|_| RequestIdError::Malformed)?)),
+            STRING => MessageId::String(
+                String::from_utf8(corr.to_vec()).map_err(|_| RequestIdError::Malformed)?,
+            ),
+            ULONG => MessageId::Ulong(u64::from_be_bytes(
+                corr.try_into().map_err(|_| RequestIdError::Malformed)?,
+            )),
+            UUID => MessageId::Uuid(Uuid::from(
+                <[u8; 16]>::try_from(corr).map_err(|_| RequestIdError::Malformed)?,
+            )),
             BINARY => MessageId::Binary(Binary::from(corr.to_vec())),
             _ => return Err(RequestIdError::Malformed),
         };
@@ -88,7 +94,10 @@ mod tests {
         ] {
             let id = RequestId { correlation_id, reply_id: "app-1/x".into() };
             let text = id.encode().unwrap();
-            assert!(text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{text}");
+            assert!(
+                text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+                "{text}"
+            );
             assert_eq!(RequestId::decode(&text).unwrap(), id);
         }
     }
@@ -97,7 +106,13 @@ mod tests {
     fn rejects_garbage() {
         assert_eq!(RequestId::decode("!!"), Err(RequestIdError::Encoding));
         assert_eq!(RequestId::decode(""), Err(RequestIdError::Malformed));
-        assert_eq!(RequestId::decode(&URL_SAFE_NO_PAD.encode([0u8, 10, 1])), Err(RequestIdError::Malformed));
-        assert_eq!(RequestId::decode(&URL_SAFE_NO_PAD.encode([9u8, 0, b'x'])), Err(RequestIdError::Malformed));
+        assert_eq!(
+            RequestId::decode(&URL_SAFE_NO_PAD.encode([0u8, 10, 1])),
+            Err(RequestIdError::Malformed)
+        );
+        assert_eq!(
+            RequestId::decode(&URL_SAFE_NO_PAD.encode([9u8, 0, b'x'])),
+            Err(RequestIdError::Malformed)
+        );
     }
 }

@@ -13,7 +13,7 @@ use fe2o3_amqp::types::messaging::{ApplicationProperties, Header, MessageAnnotat
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use ferrule_messaging::address::tenant_of;
 use ferrule_messaging::message::{condition, data_message, now_millis};
-use ferrule_messaging::{AddressHandler, Broker, Message, Outcome, SubscribeOptions, Submission};
+use ferrule_messaging::{AddressHandler, Broker, Message, Outcome, Submission, SubscribeOptions};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -124,18 +124,30 @@ impl CommandRouter {
 
     /// Registers a session's command subscription; it lasts until the returned value is
     /// dropped. Deferred commands for a device target are delivered now.
-    pub fn subscribe(&self, tenant: &str, target: Target, sink: Arc<dyn CommandSink>, notify: Notify) -> Subscription {
+    pub fn subscribe(
+        &self,
+        tenant: &str,
+        target: Target,
+        sink: Arc<dyn CommandSink>,
+        notify: Notify,
+    ) -> Subscription {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Entry { id, sink: sink.clone() };
         let notified_device = {
             let mut subs = self.inner.subscriptions.lock().expect("poisoned");
             match &target {
                 Target::Device(device) => {
-                    subs.devices.entry((tenant.to_owned(), device.clone())).or_default().push(entry);
+                    subs.devices
+                        .entry((tenant.to_owned(), device.clone()))
+                        .or_default()
+                        .push(entry);
                     device.clone()
                 }
                 Target::AllDevicesOf { gateway } => {
-                    subs.gateways.entry(tenant.to_owned()).or_default().push((gateway.clone(), entry));
+                    subs.gateways
+                        .entry(tenant.to_owned())
+                        .or_default()
+                        .push((gateway.clone(), entry));
                     gateway.clone()
                 }
             }
@@ -143,7 +155,13 @@ impl CommandRouter {
         self.inner.notify(tenant, &notified_device, notify.adapter, notify.ttd);
         let cancel = CancellationToken::new();
         if let Target::Device(device) = &target {
-            tokio::spawn(drain_deferred(self.inner.broker.clone(), tenant.to_owned(), device.clone(), sink, cancel.clone()));
+            tokio::spawn(drain_deferred(
+                self.inner.broker.clone(),
+                tenant.to_owned(),
+                device.clone(),
+                sink,
+                cancel.clone(),
+            ));
         }
         Subscription {
             router: Arc::downgrade(&self.inner),
@@ -237,7 +255,9 @@ impl Inner {
     async fn find(&self, tenant: &str, device: &str) -> Option<Arc<dyn CommandSink>> {
         let gateways: Vec<(String, Arc<dyn CommandSink>)> = {
             let subs = self.subscriptions.lock().expect("poisoned");
-            if let Some(entry) = subs.devices.get(&(tenant.to_owned(), device.to_owned())).and_then(|l| l.last()) {
+            if let Some(entry) =
+                subs.devices.get(&(tenant.to_owned(), device.to_owned())).and_then(|l| l.last())
+            {
                 return Some(entry.sink.clone());
             }
             subs.gateways
@@ -305,12 +325,19 @@ impl Inner {
         header.ttl = Some((ttl.saturating_mul(1000)).min(u32::MAX as u64) as u32);
         let queue = format!("{DEFERRED_PREFIX}/{tenant}/{}", command.device_id);
         let outcome = self.broker.submit(&queue, stored, false).outcome().await;
-        metrics::counter!("ferrule_commands_total", "tenant" => tenant, "outcome" => "deferred").increment(1);
+        metrics::counter!("ferrule_commands_total", "tenant" => tenant, "outcome" => "deferred")
+            .increment(1);
         // The device may have subscribed while the command was being stored.
         if outcome.is_accepted() {
             if let Some(sink) = self.find(&command.tenant, &command.device_id).await {
                 let cancel = CancellationToken::new();
-                tokio::spawn(drain_deferred(self.broker.clone(), command.tenant, command.device_id, sink, cancel));
+                tokio::spawn(drain_deferred(
+                    self.broker.clone(),
+                    command.tenant,
+                    command.device_id,
+                    sink,
+                    cancel,
+                ));
             }
         }
         outcome
@@ -345,7 +372,13 @@ impl AddressHandler for CommandRouter {
 
 /// Delivers the deferred commands of one device, oldest first, while its subscription
 /// lasts. A command the device does not take stays queued for next time.
-async fn drain_deferred(broker: Broker, tenant: String, device: String, sink: Arc<dyn CommandSink>, cancel: CancellationToken) {
+async fn drain_deferred(
+    broker: Broker,
+    tenant: String,
+    device: String,
+    sink: Arc<dyn CommandSink>,
+    cancel: CancellationToken,
+) {
     let queue = format!("{DEFERRED_PREFIX}/{tenant}/{device}");
     if broker.queue_depth(&queue).unwrap_or(0) == 0 {
         return;

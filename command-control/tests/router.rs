@@ -7,7 +7,8 @@ use std::time::Duration;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, MessageId, Properties};
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue};
 use ferrule_command_control::{
-    BoxFuture, Command, CommandRouter, CommandSink, Notify, Response, Target, ViaCheck, DEFER_TTL_PROPERTY,
+    BoxFuture, Command, CommandRouter, CommandSink, Notify, Response, Target, ViaCheck,
+    DEFER_TTL_PROPERTY,
 };
 use ferrule_messaging::message::data_message;
 use ferrule_messaging::{Broker, Message, Outcome, SubscribeOptions};
@@ -69,14 +70,21 @@ fn setup(broker: &Broker) -> CommandRouter {
 async fn request_response_round_trip() {
     let broker = Broker::in_memory(&Default::default());
     let router = setup(&broker);
-    let mut responses = broker.subscribe("command_response/t1/app-1", &SubscribeOptions::default()).unwrap();
+    let mut responses =
+        broker.subscribe("command_response/t1/app-1", &SubscribeOptions::default()).unwrap();
     responses.add_credit(1);
     let (s, mut commands) = sink(Outcome::Accepted);
     let _subscription = router.subscribe("t1", Target::Device("d1".into()), s, MQTT);
 
-    assert_eq!(broker.send("command/t1", command("d1", Some("app-1"), None)).await, Outcome::Accepted);
+    assert_eq!(
+        broker.send("command/t1", command("d1", Some("app-1"), None)).await,
+        Outcome::Accepted
+    );
     let cmd = commands.recv().await.unwrap();
-    assert_eq!((cmd.device_id.as_str(), cmd.name.as_str(), &cmd.payload[..]), ("d1", "light", &b"on"[..]));
+    assert_eq!(
+        (cmd.device_id.as_str(), cmd.name.as_str(), &cmd.payload[..]),
+        ("d1", "light", &b"on"[..])
+    );
     let request_id = cmd.request_id.expect("request/response");
 
     // The response is accepted once the application accepted it: answer concurrently.
@@ -92,7 +100,8 @@ async fn request_response_round_trip() {
         })
         .await
     });
-    let reply = tokio::time::timeout(Duration::from_secs(5), responses.recv()).await.unwrap().unwrap();
+    let reply =
+        tokio::time::timeout(Duration::from_secs(5), responses.recv()).await.unwrap().unwrap();
     let props = reply.message().properties.clone().unwrap();
     assert_eq!(props.correlation_id, Some(MessageId::String("m-1".into())));
     let app = &reply.message().application_properties.as_ref().unwrap().0;
@@ -105,15 +114,29 @@ async fn request_response_round_trip() {
 async fn outcomes_not_connected_malformed_and_gateways() {
     let broker = Broker::in_memory(&Default::default());
     let router = setup(&broker);
-    assert_eq!(broker.send("command/t1", command("d1", None, None)).await, Outcome::Released, "not connected");
+    assert_eq!(
+        broker.send("command/t1", command("d1", None, None)).await,
+        Outcome::Released,
+        "not connected"
+    );
     let mut bad = command("d1", None, None);
     bad.properties.as_mut().unwrap().subject = None;
     assert!(matches!(broker.send("command/t1", bad).await, Outcome::Rejected { .. }), "no subject");
-    assert!(matches!(broker.send("command/t1", command("d1/x", None, None)).await, Outcome::Rejected { .. }), "bad to");
+    assert!(
+        matches!(
+            broker.send("command/t1", command("d1/x", None, None)).await,
+            Outcome::Rejected { .. }
+        ),
+        "bad to"
+    );
 
     let (s, mut commands) = sink(Outcome::Released);
     let sub = router.subscribe("t1", Target::Device("d1".into()), s, MQTT);
-    assert_eq!(broker.send("command/t1", command("d1", None, None)).await, Outcome::Released, "device did not ack");
+    assert_eq!(
+        broker.send("command/t1", command("d1", None, None)).await,
+        Outcome::Released,
+        "device did not ack"
+    );
     assert!(commands.recv().await.is_some());
     drop(sub);
 
@@ -121,14 +144,22 @@ async fn outcomes_not_connected_malformed_and_gateways() {
     let _g = router.subscribe("t1", Target::AllDevicesOf { gateway: "gw".into() }, gw, MQTT);
     assert_eq!(broker.send("command/t1", command("child", None, None)).await, Outcome::Accepted);
     assert_eq!(via_gw.recv().await.unwrap().device_id, "child");
-    assert_eq!(broker.send("command/t1", command("d1", None, None)).await, Outcome::Released, "d1 does not list gw");
+    assert_eq!(
+        broker.send("command/t1", command("d1", None, None)).await,
+        Outcome::Released,
+        "d1 does not list gw"
+    );
 }
 
 #[tokio::test]
 async fn deferred_commands_wait_for_the_device_and_expire() {
     let broker = Broker::in_memory(&Default::default());
     let router = setup(&broker);
-    assert_eq!(broker.send("command/t1", command("d1", Some("app"), Some(60))).await, Outcome::Accepted, "kept");
+    assert_eq!(
+        broker.send("command/t1", command("d1", Some("app"), Some(60))).await,
+        Outcome::Accepted,
+        "kept"
+    );
     assert_eq!(broker.send("command/t1", command("d2", None, Some(1))).await, Outcome::Accepted);
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
@@ -140,7 +171,10 @@ async fn deferred_commands_wait_for_the_device_and_expire() {
 
     let (s2, mut late) = sink(Outcome::Accepted);
     let _sub2 = router.subscribe("t1", Target::Device("d2".into()), s2, MQTT);
-    assert!(tokio::time::timeout(Duration::from_millis(300), late.recv()).await.is_err(), "expired command not delivered");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), late.recv()).await.is_err(),
+        "expired command not delivered"
+    );
 }
 
 #[tokio::test]

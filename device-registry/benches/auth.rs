@@ -49,9 +49,7 @@ async fn run() {
     let t = TenantId::new("bench").unwrap();
     store.create_tenant(&t, &Tenant::default()).await.unwrap();
     let dev = DeviceId::new("dev").unwrap();
-    mgmt.create_device(&t, Some(dev.clone()), Device::default())
-        .await
-        .unwrap();
+    mgmt.create_device(&t, Some(dev.clone()), Device::default()).await.unwrap();
     use base64::Engine;
     use sha2::Digest;
     let sha =
@@ -74,11 +72,7 @@ async fn run() {
 
     let a = |id: &'static str, pw: &'static [u8]| {
         let auth = auth.clone();
-        async move {
-            auth.authenticate("bench", CredentialType::HashedPassword, id, pw)
-                .await
-                .unwrap()
-        }
+        async move { auth.authenticate("bench", CredentialType::HashedPassword, id, pw).await.unwrap() }
     };
 
     // Warm: one device, cached.
@@ -112,10 +106,7 @@ async fn run() {
     let mut batch = Vec::new();
     for i in 0..many {
         let d = DeviceId::new(format!("d{i}")).unwrap();
-        store
-            .create_device(&t, &d, &Device::default())
-            .await
-            .unwrap();
+        store.create_device(&t, &d, &Device::default()).await.unwrap();
         batch.push(d);
     }
     let sha1 = base64::engine::general_purpose::STANDARD.encode(sha2::Sha512::digest(b"pw"));
@@ -130,30 +121,19 @@ async fn run() {
     }
     let ids: Vec<String> = (0..many).map(|i| format!("a{i}")).collect();
     for id in &ids {
-        auth.authenticate("bench", CredentialType::HashedPassword, id, b"pw")
-            .await
-            .unwrap();
+        auth.authenticate("bench", CredentialType::HashedPassword, id, b"pw").await.unwrap();
     }
     let rounds = 50;
     let start = Instant::now();
     for _ in 0..rounds {
         for id in &ids {
-            auth.authenticate("bench", CredentialType::HashedPassword, id, b"pw")
-                .await
-                .unwrap();
+            auth.authenticate("bench", CredentialType::HashedPassword, id, b"pw").await.unwrap();
         }
     }
-    report(
-        "warm, 10k devices round-robin",
-        rounds * many as u64,
-        start.elapsed(),
-    );
+    report("warm, 10k devices round-robin", rounds * many as u64, start.elapsed());
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(run());
 }

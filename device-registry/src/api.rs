@@ -113,8 +113,7 @@ impl ApiError {
                 );
             }
             Self::MethodNotAllowed(allow) => {
-                r.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
             }
             _ => {}
         }
@@ -126,10 +125,7 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
     let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -148,11 +144,7 @@ fn empty(status: StatusCode) -> Response<Body> {
 
 /// `Location` must be a URI (the spec says `format: uri`): absolute, built from `Host`.
 fn absolute(req: &Request<Bytes>, path: String) -> String {
-    match req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-    {
+    match req.headers().get(header::HOST).and_then(|h| h.to_str().ok()) {
         Some(host) if !host.is_empty() && host.chars().all(|c| c.is_ascii_graphic()) => {
             format!("http://{host}{path}")
         }
@@ -161,10 +153,7 @@ fn absolute(req: &Request<Bytes>, path: String) -> String {
 }
 
 fn created(location: String, id: &str, version: &str) -> Response<Body> {
-    let mut r = with_etag(
-        json_response(StatusCode::CREATED, &json!({ "id": id })),
-        version,
-    );
+    let mut r = with_etag(json_response(StatusCode::CREATED, &json!({ "id": id })), version);
     if let Ok(v) = HeaderValue::from_str(&location) {
         r.headers_mut().insert(header::LOCATION, v);
     }
@@ -241,15 +230,8 @@ fn if_match(req: &Request<Bytes>) -> Result<Option<String>, ApiError> {
 }
 
 /// Keys whose values are arrays in Hono's schemas.
-const ARRAY_KEYS: &[&str] = &[
-    "adapters",
-    "trusted-ca",
-    "via",
-    "viaGroups",
-    "memberOf",
-    "authorities",
-    "secrets",
-];
+const ARRAY_KEYS: &[&str] =
+    &["adapters", "trusted-ca", "via", "viaGroups", "memberOf", "authorities", "secrets"];
 /// Keys whose values are free-form JSON.
 const FREE_KEYS: &[&str] = &["ext", "defaults", "headers", "payload-properties"];
 /// Properties an adapter entry defines; any other property of an adapter is free-form.
@@ -276,9 +258,7 @@ fn reject_arrays_for_objects(v: &Value, in_adapter: bool) -> Result<(), ApiError
                 }
             }
             Value::Array(_) => {
-                return Err(ApiError::BadRequest(format!(
-                    "{k} must be an object, not an array"
-                )))
+                return Err(ApiError::BadRequest(format!("{k} must be an object, not an array")))
             }
             other => reject_arrays_for_objects(other, false)?,
         }
@@ -305,9 +285,7 @@ fn parse_body<T: DeserializeOwned>(
         let ct = ct.to_str().unwrap_or("");
         let mime = ct.split(';').next().unwrap_or("").trim();
         if !mime.eq_ignore_ascii_case("application/json") {
-            return Err(ApiError::BadRequest(
-                "Content-Type must be application/json".into(),
-            ));
+            return Err(ApiError::BadRequest("Content-Type must be application/json".into()));
         }
     }
     let describe = |e: serde_json::Error| {
@@ -323,9 +301,7 @@ fn parse_body<T: DeserializeOwned>(
                 serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "syntax",
                 _ => "data",
             };
-            ApiError::BadRequest(format!(
-                "invalid request body: {kind} error (values not shown)"
-            ))
+            ApiError::BadRequest(format!("invalid request body: {kind} error (values not shown)"))
         }
     };
     let value: Value = serde_json::from_slice(body).map_err(describe)?;
@@ -343,14 +319,10 @@ fn parse_body<T: DeserializeOwned>(
         }
         (Value::Object(_), false) => reject_arrays_for_objects(&value, false)?,
         (_, true) => {
-            return Err(ApiError::BadRequest(
-                "credentials must be an array of objects".into(),
-            ))
+            return Err(ApiError::BadRequest("credentials must be an array of objects".into()))
         }
         (_, false) => {
-            return Err(ApiError::BadRequest(
-                "request body must be a JSON object".into(),
-            ))
+            return Err(ApiError::BadRequest("request body must be a JSON object".into()))
         }
     }
     serde_json::from_value(value).map_err(describe)
@@ -360,33 +332,24 @@ fn authorized(state: &ApiState, req: &Request<hyper::body::Incoming>) -> bool {
     if state.allow_anonymous {
         return true;
     }
-    let Some(h) = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Some(h) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let presented: Vec<u8> = if let Some(t) = h
-        .strip_prefix("Bearer ")
-        .or_else(|| h.strip_prefix("bearer "))
-    {
-        t.trim().as_bytes().to_vec()
-    } else if let Some(b) = h
-        .strip_prefix("Basic ")
-        .or_else(|| h.strip_prefix("basic "))
-    {
-        use base64::Engine;
-        let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) else {
+    let presented: Vec<u8> =
+        if let Some(t) = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")) {
+            t.trim().as_bytes().to_vec()
+        } else if let Some(b) = h.strip_prefix("Basic ").or_else(|| h.strip_prefix("basic ")) {
+            use base64::Engine;
+            let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b.trim()) else {
+                return false;
+            };
+            match raw.iter().position(|&c| c == b':') {
+                Some(i) => raw[i + 1..].to_vec(),
+                None => return false,
+            }
+        } else {
             return false;
         };
-        match raw.iter().position(|&c| c == b':') {
-            Some(i) => raw[i + 1..].to_vec(),
-            None => return false,
-        }
-    } else {
-        return false;
-    };
     // Check every token in constant time so timing does not reveal which one matched.
     state.tokens.iter().fold(false, |ok, t| {
         ok | (t.len() == presented.len() && bool::from(t.as_bytes().ct_eq(&presented)))
@@ -415,10 +378,7 @@ async fn dispatch(
 ) -> Result<Response<Body>, ApiError> {
     if req.uri().path() == OPENAPI_PATH && req.method() == Method::GET {
         let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI_YAML.as_bytes())));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/yaml"),
-        );
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/yaml"));
         return Ok(r);
     }
     if !authorized(state, &req) {
@@ -427,10 +387,7 @@ async fn dispatch(
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, state.max_body_bytes).collect().await {
         Ok(b) => b.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             return Err(ApiError::TooLarge)
         }
         Err(_) => return Err(ApiError::BadRequest("could not read request body".into())),
@@ -452,11 +409,7 @@ async fn dispatch(
         (["tenants"], &Method::POST) => {
             let t: Tenant = parse_body(&req, true, false)?;
             let (id, v) = m.create_tenant(None, t).await?;
-            Ok(created(
-                absolute(&req, format!("/v1/tenants/{id}")),
-                id.as_str(),
-                &v,
-            ))
+            Ok(created(absolute(&req, format!("/v1/tenants/{id}")), id.as_str(), &v))
         }
         (["tenants"], &Method::GET) => search_tenants(state, &req).await,
         (["tenants"], _) => Err(ApiError::MethodNotAllowed("GET, POST")),
@@ -466,11 +419,7 @@ async fn dispatch(
                 Method::POST => {
                     let t: Tenant = parse_body(&req, true, false)?;
                     let (id, v) = m.create_tenant(Some(tid), t).await?;
-                    Ok(created(
-                        absolute(&req, format!("/v1/tenants/{id}")),
-                        id.as_str(),
-                        &v,
-                    ))
+                    Ok(created(absolute(&req, format!("/v1/tenants/{id}")), id.as_str(), &v))
                 }
                 Method::GET => {
                     let t = m
@@ -478,10 +427,7 @@ async fn dispatch(
                         .get_tenant(&tid)
                         .await?
                         .ok_or_else(|| ApiError::NotFound("tenant not found".into()))?;
-                    Ok(with_etag(
-                        json_response(StatusCode::OK, &to_value(&t.value)?),
-                        &t.version,
-                    ))
+                    Ok(with_etag(json_response(StatusCode::OK, &to_value(&t.value)?), &t.version))
                 }
                 Method::PUT => {
                     // The spec makes the body required for updates (unlike creates).
@@ -490,9 +436,7 @@ async fn dispatch(
                     Ok(with_etag(empty(StatusCode::NO_CONTENT), &v))
                 }
                 Method::DELETE => {
-                    m.store()
-                        .delete_tenant(&tid, if_match(&req)?.as_deref())
-                        .await?;
+                    m.store().delete_tenant(&tid, if_match(&req)?.as_deref()).await?;
                     Ok(empty(StatusCode::NO_CONTENT))
                 }
                 _ => Err(ApiError::MethodNotAllowed("GET, POST, PUT, DELETE")),
@@ -504,11 +448,7 @@ async fn dispatch(
                 Method::POST => {
                     let d: Device = parse_body(&req, true, false)?;
                     let (id, v) = m.create_device(&tid, None, d).await?;
-                    Ok(created(
-                        absolute(&req, format!("/v1/devices/{tid}/{id}")),
-                        id.as_str(),
-                        &v,
-                    ))
+                    Ok(created(absolute(&req, format!("/v1/devices/{tid}/{id}")), id.as_str(), &v))
                 }
                 Method::GET => search_devices(state, &tid, &req).await,
                 Method::DELETE => {
@@ -529,11 +469,7 @@ async fn dispatch(
                 Method::POST => {
                     let d: Device = parse_body(&req, true, false)?;
                     let (id, v) = m.create_device(&tid, Some(did), d).await?;
-                    Ok(created(
-                        absolute(&req, format!("/v1/devices/{tid}/{id}")),
-                        id.as_str(),
-                        &v,
-                    ))
+                    Ok(created(absolute(&req, format!("/v1/devices/{tid}/{id}")), id.as_str(), &v))
                 }
                 Method::GET => {
                     let d = m
@@ -541,22 +477,15 @@ async fn dispatch(
                         .get_device(&tid, &did)
                         .await?
                         .ok_or_else(|| ApiError::NotFound("device not found".into()))?;
-                    Ok(with_etag(
-                        json_response(StatusCode::OK, &to_value(&d.value)?),
-                        &d.version,
-                    ))
+                    Ok(with_etag(json_response(StatusCode::OK, &to_value(&d.value)?), &d.version))
                 }
                 Method::PUT => {
                     let d: Device = parse_body(&req, false, false)?;
-                    let v = m
-                        .update_device(&tid, &did, d, if_match(&req)?.as_deref())
-                        .await?;
+                    let v = m.update_device(&tid, &did, d, if_match(&req)?.as_deref()).await?;
                     Ok(with_etag(empty(StatusCode::NO_CONTENT), &v))
                 }
                 Method::DELETE => {
-                    m.store()
-                        .delete_device(&tid, &did, if_match(&req)?.as_deref())
-                        .await?;
+                    m.store().delete_device(&tid, &did, if_match(&req)?.as_deref()).await?;
                     Ok(empty(StatusCode::NO_CONTENT))
                 }
                 _ => Err(ApiError::MethodNotAllowed("GET, POST, PUT, DELETE")),
@@ -571,16 +500,11 @@ async fn dispatch(
                         .get_credentials(&tid, &did)
                         .await?
                         .ok_or_else(|| ApiError::NotFound("device not found".into()))?;
-                    Ok(with_etag(
-                        json_response(StatusCode::OK, &to_value(&c.value)?),
-                        &c.version,
-                    ))
+                    Ok(with_etag(json_response(StatusCode::OK, &to_value(&c.value)?), &c.version))
                 }
                 Method::PUT => {
                     let c: Vec<Credentials> = parse_body(&req, false, true)?;
-                    let v = m
-                        .set_credentials(&tid, &did, c, if_match(&req)?.as_deref())
-                        .await?;
+                    let v = m.set_credentials(&tid, &did, c, if_match(&req)?.as_deref()).await?;
                     Ok(with_etag(empty(StatusCode::NO_CONTENT), &v))
                 }
                 _ => Err(ApiError::MethodNotAllowed("GET, PUT")),
@@ -609,10 +533,7 @@ fn search_response(total: usize, page: Vec<Value>) -> Result<Response<Body>, Api
     if page.is_empty() {
         return Err(ApiError::NotFound("no matching objects".into()));
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "total": total, "result": page }),
-    ))
+    Ok(json_response(StatusCode::OK, &json!({ "total": total, "result": page })))
 }
 
 async fn search_tenants(
@@ -653,11 +574,7 @@ async fn search_devices(
         .collect();
     let items = all
         .into_iter()
-        .filter(|(id, _)| {
-            search
-                .is_gateway
-                .is_none_or(|g| g == gateways.contains(id.as_str()))
-        })
+        .filter(|(id, _)| search.is_gateway.is_none_or(|g| g == gateways.contains(id.as_str())))
         .map(|(id, d)| Ok(with_id(id.as_str(), to_value(&d.value)?)))
         .collect::<Result<Vec<_>, ApiError>>()?;
     let (total, page) = search.apply(items);
@@ -673,10 +590,8 @@ mod tests {
         let ok = json!({"tracing": {}, "adapters": [{"type": "x", "extra": [1]}], "ext": {"a": [1]}, "via": ["g"]});
         assert!(reject_arrays_for_objects(&ok, false).is_ok());
         assert!(reject_arrays_for_objects(&json!({"tracing": []}), false).is_err());
-        assert!(
-            reject_arrays_for_objects(&json!({"resource-limits": {"data-volume": []}}), false)
-                .is_err()
-        );
+        assert!(reject_arrays_for_objects(&json!({"resource-limits": {"data-volume": []}}), false)
+            .is_err());
         assert!(reject_arrays_for_objects(&json!({"trusted-ca": [[]]}), false).is_err());
         assert!(reject_arrays_for_objects(&json!({"secrets": [{"comment": "x"}]}), false).is_ok());
     }

@@ -51,7 +51,12 @@ fn failures_entry<'m>(
     now: Instant,
     window: Duration,
 ) -> &'m mut Failures {
-    let f = failures.entry(key.clone()).or_insert(Failures { count: 0, since: now, last_mac: None, in_flight: 0 });
+    let f = failures.entry(key.clone()).or_insert(Failures {
+        count: 0,
+        since: now,
+        last_mac: None,
+        in_flight: 0,
+    });
     if now.duration_since(f.since) >= window {
         *f = Failures { count: 0, since: now, last_mac: None, in_flight: f.in_flight };
     }
@@ -134,10 +139,7 @@ pub struct PskKey {
 
 impl fmt::Debug for PskKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PskKey")
-            .field("device", &self.device)
-            .field("key", &"<redacted>")
-            .finish()
+        f.debug_struct("PskKey").field("device", &self.device).field("key", &"<redacted>").finish()
     }
 }
 
@@ -295,11 +297,7 @@ impl AuthService {
             state: Mutex::new(State::default()),
             stop: CancellationToken::new(),
         });
-        tokio::spawn(follow_changes(
-            Arc::downgrade(&inner),
-            rx,
-            inner.stop.clone(),
-        ));
+        tokio::spawn(follow_changes(Arc::downgrade(&inner), rx, inner.stop.clone()));
         Self { inner }
     }
 
@@ -311,12 +309,8 @@ impl AuthService {
     fn mac(&self, tenant: &TenantId, t: CredentialType, auth_id: &str, secret: &[u8]) -> Mac32 {
         let mut m = self.inner.mac_key.clone();
         // Length-prefix the variable parts so field boundaries cannot be shifted.
-        for part in [
-            tenant.as_str().as_bytes(),
-            t.as_str().as_bytes(),
-            auth_id.as_bytes(),
-            secret,
-        ] {
+        for part in [tenant.as_str().as_bytes(), t.as_str().as_bytes(), auth_id.as_bytes(), secret]
+        {
             m.update(&(part.len() as u64).to_be_bytes());
             m.update(part);
         }
@@ -376,7 +370,10 @@ impl AuthService {
         // (key, limit): the source's own, and with a source also all sources together.
         let mut keys = vec![((tenant.clone(), auth_id.to_owned(), source), max)];
         if source.is_some() {
-            keys.push(((tenant.clone(), auth_id.to_owned(), None), max.saturating_mul(SOURCES_FACTOR)));
+            keys.push((
+                (tenant.clone(), auth_id.to_owned(), None),
+                max.saturating_mul(SOURCES_FACTOR),
+            ));
         }
         {
             let mut s = self.state();
@@ -401,7 +398,10 @@ impl AuthService {
                     return Err(AuthError::RateLimited);
                 }
             }
-            if failures_entry(&mut s.failures, &keys[0].0, now, window).last_mac.is_some_and(|m| bool::from(m.ct_eq(&mac))) {
+            if failures_entry(&mut s.failures, &keys[0].0, now, window)
+                .last_mac
+                .is_some_and(|m| bool::from(m.ct_eq(&mac)))
+            {
                 return Err(AuthError::BadCredentials);
             }
             // Counted from now: released when this attempt ends, however it ends.
@@ -409,7 +409,8 @@ impl AuthService {
                 failures_entry(&mut s.failures, fkey, now, window).in_flight += 1;
             }
         }
-        let _running: Vec<InFlight<'_>> = keys.iter().map(|(key, _)| InFlight { service: self, key }).collect();
+        let _running: Vec<InFlight<'_>> =
+            keys.iter().map(|(key, _)| InFlight { service: self, key }).collect();
         let seq = self.inner.seq.load(Ordering::SeqCst);
         match self.verify(&tenant, cred_type, auth_id, secret).await {
             Ok((device, window)) => {
@@ -474,7 +475,13 @@ impl AuthService {
             if cred_type == CredentialType::HashedPassword {
                 // As slow as a known auth-id: timing must not tell which ones exist.
                 let presented = secret.to_vec();
-                let _ = self.inner.pool.run(move || password::verify(password::ARGON2ID, decoy_hash(), None, &presented)).await;
+                let _ = self
+                    .inner
+                    .pool
+                    .run(move || {
+                        password::verify(password::ARGON2ID, decoy_hash(), None, &presented)
+                    })
+                    .await;
             }
             return Err(AuthError::BadCredentials);
         };
@@ -517,22 +524,15 @@ impl AuthService {
                         })?
                 }
             }
-            Credentials::Psk(p) => p
-                .secrets
-                .into_iter()
-                .filter(|s| s.meta.usable_at(now))
-                .find_map(|s| {
-                    let key = base64::engine::general_purpose::STANDARD
-                        .decode(s.key?)
-                        .ok()?;
+            Credentials::Psk(p) => {
+                p.secrets.into_iter().filter(|s| s.meta.usable_at(now)).find_map(|s| {
+                    let key = base64::engine::general_purpose::STANDARD.decode(s.key?).ok()?;
                     (key.len() == secret.len() && bool::from(key.ct_eq(secret))).then_some(s.meta)
-                }),
+                })
+            }
             Credentials::X509Cert(x) => match x.secrets {
                 None => Some(SecretMeta::default()),
-                Some(secrets) => secrets
-                    .into_iter()
-                    .map(|s| s.meta)
-                    .find(|m| m.usable_at(now)),
+                Some(secrets) => secrets.into_iter().map(|s| s.meta).find(|m| m.usable_at(now)),
             },
             Credentials::Rpk(_) => None,
         };
@@ -578,7 +578,10 @@ impl AuthService {
             // The secret is the certificate itself: a cached verification is only reused
             // for the very same certificate.
             let tenant = anchor.tenant.as_str();
-            match self.authenticate(tenant, CredentialType::X509Cert, &cert.subject_dn, cert.der()).await {
+            match self
+                .authenticate(tenant, CredentialType::X509Cert, &cert.subject_dn, cert.der())
+                .await
+            {
                 Ok(device) => return Ok(device),
                 Err(e) => {
                     refusal = CertError::UnknownSubject;
@@ -635,25 +638,16 @@ impl AuthService {
         let Ok(tenant) = TenantId::new(tenant) else {
             return Err(AuthError::BadCredentials);
         };
-        let t = self
-            .get_tenant(&tenant)
-            .await?
-            .ok_or(AuthError::BadCredentials)?;
+        let t = self.get_tenant(&tenant).await?.ok_or(AuthError::BadCredentials)?;
         if !t.enabled {
             return Err(AuthError::TenantDisabled);
         }
-        let Some((device_id, Credentials::Psk(p))) = self
-            .inner
-            .store
-            .find_credentials(&tenant, CredentialType::Psk, auth_id)
-            .await?
+        let Some((device_id, Credentials::Psk(p))) =
+            self.inner.store.find_credentials(&tenant, CredentialType::Psk, auth_id).await?
         else {
             return Err(AuthError::BadCredentials);
         };
-        let d = self
-            .get_device(&tenant, &device_id)
-            .await?
-            .ok_or(AuthError::BadCredentials)?;
+        let d = self.get_device(&tenant, &device_id).await?.ok_or(AuthError::BadCredentials)?;
         if !d.enabled {
             return Err(AuthError::DeviceDisabled);
         }
@@ -664,15 +658,8 @@ impl AuthService {
         p.secrets
             .into_iter()
             .filter(|s| s.meta.usable_at(now))
-            .find_map(|s| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(s.key?)
-                    .ok()
-            })
-            .map(|key| PskKey {
-                device: device_id,
-                key,
-            })
+            .find_map(|s| base64::engine::general_purpose::STANDARD.decode(s.key?).ok())
+            .map(|key| PskKey { device: device_id, key })
             .ok_or(AuthError::BadCredentials)
     }
 
@@ -693,16 +680,10 @@ impl AuthService {
         let seq = self.inner.seq.load(Ordering::SeqCst);
         let value = self.inner.store.get_tenant(tenant).await?.map(|v| v.value);
         let mut s = self.state();
-        bound(&mut s.tenants, self.inner.settings.max_entries, |c| {
-            c.expires <= now
-        });
+        bound(&mut s.tenants, self.inner.settings.max_entries, |c| c.expires <= now);
         s.tenants.insert(
             tenant.clone(),
-            Cached {
-                value: value.clone(),
-                seq,
-                expires: now + self.inner.settings.lookup_ttl,
-            },
+            Cached { value: value.clone(), seq, expires: now + self.inner.settings.lookup_ttl },
         );
         Ok(value)
     }
@@ -727,23 +708,12 @@ impl AuthService {
             }
         }
         let seq = self.inner.seq.load(Ordering::SeqCst);
-        let value = self
-            .inner
-            .store
-            .get_device(tenant, device)
-            .await?
-            .map(|v| v.value);
+        let value = self.inner.store.get_device(tenant, device).await?.map(|v| v.value);
         let mut s = self.state();
-        bound(&mut s.devices, self.inner.settings.max_entries, |c| {
-            c.expires <= now
-        });
+        bound(&mut s.devices, self.inner.settings.max_entries, |c| c.expires <= now);
         s.devices.insert(
             key,
-            Cached {
-                value: value.clone(),
-                seq,
-                expires: now + self.inner.settings.lookup_ttl,
-            },
+            Cached { value: value.clone(), seq, expires: now + self.inner.settings.lookup_ttl },
         );
         Ok(value)
     }
@@ -764,17 +734,11 @@ impl AuthService {
         let (Ok(t), Ok(d)) = (TenantId::new(tenant), DeviceId::new(device)) else {
             return Err(AuthError::BadCredentials);
         };
-        let tv = self
-            .get_tenant(&t)
-            .await?
-            .ok_or(AuthError::BadCredentials)?;
+        let tv = self.get_tenant(&t).await?.ok_or(AuthError::BadCredentials)?;
         if !tv.enabled {
             return Err(AuthError::TenantDisabled);
         }
-        let dv = self
-            .get_device(&t, &d)
-            .await?
-            .ok_or(AuthError::BadCredentials)?;
+        let dv = self.get_device(&t, &d).await?.ok_or(AuthError::BadCredentials)?;
         if !dv.enabled {
             return Err(AuthError::DeviceDisabled);
         }
@@ -783,10 +747,7 @@ impl AuthService {
                 return Ok(());
             }
             let gid = DeviceId::new(g).map_err(|_| AuthError::BadCredentials)?;
-            let gv = self
-                .get_device(&t, &gid)
-                .await?
-                .ok_or(AuthError::BadCredentials)?;
+            let gv = self.get_device(&t, &gid).await?.ok_or(AuthError::BadCredentials)?;
             if !gv.enabled {
                 return Err(AuthError::DeviceDisabled);
             }
@@ -840,9 +801,7 @@ impl AuthService {
                 // A registry change may make a refused secret valid: forget failures.
                 s.failures.retain(|(ft, _, _), _| ft != t);
                 if s.changes.tenants.len() >= max {
-                    s.changes
-                        .tenants
-                        .retain(|_, (_, at)| now.duration_since(*at) < horizon);
+                    s.changes.tenants.retain(|_, (_, at)| now.duration_since(*at) < horizon);
                     if s.changes.tenants.len() >= max {
                         s.changes.tenants.clear();
                         s.changes.all = seq;
@@ -854,9 +813,7 @@ impl AuthService {
             Change::Device(t, d) => {
                 s.failures.retain(|(ft, _, _), _| ft != t);
                 if s.changes.devices.len() >= max {
-                    s.changes
-                        .devices
-                        .retain(|_, (_, at)| now.duration_since(*at) < horizon);
+                    s.changes.devices.retain(|_, (_, at)| now.duration_since(*at) < horizon);
                     if s.changes.devices.len() >= max {
                         s.changes.devices.clear();
                         s.changes.all = seq;

@@ -17,11 +17,7 @@ use crate::client::RegistryClient;
 #[derive(Debug, Clone, Args)]
 pub struct Connection {
     /// Management API base URL.
-    #[arg(
-        long,
-        env = "FERRULE_REGISTRY_URL",
-        default_value = "http://127.0.0.1:28080"
-    )]
+    #[arg(long, env = "FERRULE_REGISTRY_URL", default_value = "http://127.0.0.1:28080")]
     pub url: String,
     /// Operator bearer token.
     #[arg(long, env = "FERRULE_REGISTRY_TOKEN", hide_env_values = true)]
@@ -193,9 +189,7 @@ pub enum CredentialsAction {
 fn read_data(arg: &str) -> anyhow::Result<Value> {
     let text = if arg == "-" {
         let mut s = String::new();
-        std::io::stdin()
-            .read_to_string(&mut s)
-            .context("reading JSON from stdin")?;
+        std::io::stdin().read_to_string(&mut s).context("reading JSON from stdin")?;
         s
     } else if let Some(path) = arg.strip_prefix('@') {
         std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?
@@ -204,11 +198,7 @@ fn read_data(arg: &str) -> anyhow::Result<Value> {
     };
     // Do not echo the input in the error: it may contain a password.
     serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "--data is not valid JSON (line {}, column {})",
-            e.line(),
-            e.column()
-        )
+        anyhow::anyhow!("--data is not valid JSON (line {}, column {})", e.line(), e.column())
     })
 }
 
@@ -260,25 +250,16 @@ pub async fn run_cli_to(cmd: CliCommand, out: &mut Vec<u8>) -> anyhow::Result<()
                     .map(read_data)
                     .transpose()?
                     .unwrap_or_else(|| serde_json::json!({}));
-                let path = id.map_or("/v1/tenants".to_owned(), |id| {
-                    format!("/v1/tenants/{}", enc(&id))
-                });
+                let path =
+                    id.map_or("/v1/tenants".to_owned(), |id| format!("/v1/tenants/{}", enc(&id)));
                 (conn, Method::POST, path, Some(body), None)
             }
-            TenantAction::List { options } => (
-                conn,
-                Method::GET,
-                format!("/v1/tenants{}", list_query(&options)),
-                None,
-                None,
-            ),
-            TenantAction::Get { id } => (
-                conn,
-                Method::GET,
-                format!("/v1/tenants/{}", enc(&id)),
-                None,
-                None,
-            ),
+            TenantAction::List { options } => {
+                (conn, Method::GET, format!("/v1/tenants{}", list_query(&options)), None, None)
+            }
+            TenantAction::Get { id } => {
+                (conn, Method::GET, format!("/v1/tenants/{}", enc(&id)), None, None)
+            }
             TenantAction::Update { id, data, if_match } => (
                 conn,
                 Method::PUT,
@@ -286,13 +267,9 @@ pub async fn run_cli_to(cmd: CliCommand, out: &mut Vec<u8>) -> anyhow::Result<()
                 Some(read_data(&data)?),
                 if_match,
             ),
-            TenantAction::Delete { id, if_match } => (
-                conn,
-                Method::DELETE,
-                format!("/v1/tenants/{}", enc(&id)),
-                None,
-                if_match,
-            ),
+            TenantAction::Delete { id, if_match } => {
+                (conn, Method::DELETE, format!("/v1/tenants/{}", enc(&id)), None, if_match)
+            }
         },
         CliCommand::Device { conn, action } => match action {
             DeviceAction::Create { tenant, id, data } => {
@@ -321,23 +298,14 @@ pub async fn run_cli_to(cmd: CliCommand, out: &mut Vec<u8>) -> anyhow::Result<()
                 None,
                 None,
             ),
-            DeviceAction::Update {
-                tenant,
-                id,
-                data,
-                if_match,
-            } => (
+            DeviceAction::Update { tenant, id, data, if_match } => (
                 conn,
                 Method::PUT,
                 format!("/v1/devices/{}/{}", enc(&tenant), enc(&id)),
                 Some(read_data(&data)?),
                 if_match,
             ),
-            DeviceAction::Delete {
-                tenant,
-                id,
-                if_match,
-            } => (
+            DeviceAction::Delete { tenant, id, if_match } => (
                 conn,
                 Method::DELETE,
                 format!("/v1/devices/{}/{}", enc(&tenant), enc(&id)),
@@ -353,12 +321,7 @@ pub async fn run_cli_to(cmd: CliCommand, out: &mut Vec<u8>) -> anyhow::Result<()
                 None,
                 None,
             ),
-            CredentialsAction::Set {
-                tenant,
-                device,
-                data,
-                if_match,
-            } => (
+            CredentialsAction::Set { tenant, device, data, if_match } => (
                 conn,
                 Method::PUT,
                 format!("/v1/credentials/{}/{}", enc(&tenant), enc(&device)),
@@ -368,18 +331,11 @@ pub async fn run_cli_to(cmd: CliCommand, out: &mut Vec<u8>) -> anyhow::Result<()
         },
     };
     let client = RegistryClient::new(&conn.url, conn.token)?;
-    let resp = client
-        .request(method.clone(), &path, body.as_ref(), if_match.as_deref())
-        .await?
-        .ok()?;
+    let resp =
+        client.request(method.clone(), &path, body.as_ref(), if_match.as_deref()).await?.ok()?;
     match method {
         Method::POST => {
-            let id = resp
-                .json()
-                .get("id")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned();
+            let id = resp.json().get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
             writeln!(out, "{id}")?;
         }
         Method::GET => {

@@ -69,10 +69,7 @@ impl ClientResponse {
                 .and_then(|e| e.as_str())
                 .map(str::to_owned)
                 .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned());
-            return Err(ClientError::Status {
-                status: self.status,
-                message,
-            });
+            return Err(ClientError::Status { status: self.status, message });
         }
         Ok(self)
     }
@@ -103,15 +100,11 @@ impl RegistryClient {
     /// # Errors
     /// [`ClientError::BadUrl`] for anything but a plain http URL.
     pub fn new(base_url: &str, token: Option<String>) -> Result<Self, ClientError> {
-        let uri: Uri = base_url
-            .parse()
-            .map_err(|_| ClientError::BadUrl(base_url.to_owned()))?;
+        let uri: Uri = base_url.parse().map_err(|_| ClientError::BadUrl(base_url.to_owned()))?;
         if uri.scheme_str() != Some("http") {
             return Err(ClientError::BadUrl(base_url.to_owned()));
         }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| ClientError::BadUrl(base_url.to_owned()))?;
+        let authority = uri.authority().ok_or_else(|| ClientError::BadUrl(base_url.to_owned()))?;
         let host_port = if authority.port().is_some() {
             authority.as_str().to_owned()
         } else {
@@ -136,13 +129,9 @@ impl RegistryClient {
         body: Option<&serde_json::Value>,
         if_match: Option<&str>,
     ) -> Result<ClientResponse, ClientError> {
-        let conn_err = |reason: String| ClientError::Connection {
-            url: self.base.clone(),
-            reason,
-        };
-        let stream = TcpStream::connect(&self.authority)
-            .await
-            .map_err(|e| conn_err(e.to_string()))?;
+        let conn_err = |reason: String| ClientError::Connection { url: self.base.clone(), reason };
+        let stream =
+            TcpStream::connect(&self.authority).await.map_err(|e| conn_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -162,21 +151,14 @@ impl RegistryClient {
         }
         let bytes = match body {
             Some(b) => {
-                req = req.header(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
+                req =
+                    req.header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 Bytes::from(serde_json::to_vec(b).map_err(|e| conn_err(e.to_string()))?)
             }
             None => Bytes::new(),
         };
-        let req = req
-            .body(Full::new(bytes))
-            .map_err(|e| conn_err(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| conn_err(e.to_string()))?;
+        let req = req.body(Full::new(bytes)).map_err(|e| conn_err(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| conn_err(e.to_string()))?;
         let (parts, body) = resp.into_parts();
         let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
             .collect()
@@ -185,11 +167,7 @@ impl RegistryClient {
             .to_bytes();
         driver.abort();
         let h = |name: header::HeaderName| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
+            parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
         };
         Ok(ClientResponse {
             status: parts.status,

@@ -104,10 +104,7 @@ impl fmt::Debug for RegistryConfig {
             .field("embedded_file", &self.embedded_file)
             .field("redis_url", &"<redacted: may hold a password>")
             .field("redis_key_prefix", &self.redis_key_prefix)
-            .field(
-                "auth_tokens",
-                &format_args!("<{} redacted>", self.auth_tokens.len()),
-            )
+            .field("auth_tokens", &format_args!("<{} redacted>", self.auth_tokens.len()))
             .field("allow_anonymous", &self.allow_anonymous)
             .field("auth_cache_ttl", &self.auth_cache_ttl)
             .field("lookup_cache_ttl", &self.lookup_cache_ttl)
@@ -149,12 +146,7 @@ impl RegistryConfig {
     /// # Errors
     /// The first [`ConfigError`] found.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |key, problem: &str| {
-            Err(ConfigError {
-                key,
-                problem: problem.to_owned(),
-            })
-        };
+        let err = |key, problem: &str| Err(ConfigError { key, problem: problem.to_owned() });
         if self.hash_pool_size == 0 {
             return err("hash_pool_size", "must be at least 1");
         }
@@ -264,10 +256,7 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
         assert!(toml::from_str::<File>("[registry]\nbindd = \"x\"").is_err());
-        let c = RegistryConfig {
-            hash_pool_size: 0,
-            ..Default::default()
-        };
+        let c = RegistryConfig { hash_pool_size: 0, ..Default::default() };
         assert_eq!(c.validate().unwrap_err().key, "hash_pool_size");
     }
 

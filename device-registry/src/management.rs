@@ -118,10 +118,7 @@ impl Management {
                 .map_err(|e| ManagementError::BadRequest(e.to_string()))?,
         };
         // `status` is read-only: whatever the client sent is replaced.
-        device.status = Some(DeviceStatus {
-            created: Some(Utc::now()),
-            ..Default::default()
-        });
+        device.status = Some(DeviceStatus { created: Some(Utc::now()), ..Default::default() });
         let v = self.store.create_device(tenant, &id, &device).await?;
         Ok((id, v))
     }
@@ -143,15 +140,9 @@ impl Management {
             .await?
             .and_then(|d| d.value.status)
             .and_then(|s| s.created);
-        device.status = Some(DeviceStatus {
-            created,
-            updated: Some(Utc::now()),
-            ..Default::default()
-        });
-        Ok(self
-            .store
-            .update_device(tenant, id, &device, if_match)
-            .await?)
+        device.status =
+            Some(DeviceStatus { created, updated: Some(Utc::now()), ..Default::default() });
+        Ok(self.store.update_device(tenant, id, &device, if_match).await?)
     }
 
     /// A device's credentials with all confidential material removed.
@@ -163,14 +154,10 @@ impl Management {
         tenant: &TenantId,
         device: &DeviceId,
     ) -> Result<Option<Versioned<Vec<Credentials>>>, ManagementError> {
-        Ok(self
-            .store
-            .get_credentials(tenant, device)
-            .await?
-            .map(|v| Versioned {
-                version: v.version,
-                value: v.value.iter().map(Credentials::redacted).collect(),
-            }))
+        Ok(self.store.get_credentials(tenant, device).await?.map(|v| Versioned {
+            version: v.version,
+            value: v.value.iter().map(Credentials::redacted).collect(),
+        }))
     }
 
     /// Replaces a device's credentials (Hono's `setAllCredentials`): secrets carrying
@@ -201,10 +188,7 @@ impl Management {
             creds = self.pool.run(move || hash_plain_passwords(creds)).await??;
         }
         // If-Match is checked against the version read above inside the store's atomic write.
-        Ok(self
-            .store
-            .set_credentials(tenant, device, &creds, if_match)
-            .await?)
+        Ok(self.store.set_credentials(tenant, device, &creds, if_match).await?)
     }
 }
 
@@ -212,22 +196,15 @@ fn normalize_tenant(t: &mut Tenant) -> Result<(), ManagementError> {
     if let Some(alias) = &t.alias {
         // An LDH label, as the spec's description requires.
         if alias.is_empty()
-            || !alias
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            || !alias.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            return Err(bad(
-                "alias must consist of lower case letters, digits and hyphens",
-            ));
+            return Err(bad("alias must consist of lower case letters, digits and hyphens"));
         }
     }
     if let Some(limits) = &t.resource_limits {
         let periods = [
             limits.data_volume.as_ref().and_then(|d| d.period.as_ref()),
-            limits
-                .connection_duration
-                .as_ref()
-                .and_then(|d| d.period.as_ref()),
+            limits.connection_duration.as_ref().and_then(|d| d.period.as_ref()),
         ];
         for p in periods.into_iter().flatten() {
             if p.no_of_days.is_some_and(|n| n < 1) {
@@ -283,14 +260,11 @@ fn merge_and_validate(
     existing: &[Credentials],
 ) -> Result<Vec<Credentials>, ManagementError> {
     if creds.len() > MAX_CREDENTIALS_PER_DEVICE {
-        return Err(bad(format!(
-            "at most {MAX_CREDENTIALS_PER_DEVICE} credentials per device"
-        )));
+        return Err(bad(format!("at most {MAX_CREDENTIALS_PER_DEVICE} credentials per device")));
     }
     for c in &mut creds {
-        let old = existing
-            .iter()
-            .find(|e| e.cred_type() == c.cred_type() && e.auth_id() == c.auth_id());
+        let old =
+            existing.iter().find(|e| e.cred_type() == c.cred_type() && e.auth_id() == c.auth_id());
         match c {
             Credentials::HashedPassword(p) => {
                 check_secret_count(p.secrets.len(), 1)?;

@@ -121,74 +121,34 @@ pub struct Tenant {
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Alternative identifier; stored, not used for look-ups.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub alias: Option<String>,
     /// Free-form extension properties.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ext: Option<JsonMap>,
     /// Per-adapter configuration; absent means all adapters enabled with defaults.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub adapters: Option<Vec<Adapter>>,
     /// Defaults applied to the tenant's devices.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub defaults: Option<JsonMap>,
     /// Minimum message size used for accounting.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub minimum_message_size: Option<i64>,
     /// Limits on the number of devices and credentials.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub registration_limits: Option<RegistrationLimits>,
     /// Connection, TTL and data-volume limits.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub resource_limits: Option<ResourceLimits>,
     /// Tracing sampling configuration.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingConfig>,
     /// Group of tenants that may share trusted CA subject DNs.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub trust_anchor_group: Option<String>,
     /// Trusted root CAs for X.509 client authentication.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub trusted_ca: Option<Vec<TrustedCa>>,
 }
 
@@ -244,11 +204,7 @@ pub struct Adapter {
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub device_authentication_required: bool,
     /// Extension properties.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ext: Option<JsonMap>,
     /// The schema allows additional properties on adapters.
     #[serde(flatten)]
@@ -260,18 +216,10 @@ pub struct Adapter {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RegistrationLimits {
     /// -1: no limit.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub max_devices: Option<i64>,
     /// -1: no limit.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub max_credentials_per_device: Option<i64>,
 }
 
@@ -280,60 +228,28 @@ pub struct RegistrationLimits {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ResourceLimits {
     /// -1: no limit.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<i64>,
     /// Seconds; -1: no limit.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub max_ttl: Option<i64>,
     /// Seconds; -1: no limit.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub max_ttl_telemetry_qos0: Option<i64>,
     /// Seconds; -1: no limit.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub max_ttl_telemetry_qos1: Option<i64>,
     /// Seconds; -1: no limit.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub max_ttl_command_response: Option<i64>,
     /// Data volume per accounting period.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub data_volume: Option<DataVolume>,
     /// Connection time per accounting period.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub connection_duration: Option<ConnectionDuration>,
     /// Extension properties.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ext: Option<JsonMap>,
 }
 
@@ -344,18 +260,10 @@ pub struct DataVolume {
     /// When the limit takes effect.
     pub effective_since: DateTime<Utc>,
     /// -1: no limit.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<i64>,
     /// Accounting period.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub period: Option<Period>,
 }
 
@@ -366,18 +274,10 @@ pub struct ConnectionDuration {
     /// When the limit takes effect.
     pub effective_since: DateTime<Utc>,
     /// -1: no limit.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub max_minutes: Option<i64>,
     /// Accounting period.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub period: Option<Period>,
 }
 
@@ -388,11 +288,7 @@ pub struct Period {
     /// `monthly` or `days`.
     pub mode: String,
     /// Period length for mode `days`.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub no_of_days: Option<i64>,
 }
 
@@ -401,18 +297,10 @@ pub struct Period {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TracingConfig {
     /// `default`, `all` or `none`.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub sampling_mode: Option<SamplingMode>,
     /// Per auth-id sampling mode.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub sampling_mode_per_auth_id: Option<std::collections::BTreeMap<String, SamplingMode>>,
 }
 
@@ -434,67 +322,31 @@ pub enum SamplingMode {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrustedCa {
     /// Unique among the tenant's CAs; assigned by the registry if absent.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// RFC 2253 subject DN.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub subject_dn: Option<String>,
     /// DER subject DN, base64.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub subject_dn_bytes: Option<String>,
     /// DER public key, base64.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub public_key: Option<String>,
     /// Key algorithm (`RSA` default, `EC`).
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<String>,
     /// Start of validity.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub not_before: Option<DateTime<Utc>>,
     /// End of validity.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub not_after: Option<DateTime<Utc>>,
     /// DER certificate, base64.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub cert: Option<String>,
     /// Template for auth-ids derived from client certificates.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub auth_id_template: Option<String>,
     /// Auto-provisioning of devices.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -503,28 +355,16 @@ pub struct TrustedCa {
     #[serde(default, skip_serializing_if = "is_false")]
     pub auto_provision_as_gateway: bool,
     /// Device-id template for auto-provisioning.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub auto_provisioning_device_id_template: Option<String>,
     /// OCSP revocation checks.
     #[serde(default, skip_serializing_if = "is_false")]
     pub ocsp_revocation_enabled: bool,
     /// OCSP responder.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ocsp_responder_uri: Option<String>,
     /// OCSP responder certificate.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ocsp_responder_cert: Option<String>,
     /// OCSP nonce.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -539,18 +379,10 @@ pub struct Device {
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Defaults for the device's messages.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub defaults: Option<JsonMap>,
     /// Gateways allowed to act on behalf of this device.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub via: Option<Vec<String>>,
     /// Gateway groups allowed to act on behalf of this device.
     #[serde(
@@ -569,46 +401,22 @@ pub struct Device {
     )]
     pub member_of: Option<Vec<String>>,
     /// Authorities granted to the device (e.g. `auto-provisioning-enabled`).
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub authorities: Option<Vec<String>>,
     /// Downstream payload mapper name.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub downstream_message_mapper: Option<String>,
     /// Upstream payload mapper name.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub upstream_message_mapper: Option<String>,
     /// Extension properties.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ext: Option<JsonMap>,
     /// Registry-maintained metadata; ignored on input.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub status: Option<DeviceStatus>,
     /// Where commands are sent for devices reached over HTTP callbacks.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub command_endpoint: Option<CommandEndpoint>,
 }
 
@@ -635,17 +443,10 @@ impl Device {
     /// the `viaGroups` — group membership is checked by the caller with the gateway's
     /// `memberOf`).
     pub fn is_served_by(&self, gateway: &str, gateway_device: Option<&Device>) -> bool {
-        if self
-            .via
-            .as_ref()
-            .is_some_and(|v| v.iter().any(|g| g == gateway))
-        {
+        if self.via.as_ref().is_some_and(|v| v.iter().any(|g| g == gateway)) {
             return true;
         }
-        match (
-            &self.via_groups,
-            gateway_device.and_then(|g| g.member_of.as_ref()),
-        ) {
+        match (&self.via_groups, gateway_device.and_then(|g| g.member_of.as_ref())) {
             (Some(groups), Some(member_of)) => groups.iter().any(|g| member_of.contains(g)),
             _ => false,
         }
@@ -657,25 +458,13 @@ impl Device {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DeviceStatus {
     /// Creation time.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub created: Option<DateTime<Utc>>,
     /// Last update time.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub updated: Option<DateTime<Utc>>,
     /// Last user who changed the device.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub last_user: Option<String>,
     /// Whether the device was auto-provisioned.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -692,18 +481,10 @@ pub struct CommandEndpoint {
     /// Target URI (`{{deviceId}}` placeholder).
     pub uri: String,
     /// Extra headers.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub headers: Option<JsonMap>,
     /// Extra payload properties.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub payload_properties: Option<JsonMap>,
 }
 
@@ -988,11 +769,7 @@ pub struct PasswordCredentials {
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Extension properties.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ext: Option<JsonMap>,
     /// At least one secret.
     pub secrets: Vec<PasswordSecret>,
@@ -1008,11 +785,7 @@ pub struct PskCredentials {
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Extension properties.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ext: Option<JsonMap>,
     /// At least one secret.
     pub secrets: Vec<PskSecret>,
@@ -1023,35 +796,19 @@ pub struct PskCredentials {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct X509Credentials {
     /// RFC 2253 subject DN.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub auth_id: Option<String>,
     /// Whether this entry may be used.
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Extension properties.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ext: Option<JsonMap>,
     /// Validity period (at most one secret).
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub secrets: Option<Vec<X509Secret>>,
     /// DER certificate, base64 (write-only): its subject DN becomes the auth-id.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub cert: Option<String>,
 }
 
@@ -1065,11 +822,7 @@ pub struct RpkCredentials {
     #[serde(default = "yes")]
     pub enabled: bool,
     /// Extension properties.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
     pub ext: Option<JsonMap>,
     /// At least one secret.
     pub secrets: Vec<RpkSecret>,

@@ -66,9 +66,7 @@ pub fn validate_imported(
             let ok = parts.len() == 4
                 && parts[0].is_empty()
                 && matches!(parts[1], "2a" | "2b" | "2y" | "2x")
-                && parts[2]
-                    .parse::<u32>()
-                    .is_ok_and(|c| (4..=MAX_BCRYPT_COST).contains(&c))
+                && parts[2].parse::<u32>().is_ok_and(|c| (4..=MAX_BCRYPT_COST).contains(&c))
                 && parts[3].len() == 53;
             if ok {
                 Ok(())
@@ -93,9 +91,7 @@ pub fn validate_imported(
             }
             Ok(())
         }
-        other => Err(PasswordError::UnsupportedHashFunction(
-            other.chars().take(32).collect(),
-        )),
+        other => Err(PasswordError::UnsupportedHashFunction(other.chars().take(32).collect())),
     }
 }
 
@@ -103,9 +99,7 @@ pub fn validate_imported(
 /// it on a blocking pool. Any malformed stored value verifies as false.
 pub fn verify(hash_function: &str, pwd_hash: &str, salt: Option<&str>, presented: &[u8]) -> bool {
     match hash_function {
-        ARGON2ID => Argon2::default()
-            .verify_password(presented, pwd_hash)
-            .is_ok(),
+        ARGON2ID => Argon2::default().verify_password(presented, pwd_hash).is_ok(),
         "bcrypt" => bcrypt::verify(presented, pwd_hash).unwrap_or(false),
         "sha-256" | "sha-512" => {
             let Ok(expected) = B64.decode(pwd_hash) else {
@@ -168,10 +162,7 @@ mod tests {
         assert!(verify("bcrypt", &h, None, b"pw"));
         assert!(!verify("bcrypt", &h, None, b"px"));
         let slow = h.replacen("$04$", "$31$", 1);
-        assert_eq!(
-            validate_imported("bcrypt", &slow, None),
-            Err(PasswordError::BadHash("bcrypt"))
-        );
+        assert_eq!(validate_imported("bcrypt", &slow, None), Err(PasswordError::BadHash("bcrypt")));
         assert!(validate_imported("md5", "x", None).is_err());
     }
 }

@@ -87,14 +87,9 @@ impl Search {
                         return Err(SearchError("filterJson: op must be \"eq\"".into()));
                     }
                     if !pointer_ok(&f.field) {
-                        return Err(SearchError(
-                            "filterJson: field must be a JSON pointer".into(),
-                        ));
+                        return Err(SearchError("filterJson: field must be a JSON pointer".into()));
                     }
-                    if !matches!(
-                        f.value,
-                        Value::Bool(_) | Value::Number(_) | Value::String(_)
-                    ) {
+                    if !matches!(f.value, Value::Bool(_) | Value::Number(_) | Value::String(_)) {
                         return Err(SearchError(
                             "filterJson: value must be a boolean, number or string".into(),
                         ));
@@ -140,11 +135,7 @@ impl Search {
     /// Filters, sorts and pages `items` (each a JSON object including its `id`);
     /// returns (total matches, page).
     pub fn apply(&self, mut items: Vec<Value>) -> (usize, Vec<Value>) {
-        items.retain(|item| {
-            self.filters
-                .iter()
-                .all(|f| matches(item.pointer(&f.field), &f.value))
-        });
+        items.retain(|item| self.filters.iter().all(|f| matches(item.pointer(&f.field), &f.value)));
         if !self.sorts.is_empty() {
             items.sort_by(|a, b| {
                 for (field, desc) in &self.sorts {
@@ -159,11 +150,7 @@ impl Search {
         }
         let total = items.len();
         let size = self.page_size.unwrap_or(DEFAULT_PAGE_SIZE);
-        let page = items
-            .into_iter()
-            .skip(self.page_offset)
-            .take(size)
-            .collect();
+        let page = items.into_iter().skip(self.page_offset).take(size).collect();
         (total, page)
     }
 }
@@ -216,10 +203,9 @@ fn rank(v: Option<&Value>) -> u8 {
 fn compare(a: Option<&Value>, b: Option<&Value>) -> Ordering {
     match (a, b) {
         (Some(Value::Bool(x)), Some(Value::Bool(y))) => x.cmp(y),
-        (Some(Value::Number(x)), Some(Value::Number(y))) => x
-            .as_f64()
-            .partial_cmp(&y.as_f64())
-            .unwrap_or(Ordering::Equal),
+        (Some(Value::Number(x)), Some(Value::Number(y))) => {
+            x.as_f64().partial_cmp(&y.as_f64()).unwrap_or(Ordering::Equal)
+        }
         (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
         _ => rank(a).cmp(&rank(b)),
     }
@@ -231,10 +217,7 @@ mod tests {
     use serde_json::json;
 
     fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
     #[test]
@@ -262,10 +245,7 @@ mod tests {
         .unwrap();
         let (total, page) = s.apply(items);
         assert_eq!(total, 2);
-        assert_eq!(
-            page,
-            vec![json!({"id": "a", "ext": {"brand": "eclipse-1", "n": 3}})]
-        );
+        assert_eq!(page, vec![json!({"id": "a", "ext": {"brand": "eclipse-1", "n": 3}})]);
     }
 
     #[test]
@@ -273,11 +253,8 @@ mod tests {
         assert!(Search::from_query(&q(&[("pageSize", "201")])).is_err());
         assert!(Search::from_query(&q(&[("pageSize", "-1")])).is_err());
         assert!(Search::from_query(&q(&[("filterJson", "{")])).is_err());
-        assert!(Search::from_query(&q(&[(
-            "filterJson",
-            r#"{"field":"/a","value":1,"op":"lt"}"#
-        )]))
-        .is_err());
+        assert!(Search::from_query(&q(&[("filterJson", r#"{"field":"/a","value":1,"op":"lt"}"#)]))
+            .is_err());
         assert!(
             Search::from_query(&q(&[("sortJson", r#"{"field":"/a","direction":"up"}"#)])).is_err()
         );

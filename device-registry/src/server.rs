@@ -79,9 +79,7 @@ pub struct Registry {
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Registry")
-            .field("local_addr", &self.local_addr)
-            .finish_non_exhaustive()
+        f.debug_struct("Registry").field("local_addr", &self.local_addr).finish_non_exhaustive()
     }
 }
 
@@ -115,19 +113,12 @@ impl Registry {
         let pool = HashPool::new(config.hash_pool_size);
         let auth = AuthService::new(store.clone(), pool.clone(), config.auth_settings());
         let management = Management::new(store, pool.clone());
-        let listener =
-            TcpListener::bind(config.bind)
-                .await
-                .map_err(|source| RegistryError::Bind {
-                    addr: config.bind,
-                    source,
-                })?;
+        let listener = TcpListener::bind(config.bind)
+            .await
+            .map_err(|source| RegistryError::Bind { addr: config.bind, source })?;
         let local_addr = listener
             .local_addr()
-            .map_err(|source| RegistryError::Bind {
-                addr: config.bind,
-                source,
-            })?;
+            .map_err(|source| RegistryError::Bind { addr: config.bind, source })?;
         if config.allow_anonymous {
             tracing::warn!(
                 "management API allows anonymous access (registry.allow_anonymous = true)"
@@ -142,7 +133,11 @@ impl Registry {
             max_body_bytes: config.max_body_bytes,
         });
         let tracker = TaskTracker::new();
-        let admission = ferrule_messaging::net::Admission::new("registry", config.max_connections, config.source_limits());
+        let admission = ferrule_messaging::net::Admission::new(
+            "registry",
+            config.max_connections,
+            config.source_limits(),
+        );
         let tls = if config.tls.enabled() {
             Some(config.tls.acceptor().map_err(|e| RegistryError::Tls(e.to_string()))?)
         } else {
@@ -157,14 +152,7 @@ impl Registry {
             tracker.clone(),
         ));
         tracing::info!(%local_addr, "device registry management API listening");
-        Ok(Self {
-            local_addr,
-            auth,
-            management,
-            pool,
-            shutdown,
-            tracker,
-        })
+        Ok(Self { local_addr, auth, management, pool, shutdown, tracker })
     }
 
     /// The bound API address (useful with port 0).
@@ -236,7 +224,9 @@ async fn accept_loop(
             match tls {
                 None => serve(TokioIo::new(stream), state, shutdown).await,
                 Some(acceptor) => {
-                    if let Some(stream) = ferrule_messaging::tls::handshake(&acceptor, stream, peer).await {
+                    if let Some(stream) =
+                        ferrule_messaging::tls::handshake(&acceptor, stream, peer).await
+                    {
                         serve(TokioIo::new(stream), state, shutdown).await;
                     }
                 }

@@ -95,7 +95,8 @@ impl ClientCertificate {
         }
         // Parsed successfully in `parse`.
         let (_, cert) = X509Certificate::from_der(&self.der).map_err(|_| CertError::Malformed)?;
-        let (_, spki) = SubjectPublicKeyInfo::from_der(&anchor.public_key).map_err(|_| CertError::BadSignature)?;
+        let (_, spki) = SubjectPublicKeyInfo::from_der(&anchor.public_key)
+            .map_err(|_| CertError::BadSignature)?;
         cert.verify_signature(Some(&spki)).map_err(|_| CertError::BadSignature)
     }
 }
@@ -125,8 +126,7 @@ impl TrustAnchor {
     /// unusable (it then trusts nothing).
     pub fn from_trusted_ca(tenant: &TenantId, ca: &TrustedCa) -> Option<Self> {
         let b64 = |s: &Option<String>| {
-            s.as_deref()
-                .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+            s.as_deref().and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
         };
         let (mut not_before, mut not_after) = (ca.not_before, ca.not_after);
         let (subject_dn, subject_der, public_key) = if let Some(der) = b64(&ca.cert) {
@@ -245,8 +245,9 @@ pub fn rfc2253(name: &X509Name<'_>) -> String {
                 (k, _) => {
                     out.push_str(k.map_or(oid.as_str(), |k| k));
                     out.push_str("=#");
-                    let der = x509_parser::der_parser::asn1_rs::ToDer::to_der_vec(attr.attr_value())
-                        .unwrap_or_default();
+                    let der =
+                        x509_parser::der_parser::asn1_rs::ToDer::to_der_vec(attr.attr_value())
+                            .unwrap_or_default();
                     for b in der {
                         out.push_str(&format!("{b:02x}"));
                     }
@@ -307,7 +308,8 @@ mod tests {
     #[test]
     fn subject_dn_is_rfc2253_most_specific_first() {
         let ca = ca("Root");
-        let cert = ClientCertificate::parse(&device(&ca, "Device 4711"), Utc::now()).expect("parses");
+        let cert =
+            ClientCertificate::parse(&device(&ca, "Device 4711"), Utc::now()).expect("parses");
         assert_eq!(cert.subject_dn, "CN=Device 4711,O=Acme,C=DE");
         assert_eq!(cert.issuer_dn, "CN=Root,O=Acme\\, Inc");
         assert_eq!(subject_dn(cert.der()).as_deref(), Some("CN=Device 4711,O=Acme,C=DE"));
@@ -318,17 +320,23 @@ mod tests {
         let (root, other) = (ca("Root"), ca("Other"));
         let cert = ClientCertificate::parse(&device(&root, "d"), Utc::now()).expect("parses");
         cert.verify_issued_by(&anchor_of(&root)).expect("issued by root");
-        assert!(matches!(cert.verify_issued_by(&anchor_of(&other)), Err(CertError::UnknownIssuer(_))));
+        assert!(matches!(
+            cert.verify_issued_by(&anchor_of(&other)),
+            Err(CertError::UnknownIssuer(_))
+        ));
         // Same subject DN, different key: the signature check catches the impostor.
         let impostor = ca("Root");
         assert_eq!(cert.verify_issued_by(&anchor_of(&impostor)), Err(CertError::BadSignature));
         // A CA given as subject DN + public key (no certificate) works as well.
         let by_key = TrustedCa {
             subject_dn: Some("cn=Root, o=Acme\\, Inc".into()),
-            public_key: Some(base64::engine::general_purpose::STANDARD.encode(root.1.public_key_der())),
+            public_key: Some(
+                base64::engine::general_purpose::STANDARD.encode(root.1.public_key_der()),
+            ),
             ..serde_json::from_str("{}").expect("empty trusted-ca")
         };
-        let anchor = TrustAnchor::from_trusted_ca(&TenantId::new("t1").expect("id"), &by_key).expect("anchor");
+        let anchor = TrustAnchor::from_trusted_ca(&TenantId::new("t1").expect("id"), &by_key)
+            .expect("anchor");
         cert.verify_issued_by(&anchor).expect("issued by root (key form)");
     }
 

@@ -11,10 +11,7 @@ use support::TestRegistry;
 async fn operators_must_authenticate() {
     let reg = TestRegistry::embedded().await;
     let anon = reg.anonymous_client();
-    let r = anon
-        .request(Method::GET, "/v1/tenants", None, None)
-        .await
-        .unwrap();
+    let r = anon.request(Method::GET, "/v1/tenants", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert!(r.www_authenticate.as_deref().unwrap().contains("Bearer"));
     assert!(r.json()["error"].is_string());
@@ -24,17 +21,11 @@ async fn operators_must_authenticate() {
         Some("wrong-token-wrong-token".into()),
     )
     .unwrap();
-    let r = wrong
-        .request(Method::POST, "/v1/tenants/t1", Some(&json!({})), None)
-        .await
-        .unwrap();
+    let r = wrong.request(Method::POST, "/v1/tenants/t1", Some(&json!({})), None).await.unwrap();
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 
     // The OpenAPI document is public.
-    let r = anon
-        .request(Method::GET, "/v1/openapi.yaml", None, None)
-        .await
-        .unwrap();
+    let r = anon.request(Method::GET, "/v1/openapi.yaml", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert!(String::from_utf8_lossy(&r.body).contains("openapi: 3.0.1"));
 }
@@ -42,16 +33,11 @@ async fn operators_must_authenticate() {
 #[tokio::test]
 async fn anonymous_access_only_when_configured() {
     let (store, _dir) = support::embedded_store();
-    let config = ferrule_device_registry::RegistryConfig {
-        allow_anonymous: true,
-        ..support::test_config()
-    };
+    let config =
+        ferrule_device_registry::RegistryConfig { allow_anonymous: true, ..support::test_config() };
     let reg = TestRegistry::with_store(store, config).await;
-    let r = reg
-        .anonymous_client()
-        .request(Method::POST, "/v1/tenants/anon", None, None)
-        .await
-        .unwrap();
+    let r =
+        reg.anonymous_client().request(Method::POST, "/v1/tenants/anon", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::CREATED);
 }
 
@@ -60,44 +46,25 @@ async fn tenant_lifecycle_with_etags() {
     let reg = TestRegistry::embedded().await;
     let c = reg.client();
     let r = c
-        .request(
-            Method::POST,
-            "/v1/tenants/t1",
-            Some(&json!({"ext": {"a": 1}})),
-            None,
-        )
+        .request(Method::POST, "/v1/tenants/t1", Some(&json!({"ext": {"a": 1}})), None)
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::CREATED);
-    assert_eq!(
-        r.location.clone().unwrap(),
-        format!("{}/v1/tenants/t1", reg.base_url())
-    );
+    assert_eq!(r.location.clone().unwrap(), format!("{}/v1/tenants/t1", reg.base_url()));
     assert_eq!(r.json(), json!({"id": "t1"}));
     let v1 = r.etag.unwrap();
 
-    let r = c
-        .request(Method::POST, "/v1/tenants/t1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::POST, "/v1/tenants/t1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert!(r.json()["error"].is_string());
 
-    let r = c
-        .request(Method::GET, "/v1/tenants/t1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/tenants/t1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.etag.as_deref(), Some(v1.as_str()));
     assert_eq!(r.json(), json!({"enabled": true, "ext": {"a": 1}}));
 
     let r = c
-        .request(
-            Method::PUT,
-            "/v1/tenants/t1",
-            Some(&json!({"enabled": false})),
-            Some("\"other\""),
-        )
+        .request(Method::PUT, "/v1/tenants/t1", Some(&json!({"enabled": false})), Some("\"other\""))
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
@@ -116,76 +83,38 @@ async fn tenant_lifecycle_with_etags() {
 
     // Unknown properties and bad ids are 400, missing resources 404.
     let r = c
-        .request(
-            Method::PUT,
-            "/v1/tenants/t1",
-            Some(&json!({"enabeld": false})),
-            None,
-        )
+        .request(Method::PUT, "/v1/tenants/t1", Some(&json!({"enabeld": false})), None)
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert!(r.json()["error"].as_str().unwrap().contains("enabeld"));
-    let r = c
-        .request(Method::POST, "/v1/tenants/bad%2Fid", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::POST, "/v1/tenants/bad%2Fid", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = c
-        .request(Method::GET, "/v1/tenants/missing", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/tenants/missing", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert!(r.json()["error"].is_string());
-    let r = c
-        .request(Method::PUT, "/v1/tenants/missing", Some(&json!({})), None)
-        .await
-        .unwrap();
+    let r = c.request(Method::PUT, "/v1/tenants/missing", Some(&json!({})), None).await.unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     // Updates need a body (creates do not).
-    let r = c
-        .request(Method::PUT, "/v1/tenants/t1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::PUT, "/v1/tenants/t1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
     // Generated id.
-    let r = c
-        .request(Method::POST, "/v1/tenants", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::POST, "/v1/tenants", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::CREATED);
     let id = r.json()["id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        r.location.clone().unwrap(),
-        format!("{}/v1/tenants/{id}", reg.base_url())
-    );
+    assert_eq!(r.location.clone().unwrap(), format!("{}/v1/tenants/{id}", reg.base_url()));
 
-    let r = c
-        .request(Method::DELETE, "/v1/tenants/t1", None, Some("\"stale\""))
-        .await
-        .unwrap();
+    let r = c.request(Method::DELETE, "/v1/tenants/t1", None, Some("\"stale\"")).await.unwrap();
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
-    let r = c
-        .request(Method::DELETE, "/v1/tenants/t1", None, Some(&v2))
-        .await
-        .unwrap();
+    let r = c.request(Method::DELETE, "/v1/tenants/t1", None, Some(&v2)).await.unwrap();
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = c
-        .request(Method::DELETE, "/v1/tenants/t1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::DELETE, "/v1/tenants/t1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 
-    let r = c
-        .request(Method::PATCH, "/v1/tenants/t1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::PATCH, "/v1/tenants/t1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
-    let r = c
-        .request(Method::GET, "/v2/whatever", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v2/whatever", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
@@ -193,21 +122,10 @@ async fn tenant_lifecycle_with_etags() {
 async fn devices_search_and_credentials() {
     let reg = TestRegistry::embedded().await;
     let c = reg.client();
-    let r = c
-        .request(Method::POST, "/v1/devices/nope/d1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::POST, "/v1/devices/nope/d1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    c.request(Method::POST, "/v1/tenants/t", None, None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    for (id, brand, n) in [
-        ("d1", "eclipse-a", 3),
-        ("d2", "other", 1),
-        ("d3", "eclipse-b", 2),
-    ] {
+    c.request(Method::POST, "/v1/tenants/t", None, None).await.unwrap().ok().unwrap();
+    for (id, brand, n) in [("d1", "eclipse-a", 3), ("d2", "other", 1), ("d3", "eclipse-b", 2)] {
         let r = c
             .request(
                 Method::POST,
@@ -218,25 +136,12 @@ async fn devices_search_and_credentials() {
             .await
             .unwrap();
         assert_eq!(r.status, StatusCode::CREATED);
-        assert_eq!(
-            r.location.clone().unwrap(),
-            format!("{}/v1/devices/t/{id}", reg.base_url())
-        );
+        assert_eq!(r.location.clone().unwrap(), format!("{}/v1/devices/t/{id}", reg.base_url()));
     }
-    let r = c
-        .request(Method::POST, "/v1/devices/t/d1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::POST, "/v1/devices/t/d1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::CONFLICT);
-    let r = c
-        .request(
-            Method::POST,
-            "/v1/devices/t/gw",
-            Some(&json!({"via": []})),
-            None,
-        )
-        .await
-        .unwrap();
+    let r =
+        c.request(Method::POST, "/v1/devices/t/gw", Some(&json!({"via": []})), None).await.unwrap();
     assert_eq!(r.status, StatusCode::CREATED);
     let r = c
         .request(
@@ -249,10 +154,7 @@ async fn devices_search_and_credentials() {
         .unwrap();
     assert_eq!(r.status, StatusCode::NO_CONTENT);
 
-    let r = c
-        .request(Method::GET, "/v1/devices/t/d1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/devices/t/d1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.etag.is_some());
     assert!(r.json()["status"]["created"].is_string());
@@ -273,26 +175,14 @@ async fn devices_search_and_credentials() {
     assert_eq!(j["total"], 2);
     assert_eq!(j["result"][0]["id"], "d1");
     assert_eq!(j["result"].as_array().unwrap().len(), 1);
-    let r = c
-        .request(Method::GET, "/v1/devices/t?isGateway=true", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/devices/t?isGateway=true", None, None).await.unwrap();
     assert_eq!(r.json()["result"][0]["id"], "gw");
-    let r = c
-        .request(Method::GET, "/v1/devices/t?pageSize=500", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/devices/t?pageSize=500", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = c
-        .request(Method::GET, "/v1/devices/t?filterJson=%7B", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/devices/t?filterJson=%7B", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     // Hono answers an empty result with 404.
-    let r = c
-        .request(Method::GET, "/v1/devices/t?pageOffset=100", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/devices/t?pageOffset=100", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = c
         .request(
@@ -303,46 +193,25 @@ async fn devices_search_and_credentials() {
         )
         .await
         .unwrap();
-    assert_eq!(
-        r.json(),
-        json!({"total": 1, "result": [{"id": "t", "enabled": true}]})
-    );
+    assert_eq!(r.json(), json!({"total": 1, "result": [{"id": "t", "enabled": true}]}));
 
     // Credentials: empty set first, then patch-mode metadata on GET.
-    let r = c
-        .request(Method::GET, "/v1/credentials/t/d1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/credentials/t/d1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json(), json!([]));
-    let r = c
-        .request(Method::GET, "/v1/credentials/t/none", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/credentials/t/none", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let creds =
         json!([{"type": "psk", "auth-id": "d1-psk", "secrets": [{"key": "c2VjcmV0LWtleQ=="}]}]);
-    let r = c
-        .request(Method::PUT, "/v1/credentials/t/d1", Some(&creds), None)
-        .await
-        .unwrap();
+    let r = c.request(Method::PUT, "/v1/credentials/t/d1", Some(&creds), None).await.unwrap();
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = c
-        .request(Method::GET, "/v1/credentials/t/d1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/credentials/t/d1", None, None).await.unwrap();
     let got = r.json();
     assert_eq!(got[0]["auth-id"], "d1-psk");
     assert!(got[0]["secrets"][0]["id"].is_string());
-    assert!(
-        got[0]["secrets"][0].get("key").is_none(),
-        "key material must not be returned"
-    );
+    assert!(got[0]["secrets"][0].get("key").is_none(), "key material must not be returned");
     // Same auth-id on another device: 409.
-    let r = c
-        .request(Method::PUT, "/v1/credentials/t/d3", Some(&creds), None)
-        .await
-        .unwrap();
+    let r = c.request(Method::PUT, "/v1/credentials/t/d3", Some(&creds), None).await.unwrap();
     assert_eq!(r.status, StatusCode::CONFLICT);
     // Unknown secret id: 400; unsupported hash function: 400.
     let r = c
@@ -367,15 +236,9 @@ async fn devices_search_and_credentials() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
     // Deleting all devices of a tenant.
-    let r = c
-        .request(Method::DELETE, "/v1/devices/t", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::DELETE, "/v1/devices/t", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = c
-        .request(Method::GET, "/v1/devices/t/d1", None, None)
-        .await
-        .unwrap();
+    let r = c.request(Method::GET, "/v1/devices/t/d1", None, None).await.unwrap();
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
@@ -384,23 +247,12 @@ async fn oversized_and_malformed_bodies() {
     let reg = TestRegistry::embedded().await;
     let c = reg.client();
     let big = json!({"ext": {"blob": "x".repeat(100_000)}});
-    let r = c
-        .request(Method::POST, "/v1/tenants/big", Some(&big), None)
-        .await
-        .unwrap();
+    let r = c.request(Method::POST, "/v1/tenants/big", Some(&big), None).await.unwrap();
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
-    let r = c
-        .request(Method::POST, "/v1/tenants/t", Some(&json!([1, 2])), None)
-        .await
-        .unwrap();
+    let r = c.request(Method::POST, "/v1/tenants/t", Some(&json!([1, 2])), None).await.unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     let r = c
-        .request(
-            Method::POST,
-            "/v1/tenants/t",
-            Some(&json!({"adapters": []})),
-            None,
-        )
+        .request(Method::POST, "/v1/tenants/t", Some(&json!({"adapters": []})), None)
         .await
         .unwrap();
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -423,28 +275,14 @@ async fn run_serves_until_cancelled() {
         Some(support::TOKEN.into()),
     )
     .unwrap();
-    c.request(Method::POST, "/v1/tenants/t", None, None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    assert!(auth
-        .get_tenant(&"t".parse().unwrap())
-        .await
-        .unwrap()
-        .is_some());
+    c.request(Method::POST, "/v1/tenants/t", None, None).await.unwrap().ok().unwrap();
+    assert!(auth.get_tenant(&"t".parse().unwrap()).await.unwrap().is_some());
     shutdown.cancel();
-    tokio::time::timeout(std::time::Duration::from_secs(10), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), task).await.unwrap().unwrap().unwrap();
     // The embedded store file lives in the data directory.
     assert!(dir.path().join("registry.redb").exists());
     assert!(
-        c.request(Method::GET, "/v1/tenants/t", None, None)
-            .await
-            .is_err(),
+        c.request(Method::GET, "/v1/tenants/t", None, None).await.is_err(),
         "still serving after shutdown"
     );
 }

@@ -27,111 +27,50 @@ async fn run(reg: &TestRegistry, args: &[&str]) -> anyhow::Result<String> {
 #[tokio::test]
 async fn cli_manages_tenants_devices_and_credentials() {
     let reg = TestRegistry::embedded().await;
-    assert_eq!(
-        run(&reg, &["tenant", "create", "acme"])
-            .await
-            .unwrap()
-            .trim(),
-        "acme"
-    );
+    assert_eq!(run(&reg, &["tenant", "create", "acme"]).await.unwrap().trim(), "acme");
     let generated = run(&reg, &["tenant", "create"]).await.unwrap();
     assert!(!generated.trim().is_empty());
     let got = run(&reg, &["tenant", "get", "acme"]).await.unwrap();
     assert!(got.contains("\"enabled\": true"));
-    let listed = run(
-        &reg,
-        &[
-            "tenant",
-            "list",
-            "--filter",
-            r#"{"field":"/id","value":"acme"}"#,
-        ],
-    )
-    .await
-    .unwrap();
+    let listed = run(&reg, &["tenant", "list", "--filter", r#"{"field":"/id","value":"acme"}"#])
+        .await
+        .unwrap();
     assert!(listed.contains("\"total\": 1"));
-    let out = run(
-        &reg,
-        &["tenant", "update", "acme", "--data", r#"{"enabled":false}"#],
-    )
-    .await
-    .unwrap();
+    let out =
+        run(&reg, &["tenant", "update", "acme", "--data", r#"{"enabled":false}"#]).await.unwrap();
     assert!(out.starts_with("version "));
 
     assert_eq!(
-        run(
-            &reg,
-            &[
-                "device",
-                "create",
-                "acme",
-                "dev-1",
-                "--data",
-                r#"{"ext":{"k":"v"}}"#
-            ]
-        )
-        .await
-        .unwrap()
-        .trim(),
+        run(&reg, &["device", "create", "acme", "dev-1", "--data", r#"{"ext":{"k":"v"}}"#])
+            .await
+            .unwrap()
+            .trim(),
         "dev-1"
     );
-    assert!(run(&reg, &["device", "list", "acme"])
+    assert!(run(&reg, &["device", "list", "acme"]).await.unwrap().contains("dev-1"));
+    assert!(run(&reg, &["device", "get", "acme", "dev-1"]).await.unwrap().contains("\"k\": \"v\""));
+    run(&reg, &["device", "update", "acme", "dev-1", "--data", r#"{"enabled":false}"#])
         .await
-        .unwrap()
-        .contains("dev-1"));
-    assert!(run(&reg, &["device", "get", "acme", "dev-1"])
-        .await
-        .unwrap()
-        .contains("\"k\": \"v\""));
-    run(
-        &reg,
-        &[
-            "device",
-            "update",
-            "acme",
-            "dev-1",
-            "--data",
-            r#"{"enabled":false}"#,
-        ],
-    )
-    .await
-    .unwrap();
+        .unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("creds.json");
     std::fs::write(&file, r#"[{"type":"hashed-password","auth-id":"dev-1","secrets":[{"pwd-plain":"cli-password-123"}]}]"#).unwrap();
-    run(
-        &reg,
-        &[
-            "credentials",
-            "set",
-            "acme",
-            "dev-1",
-            "--data",
-            &format!("@{}", file.display()),
-        ],
-    )
-    .await
-    .unwrap();
-    let creds = run(&reg, &["credentials", "get", "acme", "dev-1"])
+    run(&reg, &["credentials", "set", "acme", "dev-1", "--data", &format!("@{}", file.display())])
         .await
         .unwrap();
+    let creds = run(&reg, &["credentials", "get", "acme", "dev-1"]).await.unwrap();
     assert!(creds.contains("dev-1") && !creds.contains("cli-password-123"));
 
     // Errors carry the registry's message and status.
-    let err = run(&reg, &["device", "get", "acme", "missing"])
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = run(&reg, &["device", "get", "acme", "missing"]).await.unwrap_err().to_string();
     assert!(err.contains("404"), "{err}");
     let err = run(&reg, &["tenant", "delete", "acme", "--if-match", "stale"])
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("412"), "{err}");
-    run(&reg, &["device", "delete", "acme", "dev-1"])
-        .await
-        .unwrap();
+    run(&reg, &["device", "delete", "acme", "dev-1"]).await.unwrap();
     run(&reg, &["tenant", "delete", "acme"]).await.unwrap();
     assert!(run(&reg, &["tenant", "get", "acme"]).await.is_err());
 
@@ -147,9 +86,6 @@ async fn cli_manages_tenants_devices_and_credentials() {
         "list",
     ])
     .unwrap();
-    let err = run_cli_to(cli.cmd, &mut Vec::new())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = run_cli_to(cli.cmd, &mut Vec::new()).await.unwrap_err().to_string();
     assert!(err.contains("401"), "{err}");
 }

@@ -17,16 +17,8 @@ use support::{eventually, TestRegistry};
 const LIMIT: Duration = Duration::from_secs(1);
 
 async fn provision(c: &RegistryClient) {
-    c.request(Method::POST, "/v1/tenants/t", None, None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    c.request(Method::POST, "/v1/devices/t/dev", None, None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+    c.request(Method::POST, "/v1/tenants/t", None, None).await.unwrap().ok().unwrap();
+    c.request(Method::POST, "/v1/devices/t/dev", None, None).await.unwrap().ok().unwrap();
     let creds = json!([{"type": "hashed-password", "auth-id": "sensor", "secrets": [{"pwd-plain": "first-password"}]}]);
     c.request(Method::PUT, "/v1/credentials/t/dev", Some(&creds), None)
         .await
@@ -36,9 +28,7 @@ async fn provision(c: &RegistryClient) {
 }
 
 async fn auth(a: &AuthService, pw: &str) -> Result<(), AuthError> {
-    a.authenticate("t", CredentialType::HashedPassword, "sensor", pw.as_bytes())
-        .await
-        .map(|_| ())
+    a.authenticate("t", CredentialType::HashedPassword, "sensor", pw.as_bytes()).await.map(|_| ())
 }
 
 /// Runs the scenario: `c` changes the registry, `observers` must all notice within 1 s.
@@ -50,53 +40,35 @@ async fn scenario(c: &RegistryClient, observers: &[AuthService]) {
         assert_eq!(auth(a, "first-password").await, Ok(()));
     }
 
-    c.request(
-        Method::PUT,
-        "/v1/devices/t/dev",
-        Some(&json!({"enabled": false})),
-        None,
-    )
-    .await
-    .unwrap()
-    .ok()
-    .unwrap();
+    c.request(Method::PUT, "/v1/devices/t/dev", Some(&json!({"enabled": false})), None)
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
     for (i, a) in observers.iter().enumerate() {
         let took = eventually(LIMIT, || async {
             auth(a, "first-password").await == Err(AuthError::DeviceDisabled)
         })
         .await;
-        assert!(
-            took.is_some(),
-            "instance {i}: disabled device still authenticated after 1 s"
-        );
+        assert!(took.is_some(), "instance {i}: disabled device still authenticated after 1 s");
     }
 
-    c.request(
-        Method::PUT,
-        "/v1/devices/t/dev",
-        Some(&json!({"enabled": true})),
-        None,
-    )
-    .await
-    .unwrap()
-    .ok()
-    .unwrap();
-    for (i, a) in observers.iter().enumerate() {
-        let took = eventually(LIMIT, || async { auth(a, "first-password").await.is_ok() }).await;
-        assert!(
-            took.is_some(),
-            "instance {i}: re-enabled device not accepted within 1 s"
-        );
-    }
-
-    let secret_id = c
-        .request(Method::GET, "/v1/credentials/t/dev", None, None)
+    c.request(Method::PUT, "/v1/devices/t/dev", Some(&json!({"enabled": true})), None)
         .await
         .unwrap()
-        .json()[0]["secrets"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .ok()
+        .unwrap();
+    for (i, a) in observers.iter().enumerate() {
+        let took = eventually(LIMIT, || async { auth(a, "first-password").await.is_ok() }).await;
+        assert!(took.is_some(), "instance {i}: re-enabled device not accepted within 1 s");
+    }
+
+    let secret_id =
+        c.request(Method::GET, "/v1/credentials/t/dev", None, None).await.unwrap().json()[0]
+            ["secrets"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
     let change = json!([{"type": "hashed-password", "auth-id": "sensor", "secrets": [{"id": secret_id, "pwd-plain": "second-password"}]}]);
     c.request(Method::PUT, "/v1/credentials/t/dev", Some(&change), None)
         .await
@@ -105,37 +77,22 @@ async fn scenario(c: &RegistryClient, observers: &[AuthService]) {
         .unwrap();
     for (i, a) in observers.iter().enumerate() {
         let took = eventually(LIMIT, || async { auth(a, "first-password").await.is_err() }).await;
-        assert!(
-            took.is_some(),
-            "instance {i}: old password still accepted after 1 s"
-        );
-        assert_eq!(
-            auth(a, "second-password").await,
-            Ok(()),
-            "instance {i}: new password refused"
-        );
+        assert!(took.is_some(), "instance {i}: old password still accepted after 1 s");
+        assert_eq!(auth(a, "second-password").await, Ok(()), "instance {i}: new password refused");
     }
 
     // Tenant-level change reaches cached look-ups too.
-    c.request(
-        Method::PUT,
-        "/v1/tenants/t",
-        Some(&json!({"enabled": false})),
-        None,
-    )
-    .await
-    .unwrap()
-    .ok()
-    .unwrap();
+    c.request(Method::PUT, "/v1/tenants/t", Some(&json!({"enabled": false})), None)
+        .await
+        .unwrap()
+        .ok()
+        .unwrap();
     for (i, a) in observers.iter().enumerate() {
         let took = eventually(LIMIT, || async {
             auth(a, "second-password").await == Err(AuthError::TenantDisabled)
         })
         .await;
-        assert!(
-            took.is_some(),
-            "instance {i}: disabled tenant still authenticated after 1 s"
-        );
+        assert!(took.is_some(), "instance {i}: disabled tenant still authenticated after 1 s");
     }
 }
 
@@ -161,14 +118,9 @@ async fn repeated_failures_are_rate_limited() {
     provision(&reg.client()).await;
     let a = reg.registry.auth();
     // Registry changes reset failure counts: let the provisioning changes arrive first.
-    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 })
-        .await
-        .is_some());
+    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 }).await.is_some());
     for i in 0..5 {
-        assert_eq!(
-            auth(a, &format!("wrong-{i}")).await,
-            Err(AuthError::BadCredentials)
-        );
+        assert_eq!(auth(a, &format!("wrong-{i}")).await, Err(AuthError::BadCredentials));
     }
     assert_eq!(auth(a, "first-password").await, Err(AuthError::RateLimited));
     let psk = json!([{"type": "psk", "auth-id": "p1", "secrets": [{"key": "a2V5LWJ5dGVz"}]}]);
@@ -182,10 +134,7 @@ async fn repeated_failures_are_rate_limited() {
     assert!(key.is_some());
     assert_eq!(a.psk_for("t", "p1").await.unwrap().key, b"key-bytes");
     assert!(!format!("{:?}", a.psk_for("t", "p1").await.unwrap()).contains("key-bytes"));
-    assert!(a
-        .authenticate("t", CredentialType::Psk, "p1", b"key-bytes")
-        .await
-        .is_ok());
+    assert!(a.authenticate("t", CredentialType::Psk, "p1", b"key-bytes").await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,14 +147,11 @@ async fn registry_starts_on_redis_from_config() {
     };
     let dir = tempfile::tempdir().unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let reg = ferrule_device_registry::Registry::start(&config, dir.path(), shutdown)
-        .await
-        .unwrap();
-    let c = RegistryClient::new(
-        &format!("http://{}", reg.local_addr()),
-        Some(support::TOKEN.into()),
-    )
-    .unwrap();
+    let reg =
+        ferrule_device_registry::Registry::start(&config, dir.path(), shutdown).await.unwrap();
+    let c =
+        RegistryClient::new(&format!("http://{}", reg.local_addr()), Some(support::TOKEN.into()))
+            .unwrap();
     provision(&c).await;
     assert_eq!(auth(reg.auth(), "first-password").await, Ok(()));
     // Nothing was written to the data directory: the data lives in Redis.
@@ -214,11 +160,7 @@ async fn registry_starts_on_redis_from_config() {
         ferrule_device_registry::RedisStore::connect(&redis.url(), &config.redis_key_prefix)
             .await
             .unwrap();
-    assert!(other
-        .get_tenant(&"t".parse().unwrap())
-        .await
-        .unwrap()
-        .is_some());
+    assert!(other.get_tenant(&"t".parse().unwrap()).await.unwrap().is_some());
     reg.stop().await;
 }
 
@@ -229,9 +171,7 @@ async fn concurrent_guesses_count_when_they_start() {
     let reg = TestRegistry::embedded().await;
     provision(&reg.client()).await;
     let a = reg.registry.auth().clone();
-    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 })
-        .await
-        .is_some());
+    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 }).await.is_some());
     let guesses: Vec<_> = (0..50)
         .map(|i| {
             let a = a.clone();
@@ -258,22 +198,30 @@ async fn a_guessing_source_locks_out_only_itself() {
     let reg = TestRegistry::embedded().await;
     provision(&reg.client()).await;
     let a = reg.registry.auth().clone();
-    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 })
-        .await
-        .is_some());
+    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 }).await.is_some());
     let attacker: std::net::IpAddr = "198.51.100.7".parse().unwrap();
     let device: std::net::IpAddr = "203.0.113.9".parse().unwrap();
     let from = |source, pw: String| {
         let a = a.clone();
         async move {
-            a.authenticate_from("t", CredentialType::HashedPassword, "sensor", pw.as_bytes(), Some(source))
-                .await
-                .map(|_| ())
+            a.authenticate_from(
+                "t",
+                CredentialType::HashedPassword,
+                "sensor",
+                pw.as_bytes(),
+                Some(source),
+            )
+            .await
+            .map(|_| ())
         }
     };
     for i in 0..5 {
         assert_eq!(from(attacker, format!("guess-{i}")).await, Err(AuthError::BadCredentials));
     }
     assert_eq!(from(attacker, "first-password".into()).await, Err(AuthError::RateLimited));
-    assert_eq!(from(device, "first-password".into()).await, Ok(()), "the device's own address is not locked out");
+    assert_eq!(
+        from(device, "first-password".into()).await,
+        Ok(()),
+        "the device's own address is not locked out"
+    );
 }

@@ -16,11 +16,7 @@ async fn gateway_and_adapter_lookups() {
     let c = reg.client();
     let tenant = json!({"adapters": [{"type": "hono-http", "enabled": true, "device-authentication-required": false},
                                       {"type": "hono-mqtt", "enabled": true}]});
-    c.request(Method::POST, "/v1/tenants/t", Some(&tenant), None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+    c.request(Method::POST, "/v1/tenants/t", Some(&tenant), None).await.unwrap().ok().unwrap();
     for (id, body) in [
         ("gw", json!({})),
         ("gw2", json!({})),
@@ -28,71 +24,39 @@ async fn gateway_and_adapter_lookups() {
         ("d", json!({"via": ["gw"]})),
         ("d2", json!({"viaGroups": ["grp"]})),
     ] {
-        c.request(
-            Method::POST,
-            &format!("/v1/devices/t/{id}"),
-            Some(&body),
-            None,
-        )
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+        c.request(Method::POST, &format!("/v1/devices/t/{id}"), Some(&body), None)
+            .await
+            .unwrap()
+            .ok()
+            .unwrap();
     }
     let a = reg.registry.auth();
     assert_eq!(a.authorize_device("t", "d", None).await, Ok(()));
     assert_eq!(a.authorize_device("t", "d", Some("gw")).await, Ok(()));
-    assert_eq!(
-        a.authorize_device("t", "d", Some("gw2")).await,
-        Err(AuthError::BadCredentials)
-    );
+    assert_eq!(a.authorize_device("t", "d", Some("gw2")).await, Err(AuthError::BadCredentials));
     assert_eq!(a.authorize_device("t", "d2", Some("gw3")).await, Ok(()));
-    assert_eq!(
-        a.authorize_device("t", "d2", Some("gw")).await,
-        Err(AuthError::BadCredentials)
-    );
-    assert_eq!(
-        a.authorize_device("t", "nope", None).await,
-        Err(AuthError::BadCredentials)
-    );
-    assert_eq!(
-        a.authorize_device("x", "d", None).await,
-        Err(AuthError::BadCredentials)
-    );
+    assert_eq!(a.authorize_device("t", "d2", Some("gw")).await, Err(AuthError::BadCredentials));
+    assert_eq!(a.authorize_device("t", "nope", None).await, Err(AuthError::BadCredentials));
+    assert_eq!(a.authorize_device("x", "d", None).await, Err(AuthError::BadCredentials));
     assert_eq!(a.allows_unauthenticated("t", "hono-http").await, Ok(true));
     assert_eq!(a.allows_unauthenticated("t", "hono-mqtt").await, Ok(false));
     assert_eq!(a.allows_unauthenticated("t", "hono-coap").await, Ok(false));
 
     // Cached look-ups follow changes.
-    c.request(
-        Method::PUT,
-        "/v1/devices/t/gw",
-        Some(&json!({"enabled": false})),
-        None,
-    )
-    .await
-    .unwrap()
-    .ok()
-    .unwrap();
-    let took = eventually(Duration::from_secs(1), || async {
-        a.authorize_device("t", "d", Some("gw")).await == Err(AuthError::DeviceDisabled)
-    })
-    .await;
-    assert!(
-        took.is_some(),
-        "disabled gateway still authorised after 1 s"
-    );
-    c.request(Method::PUT, "/v1/tenants/t", Some(&json!({})), None)
+    c.request(Method::PUT, "/v1/devices/t/gw", Some(&json!({"enabled": false})), None)
         .await
         .unwrap()
         .ok()
         .unwrap();
     let took = eventually(Duration::from_secs(1), || async {
+        a.authorize_device("t", "d", Some("gw")).await == Err(AuthError::DeviceDisabled)
+    })
+    .await;
+    assert!(took.is_some(), "disabled gateway still authorised after 1 s");
+    c.request(Method::PUT, "/v1/tenants/t", Some(&json!({})), None).await.unwrap().ok().unwrap();
+    let took = eventually(Duration::from_secs(1), || async {
         a.allows_unauthenticated("t", "hono-http").await == Ok(false)
     })
     .await;
-    assert!(
-        took.is_some(),
-        "tenant change not seen by the look-up cache"
-    );
+    assert!(took.is_some(), "tenant change not seen by the look-up cache");
 }

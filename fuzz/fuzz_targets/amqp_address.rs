@@ -38,12 +38,22 @@ fuzz_target!(|data: &[u8]| {
     }
     // SASL PLAIN (RFC 4616), split as ConnectionSasl::on_init does.
     let mut parts = data.split(|b| *b == 0);
-    let (Some(_authzid), Some(authcid), Some(password)) = (parts.next(), parts.next(), parts.next()) else { return };
+    let (Some(_authzid), Some(authcid), Some(password)) =
+        (parts.next(), parts.next(), parts.next())
+    else {
+        return;
+    };
     let Ok(authcid) = std::str::from_utf8(authcid) else { return };
     // A new authenticator each time (it remembers failures): plain-text passwords, since
     // argon2 would make every run take milliseconds.
-    let user = |username: &str, password: &str| UserConfig { username: username.into(), password: password.into() };
-    let sasl = SaslConfig { allow_anonymous: false, users: vec![user("app@t1", "secret"), user("ops@*", "root")] };
+    let user = |username: &str, password: &str| UserConfig {
+        username: username.into(),
+        password: password.into(),
+    };
+    let sasl = SaslConfig {
+        allow_anonymous: false,
+        users: vec![user("app@t1", "secret"), user("ops@*", "root")],
+    };
     let authenticator = Authenticator::new(&sasl);
     let source = IpAddr::from([192, 0, 2, 1]);
     let _ = authenticator.verify(authcid, password, source);

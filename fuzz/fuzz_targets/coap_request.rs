@@ -14,12 +14,20 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Some(packet) = coap_classify(data) else { return };
-    let (count, bytes) =
-        packet.options().flat_map(|(_, values)| values.iter()).fold((0, 0), |(n, b), v| (n + 1, b + v.len()));
-    assert!(count <= COAP_MAX_OPTIONS && bytes <= COAP_MAX_OPTION_BYTES, "{count} options, {bytes} bytes");
+    let (count, bytes) = packet
+        .options()
+        .flat_map(|(_, values)| values.iter())
+        .fold((0, 0), |(n, b), v| (n + 1, b + v.len()));
+    assert!(
+        count <= COAP_MAX_OPTIONS && bytes <= COAP_MAX_OPTION_BYTES,
+        "{count} options, {bytes} bytes"
+    );
     if let Ok(Some(block)) = mapping::block1(&packet) {
         let value = block.encode().iter().fold(0u32, |n, b| (n << 8) | u32::from(*b));
-        assert_eq!((value >> 4, value & 0b1000 != 0, (value & 0b111) as u8), (block.num, block.more, block.szx));
+        assert_eq!(
+            (value >> 4, value & 0b1000 != 0, (value & 0b111) as u8),
+            (block.num, block.more, block.szx)
+        );
     }
     let _ = mapping::size1(&packet);
     let _ = mapping::transfer_key(&packet);

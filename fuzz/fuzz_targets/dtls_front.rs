@@ -12,8 +12,8 @@
 
 use ferrule_adapters::coap::mapping::split_identity;
 use ferrule_adapters::fuzzing::{
-    client_hello_is_well_formed, dtls_hello_verify_request, dtls_rewrite_for_handover, inspect, psk_identity,
-    MAX_RECORDS_PER_DATAGRAM,
+    client_hello_is_well_formed, dtls_hello_verify_request, dtls_rewrite_for_handover, inspect,
+    psk_identity, MAX_RECORDS_PER_DATAGRAM,
 };
 use libfuzzer_sys::fuzz_target;
 

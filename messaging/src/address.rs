@@ -72,10 +72,7 @@ impl AddressTable {
         if address.is_empty() || address.split('/').any(str::is_empty) {
             return None;
         }
-        self.rules
-            .iter()
-            .find(|rule| pattern_matches(&rule.pattern, address))
-            .map(|rule| rule.kind)
+        self.rules.iter().find(|rule| pattern_matches(&rule.pattern, address)).map(|rule| rule.kind)
     }
 }
 

@@ -174,7 +174,11 @@ impl Broker {
     }
 
     /// Attaches a consumer to `address`. It receives nothing until given credit.
-    pub fn subscribe(&self, address: &str, options: &SubscribeOptions) -> Result<Consumer, BrokerError> {
+    pub fn subscribe(
+        &self,
+        address: &str,
+        options: &SubscribeOptions,
+    ) -> Result<Consumer, BrokerError> {
         Ok(match self.inner.node_for(address)? {
             Node::Direct(node) => node.subscribe(address),
             Node::Queue(node) => node.subscribe(address),
@@ -186,7 +190,8 @@ impl Broker {
     /// reply addresses for request/response).
     pub fn subscribe_dynamic(&self, tenant: &str) -> Consumer {
         let address = format!("{DYNAMIC_PREFIX}/{tenant}/{}", uuid::Uuid::new_v4().simple());
-        self.subscribe(&address, &SubscribeOptions::default()).expect("dynamic addresses always resolve")
+        self.subscribe(&address, &SubscribeOptions::default())
+            .expect("dynamic addresses always resolve")
     }
 
     /// Messages held by queue `address` (stored, in flight or being written).
@@ -201,25 +206,39 @@ impl Broker {
     /// metrics are scraped, so nothing is computed per message).
     pub fn publish_gauges(&self) {
         use std::sync::atomic::Ordering::Relaxed;
-        let nodes: Vec<(String, Node)> =
-            self.inner.nodes.read().expect("poisoned").iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let nodes: Vec<(String, Node)> = self
+            .inner
+            .nodes
+            .read()
+            .expect("poisoned")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (address, node) in nodes {
             match node {
                 Node::Queue(q) => {
                     let labels = [("address", address)];
                     metrics::gauge!("ferrule_queue_depth", &labels).set(q.depth() as f64);
-                    metrics::gauge!("ferrule_address_consumers", &labels).set(q.consumer_count() as f64);
+                    metrics::gauge!("ferrule_address_consumers", &labels)
+                        .set(q.consumer_count() as f64);
                     let s = &q.stats;
-                    metrics::counter!("ferrule_queue_enqueued_total", &labels).absolute(s.enqueued.load(Relaxed));
-                    metrics::counter!("ferrule_queue_acknowledged_total", &labels).absolute(s.acknowledged.load(Relaxed));
-                    metrics::counter!("ferrule_queue_expired_total", &labels).absolute(s.expired.load(Relaxed));
-                    metrics::counter!("ferrule_queue_dead_lettered_total", &labels).absolute(s.dead_lettered.load(Relaxed));
-                    metrics::counter!("ferrule_queue_refused_full_total", &labels).absolute(s.refused_full.load(Relaxed));
+                    metrics::counter!("ferrule_queue_enqueued_total", &labels)
+                        .absolute(s.enqueued.load(Relaxed));
+                    metrics::counter!("ferrule_queue_acknowledged_total", &labels)
+                        .absolute(s.acknowledged.load(Relaxed));
+                    metrics::counter!("ferrule_queue_expired_total", &labels)
+                        .absolute(s.expired.load(Relaxed));
+                    metrics::counter!("ferrule_queue_dead_lettered_total", &labels)
+                        .absolute(s.dead_lettered.load(Relaxed));
+                    metrics::counter!("ferrule_queue_refused_full_total", &labels)
+                        .absolute(s.refused_full.load(Relaxed));
                 }
                 Node::Direct(d) if !address.starts_with(DYNAMIC_PREFIX) => {
                     let labels = [("address", address)];
-                    metrics::gauge!("ferrule_address_consumers", &labels).set(d.consumer_count() as f64);
-                    metrics::counter!("ferrule_direct_dropped_total", &labels).absolute(d.dropped.load(Relaxed));
+                    metrics::gauge!("ferrule_address_consumers", &labels)
+                        .set(d.consumer_count() as f64);
+                    metrics::counter!("ferrule_direct_dropped_total", &labels)
+                        .absolute(d.dropped.load(Relaxed));
                 }
                 _ => {}
             }
@@ -277,14 +296,18 @@ impl Inner {
         if handlers.is_empty() {
             return None;
         }
-        handlers.iter().find(|(prefix, _)| address.starts_with(prefix.as_str())).map(|(_, h)| h.clone())
+        handlers
+            .iter()
+            .find(|(prefix, _)| address.starts_with(prefix.as_str()))
+            .map(|(_, h)| h.clone())
     }
 
     fn node_for(&self, address: &str) -> Result<Node, BrokerError> {
         if let Some(node) = self.nodes.read().expect("poisoned").get(address) {
             return Ok(node.clone());
         }
-        let kind = self.table.resolve(address).ok_or_else(|| BrokerError::NotFound(address.to_owned()))?;
+        let kind =
+            self.table.resolve(address).ok_or_else(|| BrokerError::NotFound(address.to_owned()))?;
         Ok(self.create(address, kind))
     }
 
@@ -293,7 +316,9 @@ impl Inner {
     fn node_for_recovery(&self, address: &str, stored: AddressType) -> Node {
         match self.table.resolve(address) {
             Some(kind) if kind == stored => {}
-            other => tracing::warn!(address, configured = ?other, ?stored, "address type changed; keeping stored data as {stored:?}"),
+            other => {
+                tracing::warn!(address, configured = ?other, ?stored, "address type changed; keeping stored data as {stored:?}")
+            }
         }
         self.create(address, stored)
     }
@@ -305,21 +330,35 @@ impl Inner {
             .or_insert_with(|| match kind {
                 AddressType::Anycast => Node::Direct(DirectNode::new(address, false)),
                 AddressType::Multicast => Node::Direct(DirectNode::new(address, true)),
-                AddressType::Queue => {
-                    Node::Queue(QueueNode::new(address, self.store.clone(), self.max_depth, self.this.clone()))
-                }
-                AddressType::Topic => {
-                    Node::Topic(TopicNode::new(address, self.store.clone(), self.max_depth, self.this.clone()))
-                }
+                AddressType::Queue => Node::Queue(QueueNode::new(
+                    address,
+                    self.store.clone(),
+                    self.max_depth,
+                    self.this.clone(),
+                )),
+                AddressType::Topic => Node::Topic(TopicNode::new(
+                    address,
+                    self.store.clone(),
+                    self.max_depth,
+                    self.this.clone(),
+                )),
             })
             .clone()
     }
 
     /// Enqueues into a store-and-forward address (dead letters); `done` gets the outcome.
-    pub(crate) fn enqueue_internal(&self, address: &str, message: Message, done: Box<dyn FnOnce(Outcome) + Send>) {
+    pub(crate) fn enqueue_internal(
+        &self,
+        address: &str,
+        message: Message,
+        done: Box<dyn FnOnce(Outcome) + Send>,
+    ) {
         match self.node_for(address) {
             Ok(Node::Queue(queue)) => queue.enqueue(message, done),
-            Ok(_) => done(Outcome::rejected(condition::NOT_ALLOWED, "dead-letter address is not a queue")),
+            Ok(_) => done(Outcome::rejected(
+                condition::NOT_ALLOWED,
+                "dead-letter address is not a queue",
+            )),
             Err(e) => done(Outcome::rejected(condition::NOT_FOUND, e.to_string())),
         }
     }

@@ -114,13 +114,21 @@ fn finish(shared: &Shared, error: Option<io::ErrorKind>) {
 }
 
 impl<S: AsyncRead> AsyncRead for Coalesced<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.reader).poll_read(cx, buf)
     }
 }
 
 impl<S> AsyncWrite for Coalesced<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let mut s = self.shared.state();
         if let Some(kind) = s.error {
             return Poll::Ready(Err(io::Error::new(kind, "connection write failed")));

@@ -41,7 +41,11 @@ impl CopyTally {
             self.accepted.store(true, Ordering::Release);
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let outcome = if self.accepted.load(Ordering::Acquire) { Outcome::Accepted } else { Outcome::Released };
+            let outcome = if self.accepted.load(Ordering::Acquire) {
+                Outcome::Accepted
+            } else {
+                Outcome::Released
+            };
             if let Some(tx) = self.producer.lock().expect("poisoned").take() {
                 let _ = tx.send(outcome);
             }

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use crate::delivery::{new_slot, Consumer, ConsumerHost, ConsumerSlot, CopyTally, Delivery, Responder};
+use crate::delivery::{
+    new_slot, Consumer, ConsumerHost, ConsumerSlot, CopyTally, Delivery, Responder,
+};
 use crate::message::{Message, Outcome};
 use crate::Submission;
 
@@ -34,14 +36,7 @@ impl DirectNode {
         let (slot, credit, rx) = new_slot();
         let id = slot.id;
         self.consumers.lock().expect("poisoned").push(slot);
-        Consumer {
-            id,
-            address: address.to_owned(),
-            credit,
-            rx,
-            host: self.clone(),
-            closed: false,
-        }
+        Consumer { id, address: address.to_owned(), credit, rx, host: self.clone(), closed: false }
     }
 
     pub(crate) fn consumer_count(&self) -> usize {

@@ -134,7 +134,11 @@ impl Walker<'_> {
     }
 
     fn take(&mut self, n: usize) -> Result<&[u8], ScanError> {
-        let end = self.pos.checked_add(n).filter(|end| *end <= self.limit()).ok_or(ScanError::Malformed)?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|end| *end <= self.limit())
+            .ok_or(ScanError::Malformed)?;
         let taken = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(taken)
@@ -198,7 +202,10 @@ impl Walker<'_> {
                 let wide = matches!(code >> 4, 0xd | 0xf);
                 let size = if wide { self.u32()? as usize } else { self.u8()? as usize };
                 let start = self.pos;
-                let end = start.checked_add(size).filter(|end| *end <= self.limit()).ok_or(ScanError::Malformed)?;
+                let end = start
+                    .checked_add(size)
+                    .filter(|end| *end <= self.limit())
+                    .ok_or(ScanError::Malformed)?;
                 let count = if wide { self.u32()? } else { self.u8()? as u32 };
                 if code >> 4 <= 0xd {
                     // A map's count is keys and values: an odd one is malformed (serde_amqp
@@ -393,7 +400,9 @@ impl FrameChecker {
         // Type 0 is AMQP; SASL frames (type 1) carry no payload.
         if head[5] == 0 {
             let channel = u16::from_be_bytes([head[6], head[7]]);
-            if let Some(transfer) = transfer_fields(&body[..performative]).map_err(|()| FrameError::BadTransfer)? {
+            if let Some(transfer) =
+                transfer_fields(&body[..performative]).map_err(|()| FrameError::BadTransfer)?
+            {
                 self.transfer(channel, transfer, rest)?;
                 return Ok(Some(frame.len()));
             }
@@ -404,7 +413,12 @@ impl FrameChecker {
         Ok(Some(frame.len()))
     }
 
-    fn transfer(&mut self, channel: u16, transfer: TransferFields, payload: &[u8]) -> Result<(), FrameError> {
+    fn transfer(
+        &mut self,
+        channel: u16,
+        transfer: TransferFields,
+        payload: &[u8],
+    ) -> Result<(), FrameError> {
         let key = (channel, transfer.handle);
         if transfer.aborted {
             self.partial.remove(&key);
@@ -453,7 +467,11 @@ impl<S> Guarded<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if this.ready > 0 {
@@ -470,7 +488,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    metrics::counter!("ferrule_amqp_refused_total", "reason" => "decode_limit").increment(1);
+                    metrics::counter!("ferrule_amqp_refused_total", "reason" => "decode_limit")
+                        .increment(1);
                     tracing::info!(error = %e, "AMQP connection ended: input refused before decoding");
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
                 }
@@ -489,7 +508,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -542,19 +565,31 @@ mod tests {
     #[test]
     fn real_messages_pass() {
         let message = Message::builder()
-            .properties(Properties::builder().message_id(String::from("m-1")).to("telemetry/t1").build())
+            .properties(
+                Properties::builder().message_id(String::from("m-1")).to("telemetry/t1").build(),
+            )
             .message_annotations(MessageAnnotations::builder().insert("x-opt-retain", true).build())
             .application_properties(
-                fe2o3_amqp_types::messaging::ApplicationProperties::builder().insert("device_id", "d1").build(),
+                fe2o3_amqp_types::messaging::ApplicationProperties::builder()
+                    .insert("device_id", "d1")
+                    .build(),
             )
-            .value(Value::List(vec![Value::Int(1), Value::Map(Default::default()), Value::String("x".into())]))
+            .value(Value::List(vec![
+                Value::Int(1),
+                Value::Map(Default::default()),
+                Value::String("x".into()),
+            ]))
             .build();
-        let bytes = serde_amqp::to_vec(&fe2o3_amqp_types::messaging::message::__private::Serializable(message))
-            .expect("encodes");
+        let bytes = serde_amqp::to_vec(
+            &fe2o3_amqp_types::messaging::message::__private::Serializable(message),
+        )
+        .expect("encodes");
         assert_eq!(scan(&bytes, None, MAX_DEPTH), Ok(bytes.len()));
         let data = Message::builder().data(Binary::from(vec![1u8; 3000])).build();
-        let bytes =
-            serde_amqp::to_vec(&fe2o3_amqp_types::messaging::message::__private::Serializable(data)).expect("encodes");
+        let bytes = serde_amqp::to_vec(
+            &fe2o3_amqp_types::messaging::message::__private::Serializable(data),
+        )
+        .expect("encodes");
         assert_eq!(scan(&bytes, None, MAX_DEPTH), Ok(bytes.len()));
         let _ = Body::<Value>::Empty;
     }
@@ -570,7 +605,8 @@ mod tests {
         let over = amqp_value(&nested_lists(MAX_DEPTH));
         assert_eq!(scan(&over, None, MAX_DEPTH), Err(ScanError::TooDeep));
         // Described values nest too (0x00 descriptor value, two bytes a level).
-        let described: Vec<u8> = std::iter::repeat([0x00, 0x44]).take(100).flatten().chain([0x40]).collect();
+        let described: Vec<u8> =
+            std::iter::repeat([0x00, 0x44]).take(100).flatten().chain([0x40]).collect();
         assert_eq!(scan(&described, None, MAX_DEPTH), Err(ScanError::TooDeep));
         // Arrays of arrays (the element constructor appears once per level).
         let arrays = |depth: usize| {
@@ -594,7 +630,10 @@ mod tests {
         // A list whose size runs past the buffer.
         assert_eq!(scan(&[0xc0, 0x10, 0x00], None, MAX_DEPTH), Err(ScanError::Malformed));
         // A string running past its list.
-        assert_eq!(scan(&[0xc0, 0x03, 0x01, 0xa1, 0x05, b'a'], None, MAX_DEPTH), Err(ScanError::Malformed));
+        assert_eq!(
+            scan(&[0xc0, 0x03, 0x01, 0xa1, 0x05, b'a'], None, MAX_DEPTH),
+            Err(ScanError::Malformed)
+        );
         // A map with an odd count (keys and values come in pairs).
         assert_eq!(scan(&[0xc1, 0x02, 0x01, 0x40], None, MAX_DEPTH), Err(ScanError::Malformed));
         assert_eq!(scan(&[0xc1, 0x03, 0x02, 0x40, 0x40], None, MAX_DEPTH), Ok(5));

@@ -174,7 +174,9 @@ mod tests {
         let mut held = Vec::new();
         for _ in 0..2 {
             let (p, r) = (pool.clone(), rx.clone());
-            held.push(tokio::spawn(async move { p.run(move || r.lock().unwrap().recv().ok()).await }));
+            held.push(tokio::spawn(
+                async move { p.run(move || r.lock().unwrap().recv().ok()).await },
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(pool.run(|| ()).await, Err(PoolError::Busy));

@@ -3,7 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fe2o3_amqp_types::messaging::{
-    message::{DecodeIntoMessage, __private::Serializable},
+    message::{__private::Serializable, DecodeIntoMessage},
     Body,
 };
 use fe2o3_amqp_types::primitives::Value;
@@ -104,7 +104,8 @@ mod tests {
     fn round_trip_and_expiry() {
         let mut message = data_message(vec![1u8, 2, 3]);
         message.header = Some(Header { durable: true, ttl: Some(1000), ..Default::default() });
-        message.properties = Some(Properties { message_id: Some(7u64.into()), ..Default::default() });
+        message.properties =
+            Some(Properties { message_id: Some(7u64.into()), ..Default::default() });
         let bytes = encode(&message).unwrap();
         let back = decode(&bytes).unwrap();
         assert_eq!(back, message);

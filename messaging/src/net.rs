@@ -34,7 +34,8 @@ pub struct SourceLimits {
 impl SourceLimits {
     /// Generous enough for many devices behind one NAT, tight enough that one host
     /// cannot fill a listener or churn connections at wire speed.
-    pub const DEFAULT: SourceLimits = SourceLimits { max_per_source: 1000, rate_per_second: 100.0, burst: 200 };
+    pub const DEFAULT: SourceLimits =
+        SourceLimits { max_per_source: 1000, rate_per_second: 100.0, burst: 200 };
 
     /// Checks the values; `Err` names the problem.
     pub fn validate(&self) -> Result<(), &'static str> {
@@ -141,7 +142,12 @@ impl Admission {
     }
 
     /// Admits a connection from `ip` holding `permit` (a place under the listener's cap).
-    pub fn admit(self: &Arc<Self>, ip: IpAddr, permit: OwnedSemaphorePermit, now: Instant) -> Result<Admitted, Refusal> {
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        permit: OwnedSemaphorePermit,
+        now: Instant,
+    ) -> Result<Admitted, Refusal> {
         self.admit_inner(ip, Some(permit), now)
     }
 
@@ -160,7 +166,12 @@ impl Admission {
         admitted
     }
 
-    fn admit_inner(self: &Arc<Self>, ip: IpAddr, permit: Option<OwnedSemaphorePermit>, now: Instant) -> Result<Admitted, Refusal> {
+    fn admit_inner(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        permit: Option<OwnedSemaphorePermit>,
+        now: Instant,
+    ) -> Result<Admitted, Refusal> {
         let key = SourceKey::from(ip);
         let limits = self.limits;
         let mut sources = self.lock();
@@ -168,13 +179,20 @@ impl Admission {
             // Forget sources with nothing open whose bucket has refilled.
             let full = limits.burst as f64;
             sources.retain(|_, s| {
-                s.open > 0 || s.tokens + now.duration_since(s.refilled).as_secs_f64() * limits.rate_per_second < full
+                s.open > 0
+                    || s.tokens
+                        + now.duration_since(s.refilled).as_secs_f64() * limits.rate_per_second
+                        < full
             });
             if sources.len() >= MAX_TRACKED_SOURCES {
                 return Err(Refusal::TableFull);
             }
         }
-        let source = sources.entry(key).or_insert(Source { open: 0, tokens: limits.burst as f64, refilled: now });
+        let source = sources.entry(key).or_insert(Source {
+            open: 0,
+            tokens: limits.burst as f64,
+            refilled: now,
+        });
         let elapsed = now.saturating_duration_since(source.refilled).as_secs_f64();
         source.tokens = (source.tokens + elapsed * limits.rate_per_second).min(limits.burst as f64);
         source.refilled = now;
@@ -292,14 +310,20 @@ mod tests {
         let limits = SourceLimits { max_per_source: 1, ..SourceLimits::DEFAULT };
         let admission = Admission::new("test", 100, limits);
         let now = Instant::now();
-        let _held = admission.admit("2001:db8::1".parse().unwrap(), permit(&admission), now).unwrap();
-        let same_host = admission.admit("2001:db8::ffff:1".parse().unwrap(), permit(&admission), now);
+        let _held =
+            admission.admit("2001:db8::1".parse().unwrap(), permit(&admission), now).unwrap();
+        let same_host =
+            admission.admit("2001:db8::ffff:1".parse().unwrap(), permit(&admission), now);
         assert_eq!(same_host.unwrap_err(), Refusal::PerSource);
-        assert!(admission.admit("2001:db8:0:1::1".parse().unwrap(), permit(&admission), now).is_ok());
+        assert!(admission
+            .admit("2001:db8:0:1::1".parse().unwrap(), permit(&admission), now)
+            .is_ok());
         // IPv4-mapped addresses count as their IPv4 address.
         let _v4 = admission.admit("192.0.2.1".parse().unwrap(), permit(&admission), now).unwrap();
         assert_eq!(
-            admission.admit("::ffff:192.0.2.1".parse().unwrap(), permit(&admission), now).unwrap_err(),
+            admission
+                .admit("::ffff:192.0.2.1".parse().unwrap(), permit(&admission), now)
+                .unwrap_err(),
             Refusal::PerSource
         );
     }
@@ -312,17 +336,25 @@ mod tests {
         let admission = Admission::new("test", 10, limits);
         let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
         let (release, released) = tokio::sync::watch::channel(false);
-        tokio::spawn(serve(listener, admission.clone(), shutdown.clone(), tasks.clone(), move |_stream, _peer| {
-            let mut released = released.clone();
-            async move {
-                let _ = released.wait_for(|r| *r).await;
-            }
-        }));
+        tokio::spawn(serve(
+            listener,
+            admission.clone(),
+            shutdown.clone(),
+            tasks.clone(),
+            move |_stream, _peer| {
+                let mut released = released.clone();
+                async move {
+                    let _ = released.wait_for(|r| *r).await;
+                }
+            },
+        ));
         use tokio::io::AsyncReadExt;
         let _held = TcpStream::connect(addr).await.unwrap();
         let mut refused = TcpStream::connect(addr).await.unwrap();
         let mut buf = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut buf)).await.expect("closed in time");
+        let read = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut buf))
+            .await
+            .expect("closed in time");
         assert!(matches!(read, Ok(0) | Err(_)), "the second connection from one source is closed");
         release.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), async {

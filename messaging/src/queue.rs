@@ -14,7 +14,9 @@ use fe2o3_amqp_types::messaging::{Header, MessageAnnotations};
 use fe2o3_amqp_types::primitives::{OrderedMap, Symbol, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::delivery::{new_slot, Consumer, ConsumerHost, ConsumerSlot, Credit, Delivery, Responder};
+use crate::delivery::{
+    new_slot, Consumer, ConsumerHost, ConsumerSlot, Credit, Delivery, Responder,
+};
 use crate::message::{condition, expiry_of, now_millis, Message, Outcome};
 use crate::store::{encode_record, Store};
 use crate::{BrokerRef, Submission};
@@ -75,10 +77,16 @@ pub(crate) struct QueueNode {
 }
 
 impl QueueNode {
-    pub(crate) fn new(name: &str, store: Option<Store>, max_depth: usize, broker: BrokerRef) -> Arc<Self> {
+    pub(crate) fn new(
+        name: &str,
+        store: Option<Store>,
+        max_depth: usize,
+        broker: BrokerRef,
+    ) -> Arc<Self> {
         // Dead-letter queues and deferred commands (whose expiry is the point) have none.
-        let dead_letter_address = (!name.ends_with(DEAD_LETTER_SUFFIX) && !name.starts_with("command_deferred/"))
-            .then(|| format!("{name}{DEAD_LETTER_SUFFIX}"));
+        let dead_letter_address = (!name.ends_with(DEAD_LETTER_SUFFIX)
+            && !name.starts_with("command_deferred/"))
+        .then(|| format!("{name}{DEAD_LETTER_SUFFIX}"));
         Arc::new_cyclic(|this| Self {
             name: name.into(),
             dead_letter_address,
@@ -129,9 +137,12 @@ impl QueueNode {
     /// Enqueues a message; the outcome is `accepted` once it is on disk.
     pub(crate) fn submit(&self, message: Message) -> Submission {
         let (tx, rx) = oneshot::channel();
-        self.enqueue(message, Box::new(move |outcome| {
-            let _ = tx.send(outcome);
-        }));
+        self.enqueue(
+            message,
+            Box::new(move |outcome| {
+                let _ = tx.send(outcome);
+            }),
+        );
         Submission::Pending(rx)
     }
 
@@ -140,7 +151,8 @@ impl QueueNode {
         let now = now_millis();
         let expiry = expiry_of(&message, now);
         // Encode before taking the lock: the lock is held only to order the append.
-        let record = match self.store.as_ref().map(|_| encode_record(expiry, &message)).transpose() {
+        let record = match self.store.as_ref().map(|_| encode_record(expiry, &message)).transpose()
+        {
             Ok(record) => record,
             Err(e) => return done(Outcome::rejected(condition::INTERNAL_ERROR, e.to_string())),
         };
@@ -161,22 +173,27 @@ impl QueueNode {
                 state.committing += 1;
                 // Appending under the lock keeps the store's order equal to `seq` order.
                 let this = self.this.clone();
-                store.append(&self.name, seq, record, Box::new(move |result| {
-                    let Some(this) = this.upgrade() else { return done(Outcome::Released) };
-                    let mut state = this.lock();
-                    state.committing -= 1;
-                    match result {
-                        Ok(()) => {
-                            state.requeue(Entry { seq, message, expiry, delivery_count: 0 });
-                            this.dispatch(state);
-                            done(Outcome::Accepted);
+                store.append(
+                    &self.name,
+                    seq,
+                    record,
+                    Box::new(move |result| {
+                        let Some(this) = this.upgrade() else { return done(Outcome::Released) };
+                        let mut state = this.lock();
+                        state.committing -= 1;
+                        match result {
+                            Ok(()) => {
+                                state.requeue(Entry { seq, message, expiry, delivery_count: 0 });
+                                this.dispatch(state);
+                                done(Outcome::Accepted);
+                            }
+                            Err(e) => {
+                                drop(state);
+                                done(Outcome::rejected(condition::INTERNAL_ERROR, e.to_string()));
+                            }
                         }
-                        Err(e) => {
-                            drop(state);
-                            done(Outcome::rejected(condition::INTERNAL_ERROR, e.to_string()));
-                        }
-                    }
-                }));
+                    }),
+                );
             }
             _ => {
                 state.ready.push_back(Entry { seq, message, expiry, delivery_count: 0 });
@@ -197,12 +214,14 @@ impl QueueNode {
             }
             let n = state.consumers.len();
             let start = state.next_consumer;
-            let chosen = (0..n).map(|i| (start + i) % n).find(|&i| state.consumers[i].credit.try_take());
+            let chosen =
+                (0..n).map(|i| (start + i) % n).find(|&i| state.consumers[i].credit.try_take());
             let Some(idx) = chosen else { break };
             state.next_consumer = idx + 1;
             let entry = state.ready.pop_front().expect("not empty");
             let responder = Responder::Queue { queue: self.this.clone(), seq: entry.seq };
-            let delivery = Delivery::new(with_delivery_count(&entry), entry.delivery_count, Some(responder));
+            let delivery =
+                Delivery::new(with_delivery_count(&entry), entry.delivery_count, Some(responder));
             match state.consumers[idx].tx.send(delivery) {
                 Ok(()) => {
                     state.in_flight.insert(entry.seq, entry);
@@ -256,8 +275,9 @@ impl QueueNode {
     pub(crate) fn sweep(&self) {
         let now = now_millis();
         let mut state = self.lock();
-        let (expired, kept): (VecDeque<Entry>, VecDeque<Entry>) =
-            std::mem::take(&mut state.ready).into_iter().partition(|e| e.expiry.is_some_and(|x| x <= now));
+        let (expired, kept): (VecDeque<Entry>, VecDeque<Entry>) = std::mem::take(&mut state.ready)
+            .into_iter()
+            .partition(|e| e.expiry.is_some_and(|x| x <= now));
         state.ready = kept;
         drop(state);
         if !expired.is_empty() {
@@ -280,7 +300,8 @@ impl QueueNode {
                 store.delete(&name, seq);
             }
         };
-        let (Some(address), Some(broker)) = (&self.dead_letter_address, self.broker.upgrade()) else {
+        let (Some(address), Some(broker)) = (&self.dead_letter_address, self.broker.upgrade())
+        else {
             tracing::warn!(queue = %self.name, reason, "dropping message: no dead-letter address");
             return forget();
         };
@@ -292,9 +313,16 @@ impl QueueNode {
         if let Some(properties) = message.properties.as_mut() {
             properties.absolute_expiry_time = None;
         }
-        let annotations = message.message_annotations.get_or_insert_with(|| MessageAnnotations(OrderedMap::new()));
-        annotations.0.insert(Symbol::from("x-opt-ferrule-dead-letter-reason").into(), Value::from(reason));
-        annotations.0.insert(Symbol::from("x-opt-ferrule-original-address").into(), Value::from(&*self.name));
+        let annotations = message
+            .message_annotations
+            .get_or_insert_with(|| MessageAnnotations(OrderedMap::new()));
+        annotations
+            .0
+            .insert(Symbol::from("x-opt-ferrule-dead-letter-reason").into(), Value::from(reason));
+        annotations.0.insert(
+            Symbol::from("x-opt-ferrule-original-address").into(),
+            Value::from(&*self.name),
+        );
         let target = address.clone();
         let queue = self.name.clone();
         broker.enqueue_internal(address, message, Box::new(move |outcome| {

@@ -66,7 +66,10 @@ pub struct Authenticator {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator").field("users", &self.users.len()).field("allow_anonymous", &self.allow_anonymous).finish()
+        f.debug_struct("Authenticator")
+            .field("users", &self.users.len())
+            .field("allow_anonymous", &self.allow_anonymous)
+            .finish()
     }
 }
 
@@ -140,14 +143,16 @@ impl Authenticator {
     /// An authenticator whose argon2 runs share `pool` with the rest of the platform.
     pub fn with_pool(config: &SaslConfig, pool: HashPool) -> Self {
         let key: [u8; 32] = rand::random();
-        let mac_key = <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("HMAC takes any key length");
+        let mac_key =
+            <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("HMAC takes any key length");
         // A decoy with the parameters of the first argon2 user: as slow as a real check.
         let decoy = config.users.iter().find(|u| u.password.starts_with("$argon2")).map(|u| {
             let params = argon2::password_hash::phc::PasswordHash::new(&u.password)
                 .ok()
                 .and_then(|h| argon2::Params::try_from(&h).ok())
                 .unwrap_or_default();
-            let argon2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+            let argon2 =
+                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
             argon2::password_hash::PasswordHasher::hash_password(&argon2, b"decoy")
                 .map(|h| h.to_string())
                 .unwrap_or_else(|_| u.password.clone())
@@ -209,14 +214,21 @@ impl Authenticator {
             let by_source = Attempts::current(memory.by_source.get(&source_key), now);
             let by_user = Attempts::current(memory.by_user.get(authcid), now);
             let repeated = by_source.last_wrong.is_some_and(|wrong| bool::from(wrong.ct_eq(&mac)));
-            if repeated || by_source.count >= MAX_FAILURES_PER_SOURCE || by_user.count >= MAX_FAILURES_PER_USER {
+            if repeated
+                || by_source.count >= MAX_FAILURES_PER_SOURCE
+                || by_user.count >= MAX_FAILURES_PER_USER
+            {
                 return Verdict::Throttled;
             }
             // Counted now, before any work: a hundred concurrent guesses count as a hundred.
             bound(&mut memory.by_source, now);
             bound(&mut memory.by_user, now);
-            memory.by_source.insert(source_key.clone(), Attempts { count: by_source.count + 1, ..by_source });
-            memory.by_user.insert(authcid.to_owned(), Attempts { count: by_user.count + 1, ..by_user });
+            memory
+                .by_source
+                .insert(source_key.clone(), Attempts { count: by_source.count + 1, ..by_source });
+            memory
+                .by_user
+                .insert(authcid.to_owned(), Attempts { count: by_user.count + 1, ..by_user });
         }
         let wildcard = format!("{name}@*");
         let user = self.users.iter().find(|u| u.username == authcid || u.username == wildcard);
@@ -394,7 +406,10 @@ mod tests {
     fn failures_are_limited_per_source_and_cached_logins_pass() {
         let auth = authenticator();
         for i in 0..MAX_FAILURES_PER_SOURCE {
-            assert_eq!(auth.verify("app@t1", format!("guess-{i}").as_bytes(), HOST), Verdict::Denied);
+            assert_eq!(
+                auth.verify("app@t1", format!("guess-{i}").as_bytes(), HOST),
+                Verdict::Denied
+            );
         }
         // The guessing source is now refused even with the right password...
         assert_eq!(auth.verify("app@t1", b"secret", HOST), Verdict::Throttled);
@@ -410,8 +425,11 @@ mod tests {
     fn argon2_work_is_bounded() {
         let hash = {
             let params = argon2::Params::new(8, 1, 1, None).unwrap();
-            let argon2 = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-            argon2::password_hash::PasswordHasher::hash_password(&argon2, b"pw").unwrap().to_string()
+            let argon2 =
+                argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+            argon2::password_hash::PasswordHasher::hash_password(&argon2, b"pw")
+                .unwrap()
+                .to_string()
         };
         let pool = HashPool::with_queue(1, 1);
         let auth = Authenticator::with_pool(

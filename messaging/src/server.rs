@@ -16,7 +16,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use fe2o3_amqp::acceptor::{ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor};
+use fe2o3_amqp::acceptor::{
+    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerSessionHandle, SessionAcceptor,
+};
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::{DetachError, LinkStateError, Receiver, RecvError, Sender};
 use fe2o3_amqp::types::definitions::{self, ErrorCondition, Role, SenderSettleMode};
@@ -109,8 +111,11 @@ impl AmqpServer {
             tasks: tasks.clone(),
         };
         // One cap for both listeners: they serve the same applications.
-        let admission =
-            crate::net::Admission::new("amqp", self.config.max_connections, self.config.source_limits());
+        let admission = crate::net::Admission::new(
+            "amqp",
+            self.config.max_connections,
+            self.config.source_limits(),
+        );
         if let Some((listener, acceptor)) = self.tls {
             tracing::info!(addr = %listener.local_addr().expect("bound"), "AMQP TLS listener up");
             let connection = connection.clone();
@@ -176,8 +181,11 @@ impl ConnectionTask {
         Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
     {
         let identity = Arc::new(OnceLock::new());
-        let sasl =
-            ConnectionSasl { authenticator: self.authenticator.clone(), identity: identity.clone(), source: peer.ip() };
+        let sasl = ConnectionSasl {
+            authenticator: self.authenticator.clone(),
+            identity: identity.clone(),
+            source: peer.ip(),
+        };
         let acceptor = ConnectionAcceptor::builder()
             .container_id("ferrule")
             .max_frame_size(self.config.max_frame_size)
@@ -186,12 +194,20 @@ impl ConnectionTask {
             .sasl_acceptor(sasl)
             .build();
         // Every frame is checked before fe2o3-amqp decodes it (nesting depth; see guard.rs).
-        let checker = crate::guard::FrameChecker::new(self.config.max_frame_size, self.config.max_message_size as usize);
+        let checker = crate::guard::FrameChecker::new(
+            self.config.max_frame_size,
+            self.config.max_message_size as usize,
+        );
         let stream = crate::guard::Guarded::new(stream, checker);
         // One write syscall per batch of frames instead of one per frame (see coalesce.rs).
         let stream = crate::coalesce::Coalesced::new(stream, COALESCE_MAX_BUFFER, &self.tasks);
         // Protocol header, SASL and open must all come within connect_timeout.
-        let mut connection = match tokio::time::timeout(self.config.connect_timeout, acceptor.accept(stream)).await {
+        let mut connection = match tokio::time::timeout(
+            self.config.connect_timeout,
+            acceptor.accept(stream),
+        )
+        .await
+        {
             Ok(Ok(connection)) => connection,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "AMQP connection not opened");
@@ -246,8 +262,12 @@ impl ConnectionTask {
             .on_dynamic_source(move |mut source: Source| {
                 // The real consumer is created when the link task starts; the address is
                 // reserved here so that the attach reply carries it.
-                source.address =
-                    Some(format!("{}/{}/{}", crate::address::DYNAMIC_PREFIX, tenant_for_dynamic, uuid::Uuid::new_v4().simple()));
+                source.address = Some(format!(
+                    "{}/{}/{}",
+                    crate::address::DYNAMIC_PREFIX,
+                    tenant_for_dynamic,
+                    uuid::Uuid::new_v4().simple()
+                ));
                 Some(source)
             })
             .build();
@@ -268,8 +288,10 @@ impl ConnectionTask {
                     // links by name only). End the session with the reason rather than
                     // leave the client waiting forever.
                     tracing::info!(user = %identity.user, error = %e, "link attach failed; ending the session");
-                    let description = format!("link attach failed: {e} (use distinct link names per direction)");
-                    let _ = session.end_with_error(error(condition::NOT_ALLOWED, description)).await;
+                    let description =
+                        format!("link attach failed: {e} (use distinct link names per direction)");
+                    let _ =
+                        session.end_with_error(error(condition::NOT_ALLOWED, description)).await;
                     return;
                 }
             };
@@ -285,34 +307,50 @@ impl ConnectionTask {
                 (Ok(Plan::Produce { address, presettled }), LinkEndpoint::Receiver(receiver)) => {
                     let broker = self.broker.clone();
                     let identity = identity.clone();
-                    self.tasks.spawn(producer_link(receiver, address, presettled, broker, identity));
+                    self.tasks
+                        .spawn(producer_link(receiver, address, presettled, broker, identity));
                 }
-                (Ok(Plan::Consume { address, presettled, durable_name }), LinkEndpoint::Sender(sender)) => {
+                (
+                    Ok(Plan::Consume { address, presettled, durable_name }),
+                    LinkEndpoint::Sender(sender),
+                ) => {
                     let address = match address {
                         Some(address) => address,
                         None => match sender.source().as_ref().and_then(|s| s.address.clone()) {
                             Some(address) => address,
                             None => {
-                                let _ = sender.close_with_error(error(condition::INTERNAL_ERROR, "no address")).await;
+                                let _ = sender
+                                    .close_with_error(error(
+                                        condition::INTERNAL_ERROR,
+                                        "no address",
+                                    ))
+                                    .await;
                                 continue;
                             }
                         },
                     };
                     match self.broker.subscribe(&address, &SubscribeOptions { durable_name }) {
                         Ok(consumer) => {
-                            let limits = (self.config.consumer_prefetch, self.config.consumer_window);
+                            let limits =
+                                (self.config.consumer_prefetch, self.config.consumer_window);
                             self.tasks.spawn(consumer_link(sender, consumer, presettled, limits));
                         }
                         Err(e) => {
-                            let _ = sender.close_with_error(error(condition::NOT_FOUND, e.to_string())).await;
+                            let _ = sender
+                                .close_with_error(error(condition::NOT_FOUND, e.to_string()))
+                                .await;
                         }
                     }
                 }
                 (Ok(_), LinkEndpoint::Sender(sender)) => {
-                    let _ = sender.close_with_error(error(condition::INTERNAL_ERROR, "role mismatch")).await;
+                    let _ = sender
+                        .close_with_error(error(condition::INTERNAL_ERROR, "role mismatch"))
+                        .await;
                 }
                 (Ok(_), LinkEndpoint::Receiver(receiver)) => {
-                    let _ = receiver.close_with_error(error(condition::INTERNAL_ERROR, "role mismatch")).await;
+                    let _ = receiver
+                        .close_with_error(error(condition::INTERNAL_ERROR, "role mismatch"))
+                        .await;
                 }
             }
         }
@@ -332,7 +370,10 @@ impl ConnectionTask {
                 if let Some(address) = &address {
                     self.check_address(address, identity)?;
                 }
-                Ok(Plan::Produce { address, presettled: attach.snd_settle_mode == SenderSettleMode::Settled })
+                Ok(Plan::Produce {
+                    address,
+                    presettled: attach.snd_settle_mode == SenderSettleMode::Settled,
+                })
             }
             // The client receives from `source`.
             Role::Receiver => {
@@ -341,9 +382,10 @@ impl ConnectionTask {
                 if source.is_some_and(|s| s.dynamic) {
                     return Ok(Plan::Consume { address: None, presettled, durable_name: None });
                 }
-                let address = source
-                    .and_then(|s| s.address.clone())
-                    .ok_or((condition::INVALID_FIELD, "a consumer link needs a source address".to_owned()))?;
+                let address = source.and_then(|s| s.address.clone()).ok_or((
+                    condition::INVALID_FIELD,
+                    "a consumer link needs a source address".to_owned(),
+                ))?;
                 self.check_address(&address, identity)?;
                 // A durable terminus names a durable topic subscription (container + link).
                 let durable = source.is_some_and(|s| s.durable != TerminusDurability::None);
@@ -353,7 +395,11 @@ impl ConnectionTask {
         }
     }
 
-    fn check_address(&self, address: &str, identity: &Identity) -> Result<(), (&'static str, String)> {
+    fn check_address(
+        &self,
+        address: &str,
+        identity: &Identity,
+    ) -> Result<(), (&'static str, String)> {
         if !identity.may_use(address) {
             return Err((
                 condition::UNAUTHORIZED_ACCESS,
@@ -378,7 +424,11 @@ enum Plan {
 }
 
 fn error(condition: &str, description: impl Into<String>) -> definitions::Error {
-    definitions::Error::new(ErrorCondition::Custom(Symbol::from(condition)), Some(description.into()), None)
+    definitions::Error::new(
+        ErrorCondition::Custom(Symbol::from(condition)),
+        Some(description.into()),
+        None,
+    )
 }
 
 /// Submits each transfer of a producer link and settles it with the broker's outcome.
@@ -432,7 +482,10 @@ fn route(
         None => {
             let to = message.properties.as_ref().and_then(|p| p.to.clone());
             let Some(to) = to else {
-                return Ready(Outcome::rejected(condition::INVALID_FIELD, "anonymous relay needs `to`"));
+                return Ready(Outcome::rejected(
+                    condition::INVALID_FIELD,
+                    "anonymous relay needs `to`",
+                ));
             };
             if !identity.may_use(&to) {
                 return Ready(Outcome::rejected(
@@ -472,7 +525,12 @@ async fn dispose(receiver: &Receiver, info: DeliveryInfo, outcome: Outcome) -> R
 /// client's credit (they wait here, bounded, and are released if the link goes away).
 /// One unit of credit comes back each time a message went out on the wire, as long as no
 /// more than `window` deliveries are unsettled.
-async fn consumer_link(mut sender: Sender, mut consumer: crate::Consumer, presettled: bool, limits: (u32, u32)) {
+async fn consumer_link(
+    mut sender: Sender,
+    mut consumer: crate::Consumer,
+    presettled: bool,
+    limits: (u32, u32),
+) {
     let (prefetch, window) = (limits.0.max(1), limits.1.max(1) as usize);
     let mut starved = 0u32;
     consumer.add_credit(prefetch);
@@ -537,7 +595,10 @@ fn from_amqp(outcome: fe2o3_amqp::types::messaging::Outcome) -> Outcome {
         O::Released(_) => Outcome::Released,
         O::Rejected(rejected) => Outcome::Rejected {
             condition: condition::INVALID_FIELD,
-            description: rejected.error.and_then(|e| e.description).unwrap_or_else(|| "rejected by consumer".into()),
+            description: rejected
+                .error
+                .and_then(|e| e.description)
+                .unwrap_or_else(|| "rejected by consumer".into()),
         },
         O::Modified(modified) => Outcome::Modified {
             delivery_failed: modified.delivery_failed.unwrap_or(false),
@@ -554,4 +615,3 @@ fn log_link_end(e: &LinkStateError) {
         other => tracing::debug!(error = %other, "producer link ended"),
     }
 }
-

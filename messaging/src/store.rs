@@ -129,7 +129,10 @@ impl Store {
 }
 
 /// A stored message: its expiry (ms since the epoch, 0 for none) then its AMQP encoding.
-pub(crate) fn encode_record(expiry: Option<u64>, message: &Message) -> Result<Vec<u8>, serde_amqp::Error> {
+pub(crate) fn encode_record(
+    expiry: Option<u64>,
+    message: &Message,
+) -> Result<Vec<u8>, serde_amqp::Error> {
     let body = message::encode(message)?;
     let mut record = Vec::with_capacity(8 + body.len());
     record.extend_from_slice(&expiry.unwrap_or(0).to_le_bytes());
@@ -223,7 +226,9 @@ fn commit(db: &Database, batch: &[Op]) -> Result<(), StoreError> {
                     messages.remove((&**queue, *seq)).map_err(io)?;
                 }
                 Op::Purge { queue } => {
-                    messages.retain_in((&**queue, 0)..=(&**queue, u64::MAX), |_, _| false).map_err(io)?;
+                    messages
+                        .retain_in((&**queue, 0)..=(&**queue, u64::MAX), |_, _| false)
+                        .map_err(io)?;
                 }
                 Op::PutSubscription { queue, topic } => {
                     subscriptions.insert(&**queue, topic.as_str()).map_err(io)?;

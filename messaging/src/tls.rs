@@ -53,10 +53,13 @@ impl TlsConfig {
         &self,
         client_auth: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
     ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-        let (Some(cert), Some(key)) = (&self.cert, &self.key) else { return Err(TlsError::Incomplete) };
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
+            return Err(TlsError::Incomplete);
+        };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let resolver = ReloadingCert::new(cert.clone(), key.clone(), provider.clone())?;
-        let builder = rustls::ServerConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?;
         let builder = match client_auth {
             Some(verifier) => builder.with_client_cert_verifier(verifier),
             None => builder.with_no_client_auth(),
@@ -89,7 +92,11 @@ struct Loaded {
 }
 
 impl ReloadingCert {
-    fn new(cert: PathBuf, key: PathBuf, provider: Arc<rustls::crypto::CryptoProvider>) -> Result<Self, TlsError> {
+    fn new(
+        cert: PathBuf,
+        key: PathBuf,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Self, TlsError> {
         let stamp = stamp(&cert, &key);
         let loaded = load(&cert, &key, &provider)?;
         let state = Mutex::new(Loaded { key: loaded, stamp, checked: Instant::now() });
@@ -98,11 +105,16 @@ impl ReloadingCert {
 }
 
 fn stamp(cert: &Path, key: &Path) -> Option<[(SystemTime, u64); 2]> {
-    let one = |p: &Path| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+    let one =
+        |p: &Path| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
     Some([one(cert)?, one(key)?])
 }
 
-fn load(cert: &Path, key: &Path, provider: &rustls::crypto::CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
+fn load(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let pem = |path: &Path, reason: String| TlsError::Pem { path: path.to_owned(), reason };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| pem(cert, e.to_string()))?
@@ -129,7 +141,9 @@ impl ResolvesServerCert for ReloadingCert {
                         state.key = key;
                         state.stamp = now;
                     }
-                    Err(e) => tracing::warn!(error = %e, "TLS certificate changed but does not load; keeping the previous one"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TLS certificate changed but does not load; keeping the previous one")
+                    }
                 }
             }
         }

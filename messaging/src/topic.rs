@@ -29,7 +29,12 @@ struct Subscription {
 }
 
 impl TopicNode {
-    pub(crate) fn new(address: &str, store: Option<Store>, max_depth: usize, broker: BrokerRef) -> Arc<Self> {
+    pub(crate) fn new(
+        address: &str,
+        store: Option<Store>,
+        max_depth: usize,
+        broker: BrokerRef,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             address: address.to_owned(),
             store,
@@ -48,7 +53,8 @@ impl TopicNode {
     /// Re-creates a durable subscription found on disk; returns its queue for the
     /// recovered messages.
     pub(crate) fn restore_subscription(&self, queue_name: &str) -> Arc<QueueNode> {
-        let queue = QueueNode::new(queue_name, self.store.clone(), self.max_depth, self.broker.clone());
+        let queue =
+            QueueNode::new(queue_name, self.store.clone(), self.max_depth, self.broker.clone());
         self.subscriptions
             .lock()
             .expect("poisoned")
@@ -97,7 +103,11 @@ impl TopicNode {
             return Submission::Ready(Outcome::Accepted);
         }
         let (tx, rx) = oneshot::channel();
-        let tally = Arc::new(Tally { remaining: AtomicUsize::new(queues.len()), first_failure: Mutex::new(None), tx: Mutex::new(Some(tx)) });
+        let tally = Arc::new(Tally {
+            remaining: AtomicUsize::new(queues.len()),
+            first_failure: Mutex::new(None),
+            tx: Mutex::new(Some(tx)),
+        });
         for queue in queues {
             let tally = tally.clone();
             queue.enqueue(message.clone(), Box::new(move |outcome| tally.record(outcome)));
@@ -139,7 +149,8 @@ impl Tally {
             self.first_failure.lock().expect("poisoned").get_or_insert(outcome);
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let outcome = self.first_failure.lock().expect("poisoned").take().unwrap_or(Outcome::Accepted);
+            let outcome =
+                self.first_failure.lock().expect("poisoned").take().unwrap_or(Outcome::Accepted);
             if let Some(tx) = self.tx.lock().expect("poisoned").take() {
                 let _ = tx.send(outcome);
             }

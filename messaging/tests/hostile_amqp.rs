@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use fe2o3_amqp::types::messaging::{Source, Target};
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, Role, SenderSettleMode};
+use fe2o3_amqp::types::messaging::{Source, Target};
 use fe2o3_amqp::types::performatives::{Attach, Begin, Open, Transfer};
 use fe2o3_amqp::types::primitives::{Binary, Symbol};
 use fe2o3_amqp::types::sasl::SaslInit;
@@ -68,12 +68,14 @@ async fn deeply_nested_message_ends_the_connection_not_the_process() {
     let addr = server.local_addr();
     let shutdown = CancellationToken::new();
     tokio::spawn(server.run(shutdown.clone()));
-    let mut consumer = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).expect("subscribes");
+    let mut consumer =
+        broker.subscribe("telemetry/t1", &SubscribeOptions::default()).expect("subscribes");
     consumer.add_credit(10);
 
     let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connects");
     let mut out = b"AMQP\x03\x01\x00\x00".to_vec();
-    let init = SaslInit { mechanism: Symbol::from("ANONYMOUS"), initial_response: None, hostname: None };
+    let init =
+        SaslInit { mechanism: Symbol::from("ANONYMOUS"), initial_response: None, hostname: None };
     out.extend(frame(1, 0, &encode(&init), &[]));
     out.extend_from_slice(b"AMQP\x00\x01\x00\x00");
     let open = Open {
@@ -150,12 +152,15 @@ async fn deeply_nested_message_ends_the_connection_not_the_process() {
         .await
         .expect("a normal client connects");
     let mut session = fe2o3_amqp::Session::begin(&mut connection).await.expect("session");
-    let mut sender = fe2o3_amqp::Sender::attach(&mut session, "ok", "telemetry/t1").await.expect("sender");
+    let mut sender =
+        fe2o3_amqp::Sender::attach(&mut session, "ok", "telemetry/t1").await.expect("sender");
     let receive = async {
-        let delivery = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await.expect("delivered");
+        let delivery =
+            tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await.expect("delivered");
         delivery.expect("open").settle(ferrule_messaging::Outcome::Accepted);
     };
-    let (outcome, ()) = tokio::join!(sender.send(fe2o3_amqp::types::messaging::Message::from("fine")), receive);
+    let (outcome, ()) =
+        tokio::join!(sender.send(fe2o3_amqp::types::messaging::Message::from("fine")), receive);
     outcome.expect("sent").accepted_or("accepted").expect("accepted");
     sender.close().await.ok();
     session.end().await.ok();

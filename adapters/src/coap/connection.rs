@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::session::{
-    Admission, Assembled, Assemblies, Confirmations, ExchangeKey, Exchanges, Session, EXCHANGE_LIFETIME,
+    Admission, Assembled, Assemblies, Confirmations, ExchangeKey, Exchanges, Session,
+    EXCHANGE_LIFETIME,
 };
 use super::{dtls, dtls_front, mapping, Failure, Handled, Poll, Shared};
 use crate::downstream::UploadError;
@@ -48,7 +49,10 @@ pub(crate) enum Inbound {
     /// Answer with this at once (a Reset).
     Reply(Bytes),
     /// An ACK or RST: the peer's answer to one of our CON messages.
-    Answer { message_id: u16, acknowledged: bool },
+    Answer {
+        message_id: u16,
+        acknowledged: bool,
+    },
     /// Silently ignore (RFC 7252 §4.2, §4.3).
     Drop,
 }
@@ -111,14 +115,18 @@ fn options_within_bounds(datagram: &[u8]) -> bool {
                     Some(value)
                 }
                 14 => {
-                    let value = u16::from_be_bytes([*datagram.get(pos)?, *datagram.get(pos + 1)?]) as usize + 269;
+                    let value = u16::from_be_bytes([*datagram.get(pos)?, *datagram.get(pos + 1)?])
+                        as usize
+                        + 269;
                     pos += 2;
                     Some(value)
                 }
                 _ => None,
             }
         };
-        let (Some(_delta), Some(length)) = (extended(byte >> 4), extended(byte & 0x0f)) else { return false };
+        let (Some(_delta), Some(length)) = (extended(byte >> 4), extended(byte & 0x0f)) else {
+            return false;
+        };
         count += 1;
         bytes += length;
         pos += length;
@@ -197,7 +205,8 @@ fn dispatch(
         Inbound::Reply(bytes) => return Some(bytes),
         Inbound::Drop => return None,
         Inbound::Answer { message_id, acknowledged } => {
-            lock_confirmations(&session.confirmations).resolve(ExchangeKey { peer, message_id }, acknowledged);
+            lock_confirmations(&session.confirmations)
+                .resolve(ExchangeKey { peer, message_id }, acknowledged);
             return None;
         }
     };
@@ -208,7 +217,9 @@ fn dispatch(
     match admission {
         Admission::Ignore => return None,
         Admission::Replay(bytes) => return Some(bytes),
-        Admission::PeerBusy => return encode(&shared.failure_response(&packet, Failure::Overloaded)),
+        Admission::PeerBusy => {
+            return encode(&shared.failure_response(&packet, Failure::Overloaded))
+        }
         Admission::New => {}
     }
     // Answered at once, and cached like any answer so a retransmission gets the same.
@@ -224,16 +235,25 @@ fn dispatch(
     let (packet, last_block, unchecked_first) = match mapping::block1(&packet) {
         Err(e) => return answer_now(shared.failure_response(&packet, Failure::Mapping(e))),
         Ok(None) => (packet, None, None),
-        Ok(Some(block)) if block.num == 0 && session.identity.is_none() => (packet, None, Some(block)),
-        Ok(Some(block)) => match lock_assemblies(&session.assemblies).add(peer, &packet, block, now) {
-            Assembled::Continue => return answer_now(shared.continue_response(&packet, block)),
-            Assembled::TooLarge { size } => {
-                let failure = Failure::Upload(UploadError::TooLarge { size, max: shared.config.max_payload });
-                return answer_now(shared.failure_response(&packet, failure));
+        Ok(Some(block)) if block.num == 0 && session.identity.is_none() => {
+            (packet, None, Some(block))
+        }
+        Ok(Some(block)) => {
+            match lock_assemblies(&session.assemblies).add(peer, &packet, block, now) {
+                Assembled::Continue => return answer_now(shared.continue_response(&packet, block)),
+                Assembled::TooLarge { size } => {
+                    let failure = Failure::Upload(UploadError::TooLarge {
+                        size,
+                        max: shared.config.max_payload,
+                    });
+                    return answer_now(shared.failure_response(&packet, failure));
+                }
+                Assembled::Incomplete => {
+                    return answer_now(shared.failure_response(&packet, Failure::BlockIncomplete))
+                }
+                Assembled::Complete(whole) => (whole, Some(block), None),
             }
-            Assembled::Incomplete => return answer_now(shared.failure_response(&packet, Failure::BlockIncomplete)),
-            Assembled::Complete(whole) => (whole, Some(block), None),
-        },
+        }
     };
     let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
         return answer_now(shared.failure_response(&packet, Failure::Overloaded));
@@ -254,14 +274,23 @@ fn dispatch(
                     tracing::debug!(?failure, "CoAP block-wise upload refused at its first block");
                     return answer(shared.failure_response(&packet, failure)).await;
                 }
-                let added = lock_assemblies(&session.assemblies).add(peer, &packet, block, Instant::now());
+                let added =
+                    lock_assemblies(&session.assemblies).add(peer, &packet, block, Instant::now());
                 match added {
-                    Assembled::Continue => return answer(shared.continue_response(&packet, block)).await,
+                    Assembled::Continue => {
+                        return answer(shared.continue_response(&packet, block)).await
+                    }
                     Assembled::TooLarge { size } => {
-                        let failure = Failure::Upload(UploadError::TooLarge { size, max: shared.config.max_payload });
+                        let failure = Failure::Upload(UploadError::TooLarge {
+                            size,
+                            max: shared.config.max_payload,
+                        });
                         return answer(shared.failure_response(&packet, failure)).await;
                     }
-                    Assembled::Incomplete => return answer(shared.failure_response(&packet, Failure::BlockIncomplete)).await,
+                    Assembled::Incomplete => {
+                        return answer(shared.failure_response(&packet, Failure::BlockIncomplete))
+                            .await
+                    }
                     Assembled::Complete(whole) => (whole, Some(block)),
                 }
             }
@@ -366,7 +395,9 @@ fn empty_ack(message_id: u16) -> Bytes {
     Bytes::copy_from_slice(&[0x60, 0x00, hi, lo])
 }
 
-fn lock_confirmations(confirmations: &Mutex<Confirmations>) -> std::sync::MutexGuard<'_, Confirmations> {
+fn lock_confirmations(
+    confirmations: &Mutex<Confirmations>,
+) -> std::sync::MutexGuard<'_, Confirmations> {
     confirmations.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -404,7 +435,9 @@ impl ReplyBudget {
         let burst = self.rate * 2.0;
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_REPLY_SOURCES && !buckets.contains_key(&ip) {
-            buckets.retain(|_, (tokens, at)| *tokens + now.duration_since(*at).as_secs_f64() * self.rate < burst);
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * self.rate < burst
+            });
         }
         let key = if buckets.len() >= MAX_REPLY_SOURCES && !buckets.contains_key(&ip) {
             std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
@@ -431,8 +464,10 @@ pub(super) async fn serve_udp(
     shutdown: CancellationToken,
 ) {
     let config = &shared.config;
-    let exchanges = Exchanges::new(EXCHANGE_LIFETIME, config.max_exchanges, config.max_in_flight_per_peer);
-    let assemblies = Assemblies::new(EXCHANGE_LIFETIME, config.max_block_transfers, config.max_payload);
+    let exchanges =
+        Exchanges::new(EXCHANGE_LIFETIME, config.max_exchanges, config.max_in_flight_per_peer);
+    let assemblies =
+        Assemblies::new(EXCHANGE_LIFETIME, config.max_block_transfers, config.max_payload);
     let session = Arc::new(Session {
         identity: None,
         exchanges: Mutex::new(exchanges),
@@ -457,7 +492,9 @@ pub(super) async fn serve_udp(
             },
         };
         let reply = Reply::Udp { socket: socket.clone(), peer, replies: replies.clone() };
-        if let Some(bytes) = dispatch(&shared, &tasks, &session, peer, &reply, &buf[..n]).filter(|_| replies.allow(peer.ip())) {
+        if let Some(bytes) = dispatch(&shared, &tasks, &session, peer, &reply, &buf[..n])
+            .filter(|_| replies.allow(peer.ip()))
+        {
             // Never wait in the receive loop: a full socket buffer drops the answer,
             // as the network might, and the peer retransmits.
             if let Err(e) = socket.try_send_to(&bytes, peer) {
@@ -517,7 +554,8 @@ pub(super) async fn serve_dtls(
                 continue;
             };
             if !shared.dtls.cookies().verify(peer, hello.cookie) {
-                let answer = dtls::hello_verify_request(&hello, &shared.dtls.cookies().cookie(peer));
+                let answer =
+                    dtls::hello_verify_request(&hello, &shared.dtls.cookies().cookie(peer));
                 if let Err(e) = socket.try_send_to(&answer, peer) {
                     tracing::debug!(%peer, error = %e, "cannot send HelloVerifyRequest");
                 }
@@ -546,9 +584,16 @@ pub(super) async fn serve_dtls(
             }
             Route::NewSession => {}
         }
-        let admitted = HandshakeSlot::take(&handshaking, peer.ip(), shared.config.max_dtls_handshakes_per_ip)
-            .ok_or("handshakes_per_ip")
-            .and_then(|slot| sessions.clone().try_acquire_owned().map(|permit| (slot, permit)).map_err(|_| "sessions"));
+        let admitted =
+            HandshakeSlot::take(&handshaking, peer.ip(), shared.config.max_dtls_handshakes_per_ip)
+                .ok_or("handshakes_per_ip")
+                .and_then(|slot| {
+                    sessions
+                        .clone()
+                        .try_acquire_owned()
+                        .map(|permit| (slot, permit))
+                        .map_err(|_| "sessions")
+                });
         let (slot, permit) = match admitted {
             Ok(admitted) => admitted,
             Err(reason) => {
@@ -566,7 +611,8 @@ pub(super) async fn serve_dtls(
             cancel: shutdown.child_token(),
             budget: dtls_front::HANDSHAKE_RECORD_BUDGET.saturating_sub(shape.handshake_records),
         };
-        let (id, established, cancel) = (handle.id, handle.established.clone(), handle.cancel.clone());
+        let (id, established, cancel) =
+            (handle.id, handle.established.clone(), handle.cancel.clone());
         lock_peers(&peers).entry(peer).or_default().pending = Some(handle);
         let hello = Bytes::copy_from_slice(datagram);
         let link = PeerLink { socket: socket.clone(), peer, inbox };
@@ -801,8 +847,13 @@ async fn run_session(
     let identity = session.identity.clone();
     tracing::debug!(%peer, tenant = %identity.tenant, device = %identity.device_id, "DTLS session up");
     let config = &shared.config;
-    let exchanges = Exchanges::new(EXCHANGE_LIFETIME, config.max_exchanges_per_session, config.max_in_flight_per_peer);
-    let assemblies = Assemblies::new(EXCHANGE_LIFETIME, config.max_in_flight_per_peer, config.max_payload);
+    let exchanges = Exchanges::new(
+        EXCHANGE_LIFETIME,
+        config.max_exchanges_per_session,
+        config.max_in_flight_per_peer,
+    );
+    let assemblies =
+        Assemblies::new(EXCHANGE_LIFETIME, config.max_in_flight_per_peer, config.max_payload);
     let coap = Arc::new(Session {
         identity: Some(identity),
         exchanges: Mutex::new(exchanges),
@@ -850,10 +901,12 @@ async fn look_up_psk(shared: &Arc<Shared>, data: &dtls::SessionData, identity: &
         tracing::debug!("PSK identity is not auth-id@tenant");
         return;
     };
-    let lookup = tokio::time::timeout(shared.config.handshake_timeout, shared.registry.psk(tenant, auth_id));
+    let lookup =
+        tokio::time::timeout(shared.config.handshake_timeout, shared.registry.psk(tenant, auth_id));
     match lookup.await {
         Ok(Ok((device, key))) => {
-            *data.psk.lock().unwrap_or_else(|p| p.into_inner()) = Some((identity.to_vec(), key, device));
+            *data.psk.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some((identity.to_vec(), key, device));
         }
         Ok(Err(e)) => tracing::debug!(auth_id, tenant, error = %e, "PSK identity refused"),
         Err(_) => tracing::debug!(auth_id, tenant, "registry did not answer in time"),
@@ -867,7 +920,8 @@ mod tests {
     #[test]
     fn replies_are_rate_limited_per_source() {
         let budget = ReplyBudget::new(10);
-        let (a, b): (std::net::IpAddr, std::net::IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         let allowed = (0..100).filter(|_| budget.allow(a)).count();
         assert_eq!(allowed, 20, "a burst of twice the rate, then nothing");
         assert!(budget.allow(b), "another source has its own budget");
@@ -885,14 +939,23 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // CON POST with TKL 9 (invalid) → RST; the same as NON → dropped.
-        assert!(matches!(classify(&[0x49, 0x02, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]), Inbound::Reply(_)));
+        assert!(matches!(
+            classify(&[0x49, 0x02, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            Inbound::Reply(_)
+        ));
         assert!(matches!(classify(&[0x59, 0x02, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9]), Inbound::Drop));
         // CON POST with an option length nibble of 15 (reserved) → RST.
         assert!(matches!(classify(&[0x40, 0x02, 0, 1, 0xbf]), Inbound::Reply(_)));
         // CON carrying a response code (2.04) → RST; ACK / RST → answers to our CONs.
         assert!(matches!(classify(&[0x40, 0x44, 0, 1]), Inbound::Reply(_)));
-        assert!(matches!(classify(&[0x60, 0x00, 0, 7]), Inbound::Answer { message_id: 7, acknowledged: true }));
-        assert!(matches!(classify(&[0x70, 0x00, 1, 0]), Inbound::Answer { message_id: 256, acknowledged: false }));
+        assert!(matches!(
+            classify(&[0x60, 0x00, 0, 7]),
+            Inbound::Answer { message_id: 7, acknowledged: true }
+        ));
+        assert!(matches!(
+            classify(&[0x70, 0x00, 1, 0]),
+            Inbound::Answer { message_id: 256, acknowledged: false }
+        ));
         // Too many options (the H1 bloat: thousands of empty ones) → RST before parsing.
         let mut bloated = vec![0x40, 0x02, 0, 1, 0xb1, b't'];
         bloated.extend(std::iter::repeat(0x00).take(MAX_OPTIONS));
@@ -911,5 +974,4 @@ mod tests {
         // An option whose value ends in 0xFF is not a payload marker.
         assert!(matches!(classify(&[0x40, 0x02, 0, 1, 0xb1, 0xff]), Inbound::Request(_)));
     }
-
 }

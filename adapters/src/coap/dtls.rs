@@ -117,7 +117,9 @@ impl DtlsServer {
         builder.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
         // CCM_8 is the suite RFC 7252 §9.1.3.1 makes mandatory for CoAP with PSK.
         builder.set_cipher_list("PSK-AES128-CCM8:PSK-AES128-GCM-SHA256:PSK-AES128-CCM")?;
-        builder.set_options(SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET);
+        builder.set_options(
+            SslOptions::COOKIE_EXCHANGE | SslOptions::NO_QUERY_MTU | SslOptions::NO_TICKET,
+        );
         let key = cookies.clone();
         builder.set_cookie_generate_cb(move |ssl, out| {
             let peer = peer_of(ssl, session_data).ok_or_else(openssl::error::ErrorStack::get)?;
@@ -126,12 +128,16 @@ impl DtlsServer {
             Ok(COOKIE_LEN)
         });
         let key = cookies.clone();
-        builder.set_cookie_verify_cb(move |ssl, cookie| peer_of(ssl, session_data).is_some_and(|p| key.verify(p, cookie)));
+        builder.set_cookie_verify_cb(move |ssl, cookie| {
+            peer_of(ssl, session_data).is_some_and(|p| key.verify(p, cookie))
+        });
         builder.set_psk_server_callback(move |ssl, identity, out| {
             let data = ssl.ex_data(session_data).cloned();
             let found = data.and_then(|d| d.psk.lock().unwrap_or_else(|p| p.into_inner()).clone());
             match (identity, found) {
-                (Some(identity), Some((expected, key, _))) if identity == expected.as_slice() && key.len() <= out.len() => {
+                (Some(identity), Some((expected, key, _)))
+                    if identity == expected.as_slice() && key.len() <= out.len() =>
+                {
                     out[..key.len()].copy_from_slice(&key);
                     Ok(key.len())
                 }
@@ -149,8 +155,13 @@ impl DtlsServer {
 
     /// Starts a session for `peer` whose ClientHello `hello` (a whole datagram) carried a
     /// valid cookie. Returns the handshake in progress and the first flight to send.
-    pub(super) fn start(&self, peer: SocketAddr, hello: &[u8]) -> Result<(Handshake, Vec<Vec<u8>>), String> {
-        let (synthetic, hello) = rewrite_for_handover(hello).ok_or("ClientHello cannot be rewritten")?;
+    pub(super) fn start(
+        &self,
+        peer: SocketAddr,
+        hello: &[u8],
+    ) -> Result<(Handshake, Vec<Vec<u8>>), String> {
+        let (synthetic, hello) =
+            rewrite_for_handover(hello).ok_or("ClientHello cannot be rewritten")?;
         let data = Arc::new(SessionData::default());
         *data.peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(peer);
         let mut ssl = Ssl::new(&self.context).map_err(|e| e.to_string())?;
@@ -173,7 +184,10 @@ impl DtlsServer {
     }
 }
 
-fn peer_of(ssl: &openssl::ssl::SslRef, index: openssl::ex_data::Index<Ssl, Arc<SessionData>>) -> Option<SocketAddr> {
+fn peer_of(
+    ssl: &openssl::ssl::SslRef,
+    index: openssl::ex_data::Index<Ssl, Arc<SessionData>>,
+) -> Option<SocketAddr> {
     *ssl.ex_data(index)?.peer.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -256,20 +270,33 @@ impl Handshake {
         // DTLS_CTRL_HANDLE_TIMEOUT takes no arguments and only runs the retransmission
         // timer, writing through the connection's BIO (our `Datagrams`, which never fails).
         unsafe {
-            openssl_sys::SSL_ctrl(stream.ssl().as_ptr(), DTLS_CTRL_HANDLE_TIMEOUT, 0, std::ptr::null_mut());
+            openssl_sys::SSL_ctrl(
+                stream.ssl().as_ptr(),
+                DTLS_CTRL_HANDLE_TIMEOUT,
+                0,
+                std::ptr::null_mut(),
+            );
         }
         std::mem::take(&mut stream.get_mut().outgoing)
     }
 
     /// Feeds one datagram of the peer's.
     pub(super) fn step(&mut self, datagram: Bytes) -> Result<Step, String> {
-        let Some(mut stream) = self.stream.take() else { return Err("DTLS handshake already over".into()) };
+        let Some(mut stream) = self.stream.take() else {
+            return Err("DTLS handshake already over".into());
+        };
         stream.get_mut().incoming.push_back(datagram);
         let result = stream.do_handshake();
         let flight = std::mem::take(&mut stream.get_mut().outgoing);
         match result {
             Ok(()) => {
-                let identity = self.data.psk.lock().unwrap_or_else(|p| p.into_inner()).take().map(|(_, _, id)| id);
+                let identity = self
+                    .data
+                    .psk
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .map(|(_, _, id)| id);
                 let identity = identity.ok_or("DTLS handshake without a PSK identity")?;
                 Ok(Step::Established(Session { stream: Mutex::new(stream), identity }, flight))
             }

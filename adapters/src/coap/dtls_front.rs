@@ -117,7 +117,8 @@ pub fn psk_identity(datagram: &[u8]) -> Option<&[u8]> {
         if rest[0] == CONTENT_HANDSHAKE && rest[3..5] == [0, 0] {
             let mut messages = body;
             while messages.len() >= HANDSHAKE_HEADER {
-                let length = u32::from_be_bytes([0, messages[1], messages[2], messages[3]]) as usize;
+                let length =
+                    u32::from_be_bytes([0, messages[1], messages[2], messages[3]]) as usize;
                 let message = messages.get(HANDSHAKE_HEADER..HANDSHAKE_HEADER + length)?;
                 if messages[0] == CLIENT_KEY_EXCHANGE {
                     return message.get(2..);
@@ -138,13 +139,16 @@ fn plaintext_handshake(mut body: &[u8]) -> Result<bool, Refusal> {
     }
     while !body.is_empty() {
         let header = body.get(..HANDSHAKE_HEADER).ok_or(Refusal::Handshake)?;
-        let u24 = |at: usize| u32::from_be_bytes([0, header[at], header[at + 1], header[at + 2]]) as usize;
+        let u24 = |at: usize| {
+            u32::from_be_bytes([0, header[at], header[at + 1], header[at + 2]]) as usize
+        };
         let (kind, length, offset, fragment) = (header[0], u24(1), u24(6), u24(9));
         // Whole messages only: no reassembly is ever needed for a PSK client.
         if offset != 0 || fragment != length || length > MAX_HANDSHAKE_MESSAGE {
             return Err(Refusal::Handshake);
         }
-        let message = body.get(HANDSHAKE_HEADER..HANDSHAKE_HEADER + length).ok_or(Refusal::Handshake)?;
+        let message =
+            body.get(HANDSHAKE_HEADER..HANDSHAKE_HEADER + length).ok_or(Refusal::Handshake)?;
         body = &body[HANDSHAKE_HEADER + length..];
         match kind {
             CLIENT_HELLO => {
@@ -172,7 +176,8 @@ pub fn client_hello_is_well_formed(message: &[u8]) -> bool {
     let fixed = r.take(2 + 32).is_some(); // client_version, random
     let session_id_empty = r.u8() == Some(0);
     let cookie = r.u8().and_then(|n| r.take(n as usize)).is_some();
-    let suites = r.u16().filter(|n| *n >= 2 && n % 2 == 0).and_then(|n| r.take(n as usize)).is_some();
+    let suites =
+        r.u16().filter(|n| *n >= 2 && n % 2 == 0).and_then(|n| r.take(n as usize)).is_some();
     let compression = r.u8().filter(|n| *n >= 1).and_then(|n| r.take(n as usize)).is_some();
     if !(fixed && session_id_empty && cookie && suites && compression) {
         return false;
@@ -186,7 +191,8 @@ pub fn client_hello_is_well_formed(message: &[u8]) -> bool {
     }
     let mut extensions = Cursor(block);
     while !extensions.0.is_empty() {
-        let ok = extensions.take(2).is_some() && extensions.u16().and_then(|n| extensions.take(n as usize)).is_some();
+        let ok = extensions.take(2).is_some()
+            && extensions.u16().and_then(|n| extensions.take(n as usize)).is_some();
         if !ok {
             return false;
         }
@@ -254,7 +260,10 @@ mod tests {
     fn a_psk_handshake_passes() {
         let hello = client_hello_body(Some(&[0, 8, 0, 0x17, 0, 0, 0, 0x0a, 0, 0]));
         let datagram = record(22, 0, &handshake(1, 0, &hello, 0, &hello));
-        assert_eq!(inspect(&datagram), Ok(Shape { client_hello: true, handshake_records: 1, plaintext_only: true }));
+        assert_eq!(
+            inspect(&datagram),
+            Ok(Shape { client_hello: true, handshake_records: 1, plaintext_only: true })
+        );
         // Flight 5: ClientKeyExchange, ChangeCipherSpec, encrypted Finished.
         let cke = [0, 6, b'd', b'1', b'@', b't', b'1', b'x'];
         let mut flight = record(22, 0, &handshake(16, 2, &cke[..8], 0, &cke[..8]));
@@ -263,7 +272,10 @@ mod tests {
         let shape = inspect(&flight).expect("admitted");
         assert_eq!(psk_identity(&flight), Some(&b"d1@t1x"[..]));
         assert_eq!(psk_identity(&record(23, 1, &[1, 2, 3])), None);
-        assert_eq!((shape.client_hello, shape.handshake_records, shape.plaintext_only), (false, 2, false));
+        assert_eq!(
+            (shape.client_hello, shape.handshake_records, shape.plaintext_only),
+            (false, 2, false)
+        );
         // Application data after the handshake.
         assert!(inspect(&record(23, 1, &[1, 2, 3])).is_ok());
     }
@@ -275,9 +287,15 @@ mod tests {
         let fragment = record(22, 0, &handshake(1, 0, &hello, 5, &hello[5..6]));
         assert_eq!(inspect(&fragment), Err(Refusal::Handshake));
         // Other messages than a PSK client's; oversize messages; big encrypted records.
-        assert_eq!(inspect(&record(22, 0, &handshake(11, 1, &[0; 3], 0, &[0; 3]))), Err(Refusal::Handshake));
+        assert_eq!(
+            inspect(&record(22, 0, &handshake(11, 1, &[0; 3], 0, &[0; 3]))),
+            Err(Refusal::Handshake)
+        );
         let big = vec![0; MAX_HANDSHAKE_MESSAGE + 1];
-        assert_eq!(inspect(&record(22, 0, &handshake(16, 1, &big, 0, &big))), Err(Refusal::Handshake));
+        assert_eq!(
+            inspect(&record(22, 0, &handshake(16, 1, &big, 0, &big))),
+            Err(Refusal::Handshake)
+        );
         assert_eq!(inspect(&record(22, 1, &[0; 200])), Err(Refusal::Handshake));
         // Truncated records, unknown content types, plaintext application data.
         let mut truncated = record(22, 0, &handshake(1, 0, &hello, 0, &hello));

@@ -91,7 +91,9 @@ pub fn request(packet: &Packet) -> Result<Request, MappingError> {
     let query = Query::parse(packet)?;
     let content_type = if query.empty {
         if !packet.payload.is_empty() {
-            return Err(MappingError::BadOption("an empty notification must not have a payload".into()));
+            return Err(MappingError::BadOption(
+                "an empty notification must not have a payload".into(),
+            ));
         }
         Some(EMPTY_NOTIFICATION.to_owned())
     } else {
@@ -122,7 +124,9 @@ pub fn command_response(packet: &Packet) -> Result<Option<CommandResponse>, Mapp
             (id.clone(), Some((tenant.clone(), device.clone())))
         }
         (_, [id]) if !id.is_empty() => return Err(MappingError::MethodNotAllowed(path)),
-        (_, [_, device, id]) if !device.is_empty() && !id.is_empty() => return Err(MappingError::MethodNotAllowed(path)),
+        (_, [_, device, id]) if !device.is_empty() && !id.is_empty() => {
+            return Err(MappingError::MethodNotAllowed(path))
+        }
         _ => return Err(MappingError::NotFound(path)),
     };
     let status = Query::parse(packet)?
@@ -231,7 +235,8 @@ fn uri_path(packet: &Packet) -> Result<Vec<String>, MappingError> {
     options
         .iter()
         .map(|segment| {
-            String::from_utf8(segment.clone()).map_err(|_| MappingError::BadOption("Uri-Path is not UTF-8".into()))
+            String::from_utf8(segment.clone())
+                .map_err(|_| MappingError::BadOption("Uri-Path is not UTF-8".into()))
         })
         .collect()
 }
@@ -250,13 +255,15 @@ impl Query {
         let mut query = Query::default();
         let Some(options) = packet.get_option(CoapOption::UriQuery) else { return Ok(query) };
         for option in options {
-            let text =
-                std::str::from_utf8(option).map_err(|_| MappingError::BadOption("Uri-Query is not UTF-8".into()))?;
+            let text = std::str::from_utf8(option)
+                .map_err(|_| MappingError::BadOption("Uri-Query is not UTF-8".into()))?;
             let (key, value) = text.split_once('=').unwrap_or((text, ""));
             match key {
                 "hono-ttl" => {
                     let seconds = value.parse::<u64>().map_err(|_| {
-                        MappingError::BadOption(format!("hono-ttl must be a number of seconds, not {value:?}"))
+                        MappingError::BadOption(format!(
+                            "hono-ttl must be a number of seconds, not {value:?}"
+                        ))
                     })?;
                     query.ttl = Some(Duration::from_secs(seconds));
                 }
@@ -265,14 +272,18 @@ impl Query {
                 // Zero or negative: no wait (as Hono).
                 "hono-ttd" => {
                     let seconds = value.parse::<i64>().map_err(|_| {
-                        MappingError::BadOption(format!("hono-ttd must be a number of seconds, not {value:?}"))
+                        MappingError::BadOption(format!(
+                            "hono-ttd must be a number of seconds, not {value:?}"
+                        ))
                     })?;
                     query.ttd = (seconds > 0).then(|| Duration::from_secs(seconds as u64));
                 }
                 "hono-cmd-status" => {
                     let status = value.parse::<u16>().ok().filter(|s| (200..600).contains(s));
                     query.status = Some(status.ok_or_else(|| {
-                        MappingError::BadOption(format!("hono-cmd-status must be 200-599, not {value:?}"))
+                        MappingError::BadOption(format!(
+                            "hono-cmd-status must be 200-599, not {value:?}"
+                        ))
                     })?);
                 }
                 // Unknown parameters are ignored, as Hono does.
@@ -323,11 +334,16 @@ pub fn media_type(content_format: u16) -> Option<&'static str> {
 /// The Content-Format number of a media type, if the registry has one (parameters
 /// and case ignored, except that `text/plain` means 0).
 pub fn content_format_of(content_type: &str) -> Option<u16> {
-    let wanted: String = content_type.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_lowercase();
+    let wanted: String = content_type
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
     if wanted == "text/plain" || wanted.starts_with("text/plain;") {
         return Some(0);
     }
-    const KNOWN: [u16; 19] = [0, 16, 17, 18, 40, 41, 42, 47, 50, 51, 52, 60, 61, 110, 111, 112, 113, 11542, 11543];
+    const KNOWN: [u16; 19] =
+        [0, 16, 17, 18, 40, 41, 42, 47, 50, 51, 52, 60, 61, 110, 111, 112, 113, 11542, 11543];
     KNOWN.into_iter().find(|n| media_type(*n).is_some_and(|m| m.eq_ignore_ascii_case(&wanted)))
 }
 
@@ -342,7 +358,13 @@ pub fn split_identity(identity: &[u8]) -> Option<(&str, &str)> {
 mod tests {
     use super::*;
 
-    fn packet(kind: MessageType, method: RequestType, path: &[&str], query: &[&str], format: Option<&[u8]>) -> Packet {
+    fn packet(
+        kind: MessageType,
+        method: RequestType,
+        path: &[&str],
+        query: &[&str],
+        format: Option<&[u8]>,
+    ) -> Packet {
         let mut p = Packet::new();
         p.header.set_type(kind);
         p.header.code = MessageClass::Request(method);
@@ -380,14 +402,35 @@ mod tests {
             route(RequestType::Put, &seg(&["t", "", "d1"]), "").unwrap().target,
             Some((String::new(), "d1".into()))
         );
-        assert!(matches!(route(post, &seg(&["nothing"]), "/nothing"), Err(MappingError::NotFound(_))));
+        assert!(matches!(
+            route(post, &seg(&["nothing"]), "/nothing"),
+            Err(MappingError::NotFound(_))
+        ));
         assert!(matches!(route(post, &seg(&[]), "/"), Err(MappingError::NotFound(_))));
-        assert!(matches!(route(RequestType::Get, &seg(&["t"]), "/t"), Err(MappingError::MethodNotAllowed(_))));
-        assert!(matches!(route(RequestType::Put, &seg(&["t"]), "/t"), Err(MappingError::MethodNotAllowed(_))));
-        assert!(matches!(route(post, &seg(&["t", "a", "b"]), ""), Err(MappingError::MethodNotAllowed(_))));
-        assert!(matches!(route(RequestType::Put, &seg(&["t", "a", ""]), ""), Err(MappingError::NotFound(_))));
-        assert!(matches!(route(RequestType::Put, &seg(&["t", "a"]), ""), Err(MappingError::NotFound(_))));
-        assert!(matches!(route(RequestType::Put, &seg(&["t", "a", "b", "c"]), ""), Err(MappingError::NotFound(_))));
+        assert!(matches!(
+            route(RequestType::Get, &seg(&["t"]), "/t"),
+            Err(MappingError::MethodNotAllowed(_))
+        ));
+        assert!(matches!(
+            route(RequestType::Put, &seg(&["t"]), "/t"),
+            Err(MappingError::MethodNotAllowed(_))
+        ));
+        assert!(matches!(
+            route(post, &seg(&["t", "a", "b"]), ""),
+            Err(MappingError::MethodNotAllowed(_))
+        ));
+        assert!(matches!(
+            route(RequestType::Put, &seg(&["t", "a", ""]), ""),
+            Err(MappingError::NotFound(_))
+        ));
+        assert!(matches!(
+            route(RequestType::Put, &seg(&["t", "a"]), ""),
+            Err(MappingError::NotFound(_))
+        ));
+        assert!(matches!(
+            route(RequestType::Put, &seg(&["t", "a", "b", "c"]), ""),
+            Err(MappingError::NotFound(_))
+        ));
     }
 
     #[test]
@@ -396,7 +439,8 @@ mod tests {
         assert_eq!(request(&con).unwrap().qos, Qos::AtLeastOnce);
         let non = packet(MessageType::NonConfirmable, RequestType::Post, &["t"], &[], None);
         assert_eq!(request(&non).unwrap().qos, Qos::AtMostOnce);
-        let non_event = packet(MessageType::NonConfirmable, RequestType::Post, &["event"], &[], None);
+        let non_event =
+            packet(MessageType::NonConfirmable, RequestType::Post, &["event"], &[], None);
         assert_eq!(request(&non_event), Err(MappingError::EventNotConfirmable));
         assert_eq!(request(&con).unwrap().path, "/t");
     }
@@ -407,13 +451,22 @@ mod tests {
         let json = packet(MessageType::Confirmable, RequestType::Post, &["t"], &[], Some(&[0x32]));
         assert_eq!(request(&json).unwrap().content_type.as_deref(), Some("application/json"));
         let text = packet(MessageType::Confirmable, RequestType::Post, &["t"], &[], Some(&[]));
-        assert_eq!(request(&text).unwrap().content_type.as_deref(), Some("text/plain;charset=utf-8"));
+        assert_eq!(
+            request(&text).unwrap().content_type.as_deref(),
+            Some("text/plain;charset=utf-8")
+        );
         // 11542 = 0x2D 0x16.
-        let tlv = packet(MessageType::Confirmable, RequestType::Post, &["t"], &[], Some(&[0x2d, 0x16]));
-        assert_eq!(request(&tlv).unwrap().content_type.as_deref(), Some("application/vnd.oma.lwm2m+tlv"));
-        let unknown = packet(MessageType::Confirmable, RequestType::Post, &["t"], &[], Some(&[0x03]));
+        let tlv =
+            packet(MessageType::Confirmable, RequestType::Post, &["t"], &[], Some(&[0x2d, 0x16]));
+        assert_eq!(
+            request(&tlv).unwrap().content_type.as_deref(),
+            Some("application/vnd.oma.lwm2m+tlv")
+        );
+        let unknown =
+            packet(MessageType::Confirmable, RequestType::Post, &["t"], &[], Some(&[0x03]));
         assert_eq!(request(&unknown), Err(MappingError::UnsupportedContentFormat(3)));
-        let long = packet(MessageType::Confirmable, RequestType::Post, &["t"], &[], Some(&[0, 0, 50]));
+        let long =
+            packet(MessageType::Confirmable, RequestType::Post, &["t"], &[], Some(&[0, 0, 50]));
         assert!(matches!(request(&long), Err(MappingError::BadOption(_))));
         let none = packet(MessageType::Confirmable, RequestType::Post, &["t"], &[], None);
         assert_eq!(request(&none).unwrap().content_type, None);
@@ -421,16 +474,26 @@ mod tests {
 
     #[test]
     fn query_parameters() {
-        let event = packet(MessageType::Confirmable, RequestType::Post, &["e"], &["hono-ttl=30", "foo=bar"], None);
+        let event = packet(
+            MessageType::Confirmable,
+            RequestType::Post,
+            &["e"],
+            &["hono-ttl=30", "foo=bar"],
+            None,
+        );
         assert_eq!(request(&event).unwrap().ttl, Some(Duration::from_secs(30)));
-        let telemetry = packet(MessageType::Confirmable, RequestType::Post, &["t"], &["hono-ttl=30"], None);
+        let telemetry =
+            packet(MessageType::Confirmable, RequestType::Post, &["t"], &["hono-ttl=30"], None);
         assert_eq!(request(&telemetry).unwrap().ttl, None, "ttl is for events");
-        let bad = packet(MessageType::Confirmable, RequestType::Post, &["e"], &["hono-ttl=soon"], None);
+        let bad =
+            packet(MessageType::Confirmable, RequestType::Post, &["e"], &["hono-ttl=soon"], None);
         assert!(matches!(request(&bad), Err(MappingError::BadOption(_))));
-        let mut empty = packet(MessageType::Confirmable, RequestType::Post, &["e"], &["empty"], None);
+        let mut empty =
+            packet(MessageType::Confirmable, RequestType::Post, &["e"], &["empty"], None);
         empty.payload.clear();
         assert_eq!(request(&empty).unwrap().content_type.as_deref(), Some(EMPTY_NOTIFICATION));
-        let not_empty = packet(MessageType::Confirmable, RequestType::Post, &["e"], &["empty"], None);
+        let not_empty =
+            packet(MessageType::Confirmable, RequestType::Post, &["e"], &["empty"], None);
         assert!(matches!(request(&not_empty), Err(MappingError::BadOption(_))));
         let mut bad_path = packet(MessageType::Confirmable, RequestType::Post, &[], &[], None);
         bad_path.add_option(CoapOption::UriPath, vec![0xff]);
@@ -473,11 +536,14 @@ mod tests {
 
     #[test]
     fn transfers_are_told_apart_by_uri_and_request_tag() {
-        let a = packet(MessageType::Confirmable, RequestType::Put, &["t", "a", "b"], &["x=1"], None);
+        let a =
+            packet(MessageType::Confirmable, RequestType::Put, &["t", "a", "b"], &["x=1"], None);
         let mut tagged = a.clone();
         tagged.add_option(CoapOption::Unknown(292), vec![1, 2]);
-        let other = packet(MessageType::Confirmable, RequestType::Put, &["t", "a", "c"], &["x=1"], None);
-        let split = packet(MessageType::Confirmable, RequestType::Put, &["t", "ab"], &["x=1"], None);
+        let other =
+            packet(MessageType::Confirmable, RequestType::Put, &["t", "a", "c"], &["x=1"], None);
+        let split =
+            packet(MessageType::Confirmable, RequestType::Put, &["t", "ab"], &["x=1"], None);
         assert_eq!(transfer_key(&a), transfer_key(&a.clone()));
         assert_ne!(transfer_key(&a), transfer_key(&tagged));
         assert_ne!(transfer_key(&a), transfer_key(&other));
@@ -486,28 +552,70 @@ mod tests {
 
     #[test]
     fn commands_and_their_responses() {
-        let poll = packet(MessageType::Confirmable, RequestType::Post, &["t"], &["hono-ttd=30"], None);
+        let poll =
+            packet(MessageType::Confirmable, RequestType::Post, &["t"], &["hono-ttd=30"], None);
         let request = request(&poll).unwrap();
         assert_eq!((request.ttd, request.short_form), (Some(Duration::from_secs(30)), true));
-        let long = packet(MessageType::Confirmable, RequestType::Post, &["telemetry"], &["hono-ttd=-1"], None);
+        let long = packet(
+            MessageType::Confirmable,
+            RequestType::Post,
+            &["telemetry"],
+            &["hono-ttd=-1"],
+            None,
+        );
         assert_eq!(super::request(&long).unwrap().ttd, None);
         assert!(!super::request(&long).unwrap().short_form);
-        let bad = packet(MessageType::Confirmable, RequestType::Post, &["t"], &["hono-ttd=x"], None);
+        let bad =
+            packet(MessageType::Confirmable, RequestType::Post, &["t"], &["hono-ttd=x"], None);
         assert!(matches!(super::request(&bad), Err(MappingError::BadOption(_))));
 
-        let answer = packet(MessageType::Confirmable, RequestType::Post, &["cr", "abc"], &["hono-cmd-status=200"], Some(&[]));
+        let answer = packet(
+            MessageType::Confirmable,
+            RequestType::Post,
+            &["cr", "abc"],
+            &["hono-cmd-status=200"],
+            Some(&[]),
+        );
         let r = command_response(&answer).unwrap().unwrap();
         assert_eq!((r.request_id.as_str(), r.target, r.status), ("abc", None, 200));
         assert_eq!(r.content_type.as_deref(), Some("text/plain;charset=utf-8"));
-        let gw = packet(MessageType::Confirmable, RequestType::Put, &["command_response", "t1", "d1", "abc"], &["hono-cmd-status=404"], None);
-        assert_eq!(command_response(&gw).unwrap().unwrap().target, Some(("t1".into(), "d1".into())));
-        let no_status = packet(MessageType::Confirmable, RequestType::Post, &["cr", "abc"], &[], None);
+        let gw = packet(
+            MessageType::Confirmable,
+            RequestType::Put,
+            &["command_response", "t1", "d1", "abc"],
+            &["hono-cmd-status=404"],
+            None,
+        );
+        assert_eq!(
+            command_response(&gw).unwrap().unwrap().target,
+            Some(("t1".into(), "d1".into()))
+        );
+        let no_status =
+            packet(MessageType::Confirmable, RequestType::Post, &["cr", "abc"], &[], None);
         assert!(matches!(command_response(&no_status), Err(MappingError::BadOption(_))));
-        let bad_status = packet(MessageType::Confirmable, RequestType::Post, &["cr", "abc"], &["hono-cmd-status=99"], None);
+        let bad_status = packet(
+            MessageType::Confirmable,
+            RequestType::Post,
+            &["cr", "abc"],
+            &["hono-cmd-status=99"],
+            None,
+        );
         assert!(matches!(command_response(&bad_status), Err(MappingError::BadOption(_))));
-        let wrong_method = packet(MessageType::Confirmable, RequestType::Put, &["cr", "abc"], &["hono-cmd-status=200"], None);
+        let wrong_method = packet(
+            MessageType::Confirmable,
+            RequestType::Put,
+            &["cr", "abc"],
+            &["hono-cmd-status=200"],
+            None,
+        );
         assert!(matches!(command_response(&wrong_method), Err(MappingError::MethodNotAllowed(_))));
-        let too_short = packet(MessageType::Confirmable, RequestType::Post, &["cr"], &["hono-cmd-status=200"], None);
+        let too_short = packet(
+            MessageType::Confirmable,
+            RequestType::Post,
+            &["cr"],
+            &["hono-cmd-status=200"],
+            None,
+        );
         assert!(matches!(command_response(&too_short), Err(MappingError::NotFound(_))));
         assert_eq!(command_response(&poll), Ok(None));
 

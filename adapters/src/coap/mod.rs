@@ -197,7 +197,9 @@ impl CoapConfig {
             )));
         }
         if self.handshake_timeout.is_zero() || self.session_idle_timeout.is_zero() {
-            return Err(CoapError::Config("handshake_timeout and session_idle_timeout must not be zero".into()));
+            return Err(CoapError::Config(
+                "handshake_timeout and session_idle_timeout must not be zero".into(),
+            ));
         }
         Ok(())
     }
@@ -242,15 +244,21 @@ impl CoapAdapter {
         router: Option<CommandRouter>,
     ) -> Result<Self, CoapError> {
         config.validate()?;
-        if tokio::runtime::Handle::current().runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+        if tokio::runtime::Handle::current().runtime_flavor()
+            != tokio::runtime::RuntimeFlavor::MultiThread
+        {
             return Err(CoapError::Runtime);
         }
         let bind = |addr: SocketAddr| async move {
-            UdpSocket::bind(addr).await.map(Arc::new).map_err(|source| CoapError::Bind { addr, source })
+            UdpSocket::bind(addr)
+                .await
+                .map(Arc::new)
+                .map_err(|source| CoapError::Bind { addr, source })
         };
         // Plain UDP serves unauthenticated devices only: unbound otherwise, so it is
         // neither an attack surface nor a reflector.
-        let udp = if config.allow_unauthenticated { Some(bind(config.listen).await?) } else { None };
+        let udp =
+            if config.allow_unauthenticated { Some(bind(config.listen).await?) } else { None };
         let dtls = bind(config.listen_dtls).await?;
         // Start message ids somewhere unpredictable, so a restart does not reuse recent ones.
         let seed = std::time::SystemTime::now()
@@ -285,7 +293,9 @@ impl CoapAdapter {
     pub async fn run(self, shutdown: CancellationToken) {
         match self.local_addr() {
             Some(udp) => tracing::info!(%udp, dtls = %self.local_dtls_addr(), "CoAP adapter up"),
-            None => tracing::info!(dtls = %self.local_dtls_addr(), "CoAP adapter up (plain UDP off)"),
+            None => {
+                tracing::info!(dtls = %self.local_dtls_addr(), "CoAP adapter up (plain UDP off)")
+            }
         }
         let tasks = tokio_util::task::TaskTracker::new();
         let stopping = self.shared.stopping.clone();
@@ -293,7 +303,8 @@ impl CoapAdapter {
             shutdown.cancelled().await;
             stopping.cancel();
         };
-        let (shared, udp_tasks, udp_shutdown) = (self.shared.clone(), tasks.clone(), shutdown.clone());
+        let (shared, udp_tasks, udp_shutdown) =
+            (self.shared.clone(), tasks.clone(), shutdown.clone());
         let udp = async move {
             if let Some(udp) = self.udp {
                 connection::serve_udp(udp, shared, udp_tasks, udp_shutdown).await;
@@ -329,11 +340,12 @@ impl Failure {
         match self {
             Failure::Mapping(MappingError::NotFound(_)) => ResponseType::NotFound,
             Failure::Mapping(MappingError::MethodNotAllowed(_)) => ResponseType::MethodNotAllowed,
-            Failure::Mapping(MappingError::BadOption(_)) | Failure::Mapping(MappingError::EventNotConfirmable) => {
-                ResponseType::BadRequest
-            }
+            Failure::Mapping(MappingError::BadOption(_))
+            | Failure::Mapping(MappingError::EventNotConfirmable) => ResponseType::BadRequest,
             Failure::Mapping(MappingError::UnsupportedCriticalOption(_)) => ResponseType::BadOption,
-            Failure::Mapping(MappingError::UnsupportedContentFormat(_)) => ResponseType::UnsupportedContentFormat,
+            Failure::Mapping(MappingError::UnsupportedContentFormat(_)) => {
+                ResponseType::UnsupportedContentFormat
+            }
             Failure::NoCredentials
             | Failure::Auth(AuthError::BadCredentials)
             | Failure::Auth(AuthError::UnknownTenant) => ResponseType::Unauthorized,
@@ -343,7 +355,9 @@ impl Failure {
             | Failure::Auth(AuthError::TenantMismatch) => ResponseType::Forbidden,
             Failure::Auth(AuthError::UnknownDevice) => ResponseType::NotFound,
             Failure::Auth(AuthError::Busy) => ResponseType::TooManyRequests,
-            Failure::Auth(AuthError::Unavailable(_)) | Failure::Overloaded => ResponseType::ServiceUnavailable,
+            Failure::Auth(AuthError::Unavailable(_)) | Failure::Overloaded => {
+                ResponseType::ServiceUnavailable
+            }
             Failure::Upload(e) if e.is_transient() => ResponseType::ServiceUnavailable,
             Failure::Upload(UploadError::TooLarge { .. }) => ResponseType::RequestEntityTooLarge,
             Failure::Upload(_) => ResponseType::BadRequest,
@@ -453,7 +467,9 @@ impl Shared {
                 let (tenant, device_id) = match target {
                     None => (identity.tenant.clone(), identity.device_id.clone()),
                     // An empty tenant segment means the gateway's own tenant.
-                    Some((tenant, device)) if tenant.is_empty() => (identity.tenant.clone(), device),
+                    Some((tenant, device)) if tenant.is_empty() => {
+                        (identity.tenant.clone(), device)
+                    }
                     Some((tenant, device)) => (tenant, device),
                 };
                 if tenant != identity.tenant {
@@ -461,15 +477,28 @@ impl Shared {
                 }
                 // DTLS sessions outlive registry changes: check the device on every request
                 // (the registry caches), so a disabled device is cut off promptly.
-                let gateway = (device_id != identity.device_id).then_some(identity.device_id.as_str());
-                registry.authorize_device(&tenant, &device_id, gateway).await.map_err(Failure::Auth)?;
+                let gateway =
+                    (device_id != identity.device_id).then_some(identity.device_id.as_str());
+                registry
+                    .authorize_device(&tenant, &device_id, gateway)
+                    .await
+                    .map_err(Failure::Auth)?;
                 if gateway.is_some() {
-                    registry.authorize_device(&tenant, &identity.device_id, None).await.map_err(Failure::Auth)?;
+                    registry
+                        .authorize_device(&tenant, &identity.device_id, None)
+                        .await
+                        .map_err(Failure::Auth)?;
                 }
                 Ok((tenant, device_id, gateway.is_some()))
             }
-            (None, Some((tenant, device))) if self.config.allow_unauthenticated && !tenant.is_empty() => {
-                if !registry.allows_unauthenticated(&tenant, ADAPTER).await.map_err(Failure::Auth)? {
+            (None, Some((tenant, device)))
+                if self.config.allow_unauthenticated && !tenant.is_empty() =>
+            {
+                if !registry
+                    .allows_unauthenticated(&tenant, ADAPTER)
+                    .await
+                    .map_err(Failure::Auth)?
+                {
                     return Err(Failure::NoCredentials);
                 }
                 registry.authorize_device(&tenant, &device, None).await.map_err(Failure::Auth)?;
@@ -492,15 +521,21 @@ impl Shared {
     /// Decides and sends; takes the payload out of `packet` (the answer needs only its
     /// header and token). `Some`: the upload was accepted and the device waits for a
     /// command.
-    async fn accept(&self, identity: Option<&DeviceIdentity>, packet: &mut Packet) -> Result<Option<Wait>, Failure> {
+    async fn accept(
+        &self,
+        identity: Option<&DeviceIdentity>,
+        packet: &mut Packet,
+    ) -> Result<Option<Wait>, Failure> {
         if let Some(answer) = mapping::command_response(packet).map_err(Failure::Mapping)? {
             self.respond(identity, answer, packet).await?;
             return Ok(None);
         }
         let request = mapping::request(packet).map_err(Failure::Mapping)?;
-        let (tenant, device_id, via_gateway) = self.authorize(identity, request.route.target).await?;
+        let (tenant, device_id, via_gateway) =
+            self.authorize(identity, request.route.target).await?;
         let max = self.config.max_payload;
-        Downstream::validate(&packet.payload, request.content_type.as_deref(), max).map_err(Failure::Upload)?;
+        Downstream::validate(&packet.payload, request.content_type.as_deref(), max)
+            .map_err(Failure::Upload)?;
         let payload = Bytes::from(std::mem::take(&mut packet.payload));
         let upload = Upload {
             tenant: tenant.clone(),
@@ -518,7 +553,9 @@ impl Shared {
         self.downstream.send(upload).await.map_err(Failure::Upload)?;
         let ttd = request.ttd.map(|ttd| ttd.min(self.config.max_ttd)).filter(|ttd| !ttd.is_zero());
         Ok(match (&self.router, ttd) {
-            (Some(_), Some(ttd)) => Some(Wait { tenant, device_id, via_gateway, ttd, short_form: request.short_form }),
+            (Some(_), Some(ttd)) => {
+                Some(Wait { tenant, device_id, via_gateway, ttd, short_form: request.short_form })
+            }
             _ => None,
         })
     }
@@ -557,7 +594,9 @@ impl Shared {
         let plain = self.response(&poll.request, ResponseType::Changed);
         let Some(router) = &self.router else { return (plain, None) };
         let w = &poll.wait;
-        let Some(handover) = poll::wait(router, ADAPTER, &w.tenant, &w.device_id, w.ttd, &self.stopping).await else {
+        let Some(handover) =
+            poll::wait(router, ADAPTER, &w.tenant, &w.device_id, w.ttd, &self.stopping).await
+        else {
             return (plain, None);
         };
         let (command, confirmation) = handover.into_parts();
@@ -575,7 +614,8 @@ impl Shared {
     /// 2.04 carrying `command` (Hono's CoAP command format).
     fn command_response(&self, request: &Packet, wait: &Wait, command: &Command) -> Packet {
         let mut response = self.response(request, ResponseType::Changed);
-        let (one_way, answer) = if wait.short_form { ("c", "cr") } else { ("command", "command_response") };
+        let (one_way, answer) =
+            if wait.short_form { ("c", "cr") } else { ("command", "command_response") };
         let mut path = vec![if command.request_id.is_some() { answer } else { one_way }.to_owned()];
         if wait.via_gateway {
             path.push(wait.tenant.clone());
@@ -585,7 +625,10 @@ impl Shared {
         for segment in path {
             response.add_option(CoapOption::LocationPath, segment.into_bytes());
         }
-        response.add_option(CoapOption::LocationQuery, format!("hono-command={}", command.name).into_bytes());
+        response.add_option(
+            CoapOption::LocationQuery,
+            format!("hono-command={}", command.name).into_bytes(),
+        );
         if let Some(format) = command.content_type.as_deref().and_then(mapping::content_format_of) {
             response.add_option(CoapOption::ContentFormat, uint(u32::from(format)));
         }
@@ -653,7 +696,10 @@ mod tests {
         }
         let file: File = toml::from_str(DEFAULT_TOML).expect("DEFAULT_TOML parses");
         assert_eq!(file.adapters.coap, CoapConfig::default());
-        assert!(toml::from_str::<CoapConfig>("no_such_key = 1").is_err(), "unknown keys are refused");
+        assert!(
+            toml::from_str::<CoapConfig>("no_such_key = 1").is_err(),
+            "unknown keys are refused"
+        );
     }
 
     #[test]
@@ -662,7 +708,11 @@ mod tests {
         let config = CoapConfig { max_payload: 70_000, ..Default::default() };
         assert!(config.validate().unwrap_err().to_string().contains("max_payload"));
         let config = CoapConfig { max_in_flight_per_peer: 0, ..Default::default() };
-        assert!(config.validate().unwrap_err().to_string().contains("adapters.coap.max_in_flight_per_peer"));
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("adapters.coap.max_in_flight_per_peer"));
     }
 
     #[test]
@@ -689,8 +739,14 @@ mod tests {
             (Failure::Auth(AuthError::GatewayNotAuthorized), ResponseType::Forbidden),
             (Failure::Auth(AuthError::TenantMismatch), ResponseType::Forbidden),
             (Failure::Auth(AuthError::Busy), ResponseType::TooManyRequests),
-            (Failure::Upload(UploadError::NoConsumer("telemetry/t".into())), ResponseType::ServiceUnavailable),
-            (Failure::Upload(UploadError::TooLarge { size: 3, max: 2 }), ResponseType::RequestEntityTooLarge),
+            (
+                Failure::Upload(UploadError::NoConsumer("telemetry/t".into())),
+                ResponseType::ServiceUnavailable,
+            ),
+            (
+                Failure::Upload(UploadError::TooLarge { size: 3, max: 2 }),
+                ResponseType::RequestEntityTooLarge,
+            ),
             (Failure::Upload(UploadError::EmptyWithoutContentType), ResponseType::BadRequest),
             (Failure::Overloaded, ResponseType::ServiceUnavailable),
         ];

@@ -195,7 +195,13 @@ impl Assemblies {
     }
 
     /// A request carrying `block` (its Block1 option) arrived from `peer`.
-    pub fn add(&mut self, peer: SocketAddr, packet: &Packet, block: Block, now: Instant) -> Assembled {
+    pub fn add(
+        &mut self,
+        peer: SocketAddr,
+        packet: &Packet,
+        block: Block,
+        now: Instant,
+    ) -> Assembled {
         self.transfers.retain(|_, t| t.expires > now);
         let key = (peer, mapping::transfer_key(packet));
         if block.num == 0 {
@@ -205,7 +211,8 @@ impl Assemblies {
             }
             if !self.transfers.contains_key(&key) && self.transfers.len() >= self.max_transfers {
                 // Full: give up the transfer that has waited longest for its next block.
-                let oldest = self.transfers.iter().min_by_key(|(_, t)| t.expires).map(|(k, _)| k.clone());
+                let oldest =
+                    self.transfers.iter().min_by_key(|(_, t)| t.expires).map(|(k, _)| k.clone());
                 if let Some(oldest) = oldest {
                     self.transfers.remove(&oldest);
                 }
@@ -213,7 +220,8 @@ impl Assemblies {
             let mut request = packet.clone();
             request.payload = Vec::new();
             // A new first block restarts the transfer (the device started over).
-            self.transfers.insert(key.clone(), Transfer { request, body: Vec::new(), expires: now });
+            self.transfers
+                .insert(key.clone(), Transfer { request, body: Vec::new(), expires: now });
         }
         let Some(transfer) = self.transfers.get_mut(&key) else { return Assembled::Incomplete };
         let offset = (block.num as usize).saturating_mul(block.size());
@@ -337,7 +345,11 @@ mod tests {
         assert!(whole.payload.ends_with(b"end"));
         assert_eq!(whole.header.message_id, 3, "answered as the last block");
         assert_eq!(whole.get_token(), &[3]);
-        assert_eq!(whole.get_first_option(CoapOption::ContentFormat), Some(&vec![50]), "options of the first block");
+        assert_eq!(
+            whole.get_first_option(CoapOption::ContentFormat),
+            Some(&vec![50]),
+            "options of the first block"
+        );
         assert_eq!(whole.get_first_option(CoapOption::Block1), None);
         assert!(a.is_empty());
     }
@@ -358,7 +370,11 @@ mod tests {
         assert!(a.is_empty());
         let (mut big, b0) = block(4, 0, true, &[0; 16]);
         big.add_option(CoapOption::Size1, vec![0x10, 0x00]);
-        assert_eq!(a.add(peer(), &big, b0, now), Assembled::TooLarge { size: 4096 }, "announced size");
+        assert_eq!(
+            a.add(peer(), &big, b0, now),
+            Assembled::TooLarge { size: 4096 },
+            "announced size"
+        );
     }
 
     #[test]
@@ -367,7 +383,10 @@ mod tests {
         let mut a = Assemblies::new(Duration::from_secs(10), 2, 100);
         for port in 1..=3u16 {
             let (p, b) = block(1, 0, true, &[0; 16]);
-            assert_eq!(a.add(SocketAddr::from(([127, 0, 0, 1], port)), &p, b, now), Assembled::Continue);
+            assert_eq!(
+                a.add(SocketAddr::from(([127, 0, 0, 1], port)), &p, b, now),
+                Assembled::Continue
+            );
         }
         assert_eq!(a.len(), 2);
         let (p1, b1) = block(2, 1, false, b"x");
@@ -428,8 +447,15 @@ mod tests {
         x.complete(key(1, 2), Some(Bytes::from_static(b"b")));
         x.expire(now + Duration::from_secs(10));
         assert_eq!(x.len(), 1);
-        assert_eq!(x.receive(key(1, 1), true, now + Duration::from_secs(10)), Admission::New, "a reused id is new");
-        assert!(matches!(x.receive(key(1, 2), true, now + Duration::from_secs(11)), Admission::Replay(_)));
+        assert_eq!(
+            x.receive(key(1, 1), true, now + Duration::from_secs(10)),
+            Admission::New,
+            "a reused id is new"
+        );
+        assert!(matches!(
+            x.receive(key(1, 2), true, now + Duration::from_secs(11)),
+            Admission::Replay(_)
+        ));
     }
 
     #[test]

@@ -85,8 +85,12 @@ pub(crate) async fn wait(
     let (tx, mut rx) = oneshot::channel();
     let sink = Arc::new(PollSink { slot: Mutex::new(Some(tx)) });
     let ttd_seconds = i32::try_from(ttd.as_secs()).unwrap_or(i32::MAX);
-    let subscription =
-        router.subscribe(tenant, Target::Device(device.to_owned()), sink, Notify { adapter, ttd: ttd_seconds });
+    let subscription = router.subscribe(
+        tenant,
+        Target::Device(device.to_owned()),
+        sink,
+        Notify { adapter, ttd: ttd_seconds },
+    );
     let handover = tokio::select! {
         handover = &mut rx => handover.ok(),
         _ = tokio::time::sleep(ttd) => None,

@@ -20,10 +20,7 @@ pub enum Resource {
     Upload(Route),
     /// `POST /command/res/REQ-ID` (the authenticated device itself) or
     /// `PUT /command/res/TENANT/DEVICE/REQ-ID` (gateways, unauthenticated devices).
-    CommandResponse {
-        request_id: String,
-        target: Option<(String, String)>,
-    },
+    CommandResponse { request_id: String, target: Option<(String, String)> },
 }
 
 /// Why a request cannot be mapped.
@@ -50,7 +47,9 @@ pub fn route(method: &str, path: &str) -> Result<Route, MappingError> {
         ("PUT", [tenant, device]) if !tenant.is_empty() && !device.is_empty() => {
             Ok(Route { endpoint, target: Some((decode(tenant)?, decode(device)?)) })
         }
-        (_, []) | (_, [_, _]) => Err(MappingError::MethodNotAllowed { method: method.to_owned(), path: path.to_owned() }),
+        (_, []) | (_, [_, _]) => {
+            Err(MappingError::MethodNotAllowed { method: method.to_owned(), path: path.to_owned() })
+        }
         _ => Err(MappingError::NotFound(path.to_owned())),
     }
 }
@@ -63,17 +62,25 @@ pub fn resource(method: &str, path: &str) -> Result<Resource, MappingError> {
             ("POST", [id]) if !id.is_empty() => {
                 Ok(Resource::CommandResponse { request_id: decode(id)?, target: None })
             }
-            ("PUT", [tenant, device, id]) if !tenant.is_empty() && !device.is_empty() && !id.is_empty() => {
+            ("PUT", [tenant, device, id])
+                if !tenant.is_empty() && !device.is_empty() && !id.is_empty() =>
+            {
                 Ok(Resource::CommandResponse {
                     request_id: decode(id)?,
                     target: Some((decode(tenant)?, decode(device)?)),
                 })
             }
-            (_, [id]) if !id.is_empty() => {
-                Err(MappingError::MethodNotAllowed { method: method.to_owned(), path: path.to_owned() })
-            }
-            (_, [tenant, device, id]) if !tenant.is_empty() && !device.is_empty() && !id.is_empty() => {
-                Err(MappingError::MethodNotAllowed { method: method.to_owned(), path: path.to_owned() })
+            (_, [id]) if !id.is_empty() => Err(MappingError::MethodNotAllowed {
+                method: method.to_owned(),
+                path: path.to_owned(),
+            }),
+            (_, [tenant, device, id])
+                if !tenant.is_empty() && !device.is_empty() && !id.is_empty() =>
+            {
+                Err(MappingError::MethodNotAllowed {
+                    method: method.to_owned(),
+                    path: path.to_owned(),
+                })
             }
             _ => Err(MappingError::NotFound(path.to_owned())),
         },
@@ -91,12 +98,17 @@ pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 
 /// `hono-ttd` (header, else query parameter): seconds the device waits for a command,
 /// capped at `max`. Absent, zero or negative (Hono ignores those): no wait.
-pub fn ttd(header: Option<&str>, query: Option<&str>, max: Duration) -> Result<Option<Duration>, MappingError> {
-    let Some(value) = header.map(str::to_owned).or_else(|| query_param(query, "hono-ttd")) else { return Ok(None) };
-    let seconds = value
-        .trim()
-        .parse::<i64>()
-        .map_err(|_| MappingError::BadHeader(format!("hono-ttd must be a number of seconds, not {value:?}")))?;
+pub fn ttd(
+    header: Option<&str>,
+    query: Option<&str>,
+    max: Duration,
+) -> Result<Option<Duration>, MappingError> {
+    let Some(value) = header.map(str::to_owned).or_else(|| query_param(query, "hono-ttd")) else {
+        return Ok(None);
+    };
+    let seconds = value.trim().parse::<i64>().map_err(|_| {
+        MappingError::BadHeader(format!("hono-ttd must be a number of seconds, not {value:?}"))
+    })?;
     Ok((seconds > 0).then(|| Duration::from_secs(seconds as u64).min(max)).filter(|d| !d.is_zero()))
 }
 
@@ -105,12 +117,11 @@ pub fn command_status(header: Option<&str>, query: Option<&str>) -> Result<u16, 
     let value = query_param(query, "hono-cmd-status")
         .or_else(|| header.map(str::to_owned))
         .ok_or_else(|| MappingError::BadHeader("hono-cmd-status is required".into()))?;
-    value
-        .trim()
-        .parse::<u16>()
-        .ok()
-        .filter(|status| (200..600).contains(status))
-        .ok_or_else(|| MappingError::BadHeader(format!("hono-cmd-status must be a status code 200-599, not {value:?}")))
+    value.trim().parse::<u16>().ok().filter(|status| (200..600).contains(status)).ok_or_else(|| {
+        MappingError::BadHeader(format!(
+            "hono-cmd-status must be a status code 200-599, not {value:?}"
+        ))
+    })
 }
 
 fn decode(segment: &str) -> Result<String, MappingError> {
@@ -140,7 +151,9 @@ pub fn qos(endpoint: Endpoint, header: Option<&str>) -> Result<Qos, MappingError
         None => Qos::AtMostOnce,
         Some("0") => Qos::AtMostOnce,
         Some("1") => Qos::AtLeastOnce,
-        Some(other) => return Err(MappingError::BadHeader(format!("QoS-Level must be 0 or 1, not {other:?}"))),
+        Some(other) => {
+            return Err(MappingError::BadHeader(format!("QoS-Level must be 0 or 1, not {other:?}")))
+        }
     };
     Ok(if endpoint == Endpoint::Event { Qos::AtLeastOnce } else { requested })
 }
@@ -149,10 +162,9 @@ pub fn qos(endpoint: Endpoint, header: Option<&str>) -> Result<Qos, MappingError
 pub fn ttl(header: Option<&str>) -> Result<Option<Duration>, MappingError> {
     header
         .map(|v| {
-            v.trim()
-                .parse::<u64>()
-                .map(Duration::from_secs)
-                .map_err(|_| MappingError::BadHeader(format!("hono-ttl must be a number of seconds, not {v:?}")))
+            v.trim().parse::<u64>().map(Duration::from_secs).map_err(|_| {
+                MappingError::BadHeader(format!("hono-ttl must be a number of seconds, not {v:?}"))
+            })
         })
         .transpose()
 }
@@ -169,7 +181,10 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(route("POST", "/telemetry").unwrap(), Route { endpoint: Endpoint::Telemetry, target: None });
+        assert_eq!(
+            route("POST", "/telemetry").unwrap(),
+            Route { endpoint: Endpoint::Telemetry, target: None }
+        );
         assert_eq!(route("POST", "/event").unwrap().endpoint, Endpoint::Event);
         assert_eq!(
             route("PUT", "/telemetry/t1/dev%201").unwrap().target,
@@ -192,11 +207,23 @@ mod tests {
         );
         assert_eq!(
             resource("PUT", "/command/res/t1/d%201/abc").unwrap(),
-            Resource::CommandResponse { request_id: "abc".into(), target: Some(("t1".into(), "d 1".into())) }
+            Resource::CommandResponse {
+                request_id: "abc".into(),
+                target: Some(("t1".into(), "d 1".into()))
+            }
         );
-        assert_eq!(resource("POST", "/telemetry").unwrap(), Resource::Upload(route("POST", "/telemetry").unwrap()));
-        assert!(matches!(resource("PUT", "/command/res/abc"), Err(MappingError::MethodNotAllowed { .. })));
-        assert!(matches!(resource("POST", "/command/res/t1/d1/abc"), Err(MappingError::MethodNotAllowed { .. })));
+        assert_eq!(
+            resource("POST", "/telemetry").unwrap(),
+            Resource::Upload(route("POST", "/telemetry").unwrap())
+        );
+        assert!(matches!(
+            resource("PUT", "/command/res/abc"),
+            Err(MappingError::MethodNotAllowed { .. })
+        ));
+        assert!(matches!(
+            resource("POST", "/command/res/t1/d1/abc"),
+            Err(MappingError::MethodNotAllowed { .. })
+        ));
         assert!(matches!(resource("POST", "/command/res"), Err(MappingError::NotFound(_))));
         assert!(matches!(resource("POST", "/command/res/"), Err(MappingError::NotFound(_))));
         assert!(matches!(resource("PUT", "/command/res/t1/d1"), Err(MappingError::NotFound(_))));
@@ -208,7 +235,11 @@ mod tests {
         assert_eq!(ttd(None, None, max).unwrap(), None);
         assert_eq!(ttd(Some("10"), None, max).unwrap(), Some(Duration::from_secs(10)));
         assert_eq!(ttd(None, Some("a=1&hono-ttd=5"), max).unwrap(), Some(Duration::from_secs(5)));
-        assert_eq!(ttd(Some("7"), Some("hono-ttd=5"), max).unwrap(), Some(Duration::from_secs(7)), "header first");
+        assert_eq!(
+            ttd(Some("7"), Some("hono-ttd=5"), max).unwrap(),
+            Some(Duration::from_secs(7)),
+            "header first"
+        );
         assert_eq!(ttd(Some("600"), None, max).unwrap(), Some(max), "capped");
         assert_eq!(ttd(Some("-1"), None, max).unwrap(), None);
         assert_eq!(ttd(Some("0"), None, max).unwrap(), None);

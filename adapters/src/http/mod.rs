@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use ferrule_messaging::net::Admission;
+use ferrule_messaging::tls::{TlsAcceptor, TlsConfig};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -24,10 +26,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use ferrule_messaging::net::Admission;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use ferrule_messaging::tls::{TlsAcceptor, TlsConfig};
 
 use ferrule_command_control::{CommandRouter, RespondError};
 
@@ -169,7 +169,9 @@ impl HttpAdapter {
         };
         let listener = bind(config.listen).await?;
         let tls = if config.tls.enabled() {
-            let acceptor = TlsAcceptor::from(crate::tls::device_server_config(&config.tls).map_err(HttpError::Tls)?);
+            let acceptor = TlsAcceptor::from(
+                crate::tls::device_server_config(&config.tls).map_err(HttpError::Tls)?,
+            );
             Some((bind(config.listen_tls).await?, acceptor))
         } else {
             None
@@ -193,7 +195,8 @@ impl HttpAdapter {
         let admission = Admission::new("http", config.max_connections, config.source_limits());
         if let Some((listener, acceptor)) = self.tls {
             tracing::info!(addr = %listener.local_addr().expect("bound"), "HTTPS adapter up");
-            let (state, admission, shutdown, t) = (self.state.clone(), admission.clone(), shutdown.clone(), tasks.clone());
+            let (state, admission, shutdown, t) =
+                (self.state.clone(), admission.clone(), shutdown.clone(), tasks.clone());
             tasks.spawn(accept_loop(listener, Some(acceptor), state, admission, shutdown, t));
         }
         tracing::info!(addr = %self.listener.local_addr().expect("bound"), "HTTP adapter up");
@@ -218,7 +221,9 @@ async fn accept_loop(
             match tls {
                 None => serve(TokioIo::new(stream), peer, None, state, shutdown).await,
                 Some(acceptor) => {
-                    if let Some(stream) = ferrule_messaging::tls::handshake(&acceptor, stream, peer).await {
+                    if let Some(stream) =
+                        ferrule_messaging::tls::handshake(&acceptor, stream, peer).await
+                    {
                         let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
                         let cert = cert.map(|c| ClientCert(Arc::from(c.as_ref())));
                         serve(TokioIo::new(stream), peer, cert, state, shutdown).await;
@@ -241,8 +246,13 @@ struct ClientCert(Arc<[u8]>);
 struct PeerIp(std::net::IpAddr);
 
 /// Serves one connection (plain or TLS) until it ends or `shutdown` drains it.
-async fn serve<Io>(io: Io, peer: SocketAddr, cert: Option<ClientCert>, state: Arc<State>, shutdown: CancellationToken)
-where
+async fn serve<Io>(
+    io: Io,
+    peer: SocketAddr,
+    cert: Option<ClientCert>,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) where
     Io: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let header_timeout = state.config.header_read_timeout;
@@ -292,9 +302,15 @@ impl Failure {
     fn into_response(self) -> Response<Full<Bytes>> {
         let (status, message) = match &self {
             Failure::Mapping(MappingError::NotFound(_)) => (StatusCode::NOT_FOUND, self.message()),
-            Failure::Mapping(MappingError::MethodNotAllowed { .. }) => (StatusCode::METHOD_NOT_ALLOWED, self.message()),
-            Failure::Mapping(MappingError::BadHeader(_)) => (StatusCode::BAD_REQUEST, self.message()),
-            Failure::NoCredentials | Failure::Auth(AuthError::BadCredentials) | Failure::Auth(AuthError::UnknownTenant) => {
+            Failure::Mapping(MappingError::MethodNotAllowed { .. }) => {
+                (StatusCode::METHOD_NOT_ALLOWED, self.message())
+            }
+            Failure::Mapping(MappingError::BadHeader(_)) => {
+                (StatusCode::BAD_REQUEST, self.message())
+            }
+            Failure::NoCredentials
+            | Failure::Auth(AuthError::BadCredentials)
+            | Failure::Auth(AuthError::UnknownTenant) => {
                 (StatusCode::UNAUTHORIZED, "bad credentials".to_owned())
             }
             Failure::Auth(AuthError::TenantDisabled)
@@ -303,8 +319,12 @@ impl Failure {
             | Failure::Auth(AuthError::TenantMismatch) => (StatusCode::FORBIDDEN, self.message()),
             Failure::Auth(AuthError::UnknownDevice) => (StatusCode::NOT_FOUND, self.message()),
             Failure::Auth(AuthError::Busy) => (StatusCode::TOO_MANY_REQUESTS, self.message()),
-            Failure::Auth(AuthError::Unavailable(_)) => (StatusCode::SERVICE_UNAVAILABLE, "registry unavailable".to_owned()),
-            Failure::Upload(e) if e.is_transient() => (StatusCode::SERVICE_UNAVAILABLE, self.message()),
+            Failure::Auth(AuthError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "registry unavailable".to_owned())
+            }
+            Failure::Upload(e) if e.is_transient() => {
+                (StatusCode::SERVICE_UNAVAILABLE, self.message())
+            }
             Failure::Upload(UploadError::TooLarge { .. }) | Failure::BodyTooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, self.message())
             }
@@ -312,8 +332,11 @@ impl Failure {
                 (StatusCode::BAD_REQUEST, self.message())
             }
             Failure::Upload(_) => (StatusCode::BAD_REQUEST, self.message()),
-            Failure::Respond(RespondError::BadRequestId(_)) => (StatusCode::BAD_REQUEST, self.message()),
-            Failure::Respond(RespondError::NoConsumer) | Failure::Respond(RespondError::Refused(_)) => {
+            Failure::Respond(RespondError::BadRequestId(_)) => {
+                (StatusCode::BAD_REQUEST, self.message())
+            }
+            Failure::Respond(RespondError::NoConsumer)
+            | Failure::Respond(RespondError::Refused(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, self.message())
             }
             Failure::NoCommands => (StatusCode::NOT_FOUND, self.message()),
@@ -346,16 +369,24 @@ impl Failure {
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
-async fn handle(state: &State, req: Request<Incoming>, shutdown: &CancellationToken) -> Response<Full<Bytes>> {
+async fn handle(
+    state: &State,
+    req: Request<Incoming>,
+    shutdown: &CancellationToken,
+) -> Response<Full<Bytes>> {
     let result = match mapping::resource(req.method().as_str(), req.uri().path()) {
         Err(e) => Err(Failure::Mapping(e)),
         Ok(Resource::Upload(route)) => upload(state, req, route, shutdown).await,
         Ok(Resource::CommandResponse { request_id, target }) => {
-            command_response(state, req, request_id, target).await.map(|()| status(StatusCode::ACCEPTED))
+            command_response(state, req, request_id, target)
+                .await
+                .map(|()| status(StatusCode::ACCEPTED))
         }
     };
     result.unwrap_or_else(|failure| {
@@ -404,17 +435,26 @@ async fn authorize(
     match (credentials, target) {
         (Some(credentials), target) => {
             let identity = match credentials {
-                Credentials::Certificate(cert) => state.registry.authenticate_certificate(&cert.0).await,
+                Credentials::Certificate(cert) => {
+                    state.registry.authenticate_certificate(&cert.0).await
+                }
                 Credentials::Basic(username, password) => {
-                    let (auth_id, tenant) =
-                        mapping::split_username(&username).ok_or(Failure::Auth(AuthError::BadCredentials))?;
+                    let (auth_id, tenant) = mapping::split_username(&username)
+                        .ok_or(Failure::Auth(AuthError::BadCredentials))?;
                     let source = req.extensions().get::<PeerIp>().map(|p| p.0);
-                    state.registry.authenticate_password(tenant, auth_id, password.as_bytes(), source).await
+                    state
+                        .registry
+                        .authenticate_password(tenant, auth_id, password.as_bytes(), source)
+                        .await
                 }
             }
             .map_err(Failure::Auth)?;
             match target {
-                None => Ok(Principal { tenant: identity.tenant, device_id: identity.device_id, via_gateway: false }),
+                None => Ok(Principal {
+                    tenant: identity.tenant,
+                    device_id: identity.device_id,
+                    via_gateway: false,
+                }),
                 Some((tenant, device)) => {
                     if tenant != identity.tenant {
                         return Err(Failure::Auth(AuthError::TenantMismatch));
@@ -432,7 +472,12 @@ async fn authorize(
             }
         }
         (None, Some((tenant, device))) if state.config.allow_unauthenticated => {
-            if !state.registry.allows_unauthenticated(&tenant, ADAPTER).await.map_err(Failure::Auth)? {
+            if !state
+                .registry
+                .allows_unauthenticated(&tenant, ADAPTER)
+                .await
+                .map_err(Failure::Auth)?
+            {
                 return Err(Failure::NoCredentials);
             }
             state.registry.authorize_device(&tenant, &device, None).await.map_err(Failure::Auth)?;
@@ -446,7 +491,9 @@ async fn authorize(
 /// is announced.
 async fn body(state: &State, req: Request<Incoming>) -> Result<Bytes, Failure> {
     let max = state.config.max_payload;
-    if let Some(length) = header(&req, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(length) =
+        header(&req, CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<usize>().ok())
+    {
         if length > max {
             return Err(Failure::BodyTooLarge(max));
         }
@@ -473,12 +520,14 @@ async fn upload(
 ) -> Result<Response<Full<Bytes>>, Failure> {
     let qos = mapping::qos(route.endpoint, header(&req, "qos-level")).map_err(Failure::Mapping)?;
     let ttl = mapping::ttl(header(&req, "hono-ttl")).map_err(Failure::Mapping)?;
-    let ttd = mapping::ttd(header(&req, "hono-ttd"), req.uri().query(), state.config.max_ttd).map_err(Failure::Mapping)?;
+    let ttd = mapping::ttd(header(&req, "hono-ttd"), req.uri().query(), state.config.max_ttd)
+        .map_err(Failure::Mapping)?;
     let content_type = header(&req, CONTENT_TYPE.as_str()).map(str::to_owned);
     let principal = authorize(state, &req, route.target).await?;
     let orig_address = req.uri().path().to_owned();
     let payload = body(state, req).await?;
-    Downstream::validate(&payload, content_type.as_deref(), state.config.max_payload).map_err(Failure::Upload)?;
+    Downstream::validate(&payload, content_type.as_deref(), state.config.max_payload)
+        .map_err(Failure::Upload)?;
     let upload = Upload {
         tenant: principal.tenant.clone(),
         device_id: principal.device_id.clone(),
@@ -492,9 +541,17 @@ async fn upload(
         properties: Vec::new(),
     };
     // HTTP has no fire-and-forget: even QoS 0 tells the device there was no consumer.
-    state.downstream.send_reporting_drops(upload, qos == Qos::AtMostOnce).await.map_err(Failure::Upload)?;
-    let (Some(router), Some(ttd)) = (&state.router, ttd) else { return Ok(status(StatusCode::ACCEPTED)) };
-    match command::wait(router, ADAPTER, &principal.tenant, &principal.device_id, ttd, shutdown).await {
+    state
+        .downstream
+        .send_reporting_drops(upload, qos == Qos::AtMostOnce)
+        .await
+        .map_err(Failure::Upload)?;
+    let (Some(router), Some(ttd)) = (&state.router, ttd) else {
+        return Ok(status(StatusCode::ACCEPTED));
+    };
+    match command::wait(router, ADAPTER, &principal.tenant, &principal.device_id, ttd, shutdown)
+        .await
+    {
         Some(handover) => {
             let (command, confirmation) = handover.into_parts();
             confirmation.accepted();
@@ -512,7 +569,8 @@ async fn command_response(
     target: Option<(String, String)>,
 ) -> Result<(), Failure> {
     let router = state.router.as_ref().ok_or(Failure::NoCommands)?;
-    let status = mapping::command_status(header(&req, "hono-cmd-status"), req.uri().query()).map_err(Failure::Mapping)?;
+    let status = mapping::command_status(header(&req, "hono-cmd-status"), req.uri().query())
+        .map_err(Failure::Mapping)?;
     let content_type = header(&req, CONTENT_TYPE.as_str()).map(str::to_owned);
     let principal = authorize(state, &req, target).await?;
     let payload = body(state, req).await?;
@@ -533,8 +591,10 @@ fn basic_credentials(req: &Request<Incoming>) -> Result<Option<(String, String)>
     let Some(value) = req.headers().get(hyper::header::AUTHORIZATION) else { return Ok(None) };
     let bad = || Failure::Auth(AuthError::BadCredentials);
     let value = value.to_str().map_err(|_| bad())?;
-    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic ")).ok_or_else(bad)?;
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
+    let encoded =
+        value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic ")).ok_or_else(bad)?;
+    let decoded =
+        base64::engine::general_purpose::STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
     let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
     let (user, password) = decoded.split_once(':').ok_or_else(bad)?;
     Ok(Some((user.to_owned(), password.to_owned())))
@@ -564,7 +624,9 @@ mod tests {
             (Failure::Respond(RespondError::NoConsumer), StatusCode::SERVICE_UNAVAILABLE),
             (Failure::Respond(RespondError::Refused("x".into())), StatusCode::SERVICE_UNAVAILABLE),
             (
-                Failure::Respond(RespondError::BadRequestId(ferrule_command_control::CommandError::NoSubject)),
+                Failure::Respond(RespondError::BadRequestId(
+                    ferrule_command_control::CommandError::NoSubject,
+                )),
                 StatusCode::BAD_REQUEST,
             ),
             (Failure::NoCommands, StatusCode::NOT_FOUND),

@@ -65,7 +65,12 @@ impl Outbox {
     /// The sink registered with the router for one subscription (`form` decides the
     /// topic spelling; `at_least_once` is the granted QoS 1).
     pub fn sink(&self, form: CommandFilter, at_least_once: bool) -> Arc<dyn CommandSink> {
-        Arc::new(SessionSink { tx: self.tx.clone(), form: Arc::new(form), at_least_once, ack_timeout: self.ack_timeout })
+        Arc::new(SessionSink {
+            tx: self.tx.clone(),
+            form: Arc::new(form),
+            at_least_once,
+            ack_timeout: self.ack_timeout,
+        })
     }
 }
 
@@ -85,12 +90,16 @@ struct SessionSink {
 impl CommandSink for SessionSink {
     fn deliver(&self, command: Command) -> BoxFuture<Outcome> {
         if !mapping::valid_command_name(&command.name) {
-            let description = format!("command name {:?} cannot be an MQTT topic level", command.name);
-            return Box::pin(async move { Outcome::rejected(condition::INVALID_FIELD, description) });
+            let description =
+                format!("command name {:?} cannot be an MQTT topic level", command.name);
+            return Box::pin(
+                async move { Outcome::rejected(condition::INVALID_FIELD, description) },
+            );
         }
         let tx = self.tx.clone();
         let (done, outcome) = oneshot::channel();
-        let pending = Pending { command, form: self.form.clone(), at_least_once: self.at_least_once, done };
+        let pending =
+            Pending { command, form: self.form.clone(), at_least_once: self.at_least_once, done };
         let ack_timeout = self.ack_timeout;
         Box::pin(async move {
             // A full outbox for that long means the device is not keeping up: released.
@@ -108,7 +117,12 @@ impl CommandSink for SessionSink {
 /// in-flight slot is free, until the connection ends.
 ///
 /// Runs on the ntex worker thread that owns `outbound`.
-async fn run(mut rx: mpsc::Receiver<Pending>, outbound: Outbound, stop: CancellationToken, ack_timeout: Duration) {
+async fn run(
+    mut rx: mpsc::Receiver<Pending>,
+    outbound: Outbound,
+    stop: CancellationToken,
+    ack_timeout: Duration,
+) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let pending = tokio::select! {
@@ -137,21 +151,30 @@ async fn run(mut rx: mpsc::Receiver<Pending>, outbound: Outbound, stop: Cancella
 /// expects PUBACKs in order).
 async fn publish(outbound: &Outbound, pending: &Pending, ack_timeout: Duration) -> Outcome {
     let command = &pending.command;
-    let topic = pending.form.command_topic(&command.tenant, &command.device_id, command.request_id.as_deref(), &command.name);
+    let topic = pending.form.command_topic(
+        &command.tenant,
+        &command.device_id,
+        command.request_id.as_deref(),
+        &command.name,
+    );
     // ntex and the messaging core use different `Bytes` types: one copy here.
     let payload = ntex_bytes::Bytes::copy_from_slice(&command.payload);
     let delivered = match outbound {
         Outbound::V3(sink) => {
             let publish = sink.publish(topic);
             if pending.at_least_once {
-                matches!(tokio::time::timeout(ack_timeout, publish.send_at_least_once(payload)).await, Ok(Ok(())))
+                matches!(
+                    tokio::time::timeout(ack_timeout, publish.send_at_least_once(payload)).await,
+                    Ok(Ok(()))
+                )
             } else {
                 publish.send_at_most_once(payload).is_ok()
             }
         }
         Outbound::V5(sink) => {
             let content_type = command.content_type.clone();
-            let publish = sink.publish(topic).properties(|p| p.content_type = content_type.map(Into::into));
+            let publish =
+                sink.publish(topic).properties(|p| p.content_type = content_type.map(Into::into));
             if pending.at_least_once {
                 match tokio::time::timeout(ack_timeout, publish.send_at_least_once(payload)).await {
                     Ok(Ok(ack)) => u8::from(ack.reason_code) < 0x80,
@@ -205,7 +228,11 @@ mod tests {
     async fn released_when_the_session_is_gone_or_full() {
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
-        assert_eq!(sink(tx, Duration::from_secs(5)).deliver(command("light")).await, Outcome::Released, "gone");
+        assert_eq!(
+            sink(tx, Duration::from_secs(5)).deliver(command("light")).await,
+            Outcome::Released,
+            "gone"
+        );
 
         let (tx, mut rx) = mpsc::channel(1);
         let s = sink(tx, Duration::from_millis(50));
@@ -213,7 +240,8 @@ mod tests {
         let taken = rx.recv().await.expect("handed to the session");
         // The outbox stays full: the next command waits for room, then gives up.
         let (done, _outcome) = oneshot::channel();
-        let filler = Pending { command: command("x"), form: s.form.clone(), at_least_once: true, done };
+        let filler =
+            Pending { command: command("x"), form: s.form.clone(), at_least_once: true, done };
         s.tx.try_send(filler).map_err(|_| "room for one").unwrap();
         assert_eq!(s.deliver(command("b")).await, Outcome::Released, "full");
         // The session took the first but dropped it (connection ended): released.
@@ -224,6 +252,9 @@ mod tests {
     #[tokio::test]
     async fn wildcards_in_the_name_are_rejected() {
         let (tx, _rx) = mpsc::channel(1);
-        assert!(matches!(sink(tx, Duration::from_secs(5)).deliver(command("a/#")).await, Outcome::Rejected { .. }));
+        assert!(matches!(
+            sink(tx, Duration::from_secs(5)).deliver(command("a/#")).await,
+            Outcome::Rejected { .. }
+        ));
     }
 }

@@ -12,8 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ferrule_command_control::{CommandRouter, Notify, RespondError, Response, Target as CommandTarget};
-use ntex_mqtt::v5::codec::{ConnectAckReason, Disconnect, DisconnectReasonCode, PublishAckReason, SubscribeAckReason};
+use ferrule_command_control::{
+    CommandRouter, Notify, RespondError, Response, Target as CommandTarget,
+};
+use ntex_mqtt::v5::codec::{
+    ConnectAckReason, Disconnect, DisconnectReasonCode, PublishAckReason, SubscribeAckReason,
+};
 use ntex_mqtt::{v3, v5, Control, MqttServer, MqttServiceConfig, QoS, Reason};
 use ntex_service::cfg::SharedCfg;
 use ntex_service::Service as _;
@@ -21,7 +25,9 @@ use ntex_util::time::Seconds;
 use tokio_util::sync::CancellationToken;
 
 use super::command::{Outbound, Outbox};
-use super::mapping::{self, DeviceFilter, ErrorSubscription, MappingError, OnError, PublishAddress, ResponseAddress};
+use super::mapping::{
+    self, DeviceFilter, ErrorSubscription, MappingError, OnError, PublishAddress, ResponseAddress,
+};
 use super::session::{Principal, Qos0Slot, Session, Target, TargetError, Version};
 use super::{MqttConfig, ADAPTER};
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
@@ -62,26 +68,33 @@ pub(super) fn serve(
     shutdown: CancellationToken,
     ready: std::sync::mpsc::Sender<std::io::Result<()>>,
 ) {
-    let system = ntex_rt::System::build().name("ferrule-mqtt").disable_signals().build(ntex_net::DefaultRuntime);
+    let system = ntex_rt::System::build()
+        .name("ferrule-mqtt")
+        .disable_signals()
+        .build(ntex_net::DefaultRuntime);
     system.block_on(async move {
         let config = &shared.config;
         // The codec limit bounds memory per packet; payloads slightly over `max_payload`
         // still get a proper answer (error topic / PUBACK reason), bigger ones a protocol
         // error. A whole packet under the limit is delivered in one piece.
-        let max_packet = u32::try_from(config.max_payload.saturating_add(64 * 1024)).unwrap_or(u32::MAX);
-        let connect_timeout = Seconds(u16::try_from(config.connect_timeout.as_secs().max(1)).unwrap_or(u16::MAX));
-        let mqtt_config = || MqttServiceConfig::new()
-            .set_max_qos(QoS::AtLeastOnce)
-            .set_max_size(max_packet)
-            .set_min_chunk_size(max_packet)
-            // A silent client is dropped after `connect_timeout` whether it stalls before
-            // or inside its CONNECT.
-            .protocol_version_timeout(connect_timeout)
-            .set_connect_timeout(connect_timeout)
-            .set_handshake_timeout(connect_timeout)
-            // Without this, QoS 0 publishes that arrive right before a DISCONNECT are
-            // dropped (one-shot clients like mosquitto_pub lose messages).
-            .set_handle_qos_after_disconnect(Some(QoS::AtLeastOnce));
+        let max_packet =
+            u32::try_from(config.max_payload.saturating_add(64 * 1024)).unwrap_or(u32::MAX);
+        let connect_timeout =
+            Seconds(u16::try_from(config.connect_timeout.as_secs().max(1)).unwrap_or(u16::MAX));
+        let mqtt_config = || {
+            MqttServiceConfig::new()
+                .set_max_qos(QoS::AtLeastOnce)
+                .set_max_size(max_packet)
+                .set_min_chunk_size(max_packet)
+                // A silent client is dropped after `connect_timeout` whether it stalls before
+                // or inside its CONNECT.
+                .protocol_version_timeout(connect_timeout)
+                .set_connect_timeout(connect_timeout)
+                .set_handshake_timeout(connect_timeout)
+                // Without this, QoS 0 publishes that arrive right before a DISCONNECT are
+                // dropped (one-shot clients like mosquitto_pub lose messages).
+                .set_handle_qos_after_disconnect(Some(QoS::AtLeastOnce))
+        };
         let per_worker = config.max_connections.div_ceil(config.workers).max(1);
         let factory_shared = shared.clone();
         let builder = ntex_server::net::ServerBuilder::default()
@@ -89,15 +102,20 @@ pub(super) fn serve(
             .workers(config.workers)
             .disable_signals()
             .maxconn(per_worker)
-            .shutdown_timeout(ntex_util::time::Millis(u32::try_from(config.shutdown_grace.as_millis()).unwrap_or(u32::MAX)))
+            .shutdown_timeout(ntex_util::time::Millis(
+                u32::try_from(config.shutdown_grace.as_millis()).unwrap_or(u32::MAX),
+            ))
             .listen("mqtt", listener, SharedCfg::new("MQTT").add(mqtt_config()), async move |_| {
                 let admission = factory_shared.admission.clone();
-                ntex_service::apply_fn(build_server(factory_shared.clone()), async move |io: ntex_io::Io, inner| {
-                    // Per-source caps and connection rate, checked as the connection is
-                    // accepted (before a byte is read); the place is held until it closes.
-                    let Some(_admitted) = admit(&admission, &io) else { return Ok(()) };
-                    inner.call(io).await
-                })
+                ntex_service::apply_fn(
+                    build_server(factory_shared.clone()),
+                    async move |io: ntex_io::Io, inner| {
+                        // Per-source caps and connection rate, checked as the connection is
+                        // accepted (before a byte is read); the place is held until it closes.
+                        let Some(_admitted) = admit(&admission, &io) else { return Ok(()) };
+                        inner.call(io).await
+                    },
+                )
             });
         let builder = match (builder, tls) {
             (Ok(builder), Some((listener, server_config))) => {
@@ -109,7 +127,11 @@ pub(super) fn serve(
                     // the TLS port) ends that connection only.
                     let admission = factory_shared.admission.clone();
                     let tls = ntex_tls::rustls::TlsAcceptor::new(server_config.clone())
-                        .map_err(|e| ntex_mqtt::MqttError::Service(Close(format!("TLS handshake failed: {e}"))))
+                        .map_err(|e| {
+                            ntex_mqtt::MqttError::Service(Close(format!(
+                                "TLS handshake failed: {e}"
+                            )))
+                        })
                         .and_then(build_server(factory_shared.clone()));
                     ntex_service::apply_fn(tls, async move |io: ntex_io::Io, inner| {
                         // Admitted before the TLS handshake costs anything.
@@ -151,8 +173,18 @@ fn build_server<Req>(
 ) -> MqttServer<
     (),
     Req,
-    impl ntex_service::Service<(), ntex_service::State<(), ntex_io::IoBoxed>, Res = (), Error = ntex_mqtt::MqttError<Close>>,
-    impl ntex_service::Service<(), ntex_service::State<(), ntex_io::IoBoxed>, Res = (), Error = ntex_mqtt::MqttError<Close>>,
+    impl ntex_service::Service<
+        (),
+        ntex_service::State<(), ntex_io::IoBoxed>,
+        Res = (),
+        Error = ntex_mqtt::MqttError<Close>,
+    >,
+    impl ntex_service::Service<
+        (),
+        ntex_service::State<(), ntex_io::IoBoxed>,
+        Res = (),
+        Error = ntex_mqtt::MqttError<Close>,
+    >,
     Close,
 >
 where
@@ -160,28 +192,30 @@ where
 {
     let (s1, s2, s3, s4) = (shared.clone(), shared.clone(), shared.clone(), shared.clone());
     let (s5, s6, s7, s8) = (shared.clone(), shared.clone(), shared.clone(), shared);
-    let v3 = v3::MqttServer::new(async move |session: &v3::Session<Session>, publish: v3::Publish| {
-        publish_v3(&s1, session, publish).await
-    })
-    .protocol(async move |session: &v3::Session<Session>, message: v3::ProtocolMessage| {
-        protocol_v3(&s2, session, message).await
-    })
-    .control(async move |session: &v3::Session<Session>, control: Control<Close>| {
-        stopped(&s3, session, control);
-        Ok::<_, Close>(None)
-    })
-    .build(async move |connect: v3::Connect| connect_v3(&s4, connect).await);
-    let v5 = v5::MqttServer::new(async move |session: &v5::Session<Session>, publish: v5::Publish| {
-        publish_v5(&s5, session, publish).await
-    })
-    .protocol(async move |session: &v5::Session<Session>, message: v5::ProtocolMessage| {
-        protocol_v5(&s6, session, message).await
-    })
-    .control(async move |session: &v5::Session<Session>, control: Control<Close>| {
-        stopped(&s7, session, control);
-        Ok::<_, Close>(None)
-    })
-    .build(async move |connect: v5::Connect| connect_v5(&s8, connect).await);
+    let v3 =
+        v3::MqttServer::new(async move |session: &v3::Session<Session>, publish: v3::Publish| {
+            publish_v3(&s1, session, publish).await
+        })
+        .protocol(async move |session: &v3::Session<Session>, message: v3::ProtocolMessage| {
+            protocol_v3(&s2, session, message).await
+        })
+        .control(async move |session: &v3::Session<Session>, control: Control<Close>| {
+            stopped(&s3, session, control);
+            Ok::<_, Close>(None)
+        })
+        .build(async move |connect: v3::Connect| connect_v3(&s4, connect).await);
+    let v5 =
+        v5::MqttServer::new(async move |session: &v5::Session<Session>, publish: v5::Publish| {
+            publish_v5(&s5, session, publish).await
+        })
+        .protocol(async move |session: &v5::Session<Session>, message: v5::ProtocolMessage| {
+            protocol_v5(&s6, session, message).await
+        })
+        .control(async move |session: &v5::Session<Session>, control: Control<Close>| {
+            stopped(&s7, session, control);
+            Ok::<_, Close>(None)
+        })
+        .build(async move |connect: v5::Connect| connect_v5(&s8, connect).await);
     MqttServer::new().v3(v3).v5(v5)
 }
 
@@ -219,7 +253,9 @@ impl Refusal {
             Refusal::BadCredentials => ConnectAckReason::BadUserNameOrPassword,
             Refusal::NotAuthorized => ConnectAckReason::NotAuthorized,
             Refusal::Unavailable => ConnectAckReason::ServerUnavailable,
-            Refusal::WillNotSupported | Refusal::PersistentSession => ConnectAckReason::ImplementationSpecificError,
+            Refusal::WillNotSupported | Refusal::PersistentSession => {
+                ConnectAckReason::ImplementationSpecificError
+            }
         }
     }
 
@@ -288,7 +324,8 @@ async fn authenticate(
     source: Option<std::net::IpAddr>,
 ) -> Result<Principal, Refusal> {
     if let Some(cert) = cert {
-        let identity = shared.registry.authenticate_certificate(&cert).await.map_err(Refusal::from)?;
+        let identity =
+            shared.registry.authenticate_certificate(&cert).await.map_err(Refusal::from)?;
         return Ok(Principal::Device(identity));
     }
     match username.filter(|u| !u.is_empty()) {
@@ -301,7 +338,8 @@ async fn authenticate(
         }
         None => Err(Refusal::BadCredentials),
         Some(username) => {
-            let (auth_id, tenant) = mapping::split_username(username).ok_or(Refusal::BadCredentials)?;
+            let (auth_id, tenant) =
+                mapping::split_username(username).ok_or(Refusal::BadCredentials)?;
             let identity = shared
                 .registry
                 .authenticate_password(tenant, auth_id, password.unwrap_or_default(), source)
@@ -312,7 +350,10 @@ async fn authenticate(
     }
 }
 
-async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::ConnectAck<Session>, Close> {
+async fn connect_v3(
+    shared: &Arc<Shared>,
+    connect: v3::Connect,
+) -> Result<v3::ConnectAck<Session>, Close> {
     let cert = client_certificate(connect.io());
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
@@ -321,7 +362,14 @@ async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::Co
     } else if !packet.clean_session {
         Err(Refusal::PersistentSession)
     } else {
-        authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref(), peer_ip(connect.io())).await
+        authenticate(
+            shared,
+            cert,
+            packet.username.as_deref(),
+            packet.password.as_deref(),
+            peer_ip(connect.io()),
+        )
+        .await
     };
     match refused {
         Ok(principal) => {
@@ -336,7 +384,10 @@ async fn connect_v3(shared: &Arc<Shared>, connect: v3::Connect) -> Result<v3::Co
     }
 }
 
-async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::ConnectAck<Session>, Close> {
+async fn connect_v5(
+    shared: &Arc<Shared>,
+    connect: v5::Connect,
+) -> Result<v5::ConnectAck<Session>, Close> {
     let cert = client_certificate(connect.io());
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
@@ -344,7 +395,14 @@ async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::Co
     let refused = if packet.last_will.is_some() {
         Err(Refusal::WillNotSupported)
     } else {
-        authenticate(shared, cert, packet.username.as_deref(), packet.password.as_deref(), peer_ip(connect.io())).await
+        authenticate(
+            shared,
+            cert,
+            packet.username.as_deref(),
+            packet.password.as_deref(),
+            peer_ip(connect.io()),
+        )
+        .await
     };
     match refused {
         Ok(principal) => {
@@ -363,7 +421,9 @@ async fn connect_v5(shared: &Arc<Shared>, connect: v5::Connect) -> Result<v5::Co
         }
         Err(refusal) => {
             tracing::debug!(client_id, reason = refusal.reason(), "MQTT 5 CONNECT refused");
-            Ok(connect.failed::<Session>(refusal.v5()).with(|ack| ack.reason_string = Some(refusal.reason().into())))
+            Ok(connect
+                .failed::<Session>(refusal.v5())
+                .with(|ack| ack.reason_string = Some(refusal.reason().into())))
         }
     }
 }
@@ -386,11 +446,15 @@ fn stopped(shared: &Arc<Shared>, session: &Session, control: Control<Close>) {
         session.end_commands();
         session.end_qos0();
         match &reason {
-            Reason::Error(e) => tracing::debug!(client_id = %session.client_id, error = %e.get_ref(), "MQTT connection closed"),
+            Reason::Error(e) => {
+                tracing::debug!(client_id = %session.client_id, error = %e.get_ref(), "MQTT connection closed")
+            }
             Reason::Protocol(e) => {
                 tracing::debug!(client_id = %session.client_id, error = %e.get_ref(), "MQTT connection closed on a protocol error")
             }
-            Reason::PeerGone(_) => tracing::trace!(client_id = %session.client_id, "MQTT connection ended"),
+            Reason::PeerGone(_) => {
+                tracing::trace!(client_id = %session.client_id, "MQTT connection ended")
+            }
         }
         if let Principal::Device(identity) = &session.principal {
             connection_event(shared, identity, &session.client_id, "disconnected");
@@ -400,7 +464,12 @@ fn stopped(shared: &Arc<Shared>, session: &Session, control: Control<Close>) {
 
 /// Sends a Hono connection event in the background; failures only get logged, a device
 /// must not be refused because nobody listens to its connection events.
-fn connection_event(shared: &Arc<Shared>, identity: &DeviceIdentity, client_id: &str, cause: &'static str) {
+fn connection_event(
+    shared: &Arc<Shared>,
+    identity: &DeviceIdentity,
+    client_id: &str,
+    cause: &'static str,
+) {
     let body = serde_json::json!({
         "cause": cause,
         "remote-id": client_id,
@@ -454,8 +523,13 @@ impl Failure {
     fn status(&self) -> u16 {
         match self {
             Failure::Mapping(_) | Failure::EventAtQos0 | Failure::Retain => 400,
-            Failure::Auth(AuthError::BadCredentials | AuthError::UnknownTenant) | Failure::IdentityRequired => 401,
-            Failure::Auth(AuthError::TenantDisabled | AuthError::GatewayNotAuthorized | AuthError::TenantMismatch)
+            Failure::Auth(AuthError::BadCredentials | AuthError::UnknownTenant)
+            | Failure::IdentityRequired => 401,
+            Failure::Auth(
+                AuthError::TenantDisabled
+                | AuthError::GatewayNotAuthorized
+                | AuthError::TenantMismatch,
+            )
             | Failure::UnauthenticatedNotAllowed => 403,
             Failure::Auth(AuthError::UnknownDevice | AuthError::DeviceDisabled) => 404,
             Failure::Auth(AuthError::Busy) => 429,
@@ -474,15 +548,23 @@ impl Failure {
             Failure::Mapping(_) => PublishAckReason::TopicNameInvalid,
             Failure::Auth(AuthError::Busy) => PublishAckReason::QuotaExceeded,
             Failure::Auth(AuthError::Unavailable(_)) => PublishAckReason::UnspecifiedError,
-            Failure::Auth(_) | Failure::IdentityRequired | Failure::UnauthenticatedNotAllowed => PublishAckReason::NotAuthorized,
+            Failure::Auth(_) | Failure::IdentityRequired | Failure::UnauthenticatedNotAllowed => {
+                PublishAckReason::NotAuthorized
+            }
             Failure::Upload(UploadError::NoConsumer(_)) => PublishAckReason::UnspecifiedError,
-            Failure::Upload(UploadError::Overloaded(_) | UploadError::TooLarge { .. }) => PublishAckReason::QuotaExceeded,
-            Failure::Upload(UploadError::EmptyWithoutContentType) => PublishAckReason::PayloadFormatInvalid,
+            Failure::Upload(UploadError::Overloaded(_) | UploadError::TooLarge { .. }) => {
+                PublishAckReason::QuotaExceeded
+            }
+            Failure::Upload(UploadError::EmptyWithoutContentType) => {
+                PublishAckReason::PayloadFormatInvalid
+            }
             Failure::Upload(UploadError::Refused(_)) => PublishAckReason::UnspecifiedError,
             Failure::EventAtQos0 | Failure::Retain => PublishAckReason::ImplementationSpecificError,
             Failure::Respond(RespondError::BadRequestId(_)) => PublishAckReason::TopicNameInvalid,
             Failure::Respond(RespondError::NoConsumer) => PublishAckReason::UnspecifiedError,
-            Failure::Respond(RespondError::Refused(_)) => PublishAckReason::ImplementationSpecificError,
+            Failure::Respond(RespondError::Refused(_)) => {
+                PublishAckReason::ImplementationSpecificError
+            }
         }
     }
 
@@ -492,16 +574,24 @@ impl Failure {
             Failure::Mapping(_) => DisconnectReasonCode::TopicNameInvalid,
             Failure::Auth(AuthError::Busy) => DisconnectReasonCode::ServerBusy,
             Failure::Auth(AuthError::Unavailable(_)) => DisconnectReasonCode::UnspecifiedError,
-            Failure::Auth(_) | Failure::IdentityRequired | Failure::UnauthenticatedNotAllowed => DisconnectReasonCode::NotAuthorized,
+            Failure::Auth(_) | Failure::IdentityRequired | Failure::UnauthenticatedNotAllowed => {
+                DisconnectReasonCode::NotAuthorized
+            }
             Failure::Upload(UploadError::TooLarge { .. }) => DisconnectReasonCode::PacketTooLarge,
             Failure::Upload(UploadError::Overloaded(_)) => DisconnectReasonCode::QuotaExceeded,
-            Failure::Upload(UploadError::EmptyWithoutContentType) => DisconnectReasonCode::PayloadFormatInvalid,
+            Failure::Upload(UploadError::EmptyWithoutContentType) => {
+                DisconnectReasonCode::PayloadFormatInvalid
+            }
             Failure::Upload(_) => DisconnectReasonCode::UnspecifiedError,
             Failure::EventAtQos0 => DisconnectReasonCode::QosNotSupported,
             Failure::Retain => DisconnectReasonCode::RetainNotSupported,
-            Failure::Respond(RespondError::BadRequestId(_)) => DisconnectReasonCode::TopicNameInvalid,
+            Failure::Respond(RespondError::BadRequestId(_)) => {
+                DisconnectReasonCode::TopicNameInvalid
+            }
             Failure::Respond(RespondError::NoConsumer) => DisconnectReasonCode::UnspecifiedError,
-            Failure::Respond(RespondError::Refused(_)) => DisconnectReasonCode::ImplementationSpecificError,
+            Failure::Respond(RespondError::Refused(_)) => {
+                DisconnectReasonCode::ImplementationSpecificError
+            }
         }
     }
 
@@ -510,8 +600,12 @@ impl Failure {
             Failure::Mapping(e) => e.to_string(),
             Failure::Auth(e) => e.to_string(),
             Failure::Upload(e) => e.to_string(),
-            Failure::IdentityRequired => "unauthenticated devices must publish to ENDPOINT/TENANT/DEVICE".into(),
-            Failure::UnauthenticatedNotAllowed => "the tenant does not allow unauthenticated devices".into(),
+            Failure::IdentityRequired => {
+                "unauthenticated devices must publish to ENDPOINT/TENANT/DEVICE".into()
+            }
+            Failure::UnauthenticatedNotAllowed => {
+                "the tenant does not allow unauthenticated devices".into()
+            }
             Failure::EventAtQos0 => "events must be published with QoS 1".into(),
             Failure::Retain => "retained messages are not supported".into(),
             Failure::Respond(e) => e.to_string(),
@@ -571,7 +665,11 @@ struct Failed {
     terminal: bool,
 }
 
-async fn handle_publish(shared: &Shared, session: &Session, inbound: Inbound<'_>) -> Result<(), Failed> {
+async fn handle_publish(
+    shared: &Shared,
+    session: &Session,
+    inbound: Inbound<'_>,
+) -> Result<(), Failed> {
     if let Some(router) = &shared.commands {
         if let Some(response) = mapping::parse_response_topic(inbound.topic) {
             return handle_response(shared, router, session, inbound, response).await;
@@ -586,7 +684,13 @@ async fn handle_publish(shared: &Shared, session: &Session, inbound: Inbound<'_>
     };
     let address = mapping::parse_publish_topic(inbound.topic).map_err(|e| {
         let bag = mapping::property_bag_of(inbound.topic).unwrap_or_default();
-        Failed { failure: Failure::Mapping(e), on_error: bag.on_error, correlation_id: bag.correlation_id, target: None, terminal: false }
+        Failed {
+            failure: Failure::Mapping(e),
+            on_error: bag.on_error,
+            correlation_id: bag.correlation_id,
+            target: None,
+            terminal: false,
+        }
     })?;
     let target = session.target(&address).map_err(|e| {
         let failure = match e {
@@ -602,7 +706,9 @@ async fn handle_publish(shared: &Shared, session: &Session, inbound: Inbound<'_>
     if address.endpoint == Endpoint::Event && inbound.qos == Qos::AtMostOnce {
         return Err(fail(Failure::EventAtQos0));
     }
-    authorize(shared, &target).await.map_err(|(failure, terminal)| Failed { terminal, ..fail(failure) })?;
+    authorize(shared, &target)
+        .await
+        .map_err(|(failure, terminal)| Failed { terminal, ..fail(failure) })?;
     let properties = &address.properties;
     let content_type = properties.content_type.clone().or(inbound.content_type);
     Downstream::validate(&inbound.payload, content_type.as_deref(), shared.config.max_payload)
@@ -634,14 +740,21 @@ async fn authorize(shared: &Shared, target: &Target) -> Result<(), (Failure, boo
     match target {
         // The registry's cache makes this cheap, and a device disabled while connected is
         // cut off at its next publish instead of at its next CONNECT.
-        Target::Own { tenant, device } => registry.authorize_device(tenant, device, None).await.map_err(|e| {
-            let terminal = matches!(
-                e,
-                AuthError::DeviceDisabled | AuthError::UnknownDevice | AuthError::TenantDisabled | AuthError::UnknownTenant
-            );
-            (Failure::Auth(e), terminal)
-        }),
-        Target::ViaGateway { tenant, device, gateway } => registry.authorize_device(tenant, device, Some(gateway)).await.map_err(auth),
+        Target::Own { tenant, device } => {
+            registry.authorize_device(tenant, device, None).await.map_err(|e| {
+                let terminal = matches!(
+                    e,
+                    AuthError::DeviceDisabled
+                        | AuthError::UnknownDevice
+                        | AuthError::TenantDisabled
+                        | AuthError::UnknownTenant
+                );
+                (Failure::Auth(e), terminal)
+            })
+        }
+        Target::ViaGateway { tenant, device, gateway } => {
+            registry.authorize_device(tenant, device, Some(gateway)).await.map_err(auth)
+        }
         Target::Unauthenticated { tenant, device } => {
             if !registry.allows_unauthenticated(tenant, ADAPTER).await.map_err(auth)? {
                 return Err((Failure::UnauthenticatedNotAllowed, false));
@@ -662,7 +775,13 @@ async fn handle_response(
 ) -> Result<(), Failed> {
     let address = parsed.map_err(|e| {
         let bag = mapping::property_bag_of(inbound.topic).unwrap_or_default();
-        Failed { failure: Failure::Mapping(e), on_error: bag.on_error, correlation_id: bag.correlation_id, target: None, terminal: false }
+        Failed {
+            failure: Failure::Mapping(e),
+            on_error: bag.on_error,
+            correlation_id: bag.correlation_id,
+            target: None,
+            terminal: false,
+        }
     })?;
     let fail = |failure, target: Option<Target>| Failed {
         failure,
@@ -671,20 +790,27 @@ async fn handle_response(
         target,
         terminal: false,
     };
-    let target = session.target_of(address.tenant.as_ref(), address.device.as_ref()).map_err(|e| {
-        let failure = match e {
-            TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
-            TargetError::IdentityRequired => Failure::IdentityRequired,
-        };
-        fail(failure, None)
-    })?;
+    let target =
+        session.target_of(address.tenant.as_ref(), address.device.as_ref()).map_err(|e| {
+            let failure = match e {
+                TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
+                TargetError::IdentityRequired => Failure::IdentityRequired,
+            };
+            fail(failure, None)
+        })?;
     if inbound.retain {
         return Err(fail(Failure::Retain, Some(target)));
     }
-    authorize(shared, &target).await.map_err(|(failure, terminal)| Failed { terminal, ..fail(failure, Some(target.clone())) })?;
+    authorize(shared, &target).await.map_err(|(failure, terminal)| Failed {
+        terminal,
+        ..fail(failure, Some(target.clone()))
+    })?;
     let max = shared.config.max_payload;
     if inbound.payload.len() > max {
-        return Err(fail(Failure::Upload(UploadError::TooLarge { size: inbound.payload.len(), max }), Some(target)));
+        return Err(fail(
+            Failure::Upload(UploadError::TooLarge { size: inbound.payload.len(), max }),
+            Some(target),
+        ));
     }
     let response = Response {
         tenant: target.tenant().to_owned(),
@@ -698,7 +824,12 @@ async fn handle_response(
 }
 
 /// Where (if anywhere) the failure is reported, and the JSON to publish there.
-fn error_report(session: &Session, topic: &str, packet_id: Option<NonZeroU16>, failed: &Failed) -> Option<(String, Bytes)> {
+fn error_report(
+    session: &Session,
+    topic: &str,
+    packet_id: Option<NonZeroU16>,
+    failed: &Failed,
+) -> Option<(String, Bytes)> {
     let (tenant, device) = match (&failed.target, session.identity()) {
         (Some(target), _) => (target.tenant().to_owned(), target.device().to_owned()),
         (None, Some(identity)) => (identity.tenant.clone(), identity.device_id.clone()),
@@ -730,7 +861,11 @@ fn qos_of(qos: QoS) -> Option<Qos> {
     }
 }
 
-async fn publish_v3(shared: &Arc<Shared>, session: &v3::Session<Session>, publish: v3::Publish) -> Result<(), Close> {
+async fn publish_v3(
+    shared: &Arc<Shared>,
+    session: &v3::Session<Session>,
+    publish: v3::Publish,
+) -> Result<(), Close> {
     let qos = qos_of(publish.qos()).ok_or_else(|| Close("QoS 2 is not supported".into()))?;
     let topic = publish.publish_topic().to_owned();
     let packet_id = publish.id();
@@ -739,11 +874,19 @@ async fn publish_v3(shared: &Arc<Shared>, session: &v3::Session<Session>, publis
         Err(e) => return Err(Close(format!("cannot read the payload: {e}"))),
     };
     if qos == Qos::AtMostOnce {
-        let item = Qos0 { topic, retain: publish.retain(), payload, content_type: None, expiry: None };
+        let item =
+            Qos0 { topic, retain: publish.retain(), payload, content_type: None, expiry: None };
         queue_qos0(shared, Conn::V3(session.clone()), item).await;
         return Ok(());
     }
-    let inbound = Inbound { topic: &topic, qos, retain: publish.retain(), payload, content_type: None, expiry: None };
+    let inbound = Inbound {
+        topic: &topic,
+        qos,
+        retain: publish.retain(),
+        payload,
+        content_type: None,
+        expiry: None,
+    };
     let Err(failed) = handle_publish(shared, session, inbound).await else { return Ok(()) };
     match report_failure(&Conn::V3(session.clone()), &topic, packet_id, qos, &failed) {
         Answer::Ack | Answer::Nack => Ok(()),
@@ -751,14 +894,20 @@ async fn publish_v3(shared: &Arc<Shared>, session: &v3::Session<Session>, publis
     }
 }
 
-async fn publish_v5(shared: &Arc<Shared>, session: &v5::Session<Session>, publish: v5::Publish) -> Result<v5::PublishAck, Close> {
+async fn publish_v5(
+    shared: &Arc<Shared>,
+    session: &v5::Session<Session>,
+    publish: v5::Publish,
+) -> Result<v5::PublishAck, Close> {
     let qos = qos_of(publish.qos()).ok_or_else(|| Close("QoS 2 is not supported".into()))?;
     let packet = publish.packet();
     let topic = packet.topic.to_string();
     let packet_id = packet.packet_id;
     let retain = packet.retain;
-    let content_type = packet.properties.content_type.as_ref().map(|c| c.to_string()).filter(|c| !c.is_empty());
-    let expiry = packet.properties.message_expiry_interval.map(|s| Duration::from_secs(u64::from(s.get())));
+    let content_type =
+        packet.properties.content_type.as_ref().map(|c| c.to_string()).filter(|c| !c.is_empty());
+    let expiry =
+        packet.properties.message_expiry_interval.map(|s| Duration::from_secs(u64::from(s.get())));
     let payload = match publish.read_all().await {
         Ok(payload) => payload,
         Err(e) => return Err(Close(format!("cannot read the payload: {e}"))),
@@ -771,11 +920,15 @@ async fn publish_v5(shared: &Arc<Shared>, session: &v5::Session<Session>, publis
         return Ok(publish.ack());
     }
     let inbound = Inbound { topic: &topic, qos, retain, payload, content_type, expiry };
-    let Err(failed) = handle_publish(shared, session, inbound).await else { return Ok(publish.ack()) };
+    let Err(failed) = handle_publish(shared, session, inbound).await else {
+        return Ok(publish.ack());
+    };
     let reason = failed.failure.message();
     match report_failure(&Conn::V5(session.clone()), &topic, packet_id, qos, &failed) {
         Answer::Ack => Ok(publish.ack()),
-        Answer::Nack => Ok(publish.ack().reason_code(failed.failure.puback_reason()).reason(reason.into())),
+        Answer::Nack => {
+            Ok(publish.ack().reason_code(failed.failure.puback_reason()).reason(reason.into()))
+        }
         Answer::Close => {
             session.sink().close_with_reason(disconnect_v5(&failed.failure));
             // An error, not an ack: a QoS 1 publish must not get a PUBACK on the way out.
@@ -787,7 +940,13 @@ async fn publish_v5(shared: &Arc<Shared>, session: &v5::Session<Session>, publis
 /// The one place a failed publish is reported: on the device's error topic if it
 /// subscribed one, in the log, and the answer Hono's table gives (always `Close` for a
 /// device that is no longer allowed).
-fn report_failure(conn: &Conn, topic: &str, packet_id: Option<NonZeroU16>, qos: Qos, failed: &Failed) -> Answer {
+fn report_failure(
+    conn: &Conn,
+    topic: &str,
+    packet_id: Option<NonZeroU16>,
+    qos: Qos,
+    failed: &Failed,
+) -> Answer {
     let session = conn.state();
     let report = error_report(session, topic, packet_id, failed);
     if let Some((error_topic, body)) = &report {
@@ -851,12 +1010,16 @@ pub(super) type Qos0Send = std::pin::Pin<Box<dyn std::future::Future<Output = ()
 
 async fn queue_qos0(shared: &Arc<Shared>, conn: Conn, item: Qos0) {
     let (owned_shared, owned_conn) = (shared.clone(), conn.clone());
-    let mut send: Qos0Send = Box::pin(async move { send_qos0(&owned_shared, &owned_conn, item).await });
+    let mut send: Qos0Send =
+        Box::pin(async move { send_qos0(&owned_shared, &owned_conn, item).await });
     let state = conn.state();
     // Fast path, when nothing is queued before it (order): most publishes complete on the
     // first poll (cached registry look-ups, synchronous routing) and need no queue.
     if state.qos0_pending.get() == 0
-        && send.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
+        && send
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+            .is_ready()
     {
         return;
     }
@@ -903,7 +1066,8 @@ async fn run_qos0(conn: Conn, mut queue: tokio::sync::mpsc::Receiver<Qos0Send>) 
 /// closing the connection), without an acknowledgement to withhold.
 async fn send_qos0(shared: &Shared, conn: &Conn, item: Qos0) {
     let Qos0 { topic, retain, payload, content_type, expiry } = item;
-    let inbound = Inbound { topic: &topic, qos: Qos::AtMostOnce, retain, payload, content_type, expiry };
+    let inbound =
+        Inbound { topic: &topic, qos: Qos::AtMostOnce, retain, payload, content_type, expiry };
     let session = conn.state();
     let Err(failed) = handle_publish(shared, session, inbound).await else { return };
     if report_failure(conn, &topic, None, Qos::AtMostOnce, &failed) == Answer::Close {
@@ -918,8 +1082,12 @@ async fn send_qos0(shared: &Shared, conn: &Conn, item: Qos0) {
 fn publish_error(conn: &Conn, error_topic: &str, body: &Bytes) {
     let body = ntex_bytes::Bytes::copy_from_slice(body);
     let sent = match conn {
-        Conn::V3(s) => s.sink().publish(error_topic).send_at_most_once(body).map_err(|e| format!("{e:?}")),
-        Conn::V5(s) => s.sink().publish(error_topic).send_at_most_once(body).map_err(|e| format!("{e:?}")),
+        Conn::V3(s) => {
+            s.sink().publish(error_topic).send_at_most_once(body).map_err(|e| format!("{e:?}"))
+        }
+        Conn::V5(s) => {
+            s.sink().publish(error_topic).send_at_most_once(body).map_err(|e| format!("{e:?}"))
+        }
     };
     if let Err(e) = sent {
         tracing::debug!(error = %e, "cannot publish on the error topic");
@@ -930,7 +1098,11 @@ fn publish_error(conn: &Conn, error_topic: &str, body: &Bytes) {
 // SUBSCRIBE / UNSUBSCRIBE
 
 /// Whether `filter` is an error-topic filter this session may use (Hono's rules).
-async fn error_subscription(shared: &Shared, session: &Session, filter: &str) -> Option<ErrorSubscription> {
+async fn error_subscription(
+    shared: &Shared,
+    session: &Session,
+    filter: &str,
+) -> Option<ErrorSubscription> {
     let subscription = mapping::parse_error_filter(filter)?;
     match session.identity() {
         Some(identity) => {
@@ -940,13 +1112,21 @@ async fn error_subscription(shared: &Shared, session: &Session, filter: &str) ->
             if let DeviceFilter::One(device) = &subscription.device {
                 if *device != identity.device_id {
                     let gateway = Some(identity.device_id.as_str());
-                    shared.registry.authorize_device(&identity.tenant, device, gateway).await.ok()?;
+                    shared
+                        .registry
+                        .authorize_device(&identity.tenant, device, gateway)
+                        .await
+                        .ok()?;
                 }
             }
         }
         None => {
             // Unauthenticated devices name themselves: error/TENANT/DEVICE/#.
-            let (Some(tenant), DeviceFilter::One(device)) = (&subscription.tenant, &subscription.device) else { return None };
+            let (Some(tenant), DeviceFilter::One(device)) =
+                (&subscription.tenant, &subscription.device)
+            else {
+                return None;
+            };
             if !shared.registry.allows_unauthenticated(tenant, ADAPTER).await.ok()? {
                 return None;
             }
@@ -973,7 +1153,9 @@ async fn command_subscription(
     }
     let target = match &form.device {
         DeviceFilter::Own => CommandTarget::Device(identity.device_id.clone()),
-        DeviceFilter::One(device) if *device == identity.device_id => CommandTarget::Device(device.clone()),
+        DeviceFilter::One(device) if *device == identity.device_id => {
+            CommandTarget::Device(device.clone())
+        }
         DeviceFilter::One(device) => {
             let gateway = Some(identity.device_id.as_str());
             shared.registry.authorize_device(&identity.tenant, device, gateway).await.ok()?;
@@ -994,13 +1176,19 @@ async fn command_subscription(
     Some(if at_least_once { QoS::AtLeastOnce } else { QoS::AtMostOnce })
 }
 
-async fn protocol_v3(shared: &Shared, session: &v3::Session<Session>, message: v3::ProtocolMessage) -> Result<v3::ProtocolMessageAck, Close> {
+async fn protocol_v3(
+    shared: &Shared,
+    session: &v3::Session<Session>,
+    message: v3::ProtocolMessage,
+) -> Result<v3::ProtocolMessageAck, Close> {
     match message {
         v3::ProtocolMessage::Subscribe(mut subscribe) => {
             for mut item in subscribe.iter_mut() {
                 let filter = item.topic().to_string();
                 let outbound = || Outbound::V3(session.sink().clone());
-                if let Some(qos) = command_subscription(shared, session, &filter, item.qos(), outbound).await {
+                if let Some(qos) =
+                    command_subscription(shared, session, &filter, item.qos(), outbound).await
+                {
                     item.confirm(qos);
                     continue;
                 }
@@ -1026,13 +1214,20 @@ async fn protocol_v3(shared: &Shared, session: &v3::Session<Session>, message: v
     }
 }
 
-async fn protocol_v5(shared: &Shared, session: &v5::Session<Session>, message: v5::ProtocolMessage) -> Result<v5::ProtocolMessageAck, Close> {
+async fn protocol_v5(
+    shared: &Shared,
+    session: &v5::Session<Session>,
+    message: v5::ProtocolMessage,
+) -> Result<v5::ProtocolMessageAck, Close> {
     match message {
         v5::ProtocolMessage::Subscribe(mut subscribe) => {
             for mut item in subscribe.iter_mut() {
                 let filter = item.topic().to_string();
                 let outbound = || Outbound::V5(session.sink().clone());
-                if let Some(qos) = command_subscription(shared, session, &filter, item.options().qos, outbound).await {
+                if let Some(qos) =
+                    command_subscription(shared, session, &filter, item.options().qos, outbound)
+                        .await
+                {
                     item.confirm(qos);
                     continue;
                 }
@@ -1122,9 +1317,15 @@ mod tests {
         assert_eq!(Failure::Mapping(MappingError::UnknownEndpoint("x".into())).status(), 400);
         assert_eq!(Failure::EventAtQos0.disconnect_reason(), DisconnectReasonCode::QosNotSupported);
         assert_eq!(Failure::Retain.disconnect_reason(), DisconnectReasonCode::RetainNotSupported);
-        assert_eq!(Failure::Auth(AuthError::TenantMismatch).puback_reason(), PublishAckReason::NotAuthorized);
+        assert_eq!(
+            Failure::Auth(AuthError::TenantMismatch).puback_reason(),
+            PublishAckReason::NotAuthorized
+        );
         assert_eq!(Refusal::from(AuthError::UnknownTenant), Refusal::BadCredentials);
         assert_eq!(Refusal::from(AuthError::DeviceDisabled).v5(), ConnectAckReason::NotAuthorized);
-        assert_eq!(Refusal::from(AuthError::Busy).v3(), v3::codec::ConnectAckReason::ServiceUnavailable);
+        assert_eq!(
+            Refusal::from(AuthError::Busy).v3(),
+            v3::codec::ConnectAckReason::ServiceUnavailable
+        );
     }
 }

@@ -168,7 +168,10 @@ pub fn url_decode(s: &str) -> Result<String, MappingError> {
         match bytes[i] {
             b'%' => {
                 // Two hex digits exactly (`from_str_radix` alone would take "+4").
-                let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit)).ok_or_else(bad)?;
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                    .ok_or_else(bad)?;
                 let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
                 out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
                 i += 3;
@@ -224,7 +227,14 @@ impl ErrorSubscription {
     }
 
     /// The topic an error message for `device` is published to.
-    pub fn error_topic(&self, tenant: &str, device: &str, endpoint: &str, correlation_id: &str, code: u16) -> String {
+    pub fn error_topic(
+        &self,
+        tenant: &str,
+        device: &str,
+        endpoint: &str,
+        correlation_id: &str,
+        code: u16,
+    ) -> String {
         let prefix = if self.long { "error" } else { "e" };
         let tenant = if self.tenant.is_some() { tenant } else { "" };
         let device = match self.device {
@@ -253,7 +263,11 @@ pub fn parse_error_filter(filter: &str) -> Option<ErrorSubscription> {
         d if d.contains('+') => return None,
         d => DeviceFilter::One(d.to_owned()),
     };
-    Some(ErrorSubscription { long, tenant: (!tenant.is_empty()).then(|| (*tenant).to_owned()), device })
+    Some(ErrorSubscription {
+        long,
+        tenant: (!tenant.is_empty()).then(|| (*tenant).to_owned()),
+        device,
+    })
 }
 
 /// A parsed command subscription filter (`command/[TENANT]/[DEVICE]/req/#`, short
@@ -271,7 +285,13 @@ pub struct CommandFilter {
 impl CommandFilter {
     /// The topic a command for `device` is published on; one-way commands have an empty
     /// request id (`command///req//NAME`). Gateway forms carry the device id.
-    pub fn command_topic(&self, tenant: &str, device: &str, request_id: Option<&str>, name: &str) -> String {
+    pub fn command_topic(
+        &self,
+        tenant: &str,
+        device: &str,
+        request_id: Option<&str>,
+        name: &str,
+    ) -> String {
         let (prefix, req) = if self.long { ("command", "req") } else { ("c", "q") };
         let tenant = if self.tenant.is_some() { tenant } else { "" };
         let device = match self.device {
@@ -340,7 +360,9 @@ pub fn parse_response_topic(topic: &str) -> Option<Result<ResponseAddress, Mappi
     };
     let malformed = || MappingError::MalformedTopic(topic.to_owned());
     let parse = || {
-        let [_, tenant, device, r, request_id, status] = segments.as_slice() else { return Err(malformed()) };
+        let [_, tenant, device, r, request_id, status] = segments.as_slice() else {
+            return Err(malformed());
+        };
         if *r != res || request_id.is_empty() {
             return Err(malformed());
         }
@@ -349,7 +371,8 @@ pub fn parse_response_topic(topic: &str) -> Option<Result<ResponseAddress, Mappi
             .ok()
             .filter(|s| (200..600).contains(s))
             .ok_or_else(|| MappingError::BadStatus((*status).to_owned()))?;
-        ferrule_command_control::RequestId::decode(request_id).map_err(|e| MappingError::BadRequestId(e.to_string()))?;
+        ferrule_command_control::RequestId::decode(request_id)
+            .map_err(|e| MappingError::BadRequestId(e.to_string()))?;
         let properties = match bag {
             Some(bag) => parse_property_bag(bag)?,
             None => PropertyBag::default(),
@@ -383,7 +406,12 @@ mod tests {
 
     #[test]
     fn device_forms() {
-        for (topic, endpoint) in [("telemetry", Endpoint::Telemetry), ("t", Endpoint::Telemetry), ("event", Endpoint::Event), ("e", Endpoint::Event)] {
+        for (topic, endpoint) in [
+            ("telemetry", Endpoint::Telemetry),
+            ("t", Endpoint::Telemetry),
+            ("event", Endpoint::Event),
+            ("e", Endpoint::Event),
+        ] {
             let a = parse(topic);
             assert_eq!((a.endpoint, a.tenant, a.device), (endpoint, None, None), "{topic}");
         }
@@ -394,7 +422,10 @@ mod tests {
         let a = parse("t//dev-1");
         assert_eq!((a.tenant, a.device.as_deref()), (None, Some("dev-1")));
         let a = parse("event/tenant-a/dev-2");
-        assert_eq!((a.endpoint, a.tenant.as_deref(), a.device.as_deref()), (Endpoint::Event, Some("tenant-a"), Some("dev-2")));
+        assert_eq!(
+            (a.endpoint, a.tenant.as_deref(), a.device.as_deref()),
+            (Endpoint::Event, Some("tenant-a"), Some("dev-2"))
+        );
     }
 
     #[test]
@@ -418,13 +449,19 @@ mod tests {
         assert!(matches!(parse_publish_topic("telemetryx"), Err(MappingError::UnknownEndpoint(_))));
         assert!(matches!(parse_publish_topic(""), Err(MappingError::UnknownEndpoint(_))));
         for topic in ["t/", "t/a", "t/a/", "t//", "t/a/b/c", "e/a/b/c/?x=1"] {
-            assert!(matches!(parse_publish_topic(topic), Err(MappingError::MalformedTopic(_))), "{topic}");
+            assert!(
+                matches!(parse_publish_topic(topic), Err(MappingError::MalformedTopic(_))),
+                "{topic}"
+            );
         }
         assert!(matches!(parse_publish_topic("t/?hono-ttl=soon"), Err(MappingError::BadTtl(_))));
         assert!(matches!(parse_publish_topic("t/?a=%zz"), Err(MappingError::BadPropertyBag(_))));
         assert!(matches!(parse_publish_topic("t/?a=%e2%82"), Err(MappingError::BadPropertyBag(_))));
         assert!(matches!(parse_publish_topic("t/?a=%4"), Err(MappingError::BadPropertyBag(_))));
-        assert!(matches!(parse_publish_topic("t/?on-error=shout"), Err(MappingError::BadOnError(_))));
+        assert!(matches!(
+            parse_publish_topic("t/?on-error=shout"),
+            Err(MappingError::BadOnError(_))
+        ));
     }
 
     #[test]
@@ -459,7 +496,9 @@ mod tests {
         assert!(s.matches("d2", Some("gw")) && !s.matches("d3", Some("gw")));
         let own = parse_error_filter("e///#").expect("valid");
         assert!(own.matches("d1", Some("d1")) && !own.matches("d2", Some("d1")));
-        for bad in ["error/#", "error///", "err///#", "error/+//#", "error//a+/#", "command///req/#"] {
+        for bad in
+            ["error/#", "error///", "err///#", "error/+//#", "error//a+/#", "command///req/#"]
+        {
             assert_eq!(parse_error_filter(bad), None, "{bad}");
         }
     }
@@ -478,29 +517,70 @@ mod tests {
         let one = parse_command_filter("command/t1/child/req/#").expect("valid");
         assert_eq!(one.device, DeviceFilter::One("child".into()));
         assert_eq!(one.command_topic("t1", "child", None, "x"), "command/t1/child/req//x");
-        assert!(valid_command_name("set/volume") && !valid_command_name("a+b") && !valid_command_name("#") && !valid_command_name(""));
-        for bad in ["command///req", "command///q/#", "c///req/#", "command/+//req/#", "command//a+/req/#", "error///#", "cmd///req/#"] {
+        assert!(
+            valid_command_name("set/volume")
+                && !valid_command_name("a+b")
+                && !valid_command_name("#")
+                && !valid_command_name("")
+        );
+        for bad in [
+            "command///req",
+            "command///q/#",
+            "c///req/#",
+            "command/+//req/#",
+            "command//a+/req/#",
+            "error///#",
+            "cmd///req/#",
+        ] {
             assert_eq!(parse_command_filter(bad), None, "{bad}");
         }
     }
 
     #[test]
     fn response_topics() {
-        use ferrule_command_control::RequestId;
         use fe2o3_amqp::types::messaging::MessageId;
-        let id = RequestId { correlation_id: MessageId::String("m1".into()), reply_id: "app".into() }.encode().unwrap();
-        let r = parse_response_topic(&format!("command///res/{id}/200")).expect("a command topic").expect("valid");
-        assert_eq!((r.tenant, r.device, r.request_id.as_str(), r.status), (None, None, id.as_str(), 200));
-        let r = parse_response_topic(&format!("c//child/s/{id}/503/?content-type=text%2Fplain")).unwrap().unwrap();
+        use ferrule_command_control::RequestId;
+        let id =
+            RequestId { correlation_id: MessageId::String("m1".into()), reply_id: "app".into() }
+                .encode()
+                .unwrap();
+        let r = parse_response_topic(&format!("command///res/{id}/200"))
+            .expect("a command topic")
+            .expect("valid");
+        assert_eq!(
+            (r.tenant, r.device, r.request_id.as_str(), r.status),
+            (None, None, id.as_str(), 200)
+        );
+        let r = parse_response_topic(&format!("c//child/s/{id}/503/?content-type=text%2Fplain"))
+            .unwrap()
+            .unwrap();
         assert_eq!((r.device.as_deref(), r.status), (Some("child"), 503));
         assert_eq!(r.properties.content_type.as_deref(), Some("text/plain"));
         assert_eq!(parse_response_topic("telemetry"), None);
         assert_eq!(parse_response_topic("t//d"), None);
-        assert!(matches!(parse_response_topic(&format!("command///res/{id}/ok")), Some(Err(MappingError::BadStatus(_)))));
-        assert!(matches!(parse_response_topic(&format!("command///res/{id}/700")), Some(Err(MappingError::BadStatus(_)))));
-        assert!(matches!(parse_response_topic("command///res/!!/200"), Some(Err(MappingError::BadRequestId(_)))));
-        for bad in ["command///res//200".to_owned(), format!("command///s/{id}/200"), format!("c///res/{id}/200"), "command///req/x/y".to_owned(), "c/x".to_owned()] {
-            assert!(matches!(parse_response_topic(&bad), Some(Err(MappingError::MalformedTopic(_)))), "{bad}");
+        assert!(matches!(
+            parse_response_topic(&format!("command///res/{id}/ok")),
+            Some(Err(MappingError::BadStatus(_)))
+        ));
+        assert!(matches!(
+            parse_response_topic(&format!("command///res/{id}/700")),
+            Some(Err(MappingError::BadStatus(_)))
+        ));
+        assert!(matches!(
+            parse_response_topic("command///res/!!/200"),
+            Some(Err(MappingError::BadRequestId(_)))
+        ));
+        for bad in [
+            "command///res//200".to_owned(),
+            format!("command///s/{id}/200"),
+            format!("c///res/{id}/200"),
+            "command///req/x/y".to_owned(),
+            "c/x".to_owned(),
+        ] {
+            assert!(
+                matches!(parse_response_topic(&bad), Some(Err(MappingError::MalformedTopic(_)))),
+                "{bad}"
+            );
         }
     }
 }

@@ -161,7 +161,9 @@ impl MqttConfig {
         if self.connect_timeout.is_zero() || self.connect_timeout > Duration::from_secs(3600) {
             return bad("adapters.mqtt.connect_timeout", "must be between 1s and 1h");
         }
-        if self.command_ack_timeout < Duration::from_millis(10) || self.command_ack_timeout > Duration::from_secs(3600) {
+        if self.command_ack_timeout < Duration::from_millis(10)
+            || self.command_ack_timeout > Duration::from_secs(3600)
+        {
             return bad("adapters.mqtt.command_ack_timeout", "must be between 10ms and 1h");
         }
         Ok(())
@@ -259,24 +261,33 @@ pub fn start_with_commands(
 ) -> Result<MqttAdapter, MqttError> {
     config.validate()?;
     let addr = config.listen;
-    let listener = std::net::TcpListener::bind(addr).map_err(|source| MqttError::Bind { addr, source })?;
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| MqttError::Bind { addr, source })?;
     let local_addr = listener.local_addr().map_err(|source| MqttError::Bind { addr, source })?;
     listener.set_nonblocking(true).map_err(MqttError::Start)?;
     let tls = if config.tls.enabled() {
-        let server_config = crate::tls::device_server_config(&config.tls).map_err(MqttError::Tls)?;
+        let server_config =
+            crate::tls::device_server_config(&config.tls).map_err(MqttError::Tls)?;
         let addr = config.listen_tls;
-        let listener = std::net::TcpListener::bind(addr).map_err(|source| MqttError::Bind { addr, source })?;
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|source| MqttError::Bind { addr, source })?;
         listener.set_nonblocking(true).map_err(MqttError::Start)?;
         Some((listener, server_config))
     } else {
         None
     };
     let local_tls_addr = match &tls {
-        Some((l, _)) => Some(l.local_addr().map_err(|source| MqttError::Bind { addr: config.listen_tls, source })?),
+        Some((l, _)) => Some(
+            l.local_addr().map_err(|source| MqttError::Bind { addr: config.listen_tls, source })?,
+        ),
         None => None,
     };
 
-    let admission = ferrule_messaging::net::Admission::new("mqtt", config.max_connections, config.source_limits());
+    let admission = ferrule_messaging::net::Admission::new(
+        "mqtt",
+        config.max_connections,
+        config.source_limits(),
+    );
     let shared = Arc::new(connection::Shared { config, downstream, registry, commands, admission });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
@@ -296,14 +307,21 @@ pub fn start_with_commands(
         }
         Err(_) => {
             let _ = thread.join();
-            return Err(MqttError::Start(std::io::Error::other("the MQTT adapter thread exited during start-up")));
+            return Err(MqttError::Start(std::io::Error::other(
+                "the MQTT adapter thread exited during start-up",
+            )));
         }
     }
     tracing::info!(addr = %local_addr, "MQTT adapter up");
     if let Some(addr) = local_tls_addr {
         tracing::info!(%addr, "MQTT adapter (TLS) up");
     }
-    Ok(MqttAdapter { local_addr, local_tls_addr, stopped: stopped_rx, thread: Mutex::new(Some(thread)) })
+    Ok(MqttAdapter {
+        local_addr,
+        local_tls_addr,
+        stopped: stopped_rx,
+        thread: Mutex::new(Some(thread)),
+    })
 }
 
 #[cfg(test)]

@@ -45,13 +45,17 @@ pub enum Target {
 impl Target {
     pub fn tenant(&self) -> &str {
         match self {
-            Target::Own { tenant, .. } | Target::ViaGateway { tenant, .. } | Target::Unauthenticated { tenant, .. } => tenant,
+            Target::Own { tenant, .. }
+            | Target::ViaGateway { tenant, .. }
+            | Target::Unauthenticated { tenant, .. } => tenant,
         }
     }
 
     pub fn device(&self) -> &str {
         match self {
-            Target::Own { device, .. } | Target::ViaGateway { device, .. } | Target::Unauthenticated { device, .. } => device,
+            Target::Own { device, .. }
+            | Target::ViaGateway { device, .. }
+            | Target::Unauthenticated { device, .. } => device,
         }
     }
 }
@@ -113,7 +117,10 @@ impl Drop for Commands {
         // runs. Should a session outlive it (the worker tearing down), the subscriptions
         // are left to die with the process rather than panic.
         if !self.subscriptions.is_empty() && tokio::runtime::Handle::try_current().is_err() {
-            tracing::debug!(count = self.subscriptions.len(), "command subscriptions left at shutdown");
+            tracing::debug!(
+                count = self.subscriptions.len(),
+                "command subscriptions left at shutdown"
+            );
             std::mem::forget(std::mem::take(&mut self.subscriptions));
         }
     }
@@ -152,9 +159,15 @@ impl Session {
     }
 
     /// Decides for whom a topic naming `tenant` and `device` (either may be left out) is.
-    pub fn target_of(&self, tenant: Option<&String>, device: Option<&String>) -> Result<Target, TargetError> {
+    pub fn target_of(
+        &self,
+        tenant: Option<&String>,
+        device: Option<&String>,
+    ) -> Result<Target, TargetError> {
         match (&self.principal, device) {
-            (Principal::Device(id), None) => Ok(Target::Own { tenant: id.tenant.clone(), device: id.device_id.clone() }),
+            (Principal::Device(id), None) => {
+                Ok(Target::Own { tenant: id.tenant.clone(), device: id.device_id.clone() })
+            }
             (Principal::Device(id), Some(device)) => {
                 if tenant.is_some_and(|t| *t != id.tenant) {
                     return Err(TargetError::TenantMismatch);
@@ -162,11 +175,17 @@ impl Session {
                 if *device == id.device_id {
                     Ok(Target::Own { tenant: id.tenant.clone(), device: device.clone() })
                 } else {
-                    Ok(Target::ViaGateway { tenant: id.tenant.clone(), device: device.clone(), gateway: id.device_id.clone() })
+                    Ok(Target::ViaGateway {
+                        tenant: id.tenant.clone(),
+                        device: device.clone(),
+                        gateway: id.device_id.clone(),
+                    })
                 }
             }
             (Principal::Anonymous, Some(device)) => match tenant {
-                Some(tenant) => Ok(Target::Unauthenticated { tenant: tenant.clone(), device: device.clone() }),
+                Some(tenant) => {
+                    Ok(Target::Unauthenticated { tenant: tenant.clone(), device: device.clone() })
+                }
                 None => Err(TargetError::IdentityRequired),
             },
             (Principal::Anonymous, None) => Err(TargetError::IdentityRequired),
@@ -181,13 +200,21 @@ impl Session {
     /// Removes the error-topic subscription if `filter` names it.
     pub fn unsubscribe_errors(&self, filter: &str) {
         let mut current = self.error_subscription.borrow_mut();
-        if super::mapping::parse_error_filter(filter).is_some_and(|s| current.as_ref() == Some(&s)) {
+        if super::mapping::parse_error_filter(filter).is_some_and(|s| current.as_ref() == Some(&s))
+        {
             *current = None;
         }
     }
 
     /// The error topic for a failed publish for `device`, if the device asked for one.
-    pub fn error_topic(&self, tenant: &str, device: &str, endpoint: &str, correlation_id: &str, code: u16) -> Option<String> {
+    pub fn error_topic(
+        &self,
+        tenant: &str,
+        device: &str,
+        endpoint: &str,
+        correlation_id: &str,
+        code: u16,
+    ) -> Option<String> {
         let own = self.identity().map(|id| id.device_id.as_str());
         let subscription = self.error_subscription.borrow();
         let subscription = subscription.as_ref().filter(|s| s.matches(device, own))?;
@@ -214,7 +241,9 @@ impl Session {
     pub(super) fn unsubscribe_commands(&self, filter: &str) {
         let removed: Vec<_> = {
             let mut commands = self.commands.borrow_mut();
-            let (gone, kept) = std::mem::take(&mut commands.subscriptions).into_iter().partition(|(f, _)| f == filter);
+            let (gone, kept) = std::mem::take(&mut commands.subscriptions)
+                .into_iter()
+                .partition(|(f, _)| f == filter);
             commands.subscriptions = kept;
             gone
         };
@@ -246,7 +275,8 @@ mod tests {
     use super::*;
 
     fn device(tenant: &str, id: &str) -> Session {
-        let identity = DeviceIdentity { tenant: tenant.into(), device_id: id.into(), auth_id: id.into() };
+        let identity =
+            DeviceIdentity { tenant: tenant.into(), device_id: id.into(), auth_id: id.into() };
         Session::new(Principal::Device(identity), Version::V3_1_1, "client".into())
     }
 
@@ -258,16 +288,26 @@ mod tests {
     fn targets() {
         let s = device("t1", "gw");
         assert_eq!(target(&s, "t"), Ok(Target::Own { tenant: "t1".into(), device: "gw".into() }));
-        assert_eq!(target(&s, "t//gw"), Ok(Target::Own { tenant: "t1".into(), device: "gw".into() }));
+        assert_eq!(
+            target(&s, "t//gw"),
+            Ok(Target::Own { tenant: "t1".into(), device: "gw".into() })
+        );
         assert_eq!(
             target(&s, "e/t1/d2"),
-            Ok(Target::ViaGateway { tenant: "t1".into(), device: "d2".into(), gateway: "gw".into() })
+            Ok(Target::ViaGateway {
+                tenant: "t1".into(),
+                device: "d2".into(),
+                gateway: "gw".into()
+            })
         );
         assert_eq!(target(&s, "t/t2/d2"), Err(TargetError::TenantMismatch));
         let anon = Session::new(Principal::Anonymous, Version::V5, "c".into());
         assert_eq!(target(&anon, "t"), Err(TargetError::IdentityRequired));
         assert_eq!(target(&anon, "t//d"), Err(TargetError::IdentityRequired));
-        assert_eq!(target(&anon, "t/t1/d"), Ok(Target::Unauthenticated { tenant: "t1".into(), device: "d".into() }));
+        assert_eq!(
+            target(&anon, "t/t1/d"),
+            Ok(Target::Unauthenticated { tenant: "t1".into(), device: "d".into() })
+        );
     }
 
     #[test]

@@ -59,7 +59,10 @@ impl MemoryRegistry {
         {
             let mut tenants = self.tenants.lock().unwrap();
             let t = tenants.get_mut(tenant).expect("tenant first");
-            t.devices.insert(device.into(), Device { enabled: true, via: via.iter().map(|s| s.to_string()).collect() });
+            t.devices.insert(
+                device.into(),
+                Device { enabled: true, via: via.iter().map(|s| s.to_string()).collect() },
+            );
             if !password.is_empty() {
                 t.passwords.insert(device.into(), (device.into(), password.into()));
             }
@@ -85,7 +88,15 @@ impl MemoryRegistry {
     }
 
     pub fn set_device_enabled(&self, tenant: &str, device: &str, enabled: bool) {
-        self.tenants.lock().unwrap().get_mut(tenant).unwrap().devices.get_mut(device).unwrap().enabled = enabled;
+        self.tenants
+            .lock()
+            .unwrap()
+            .get_mut(tenant)
+            .unwrap()
+            .devices
+            .get_mut(device)
+            .unwrap()
+            .enabled = enabled;
     }
 
     pub fn set_tenant_enabled(&self, tenant: &str, enabled: bool) {
@@ -122,7 +133,8 @@ impl DeviceRegistry for MemoryRegistry {
             let device_id = {
                 let tenants = self.tenants.lock().unwrap();
                 let t = tenants.get(tenant).ok_or(AuthError::UnknownTenant)?;
-                let (device_id, expected) = t.passwords.get(auth_id).ok_or(AuthError::BadCredentials)?;
+                let (device_id, expected) =
+                    t.passwords.get(auth_id).ok_or(AuthError::BadCredentials)?;
                 if expected.as_bytes() != password {
                     return Err(AuthError::BadCredentials);
                 }
@@ -146,7 +158,9 @@ impl DeviceRegistry for MemoryRegistry {
             }
             let device = self.check(tenant, device_id)?;
             match gateway {
-                Some(gw) if !device.via.iter().any(|v| v == gw) => Err(AuthError::GatewayNotAuthorized),
+                Some(gw) if !device.via.iter().any(|v| v == gw) => {
+                    Err(AuthError::GatewayNotAuthorized)
+                }
                 _ => Ok(()),
             }
         })

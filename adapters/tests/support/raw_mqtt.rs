@@ -43,7 +43,11 @@ pub fn string(s: &[u8], out: &mut Vec<u8>) {
 }
 
 impl RawClient {
-    pub async fn connect(addr: SocketAddr, client_id: &str, credentials: Option<(&str, &str)>) -> Self {
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> Self {
         let mut stream = TcpStream::connect(addr).await.expect("connects");
         stream.set_nodelay(true).expect("nodelay");
         let mut body = Vec::new();
@@ -146,7 +150,9 @@ impl RawClient {
             self.stream.read_exact(&mut body).await.ok()?;
             Some((header, body))
         };
-        tokio::time::timeout(Duration::from_secs(30), read).await.expect("a packet or a close in time")
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("a packet or a close in time")
     }
 
     /// True once the server has closed the connection (packets before that are skipped).

@@ -58,10 +58,7 @@ impl EmbeddedStore {
         txn.open_table(CRED_INDEX).map_err(be)?;
         txn.commit().map_err(be)?;
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
-        Ok(Self {
-            db: Arc::new(db),
-            changes,
-        })
+        Ok(Self { db: Arc::new(db), changes })
     }
 
     /// Runs `f` on a blocking thread with the database.
@@ -70,9 +67,7 @@ impl EmbeddedStore {
         f: impl FnOnce(&Database) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db))
-            .await
-            .map_err(be)?
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(be)?
     }
 
     fn announce(&self, c: Change) {
@@ -85,16 +80,12 @@ fn remove_device_in(txn: &redb::WriteTransaction, t: &str, d: &str) -> Result<bo
     let mut devices = txn.open_table(DEVICES).map_err(be)?;
     let existed = devices.remove((t, d)).map_err(be)?.is_some();
     let mut creds = txn.open_table(CREDENTIALS).map_err(be)?;
-    let old = creds
-        .remove((t, d))
-        .map_err(be)?
-        .map(|v| v.value().to_vec());
+    let old = creds.remove((t, d)).map_err(be)?.map(|v| v.value().to_vec());
     if let Some(old) = old {
         let old: Versioned<Vec<Credentials>> = decode(&old)?;
         let mut idx = txn.open_table(CRED_INDEX).map_err(be)?;
         for c in &old.value {
-            idx.remove((t, c.cred_type().as_str(), c.auth_id()))
-                .map_err(be)?;
+            idx.remove((t, c.cred_type().as_str(), c.auth_id())).map_err(be)?;
         }
     }
     Ok(existed)
@@ -118,10 +109,7 @@ fn device_ids_of(txn: &redb::WriteTransaction, t: &str) -> Result<Vec<String>, S
 impl RegistryStore for EmbeddedStore {
     async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: tenant.clone(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: tenant.clone() })?;
         let key = id.to_string();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(be)?;
@@ -144,10 +132,7 @@ impl RegistryStore for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(be)?;
             let t = txn.open_table(TENANTS).map_err(be)?;
-            t.get(key.as_str())
-                .map_err(be)?
-                .map(|v| decode(v.value()))
-                .transpose()
+            t.get(key.as_str()).map_err(be)?.map(|v| decode(v.value())).transpose()
         })
         .await
     }
@@ -159,10 +144,7 @@ impl RegistryStore for EmbeddedStore {
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: tenant.clone(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: tenant.clone() })?;
         let key = id.to_string();
         let if_match = if_match.map(str::to_owned);
         self.blocking(move |db| {
@@ -234,14 +216,9 @@ impl RegistryStore for EmbeddedStore {
         device: &Device,
     ) -> Result<String, StoreError> {
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: device.clone(),
-        })?;
-        let creds = encode(&Versioned {
-            version: new_version(),
-            value: Vec::<Credentials>::new(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: device.clone() })?;
+        let creds =
+            encode(&Versioned { version: new_version(), value: Vec::<Credentials>::new() })?;
         let (t, d) = (tenant.to_string(), id.to_string());
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(be)?;
@@ -254,12 +231,9 @@ impl RegistryStore for EmbeddedStore {
                 if devices.get((t.as_str(), d.as_str())).map_err(be)?.is_some() {
                     return Err(StoreError::AlreadyExists("device"));
                 }
-                devices
-                    .insert((t.as_str(), d.as_str()), rec.as_slice())
-                    .map_err(be)?;
+                devices.insert((t.as_str(), d.as_str()), rec.as_slice()).map_err(be)?;
                 let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
-                c.insert((t.as_str(), d.as_str()), creds.as_slice())
-                    .map_err(be)?;
+                c.insert((t.as_str(), d.as_str()), creds.as_slice()).map_err(be)?;
             }
             txn.commit().map_err(be)
         })
@@ -294,10 +268,7 @@ impl RegistryStore for EmbeddedStore {
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: device.clone(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: device.clone() })?;
         let (t, d) = (tenant.to_string(), id.to_string());
         let if_match = if_match.map(str::to_owned);
         self.blocking(move |db| {
@@ -312,9 +283,7 @@ impl RegistryStore for EmbeddedStore {
                 if !version_matches(if_match.as_deref(), &cur.version) {
                     return Err(StoreError::VersionMismatch);
                 }
-                devices
-                    .insert((t.as_str(), d.as_str()), rec.as_slice())
-                    .map_err(be)?;
+                devices.insert((t.as_str(), d.as_str()), rec.as_slice()).map_err(be)?;
             }
             txn.commit().map_err(be)
         })
@@ -404,10 +373,7 @@ impl RegistryStore for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(be)?;
             let c = txn.open_table(CREDENTIALS).map_err(be)?;
-            c.get((t.as_str(), d.as_str()))
-                .map_err(be)?
-                .map(|v| decode(v.value()))
-                .transpose()
+            c.get((t.as_str(), d.as_str())).map_err(be)?.map(|v| decode(v.value())).transpose()
         })
         .await
     }
@@ -421,10 +387,7 @@ impl RegistryStore for EmbeddedStore {
     ) -> Result<String, StoreError> {
         let keys = index_keys(credentials)?;
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: credentials.to_vec(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: credentials.to_vec() })?;
         let (t, d) = (tenant.to_string(), device.to_string());
         let if_match = if_match.map(str::to_owned);
         self.blocking(move |db| {
@@ -441,9 +404,8 @@ impl RegistryStore for EmbeddedStore {
                 }
                 let mut idx = txn.open_table(CRED_INDEX).map_err(be)?;
                 for (ty, auth_id) in &keys {
-                    if let Some(owner) = idx
-                        .get((t.as_str(), ty.as_str(), auth_id.as_str()))
-                        .map_err(be)?
+                    if let Some(owner) =
+                        idx.get((t.as_str(), ty.as_str(), auth_id.as_str())).map_err(be)?
                     {
                         if owner.value() != d {
                             return Err(StoreError::Conflict(format!(
@@ -460,8 +422,7 @@ impl RegistryStore for EmbeddedStore {
                     idx.insert((t.as_str(), ty.as_str(), auth_id.as_str()), d.as_str())
                         .map_err(be)?;
                 }
-                c.insert((t.as_str(), d.as_str()), rec.as_slice())
-                    .map_err(be)?;
+                c.insert((t.as_str(), d.as_str()), rec.as_slice()).map_err(be)?;
             }
             txn.commit().map_err(be)
         })
@@ -480,9 +441,7 @@ impl RegistryStore for EmbeddedStore {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(be)?;
             let idx = txn.open_table(CRED_INDEX).map_err(be)?;
-            let Some(dev) = idx
-                .get((t.as_str(), cred_type.as_str(), a.as_str()))
-                .map_err(be)?
+            let Some(dev) = idx.get((t.as_str(), cred_type.as_str(), a.as_str())).map_err(be)?
             else {
                 return Ok(None);
             };
@@ -492,10 +451,8 @@ impl RegistryStore for EmbeddedStore {
                 return Ok(None);
             };
             let set: Versioned<Vec<Credentials>> = decode(rec.value())?;
-            let found = set
-                .value
-                .into_iter()
-                .find(|c| c.cred_type() == cred_type && c.auth_id() == a);
+            let found =
+                set.value.into_iter().find(|c| c.cred_type() == cred_type && c.auth_id() == a);
             let id = DeviceId::new(dev).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             Ok(found.map(|c| (id, c)))
         })

@@ -175,9 +175,7 @@ pub struct RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore")
-            .field("prefix", &self.inner.prefix)
-            .finish_non_exhaustive()
+        f.debug_struct("RedisStore").field("prefix", &self.inner.prefix).finish_non_exhaustive()
     }
 }
 
@@ -212,9 +210,7 @@ fn outcome(r: &str, what: &'static str) -> Result<(), StoreError> {
         "conflict" => Err(StoreError::Conflict(
             "credentials with this type and auth-id belong to another device".into(),
         )),
-        other => Err(StoreError::Backend(format!(
-            "unexpected script result {other:?}"
-        ))),
+        other => Err(StoreError::Backend(format!("unexpected script result {other:?}"))),
     }
 }
 
@@ -234,12 +230,7 @@ impl RedisStore {
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
         let stop = CancellationToken::new();
         let channel = format!("{prefix}:changes");
-        tokio::spawn(relay_changes(
-            client,
-            channel,
-            changes.clone(),
-            stop.clone(),
-        ));
+        tokio::spawn(relay_changes(client, channel, changes.clone(), stop.clone()));
         Ok(Self {
             inner: Arc::new(Inner {
                 conn,
@@ -332,10 +323,7 @@ async fn relay_changes(
 impl RegistryStore for RedisStore {
     async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: tenant.clone(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: tenant.clone() })?;
         let r: String = self
             .inner
             .scripts
@@ -364,10 +352,7 @@ impl RegistryStore for RedisStore {
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: tenant.clone(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: tenant.clone() })?;
         let r: String = self
             .inner
             .scripts
@@ -417,11 +402,8 @@ impl RegistryStore for RedisStore {
                 .map(|i| TenantId::new(i.as_str()).map_err(|e| StoreError::Corrupt(e.to_string())))
                 .collect::<Result<_, _>>()?;
             let keys: Vec<String> = tids.iter().map(|t| self.key("t", t)).collect();
-            let vals: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-                .arg(&keys)
-                .query_async(&mut self.conn())
-                .await
-                .map_err(be)?;
+            let vals: Vec<Option<Vec<u8>>> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut self.conn()).await.map_err(be)?;
             for (t, v) in tids.into_iter().zip(vals) {
                 // A tenant deleted between SMEMBERS and MGET is simply skipped.
                 if let Some(v) = v {
@@ -439,14 +421,9 @@ impl RegistryStore for RedisStore {
         device: &Device,
     ) -> Result<String, StoreError> {
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: device.clone(),
-        })?;
-        let creds = encode(&Versioned {
-            version: new_version(),
-            value: Vec::<Credentials>::new(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: device.clone() })?;
+        let creds =
+            encode(&Versioned { version: new_version(), value: Vec::<Credentials>::new() })?;
         let r: String = self
             .inner
             .scripts
@@ -461,8 +438,7 @@ impl RegistryStore for RedisStore {
             .await
             .map_err(be)?;
         outcome(&r, "device")?;
-        self.announce(Change::Device(tenant.clone(), id.clone()))
-            .await;
+        self.announce(Change::Device(tenant.clone(), id.clone())).await;
         Ok(version)
     }
 
@@ -471,11 +447,8 @@ impl RegistryStore for RedisStore {
         tenant: &TenantId,
         id: &DeviceId,
     ) -> Result<Option<Versioned<Device>>, StoreError> {
-        let v: Option<Vec<u8>> = self
-            .conn()
-            .hget(self.key("d", tenant), id.as_str())
-            .await
-            .map_err(be)?;
+        let v: Option<Vec<u8>> =
+            self.conn().hget(self.key("d", tenant), id.as_str()).await.map_err(be)?;
         v.map(|b| decode(&b)).transpose()
     }
 
@@ -487,10 +460,7 @@ impl RegistryStore for RedisStore {
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: device.clone(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: device.clone() })?;
         let r: String = self
             .inner
             .scripts
@@ -503,8 +473,7 @@ impl RegistryStore for RedisStore {
             .await
             .map_err(be)?;
         outcome(&r, "device")?;
-        self.announce(Change::Device(tenant.clone(), id.clone()))
-            .await;
+        self.announce(Change::Device(tenant.clone(), id.clone())).await;
         Ok(version)
     }
 
@@ -527,8 +496,7 @@ impl RegistryStore for RedisStore {
             .await
             .map_err(be)?;
         outcome(&r, "device")?;
-        self.announce(Change::Device(tenant.clone(), id.clone()))
-            .await;
+        self.announce(Change::Device(tenant.clone(), id.clone())).await;
         Ok(())
     }
 
@@ -536,11 +504,8 @@ impl RegistryStore for RedisStore {
         &self,
         tenant: &TenantId,
     ) -> Result<Vec<(DeviceId, Versioned<Device>)>, StoreError> {
-        let all: Vec<(String, Vec<u8>)> = self
-            .conn()
-            .hgetall(self.key("d", tenant))
-            .await
-            .map_err(be)?;
+        let all: Vec<(String, Vec<u8>)> =
+            self.conn().hgetall(self.key("d", tenant)).await.map_err(be)?;
         let mut out = all
             .into_iter()
             .map(|(k, v)| {
@@ -574,11 +539,8 @@ impl RegistryStore for RedisStore {
         tenant: &TenantId,
         device: &DeviceId,
     ) -> Result<Option<Versioned<Vec<Credentials>>>, StoreError> {
-        let v: Option<Vec<u8>> = self
-            .conn()
-            .hget(self.key("c", tenant), device.as_str())
-            .await
-            .map_err(be)?;
+        let v: Option<Vec<u8>> =
+            self.conn().hget(self.key("c", tenant), device.as_str()).await.map_err(be)?;
         v.map(|b| decode(&b)).transpose()
     }
 
@@ -591,10 +553,7 @@ impl RegistryStore for RedisStore {
     ) -> Result<String, StoreError> {
         let keys = index_keys(credentials)?;
         let version = new_version();
-        let rec = encode(&Versioned {
-            version: version.clone(),
-            value: credentials.to_vec(),
-        })?;
+        let rec = encode(&Versioned { version: version.clone(), value: credentials.to_vec() })?;
         let mut inv = self.inner.scripts.set_credentials.prepare_invoke();
         inv.key(self.key("c", tenant))
             .key(self.key("i", tenant))
@@ -606,8 +565,7 @@ impl RegistryStore for RedisStore {
         }
         let r: String = inv.invoke_async(&mut self.conn()).await.map_err(be)?;
         outcome(&r, "device")?;
-        self.announce(Change::Device(tenant.clone(), device.clone()))
-            .await;
+        self.announce(Change::Device(tenant.clone(), device.clone())).await;
         Ok(version)
     }
 
@@ -653,10 +611,7 @@ mod tests {
 
     #[test]
     fn change_messages_parse() {
-        assert_eq!(
-            parse_change("T\tt1"),
-            Change::Tenant(TenantId::new("t1").unwrap())
-        );
+        assert_eq!(parse_change("T\tt1"), Change::Tenant(TenantId::new("t1").unwrap()));
         assert_eq!(
             parse_change("D\tt1\td1"),
             Change::Device(TenantId::new("t1").unwrap(), DeviceId::new("d1").unwrap())

@@ -24,11 +24,7 @@ impl RedisServer {
     /// Starts `redis-server` from PATH. Fails the test (does not skip) if it is missing:
     /// CI installs it (Debian package `redis-server`).
     pub async fn start() -> Self {
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -40,11 +36,7 @@ impl RedisServer {
             .unwrap_or_else(|e| {
                 panic!("cannot start redis-server from PATH ({e}); install it (apt-get install redis-server)")
             });
-        let server = Self {
-            child,
-            port,
-            _dir: dir,
-        };
+        let server = Self { child, port, _dir: dir };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(c) = redis::Client::open(server.url()) {
@@ -70,9 +62,7 @@ impl RedisServer {
 
     pub async fn store(&self) -> Arc<dyn RegistryStore> {
         Arc::new(
-            RedisStore::connect(&self.url(), "ferrule:test")
-                .await
-                .expect("connect to test redis"),
+            RedisStore::connect(&self.url(), "ferrule:test").await.expect("connect to test redis"),
         )
     }
 }
@@ -119,11 +109,7 @@ impl TestRegistry {
         let registry = Registry::start_with_store(&config, store, shutdown.clone())
             .await
             .expect("start registry");
-        Self {
-            registry,
-            shutdown,
-            data_dir: None,
-        }
+        Self { registry, shutdown, data_dir: None }
     }
 
     pub fn base_url(&self) -> String {
@@ -139,10 +125,7 @@ impl TestRegistry {
     }
 
     pub fn data_path(&self) -> PathBuf {
-        self.data_dir
-            .as_ref()
-            .map(|d| d.path().to_owned())
-            .unwrap_or_default()
+        self.data_dir.as_ref().map(|d| d.path().to_owned()).unwrap_or_default()
     }
 }
 

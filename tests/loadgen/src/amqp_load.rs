@@ -38,9 +38,13 @@ pub struct Amqp {
 }
 
 async fn open(a: &Amqp, id: &str) -> Result<(ConnectionHandle<()>, SessionHandle<()>)> {
-    let mut builder = Connection::builder().container_id(format!("ferrule-loadgen-{}-{id}", std::process::id()));
+    let mut builder =
+        Connection::builder().container_id(format!("ferrule-loadgen-{}-{id}", std::process::id()));
     if let Some(user) = &a.amqp_user {
-        builder = builder.sasl_profile(SaslProfile::Plain { username: user.clone(), password: a.amqp_password.clone().unwrap_or_default() });
+        builder = builder.sasl_profile(SaslProfile::Plain {
+            username: user.clone(),
+            password: a.amqp_password.clone().unwrap_or_default(),
+        });
     }
     // Our own socket: fe2o3's `open(url)` leaves Nagle on, which delays small frames
     // (dispositions, flows) by up to a delayed ACK (~40 ms).
@@ -48,7 +52,11 @@ async fn open(a: &Amqp, id: &str) -> Result<(ConnectionHandle<()>, SessionHandle
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let host = addr.ip().to_string();
-    let mut connection = builder.hostname(host.as_str()).sasl_hostname(host.as_str()).open_with_stream(stream).await?;
+    let mut connection = builder
+        .hostname(host.as_str())
+        .sasl_hostname(host.as_str())
+        .open_with_stream(stream)
+        .await?;
     let session = Session::begin(&mut connection).await?;
     Ok((connection, session))
 }
@@ -150,7 +158,13 @@ pub async fn run_recv(a: RecvArgs) -> Result<()> {
         }));
     }
     util::signal_ready(&a.ready_file, "attached");
-    let end = collector.wait(a.expect, Duration::from_secs_f64(a.idle_timeout), Duration::from_secs_f64(a.start_timeout)).await;
+    let end = collector
+        .wait(
+            a.expect,
+            Duration::from_secs_f64(a.idle_timeout),
+            Duration::from_secs_f64(a.start_timeout),
+        )
+        .await;
     let _ = stop_tx.send(true);
     let mut first_error = None;
     for t in tasks {
@@ -206,10 +220,17 @@ pub struct CommandArgs {
 }
 
 /// One device: answers `command///req/REQ-ID/NAME` on `command///res/REQ-ID/200`.
-async fn device_loop(mut conn: crate::mqtt_load::Conn, qos: u8, answered: Arc<AtomicU64>) -> Option<String> {
+async fn device_loop(
+    mut conn: crate::mqtt_load::Conn,
+    qos: u8,
+    answered: Arc<AtomicU64>,
+) -> Option<String> {
     let (reader, writer) = (&mut conn.0, &mut conn.1);
     let mut out = BytesMut::with_capacity(4096);
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(20), Duration::from_secs(20));
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(20),
+        Duration::from_secs(20),
+    );
     loop {
         loop {
             match reader.try_next() {
@@ -256,12 +277,15 @@ pub async fn run_commands(a: CommandArgs) -> Result<()> {
     let client = Arc::new(Client::new(&a.target)?);
     let (conns, failed, first) = client.open_many(a.device_count, 16).await;
     if failed > 0 {
-        return Err(format!("{failed} device connections failed: {}", first.unwrap_or_default()).into());
+        return Err(
+            format!("{failed} device connections failed: {}", first.unwrap_or_default()).into()
+        );
     }
     let answered = Arc::new(AtomicU64::new(0));
     let mut devices = Vec::new();
     for (mut reader, mut writer) in conns {
-        let granted = mqtt::subscribe_and_wait(&mut reader, &mut writer, "command///req/#", a.qos).await?;
+        let granted =
+            mqtt::subscribe_and_wait(&mut reader, &mut writer, "command///req/#", a.qos).await?;
         if granted > 1 {
             return Err(format!("SUBSCRIBE command///req/# refused ({granted:#04x})").into());
         }
@@ -276,7 +300,8 @@ pub async fn run_commands(a: CommandArgs) -> Result<()> {
         .credit_mode(CreditMode::Auto(a.window.max(1) as u32 * 4))
         .attach(&mut session)
         .await?;
-    let mut sender = Sender::attach(&mut session, "loadgen-commands", format!("command/{}", a.tenant)).await?;
+    let mut sender =
+        Sender::attach(&mut session, "loadgen-commands", format!("command/{}", a.tenant)).await?;
 
     let window = Arc::new(Semaphore::new(a.window.max(1)));
     let pending: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
@@ -285,7 +310,8 @@ pub async fn run_commands(a: CommandArgs) -> Result<()> {
     let done = Arc::new(AtomicU64::new(0));
 
     let replies = {
-        let (window, pending, errors, done) = (window.clone(), pending.clone(), errors.clone(), done.clone());
+        let (window, pending, errors, done) =
+            (window.clone(), pending.clone(), errors.clone(), done.clone());
         tokio::spawn(async move {
             let mut lat = Latencies::with_capacity(1 << 16);
             let mut last = Instant::now();
@@ -293,7 +319,9 @@ pub async fn run_commands(a: CommandArgs) -> Result<()> {
                 let _ = receiver.accept(&delivery).await;
                 let props = delivery.message().properties.as_ref();
                 let id = match props.and_then(|p| p.correlation_id.as_ref()) {
-                    Some(MessageId::String(s)) => s.strip_prefix('c').and_then(|n| n.parse::<u64>().ok()),
+                    Some(MessageId::String(s)) => {
+                        s.strip_prefix('c').and_then(|n| n.parse::<u64>().ok())
+                    }
                     Some(MessageId::Ulong(n)) => Some(*n),
                     _ => None,
                 };
@@ -302,7 +330,17 @@ pub async fn run_commands(a: CommandArgs) -> Result<()> {
                     .application_properties
                     .as_ref()
                     .and_then(|ap| ap.0.get("status"))
-                    .is_some_and(|v| matches!(v, SimpleValue::Int(200) | SimpleValue::Uint(200) | SimpleValue::Long(200) | SimpleValue::Ulong(200) | SimpleValue::Short(200) | SimpleValue::Ushort(200)));
+                    .is_some_and(|v| {
+                        matches!(
+                            v,
+                            SimpleValue::Int(200)
+                                | SimpleValue::Uint(200)
+                                | SimpleValue::Long(200)
+                                | SimpleValue::Ulong(200)
+                                | SimpleValue::Short(200)
+                                | SimpleValue::Ushort(200)
+                        )
+                    });
                 let sent = id.and_then(|id| pending.lock().unwrap().remove(&id));
                 if let Some(sent) = sent {
                     if status_ok {
@@ -349,14 +387,18 @@ pub async fn run_commands(a: CommandArgs) -> Result<()> {
             .build();
         match sender.send_batchable(message).await {
             Ok(fut) => {
-                let (window, pending, errors, first_error) = (window.clone(), pending.clone(), errors.clone(), first_error.clone());
+                let (window, pending, errors, first_error) =
+                    (window.clone(), pending.clone(), errors.clone(), first_error.clone());
                 outcomes.spawn(async move {
                     let outcome = fut.await;
                     if !matches!(outcome, Ok(Outcome::Accepted(_))) {
                         // Not taken by the device: no response will come.
                         if pending.lock().unwrap().remove(&n).is_some() {
                             errors.fetch_add(1, Relaxed);
-                            first_error.lock().unwrap().get_or_insert(format!("command outcome {outcome:?}"));
+                            first_error
+                                .lock()
+                                .unwrap()
+                                .get_or_insert(format!("command outcome {outcome:?}"));
                             window.add_permits(1);
                         }
                     }

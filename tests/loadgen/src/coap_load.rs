@@ -85,7 +85,11 @@ struct ClientStats {
 /// The request as bytes, with a 4-byte token; returns (bytes, offset of the payload).
 fn template(kind: Kind, method: RequestType, path: &str, size: usize) -> Result<(Vec<u8>, usize)> {
     let mut p = Packet::new();
-    p.header.set_type(if kind == Kind::Con { MessageType::Confirmable } else { MessageType::NonConfirmable });
+    p.header.set_type(if kind == Kind::Con {
+        MessageType::Confirmable
+    } else {
+        MessageType::NonConfirmable
+    });
     p.header.code = MessageClass::Request(method);
     p.header.message_id = 0;
     p.set_token(vec![0, 0, 0, 0]);
@@ -119,7 +123,14 @@ struct Job {
 
 async fn client(job: Job) -> ClientStats {
     let mut s = ClientStats::default();
-    let bind = SocketAddr::new(job.source.unwrap_or(if job.addr.is_ipv4() { [0, 0, 0, 0].into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() }), 0);
+    let bind = SocketAddr::new(
+        job.source.unwrap_or(if job.addr.is_ipv4() {
+            [0, 0, 0, 0].into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        }),
+        0,
+    );
     let socket = match UdpSocket::bind(bind).await {
         Ok(sock) => sock,
         Err(e) => {
@@ -132,13 +143,17 @@ async fn client(job: Job) -> ClientStats {
         return s;
     }
     let socket = Arc::new(socket);
-    let slots = Arc::new(Slots { sent_ns: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(), seq: (0..SLOTS).map(|_| AtomicU32::new(0)).collect() });
+    let slots = Arc::new(Slots {
+        sent_ns: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        seq: (0..SLOTS).map(|_| AtomicU32::new(0)).collect(),
+    });
     let window = Arc::new(Semaphore::new(job.window.max(1)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
     // Responses.
     let receiver = {
-        let (socket, slots, window, mut stop) = (socket.clone(), slots.clone(), window.clone(), stop_rx.clone());
+        let (socket, slots, window, mut stop) =
+            (socket.clone(), slots.clone(), window.clone(), stop_rx.clone());
         tokio::spawn(async move {
             let mut r = ClientStats::default();
             let mut buf = vec![0u8; 2048];
@@ -186,7 +201,8 @@ async fn client(job: Job) -> ClientStats {
     };
     // Timeouts: slots older than the timeout are given up.
     let sweeper = {
-        let (slots, window, mut stop, timeout) = (slots.clone(), window.clone(), stop_rx.clone(), job.timeout);
+        let (slots, window, mut stop, timeout) =
+            (slots.clone(), window.clone(), stop_rx.clone(), job.timeout);
         tokio::spawn(async move {
             let mut lost = 0u64;
             let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -198,7 +214,8 @@ async fn client(job: Job) -> ClientStats {
                 let cutoff = util::now_ns().saturating_sub(timeout.as_nanos() as u64);
                 for slot in slots.sent_ns.iter() {
                     let t = slot.load(Relaxed);
-                    if t != 0 && t < cutoff && slot.compare_exchange(t, 0, Relaxed, Relaxed).is_ok() {
+                    if t != 0 && t < cutoff && slot.compare_exchange(t, 0, Relaxed, Relaxed).is_ok()
+                    {
                         lost += 1;
                         window.add_permits(1);
                     }
@@ -250,7 +267,9 @@ async fn client(job: Job) -> ClientStats {
     }
     // Wait for the outstanding responses (or their timeouts).
     let all = job.window.max(1) as u32;
-    let _ = tokio::time::timeout(job.timeout + Duration::from_millis(200), window.acquire_many(all)).await;
+    let _ =
+        tokio::time::timeout(job.timeout + Duration::from_millis(200), window.acquire_many(all))
+            .await;
     let _ = stop_tx.send(true);
     if let Ok(r) = receiver.await {
         s.ok = r.ok;
@@ -297,7 +316,9 @@ pub async fn run_pub(a: CoapArgs) -> Result<()> {
     let mut total = ClientStats::default();
     let mut end = start;
     for t in tasks {
-        let s = t.await.unwrap_or_else(|e| ClientStats { error: Some(e.to_string()), ..Default::default() });
+        let s = t
+            .await
+            .unwrap_or_else(|e| ClientStats { error: Some(e.to_string()), ..Default::default() });
         total.sent += s.sent;
         total.ok += s.ok;
         total.timeouts += s.timeouts;
@@ -313,8 +334,14 @@ pub async fn run_pub(a: CoapArgs) -> Result<()> {
     let mut m = util::base("coap-pub", total.sent, seconds, errors);
     m.insert("type".into(), json!(if a.kind == Kind::Con { "con" } else { "non" }));
     m.insert("ok".into(), json!(total.ok));
-    m.insert("msgs_per_s".into(), json!(if seconds > 0.0 { (total.ok as f64 / seconds).round() } else { 0.0 }));
-    m.insert("sent_per_s".into(), json!(if seconds > 0.0 { (total.sent as f64 / seconds).round() } else { 0.0 }));
+    m.insert(
+        "msgs_per_s".into(),
+        json!(if seconds > 0.0 { (total.ok as f64 / seconds).round() } else { 0.0 }),
+    );
+    m.insert(
+        "sent_per_s".into(),
+        json!(if seconds > 0.0 { (total.sent as f64 / seconds).round() } else { 0.0 }),
+    );
     m.insert("timeouts".into(), json!(total.timeouts));
     m.insert("clients".into(), json!(n));
     if !total.codes.is_empty() {

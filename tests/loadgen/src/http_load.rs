@@ -106,14 +106,15 @@ async fn connection(job: Job) -> ConnStats {
             return s;
         }
     };
-    let (mut send, conn) = match hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await {
-        Ok(x) => x,
-        Err(e) => {
-            s.errors += 1;
-            s.error = Some(format!("handshake: {e}"));
-            return s;
-        }
-    };
+    let (mut send, conn) =
+        match hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await {
+            Ok(x) => x,
+            Err(e) => {
+                s.errors += 1;
+                s.error = Some(format!("handshake: {e}"));
+                return s;
+            }
+        };
     let driver = tokio::spawn(conn);
     let mut body = util::payload(job.size);
     let mut done = 0;
@@ -170,7 +171,8 @@ pub async fn run_pub(a: HttpArgs) -> Result<()> {
     let method: hyper::Method = a.method.parse()?;
     let mut headers = Vec::new();
     for h in &a.headers {
-        let (k, v) = h.split_once(':').ok_or_else(|| format!("header {h:?}: expected `Name: value`"))?;
+        let (k, v) =
+            h.split_once(':').ok_or_else(|| format!("header {h:?}: expected `Name: value`"))?;
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
     let start = Instant::now();
@@ -185,7 +187,10 @@ pub async fn run_pub(a: HttpArgs) -> Result<()> {
             host: a.host.clone(),
             path: util::expand(&a.path, d),
             method: method.clone(),
-            auth: a.basic.as_ref().map(|b| format!("Basic {}", base64(util::expand(b, d).as_bytes()))),
+            auth: a
+                .basic
+                .as_ref()
+                .map(|b| format!("Basic {}", base64(util::expand(b, d).as_bytes()))),
             headers: headers.clone(),
             content_type: a.content_type.clone(),
             size: a.size,
@@ -197,7 +202,11 @@ pub async fn run_pub(a: HttpArgs) -> Result<()> {
     let mut total = ConnStats::default();
     let mut end = start;
     for t in tasks {
-        let s = t.await.unwrap_or_else(|e| ConnStats { errors: 1, error: Some(e.to_string()), ..Default::default() });
+        let s = t.await.unwrap_or_else(|e| ConnStats {
+            errors: 1,
+            error: Some(e.to_string()),
+            ..Default::default()
+        });
         total.ok += s.ok;
         total.errors += s.errors;
         total.lat.merge(s.lat);
@@ -211,7 +220,14 @@ pub async fn run_pub(a: HttpArgs) -> Result<()> {
     let mut m = util::base("http-pub", total.ok, seconds, total.errors);
     m.insert("connections".into(), json!(n));
     if !total.statuses.is_empty() {
-        m.insert("statuses".into(), json!(total.statuses.iter().map(|(k, v)| (k.to_string(), json!(*v))).collect::<serde_json::Map<_, _>>()));
+        m.insert(
+            "statuses".into(),
+            json!(total
+                .statuses
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(*v)))
+                .collect::<serde_json::Map<_, _>>()),
+        );
     }
     total.lat.report("", &mut m);
     if let Some(e) = total.error {
@@ -249,15 +265,20 @@ pub async fn run_hello(a: HelloArgs) -> Result<()> {
                 let _ = stream.set_nodelay(true);
                 let served = served.clone();
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let served = served.clone();
-                        async move {
-                            let _ = req.into_body().collect().await;
-                            served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"Hello, World!"))))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let served = served.clone();
+                            async move {
+                                let _ = req.into_body().collect().await;
+                                served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                                    b"Hello, World!",
+                                ))))
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 });
             }
         }
@@ -266,7 +287,10 @@ pub async fn run_hello(a: HelloArgs) -> Result<()> {
         _ = accept => {}
         _ = util::until_stopped() => {}
     }
-    eprintln!("{}", json!({"kind": "hello-server-end", "served": served.load(std::sync::atomic::Ordering::Relaxed)}));
+    eprintln!(
+        "{}",
+        json!({"kind": "hello-server-end", "served": served.load(std::sync::atomic::Ordering::Relaxed)})
+    );
     Ok(())
 }
 

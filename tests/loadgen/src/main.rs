@@ -12,7 +12,11 @@ mod util;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "ferrule-loadgen", version, about = "Load generator for Ferrule benchmarks (MQTT, AMQP, HTTP, CoAP)")]
+#[command(
+    name = "ferrule-loadgen",
+    version,
+    about = "Load generator for Ferrule benchmarks (MQTT, AMQP, HTTP, CoAP)"
+)]
 struct Cli {
     /// Tokio worker threads (0: one per core).
     #[arg(long, global = true, default_value_t = 0)]

@@ -93,7 +93,13 @@ fn put_str(out: &mut BytesMut, s: &[u8]) {
     out.put_slice(s);
 }
 
-pub fn connect(out: &mut BytesMut, client_id: &str, username: Option<&str>, password: Option<&str>, keepalive: u16) {
+pub fn connect(
+    out: &mut BytesMut,
+    client_id: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+    keepalive: u16,
+) {
     let mut flags = 0x02; // clean session
     let mut len = 10 + 2 + client_id.len();
     if let Some(u) = username {
@@ -179,7 +185,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 self.buf.reserve(16 * 1024);
             }
             if self.io.read_buf(&mut self.buf).await? == 0 {
-                return if self.buf.is_empty() { Ok(None) } else { Err(io::ErrorKind::UnexpectedEof.into()) };
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(io::ErrorKind::UnexpectedEof.into())
+                };
             }
         }
     }
@@ -255,7 +265,12 @@ where
 
 /// SUBSCRIBE one filter and wait for its SUBACK: the granted QoS (0x80 = refused).
 /// PUBLISHes arriving before the SUBACK are an error here (subscribe first).
-pub async fn subscribe_and_wait<R, W>(reader: &mut Reader<R>, writer: &mut W, filter: &str, qos: u8) -> io::Result<u8>
+pub async fn subscribe_and_wait<R, W>(
+    reader: &mut Reader<R>,
+    writer: &mut W,
+    filter: &str,
+    qos: u8,
+) -> io::Result<u8>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -285,7 +300,10 @@ mod tests {
         let mut r = Reader::new(&out[..]);
         let p = r.next().await.unwrap().unwrap();
         let publish = p.publish().unwrap();
-        assert_eq!((&publish.topic[..], publish.qos, publish.packet_id, publish.payload.len()), (&b"telemetry"[..], 1, 7, 300));
+        assert_eq!(
+            (&publish.topic[..], publish.qos, publish.packet_id, publish.payload.len()),
+            (&b"telemetry"[..], 1, 7, 300)
+        );
         let ack = r.next().await.unwrap().unwrap();
         assert_eq!((ack.kind(), ack.packet_id()), (PUBACK, 7));
         assert!(r.next().await.unwrap().is_none());

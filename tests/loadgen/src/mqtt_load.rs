@@ -53,7 +53,12 @@ pub struct Client {
 
 impl Client {
     pub fn new(t: &Target) -> Result<Client> {
-        Ok(Client { addr: util::resolve(&t.host)?, sources: util::parse_sources(&t.sources)?, t: t.clone(), tag: std::process::id().to_string() })
+        Ok(Client {
+            addr: util::resolve(&t.host)?,
+            sources: util::parse_sources(&t.sources)?,
+            t: t.clone(),
+            tag: std::process::id().to_string(),
+        })
     }
 
     pub fn username(&self, i: usize) -> Option<String> {
@@ -67,14 +72,28 @@ impl Client {
 
     /// Connects client `i` (as device `device` for the username) and completes the
     /// CONNECT handshake; `small` keeps the read buffer tiny (idle connections).
-    pub async fn open_as(&self, i: usize, device: usize, suffix: &str, small: bool) -> Result<Conn> {
-        let src = if self.sources.is_empty() { None } else { Some(self.sources[i % self.sources.len()]) };
+    pub async fn open_as(
+        &self,
+        i: usize,
+        device: usize,
+        suffix: &str,
+        small: bool,
+    ) -> Result<Conn> {
+        let src =
+            if self.sources.is_empty() { None } else { Some(self.sources[i % self.sources.len()]) };
         let stream = util::connect_from(self.addr, src).await?;
         let (r, mut w) = stream.into_split();
         let mut reader = if small { Reader::small(r) } else { Reader::new(r) };
         let user = self.username(device);
-        let rc = mqtt::handshake(&mut reader, &mut w, &self.client_id(i, suffix), user.as_deref(), self.t.password.as_deref(), self.t.keepalive)
-            .await?;
+        let rc = mqtt::handshake(
+            &mut reader,
+            &mut w,
+            &self.client_id(i, suffix),
+            user.as_deref(),
+            self.t.password.as_deref(),
+            self.t.keepalive,
+        )
+        .await?;
         if rc != 0 {
             return Err(format!("CONNACK return code {rc:#04x}").into());
         }
@@ -87,7 +106,11 @@ impl Client {
 
     /// Opens `n` connections, at most `parallel` handshakes at a time. Failed ones are
     /// counted and described (first error).
-    pub async fn open_many(self: &Arc<Self>, n: usize, parallel: usize) -> (Vec<Conn>, u64, Option<String>) {
+    pub async fn open_many(
+        self: &Arc<Self>,
+        n: usize,
+        parallel: usize,
+    ) -> (Vec<Conn>, u64, Option<String>) {
         let sem = Arc::new(Semaphore::new(parallel.max(1)));
         let mut tasks = Vec::with_capacity(n);
         for i in 0..n {
@@ -195,7 +218,11 @@ pub async fn run_pub(a: PubArgs) -> Result<()> {
     let mut total = PubStats::default();
     let mut end = start;
     for t in tasks {
-        let s = t.await.unwrap_or_else(|e| PubStats { error: Some(e.to_string()), errors: 1, ..Default::default() });
+        let s = t.await.unwrap_or_else(|e| PubStats {
+            error: Some(e.to_string()),
+            errors: 1,
+            ..Default::default()
+        });
         total.sent += s.sent;
         total.acked += s.acked;
         total.errors += s.errors;
@@ -208,7 +235,10 @@ pub async fn run_pub(a: PubArgs) -> Result<()> {
     let seconds = (end - start).as_secs_f64();
     let done = if a.qos == 1 { total.acked } else { total.sent };
     let mut m = util::base("mqtt-pub", total.sent, seconds, total.errors + connect_errors);
-    m.insert("msgs_per_s".into(), json!(if seconds > 0.0 { (done as f64 / seconds).round() } else { 0.0 }));
+    m.insert(
+        "msgs_per_s".into(),
+        json!(if seconds > 0.0 { (done as f64 / seconds).round() } else { 0.0 }),
+    );
     m.insert("qos".into(), json!(a.qos));
     m.insert("connections".into(), json!(n));
     m.insert("connect_errors".into(), json!(connect_errors));
@@ -262,7 +292,11 @@ impl Job {
     }
 }
 
-async fn publish_qos0(mut reader: Reader<OwnedReadHalf>, mut writer: OwnedWriteHalf, job: Job) -> PubStats {
+async fn publish_qos0(
+    mut reader: Reader<OwnedReadHalf>,
+    mut writer: OwnedWriteHalf,
+    job: Job,
+) -> PubStats {
     // The reader only watches for the end of the connection and PINGRESP.
     let closed = Arc::new(AtomicBool::new(false));
     let pong = Arc::new(Notify::new());
@@ -321,13 +355,19 @@ async fn publish_qos0(mut reader: Reader<OwnedReadHalf>, mut writer: OwnedWriteH
     s
 }
 
-async fn publish_qos1(mut reader: Reader<OwnedReadHalf>, mut writer: OwnedWriteHalf, job: Job) -> PubStats {
+async fn publish_qos1(
+    mut reader: Reader<OwnedReadHalf>,
+    mut writer: OwnedWriteHalf,
+    job: Job,
+) -> PubStats {
     let window = Arc::new(Semaphore::new(job.window));
-    let sent_at: Arc<Vec<AtomicU64>> = Arc::new((0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect());
+    let sent_at: Arc<Vec<AtomicU64>> =
+        Arc::new((0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect());
     let total = Arc::new(AtomicU64::new(u64::MAX));
     let done = Arc::new(Notify::new());
     let acker = {
-        let (window, sent_at, total, done) = (window.clone(), sent_at.clone(), total.clone(), done.clone());
+        let (window, sent_at, total, done) =
+            (window.clone(), sent_at.clone(), total.clone(), done.clone());
         tokio::spawn(async move {
             let mut lat = Latencies::with_capacity(1 << 16);
             let mut acked = 0u64;
@@ -373,7 +413,11 @@ async fn publish_qos1(mut reader: Reader<OwnedReadHalf>, mut writer: OwnedWriteH
         // Wait for one slot, then take whatever else is free (up to the batch).
         let mut n = 0;
         while n < batch {
-            let permit = if n == 0 { window.acquire().await.map_err(|_| ()) } else { window.try_acquire().map_err(|_| ()) };
+            let permit = if n == 0 {
+                window.acquire().await.map_err(|_| ())
+            } else {
+                window.try_acquire().map_err(|_| ())
+            };
             match permit {
                 Ok(p) => p.forget(),
                 Err(()) if n == 0 => break 'outer,
@@ -453,9 +497,14 @@ pub async fn run_sub(a: SubArgs) -> Result<()> {
     let client = Arc::new(Client::new(&a.target)?);
     let (conns, failed, first) = client.open_many(a.connections, 16).await;
     if failed > 0 {
-        return Err(format!("{failed} subscriber connections failed: {}", first.unwrap_or_default()).into());
+        return Err(format!(
+            "{failed} subscriber connections failed: {}",
+            first.unwrap_or_default()
+        )
+        .into());
     }
-    let filter = if a.connections > 1 { format!("$share/lg/{}", a.filter) } else { a.filter.clone() };
+    let filter =
+        if a.connections > 1 { format!("$share/lg/{}", a.filter) } else { a.filter.clone() };
     let collector = Arc::new(Collector::default());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
@@ -469,7 +518,8 @@ pub async fn run_sub(a: SubArgs) -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut batch = LocalBatch::default();
             let mut out = BytesMut::with_capacity(4096);
-            let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+            let mut ping =
+                tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
             let mut flush = tokio::time::interval(Duration::from_millis(10));
             loop {
                 loop {
@@ -523,7 +573,13 @@ pub async fn run_sub(a: SubArgs) -> Result<()> {
         }));
     }
     util::signal_ready(&a.ready_file, "subscribed");
-    let end = collector.wait(a.expect, Duration::from_secs_f64(a.idle_timeout), Duration::from_secs_f64(a.start_timeout)).await;
+    let end = collector
+        .wait(
+            a.expect,
+            Duration::from_secs_f64(a.idle_timeout),
+            Duration::from_secs_f64(a.start_timeout),
+        )
+        .await;
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
@@ -566,8 +622,16 @@ pub async fn run_idle(a: IdleArgs) -> Result<()> {
     let n = a.connections;
     let finished = Arc::new(AtomicU64::new(0));
     for i in 0..n {
-        let (client, sem, dropped, failed, connected, first_error, all_done, finished) =
-            (client.clone(), sem.clone(), dropped.clone(), failed.clone(), connected.clone(), first_error.clone(), all_done.clone(), finished.clone());
+        let (client, sem, dropped, failed, connected, first_error, all_done, finished) = (
+            client.clone(),
+            sem.clone(),
+            dropped.clone(),
+            failed.clone(),
+            connected.clone(),
+            first_error.clone(),
+            all_done.clone(),
+            finished.clone(),
+        );
         tokio::spawn(async move {
             let permit = sem.acquire_owned().await;
             let opened = client.open_as(i, i, "", true).await;
@@ -624,7 +688,10 @@ pub async fn run_idle(a: IdleArgs) -> Result<()> {
     }
     util::emit(m);
     util::until_stopped().await;
-    eprintln!("{}", json!({"kind": "idle-end", "held": ok, "dropped": dropped.load(Relaxed), "seconds": util::round3(start.elapsed().as_secs_f64())}));
+    eprintln!(
+        "{}",
+        json!({"kind": "idle-end", "held": ok, "dropped": dropped.load(Relaxed), "seconds": util::round3(start.elapsed().as_secs_f64())})
+    );
     Ok(())
 }
 
@@ -671,13 +738,24 @@ async fn storm_once(client: &Client, worker: usize, k: u64, device: usize, s: &m
         Err(e) => {
             s.failed += 1;
             let e = e.to_string();
-            let key = if e.starts_with("CONNACK") { e } else { e.split(':').next().unwrap_or("error").to_string() };
+            let key = if e.starts_with("CONNACK") {
+                e
+            } else {
+                e.split(':').next().unwrap_or("error").to_string()
+            };
             *s.codes.entry(key).or_default() += 1;
         }
     }
 }
 
-async fn storm(client: &Arc<Client>, workers: usize, count: u64, deadline: Option<Instant>, devices: usize, offset: u64) -> (StormStats, f64) {
+async fn storm(
+    client: &Arc<Client>,
+    workers: usize,
+    count: u64,
+    deadline: Option<Instant>,
+    devices: usize,
+    offset: u64,
+) -> (StormStats, f64) {
     let start = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -687,7 +765,8 @@ async fn storm(client: &Arc<Client>, workers: usize, count: u64, deadline: Optio
             let mut s = StormStats::default();
             loop {
                 let k = next.fetch_add(1, Relaxed);
-                if deadline.is_none() && k >= count || deadline.is_some_and(|d| Instant::now() >= d) {
+                if deadline.is_none() && k >= count || deadline.is_some_and(|d| Instant::now() >= d)
+                {
                     break;
                 }
                 let device = ((k + offset) % devices.max(1) as u64) as usize;
@@ -716,7 +795,8 @@ pub async fn run_storm(a: StormArgs) -> Result<()> {
     let devices = if a.target.devices > 0 { a.target.devices } else { a.workers };
     let mut cold = None;
     if a.warm {
-        let (s, secs) = storm(&client, a.workers.min(devices), devices as u64, None, devices, 0).await;
+        let (s, secs) =
+            storm(&client, a.workers.min(devices), devices as u64, None, devices, 0).await;
         cold = Some((s, secs));
     }
     let deadline = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
@@ -733,7 +813,10 @@ pub async fn run_storm(a: StormArgs) -> Result<()> {
         m.insert("cold_connects".into(), json!(c.ok));
         m.insert("cold_failed".into(), json!(c.failed));
         m.insert("cold_seconds".into(), json!(util::round3(secs)));
-        m.insert("cold_connects_per_s".into(), json!(if secs > 0.0 { (c.ok as f64 / secs).round() } else { 0.0 }));
+        m.insert(
+            "cold_connects_per_s".into(),
+            json!(if secs > 0.0 { (c.ok as f64 / secs).round() } else { 0.0 }),
+        );
         if !c.codes.is_empty() {
             m.insert("cold_failures".into(), json!(c.codes));
         }

@@ -122,7 +122,8 @@ pub fn raise_nofile(want: u64) -> u64 {
             return 1024;
         }
         if lim.rlim_max < want as libc::rlim_t {
-            let up = libc::rlimit { rlim_cur: want as libc::rlim_t, rlim_max: want as libc::rlim_t };
+            let up =
+                libc::rlimit { rlim_cur: want as libc::rlim_t, rlim_max: want as libc::rlim_t };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
                 return want;
             }
@@ -136,14 +137,21 @@ pub fn raise_nofile(want: u64) -> u64 {
 
 /// Parses "127.0.0.2,127.0.0.3" (empty: no binding).
 pub fn parse_sources(list: &str) -> Result<Vec<IpAddr>> {
-    list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse::<IpAddr>().map_err(|e| format!("source address {s:?}: {e}").into())).collect()
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<IpAddr>().map_err(|e| format!("source address {s:?}: {e}").into()))
+        .collect()
 }
 
 /// TCP connection to `target`, from `source` if given. With a source address the
 /// socket gets IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time per
 /// 4-tuple (each source address gives a full ephemeral range per destination, and
 /// TIME_WAIT reuse works as without binding).
-pub async fn connect_from(target: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+pub async fn connect_from(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<TcpStream> {
     let stream = match source {
         None => TcpStream::connect(target).await?,
         Some(ip) => {
@@ -200,7 +208,8 @@ pub async fn until_stopped() {
         while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
         let _ = tx.send(());
     });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = rx => {}
         _ = term.recv() => {}
