@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: Rust unit and integration tests, then the interoperability tests
-# (tests/interop) against a real `ferrule serve` with third-party clients.
+# Runs every check and test: formatting and lints, Rust unit and integration tests, the
+# interoperability tests (tests/interop) against a real `ferrule serve` with third-party
+# clients, a fuzz smoke run and the hostile-input tests.
 # Installs what the tests need when it is missing (Debian/Ubuntu; root or sudo).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -30,6 +31,20 @@ fi
 
 echo "==> Python test clients (tests/requirements.txt)"
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r tests/requirements.txt
+
+echo "==> cargo fmt --check, cargo clippy -D warnings"
+# Both ship with the toolchain's default profile; a toolchain without them cannot fetch
+# them here (no rustup server), so they are skipped loudly rather than failing the run.
+if cargo fmt --version >/dev/null 2>&1; then
+  cargo fmt --all --check
+else
+  echo "WARNING: rustfmt is not installed: formatting NOT checked" >&2
+fi
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --workspace --all-targets -- -D warnings
+else
+  echo "WARNING: clippy is not installed: lints NOT checked" >&2
+fi
 
 echo "==> cargo build"
 cargo build --workspace --all-targets

@@ -161,6 +161,9 @@ pub(crate) struct ConsumerSlot {
 impl ConsumerSlot {
     /// Hands `delivery` over if the consumer has credit. On failure the delivery comes
     /// back, with `true` if the consumer is gone and `false` if it had no credit.
+    // The delivery comes back by value: boxing it would cost an allocation per refusal
+    // on the hot path.
+    #[allow(clippy::result_large_err)]
     pub(crate) fn offer(&self, delivery: Delivery) -> Result<(), (Delivery, bool)> {
         if !self.credit.try_take() {
             return Err((delivery, false));

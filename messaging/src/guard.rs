@@ -198,7 +198,7 @@ impl Walker<'_> {
                 let n = self.u32()? as usize;
                 self.take(n).map(drop)
             }
-            0xc | 0xd | 0xe | 0xf => {
+            0xc..=0xf => {
                 let wide = matches!(code >> 4, 0xd | 0xf);
                 let size = if wide { self.u32()? as usize } else { self.u8()? as usize };
                 let start = self.pos;
@@ -606,7 +606,7 @@ mod tests {
         assert_eq!(scan(&over, None, MAX_DEPTH), Err(ScanError::TooDeep));
         // Described values nest too (0x00 descriptor value, two bytes a level).
         let described: Vec<u8> =
-            std::iter::repeat([0x00, 0x44]).take(100).flatten().chain([0x40]).collect();
+            std::iter::repeat_n([0x00, 0x44], 100).flatten().chain([0x40]).collect();
         assert_eq!(scan(&described, None, MAX_DEPTH), Err(ScanError::TooDeep));
         // Arrays of arrays (the element constructor appears once per level).
         let arrays = |depth: usize| {
@@ -625,7 +625,7 @@ mod tests {
         // A list whose count promises more than its size holds: a decoder reading by
         // count would take the following bytes as elements (and nest through them).
         assert_eq!(scan(&[0xc0, 0x01, 0xff], None, MAX_DEPTH), Err(ScanError::Malformed));
-        let chained: Vec<u8> = std::iter::repeat([0xc0, 0x01, 0x05]).take(100).flatten().collect();
+        let chained: Vec<u8> = std::iter::repeat_n([0xc0, 0x01, 0x05], 100).flatten().collect();
         assert!(scan(&chained, None, MAX_DEPTH).is_err());
         // A list whose size runs past the buffer.
         assert_eq!(scan(&[0xc0, 0x10, 0x00], None, MAX_DEPTH), Err(ScanError::Malformed));

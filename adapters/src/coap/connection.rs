@@ -958,14 +958,14 @@ mod tests {
         ));
         // Too many options (the H1 bloat: thousands of empty ones) → RST before parsing.
         let mut bloated = vec![0x40, 0x02, 0, 1, 0xb1, b't'];
-        bloated.extend(std::iter::repeat(0x00).take(MAX_OPTIONS));
+        bloated.extend(std::iter::repeat_n(0x00, MAX_OPTIONS));
         assert!(matches!(classify(&bloated), Inbound::Reply(_)));
         bloated.truncate(6 + MAX_OPTIONS - 1);
         assert!(matches!(classify(&bloated), Inbound::Request(_)));
         // Option values over the byte bound.
         let mut long = vec![0x40, 0x02, 0, 1, 0xbe];
         long.extend_from_slice(&((MAX_OPTION_BYTES + 1 - 269) as u16).to_be_bytes());
-        long.extend(std::iter::repeat(b'a').take(MAX_OPTION_BYTES + 1));
+        long.extend(std::iter::repeat_n(b'a', MAX_OPTION_BYTES + 1));
         assert!(matches!(classify(&long), Inbound::Reply(_)));
         // CON POST /t (Uri-Path option 11, length 1) → a request.
         assert!(matches!(classify(&[0x40, 0x02, 0, 1, 0xb1, b't']), Inbound::Request(_)));

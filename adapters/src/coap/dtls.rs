@@ -54,8 +54,11 @@ pub(super) struct DtlsServer {
 pub(super) struct SessionData {
     pub(super) peer: Mutex<Option<SocketAddr>>,
     /// The identity from the ClientKeyExchange, its key, and whose key it is.
-    pub(super) psk: Mutex<Option<(Vec<u8>, Vec<u8>, DeviceIdentity)>>,
+    pub(super) psk: Mutex<Option<PskMatch>>,
 }
+
+/// A PSK identity as presented, its key, and the device it belongs to.
+pub(super) type PskMatch = (Vec<u8>, Vec<u8>, DeviceIdentity);
 
 /// HMAC key for cookies; random per process.
 pub(super) struct CookieKey(Hmac<Sha256>);
