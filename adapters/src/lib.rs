@@ -4,10 +4,12 @@
 //!
 //! Each adapter has the same shape: `connection` (socket, limits), `session`
 //! (per-connection protocol state) and `mapping` (pure translation of topics/URIs to
-//! tenant, device and endpoint, unit-tested without I/O).
+//! tenant, device and endpoint, unit-tested without I/O). The device rules they share
+//! (whom a request acts for, what the registry must confirm) are in [`door`].
 
 pub mod coap;
 pub mod device;
+pub mod door;
 pub mod downstream;
 pub mod http;
 pub mod mqtt;

@@ -831,6 +831,22 @@ async fn a_device_disabled_while_connected_is_cut_off_even_with_an_error_subscri
     nothing(&mut consumer).await;
 }
 
+#[tokio::test]
+async fn a_gateway_disabled_while_connected_is_cut_off_at_its_next_publish_for_a_device() {
+    let s = start();
+    let mut consumer = s.consumer("telemetry/t1", 10);
+    let mut client = RawClient::connect(s.addr, "gw-client", Some(("gw@t1", "gwpw"))).await;
+    client.publish("t/t1/child", b"before", 1).await;
+    next(&mut consumer).await.settle(Outcome::Accepted);
+    assert_eq!(client.read_packet().await.map(|p| p.0 >> 4), Some(4), "PUBACK");
+    // The gateway itself is disabled: publishing for a device it serves ends its session
+    // (the device listed in `via` is still enabled).
+    s.registry.set_device_enabled("t1", "gw", false);
+    client.publish("t/t1/child", b"after", 2).await;
+    assert_eq!(client.read_packet().await, None, "closed without a PUBACK");
+    nothing(&mut consumer).await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Scale and lifecycle
 

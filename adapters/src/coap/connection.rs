@@ -897,7 +897,7 @@ async fn run_session(
 /// Looks the PSK identity `auth-id@tenant` of a ClientKeyExchange up in the registry,
 /// for OpenSSL's (synchronous) PSK callback to find.
 async fn look_up_psk(shared: &Arc<Shared>, data: &dtls::SessionData, identity: &[u8]) {
-    let Some((auth_id, tenant)) = mapping::split_identity(identity) else {
+    let Some((auth_id, tenant)) = crate::door::split_auth_id_bytes(identity) else {
         tracing::debug!("PSK identity is not auth-id@tenant");
         return;
     };

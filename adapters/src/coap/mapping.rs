@@ -347,13 +347,6 @@ pub fn content_format_of(content_type: &str) -> Option<u16> {
     KNOWN.into_iter().find(|n| media_type(*n).is_some_and(|m| m.eq_ignore_ascii_case(&wanted)))
 }
 
-/// Splits a PSK identity `auth-id@tenant` (Hono's form). The tenant is after the last `@`.
-pub fn split_identity(identity: &[u8]) -> Option<(&str, &str)> {
-    let identity = std::str::from_utf8(identity).ok()?;
-    let (auth_id, tenant) = identity.rsplit_once('@')?;
-    (!auth_id.is_empty() && !tenant.is_empty()).then_some((auth_id, tenant))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -623,14 +616,5 @@ mod tests {
         assert_eq!(content_format_of("application/JSON"), Some(50));
         assert_eq!(content_format_of("application/vnd.oma.lwm2m+tlv"), Some(11542));
         assert_eq!(content_format_of("application/x-unknown"), None);
-    }
-
-    #[test]
-    fn identities() {
-        assert_eq!(split_identity(b"sensor1@DEFAULT_TENANT"), Some(("sensor1", "DEFAULT_TENANT")));
-        assert_eq!(split_identity(b"a@b@t1"), Some(("a@b", "t1")));
-        assert_eq!(split_identity(b"nobody"), None);
-        assert_eq!(split_identity(b"@t1"), None);
-        assert_eq!(split_identity(&[0xff, b'@', b't']), None);
     }
 }

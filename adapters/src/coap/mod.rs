@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use ferrule_command_control::{Command, CommandRouter, RespondError};
 
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
+use crate::door::{self, Denied, Standing, Target, TargetError};
 use crate::downstream::{Downstream, Upload, UploadError};
 use crate::http::command::{self as poll, Confirmation};
 use mapping::MappingError;
@@ -455,57 +456,33 @@ impl Shared {
         }
     }
 
-    /// Who the request acts for: `(tenant, device, via_gateway)`.
+    /// Who the request acts for: `(tenant, device, via_gateway)`. A DTLS session outlives
+    /// registry changes, so its device (or gateway) is checked again on every request (the
+    /// registry caches): one disabled while its session lasts is cut off promptly.
     async fn authorize(
         &self,
         identity: Option<&DeviceIdentity>,
         target: Option<(String, String)>,
     ) -> Result<(String, String, bool), Failure> {
-        let registry = &self.registry;
-        match (identity, target) {
-            (Some(identity), target) => {
-                let (tenant, device_id) = match target {
-                    None => (identity.tenant.clone(), identity.device_id.clone()),
-                    // An empty tenant segment means the gateway's own tenant.
-                    Some((tenant, device)) if tenant.is_empty() => {
-                        (identity.tenant.clone(), device)
-                    }
-                    Some((tenant, device)) => (tenant, device),
-                };
-                if tenant != identity.tenant {
-                    return Err(Failure::Auth(AuthError::TenantMismatch));
-                }
-                // DTLS sessions outlive registry changes: check the device on every request
-                // (the registry caches), so a disabled device is cut off promptly.
-                let gateway =
-                    (device_id != identity.device_id).then_some(identity.device_id.as_str());
-                registry
-                    .authorize_device(&tenant, &device_id, gateway)
-                    .await
-                    .map_err(Failure::Auth)?;
-                if gateway.is_some() {
-                    registry
-                        .authorize_device(&tenant, &identity.device_id, None)
-                        .await
-                        .map_err(Failure::Auth)?;
-                }
-                Ok((tenant, device_id, gateway.is_some()))
-            }
-            (None, Some((tenant, device)))
-                if self.config.allow_unauthenticated && !tenant.is_empty() =>
-            {
-                if !registry
-                    .allows_unauthenticated(&tenant, ADAPTER)
-                    .await
-                    .map_err(Failure::Auth)?
-                {
-                    return Err(Failure::NoCredentials);
-                }
-                registry.authorize_device(&tenant, &device, None).await.map_err(Failure::Auth)?;
-                Ok((tenant, device, false))
-            }
-            (None, _) => Err(Failure::NoCredentials),
+        if identity.is_none() && !self.config.allow_unauthenticated {
+            return Err(Failure::NoCredentials);
         }
+        let (tenant, device) = target.unzip();
+        let target = Target::resolve(identity, tenant.as_deref(), device.as_deref()).map_err(
+            |e| match e {
+                TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
+                TargetError::IdentityRequired => Failure::NoCredentials,
+            },
+        )?;
+        door::authorize(self.registry.as_ref(), ADAPTER, &target, Standing::Session)
+            .await
+            .map_err(|refused| match refused.denied {
+                Denied::Auth(e) => Failure::Auth(e),
+                Denied::UnauthenticatedNotAllowed => Failure::NoCredentials,
+            })?;
+        let via_gateway = target.via_gateway();
+        let (tenant, device) = target.into_tenant_device();
+        Ok((tenant, device, via_gateway))
     }
 
     /// For a request without a DTLS identity: whether its target device may upload

@@ -169,12 +169,6 @@ pub fn ttl(header: Option<&str>) -> Result<Option<Duration>, MappingError> {
         .transpose()
 }
 
-/// Splits `auth-id@tenant` (Hono's username form). The tenant is after the last `@`.
-pub fn split_username(username: &str) -> Option<(&str, &str)> {
-    let (auth_id, tenant) = username.rsplit_once('@')?;
-    (!auth_id.is_empty() && !tenant.is_empty()).then_some((auth_id, tenant))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,7 +254,5 @@ mod tests {
         assert!(qos(Endpoint::Telemetry, Some("2")).is_err());
         assert_eq!(ttl(Some("30")).unwrap(), Some(Duration::from_secs(30)));
         assert!(ttl(Some("soon")).is_err());
-        assert_eq!(split_username("sensor@acme@t1"), Some(("sensor@acme", "t1")));
-        assert_eq!(split_username("nobody"), None);
     }
 }

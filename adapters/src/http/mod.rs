@@ -32,6 +32,7 @@ use tokio_util::task::TaskTracker;
 use ferrule_command_control::{CommandRouter, RespondError};
 
 use crate::device::{AuthError, DeviceRegistry};
+use crate::door::{self, Denied, Standing, Target, TargetError};
 use crate::downstream::{Downstream, Qos, Upload, UploadError};
 use mapping::{MappingError, Resource};
 
@@ -432,59 +433,43 @@ async fn authorize(
         Some(cert) => Some(Credentials::Certificate(cert.clone())),
         None => basic_credentials(req)?.map(|(user, password)| Credentials::Basic(user, password)),
     };
-    match (credentials, target) {
-        (Some(credentials), target) => {
-            let identity = match credentials {
-                Credentials::Certificate(cert) => {
-                    state.registry.authenticate_certificate(&cert.0).await
-                }
-                Credentials::Basic(username, password) => {
-                    let (auth_id, tenant) = mapping::split_username(&username)
-                        .ok_or(Failure::Auth(AuthError::BadCredentials))?;
-                    let source = req.extensions().get::<PeerIp>().map(|p| p.0);
-                    state
-                        .registry
-                        .authenticate_password(tenant, auth_id, password.as_bytes(), source)
-                        .await
-                }
-            }
-            .map_err(Failure::Auth)?;
-            match target {
-                None => Ok(Principal {
-                    tenant: identity.tenant,
-                    device_id: identity.device_id,
-                    via_gateway: false,
-                }),
-                Some((tenant, device)) => {
-                    if tenant != identity.tenant {
-                        return Err(Failure::Auth(AuthError::TenantMismatch));
-                    }
-                    let via_gateway = device != identity.device_id;
-                    if via_gateway {
-                        state
-                            .registry
-                            .authorize_device(&tenant, &device, Some(&identity.device_id))
-                            .await
-                            .map_err(Failure::Auth)?;
-                    }
-                    Ok(Principal { tenant, device_id: device, via_gateway })
-                }
-            }
+    let identity = match credentials {
+        Some(Credentials::Certificate(cert)) => {
+            Some(state.registry.authenticate_certificate(&cert.0).await.map_err(Failure::Auth)?)
         }
-        (None, Some((tenant, device))) if state.config.allow_unauthenticated => {
-            if !state
+        Some(Credentials::Basic(username, password)) => {
+            let (auth_id, tenant) =
+                door::split_auth_id(&username).ok_or(Failure::Auth(AuthError::BadCredentials))?;
+            let source = req.extensions().get::<PeerIp>().map(|p| p.0);
+            let identity = state
                 .registry
-                .allows_unauthenticated(&tenant, ADAPTER)
+                .authenticate_password(tenant, auth_id, password.as_bytes(), source)
                 .await
-                .map_err(Failure::Auth)?
-            {
-                return Err(Failure::NoCredentials);
-            }
-            state.registry.authorize_device(&tenant, &device, None).await.map_err(Failure::Auth)?;
-            Ok(Principal { tenant, device_id: device, via_gateway: false })
+                .map_err(Failure::Auth)?;
+            Some(identity)
         }
-        (None, _) => Err(Failure::NoCredentials),
-    }
+        None if !state.config.allow_unauthenticated => return Err(Failure::NoCredentials),
+        None => None,
+    };
+    let (tenant, device) = target.unzip();
+    let target =
+        Target::resolve(identity.as_ref(), tenant.as_deref(), device.as_deref()).map_err(|e| {
+            match e {
+                TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
+                TargetError::IdentityRequired => Failure::NoCredentials,
+            }
+        })?;
+    door::authorize(state.registry.as_ref(), ADAPTER, &target, Standing::ThisRequest)
+        .await
+        .map_err(|refused| match refused.denied {
+            Denied::Auth(e) => Failure::Auth(e),
+            Denied::UnauthenticatedNotAllowed => Failure::NoCredentials,
+        })?;
+    Ok(Principal {
+        tenant: target.tenant().to_owned(),
+        device_id: target.device().to_owned(),
+        via_gateway: target.via_gateway(),
+    })
 }
 
 /// Reads the body, refusing one over `max_payload` before reading it where the length

@@ -31,6 +31,7 @@ use super::mapping::{
 use super::session::{Principal, Qos0Slot, Session, Target, TargetError, Version};
 use super::{MqttConfig, ADAPTER};
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
+use crate::door::{self, Denied, Standing};
 use crate::downstream::{Downstream, Endpoint, Qos, Upload, UploadError, CONNECTION_EVENT};
 
 /// What every connection of the adapter shares (across worker threads).
@@ -338,8 +339,7 @@ async fn authenticate(
         }
         None => Err(Refusal::BadCredentials),
         Some(username) => {
-            let (auth_id, tenant) =
-                mapping::split_username(username).ok_or(Refusal::BadCredentials)?;
+            let (auth_id, tenant) = door::split_auth_id(username).ok_or(Refusal::BadCredentials)?;
             let identity = shared
                 .registry
                 .authenticate_password(tenant, auth_id, password.unwrap_or_default(), source)
@@ -733,35 +733,19 @@ async fn handle_publish(
     shared.downstream.send(upload).await.map_err(|e| fail(Failure::Upload(e)))
 }
 
-/// Registry checks for a publish for `target`; `Err((failure, terminal))`.
+/// Registry checks for a publish for `target`; `Err((failure, terminal))`. The connected
+/// device (or gateway) is checked again on every publish (the registry caches), so one
+/// disabled while connected is cut off at its next publish instead of at its next CONNECT.
 async fn authorize(shared: &Shared, target: &Target) -> Result<(), (Failure, bool)> {
-    let registry = &shared.registry;
-    let auth = |e| (Failure::Auth(e), false);
-    match target {
-        // The registry's cache makes this cheap, and a device disabled while connected is
-        // cut off at its next publish instead of at its next CONNECT.
-        Target::Own { tenant, device } => {
-            registry.authorize_device(tenant, device, None).await.map_err(|e| {
-                let terminal = matches!(
-                    e,
-                    AuthError::DeviceDisabled
-                        | AuthError::UnknownDevice
-                        | AuthError::TenantDisabled
-                        | AuthError::UnknownTenant
-                );
-                (Failure::Auth(e), terminal)
-            })
-        }
-        Target::ViaGateway { tenant, device, gateway } => {
-            registry.authorize_device(tenant, device, Some(gateway)).await.map_err(auth)
-        }
-        Target::Unauthenticated { tenant, device } => {
-            if !registry.allows_unauthenticated(tenant, ADAPTER).await.map_err(auth)? {
-                return Err((Failure::UnauthenticatedNotAllowed, false));
-            }
-            registry.authorize_device(tenant, device, None).await.map_err(auth)
-        }
-    }
+    door::authorize(shared.registry.as_ref(), ADAPTER, target, Standing::Session).await.map_err(
+        |refused| {
+            let failure = match refused.denied {
+                Denied::Auth(e) => Failure::Auth(e),
+                Denied::UnauthenticatedNotAllowed => Failure::UnauthenticatedNotAllowed,
+            };
+            (failure, refused.principal_gone)
+        },
+    )
 }
 
 /// A device's answer to a command (`command/[T]/[D]/res/REQ-ID/STATUS`): handed to the
@@ -1104,35 +1088,17 @@ async fn error_subscription(
     filter: &str,
 ) -> Option<ErrorSubscription> {
     let subscription = mapping::parse_error_filter(filter)?;
-    match session.identity() {
-        Some(identity) => {
-            if subscription.tenant.as_ref().is_some_and(|t| *t != identity.tenant) {
-                return None;
-            }
-            if let DeviceFilter::One(device) = &subscription.device {
-                if *device != identity.device_id {
-                    let gateway = Some(identity.device_id.as_str());
-                    shared
-                        .registry
-                        .authorize_device(&identity.tenant, device, gateway)
-                        .await
-                        .ok()?;
-                }
-            }
-        }
-        None => {
-            // Unauthenticated devices name themselves: error/TENANT/DEVICE/#.
-            let (Some(tenant), DeviceFilter::One(device)) =
-                (&subscription.tenant, &subscription.device)
-            else {
-                return None;
-            };
-            if !shared.registry.allows_unauthenticated(tenant, ADAPTER).await.ok()? {
-                return None;
-            }
-            shared.registry.authorize_device(tenant, device, None).await.ok()?;
-        }
-    }
+    // `Any` (a gateway's devices) names no device; unauthenticated devices must name
+    // themselves (error/TENANT/DEVICE/#).
+    let device = match &subscription.device {
+        DeviceFilter::One(device) => Some(device.as_str()),
+        DeviceFilter::Own | DeviceFilter::Any => None,
+    };
+    let target =
+        Target::resolve(session.identity(), subscription.tenant.as_deref(), device).ok()?;
+    door::authorize(shared.registry.as_ref(), ADAPTER, &target, Standing::ThisRequest)
+        .await
+        .ok()?;
     Some(subscription)
 }
 
@@ -1148,20 +1114,19 @@ async fn command_subscription(
     let router = shared.commands.as_ref()?;
     let form = mapping::parse_command_filter(filter)?;
     let identity = session.identity()?;
-    if form.tenant.as_ref().is_some_and(|t| *t != identity.tenant) {
-        return None;
-    }
+    let device = match &form.device {
+        DeviceFilter::One(device) => Some(device.as_str()),
+        DeviceFilter::Own | DeviceFilter::Any => None,
+    };
+    let resolved = Target::resolve(Some(identity), form.tenant.as_deref(), device).ok()?;
+    door::authorize(shared.registry.as_ref(), ADAPTER, &resolved, Standing::ThisRequest)
+        .await
+        .ok()?;
     let target = match &form.device {
-        DeviceFilter::Own => CommandTarget::Device(identity.device_id.clone()),
-        DeviceFilter::One(device) if *device == identity.device_id => {
-            CommandTarget::Device(device.clone())
-        }
-        DeviceFilter::One(device) => {
-            let gateway = Some(identity.device_id.as_str());
-            shared.registry.authorize_device(&identity.tenant, device, gateway).await.ok()?;
-            CommandTarget::Device(device.clone())
-        }
         DeviceFilter::Any => CommandTarget::AllDevicesOf { gateway: identity.device_id.clone() },
+        DeviceFilter::Own | DeviceFilter::One(_) => {
+            CommandTarget::Device(resolved.device().to_owned())
+        }
     };
     let at_least_once = requested != QoS::AtMostOnce;
     let ack_timeout = shared.config.command_ack_timeout;

@@ -189,12 +189,6 @@ pub fn url_decode(s: &str) -> Result<String, MappingError> {
     String::from_utf8(out).map_err(|_| bad())
 }
 
-/// Splits `auth-id@tenant` (Hono's username form); the tenant is after the last `@`.
-pub fn split_username(username: &str) -> Option<(&str, &str)> {
-    let (auth_id, tenant) = username.rsplit_once('@')?;
-    (!auth_id.is_empty() && !tenant.is_empty()).then_some((auth_id, tenant))
-}
-
 /// Which devices' errors a subscription asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceFilter {
@@ -462,15 +456,6 @@ mod tests {
             parse_publish_topic("t/?on-error=shout"),
             Err(MappingError::BadOnError(_))
         ));
-    }
-
-    #[test]
-    fn usernames() {
-        assert_eq!(split_username("sensor1@DEFAULT_TENANT"), Some(("sensor1", "DEFAULT_TENANT")));
-        assert_eq!(split_username("a@b@t1"), Some(("a@b", "t1")));
-        assert_eq!(split_username("sensor1"), None);
-        assert_eq!(split_username("@t1"), None);
-        assert_eq!(split_username("s@"), None);
     }
 
     #[test]

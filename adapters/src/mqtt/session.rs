@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use ferrule_command_control::Subscription;
 
 use crate::device::DeviceIdentity;
+pub use crate::door::{Target, TargetError};
 
 use super::command::Outbox;
 use super::mapping::{ErrorSubscription, PublishAddress};
@@ -29,44 +30,6 @@ pub enum Principal {
     /// Connected without credentials (only where the adapter allows it); every publish
     /// must name tenant and device.
     Anonymous,
-}
-
-/// Whom a publish is for, once the topic has been checked against the principal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// The authenticated device itself.
-    Own { tenant: String, device: String },
-    /// A device the authenticated gateway publishes for (`via` still to be checked).
-    ViaGateway { tenant: String, device: String, gateway: String },
-    /// An unauthenticated device (tenant's `allows_unauthenticated` still to be checked).
-    Unauthenticated { tenant: String, device: String },
-}
-
-impl Target {
-    pub fn tenant(&self) -> &str {
-        match self {
-            Target::Own { tenant, .. }
-            | Target::ViaGateway { tenant, .. }
-            | Target::Unauthenticated { tenant, .. } => tenant,
-        }
-    }
-
-    pub fn device(&self) -> &str {
-        match self {
-            Target::Own { device, .. }
-            | Target::ViaGateway { device, .. }
-            | Target::Unauthenticated { device, .. } => device,
-        }
-    }
-}
-
-/// Why the topic's tenant/device cannot be used by this principal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetError {
-    /// The topic names a tenant other than the authenticated one.
-    TenantMismatch,
-    /// An unauthenticated connection used a topic without tenant and device.
-    IdentityRequired,
 }
 
 /// One connection's state.
@@ -164,32 +127,7 @@ impl Session {
         tenant: Option<&String>,
         device: Option<&String>,
     ) -> Result<Target, TargetError> {
-        match (&self.principal, device) {
-            (Principal::Device(id), None) => {
-                Ok(Target::Own { tenant: id.tenant.clone(), device: id.device_id.clone() })
-            }
-            (Principal::Device(id), Some(device)) => {
-                if tenant.is_some_and(|t| *t != id.tenant) {
-                    return Err(TargetError::TenantMismatch);
-                }
-                if *device == id.device_id {
-                    Ok(Target::Own { tenant: id.tenant.clone(), device: device.clone() })
-                } else {
-                    Ok(Target::ViaGateway {
-                        tenant: id.tenant.clone(),
-                        device: device.clone(),
-                        gateway: id.device_id.clone(),
-                    })
-                }
-            }
-            (Principal::Anonymous, Some(device)) => match tenant {
-                Some(tenant) => {
-                    Ok(Target::Unauthenticated { tenant: tenant.clone(), device: device.clone() })
-                }
-                None => Err(TargetError::IdentityRequired),
-            },
-            (Principal::Anonymous, None) => Err(TargetError::IdentityRequired),
-        }
+        Target::resolve(self.identity(), tenant.map(String::as_str), device.map(String::as_str))
     }
 
     /// Records an error-topic subscription (replacing an earlier one).

@@ -1,0 +1,265 @@
+//! The device front door: the rules every adapter applies to a device's request, written
+//! once. An adapter decodes its protocol into credentials and the tenant/device a request
+//! names; the door says whom the request acts for ([`Target::resolve`], pure) and whether
+//! it may ([`authorize`], registry checks); the adapter maps the door's answers to its
+//! protocol's codes in one table of its own.
+//!
+//! The rules (Hono's):
+//! - A username or PSK identity is `auth-id@tenant`; the tenant is after the last `@`
+//!   ([`split_auth_id`]).
+//! - An authenticated device names no device (or itself): it acts for itself. Naming
+//!   another device of its tenant makes it a gateway acting for that device, which must
+//!   list the gateway in `via`. Naming another tenant is refused. An empty tenant means
+//!   the device's own tenant.
+//! - An unauthenticated request must name tenant and device; the tenant must allow
+//!   unauthenticated devices on the adapter, and the device must exist and be enabled.
+//! - A principal authenticated once for a long-lived session (an MQTT connection, a DTLS
+//!   session) is checked again on every request, so that disabling a device, a gateway or
+//!   a tenant cuts it off at its next publish. A principal authenticated per request
+//!   (HTTP) was checked by its authentication.
+
+use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
+
+/// Splits `auth-id@tenant` (Hono's username and PSK identity form); the tenant is after
+/// the last `@`. Both parts must be non-empty.
+pub fn split_auth_id(username: &str) -> Option<(&str, &str)> {
+    let (auth_id, tenant) = username.rsplit_once('@')?;
+    (!auth_id.is_empty() && !tenant.is_empty()).then_some((auth_id, tenant))
+}
+
+/// [`split_auth_id`] for identities that arrive as bytes (DTLS PSK identities): UTF-8 only.
+pub fn split_auth_id_bytes(identity: &[u8]) -> Option<(&str, &str)> {
+    split_auth_id(std::str::from_utf8(identity).ok()?)
+}
+
+/// Whom a request is for, once the names in it have been checked against the principal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The authenticated device itself.
+    Own { tenant: String, device: String },
+    /// A device the authenticated gateway acts for (`via` still to be checked).
+    ViaGateway { tenant: String, device: String, gateway: String },
+    /// An unauthenticated device (the tenant's permission still to be checked).
+    Unauthenticated { tenant: String, device: String },
+}
+
+/// Why the names in a request cannot be used by its principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetError {
+    /// The request names a tenant other than the authenticated one.
+    TenantMismatch,
+    /// An unauthenticated request did not name tenant and device.
+    IdentityRequired,
+}
+
+impl Target {
+    /// Decides whom a request naming `tenant` and `device` (either may be absent; an
+    /// empty tenant counts as absent) is for, given who sent it (`None`: unauthenticated).
+    pub fn resolve(
+        principal: Option<&DeviceIdentity>,
+        tenant: Option<&str>,
+        device: Option<&str>,
+    ) -> Result<Target, TargetError> {
+        let tenant = tenant.filter(|t| !t.is_empty());
+        match (principal, device) {
+            (Some(id), None) => {
+                if tenant.is_some_and(|t| t != id.tenant) {
+                    return Err(TargetError::TenantMismatch);
+                }
+                Ok(Target::Own { tenant: id.tenant.clone(), device: id.device_id.clone() })
+            }
+            (Some(id), Some(device)) => {
+                if tenant.is_some_and(|t| t != id.tenant) {
+                    return Err(TargetError::TenantMismatch);
+                }
+                if device == id.device_id {
+                    Ok(Target::Own { tenant: id.tenant.clone(), device: device.to_owned() })
+                } else {
+                    Ok(Target::ViaGateway {
+                        tenant: id.tenant.clone(),
+                        device: device.to_owned(),
+                        gateway: id.device_id.clone(),
+                    })
+                }
+            }
+            (None, Some(device)) if !device.is_empty() => match tenant {
+                Some(tenant) => Ok(Target::Unauthenticated {
+                    tenant: tenant.to_owned(),
+                    device: device.to_owned(),
+                }),
+                None => Err(TargetError::IdentityRequired),
+            },
+            (None, _) => Err(TargetError::IdentityRequired),
+        }
+    }
+
+    pub fn tenant(&self) -> &str {
+        match self {
+            Target::Own { tenant, .. }
+            | Target::ViaGateway { tenant, .. }
+            | Target::Unauthenticated { tenant, .. } => tenant,
+        }
+    }
+
+    pub fn device(&self) -> &str {
+        match self {
+            Target::Own { device, .. }
+            | Target::ViaGateway { device, .. }
+            | Target::Unauthenticated { device, .. } => device,
+        }
+    }
+
+    /// The tenant and device, owned.
+    pub fn into_tenant_device(self) -> (String, String) {
+        match self {
+            Target::Own { tenant, device }
+            | Target::ViaGateway { tenant, device, .. }
+            | Target::Unauthenticated { tenant, device } => (tenant, device),
+        }
+    }
+
+    /// Whether a gateway acts for the device.
+    pub fn via_gateway(&self) -> bool {
+        matches!(self, Target::ViaGateway { .. })
+    }
+}
+
+/// How long the principal's authentication stands, which decides what [`authorize`]
+/// checks again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Authenticated with this very request (HTTP): its authentication checked it.
+    ThisRequest,
+    /// Authenticated once for a session (MQTT connection, DTLS session): checked again.
+    Session,
+}
+
+/// Why [`authorize`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Denied {
+    /// The registry refused: unknown or disabled device or tenant, gateway not in `via`,
+    /// busy, unavailable.
+    Auth(AuthError),
+    /// The tenant does not allow unauthenticated devices on this adapter.
+    UnauthenticatedNotAllowed,
+}
+
+/// A refusal, and whether it is about the session's own principal (the connected device or
+/// gateway, or its tenant, is disabled or gone: the session should end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub denied: Denied,
+    pub principal_gone: bool,
+}
+
+impl Refused {
+    fn about_target(e: AuthError) -> Self {
+        Self { denied: Denied::Auth(e), principal_gone: false }
+    }
+
+    fn about_principal(e: AuthError) -> Self {
+        let gone = matches!(
+            e,
+            AuthError::DeviceDisabled
+                | AuthError::UnknownDevice
+                | AuthError::TenantDisabled
+                | AuthError::UnknownTenant
+        );
+        Self { denied: Denied::Auth(e), principal_gone: gone }
+    }
+}
+
+/// The registry checks for a request for `target` on `adapter` (the registry caches, so
+/// each is a map look-up when warm).
+pub async fn authorize(
+    registry: &dyn DeviceRegistry,
+    adapter: &str,
+    target: &Target,
+    standing: Standing,
+) -> Result<(), Refused> {
+    match target {
+        Target::Own { tenant, device } => match standing {
+            Standing::ThisRequest => Ok(()),
+            Standing::Session => registry
+                .authorize_device(tenant, device, None)
+                .await
+                .map_err(Refused::about_principal),
+        },
+        Target::ViaGateway { tenant, device, gateway } => {
+            registry
+                .authorize_device(tenant, device, Some(gateway))
+                .await
+                .map_err(Refused::about_target)?;
+            if standing == Standing::Session {
+                registry
+                    .authorize_device(tenant, gateway, None)
+                    .await
+                    .map_err(Refused::about_principal)?;
+            }
+            Ok(())
+        }
+        Target::Unauthenticated { tenant, device } => {
+            let allowed = registry
+                .allows_unauthenticated(tenant, adapter)
+                .await
+                .map_err(Refused::about_target)?;
+            if !allowed {
+                return Err(Refused {
+                    denied: Denied::UnauthenticatedNotAllowed,
+                    principal_gone: false,
+                });
+            }
+            registry.authorize_device(tenant, device, None).await.map_err(Refused::about_target)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway() -> DeviceIdentity {
+        DeviceIdentity { tenant: "t1".into(), device_id: "gw".into(), auth_id: "gw".into() }
+    }
+
+    #[test]
+    fn auth_ids() {
+        assert_eq!(split_auth_id("sensor1@DEFAULT_TENANT"), Some(("sensor1", "DEFAULT_TENANT")));
+        assert_eq!(split_auth_id("a@b@t1"), Some(("a@b", "t1")));
+        assert_eq!(split_auth_id("sensor1"), None);
+        assert_eq!(split_auth_id("@t1"), None);
+        assert_eq!(split_auth_id("s@"), None);
+        assert_eq!(split_auth_id_bytes(b"a@b@t1"), Some(("a@b", "t1")));
+        assert_eq!(split_auth_id_bytes(&[0xff, b'@', b't']), None);
+    }
+
+    #[test]
+    fn targets() {
+        let gw = gateway();
+        let own = Target::Own { tenant: "t1".into(), device: "gw".into() };
+        assert_eq!(Target::resolve(Some(&gw), None, None), Ok(own.clone()));
+        assert_eq!(Target::resolve(Some(&gw), Some("t1"), Some("gw")), Ok(own.clone()));
+        assert_eq!(Target::resolve(Some(&gw), Some(""), Some("gw")), Ok(own.clone()));
+        assert_eq!(Target::resolve(Some(&gw), Some("t1"), None), Ok(own));
+        assert_eq!(
+            Target::resolve(Some(&gw), Some(""), Some("d1")),
+            Ok(Target::ViaGateway {
+                tenant: "t1".into(),
+                device: "d1".into(),
+                gateway: "gw".into()
+            })
+        );
+        assert_eq!(
+            Target::resolve(Some(&gw), Some("t2"), Some("d1")),
+            Err(TargetError::TenantMismatch)
+        );
+        assert_eq!(Target::resolve(Some(&gw), Some("t2"), None), Err(TargetError::TenantMismatch));
+        assert_eq!(
+            Target::resolve(None, Some("t2"), Some("d2")),
+            Ok(Target::Unauthenticated { tenant: "t2".into(), device: "d2".into() })
+        );
+        assert_eq!(Target::resolve(None, Some(""), Some("d2")), Err(TargetError::IdentityRequired));
+        assert_eq!(Target::resolve(None, None, Some("d2")), Err(TargetError::IdentityRequired));
+        assert_eq!(Target::resolve(None, Some("t2"), None), Err(TargetError::IdentityRequired));
+    }
+}
