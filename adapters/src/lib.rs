@@ -13,6 +13,7 @@ pub mod door;
 pub mod downstream;
 pub mod http;
 pub mod mqtt;
+mod poll;
 pub mod tls;
 
 pub use device::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};

@@ -35,7 +35,7 @@ async fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let data_dir = args.data_dir.unwrap_or_else(|| tmp.path().to_owned());
     let config = RegistryConfig {
-        bind: ([127, 0, 0, 1], args.port).into(),
+        listen: ([127, 0, 0, 1], args.port).into(),
         auth_tokens: vec![args.token],
         ..RegistryConfig::default()
     };

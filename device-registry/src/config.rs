@@ -22,8 +22,10 @@ pub enum StorageKind {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryConfig {
-    /// Management API listen address. Default `0.0.0.0:28080`.
-    pub bind: SocketAddr,
+    /// Management API listen address. Default `0.0.0.0:28080`. `bind`, its name before
+    /// every listener's address was called `listen`, is still accepted.
+    #[serde(alias = "bind")]
+    pub listen: SocketAddr,
     /// TLS for the management API (PEM certificate and key); off unless both are set.
     pub tls: ferrule_messaging::tls::TlsConfig,
     /// `embedded` (default) or `redis`.
@@ -72,7 +74,7 @@ pub struct RegistryConfig {
 impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
-            bind: SocketAddr::from(([0, 0, 0, 0], 28080)),
+            listen: SocketAddr::from(([0, 0, 0, 0], 28080)),
             tls: Default::default(),
             storage: StorageKind::Embedded,
             embedded_file: "registry.redb".into(),
@@ -98,7 +100,7 @@ impl Default for RegistryConfig {
 impl fmt::Debug for RegistryConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RegistryConfig")
-            .field("bind", &self.bind)
+            .field("listen", &self.listen)
             .field("tls", &self.tls)
             .field("storage", &self.storage)
             .field("embedded_file", &self.embedded_file)
@@ -192,8 +194,9 @@ impl RegistryConfig {
 /// The defaults as commented TOML, for `ferrule config print-default` (the `[registry]`
 /// section). A unit test checks it parses to `RegistryConfig::default()`.
 pub const DEFAULT_TOML: &str = r#"[registry]
-# Management API (Hono Device Registry Management API v1) listen address.
-bind = "0.0.0.0:28080"
+# Management API (Hono Device Registry Management API v1) listen address (formerly `bind`,
+# still accepted).
+listen = "0.0.0.0:28080"
 # "embedded": a redb file under the data directory; "redis": shared store for several instances.
 storage = "embedded"
 # File of the embedded store, relative to the data directory.
@@ -251,6 +254,14 @@ mod tests {
         let f: File = toml::from_str(DEFAULT_TOML).unwrap();
         assert_eq!(f.registry, RegistryConfig::default());
         assert!(RegistryConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn bind_is_still_accepted_for_listen() {
+        let f: File = toml::from_str("[registry]\nbind = \"127.0.0.1:1234\"").unwrap();
+        assert_eq!(f.registry.listen, "127.0.0.1:1234".parse().unwrap());
+        let f: File = toml::from_str("[registry]\nlisten = \"127.0.0.1:4321\"").unwrap();
+        assert_eq!(f.registry.listen, "127.0.0.1:4321".parse().unwrap());
     }
 
     #[test]

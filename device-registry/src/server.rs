@@ -113,12 +113,12 @@ impl Registry {
         let pool = HashPool::new(config.hash_pool_size);
         let auth = AuthService::new(store.clone(), pool.clone(), config.auth_settings());
         let management = Management::new(store, pool.clone());
-        let listener = TcpListener::bind(config.bind)
+        let listener = TcpListener::bind(config.listen)
             .await
-            .map_err(|source| RegistryError::Bind { addr: config.bind, source })?;
+            .map_err(|source| RegistryError::Bind { addr: config.listen, source })?;
         let local_addr = listener
             .local_addr()
-            .map_err(|source| RegistryError::Bind { addr: config.bind, source })?;
+            .map_err(|source| RegistryError::Bind { addr: config.listen, source })?;
         if config.allow_anonymous {
             tracing::warn!(
                 "management API allows anonymous access (registry.allow_anonymous = true)"

@@ -42,7 +42,7 @@ users = [
   {{ username = "app@t2", password = "secret-two" }},
 ]
 [registry]
-bind = "127.0.0.1:0"
+listen = "127.0.0.1:0"
 auth_tokens = ["{registry_token}"]
 [adapters.http]
 listen = "127.0.0.1:0"

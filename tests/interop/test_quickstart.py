@@ -20,7 +20,7 @@ def test_serve_with_defaults_generates_credentials_and_works(tmp_path):
     ports = {
         "FERRULE__MESSAGING__LISTEN": "127.0.0.1:0",
         "FERRULE__OPS__LISTEN": "127.0.0.1:0",
-        "FERRULE__REGISTRY__BIND": "127.0.0.1:0",
+        "FERRULE__REGISTRY__LISTEN": "127.0.0.1:0",
         "FERRULE__ADAPTERS__HTTP__LISTEN": "127.0.0.1:0",
         "FERRULE__ADAPTERS__MQTT__LISTEN": "127.0.0.1:0",
         "FERRULE__ADAPTERS__COAP__LISTEN": "127.0.0.1:0",

@@ -42,7 +42,7 @@ use ferrule_command_control::{Command, CommandRouter, RespondError};
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 use crate::door::{self, Denied, Standing, Target, TargetError};
 use crate::downstream::{Downstream, Upload, UploadError};
-use crate::http::command::{self as poll, Confirmation};
+use crate::poll::{self, Confirmation};
 use mapping::MappingError;
 
 /// Value of `orig_adapter` for messages from this adapter.

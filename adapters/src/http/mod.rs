@@ -9,7 +9,7 @@
 //! - this module: the hyper server (keep-alive, body size limit before reading), the
 //!   authentication decision, and the one place where errors become status codes.
 
-pub(crate) mod command;
+mod command;
 pub mod mapping;
 
 use std::net::SocketAddr;
@@ -534,7 +534,7 @@ async fn upload(
     let (Some(router), Some(ttd)) = (&state.router, ttd) else {
         return Ok(status(StatusCode::ACCEPTED));
     };
-    match command::wait(router, ADAPTER, &principal.tenant, &principal.device_id, ttd, shutdown)
+    match crate::poll::wait(router, ADAPTER, &principal.tenant, &principal.device_id, ttd, shutdown)
         .await
     {
         Some(handover) => {

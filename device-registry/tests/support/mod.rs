@@ -83,7 +83,7 @@ pub fn embedded_store() -> (Arc<dyn RegistryStore>, tempfile::TempDir) {
 
 pub fn test_config() -> RegistryConfig {
     RegistryConfig {
-        bind: "127.0.0.1:0".parse().unwrap(),
+        listen: "127.0.0.1:0".parse().unwrap(),
         auth_tokens: vec![TOKEN.to_owned()],
         ..RegistryConfig::default()
     }
