@@ -1,9 +1,6 @@
-//! The `ferrule` binary: parses the command line, loads the configuration, wires the
-//! components and maps errors to exit codes. Everything else lives in the component crates.
-
-mod config;
-mod ops;
-mod wiring;
+//! The `ferrule` binary: parses the command line, loads the configuration, starts the
+//! [`Platform`] and maps errors to exit codes. Everything else lives in the library and
+//! the component crates.
 
 /// mimalloc instead of glibc malloc: malloc/free were 11-13 % of the broker's CPU under
 /// load; with mimalloc QoS 1 and durable events go up 16-19 % (BENCHMARKS.md, round 2).
@@ -14,14 +11,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
-use std::sync::Arc;
-
-use ferrule_adapters::{coap::CoapAdapter, http::HttpAdapter, mqtt, DeviceRegistry, Downstream};
-use ferrule_command_control::CommandRouter;
-use ferrule_device_registry::Registry;
-use ferrule_messaging::{AmqpServer, Broker, UserConfig};
+use ferrule::{config, Platform};
+use ferrule_messaging::UserConfig;
 
 #[derive(Parser)]
 #[command(
@@ -116,94 +108,12 @@ fn serve(path: Option<&Path>) -> anyhow::Result<()> {
 }
 
 async fn run(config: config::Config) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let metrics = ops::install_recorder()?;
-    let ready = ops::Readiness::default();
-    let broker =
-        Broker::open(&config.messaging, &config.data_dir).context("opening the messaging store")?;
-    let amqp = AmqpServer::bind(&config.messaging, broker.clone()).await?;
-    let ops_listener = ops::bind(&config.ops).await?;
-    let registry = Registry::start(&config.registry, &config.data_dir, shutdown.clone())
-        .await
-        .context("starting the device registry")?;
-    // One bounded pool for all password work: device logins, management writes and
-    // application (SASL) logins.
-    let amqp = amqp.with_hash_pool(registry.hash_pool().clone());
-    let devices = wiring::RegistryDevices(registry.auth().clone());
-    let device_registry: Arc<dyn DeviceRegistry> = Arc::new(devices.clone());
-    let router = CommandRouter::new(broker.clone(), Arc::new(devices));
-    router.install();
-    let downstream = Downstream::new(broker.clone());
-    let commands = Some(router.clone());
-    let http = HttpAdapter::bind(
-        config.adapters.http.clone(),
-        downstream.clone(),
-        device_registry.clone(),
-        commands.clone(),
-    )
-    .await?;
-    let coap = CoapAdapter::bind(
-        config.adapters.coap.clone(),
-        downstream.clone(),
-        device_registry.clone(),
-        commands.clone(),
-    )
-    .await?;
-    let mqtt = mqtt::start_with_commands(
-        config.adapters.mqtt.clone(),
-        downstream.clone(),
-        device_registry.clone(),
-        commands,
-        shutdown.child_token(),
-    )?;
-
-    let mut listeners = vec![
-        ("amqp", amqp.local_addr()),
-        ("ops", ops_listener.local_addr()?),
-        ("registry", registry.local_addr()),
-        ("http", http.local_addr()),
-        ("mqtt", mqtt.local_addr()),
-        ("coaps", coap.local_dtls_addr()),
-    ];
-    listeners.extend(coap.local_addr().map(|addr| ("coap", addr)));
-    listeners.extend(amqp.local_tls_addr().map(|addr| ("amqps", addr)));
-    listeners.extend(http.local_tls_addr().map(|addr| ("https", addr)));
-    listeners.extend(mqtt.local_tls_addr().map(|addr| ("mqtts", addr)));
-    write_listeners(&config.data_dir, &listeners)?;
-    let http_task = tokio::spawn(http.run(shutdown.clone()));
-    let coap_task = tokio::spawn(coap.run(shutdown.clone()));
-
-    let maintenance = tokio::spawn(
-        broker.clone().run_maintenance(config.messaging.expiry_check_interval, shutdown.clone()),
-    );
-    let ops_task = tokio::spawn(ops::run(
-        ops_listener,
-        config.ops.clone(),
-        metrics,
-        ready.clone(),
-        broker.clone(),
-        shutdown.clone(),
-    ));
-    let server = tokio::spawn(amqp.run(shutdown.clone()));
-    ready.set(true);
+    let platform = Platform::start(&config).await?;
+    platform.write_listeners(&config.data_dir)?;
     tracing::info!(data_dir = %config.data_dir.display(), "ferrule is up");
-
     wait_for_signal().await;
     tracing::info!("shutting down");
-    ready.set(false);
-    shutdown.cancel();
-    // Devices first (their in-flight messages still reach the core), then applications;
-    // each listener stops accepting at once and gets the grace period to drain.
-    let grace = std::time::Duration::from_secs(10);
-    let drained = tokio::time::timeout(grace, async {
-        let _ = tokio::join!(http_task, coap_task, mqtt.stopped(), registry.stopped(), ops_task);
-        let _ = server.await;
-    });
-    if drained.await.is_err() {
-        tracing::warn!("connections still open after {grace:?}; closing anyway");
-    }
-    let _ = maintenance.await;
-    broker.flush().await.context("flushing the messaging store")?;
+    platform.shutdown().await?;
     tracing::info!("bye");
     Ok(())
 }
@@ -215,21 +125,6 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-}
-
-/// Writes the bound addresses to `DATA_DIR/listeners.json` so that tools and tests can
-/// find listeners configured on port 0.
-fn write_listeners(
-    data_dir: &Path,
-    listeners: &[(&str, std::net::SocketAddr)],
-) -> anyhow::Result<()> {
-    let body: Vec<String> =
-        listeners.iter().map(|(name, addr)| format!("  \"{name}\": \"{addr}\"")).collect();
-    let path = data_dir.join("listeners.json");
-    let tmp = data_dir.join("listeners.json.tmp");
-    std::fs::write(&tmp, format!("{{\n{}\n}}\n", body.join(",\n")))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }
 
 /// With no application user configured and anonymous access off, nobody could connect:

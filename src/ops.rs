@@ -53,12 +53,19 @@ header_read_timeout = "10s"
 
 "#;
 
-/// Installs the process-wide Prometheus recorder; call once, before components start.
+/// Installs the process-wide Prometheus recorder on first use, before components start;
+/// later calls (several platforms in one process, as in tests) share it.
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = INSTALL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5])?
         .install_recorder()?;
-    Ok(handle)
+    Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
 /// Whether the platform is ready: set once every listener is bound, cleared on shutdown.

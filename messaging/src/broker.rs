@@ -288,6 +288,21 @@ impl Broker {
         }
         Ok(())
     }
+
+    /// The end of the broker's life, once nothing sends any more: writes what is pending
+    /// and closes the store (its file can be opened again, e.g. by a restart in the same
+    /// process), and drops the address handlers (which hold broker handles of their own).
+    /// Later durable sends fail.
+    ///
+    /// # Errors
+    /// The last writes failed.
+    pub async fn close(&self) -> Result<(), BrokerError> {
+        self.inner.handlers.write().expect("poisoned").clear();
+        if let Some(store) = &self.inner.store {
+            store.close().await?;
+        }
+        Ok(())
+    }
 }
 
 impl Inner {

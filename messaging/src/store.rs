@@ -41,12 +41,30 @@ fn io(e: impl std::fmt::Display) -> StoreError {
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 enum Op {
-    Append { queue: Arc<str>, seq: u64, record: Vec<u8>, done: Completion },
-    Delete { queue: Arc<str>, seq: u64 },
-    Purge { queue: Arc<str> },
-    PutSubscription { queue: Arc<str>, topic: String },
-    DeleteSubscription { queue: Arc<str> },
+    Append {
+        queue: Arc<str>,
+        seq: u64,
+        record: Vec<u8>,
+        done: Completion,
+    },
+    Delete {
+        queue: Arc<str>,
+        seq: u64,
+    },
+    Purge {
+        queue: Arc<str>,
+    },
+    PutSubscription {
+        queue: Arc<str>,
+        topic: String,
+    },
+    DeleteSubscription {
+        queue: Arc<str>,
+    },
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    /// Like `Flush`, then the writer stops and closes the database (its file lock is
+    /// released once the answer is sent).
+    Close(oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// A message read back at start-up.
@@ -126,6 +144,15 @@ impl Store {
         self.tx.send(Op::Flush(tx)).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
+
+    /// Writes everything submitted so far, then closes the database; later writes fail
+    /// with [`StoreError::Closed`]. The same database can be opened again once this
+    /// returns (by a restarted broker in the same process).
+    pub async fn close(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Op::Close(tx)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
 }
 
 /// A stored message: its expiry (ms since the epoch, 0 for none) then its AMQP encoding.
@@ -194,14 +221,23 @@ fn writer(db: Database, rx: std_mpsc::Receiver<Op>, healthy: &std::sync::atomic:
         if let Err(e) = &result {
             tracing::error!(error = %e, ops = batch.len(), "store commit failed");
         }
+        let mut closed = None;
         for op in batch.drain(..) {
             match op {
                 Op::Append { done, .. } => done(result.clone()),
                 Op::Flush(tx) => {
                     let _ = tx.send(result.clone());
                 }
+                Op::Close(tx) => closed = Some(tx),
                 _ => {}
             }
+        }
+        if let Some(tx) = closed {
+            drop(db);
+            healthy.store(false, std::sync::atomic::Ordering::Release);
+            tracing::debug!("store closed");
+            let _ = tx.send(result);
+            return;
         }
     }
     healthy.store(false, std::sync::atomic::Ordering::Release);
@@ -236,7 +272,7 @@ fn commit(db: &Database, batch: &[Op]) -> Result<(), StoreError> {
                 Op::DeleteSubscription { queue } => {
                     subscriptions.remove(&**queue).map_err(io)?;
                 }
-                Op::Flush(_) => {}
+                Op::Flush(_) | Op::Close(_) => {}
             }
         }
     }

@@ -1,0 +1,253 @@
+//! The whole platform in one process: every component started from one [`Config`], and
+//! stopped tier by tier.
+//!
+//! Start order: the messaging store and AMQP listener, the ops endpoint, the registry,
+//! the command router, then the device adapters. Stop order (each tier has its own
+//! shutdown token, and gets `grace` to drain before the next one is told):
+//! 1. device adapters (MQTT, HTTP, CoAP): stop accepting, finish in-flight uploads, which
+//!    still reach the core;
+//! 2. the management API and the ops endpoint;
+//! 3. the AMQP endpoint (applications): connections closed, unsettled deliveries released;
+//! 4. maintenance, then the messaging store is flushed and closed.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use ferrule_adapters::{coap::CoapAdapter, http::HttpAdapter, mqtt, DeviceRegistry, Downstream};
+use ferrule_command_control::CommandRouter;
+use ferrule_device_registry::{Management, Registry};
+use ferrule_messaging::{AmqpServer, Broker};
+
+use crate::config::Config;
+use crate::{ops, wiring};
+
+/// How long each tier gets to drain on shutdown.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// The shutdown token of each tier (see the module docs).
+struct Tiers {
+    devices: CancellationToken,
+    management: CancellationToken,
+    applications: CancellationToken,
+    maintenance: CancellationToken,
+}
+
+impl Tiers {
+    fn new() -> Self {
+        Self {
+            devices: CancellationToken::new(),
+            management: CancellationToken::new(),
+            applications: CancellationToken::new(),
+            maintenance: CancellationToken::new(),
+        }
+    }
+}
+
+/// A running platform.
+pub struct Platform {
+    listeners: Vec<(&'static str, SocketAddr)>,
+    tiers: Tiers,
+    broker: Broker,
+    registry: Registry,
+    management: Management,
+    ready: ops::Readiness,
+    mqtt: mqtt::MqttAdapter,
+    devices: Vec<JoinHandle<()>>,
+    management_tasks: Vec<JoinHandle<()>>,
+    applications: JoinHandle<()>,
+    maintenance: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform").field("listeners", &self.listeners).finish_non_exhaustive()
+    }
+}
+
+impl Platform {
+    /// Starts every component of `config` (its data directory must exist) and marks the
+    /// platform ready. Listeners configured on port 0 get a free port: see
+    /// [`Platform::addr`].
+    ///
+    /// # Errors
+    /// A component that cannot start (bad configuration, a port in use, an unreadable
+    /// store); whatever had started is stopped again.
+    pub async fn start(config: &Config) -> anyhow::Result<Platform> {
+        let tiers = Tiers::new();
+        let metrics = ops::install_recorder()?;
+        let ready = ops::Readiness::default();
+        let broker = Broker::open(&config.messaging, &config.data_dir)
+            .context("opening the messaging store")?;
+        let amqp = AmqpServer::bind(&config.messaging, broker.clone()).await?;
+        let ops_listener = ops::bind(&config.ops).await?;
+        let registry =
+            Registry::start(&config.registry, &config.data_dir, tiers.management.clone())
+                .await
+                .context("starting the device registry")?;
+        // One bounded pool for all password work: device logins, management writes and
+        // application (SASL) logins.
+        let amqp = amqp.with_hash_pool(registry.hash_pool().clone());
+        let devices = wiring::RegistryDevices(registry.auth().clone());
+        let device_registry: Arc<dyn DeviceRegistry> = Arc::new(devices.clone());
+        let router = CommandRouter::new(broker.clone(), Arc::new(devices));
+        router.install();
+        let downstream = Downstream::new(broker.clone());
+        let commands = Some(router);
+        let adapters = &config.adapters;
+        let http = HttpAdapter::bind(
+            adapters.http.clone(),
+            downstream.clone(),
+            device_registry.clone(),
+            commands.clone(),
+        )
+        .await?;
+        let coap = CoapAdapter::bind(
+            adapters.coap.clone(),
+            downstream.clone(),
+            device_registry.clone(),
+            commands.clone(),
+        )
+        .await?;
+        let mqtt = mqtt::start_with_commands(
+            adapters.mqtt.clone(),
+            downstream,
+            device_registry,
+            commands,
+            tiers.devices.clone(),
+        )?;
+
+        let mut listeners = vec![
+            ("amqp", amqp.local_addr()),
+            ("ops", ops_listener.local_addr()?),
+            ("registry", registry.local_addr()),
+            ("http", http.local_addr()),
+            ("mqtt", mqtt.local_addr()),
+            ("coaps", coap.local_dtls_addr()),
+        ];
+        listeners.extend(coap.local_addr().map(|addr| ("coap", addr)));
+        listeners.extend(amqp.local_tls_addr().map(|addr| ("amqps", addr)));
+        listeners.extend(http.local_tls_addr().map(|addr| ("https", addr)));
+        listeners.extend(mqtt.local_tls_addr().map(|addr| ("mqtts", addr)));
+
+        let device_tasks = vec![
+            tokio::spawn(http.run(tiers.devices.clone())),
+            tokio::spawn(coap.run(tiers.devices.clone())),
+        ];
+        let management_tasks = vec![tokio::spawn(ops::run(
+            ops_listener,
+            config.ops.clone(),
+            metrics,
+            ready.clone(),
+            broker.clone(),
+            tiers.management.clone(),
+        ))];
+        let applications = tokio::spawn(amqp.run(tiers.applications.clone()));
+        let maintenance = tokio::spawn(
+            broker
+                .clone()
+                .run_maintenance(config.messaging.expiry_check_interval, tiers.maintenance.clone()),
+        );
+        ready.set(true);
+        let management = registry.management().clone();
+        Ok(Platform {
+            listeners,
+            tiers,
+            broker,
+            registry,
+            management,
+            ready,
+            mqtt,
+            devices: device_tasks,
+            management_tasks,
+            applications,
+            maintenance,
+        })
+    }
+
+    /// The bound address of listener `name` (`amqp`, `amqps`, `ops`, `registry`, `http`,
+    /// `https`, `mqtt`, `mqtts`, `coap`, `coaps`), if it is on.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| *n == name).map(|(_, addr)| *addr)
+    }
+
+    /// Every bound listener, by name.
+    pub fn listeners(&self) -> &[(&'static str, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// Registry management operations, for in-process provisioning.
+    pub fn management(&self) -> &Management {
+        &self.management
+    }
+
+    /// The messaging core.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    /// Writes the bound addresses to `DATA_DIR/listeners.json`, so that tools and tests can
+    /// find listeners configured on port 0.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn write_listeners(&self, data_dir: &Path) -> anyhow::Result<()> {
+        let body: Vec<String> =
+            self.listeners.iter().map(|(name, addr)| format!("  \"{name}\": \"{addr}\"")).collect();
+        let path = data_dir.join("listeners.json");
+        let tmp = data_dir.join("listeners.json.tmp");
+        std::fs::write(&tmp, format!("{{\n{}\n}}\n", body.join(",\n")))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Stops the platform tier by tier (see the module docs) and flushes the store.
+    ///
+    /// # Errors
+    /// The messaging store could not be flushed.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.ready.set(false);
+        let tiers = &self.tiers;
+
+        tiers.devices.cancel();
+        let devices = async {
+            for task in self.devices {
+                let _ = task.await;
+            }
+            self.mqtt.stopped().await;
+        };
+        drain("device adapters", devices).await;
+
+        tiers.management.cancel();
+        let management = async {
+            for task in self.management_tasks {
+                let _ = task.await;
+            }
+            self.registry.stopped().await;
+        };
+        drain("management API and ops", management).await;
+
+        tiers.applications.cancel();
+        drain("AMQP endpoint", async {
+            let _ = self.applications.await;
+        })
+        .await;
+
+        tiers.maintenance.cancel();
+        let _ = self.maintenance.await;
+        self.broker.close().await.context("flushing and closing the messaging store")?;
+        Ok(())
+    }
+}
+
+/// Waits up to [`GRACE`] for a tier to drain.
+async fn drain(tier: &str, stopped: impl std::future::Future<Output = ()>) {
+    if tokio::time::timeout(GRACE, stopped).await.is_err() {
+        tracing::warn!(tier, "still open after {GRACE:?}; going on with the shutdown");
+    }
+}
