@@ -101,15 +101,15 @@ pub async fn run(
     let state = Arc::new(State { metrics, ready, broker });
     // One scraper and a few probes: one connection per source is plenty, but a probe
     // and a scraper may share a host; the rate stops a request flood from one host.
-    let limits = ferrule_messaging::net::SourceLimits {
+    let limits = ferrule_net::listener::SourceLimits {
         max_per_source: 16,
         rate_per_second: 20.0,
         burst: 40,
     };
-    let admission = ferrule_messaging::net::Admission::new("ops", config.max_connections, limits);
+    let admission = ferrule_net::listener::Admission::new("ops", config.max_connections, limits);
     let header_timeout = config.header_read_timeout;
     let tasks = tokio_util::task::TaskTracker::new();
-    ferrule_messaging::net::serve(
+    ferrule_net::listener::serve(
         listener,
         admission,
         shutdown,

@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use ferrule_messaging::tls::{TlsConfig, TlsError};
+use ferrule_net::tls::{TlsConfig, TlsError};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, UnixTime};

@@ -519,7 +519,7 @@ impl AuthService {
                         })
                         .await
                         .map_err(|e| match e {
-                            ferrule_messaging::hashing::PoolError::Busy => AuthError::Busy,
+                            ferrule_net::hashing::PoolError::Busy => AuthError::Busy,
                             other => AuthError::Unavailable(other.to_string()),
                         })?
                 }

@@ -27,7 +27,7 @@ pub struct RegistryConfig {
     #[serde(alias = "bind")]
     pub listen: SocketAddr,
     /// TLS for the management API (PEM certificate and key); off unless both are set.
-    pub tls: ferrule_messaging::tls::TlsConfig,
+    pub tls: ferrule_net::tls::TlsConfig,
     /// `embedded` (default) or `redis`.
     pub storage: StorageKind,
     /// File name of the embedded store, relative to the data directory. Default `registry.redb`.
@@ -135,8 +135,8 @@ pub struct ConfigError {
 
 impl RegistryConfig {
     /// The per-source connection limits of the management API.
-    pub fn source_limits(&self) -> ferrule_messaging::net::SourceLimits {
-        ferrule_messaging::net::SourceLimits {
+    pub fn source_limits(&self) -> ferrule_net::listener::SourceLimits {
+        ferrule_net::listener::SourceLimits {
             max_per_source: self.max_connections_per_ip,
             rate_per_second: self.connection_rate_per_ip,
             burst: self.connection_burst_per_ip,

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-pub use ferrule_messaging::hashing::HashPool;
-use ferrule_messaging::hashing::PoolError;
+pub use ferrule_net::hashing::HashPool;
+use ferrule_net::hashing::PoolError;
 
 use crate::model::{Credentials, Device, DeviceId, DeviceStatus, Tenant, TenantId, Versioned};
 use crate::password::{self, PasswordError, ARGON2ID};

@@ -133,7 +133,7 @@ impl Registry {
             max_body_bytes: config.max_body_bytes,
         });
         let tracker = TaskTracker::new();
-        let admission = ferrule_messaging::net::Admission::new(
+        let admission = ferrule_net::listener::Admission::new(
             "registry",
             config.max_connections,
             config.source_limits(),
@@ -211,21 +211,20 @@ pub async fn run(
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<ferrule_messaging::tls::TlsAcceptor>,
+    tls: Option<ferrule_net::tls::TlsAcceptor>,
     state: Arc<ApiState>,
-    admission: Arc<ferrule_messaging::net::Admission>,
+    admission: Arc<ferrule_net::listener::Admission>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let serve_shutdown = shutdown.clone();
-    ferrule_messaging::net::serve(listener, admission, shutdown, tracker, move |stream, peer| {
+    ferrule_net::listener::serve(listener, admission, shutdown, tracker, move |stream, peer| {
         let (state, shutdown, tls) = (state.clone(), serve_shutdown.clone(), tls.clone());
         async move {
             match tls {
                 None => serve(TokioIo::new(stream), state, shutdown).await,
                 Some(acceptor) => {
-                    if let Some(stream) =
-                        ferrule_messaging::tls::handshake(&acceptor, stream, peer).await
+                    if let Some(stream) = ferrule_net::tls::handshake(&acceptor, stream, peer).await
                     {
                         serve(TokioIo::new(stream), state, shutdown).await;
                     }

@@ -2,7 +2,7 @@
 //! on every datagram, `client_hello_is_well_formed`, the stateless cookie exchange's
 //! `hello_fields` + `hello_verify_request` on an admitted ClientHello, the
 //! `rewrite_for_handover` of a ClientHello with a valid cookie, and the PSK identity read
-//! from a ClientKeyExchange (`psk_identity`, then `coap::mapping::split_identity`) before
+//! from a ClientKeyExchange (`psk_identity`, then `door::split_auth_id_bytes`) before
 //! the key is known. (OpenSSL, which gets what passes, is not part of this target.)
 //!
 //! Input: one UDP datagram. Checked: no panic, bounded time and memory; an admitted
@@ -10,7 +10,7 @@
 //! HelloVerifyRequest is one well-formed record.
 #![no_main]
 
-use ferrule_adapters::coap::mapping::split_identity;
+use ferrule_adapters::door::split_auth_id_bytes as split_identity;
 use ferrule_adapters::fuzzing::{
     client_hello_is_well_formed, dtls_hello_verify_request, dtls_rewrite_for_handover, inspect,
     psk_identity, MAX_RECORDS_PER_DATAGRAM,

@@ -35,5 +35,5 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(code) = mapping::command_status(status, query) {
         assert!((200..600).contains(&code), "{code}");
     }
-    let _ = username.map(mapping::split_username);
+    let _ = username.map(ferrule_adapters::door::split_auth_id);
 });

@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let endpoint = mapping::endpoint_segment(topic);
     let _ = mapping::parse_property_bag(topic);
     let _ = mapping::url_decode(topic);
-    let _ = mapping::split_username(topic);
+    let _ = ferrule_adapters::door::split_auth_id(topic);
     let _ = mapping::valid_command_name(topic);
     // SUBSCRIBE, and the topics then published to the device.
     if let Some(errors) = mapping::parse_error_filter(topic) {

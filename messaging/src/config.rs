@@ -16,7 +16,7 @@ pub struct MessagingConfig {
     /// Address of the AMQP 1.0 over TLS listener (`amqps`), used when `tls` is set.
     pub listen_tls: SocketAddr,
     /// Certificate and key for `listen_tls`; TLS is off unless both are set.
-    pub tls: crate::tls::TlsConfig,
+    pub tls: ferrule_net::tls::TlsConfig,
     /// Address rules, consulted in order before the built-in ones (`telemetry/*` anycast,
     /// `event/*` queue, `command/*` and `command_response/*` anycast).
     pub addresses: Vec<AddressRule>,
@@ -58,8 +58,8 @@ pub struct MessagingConfig {
 
 impl MessagingConfig {
     /// The per-source connection limits of the AMQP listeners.
-    pub fn source_limits(&self) -> crate::net::SourceLimits {
-        crate::net::SourceLimits {
+    pub fn source_limits(&self) -> ferrule_net::listener::SourceLimits {
+        ferrule_net::listener::SourceLimits {
             max_per_source: self.max_connections_per_ip,
             rate_per_second: self.connection_rate_per_ip,
             burst: self.connection_burst_per_ip,
@@ -79,9 +79,9 @@ impl Default for MessagingConfig {
             consumer_window: 1024,
             max_frame_size: 65_536,
             max_connections: 10_000,
-            max_connections_per_ip: crate::net::SourceLimits::DEFAULT.max_per_source,
-            connection_rate_per_ip: crate::net::SourceLimits::DEFAULT.rate_per_second,
-            connection_burst_per_ip: crate::net::SourceLimits::DEFAULT.burst,
+            max_connections_per_ip: ferrule_net::listener::SourceLimits::DEFAULT.max_per_source,
+            connection_rate_per_ip: ferrule_net::listener::SourceLimits::DEFAULT.rate_per_second,
+            connection_burst_per_ip: ferrule_net::listener::SourceLimits::DEFAULT.burst,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             max_message_size: 1024 * 1024,

@@ -18,14 +18,11 @@ pub mod config;
 mod delivery;
 mod direct;
 mod guard;
-pub mod hashing;
 pub mod message;
-pub mod net;
 mod queue;
 mod sasl;
 mod server;
 mod store;
-pub mod tls;
 mod topic;
 
 pub(crate) use broker::BrokerRef;

@@ -16,7 +16,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use crate::config::{SaslConfig, UserConfig};
-use crate::hashing::HashPool;
+use ferrule_net::hashing::HashPool;
 
 /// Who an application connection authenticated as.
 #[derive(Debug, Clone, PartialEq, Eq)]

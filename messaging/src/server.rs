@@ -28,10 +28,10 @@ use fe2o3_amqp::types::messaging::{
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::{Symbol, Value};
 use fe2o3_amqp::Sendable;
+use ferrule_net::tls::TlsAcceptor;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,7 +48,7 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     /// The TLS certificate or key is unusable.
     #[error("messaging.tls: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] ferrule_net::tls::TlsError),
 }
 
 /// A bound AMQP listener, ready to [`AmqpServer::run`].
@@ -86,7 +86,7 @@ impl AmqpServer {
     /// Runs application password checks on `pool`, shared with the device registry, so
     /// that all password work in the process has one bound.
     #[must_use]
-    pub fn with_hash_pool(mut self, pool: crate::hashing::HashPool) -> Self {
+    pub fn with_hash_pool(mut self, pool: ferrule_net::hashing::HashPool) -> Self {
         self.authenticator = Arc::new(Authenticator::with_pool(&self.config.sasl, pool));
         self
     }
@@ -111,7 +111,7 @@ impl AmqpServer {
             tasks: tasks.clone(),
         };
         // One cap for both listeners: they serve the same applications.
-        let admission = crate::net::Admission::new(
+        let admission = ferrule_net::listener::Admission::new(
             "amqp",
             self.config.max_connections,
             self.config.source_limits(),
@@ -132,10 +132,10 @@ async fn accept_loop(
     listener: TcpListener,
     connection: ConnectionTask,
     tls: Option<TlsAcceptor>,
-    admission: Arc<crate::net::Admission>,
+    admission: Arc<ferrule_net::listener::Admission>,
 ) {
     let (shutdown, tasks) = (connection.shutdown.clone(), connection.tasks.clone());
-    crate::net::serve(listener, admission, shutdown, tasks, move |stream, peer| {
+    ferrule_net::listener::serve(listener, admission, shutdown, tasks, move |stream, peer| {
         let (connection, tls) = (connection.clone(), tls.clone());
         async move {
             keep_alive(&stream, connection.config.idle_timeout);
@@ -144,7 +144,8 @@ async fn accept_loop(
                 // fe2o3-amqp's own TLS acceptor expects the AMQP TLS header first, which
                 // ordinary amqps clients do not send: terminate TLS here instead.
                 Some(acceptor) => {
-                    if let Some(stream) = crate::tls::handshake(&acceptor, stream, peer).await {
+                    if let Some(stream) = ferrule_net::tls::handshake(&acceptor, stream, peer).await
+                    {
                         connection.run(stream, peer).await;
                     }
                 }
@@ -214,7 +215,7 @@ impl ConnectionTask {
                 return;
             }
             Err(_) => {
-                crate::net::count_pre_auth_timeout("amqp");
+                ferrule_net::listener::count_pre_auth_timeout("amqp");
                 tracing::debug!(%peer, "AMQP connection not opened in time");
                 return;
             }

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferrule_messaging::net::Admission;
-use ferrule_messaging::tls::{TlsAcceptor, TlsConfig};
+use ferrule_net::listener::Admission;
+use ferrule_net::tls::{TlsAcceptor, TlsConfig};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -71,8 +71,8 @@ pub struct HttpConfig {
 
 impl HttpConfig {
     /// The per-source connection limits of this listener.
-    pub fn source_limits(&self) -> ferrule_messaging::net::SourceLimits {
-        ferrule_messaging::net::SourceLimits {
+    pub fn source_limits(&self) -> ferrule_net::listener::SourceLimits {
+        ferrule_net::listener::SourceLimits {
             max_per_source: self.max_connections_per_ip,
             rate_per_second: self.connection_rate_per_ip,
             burst: self.connection_burst_per_ip,
@@ -89,9 +89,9 @@ impl Default for HttpConfig {
             max_payload: 2048,
             allow_unauthenticated: false,
             max_connections: 10_000,
-            max_connections_per_ip: ferrule_messaging::net::SourceLimits::DEFAULT.max_per_source,
-            connection_rate_per_ip: ferrule_messaging::net::SourceLimits::DEFAULT.rate_per_second,
-            connection_burst_per_ip: ferrule_messaging::net::SourceLimits::DEFAULT.burst,
+            max_connections_per_ip: ferrule_net::listener::SourceLimits::DEFAULT.max_per_source,
+            connection_rate_per_ip: ferrule_net::listener::SourceLimits::DEFAULT.rate_per_second,
+            connection_burst_per_ip: ferrule_net::listener::SourceLimits::DEFAULT.burst,
             header_read_timeout: Duration::from_secs(10),
             max_ttd: Duration::from_secs(60),
         }
@@ -134,7 +134,7 @@ pub enum HttpError {
     Bind { addr: SocketAddr, source: std::io::Error },
     /// The TLS certificate or key is unusable.
     #[error("adapters.http.tls: {0}")]
-    Tls(ferrule_messaging::tls::TlsError),
+    Tls(ferrule_net::tls::TlsError),
 }
 
 /// A bound HTTP adapter, ready to [`HttpAdapter::run`].
@@ -216,14 +216,13 @@ async fn accept_loop(
     tasks: TaskTracker,
 ) {
     let serve_shutdown = shutdown.clone();
-    ferrule_messaging::net::serve(listener, admission, shutdown, tasks, move |stream, peer| {
+    ferrule_net::listener::serve(listener, admission, shutdown, tasks, move |stream, peer| {
         let (state, shutdown, tls) = (state.clone(), serve_shutdown.clone(), tls.clone());
         async move {
             match tls {
                 None => serve(TokioIo::new(stream), peer, None, state, shutdown).await,
                 Some(acceptor) => {
-                    if let Some(stream) =
-                        ferrule_messaging::tls::handshake(&acceptor, stream, peer).await
+                    if let Some(stream) = ferrule_net::tls::handshake(&acceptor, stream, peer).await
                     {
                         let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
                         let cert = cert.map(|c| ClientCert(Arc::from(c.as_ref())));

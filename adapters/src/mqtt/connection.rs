@@ -42,7 +42,7 @@ pub(super) struct Shared {
     /// `None`: commands are off (command subscriptions refused).
     pub commands: Option<CommandRouter>,
     /// Per-source limits, checked at CONNECT (ntex caps the total).
-    pub admission: Arc<ferrule_messaging::net::Admission>,
+    pub admission: Arc<ferrule_net::listener::Admission>,
 }
 
 /// An error that ends the connection; ntex hands it to the control service.
@@ -280,9 +280,9 @@ fn peer_ip(io: &ntex_io::IoBoxed) -> Option<std::net::IpAddr> {
 /// anything is read, and counted in `ferrule_connections_refused_total`). Connections whose
 /// peer address is unknown are admitted.
 fn admit(
-    admission: &Arc<ferrule_messaging::net::Admission>,
+    admission: &Arc<ferrule_net::listener::Admission>,
     io: &ntex_io::Io,
-) -> Option<Option<ferrule_messaging::net::Admitted>> {
+) -> Option<Option<ferrule_net::listener::Admitted>> {
     let Some(ip) = io.query::<ntex_io::types::PeerAddr>().get().map(|peer| peer.0.ip()) else {
         return Some(None);
     };

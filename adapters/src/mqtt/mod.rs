@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferrule_command_control::CommandRouter;
-use ferrule_messaging::tls::{TlsConfig, TlsError};
+use ferrule_net::tls::{TlsConfig, TlsError};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -136,8 +136,8 @@ command_ack_timeout = "10s"
 
 impl MqttConfig {
     /// The per-source limits checked at CONNECT.
-    pub fn source_limits(&self) -> ferrule_messaging::net::SourceLimits {
-        ferrule_messaging::net::SourceLimits {
+    pub fn source_limits(&self) -> ferrule_net::listener::SourceLimits {
+        ferrule_net::listener::SourceLimits {
             max_per_source: self.max_connections_per_ip,
             rate_per_second: self.connection_rate_per_ip,
             burst: self.connection_burst_per_ip,
@@ -283,7 +283,7 @@ pub fn start_with_commands(
         None => None,
     };
 
-    let admission = ferrule_messaging::net::Admission::new(
+    let admission = ferrule_net::listener::Admission::new(
         "mqtt",
         config.max_connections,
         config.source_limits(),
