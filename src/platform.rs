@@ -82,9 +82,11 @@ impl Platform {
         let tiers = Tiers::new();
         let metrics = ops::install_recorder()?;
         let ready = ops::Readiness::default();
-        let broker = Broker::open(&config.messaging, &config.data_dir)
-            .context("opening the messaging store")?;
-        let amqp = AmqpServer::bind(&config.messaging, broker.clone()).await?;
+        // The messaging core knows command & control's addresses only from its rules.
+        let messaging = ferrule_command_control::messaging_config(config.messaging.clone());
+        let broker =
+            Broker::open(&messaging, &config.data_dir).context("opening the messaging store")?;
+        let amqp = AmqpServer::bind(&messaging, broker.clone()).await?;
         let ops_listener = ops::bind(&config.ops).await?;
         let registry =
             Registry::start(&config.registry, &config.data_dir, tiers.management.clone())

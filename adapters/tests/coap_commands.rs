@@ -52,7 +52,7 @@ async fn start() -> Setup {
         .psk("t1", "sensor1", "d1", b"secret1")
         .psk("t1", "gw1", "gw", b"gwsecret");
     registry.set_allow_unauthenticated("t1", true);
-    let broker = Broker::in_memory(&Default::default());
+    let broker = Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
     let router = CommandRouter::new(broker.clone(), Arc::new(Via(registry.clone())));
     router.install();
     let events = broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();

@@ -51,7 +51,7 @@ async fn start() -> Setup {
     for i in 0..50 {
         registry = registry.device("t1", &format!("p{i}"), "pw");
     }
-    let broker = Broker::in_memory(&Default::default());
+    let broker = Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
     let router = CommandRouter::new(broker.clone(), Arc::new(Via(registry.clone())));
     router.install();
     let events = broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();

@@ -64,7 +64,8 @@ impl Platform {
         for i in 0..devices {
             registry = registry.device("t1", &format!("dev-{i}"), "pw");
         }
-        let broker = Broker::in_memory(&Default::default());
+        let broker =
+            Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
         let router = CommandRouter::new(broker.clone(), Arc::new(RegistryVia(registry.clone())));
         router.install();
         let shutdown = CancellationToken::new();

@@ -17,6 +17,6 @@ mod router;
 pub use command::{Command, CommandError, DEFER_TTL_PROPERTY};
 pub use request_id::{RequestId, RequestIdError};
 pub use router::{
-    BoxFuture, CommandRouter, CommandSink, Notify, RespondError, Response, Subscription, Target,
-    ViaCheck, DEFERRED_PREFIX,
+    address_rules, messaging_config, BoxFuture, CommandRouter, CommandSink, Notify, RespondError,
+    Response, Subscription, Target, ViaCheck, DEFERRED_PREFIX,
 };

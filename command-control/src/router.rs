@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Header, MessageAnnotations, Properties};
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Timestamp, Value};
-use ferrule_messaging::address::tenant_of;
+use ferrule_messaging::address::{tenant_of, AddressRule, AddressType};
 use ferrule_messaging::message::{condition, data_message, now_millis};
-use ferrule_messaging::{AddressHandler, Broker, Message, Outcome, Submission, SubscribeOptions};
+use ferrule_messaging::{
+    AddressHandler, Broker, Message, MessagingConfig, Outcome, Submission, SubscribeOptions,
+};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -105,8 +107,34 @@ pub struct CommandRouter {
 /// Prefix of the per-device queues that hold deferred commands.
 pub const DEFERRED_PREFIX: &str = "command_deferred";
 
+/// The addresses command & control needs in the messaging core: one internal queue per
+/// device for deferred commands (`command_deferred/TENANT/DEVICE`: applications cannot
+/// reach it; expired commands are dropped, not dead-lettered). Give them to the broker
+/// at construction ([`messaging_config`]), so that recovery at start-up knows them too.
+pub fn address_rules() -> Vec<AddressRule> {
+    vec![AddressRule::internal(&format!("{DEFERRED_PREFIX}/*"), AddressType::Queue)]
+}
+
+/// `config` with [`address_rules`] added.
+pub fn messaging_config(mut config: MessagingConfig) -> MessagingConfig {
+    for rule in address_rules() {
+        if !config.addresses.contains(&rule) {
+            config.addresses.push(rule);
+        }
+    }
+    config
+}
+
 impl CommandRouter {
+    /// A router over `broker`, which must have been built with [`address_rules`] for
+    /// deferred commands to work (an error is logged otherwise).
     pub fn new(broker: Broker, via: Arc<dyn ViaCheck>) -> Self {
+        if !broker.is_internal(&format!("{DEFERRED_PREFIX}/t/d")) {
+            tracing::error!(
+                "the messaging core lacks command-control's address rules: deferred commands \
+                 will be refused (build it with ferrule_command_control::messaging_config)"
+            );
+        }
         let inner = Arc::new_cyclic(|this| Inner {
             broker,
             via,

@@ -68,7 +68,7 @@ fn setup(broker: &Broker) -> CommandRouter {
 
 #[tokio::test]
 async fn request_response_round_trip() {
-    let broker = Broker::in_memory(&Default::default());
+    let broker = Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
     let router = setup(&broker);
     let mut responses =
         broker.subscribe("command_response/t1/app-1", &SubscribeOptions::default()).unwrap();
@@ -112,7 +112,7 @@ async fn request_response_round_trip() {
 
 #[tokio::test]
 async fn outcomes_not_connected_malformed_and_gateways() {
-    let broker = Broker::in_memory(&Default::default());
+    let broker = Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
     let router = setup(&broker);
     assert_eq!(
         broker.send("command/t1", command("d1", None, None)).await,
@@ -153,7 +153,7 @@ async fn outcomes_not_connected_malformed_and_gateways() {
 
 #[tokio::test]
 async fn deferred_commands_wait_for_the_device_and_expire() {
-    let broker = Broker::in_memory(&Default::default());
+    let broker = Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
     let router = setup(&broker);
     assert_eq!(
         broker.send("command/t1", command("d1", Some("app"), Some(60))).await,
@@ -179,7 +179,7 @@ async fn deferred_commands_wait_for_the_device_and_expire() {
 
 #[tokio::test]
 async fn ttd_notifications_on_subscribe_and_unsubscribe() {
-    let broker = Broker::in_memory(&Default::default());
+    let broker = Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
     let router = setup(&broker);
     let (s, _commands) = sink(Outcome::Accepted);
     let sub = router.subscribe("t1", Target::Device("d1".into()), s, MQTT);

@@ -30,11 +30,22 @@ pub struct AddressRule {
     /// The type given to matching addresses.
     #[serde(rename = "type")]
     pub kind: AddressType,
+    /// Addresses used by the platform itself (deferred commands): applications may neither
+    /// attach to nor send to them, and their queues have no dead-letter queue (their
+    /// messages' expiry is the point). Default `false`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal: bool,
 }
 
 impl AddressRule {
     pub fn new(pattern: &str, kind: AddressType) -> Self {
-        Self { pattern: pattern.to_owned(), kind }
+        Self { pattern: pattern.to_owned(), kind, internal: false }
+    }
+
+    /// A rule for addresses of the platform's own (see [`AddressRule::internal`]),
+    /// registered by the component that uses them.
+    pub fn internal(pattern: &str, kind: AddressType) -> Self {
+        Self { pattern: pattern.to_owned(), kind, internal: true }
     }
 }
 
@@ -45,8 +56,6 @@ pub fn default_rules() -> Vec<AddressRule> {
         AddressRule::new("event/*", AddressType::Queue),
         AddressRule::new("command/*", AddressType::Anycast),
         AddressRule::new("command_response/*", AddressType::Anycast),
-        // Commands kept for offline devices (deferred delivery), one queue per device.
-        AddressRule::new("command_deferred/*", AddressType::Queue),
     ]
 }
 
@@ -69,10 +78,15 @@ impl AddressTable {
 
     /// The type of `address`, or `None` if no rule matches it (the address does not exist).
     pub fn resolve(&self, address: &str) -> Option<AddressType> {
+        self.rule(address).map(|rule| rule.kind)
+    }
+
+    /// The rule that declares `address`, if any.
+    pub fn rule(&self, address: &str) -> Option<&AddressRule> {
         if address.is_empty() || address.split('/').any(str::is_empty) {
             return None;
         }
-        self.rules.iter().find(|rule| pattern_matches(&rule.pattern, address)).map(|rule| rule.kind)
+        self.rules.iter().find(|rule| pattern_matches(&rule.pattern, address))
     }
 }
 

@@ -151,6 +151,13 @@ impl Broker {
         self.inner.table.resolve(address)
     }
 
+    /// Whether `address` is one of the platform's own (see [`AddressRule::internal`]).
+    ///
+    /// [`AddressRule::internal`]: crate::address::AddressRule::internal
+    pub fn is_internal(&self, address: &str) -> bool {
+        self.inner.table.rule(address).is_some_and(|rule| rule.internal)
+    }
+
     /// Sends a message. `settled` = at most once: the caller will not wait for an outcome
     /// (a direct message without a consumer is then dropped and counted).
     ///
@@ -350,6 +357,8 @@ impl Inner {
                     self.store.clone(),
                     self.max_depth,
                     self.this.clone(),
+                    // Internal queues (deferred commands) expire by design: no dead letters.
+                    !self.table.rule(address).is_some_and(|rule| rule.internal),
                 )),
                 AddressType::Topic => Node::Topic(TopicNode::new(
                     address,

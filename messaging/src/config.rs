@@ -159,7 +159,9 @@ expiry_check_interval = "1s"
 #   telemetry/* anycast, event/* queue, command/* anycast, command_response/* anycast.
 # Types: anycast | multicast | queue | topic. In a pattern `*` matches one segment
 # (one or more when last) and `#` zero or more.
-# Example: addresses = [{ pattern = "news/*", type = "topic" }]
+# Example: addresses = [{ pattern = "news/*", type = "topic" }]. `internal = true` marks
+# addresses of the platform's own (no application access, no dead letters); command &
+# control adds `command_deferred/*` that way.
 addresses = []
 
 [messaging.tls]

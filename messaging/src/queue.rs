@@ -82,11 +82,11 @@ impl QueueNode {
         store: Option<Store>,
         max_depth: usize,
         broker: BrokerRef,
+        dead_letters: bool,
     ) -> Arc<Self> {
-        // Dead-letter queues and deferred commands (whose expiry is the point) have none.
-        let dead_letter_address = (!name.ends_with(DEAD_LETTER_SUFFIX)
-            && !name.starts_with("command_deferred/"))
-        .then(|| format!("{name}{DEAD_LETTER_SUFFIX}"));
+        // Dead-letter queues have none themselves.
+        let dead_letter_address = (dead_letters && !name.ends_with(DEAD_LETTER_SUFFIX))
+            .then(|| format!("{name}{DEAD_LETTER_SUFFIX}"));
         Arc::new_cyclic(|this| Self {
             name: name.into(),
             dead_letter_address,

@@ -407,7 +407,7 @@ impl ConnectionTask {
                 format!("{} may not use address {address}", identity.user),
             ));
         }
-        if address.starts_with("command_deferred/") {
+        if self.broker.is_internal(address) {
             return Err((condition::NOT_ALLOWED, format!("{address} is internal to Ferrule")));
         }
         if self.broker.address_type(address).is_none() {

@@ -53,8 +53,13 @@ impl TopicNode {
     /// Re-creates a durable subscription found on disk; returns its queue for the
     /// recovered messages.
     pub(crate) fn restore_subscription(&self, queue_name: &str) -> Arc<QueueNode> {
-        let queue =
-            QueueNode::new(queue_name, self.store.clone(), self.max_depth, self.broker.clone());
+        let queue = QueueNode::new(
+            queue_name,
+            self.store.clone(),
+            self.max_depth,
+            self.broker.clone(),
+            true,
+        );
         self.subscriptions
             .lock()
             .expect("poisoned")
@@ -74,7 +79,8 @@ impl TopicNode {
             .entry(queue_name.clone())
             .or_insert_with(|| {
                 let store = if durable { self.store.clone() } else { None };
-                let queue = QueueNode::new(&queue_name, store, self.max_depth, self.broker.clone());
+                let queue =
+                    QueueNode::new(&queue_name, store, self.max_depth, self.broker.clone(), true);
                 if durable {
                     if let Some(store) = &self.store {
                         store.put_subscription(&queue.name, &self.address);
