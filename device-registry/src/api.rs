@@ -160,30 +160,10 @@ fn created(location: String, id: &str, version: &str) -> Response<Body> {
     r
 }
 
-/// Percent-decodes one path segment or query component (`+` as space in queries).
+/// Percent-decodes one path segment or query component (`+` as space in queries); an
+/// escape is exactly two hex digits.
 fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = b.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+    ferrule_net::text::percent_decode(s, plus_is_space)
 }
 
 fn query_pairs(q: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {

@@ -124,24 +124,10 @@ pub fn command_status(header: Option<&str>, query: Option<&str>) -> Result<u16, 
     })
 }
 
+/// One percent-decoded path segment (`+` stays `+`); a bad escape is "not found".
 fn decode(segment: &str) -> Result<String, MappingError> {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            // Two hex digits exactly (`from_str_radix` alone would take "+4").
-            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
-            let hex = hex.and_then(|h| std::str::from_utf8(h).ok());
-            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
-            out.push(byte.ok_or_else(|| MappingError::NotFound(segment.to_owned()))?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| MappingError::NotFound(segment.to_owned()))
+    ferrule_net::text::percent_decode(segment, false)
+        .ok_or_else(|| MappingError::NotFound(segment.to_owned()))
 }
 
 /// `QoS-Level` header: absent or `0` = at most once, `1` = at least once. Events are

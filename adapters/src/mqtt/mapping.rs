@@ -158,35 +158,11 @@ pub fn parse_property_bag(bag: &str) -> Result<PropertyBag, MappingError> {
     Ok(out)
 }
 
-/// Percent-decoding (`%41` → `A`, `+` → space) into UTF-8.
+/// Percent-decoding (`%41` → `A`, `+` → space) into UTF-8; an escape is exactly two hex
+/// digits.
 pub fn url_decode(s: &str) -> Result<String, MappingError> {
-    let bad = || MappingError::BadPropertyBag(format!("cannot decode {s:?}"));
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                // Two hex digits exactly (`from_str_radix` alone would take "+4").
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-                    .ok_or_else(bad)?;
-                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad())
+    ferrule_net::text::percent_decode(s, true)
+        .ok_or_else(|| MappingError::BadPropertyBag(format!("cannot decode {s:?}")))
 }
 
 /// Which devices' errors a subscription asks for.
