@@ -4,14 +4,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock, Weak};
 
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::address::{AddressTable, AddressType, DYNAMIC_PREFIX};
 use crate::config::MessagingConfig;
 use crate::delivery::Consumer;
 use crate::direct::DirectNode;
-use crate::message::{condition, Message, Outcome};
+use crate::message::{condition, Message, Outcome, Submission};
 use crate::queue::QueueNode;
 use crate::store::{Store, StoreError};
 use crate::topic::TopicNode;
@@ -27,27 +26,6 @@ pub enum BrokerError {
     Store(#[from] StoreError),
 }
 
-/// The outcome of a send, now or later.
-#[derive(Debug)]
-pub enum Submission {
-    Ready(Outcome),
-    Pending(oneshot::Receiver<Outcome>),
-}
-
-impl Submission {
-    /// Waits for the outcome. A pending outcome whose delivery vanished (consumer gone,
-    /// shutdown) is `released`.
-    ///
-    /// # Cancel safety
-    /// Cancelling it does not cancel the send; only the outcome is lost.
-    pub async fn outcome(self) -> Outcome {
-        match self {
-            Submission::Ready(outcome) => outcome,
-            Submission::Pending(rx) => rx.await.unwrap_or(Outcome::Released),
-        }
-    }
-}
-
 /// Options of [`Broker::subscribe`].
 #[derive(Debug, Clone, Default)]
 pub struct SubscribeOptions {
@@ -61,8 +39,6 @@ enum Node {
     Queue(Arc<QueueNode>),
     Topic(Arc<TopicNode>),
 }
-
-pub(crate) type BrokerRef = Weak<Inner>;
 
 /// Takes over every message sent to addresses under a prefix (command & control handles
 /// `command/` this way: it routes by the message's `to`, not by consumers on the address).
@@ -369,9 +345,11 @@ impl Inner {
             })
             .clone()
     }
+}
 
+impl crate::queue::DeadLetters for Inner {
     /// Enqueues into a store-and-forward address (dead letters); `done` gets the outcome.
-    pub(crate) fn enqueue_internal(
+    fn enqueue_internal(
         &self,
         address: &str,
         message: Message,

@@ -6,14 +6,19 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::message::{Message, Outcome};
-use crate::queue::QueueNode;
+
+/// A store-and-forward node that keeps a message until it is settled (queues).
+pub(crate) trait Settle: Send + Sync {
+    /// The consumer's outcome for the message with `seq`.
+    fn settle(&self, seq: u64, outcome: Outcome);
+}
 
 /// Who learns a delivery's outcome.
 pub(crate) enum Responder {
     /// The producer of a direct (anycast) message, waiting for the consumer's outcome.
     Producer(oneshot::Sender<Outcome>),
     /// A store-and-forward queue that keeps the message until it is accepted.
-    Queue { queue: Weak<QueueNode>, seq: u64 },
+    Queue { queue: Weak<dyn Settle>, seq: u64 },
     /// One copy of a multicast message; the producer hears once every copy is settled.
     Copy(Arc<CopyTally>),
 }

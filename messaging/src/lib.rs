@@ -25,11 +25,10 @@ mod server;
 mod store;
 mod topic;
 
-pub(crate) use broker::BrokerRef;
-pub use broker::{AddressHandler, Broker, BrokerError, Submission, SubscribeOptions};
+pub use broker::{AddressHandler, Broker, BrokerError, SubscribeOptions};
 pub use config::{MessagingConfig, SaslConfig, UserConfig};
 pub use delivery::{Consumer, Delivery};
-pub use message::{Message, Outcome};
+pub use message::{Message, Outcome, Submission};
 pub use sasl::{Authenticator, Identity};
 pub use server::{AmqpServer, ServerError};
 pub use store::StoreError;

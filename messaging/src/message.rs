@@ -2,6 +2,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use tokio::sync::oneshot;
+
 use fe2o3_amqp_types::messaging::{
     message::{__private::Serializable, DecodeIntoMessage},
     Body,
@@ -110,5 +112,26 @@ mod tests {
         let back = decode(&bytes).unwrap();
         assert_eq!(back, message);
         assert_eq!(expiry_of(&back, 5_000), Some(6_000));
+    }
+}
+
+/// The outcome of a send, now or later.
+#[derive(Debug)]
+pub enum Submission {
+    Ready(Outcome),
+    Pending(oneshot::Receiver<Outcome>),
+}
+
+impl Submission {
+    /// Waits for the outcome. A pending outcome whose delivery vanished (consumer gone,
+    /// shutdown) is `released`.
+    ///
+    /// # Cancel safety
+    /// Cancelling it does not cancel the send; only the outcome is lost.
+    pub async fn outcome(self) -> Outcome {
+        match self {
+            Submission::Ready(outcome) => outcome,
+            Submission::Pending(rx) => rx.await.unwrap_or(Outcome::Released),
+        }
     }
 }

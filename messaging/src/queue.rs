@@ -15,11 +15,24 @@ use fe2o3_amqp_types::primitives::{OrderedMap, Symbol, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::delivery::{
-    new_slot, Consumer, ConsumerHost, ConsumerSlot, Credit, Delivery, Responder,
+    new_slot, Consumer, ConsumerHost, ConsumerSlot, Credit, Delivery, Responder, Settle,
 };
+use crate::message::Submission;
 use crate::message::{condition, expiry_of, now_millis, Message, Outcome};
 use crate::store::{encode_record, Store};
-use crate::{BrokerRef, Submission};
+/// The handle queues and topics keep of the broker (to dead-letter messages).
+pub(crate) type BrokerRef = std::sync::Weak<dyn DeadLetters>;
+
+/// Where a queue's dead letters go (the broker; a trait so that queues need not know it).
+pub(crate) trait DeadLetters: Send + Sync {
+    /// Enqueues into a store-and-forward address; `done` gets the outcome.
+    fn enqueue_internal(
+        &self,
+        address: &str,
+        message: Message,
+        done: Box<dyn FnOnce(Outcome) + Send>,
+    );
+}
 
 /// Suffix of the address that receives a queue's dead letters.
 pub const DEAD_LETTER_SUFFIX: &str = "/dlq";
@@ -219,7 +232,8 @@ impl QueueNode {
             let Some(idx) = chosen else { break };
             state.next_consumer = idx + 1;
             let entry = state.ready.pop_front().expect("not empty");
-            let responder = Responder::Queue { queue: self.this.clone(), seq: entry.seq };
+            let queue: std::sync::Weak<dyn Settle> = self.this.clone();
+            let responder = Responder::Queue { queue, seq: entry.seq };
             let delivery =
                 Delivery::new(with_delivery_count(&entry), entry.delivery_count, Some(responder));
             match state.consumers[idx].tx.send(delivery) {
@@ -365,5 +379,11 @@ impl ConsumerHost for QueueNode {
 
     fn detach(&self, consumer_id: u64, _closed: bool) {
         self.lock().consumers.retain(|slot| slot.id != consumer_id);
+    }
+}
+
+impl Settle for QueueNode {
+    fn settle(&self, seq: u64, outcome: Outcome) {
+        QueueNode::settle(self, seq, outcome);
     }
 }

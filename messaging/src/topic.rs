@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::oneshot;
 
 use crate::delivery::{Consumer, ConsumerHost};
+use crate::message::Submission;
 use crate::message::{Message, Outcome};
-use crate::queue::QueueNode;
+use crate::queue::{BrokerRef, QueueNode};
 use crate::store::Store;
-use crate::{BrokerRef, Submission};
 
 pub(crate) struct TopicNode {
     address: String,

@@ -19,11 +19,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::handler::{Failure, Handled, Poll, Shared};
 use super::session::{
     Admission, Assembled, Assemblies, Confirmations, ExchangeKey, Exchanges, Session,
     EXCHANGE_LIFETIME,
 };
-use super::{dtls, dtls_front, mapping, Failure, Handled, Poll, Shared};
+use super::{dtls, dtls_front, mapping};
 use crate::downstream::UploadError;
 
 /// Largest UDP datagram; one such buffer per socket loop.

@@ -25,11 +25,11 @@ use ntex_util::time::Seconds;
 use tokio_util::sync::CancellationToken;
 
 use super::command::{Outbound, Outbox};
+use super::config::{MqttConfig, ADAPTER};
 use super::mapping::{
     self, DeviceFilter, ErrorSubscription, MappingError, OnError, PublishAddress, ResponseAddress,
 };
-use super::session::{Principal, Qos0Slot, Session, Target, TargetError, Version};
-use super::{MqttConfig, ADAPTER};
+use super::session::{Principal, Qos0Send, Qos0Slot, Session, Target, TargetError, Version};
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 use crate::door::{self, Denied, Standing};
 use crate::downstream::{Downstream, Endpoint, Qos, Upload, UploadError, CONNECTION_EVENT};
@@ -988,9 +988,6 @@ pub(super) struct Qos0 {
     content_type: Option<String>,
     expiry: Option<Duration>,
 }
-
-/// A QoS 0 publish on its way: owns everything it needs, so it can move to the queue.
-pub(super) type Qos0Send = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
 async fn queue_qos0(shared: &Arc<Shared>, conn: Conn, item: Qos0) {
     let (owned_shared, owned_conn) = (shared.clone(), conn.clone());

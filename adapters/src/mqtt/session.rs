@@ -46,12 +46,15 @@ pub struct Session {
     pub(super) qos0_pending: std::cell::Cell<usize>,
 }
 
+/// A QoS 0 publish on its way: owns everything it needs, so it can move to the queue.
+pub(super) type Qos0Send = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
 /// The QoS 0 queue's sender, created on first use; `Closed` once the connection ended.
 #[derive(Default)]
 pub(super) enum Qos0Slot {
     #[default]
     Idle,
-    Open(tokio::sync::mpsc::Sender<super::connection::Qos0Send>),
+    Open(tokio::sync::mpsc::Sender<Qos0Send>),
     Closed,
 }
 
