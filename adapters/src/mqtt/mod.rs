@@ -20,8 +20,12 @@
 mod command;
 mod config;
 mod connection;
+mod failure;
 pub mod mapping;
+mod publish;
+mod server;
 pub mod session;
+mod subscribe;
 
 pub use config::{MqttConfig, MqttError, ADAPTER, DEFAULT_TOML};
 
@@ -141,7 +145,7 @@ pub fn start_with_commands(
     let thread = std::thread::Builder::new()
         .name("ferrule-mqtt".into())
         .spawn(move || {
-            connection::serve(listener, tls, shared, shutdown, ready_tx);
+            server::serve(listener, tls, shared, shutdown, ready_tx);
             let _ = stopped_tx.send(true);
         })
         .map_err(MqttError::Start)?;
