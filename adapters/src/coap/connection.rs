@@ -1,6 +1,7 @@
-//! The sockets: the plain UDP loop, and the DTLS listener that demultiplexes one UDP
-//! socket into per-peer DTLS sessions (OpenSSL does the record layer and handshake, behind
-//! the stateless cookie exchange and the checks of `dtls.rs` and `dtls_front.rs`).
+//! What happens to a datagram once it is a request: classification and bounds before
+//! coap-lite parses it, exchange deduplication, Block1 assembly, the request task and the
+//! `hono-ttd` response (piggy-backed or separate); and the plain UDP loop. The DTLS
+//! listener (`dtls_server`) hands decrypted requests to the same [`dispatch`].
 //!
 //! Neither loop ever waits for the registry or the messaging core: each request is
 //! checked against its session's exchanges and then processed in its own task, bounded
@@ -8,14 +9,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use coap_lite::{CoapOption, MessageType, Packet};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,24 +23,24 @@ use super::session::{
     Admission, Assembled, Assemblies, Confirmations, ExchangeKey, Exchanges, Session,
     EXCHANGE_LIFETIME,
 };
-use super::{dtls, dtls_front, mapping};
+use super::{dtls, mapping};
 use crate::downstream::UploadError;
 
 /// Largest UDP datagram; one such buffer per socket loop.
-const MAX_DATAGRAM: usize = 65_535;
+pub(super) const MAX_DATAGRAM: usize = 65_535;
 /// Datagrams queued for one DTLS peer before further ones are dropped (UDP semantics).
-const PEER_QUEUE: usize = 32;
+pub(super) const PEER_QUEUE: usize = 32;
 /// Room for the CoAP header, token and options on top of the payload.
-const HEADER_ROOM: usize = 1024;
+pub(super) const HEADER_ROOM: usize = 1024;
 /// Pause after a failed receive.
-const RECEIVE_ERROR_PAUSE: Duration = Duration::from_millis(1);
+pub(super) const RECEIVE_ERROR_PAUSE: Duration = Duration::from_millis(1);
 /// A CON request still waiting for a command after this long gets an empty ACK, and
 /// the answer comes later as a separate CON response (RFC 7252 §5.2.2). Well under
 /// ACK_TIMEOUT (2 s), so the client does not retransmit in between.
-const SEPARATE_RESPONSE_AFTER: Duration = Duration::from_millis(1500);
+pub(super) const SEPARATE_RESPONSE_AFTER: Duration = Duration::from_millis(1500);
 /// RFC 7252 §4.8 defaults for our separate CON responses.
-const ACK_TIMEOUT: Duration = Duration::from_secs(2);
-const MAX_RETRANSMIT: u32 = 4;
+pub(super) const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const MAX_RETRANSMIT: u32 = 4;
 
 /// What one datagram is, before deduplication.
 #[derive(Debug)]
@@ -98,7 +97,7 @@ pub(crate) const MAX_OPTION_BYTES: usize = 2048;
 /// Counts the options of a request without parsing them (RFC 7252 §3.1): false when
 /// there are more than [`MAX_OPTIONS`] or their values exceed [`MAX_OPTION_BYTES`], or
 /// the options are malformed (coap-lite refuses those too).
-fn options_within_bounds(datagram: &[u8]) -> bool {
+pub(super) fn options_within_bounds(datagram: &[u8]) -> bool {
     let token_length = (datagram[0] & 0x0f) as usize;
     let mut pos = 4 + token_length;
     let (mut count, mut bytes) = (0usize, 0usize);
@@ -142,19 +141,19 @@ fn options_within_bounds(datagram: &[u8]) -> bool {
 /// accepts as an empty payload. Only then does re-encoding come out shorter than what
 /// arrived (coap-lite keeps options in wire order), so that is the test; it runs only for
 /// empty payloads ending in 0xFF.
-fn marker_without_payload(packet: &Packet, datagram: &[u8]) -> bool {
+pub(super) fn marker_without_payload(packet: &Packet, datagram: &[u8]) -> bool {
     packet.payload.is_empty()
         && datagram.last() == Some(&0xff)
         && packet.to_bytes_unlimited().is_ok_and(|encoded| encoded.len() < datagram.len())
 }
 
 /// An empty Reset for `message_id`: Ver 1, T = RST (3), TKL 0, Code 0.00.
-fn reset(message_id: u16) -> Bytes {
+pub(super) fn reset(message_id: u16) -> Bytes {
     let [hi, lo] = message_id.to_be_bytes();
     Bytes::copy_from_slice(&[0x70, 0x00, hi, lo])
 }
 
-fn encode(packet: &Packet) -> Option<Bytes> {
+pub(super) fn encode(packet: &Packet) -> Option<Bytes> {
     match packet.to_bytes() {
         Ok(bytes) => Some(Bytes::from(bytes)),
         Err(e) => {
@@ -166,13 +165,13 @@ fn encode(packet: &Packet) -> Option<Bytes> {
 
 /// Where the answer to a request goes.
 #[derive(Clone)]
-enum Reply {
+pub(super) enum Reply {
     Udp { socket: Arc<UdpSocket>, peer: SocketAddr, replies: Arc<ReplyBudget> },
     Dtls { session: Arc<dtls::Session>, socket: Arc<UdpSocket>, peer: SocketAddr },
 }
 
 impl Reply {
-    async fn send(&self, bytes: &[u8]) {
+    pub(super) async fn send(&self, bytes: &[u8]) {
         let result = match self {
             Reply::Udp { socket, peer, replies } => {
                 if !replies.allow(peer.ip()) {
@@ -193,7 +192,7 @@ impl Reply {
 
 /// Handles one datagram of `session`; returns what to send at once (Reset, replayed
 /// response, 5.03 when busy). Requests to process are spawned on `tasks`.
-fn dispatch(
+pub(super) fn dispatch(
     shared: &Arc<Shared>,
     tasks: &TaskTracker,
     session: &Arc<Session>,
@@ -324,7 +323,7 @@ fn dispatch(
 /// retransmitted until the device acknowledges it. The command is `accepted` once the
 /// answer carrying it went out (piggy-backed / NON; a lost one is replayed from the
 /// exchange cache when the device retransmits) or the device acknowledged it (separate).
-async fn command_poll(
+pub(super) async fn command_poll(
     shared: &Arc<Shared>,
     session: &Arc<Session>,
     key: ExchangeKey,
@@ -391,25 +390,27 @@ async fn command_poll(
 }
 
 /// An empty ACK for `message_id`: Ver 1, T = ACK (2), TKL 0, Code 0.00.
-fn empty_ack(message_id: u16) -> Bytes {
+pub(super) fn empty_ack(message_id: u16) -> Bytes {
     let [hi, lo] = message_id.to_be_bytes();
     Bytes::copy_from_slice(&[0x60, 0x00, hi, lo])
 }
 
-fn lock_confirmations(
+pub(super) fn lock_confirmations(
     confirmations: &Mutex<Confirmations>,
 ) -> std::sync::MutexGuard<'_, Confirmations> {
     confirmations.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Like [`lock`]: short critical sections, consistent data even if poisoned.
-fn lock_assemblies(assemblies: &Mutex<Assemblies>) -> std::sync::MutexGuard<'_, Assemblies> {
+pub(super) fn lock_assemblies(
+    assemblies: &Mutex<Assemblies>,
+) -> std::sync::MutexGuard<'_, Assemblies> {
     assemblies.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The exchanges' lock is held for a few map operations only; a poisoned one still
 /// holds consistent data (no code panics while holding it), so keep serving.
-fn lock(exchanges: &Mutex<Exchanges>) -> std::sync::MutexGuard<'_, Exchanges> {
+pub(super) fn lock(exchanges: &Mutex<Exchanges>) -> std::sync::MutexGuard<'_, Exchanges> {
     exchanges.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -423,7 +424,7 @@ pub(crate) struct ReplyBudget {
 }
 
 /// Sources tracked by a [`ReplyBudget`].
-const MAX_REPLY_SOURCES: usize = 65_536;
+pub(super) const MAX_REPLY_SOURCES: usize = 65_536;
 
 impl ReplyBudget {
     pub(crate) fn new(rate: u32) -> Self {
@@ -505,412 +506,11 @@ pub(super) async fn serve_udp(
     }
 }
 
-/// The DTLS endpoint: one UDP socket, demultiplexed by peer address into sessions.
-///
-/// Every datagram passes [`dtls_front::inspect`] first, and each session has a budget of
-/// handshake records, so OpenSSL only ever sees whole, well-formed handshake
-/// messages in small numbers (see `dtls_front.rs`). A ClientHello without a valid cookie
-/// is answered statelessly (`dtls.rs`); one with a valid cookie from the address of an
-/// established session starts a second, pending session beside it: the established one
-/// keeps its application data until the new handshake completes (RFC 6347 §4.2.8), so a
-/// spoofed ClientHello cannot end a device's session. Handshaking sessions are capped
-/// per source IP and in total.
-pub(super) async fn serve_dtls(
-    socket: Arc<UdpSocket>,
-    shared: Arc<Shared>,
-    tasks: TaskTracker,
-    shutdown: CancellationToken,
-) {
-    let peers: Peers = Arc::default();
-    let handshaking: Handshaking = Arc::default();
-    let mut next_id = 0u64;
-    let sessions = Arc::new(tokio::sync::Semaphore::new(shared.config.max_dtls_sessions.max(1)));
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    loop {
-        // Cancel safety: `recv_from` loses nothing when cancelled.
-        let (n, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            received = socket.recv_from(&mut buf) => match received {
-                Ok(received) => received,
-                Err(e) => {
-                    tracing::debug!(error = %e, "CoAP DTLS receive failed");
-                    tokio::time::sleep(RECEIVE_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-        };
-        let datagram = &buf[..n];
-        let shape = match dtls_front::inspect(datagram) {
-            Ok(shape) => shape,
-            Err(refusal) => {
-                dtls_dropped(refusal.as_str());
-                continue;
-            }
-        };
-        if shape.client_hello {
-            // The stateless cookie exchange: no state for a ClientHello without a cookie
-            // made for this address (a spoofed source never gets further).
-            let Some(hello) = dtls::hello_fields(datagram) else {
-                dtls_dropped("bad_handshake");
-                continue;
-            };
-            if !shared.dtls.cookies().verify(peer, hello.cookie) {
-                let answer =
-                    dtls::hello_verify_request(&hello, &shared.dtls.cookies().cookie(peer));
-                if let Err(e) = socket.try_send_to(&answer, peer) {
-                    tracing::debug!(%peer, error = %e, "cannot send HelloVerifyRequest");
-                }
-                continue;
-            }
-        }
-        let route = {
-            let mut peers = lock_peers(&peers);
-            let entry = peers.entry(peer).or_default();
-            entry.promote();
-            let route = entry.route(shape);
-            if !matches!(route, Route::NewSession) && entry.is_empty() {
-                peers.remove(&peer);
-            }
-            route
-        };
-        match route {
-            Route::Session(queue) => {
-                // Full queue: the peer sends faster than its session reads; drop, as UDP may.
-                let _ = queue.try_send(Bytes::copy_from_slice(datagram));
-                continue;
-            }
-            Route::Drop(reason) => {
-                dtls_dropped(reason);
-                continue;
-            }
-            Route::NewSession => {}
-        }
-        let admitted =
-            HandshakeSlot::take(&handshaking, peer.ip(), shared.config.max_dtls_handshakes_per_ip)
-                .ok_or("handshakes_per_ip")
-                .and_then(|slot| {
-                    sessions
-                        .clone()
-                        .try_acquire_owned()
-                        .map(|permit| (slot, permit))
-                        .map_err(|_| "sessions")
-                });
-        let (slot, permit) = match admitted {
-            Ok(admitted) => admitted,
-            Err(reason) => {
-                dtls_dropped(reason);
-                forget_if_empty(&peers, peer);
-                continue;
-            }
-        };
-        let (queue, inbox) = mpsc::channel(PEER_QUEUE);
-        next_id += 1;
-        let handle = SessionHandle {
-            id: next_id,
-            queue,
-            established: Arc::default(),
-            cancel: shutdown.child_token(),
-            budget: dtls_front::HANDSHAKE_RECORD_BUDGET.saturating_sub(shape.handshake_records),
-        };
-        let (id, established, cancel) =
-            (handle.id, handle.established.clone(), handle.cancel.clone());
-        lock_peers(&peers).entry(peer).or_default().pending = Some(handle);
-        let hello = Bytes::copy_from_slice(datagram);
-        let link = PeerLink { socket: socket.clone(), peer, inbox };
-        let (shared, peers, tasks2) = (shared.clone(), peers.clone(), tasks.clone());
-        tasks.spawn(async move {
-            run_session(link, hello, &shared, &tasks2, &cancel, &established, slot).await;
-            // Only this session's handle: a newer one may have replaced it.
-            let mut peers = lock_peers(&peers);
-            if let Some(entry) = peers.get_mut(&peer) {
-                entry.remove(id);
-                if entry.is_empty() {
-                    peers.remove(&peer);
-                }
-            }
-            drop(permit);
-        });
-    }
-}
-
-/// One peer's side of the shared DTLS socket.
-struct PeerLink {
-    socket: Arc<UdpSocket>,
-    peer: SocketAddr,
-    inbox: mpsc::Receiver<Bytes>,
-}
-
-async fn send_all(socket: &UdpSocket, peer: SocketAddr, datagrams: Vec<Vec<u8>>) {
+pub(super) async fn send_all(socket: &UdpSocket, peer: SocketAddr, datagrams: Vec<Vec<u8>>) {
     for datagram in datagrams {
         if let Err(error) = socket.send_to(&datagram, peer).await {
             tracing::debug!(%peer, %error, "cannot send a DTLS record");
         }
-    }
-}
-
-fn dtls_dropped(reason: &'static str) {
-    metrics::counter!("ferrule_coap_dtls_dropped_total", "reason" => reason).increment(1);
-}
-
-fn forget_if_empty(peers: &Peers, peer: SocketAddr) {
-    let mut peers = lock_peers(peers);
-    if peers.get(&peer).is_some_and(PeerEntry::is_empty) {
-        peers.remove(&peer);
-    }
-}
-
-/// The DTLS sessions by peer address.
-type Peers = Arc<Mutex<HashMap<SocketAddr, PeerEntry>>>;
-
-/// Handshaking sessions per source IP.
-type Handshaking = Arc<Mutex<HashMap<std::net::IpAddr, usize>>>;
-
-/// One handshaking session's place in the per-IP count, given back when dropped (the
-/// handshake completed or failed).
-struct HandshakeSlot {
-    handshaking: Handshaking,
-    ip: std::net::IpAddr,
-}
-
-impl HandshakeSlot {
-    fn take(handshaking: &Handshaking, ip: std::net::IpAddr, max: usize) -> Option<Self> {
-        let mut counts = handshaking.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(ip).or_insert(0);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(Self { handshaking: handshaking.clone(), ip })
-    }
-}
-
-impl Drop for HandshakeSlot {
-    fn drop(&mut self) {
-        let mut counts = self.handshaking.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.ip);
-            }
-        }
-    }
-}
-
-/// What one peer address has: an established session, and a handshake in progress
-/// (the first one, or a replacement for the established one).
-#[derive(Default)]
-struct PeerEntry {
-    current: Option<SessionHandle>,
-    pending: Option<SessionHandle>,
-}
-
-struct SessionHandle {
-    /// Tells this session from a later one of the same address.
-    id: u64,
-    /// Datagrams for the session.
-    queue: mpsc::Sender<Bytes>,
-    /// The handshake completed.
-    established: Arc<AtomicBool>,
-    /// Ends the session (shutdown, or a newer session of the peer took over).
-    cancel: CancellationToken,
-    /// Handshake records it may still receive.
-    budget: u32,
-}
-
-/// Where a datagram goes.
-enum Route {
-    Session(mpsc::Sender<Bytes>),
-    NewSession,
-    Drop(&'static str),
-}
-
-impl PeerEntry {
-    /// A pending session whose handshake completed replaces the established one.
-    fn promote(&mut self) {
-        if self.pending.as_ref().is_some_and(|p| p.established.load(Ordering::Acquire)) {
-            if let Some(old) = self.current.take() {
-                old.cancel.cancel();
-            }
-            self.current = self.pending.take();
-        }
-    }
-
-    fn route(&mut self, shape: dtls_front::Shape) -> Route {
-        // Handshake traffic goes to the handshake in progress, within its budget; so
-        // does everything else while there is no established session (a client's
-        // first request may arrive before the handshake's end was noticed here: the
-        // session's task handles it after the handshake, in order).
-        if let Some(pending) = self.pending.as_mut() {
-            if shape.plaintext_only || shape.handshake_records > 0 || self.current.is_none() {
-                if shape.handshake_records > pending.budget {
-                    return Route::Drop("handshake_budget");
-                }
-                pending.budget -= shape.handshake_records;
-                return Route::Session(pending.queue.clone());
-            }
-        }
-        if shape.client_hello {
-            // A device starting over (reboot, new NAT mapping), or a spoof: the
-            // established session, if any, stays until the new handshake completes.
-            return Route::NewSession;
-        }
-        match self.current.as_mut() {
-            // No renegotiation: an established session takes handshake
-            // records only within its budget (retransmitted Finished flights).
-            Some(current) if !shape.plaintext_only && shape.handshake_records <= current.budget => {
-                current.budget -= shape.handshake_records;
-                Route::Session(current.queue.clone())
-            }
-            Some(_) => Route::Drop("handshake_budget"),
-            None => Route::Drop("no_session"),
-        }
-    }
-
-    fn remove(&mut self, id: u64) {
-        if self.current.as_ref().is_some_and(|c| c.id == id) {
-            self.current = None;
-        }
-        if self.pending.as_ref().is_some_and(|p| p.id == id) {
-            self.pending = None;
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.current.is_none() && self.pending.is_none()
-    }
-}
-
-fn lock_peers(peers: &Peers) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, PeerEntry>> {
-    peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Handshake, then serve one DTLS session until it idles out, fails or is cancelled.
-async fn run_session(
-    mut link: PeerLink,
-    hello: Bytes,
-    shared: &Arc<Shared>,
-    tasks: &TaskTracker,
-    shutdown: &CancellationToken,
-    established: &AtomicBool,
-    slot: HandshakeSlot,
-) {
-    let peer = link.peer;
-    let (mut handshake, flight) = match shared.dtls.start(peer, &hello) {
-        Ok(started) => started,
-        Err(error) => {
-            tracing::debug!(%peer, %error, "DTLS handshake not started");
-            return;
-        }
-    };
-    send_all(&link.socket, peer, flight).await;
-    let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-    let mut retransmit = tokio::time::interval(dtls::RETRANSMIT_INTERVAL);
-    retransmit.tick().await;
-    let session = loop {
-        // Cancel safety: `recv` and the timers lose nothing when another branch wins.
-        let datagram = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep_until(deadline) => {
-                tracing::debug!(%peer, "DTLS handshake timed out");
-                return;
-            }
-            _ = retransmit.tick() => {
-                send_all(&link.socket, peer, handshake.handle_timeout()).await;
-                continue;
-            }
-            datagram = link.inbox.recv() => match datagram {
-                Some(datagram) => datagram,
-                None => return,
-            },
-        };
-        if let Some(identity) = dtls_front::psk_identity(&datagram) {
-            look_up_psk(shared, handshake.data(), identity).await;
-        }
-        match handshake.step(datagram) {
-            Ok(dtls::Step::Continue(flight)) => send_all(&link.socket, peer, flight).await,
-            Ok(dtls::Step::Established(session, flight)) => {
-                send_all(&link.socket, peer, flight).await;
-                break Arc::new(session);
-            }
-            Ok(dtls::Step::Failed(error, alert)) => {
-                tracing::debug!(%peer, %error, "DTLS handshake failed");
-                send_all(&link.socket, peer, alert).await;
-                return;
-            }
-            Err(error) => {
-                tracing::debug!(%peer, %error, "DTLS handshake failed");
-                return;
-            }
-        }
-    };
-    drop(slot);
-    established.store(true, Ordering::Release);
-    let identity = session.identity.clone();
-    tracing::debug!(%peer, tenant = %identity.tenant, device = %identity.device_id, "DTLS session up");
-    let config = &shared.config;
-    let exchanges = Exchanges::new(
-        EXCHANGE_LIFETIME,
-        config.max_exchanges_per_session,
-        config.max_in_flight_per_peer,
-    );
-    let assemblies =
-        Assemblies::new(EXCHANGE_LIFETIME, config.max_in_flight_per_peer, config.max_payload);
-    let coap = Arc::new(Session {
-        identity: Some(identity),
-        exchanges: Mutex::new(exchanges),
-        assemblies: Mutex::new(assemblies),
-        confirmations: Mutex::default(),
-    });
-    let reply = Reply::Dtls { session: session.clone(), socket: link.socket.clone(), peer };
-    let max_request = config.max_payload + HEADER_ROOM;
-    loop {
-        // Cancel safety: `recv` takes a datagram from a channel; cancelling it between
-        // datagrams loses nothing.
-        let datagram = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(config.session_idle_timeout) => {
-                tracing::debug!(%peer, "DTLS session idle; closing");
-                break;
-            }
-            datagram = link.inbox.recv() => match datagram {
-                Some(datagram) => datagram,
-                None => break,
-            },
-        };
-        match session.receive(datagram, max_request) {
-            dtls::Received::Data(requests, out) => {
-                send_all(&link.socket, peer, out).await;
-                for request in requests {
-                    if let Some(bytes) = dispatch(shared, tasks, &coap, peer, &reply, &request) {
-                        reply.send(&bytes).await;
-                    }
-                }
-            }
-            dtls::Received::Closed(out) => {
-                send_all(&link.socket, peer, out).await;
-                return;
-            }
-        }
-    }
-    send_all(&link.socket, peer, session.close()).await;
-}
-
-/// Looks the PSK identity `auth-id@tenant` of a ClientKeyExchange up in the registry,
-/// for OpenSSL's (synchronous) PSK callback to find.
-async fn look_up_psk(shared: &Arc<Shared>, data: &dtls::SessionData, identity: &[u8]) {
-    let Some((auth_id, tenant)) = crate::door::split_auth_id_bytes(identity) else {
-        tracing::debug!("PSK identity is not auth-id@tenant");
-        return;
-    };
-    let lookup =
-        tokio::time::timeout(shared.config.handshake_timeout, shared.registry.psk(tenant, auth_id));
-    match lookup.await {
-        Ok(Ok((device, key))) => {
-            *data.psk.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((identity.to_vec(), key, device));
-        }
-        Ok(Err(e)) => tracing::debug!(auth_id, tenant, error = %e, "PSK identity refused"),
-        Err(_) => tracing::debug!(auth_id, tenant, "registry did not answer in time"),
     }
 }
 

@@ -25,6 +25,7 @@ mod config;
 pub(crate) mod connection;
 pub(crate) mod dtls;
 pub(crate) mod dtls_front;
+mod dtls_server;
 mod handler;
 pub mod mapping;
 pub mod session;
@@ -132,7 +133,7 @@ impl CoapAdapter {
                 connection::serve_udp(udp, shared, udp_tasks, udp_shutdown).await;
             }
         };
-        let dtls = connection::serve_dtls(self.dtls, self.shared, tasks.clone(), shutdown.clone());
+        let dtls = dtls_server::serve_dtls(self.dtls, self.shared, tasks.clone(), shutdown.clone());
         tokio::join!(udp, dtls, stop);
         tasks.close();
         tasks.wait().await;
