@@ -2,6 +2,9 @@
 //! coap-client-openssl over DTLS-PSK; Debian package libcoap3-bin) and, for what no
 //! well-behaved client sends, by a raw UDP socket. What reaches the messaging core is
 //! observed through its in-process consumer API.
+//!
+//! Size: one test per behaviour of the CoAP adapter (plain and DTLS); shared setup is in
+//! `support/`.
 
 mod support;
 

@@ -2,6 +2,9 @@
 //! wrote) and, where one connection must subscribe and publish or a thousand must be open
 //! at once, by a small raw MQTT 3.1.1 client below. What reaches the messaging core is
 //! observed through its in-process consumer API.
+//!
+//! Size: one test per behaviour of the MQTT adapter (the device API, bad input, limits,
+//! lifecycle); shared setup is in `support/`.
 
 #[path = "support/raw_mqtt.rs"]
 mod raw_mqtt;

@@ -16,6 +16,10 @@
 //! and is valid only while no change for its device, its tenant, or everything has a
 //! higher number. So an entry built from data read before a change can never outlive it,
 //! even if it is inserted after the change was processed.
+//!
+//! Size: one service, one state lock: the verification cache, the failure memory, the
+//! tenant/device look-up caches and their invalidation share it, and splitting them across
+//! files would put the lock discipline in several places.
 
 use std::collections::HashMap;
 use std::fmt;

@@ -12,6 +12,9 @@
 //!   the broker (released ones are redelivered).
 //! - A refused link is attached and then closed with an error condition (fe2o3-amqp sends
 //!   nothing if an attach is simply dropped, and the client would wait forever).
+//!
+//! Size: the AMQP connection task (SASL, open, sessions, every link kind and its refusals)
+//! in one place, so that the order of checks on a link can be read top to bottom.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};

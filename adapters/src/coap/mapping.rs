@@ -1,5 +1,7 @@
 //! CoAP request → upload: pure translation of method, Uri-Path, Uri-Query and
 //! Content-Format into endpoint, target device and message options (no I/O).
+//!
+//! Size: 350 lines of code; the rest are tests, one per Hono URI and option rule.
 
 use std::time::Duration;
 

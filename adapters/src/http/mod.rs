@@ -8,6 +8,9 @@
 //!   per waiting request.
 //! - this module: the hyper server (keep-alive, body size limit before reading), the
 //!   authentication decision, and the one place where errors become status codes.
+//!
+//! Size: the hyper service, its connection handling and the status table (587 lines of
+//! code; tests at the end).
 
 mod command;
 pub mod mapping;

@@ -10,6 +10,8 @@
 //! Every write is one Lua script, so the version check, the existence checks and the
 //! write are atomic, as in the embedded store. Versions are compared inside the script
 //! against the accepted `If-Match` tags, normalised in Rust.
+//!
+//! Size: the Lua scripts that make each write atomic sit next to the Rust that calls them.
 
 use std::sync::Arc;
 use std::time::Duration;

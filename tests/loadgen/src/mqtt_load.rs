@@ -1,5 +1,8 @@
 //! MQTT load: publishers (`mqtt-pub`), subscribers (`mqtt-sub`), idle connections
 //! (`idle`), CONNECT storms (`connect-storm`), and the devices of `commands`.
+//!
+//! Size: every MQTT load shape of the benchmark suite, sharing one raw client and its
+//! statistics.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
