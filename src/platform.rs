@@ -216,29 +216,17 @@ impl Platform {
         self.ready.set(false);
         let tiers = &self.tiers;
 
-        tiers.devices.cancel();
-        let devices = async {
-            for task in self.devices {
-                let _ = task.await;
-            }
-            self.mqtt.stopped().await;
-        };
-        drain("device adapters", devices).await;
-
-        tiers.management.cancel();
-        let management = async {
-            for task in self.management_tasks {
-                let _ = task.await;
-            }
-            self.registry.stopped().await;
-        };
-        drain("management API and ops", management).await;
-
-        tiers.applications.cancel();
-        drain("AMQP endpoint", async {
-            let _ = self.applications.await;
+        let mqtt = self.mqtt;
+        stop_tier("device adapters", &tiers.devices, self.devices, async move {
+            mqtt.stopped().await;
         })
         .await;
+        let registry = self.registry;
+        stop_tier("management API and ops", &tiers.management, self.management_tasks, async move {
+            registry.stopped().await;
+        })
+        .await;
+        stop_tier("AMQP endpoint", &tiers.applications, vec![self.applications], async {}).await;
 
         tiers.maintenance.cancel();
         let _ = self.maintenance.await;
@@ -247,8 +235,20 @@ impl Platform {
     }
 }
 
-/// Waits up to [`GRACE`] for a tier to drain.
-async fn drain(tier: &str, stopped: impl std::future::Future<Output = ()>) {
+/// Tells a tier to stop and waits up to [`GRACE`] for its tasks and `also` to end.
+async fn stop_tier(
+    tier: &str,
+    token: &CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    also: impl std::future::Future<Output = ()>,
+) {
+    token.cancel();
+    let stopped = async {
+        for task in tasks {
+            let _ = task.await;
+        }
+        also.await;
+    };
     if tokio::time::timeout(GRACE, stopped).await.is_err() {
         tracing::warn!(tier, "still open after {GRACE:?}; going on with the shutdown");
     }

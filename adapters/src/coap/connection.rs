@@ -478,21 +478,7 @@ pub(super) async fn serve_udp(
     });
     let replies = Arc::new(ReplyBudget::new(shared.config.reply_rate_per_ip));
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    loop {
-        // Cancel safety: `recv_from` loses nothing when cancelled.
-        let (n, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            received = socket.recv_from(&mut buf) => match received {
-                Ok(received) => received,
-                Err(e) => {
-                    // Transient (an ICMP error of an earlier send); the pause only keeps a
-                    // persistent failure from spinning.
-                    tracing::debug!(error = %e, "CoAP UDP receive failed");
-                    tokio::time::sleep(RECEIVE_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((n, peer)) = receive(&socket, &mut buf, &shutdown, "CoAP UDP").await {
         let reply = Reply::Udp { socket: socket.clone(), peer, replies: replies.clone() };
         if let Some(bytes) = dispatch(&shared, &tasks, &session, peer, &reply, &buf[..n])
             .filter(|_| replies.allow(peer.ip()))
@@ -510,6 +496,32 @@ pub(super) async fn send_all(socket: &UdpSocket, peer: SocketAddr, datagrams: Ve
     for datagram in datagrams {
         if let Err(error) = socket.send_to(&datagram, peer).await {
             tracing::debug!(%peer, %error, "cannot send a DTLS record");
+        }
+    }
+}
+
+/// The next datagram on `socket`, or `None` once `shutdown` is cancelled. Receive errors
+/// are transient (an ICMP error of an earlier send): logged, then after a short pause
+/// (which keeps a persistent failure from spinning) the next datagram is awaited.
+///
+/// # Cancel safety
+/// `recv_from` loses nothing when cancelled.
+pub(super) async fn receive(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<(usize, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            received = socket.recv_from(buf) => match received {
+                Ok(received) => return Some(received),
+                Err(e) => {
+                    tracing::debug!(error = %e, "{what} receive failed");
+                    tokio::time::sleep(RECEIVE_ERROR_PAUSE).await;
+                }
+            },
         }
     }
 }

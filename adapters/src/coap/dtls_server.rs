@@ -4,7 +4,7 @@
 //! Decrypted requests go to `connection::dispatch` like plain ones.
 
 use super::connection::{
-    dispatch, send_all, Reply, HEADER_ROOM, MAX_DATAGRAM, PEER_QUEUE, RECEIVE_ERROR_PAUSE,
+    dispatch, receive, send_all, Reply, HEADER_ROOM, MAX_DATAGRAM, PEER_QUEUE,
 };
 use super::handler::Shared;
 use super::session::{Assemblies, Exchanges, Session, EXCHANGE_LIFETIME};
@@ -40,19 +40,7 @@ pub(super) async fn serve_dtls(
     let mut next_id = 0u64;
     let sessions = Arc::new(tokio::sync::Semaphore::new(shared.config.max_dtls_sessions.max(1)));
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    loop {
-        // Cancel safety: `recv_from` loses nothing when cancelled.
-        let (n, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            received = socket.recv_from(&mut buf) => match received {
-                Ok(received) => received,
-                Err(e) => {
-                    tracing::debug!(error = %e, "CoAP DTLS receive failed");
-                    tokio::time::sleep(RECEIVE_ERROR_PAUSE).await;
-                    continue;
-                }
-            },
-        };
+    while let Some((n, peer)) = receive(&socket, &mut buf, &shutdown, "CoAP DTLS").await {
         let datagram = &buf[..n];
         let shape = match dtls_front::inspect(datagram) {
             Ok(shape) => shape,

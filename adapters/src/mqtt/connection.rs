@@ -120,12 +120,12 @@ pub(super) fn client_certificate(io: &ntex_io::IoBoxed) -> Option<Vec<u8>> {
 /// are then ignored), else username/password, else anonymous if allowed.
 pub(super) async fn authenticate(
     shared: &Shared,
-    cert: Option<Vec<u8>>,
+    io: &ntex_io::IoBoxed,
     username: Option<&str>,
     password: Option<&[u8]>,
-    source: Option<std::net::IpAddr>,
 ) -> Result<Principal, Refusal> {
-    if let Some(cert) = cert {
+    let source = peer_ip(io);
+    if let Some(cert) = client_certificate(io) {
         let identity =
             shared.registry.authenticate_certificate(&cert).await.map_err(Refusal::from)?;
         return Ok(Principal::Device(identity));
@@ -155,7 +155,6 @@ pub(super) async fn connect_v3(
     shared: &Arc<Shared>,
     connect: v3::Connect,
 ) -> Result<v3::ConnectAck<Session>, Close> {
-    let cert = client_certificate(connect.io());
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
     let refused = if packet.last_will.is_some() {
@@ -163,14 +162,8 @@ pub(super) async fn connect_v3(
     } else if !packet.clean_session {
         Err(Refusal::PersistentSession)
     } else {
-        authenticate(
-            shared,
-            cert,
-            packet.username.as_deref(),
-            packet.password.as_deref(),
-            peer_ip(connect.io()),
-        )
-        .await
+        let (username, password) = (packet.username.as_deref(), packet.password.as_deref());
+        authenticate(shared, connect.io(), username, password).await
     };
     match refused {
         Ok(principal) => {
@@ -189,21 +182,14 @@ pub(super) async fn connect_v5(
     shared: &Arc<Shared>,
     connect: v5::Connect,
 ) -> Result<v5::ConnectAck<Session>, Close> {
-    let cert = client_certificate(connect.io());
     let packet = connect.packet();
     let client_id = packet.client_id.to_string();
     let asks_for_session = packet.session_expiry_interval_secs > 0;
     let refused = if packet.last_will.is_some() {
         Err(Refusal::WillNotSupported)
     } else {
-        authenticate(
-            shared,
-            cert,
-            packet.username.as_deref(),
-            packet.password.as_deref(),
-            peer_ip(connect.io()),
-        )
-        .await
+        let (username, password) = (packet.username.as_deref(), packet.password.as_deref());
+        authenticate(shared, connect.io(), username, password).await
     };
     match refused {
         Ok(principal) => {

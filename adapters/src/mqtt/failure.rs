@@ -10,7 +10,7 @@ use ferrule_command_control::RespondError;
 use ntex_mqtt::v5::codec::{Disconnect, DisconnectReasonCode, PublishAckReason};
 
 use super::mapping::{self, MappingError, OnError};
-use super::session::{Session, Target, Version};
+use super::session::{Session, Target, TargetError, Version};
 use crate::device::AuthError;
 use crate::downstream::{Qos, UploadError};
 
@@ -166,6 +166,29 @@ pub(super) struct Failed {
     /// The connected device itself is no longer allowed (disabled, deleted, tenant
     /// disabled): Hono closes the connection whatever `on-error` says.
     pub(super) terminal: bool,
+}
+
+impl Failed {
+    /// A topic that did not parse: reported with whatever property bag can be read from it.
+    pub(super) fn unparsed(topic: &str, error: MappingError) -> Self {
+        let bag = mapping::property_bag_of(topic).unwrap_or_default();
+        Failed {
+            failure: Failure::Mapping(error),
+            on_error: bag.on_error,
+            correlation_id: bag.correlation_id,
+            target: None,
+            terminal: false,
+        }
+    }
+}
+
+impl From<TargetError> for Failure {
+    fn from(e: TargetError) -> Self {
+        match e {
+            TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
+            TargetError::IdentityRequired => Failure::IdentityRequired,
+        }
+    }
 }
 
 /// Where (if anywhere) the failure is reported, and the JSON to publish there.

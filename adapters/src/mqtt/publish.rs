@@ -13,8 +13,7 @@ use super::config::ADAPTER;
 use super::connection::{Close, Shared};
 use super::failure::{answer, disconnect_v5, error_report, Answer, Failed, Failure};
 use super::mapping::{self, MappingError, PublishAddress, ResponseAddress};
-use super::session::{Qos0Send, Qos0Slot, Session, Target, TargetError};
-use crate::device::AuthError;
+use super::session::{Qos0Send, Qos0Slot, Session, Target};
 use crate::door::{self, Denied, Standing};
 use crate::downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
 
@@ -47,23 +46,9 @@ pub(super) async fn handle_publish(
         target,
         terminal: false,
     };
-    let address = mapping::parse_publish_topic(inbound.topic).map_err(|e| {
-        let bag = mapping::property_bag_of(inbound.topic).unwrap_or_default();
-        Failed {
-            failure: Failure::Mapping(e),
-            on_error: bag.on_error,
-            correlation_id: bag.correlation_id,
-            target: None,
-            terminal: false,
-        }
-    })?;
-    let target = session.target(&address).map_err(|e| {
-        let failure = match e {
-            TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
-            TargetError::IdentityRequired => Failure::IdentityRequired,
-        };
-        fail(failure, Some(&address), None)
-    })?;
+    let address = mapping::parse_publish_topic(inbound.topic)
+        .map_err(|e| Failed::unparsed(inbound.topic, e))?;
+    let target = session.target(&address).map_err(|e| fail(e.into(), Some(&address), None))?;
     let fail = |failure| fail(failure, Some(&address), Some(target.clone()));
     if inbound.retain {
         return Err(fail(Failure::Retain));
@@ -122,16 +107,7 @@ pub(super) async fn handle_response(
     inbound: Inbound<'_>,
     parsed: Result<ResponseAddress, MappingError>,
 ) -> Result<(), Failed> {
-    let address = parsed.map_err(|e| {
-        let bag = mapping::property_bag_of(inbound.topic).unwrap_or_default();
-        Failed {
-            failure: Failure::Mapping(e),
-            on_error: bag.on_error,
-            correlation_id: bag.correlation_id,
-            target: None,
-            terminal: false,
-        }
-    })?;
+    let address = parsed.map_err(|e| Failed::unparsed(inbound.topic, e))?;
     let fail = |failure, target: Option<Target>| Failed {
         failure,
         on_error: address.properties.on_error,
@@ -139,14 +115,9 @@ pub(super) async fn handle_response(
         target,
         terminal: false,
     };
-    let target =
-        session.target_of(address.tenant.as_ref(), address.device.as_ref()).map_err(|e| {
-            let failure = match e {
-                TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
-                TargetError::IdentityRequired => Failure::IdentityRequired,
-            };
-            fail(failure, None)
-        })?;
+    let target = session
+        .target_of(address.tenant.as_ref(), address.device.as_ref())
+        .map_err(|e| fail(e.into(), None))?;
     if inbound.retain {
         return Err(fail(Failure::Retain, Some(target)));
     }

@@ -75,6 +75,29 @@ pub(super) async fn command_subscription(
     Some(if at_least_once { QoS::AtLeastOnce } else { QoS::AtMostOnce })
 }
 
+/// One SUBSCRIBE filter: a command subscription, else an error-topic subscription (error
+/// messages are published at QoS 0 only, as in Hono). The granted QoS, `None` to refuse.
+async fn subscribe_one(
+    shared: &Shared,
+    session: &Session,
+    filter: &str,
+    requested: QoS,
+    outbound: impl FnOnce() -> Outbound,
+) -> Option<QoS> {
+    if let Some(qos) = command_subscription(shared, session, filter, requested, outbound).await {
+        return Some(qos);
+    }
+    let subscription = error_subscription(shared, session, filter).await?;
+    session.subscribe_errors(subscription);
+    Some(QoS::AtMostOnce)
+}
+
+/// UNSUBSCRIBE: whatever the filter named.
+fn unsubscribe_one(session: &Session, filter: &str) {
+    session.unsubscribe_errors(filter);
+    session.unsubscribe_commands(filter);
+}
+
 pub(super) async fn protocol_v3(
     shared: &Shared,
     session: &v3::Session<Session>,
@@ -85,28 +108,15 @@ pub(super) async fn protocol_v3(
             for mut item in subscribe.iter_mut() {
                 let filter = item.topic().to_string();
                 let outbound = || Outbound::V3(session.sink().clone());
-                if let Some(qos) =
-                    command_subscription(shared, session, &filter, item.qos(), outbound).await
-                {
-                    item.confirm(qos);
-                    continue;
-                }
-                match error_subscription(shared, session, &filter).await {
-                    Some(subscription) => {
-                        session.subscribe_errors(subscription);
-                        // Error messages are published at QoS 0 only (Hono).
-                        item.confirm(QoS::AtMostOnce);
-                    }
+                match subscribe_one(shared, session, &filter, item.qos(), outbound).await {
+                    Some(qos) => item.confirm(qos),
                     None => item.fail(),
                 }
             }
             Ok(subscribe.ack())
         }
         v3::ProtocolMessage::Unsubscribe(unsubscribe) => {
-            for filter in unsubscribe.iter() {
-                session.unsubscribe_errors(filter);
-                session.unsubscribe_commands(filter);
-            }
+            unsubscribe.iter().for_each(|filter| unsubscribe_one(session, filter));
             Ok(unsubscribe.ack())
         }
         other => Ok(other.ack()),
@@ -123,28 +133,16 @@ pub(super) async fn protocol_v5(
             for mut item in subscribe.iter_mut() {
                 let filter = item.topic().to_string();
                 let outbound = || Outbound::V5(session.sink().clone());
-                if let Some(qos) =
-                    command_subscription(shared, session, &filter, item.options().qos, outbound)
-                        .await
-                {
-                    item.confirm(qos);
-                    continue;
-                }
-                match error_subscription(shared, session, &filter).await {
-                    Some(subscription) => {
-                        session.subscribe_errors(subscription);
-                        item.confirm(QoS::AtMostOnce);
-                    }
+                let requested = item.options().qos;
+                match subscribe_one(shared, session, &filter, requested, outbound).await {
+                    Some(qos) => item.confirm(qos),
                     None => item.fail(SubscribeAckReason::TopicFilterInvalid),
                 }
             }
             Ok(subscribe.ack())
         }
         v5::ProtocolMessage::Unsubscribe(unsubscribe) => {
-            for filter in unsubscribe.iter() {
-                session.unsubscribe_errors(filter);
-                session.unsubscribe_commands(filter);
-            }
+            unsubscribe.iter().for_each(|filter| unsubscribe_one(session, filter));
             Ok(unsubscribe.ack())
         }
         other => Ok(other.ack()),
