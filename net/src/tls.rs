@@ -1,8 +1,8 @@
 //! TLS for Ferrule's TCP listeners (rustls with the ring provider, PEM files from config).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 pub use tokio_rustls::TlsAcceptor;
 
 /// TLS settings of one listener. TLS is on when both `cert` and `key` are set. The files
-/// are re-read when they change (checked at most once a second, on new handshakes).
+/// are re-read when they change (checked once a second, in the background).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
@@ -68,27 +68,18 @@ impl TlsConfig {
     }
 }
 
-/// How often, at most, the certificate files are checked for changes.
+/// How often the certificate files are checked for changes.
 const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The server certificate, reloaded when its PEM files change (hot rotation, e.g. by
-/// cert-manager or certbot): at most once per [`RELOAD_CHECK_INTERVAL`], a handshake
-/// compares the files' modification times and sizes with the loaded ones and reloads them.
-/// A new pair that does not load (half-written file, key not matching) is logged and the
-/// previous certificate stays in use.
+/// cert-manager or certbot). A background thread compares the files' modification times
+/// and sizes with the loaded ones every [`RELOAD_CHECK_INTERVAL`] and swaps in the new
+/// pair; handshakes only read the current one (no file access in a handshake). A new pair
+/// that does not load (half-written file, key not matching) is logged and the previous
+/// certificate stays in use. The thread ends when the configuration is dropped.
 #[derive(Debug)]
 struct ReloadingCert {
-    cert: PathBuf,
-    key: PathBuf,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-    state: Mutex<Loaded>,
-}
-
-#[derive(Debug)]
-struct Loaded {
-    key: Arc<CertifiedKey>,
-    stamp: Option<[(SystemTime, u64); 2]>,
-    checked: Instant,
+    current: Arc<RwLock<Arc<CertifiedKey>>>,
 }
 
 impl ReloadingCert {
@@ -97,10 +88,34 @@ impl ReloadingCert {
         key: PathBuf,
         provider: Arc<rustls::crypto::CryptoProvider>,
     ) -> Result<Self, TlsError> {
-        let stamp = stamp(&cert, &key);
-        let loaded = load(&cert, &key, &provider)?;
-        let state = Mutex::new(Loaded { key: loaded, stamp, checked: Instant::now() });
-        Ok(Self { cert, key, provider, state })
+        let mut loaded_stamp = stamp(&cert, &key);
+        let current = Arc::new(RwLock::new(load(&cert, &key, &provider)?));
+        let watched = Arc::downgrade(&current);
+        let watch = move || loop {
+            std::thread::sleep(RELOAD_CHECK_INTERVAL);
+            let Some(current) = watched.upgrade() else { return };
+            let now = stamp(&cert, &key);
+            if now.is_none() || now == loaded_stamp {
+                continue;
+            }
+            match load(&cert, &key, &provider) {
+                Ok(key) => {
+                    tracing::info!(cert = %cert.display(), "TLS certificate reloaded");
+                    *current.write().unwrap_or_else(|p| p.into_inner()) = key;
+                    loaded_stamp = now;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "TLS certificate changed but does not load; keeping the previous one");
+                    // Tried once per change: a broken pair is not reloaded every second.
+                    loaded_stamp = now;
+                }
+            }
+        };
+        std::thread::Builder::new()
+            .name("ferrule-tls-reload".into())
+            .spawn(watch)
+            .map_err(|e| TlsError::Pem { path: PathBuf::new(), reason: e.to_string() })?;
+        Ok(Self { current })
     }
 }
 
@@ -130,24 +145,7 @@ fn load(
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.checked.elapsed() >= RELOAD_CHECK_INTERVAL {
-            state.checked = Instant::now();
-            let now = stamp(&self.cert, &self.key);
-            if now.is_some() && now != state.stamp {
-                match load(&self.cert, &self.key, &self.provider) {
-                    Ok(key) => {
-                        tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
-                        state.key = key;
-                        state.stamp = now;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS certificate changed but does not load; keeping the previous one")
-                    }
-                }
-            }
-        }
-        Some(state.key.clone())
+        Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 }
 
