@@ -154,43 +154,14 @@ fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> anyhow::R
     Ok(())
 }
 
-fn validate(config: &Config) -> anyhow::Result<()> {
-    let m = &config.messaging;
-    if m.queue_max_depth == 0 {
-        bail!("messaging.queue_max_depth must be at least 1");
-    }
-    if m.consumer_prefetch == 0 {
-        bail!("messaging.consumer_prefetch must be at least 1");
-    }
-    if m.consumer_window == 0 {
-        bail!("messaging.consumer_window must be at least 1");
-    }
-    if m.max_frame_size < 512 {
-        bail!("messaging.max_frame_size must be at least 512 (AMQP minimum)");
-    }
-    if m.max_message_size == 0 {
-        bail!("messaging.max_message_size must be at least 1");
-    }
-    if m.max_connections == 0 {
-        bail!("messaging.max_connections must be at least 1");
-    }
-    if let Err(problem) = m.source_limits().validate() {
-        bail!("messaging.{problem}");
-    }
-    if m.connect_timeout.is_zero() || m.idle_timeout.is_zero() {
-        bail!("messaging.connect_timeout and messaging.idle_timeout must not be zero");
-    }
-    for (i, user) in m.sasl.users.iter().enumerate() {
-        match user.username.rsplit_once('@') {
-            Some((name, tenant)) if !name.is_empty() && !tenant.is_empty() => {}
-            _ => bail!("messaging.sasl.users[{i}].username must look like name@tenant or name@*"),
-        }
-    }
-    for (i, rule) in m.addresses.iter().enumerate() {
-        if rule.pattern.is_empty() || rule.pattern.split('/').any(str::is_empty) {
-            bail!("messaging.addresses[{i}].pattern {:?} has an empty segment", rule.pattern);
-        }
-    }
+/// Every section's `validate()`: the first bad key, named with its section.
+fn validate(config: &Config) -> Result<(), ferrule_net::ConfigError> {
+    config.ops.validate()?;
+    config.messaging.validate()?;
+    config.registry.validate()?;
+    config.adapters.http.validate()?;
+    config.adapters.mqtt.validate()?;
+    config.adapters.coap.validate()?;
     Ok(())
 }
 
@@ -217,6 +188,32 @@ mod tests {
         assert_eq!(config.messaging.queue_max_depth, 7);
         assert_eq!(config.messaging.sasl.users[0].username, "a@t");
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+    }
+
+    #[test]
+    fn every_section_names_its_bad_key() {
+        let mut c = Config::default();
+        assert_eq!(validate(&c), Ok(()));
+        c.ops.max_connections = 0;
+        assert_eq!(validate(&c).unwrap_err().key, "ops.max_connections");
+        let mut c = Config::default();
+        c.messaging.max_frame_size = 100;
+        assert_eq!(validate(&c).unwrap_err().key, "messaging.max_frame_size");
+        let mut c = Config::default();
+        c.messaging.connection_rate_per_ip = 0.0;
+        assert_eq!(validate(&c).unwrap_err().key, "messaging.connection_rate_per_ip");
+        let mut c = Config::default();
+        c.registry.max_body_bytes = 10;
+        assert_eq!(validate(&c).unwrap_err().key, "registry.max_body_bytes");
+        let mut c = Config::default();
+        c.adapters.http.header_read_timeout = std::time::Duration::ZERO;
+        assert_eq!(validate(&c).unwrap_err().key, "adapters.http.header_read_timeout");
+        let mut c = Config::default();
+        c.adapters.mqtt.workers = 0;
+        assert_eq!(validate(&c).unwrap_err().key, "adapters.mqtt.workers");
+        let mut c = Config::default();
+        c.adapters.coap.max_payload = 70_000;
+        assert_eq!(validate(&c).unwrap_err().key, "adapters.coap.max_payload");
     }
 
     #[test]

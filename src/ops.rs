@@ -31,6 +31,24 @@ pub struct OpsConfig {
     pub header_read_timeout: Duration,
 }
 
+impl OpsConfig {
+    /// Checks the values serde cannot check.
+    ///
+    /// # Errors
+    /// The first bad key.
+    pub fn validate(&self) -> Result<(), ferrule_net::ConfigError> {
+        let bad =
+            |key: &str, problem: &str| Err(ferrule_net::ConfigError::new("ops", key, problem));
+        if self.max_connections == 0 {
+            return bad("max_connections", "must be at least 1");
+        }
+        if self.header_read_timeout.is_zero() {
+            return bad("header_read_timeout", "must not be zero");
+        }
+        Ok(())
+    }
+}
+
 impl Default for OpsConfig {
     fn default() -> Self {
         Self {

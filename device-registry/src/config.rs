@@ -123,15 +123,7 @@ impl fmt::Debug for RegistryConfig {
     }
 }
 
-/// A configuration value that cannot work; names the key.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("registry.{key}: {problem}")]
-pub struct ConfigError {
-    /// The offending key.
-    pub key: &'static str,
-    /// What is wrong with it.
-    pub problem: String,
-}
+pub use ferrule_net::ConfigError;
 
 impl RegistryConfig {
     /// The per-source connection limits of the management API.
@@ -148,17 +140,14 @@ impl RegistryConfig {
     /// # Errors
     /// The first [`ConfigError`] found.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |key, problem: &str| Err(ConfigError { key, problem: problem.to_owned() });
+        let err = |key, problem: &str| Err(ConfigError::new("registry", key, problem));
         if self.hash_pool_size == 0 {
             return err("hash_pool_size", "must be at least 1");
         }
         if self.max_connections == 0 {
             return err("max_connections", "must be at least 1");
         }
-        if let Err(problem) = self.source_limits().validate() {
-            let key = problem.split(' ').next().unwrap_or("max_connections_per_ip");
-            return err(key, "must be a positive number");
-        }
+        self.source_limits().validate("registry")?;
         if self.max_body_bytes < 1024 {
             return err("max_body_bytes", "must be at least 1024");
         }
@@ -268,7 +257,7 @@ mod tests {
     fn unknown_keys_and_bad_values_are_named() {
         assert!(toml::from_str::<File>("[registry]\nbindd = \"x\"").is_err());
         let c = RegistryConfig { hash_pool_size: 0, ..Default::default() };
-        assert_eq!(c.validate().unwrap_err().key, "hash_pool_size");
+        assert_eq!(c.validate().unwrap_err().key, "registry.hash_pool_size");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::address::AddressRule;
+use ferrule_net::ConfigError;
 
 /// `[messaging]`: the AMQP 1.0 listener, address types, queues and application users.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +65,52 @@ impl MessagingConfig {
             rate_per_second: self.connection_rate_per_ip,
             burst: self.connection_burst_per_ip,
         }
+    }
+
+    /// Checks the values serde cannot check.
+    ///
+    /// # Errors
+    /// The first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: &str| Err(ConfigError::new("messaging", key, problem));
+        let positive = [
+            ("queue_max_depth", self.queue_max_depth),
+            ("consumer_prefetch", self.consumer_prefetch as usize),
+            ("consumer_window", self.consumer_window as usize),
+            ("max_message_size", self.max_message_size as usize),
+            ("max_connections", self.max_connections),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return bad(key, "must be at least 1");
+        }
+        if self.max_frame_size < 512 {
+            return bad("max_frame_size", "must be at least 512 (AMQP minimum)");
+        }
+        self.source_limits().validate("messaging")?;
+        if self.connect_timeout.is_zero() {
+            return bad("connect_timeout", "must not be zero");
+        }
+        if self.idle_timeout.is_zero() {
+            return bad("idle_timeout", "must not be zero");
+        }
+        for (i, user) in self.sasl.users.iter().enumerate() {
+            match user.username.rsplit_once('@') {
+                Some((name, tenant)) if !name.is_empty() && !tenant.is_empty() => {}
+                _ => {
+                    return bad(
+                        &format!("sasl.users[{i}].username"),
+                        "must look like name@tenant or name@*",
+                    )
+                }
+            }
+        }
+        for (i, rule) in self.addresses.iter().enumerate() {
+            if rule.pattern.is_empty() || rule.pattern.split('/').any(str::is_empty) {
+                let problem = format!("{:?} has an empty segment", rule.pattern);
+                return bad(&format!("addresses[{i}].pattern"), &problem);
+            }
+        }
+        Ok(())
     }
 }
 

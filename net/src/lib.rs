@@ -14,3 +14,22 @@ pub mod hashing;
 pub mod listener;
 pub mod text;
 pub mod tls;
+
+/// A configuration value that cannot work: the key's full path (`adapters.mqtt.workers`)
+/// and what is wrong with it. Every section's `validate()` returns it, so that every bad
+/// value is reported the same way.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    /// The offending key, with its section (`registry.hash_pool_size`).
+    pub key: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl ConfigError {
+    /// A `ConfigError` for `key` in `section`.
+    pub fn new(section: &str, key: &str, problem: impl Into<String>) -> Self {
+        Self { key: format!("{section}.{key}"), problem: problem.into() }
+    }
+}

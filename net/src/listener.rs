@@ -37,16 +37,21 @@ impl SourceLimits {
     pub const DEFAULT: SourceLimits =
         SourceLimits { max_per_source: 1000, rate_per_second: 100.0, burst: 200 };
 
-    /// Checks the values; `Err` names the problem.
-    pub fn validate(&self) -> Result<(), &'static str> {
+    /// Checks the values, as the `max_connections_per_ip`, `connection_rate_per_ip` and
+    /// `connection_burst_per_ip` keys of `section`.
+    ///
+    /// # Errors
+    /// The first bad key.
+    pub fn validate(&self, section: &str) -> Result<(), crate::ConfigError> {
+        let bad = |key, problem| Err(crate::ConfigError::new(section, key, problem));
         if self.max_per_source == 0 {
-            return Err("max_connections_per_ip must be at least 1");
+            return bad("max_connections_per_ip", "must be at least 1");
         }
         if !(self.rate_per_second > 0.0 && self.rate_per_second.is_finite()) {
-            return Err("connection_rate_per_ip must be a positive number");
+            return bad("connection_rate_per_ip", "must be a positive number");
         }
         if self.burst == 0 {
-            return Err("connection_burst_per_ip must be at least 1");
+            return bad("connection_burst_per_ip", "must be at least 1");
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The adapter's configuration (its `[adapters.*]` section), defaults and validation,
 //! and the errors that stop it from starting.
 
+use ferrule_net::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -123,9 +124,9 @@ pub enum CoapError {
     /// OpenSSL's DTLS context could not be set up.
     #[error("cannot set up DTLS: {0}")]
     Dtls(String),
-    /// A config value is out of range; the message names the key.
-    #[error("adapters.coap.{0}")]
-    Config(String),
+    /// A config value is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
 }
 
 /// Largest payload that fits a UDP datagram with a CoAP header (coap-lite's own
@@ -136,8 +137,9 @@ impl CoapConfig {
     /// Checks the values `bind` relies on.
     ///
     /// # Errors
-    /// [`CoapError::Config`] naming the first bad key.
-    pub fn validate(&self) -> Result<(), CoapError> {
+    /// The first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, problem: String| Err(ConfigError::new("adapters.coap", key, problem));
         let positive = [
             ("max_in_flight", self.max_in_flight),
             ("max_in_flight_per_peer", self.max_in_flight_per_peer),
@@ -149,18 +151,20 @@ impl CoapConfig {
             ("reply_rate_per_ip", self.reply_rate_per_ip as usize),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, value)| *value == 0) {
-            return Err(CoapError::Config(format!("{key} must be at least 1")));
+            return bad(key, "must be at least 1".into());
         }
         if self.max_payload > MAX_PAYLOAD_LIMIT {
-            return Err(CoapError::Config(format!(
-                "max_payload = {} does not fit a UDP datagram (at most {MAX_PAYLOAD_LIMIT})",
+            let problem = format!(
+                "{} does not fit a UDP datagram (at most {MAX_PAYLOAD_LIMIT})",
                 self.max_payload
-            )));
+            );
+            return bad("max_payload", problem);
         }
-        if self.handshake_timeout.is_zero() || self.session_idle_timeout.is_zero() {
-            return Err(CoapError::Config(
-                "handshake_timeout and session_idle_timeout must not be zero".into(),
-            ));
+        if self.handshake_timeout.is_zero() {
+            return bad("handshake_timeout", "must not be zero".into());
+        }
+        if self.session_idle_timeout.is_zero() {
+            return bad("session_idle_timeout", "must not be zero".into());
         }
         Ok(())
     }

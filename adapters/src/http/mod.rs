@@ -81,6 +81,27 @@ impl HttpConfig {
             burst: self.connection_burst_per_ip,
         }
     }
+
+    /// Checks the values serde cannot check.
+    ///
+    /// # Errors
+    /// The first bad key.
+    pub fn validate(&self) -> Result<(), ferrule_net::ConfigError> {
+        let bad = |key: &str, problem: &str| {
+            Err(ferrule_net::ConfigError::new("adapters.http", key, problem))
+        };
+        if self.max_payload == 0 {
+            return bad("max_payload", "must be at least 1");
+        }
+        if self.max_connections == 0 {
+            return bad("max_connections", "must be at least 1");
+        }
+        self.source_limits().validate("adapters.http")?;
+        if self.header_read_timeout.is_zero() {
+            return bad("header_read_timeout", "must not be zero");
+        }
+        Ok(())
+    }
 }
 
 impl Default for HttpConfig {
@@ -138,6 +159,9 @@ pub enum HttpError {
     /// The TLS certificate or key is unusable.
     #[error("adapters.http.tls: {0}")]
     Tls(ferrule_net::tls::TlsError),
+    /// A configuration value is out of range.
+    #[error(transparent)]
+    Config(#[from] ferrule_net::ConfigError),
 }
 
 /// A bound HTTP adapter, ready to [`HttpAdapter::run`].
@@ -168,6 +192,7 @@ impl HttpAdapter {
         registry: Arc<dyn DeviceRegistry>,
         router: Option<CommandRouter>,
     ) -> Result<Self, HttpError> {
+        config.validate()?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })
         };

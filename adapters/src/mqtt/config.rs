@@ -2,6 +2,7 @@
 //! and the errors that stop it from starting.
 
 use ferrule_net::tls::{TlsConfig, TlsError};
+use ferrule_net::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -116,27 +117,29 @@ impl MqttConfig {
         }
     }
 
-    pub(super) fn validate(&self) -> Result<(), MqttError> {
-        let bad = |key: &'static str, why: &'static str| Err(MqttError::Config { key, why });
+    /// Checks the values serde cannot check.
+    ///
+    /// # Errors
+    /// The first bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError::new("adapters.mqtt", key, why));
         if self.max_payload == 0 || self.max_payload > 256 * 1024 * 1024 {
-            return bad("adapters.mqtt.max_payload", "must be between 1 byte and 256 MiB");
+            return bad("max_payload", "must be between 1 byte and 256 MiB");
         }
         if self.max_connections == 0 {
-            return bad("adapters.mqtt.max_connections", "must be at least 1");
+            return bad("max_connections", "must be at least 1");
         }
-        if let Err(why) = self.source_limits().validate() {
-            return bad("adapters.mqtt.max_connections_per_ip", why);
-        }
+        self.source_limits().validate("adapters.mqtt")?;
         if self.workers == 0 || self.workers > 64 {
-            return bad("adapters.mqtt.workers", "must be between 1 and 64");
+            return bad("workers", "must be between 1 and 64");
         }
         if self.connect_timeout.is_zero() || self.connect_timeout > Duration::from_secs(3600) {
-            return bad("adapters.mqtt.connect_timeout", "must be between 1s and 1h");
+            return bad("connect_timeout", "must be between 1s and 1h");
         }
         if self.command_ack_timeout < Duration::from_millis(10)
             || self.command_ack_timeout > Duration::from_secs(3600)
         {
-            return bad("adapters.mqtt.command_ack_timeout", "must be between 10ms and 1h");
+            return bad("command_ack_timeout", "must be between 10ms and 1h");
         }
         Ok(())
     }
@@ -149,8 +152,8 @@ pub enum MqttError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     /// A configuration value is out of range.
-    #[error("{key}: {why}")]
-    Config { key: &'static str, why: &'static str },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The TLS certificate or key could not be loaded.
     #[error("adapters.mqtt.tls: {0}")]
     Tls(TlsError),
