@@ -320,8 +320,9 @@ pub enum SamplingMode {
     None,
 }
 
-/// `TrustedCA` schema. Ferrule stores it; certificate parsing is not implemented, so
-/// `cert` is stored as given (base64 DER) and not expanded into its parts.
+/// `TrustedCA` schema. `cert` is stored as given (base64 DER) and not expanded into its
+/// parts in API answers; device authentication parses it (`x509.rs`) to verify client
+/// certificates issued by this CA.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct TrustedCa {
