@@ -3,9 +3,7 @@
 
 use ferrule_adapters::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 use ferrule_command_control::ViaCheck;
-use ferrule_device_registry::{
-    AuthError as RegistryAuthError, AuthService, CredentialType, TenantId,
-};
+use ferrule_device_registry::{AuthError as RegistryAuthError, AuthService, CredentialType};
 
 /// The registry's [`AuthService`] as the adapters and the command router need it.
 #[derive(Clone)]
@@ -16,6 +14,9 @@ fn map(e: RegistryAuthError) -> AuthError {
         RegistryAuthError::BadCredentials => AuthError::BadCredentials,
         RegistryAuthError::TenantDisabled => AuthError::TenantDisabled,
         RegistryAuthError::DeviceDisabled => AuthError::DeviceDisabled,
+        RegistryAuthError::UnknownTenant => AuthError::UnknownTenant,
+        RegistryAuthError::UnknownDevice => AuthError::UnknownDevice,
+        RegistryAuthError::GatewayNotAuthorized => AuthError::GatewayNotAuthorized,
         RegistryAuthError::RateLimited | RegistryAuthError::Busy => AuthError::Busy,
         RegistryAuthError::Unavailable(why) => AuthError::Unavailable(why),
     }
@@ -26,26 +27,18 @@ fn map(e: RegistryAuthError) -> AuthError {
 fn count_attempt<T>(cred_type: &'static str, result: &Result<T, RegistryAuthError>) {
     let outcome = match result {
         Ok(_) => "success",
-        Err(RegistryAuthError::BadCredentials) => "bad_credentials",
+        Err(
+            RegistryAuthError::BadCredentials
+            | RegistryAuthError::UnknownTenant
+            | RegistryAuthError::UnknownDevice
+            | RegistryAuthError::GatewayNotAuthorized,
+        ) => "bad_credentials",
         Err(RegistryAuthError::TenantDisabled | RegistryAuthError::DeviceDisabled) => "disabled",
         Err(RegistryAuthError::RateLimited | RegistryAuthError::Busy) => "busy",
         Err(RegistryAuthError::Unavailable(_)) => "unavailable",
     };
     metrics::counter!("ferrule_auth_attempts_total", "type" => cred_type, "outcome" => outcome)
         .increment(1);
-}
-
-impl RegistryDevices {
-    /// Distinguishes an unknown tenant from an unknown device (the registry reports both
-    /// as bad credentials, which is right for authentication but not for look-ups).
-    async fn unknown(&self, tenant: &str) -> AuthError {
-        let Ok(id) = TenantId::new(tenant) else { return AuthError::UnknownTenant };
-        match self.0.get_tenant(&id).await {
-            Ok(Some(_)) => AuthError::UnknownDevice,
-            Ok(None) => AuthError::UnknownTenant,
-            Err(e) => map(e),
-        }
-    }
 }
 
 impl RegistryDevices {
@@ -107,25 +100,9 @@ impl DeviceRegistry for RegistryDevices {
         device_id: &'a str,
         gateway: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), AuthError>> {
-        Box::pin(async move {
-            match self.0.authorize_device(tenant, device_id, None).await {
-                Ok(()) => {}
-                Err(RegistryAuthError::BadCredentials) => return Err(self.unknown(tenant).await),
-                Err(e) => return Err(map(e)),
-            }
-            match gateway {
-                None => Ok(()),
-                Some(gateway) => {
-                    match self.0.authorize_device(tenant, device_id, Some(gateway)).await {
-                        Ok(()) => Ok(()),
-                        Err(RegistryAuthError::BadCredentials) => {
-                            Err(AuthError::GatewayNotAuthorized)
-                        }
-                        Err(e) => Err(map(e)),
-                    }
-                }
-            }
-        })
+        Box::pin(
+            async move { self.0.authorize_device(tenant, device_id, gateway).await.map_err(map) },
+        )
     }
 
     fn allows_unauthenticated<'a>(

@@ -102,6 +102,17 @@ pub enum AuthError {
     /// The device exists but is disabled.
     #[error("device disabled")]
     DeviceDisabled,
+    /// A look-up ([`AuthService::authorize_device`]) found no such tenant. Authentication
+    /// never says so (it answers `BadCredentials`).
+    #[error("unknown tenant")]
+    UnknownTenant,
+    /// A look-up found no such device.
+    #[error("unknown device")]
+    UnknownDevice,
+    /// A look-up found that the gateway does not exist, is disabled, or may not act for
+    /// the device.
+    #[error("gateway not authorised for this device")]
+    GatewayNotAuthorized,
     /// Too many recent failures for this auth-id.
     #[error("too many failed attempts; try later")]
     RateLimited,
@@ -194,8 +205,10 @@ struct Failures {
     in_flight: u32,
 }
 
+/// A cached look-up; the value is shared (`Arc`): a cache hit costs a reference count,
+/// not a deep clone of the tenant (with its CA certificates) or the device.
 struct Cached<T> {
-    value: Option<T>,
+    value: Option<Arc<T>>,
     seq: u64,
     expires: Instant,
 }
@@ -232,7 +245,7 @@ struct State {
     failures: HashMap<FailureKey, Failures>,
     tenants: HashMap<TenantId, Cached<Tenant>>,
     devices: HashMap<(TenantId, DeviceId), Cached<Device>>,
-    anchors: Option<Cached<Arc<Vec<TrustAnchor>>>>,
+    anchors: Option<Cached<Vec<TrustAnchor>>>,
     changes: Changes,
 }
 
@@ -671,7 +684,7 @@ impl AuthService {
     ///
     /// # Errors
     /// [`AuthError::Unavailable`] if the store fails.
-    pub async fn get_tenant(&self, tenant: &TenantId) -> Result<Option<Tenant>, AuthError> {
+    pub async fn get_tenant(&self, tenant: &TenantId) -> Result<Option<Arc<Tenant>>, AuthError> {
         let now = Instant::now();
         {
             let s = self.state();
@@ -682,7 +695,7 @@ impl AuthService {
             }
         }
         let seq = self.inner.seq.load(Ordering::SeqCst);
-        let value = self.inner.store.get_tenant(tenant).await?.map(|v| v.value);
+        let value = self.inner.store.get_tenant(tenant).await?.map(|v| Arc::new(v.value));
         let mut s = self.state();
         bound(&mut s.tenants, self.inner.settings.max_entries, |c| c.expires <= now);
         s.tenants.insert(
@@ -700,7 +713,7 @@ impl AuthService {
         &self,
         tenant: &TenantId,
         device: &DeviceId,
-    ) -> Result<Option<Device>, AuthError> {
+    ) -> Result<Option<Arc<Device>>, AuthError> {
         let now = Instant::now();
         let key = (tenant.clone(), device.clone());
         {
@@ -712,7 +725,7 @@ impl AuthService {
             }
         }
         let seq = self.inner.seq.load(Ordering::SeqCst);
-        let value = self.inner.store.get_device(tenant, device).await?.map(|v| v.value);
+        let value = self.inner.store.get_device(tenant, device).await?.map(|v| Arc::new(v.value));
         let mut s = self.state();
         bound(&mut s.devices, self.inner.settings.max_entries, |c| c.expires <= now);
         s.devices.insert(
@@ -727,36 +740,30 @@ impl AuthService {
     /// (`via`, or `viaGroups` against the gateway's `memberOf`).
     ///
     /// # Errors
-    /// `BadCredentials` for unknown tenant/device/gateway or a gateway not allowed;
-    /// `TenantDisabled`/`DeviceDisabled`; `Unavailable`.
+    /// `UnknownTenant`, `TenantDisabled`, `UnknownDevice`, `DeviceDisabled`;
+    /// `GatewayNotAuthorized` for a gateway that does not exist, is disabled or may not act
+    /// for the device; `Unavailable`.
     pub async fn authorize_device(
         &self,
         tenant: &str,
         device: &str,
         gateway: Option<&str>,
     ) -> Result<(), AuthError> {
-        let (Ok(t), Ok(d)) = (TenantId::new(tenant), DeviceId::new(device)) else {
-            return Err(AuthError::BadCredentials);
-        };
-        let tv = self.get_tenant(&t).await?.ok_or(AuthError::BadCredentials)?;
+        let t = TenantId::new(tenant).map_err(|_| AuthError::UnknownTenant)?;
+        let d = DeviceId::new(device).map_err(|_| AuthError::UnknownDevice)?;
+        let tv = self.get_tenant(&t).await?.ok_or(AuthError::UnknownTenant)?;
         if !tv.enabled {
             return Err(AuthError::TenantDisabled);
         }
-        let dv = self.get_device(&t, &d).await?.ok_or(AuthError::BadCredentials)?;
+        let dv = self.get_device(&t, &d).await?.ok_or(AuthError::UnknownDevice)?;
         if !dv.enabled {
             return Err(AuthError::DeviceDisabled);
         }
-        if let Some(g) = gateway {
-            if g == device {
-                return Ok(());
-            }
-            let gid = DeviceId::new(g).map_err(|_| AuthError::BadCredentials)?;
-            let gv = self.get_device(&t, &gid).await?.ok_or(AuthError::BadCredentials)?;
-            if !gv.enabled {
-                return Err(AuthError::DeviceDisabled);
-            }
-            if !dv.is_served_by(g, Some(&gv)) {
-                return Err(AuthError::BadCredentials);
+        if let Some(g) = gateway.filter(|g| *g != device) {
+            let gid = DeviceId::new(g).map_err(|_| AuthError::GatewayNotAuthorized)?;
+            let gv = self.get_device(&t, &gid).await?.ok_or(AuthError::GatewayNotAuthorized)?;
+            if !gv.enabled || !dv.is_served_by(g, Some(&gv)) {
+                return Err(AuthError::GatewayNotAuthorized);
             }
         }
         Ok(())
