@@ -6,9 +6,11 @@
 //! shutdown token, and gets `grace` to drain before the next one is told):
 //! 1. device adapters (MQTT, HTTP, CoAP): stop accepting, finish in-flight uploads, which
 //!    still reach the core;
-//! 2. the management API and the ops endpoint;
-//! 3. the AMQP endpoint (applications): connections closed, unsettled deliveries released;
-//! 4. maintenance, then the messaging store is flushed and closed.
+//! 2. the command router: commands being routed get their outcome (released, as their
+//!    devices are gone), its tasks end;
+//! 3. the management API and the ops endpoint;
+//! 4. the AMQP endpoint (applications): connections closed, unsettled deliveries released;
+//! 5. maintenance, then the messaging store is flushed and closed.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -58,6 +60,7 @@ pub struct Platform {
     management: Management,
     ready: ops::Readiness,
     mqtt: mqtt::MqttAdapter,
+    router: CommandRouter,
     devices: Vec<JoinHandle<()>>,
     management_tasks: Vec<JoinHandle<()>>,
     applications: JoinHandle<()>,
@@ -100,7 +103,7 @@ impl Platform {
         let router = CommandRouter::new(broker.clone(), Arc::new(devices));
         router.install();
         let downstream = Downstream::new(broker.clone());
-        let commands = Some(router);
+        let commands = Some(router.clone());
         let adapters = &config.adapters;
         let http = HttpAdapter::bind(
             adapters.http.clone(),
@@ -165,6 +168,7 @@ impl Platform {
             management,
             ready,
             mqtt,
+            router,
             devices: device_tasks,
             management_tasks,
             applications,
@@ -217,16 +221,24 @@ impl Platform {
         let tiers = &self.tiers;
 
         let mqtt = self.mqtt;
-        stop_tier("device adapters", &tiers.devices, self.devices, async move {
+        stop_tier("device adapters", Some(&tiers.devices), self.devices, async move {
             mqtt.stopped().await;
         })
         .await;
+        // With the device sessions gone, commands in flight are answered or released.
+        stop_tier("command router", None, Vec::new(), self.router.stopped()).await;
         let registry = self.registry;
-        stop_tier("management API and ops", &tiers.management, self.management_tasks, async move {
-            registry.stopped().await;
-        })
+        stop_tier(
+            "management API and ops",
+            Some(&tiers.management),
+            self.management_tasks,
+            async move {
+                registry.stopped().await;
+            },
+        )
         .await;
-        stop_tier("AMQP endpoint", &tiers.applications, vec![self.applications], async {}).await;
+        stop_tier("AMQP endpoint", Some(&tiers.applications), vec![self.applications], async {})
+            .await;
 
         tiers.maintenance.cancel();
         let _ = self.maintenance.await;
@@ -235,14 +247,17 @@ impl Platform {
     }
 }
 
-/// Tells a tier to stop and waits up to [`GRACE`] for its tasks and `also` to end.
+/// Tells a tier to stop (cancels its token, if it has one) and waits up to [`GRACE`] for
+/// its tasks and `also` to end.
 async fn stop_tier(
     tier: &str,
-    token: &CancellationToken,
+    token: Option<&CancellationToken>,
     tasks: Vec<JoinHandle<()>>,
     also: impl std::future::Future<Output = ()>,
 ) {
-    token.cancel();
+    if let Some(token) = token {
+        token.cancel();
+    }
     let stopped = async {
         for task in tasks {
             let _ = task.await;

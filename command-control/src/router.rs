@@ -18,6 +18,7 @@ use ferrule_messaging::{
 };
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::command::{correlation_of, parse, Command, CommandError};
 
@@ -96,6 +97,9 @@ struct Inner {
     subscriptions: Mutex<Subscriptions>,
     next_id: AtomicU64,
     this: Weak<Inner>,
+    /// Every task the router starts (routes in flight, deferred-command drains, ttd
+    /// notifications), so that shutdown can wait for them.
+    tasks: TaskTracker,
 }
 
 /// Routes commands; register it with [`CommandRouter::install`]. Cheap to clone.
@@ -141,8 +145,17 @@ impl CommandRouter {
             subscriptions: Mutex::new(Subscriptions::default()),
             next_id: AtomicU64::new(1),
             this: this.clone(),
+            tasks: TaskTracker::new(),
         });
         CommandRouter { inner }
+    }
+
+    /// Waits until every task the router started has ended: commands being routed get
+    /// their outcome (the device sessions stop first, so they are answered or released),
+    /// deferred-command drains end with their subscriptions.
+    pub async fn stopped(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
     }
 
     /// Takes over `command/...` in the messaging core.
@@ -183,7 +196,7 @@ impl CommandRouter {
         self.inner.notify(tenant, &notified_device, notify.adapter, notify.ttd);
         let cancel = CancellationToken::new();
         if let Target::Device(device) = &target {
-            tokio::spawn(drain_deferred(
+            self.inner.tasks.spawn(drain_deferred(
                 self.inner.broker.clone(),
                 tenant.to_owned(),
                 device.clone(),
@@ -324,7 +337,7 @@ impl Inner {
         message.message_annotations = Some(MessageAnnotations(annotations));
         let submission = self.broker.submit(&address, message, false);
         let (tenant, device) = (tenant.to_owned(), device.to_owned());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let outcome = submission.outcome().await;
             if !outcome.is_accepted() {
                 tracing::debug!(%tenant, %device, ?outcome, "ttd notification not stored");
@@ -359,7 +372,7 @@ impl Inner {
         if outcome.is_accepted() {
             if let Some(sink) = self.find(&command.tenant, &command.device_id).await {
                 let cancel = CancellationToken::new();
-                tokio::spawn(drain_deferred(
+                self.tasks.spawn(drain_deferred(
                     self.broker.clone(),
                     command.tenant,
                     command.device_id,
@@ -386,7 +399,7 @@ impl AddressHandler for CommandRouter {
         };
         let inner = self.inner.this.upgrade().expect("router alive");
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
+        inner.clone().tasks.spawn(async move {
             let outcome = inner.route(tenant, message).await;
             let _ = tx.send(outcome);
         });
