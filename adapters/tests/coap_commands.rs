@@ -15,24 +15,12 @@ use std::time::Duration;
 use fe2o3_amqp::types::messaging::{MessageId, Properties};
 use fe2o3_amqp::types::primitives::SimpleValue;
 use ferrule_adapters::coap::{CoapAdapter, CoapConfig};
-use ferrule_adapters::{DeviceRegistry, Downstream};
-use ferrule_command_control::{BoxFuture, CommandRouter, RequestId, ViaCheck};
+use ferrule_adapters::Downstream;
+use ferrule_command_control::RequestId;
 use ferrule_messaging::message::data_message;
 use ferrule_messaging::{Broker, Consumer, Message, Outcome, SubscribeOptions};
 use support::MemoryRegistry;
 use tokio_util::sync::CancellationToken;
-
-struct Via(MemoryRegistry);
-
-impl ViaCheck for Via {
-    fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> BoxFuture<bool> {
-        let (registry, tenant, device, gateway) =
-            (self.0.clone(), tenant.to_owned(), device.to_owned(), gateway.to_owned());
-        Box::pin(async move {
-            registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok()
-        })
-    }
-}
 
 struct Setup {
     udp: SocketAddr,
@@ -52,9 +40,7 @@ async fn start() -> Setup {
         .psk("t1", "sensor1", "d1", b"secret1")
         .psk("t1", "gw1", "gw", b"gwsecret");
     registry.set_allow_unauthenticated("t1", true);
-    let broker = Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
-    let router = CommandRouter::new(broker.clone(), Arc::new(Via(registry.clone())));
-    router.install();
+    let (broker, router) = support::broker_with_commands(&registry);
     let events = broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
     events.add_credit(1000);
     let config = CoapConfig {

@@ -12,25 +12,12 @@ use std::time::Duration;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, MessageId, Properties};
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue};
 use ferrule_adapters::http::{HttpAdapter, HttpConfig};
-use ferrule_adapters::{DeviceRegistry, Downstream};
-use ferrule_command_control::{BoxFuture, CommandRouter, ViaCheck, DEFER_TTL_PROPERTY};
+use ferrule_adapters::Downstream;
+use ferrule_command_control::DEFER_TTL_PROPERTY;
 use ferrule_messaging::message::data_message;
 use ferrule_messaging::{Broker, Consumer, Message, Outcome, SubscribeOptions};
 use support::MemoryRegistry;
 use tokio_util::sync::CancellationToken;
-
-/// The router asks the registry whether a gateway may act for a device.
-struct Via(MemoryRegistry);
-
-impl ViaCheck for Via {
-    fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> BoxFuture<bool> {
-        let (registry, tenant, device, gateway) =
-            (self.0.clone(), tenant.to_owned(), device.to_owned(), gateway.to_owned());
-        Box::pin(async move {
-            registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok()
-        })
-    }
-}
 
 struct Setup {
     url: String,
@@ -51,9 +38,7 @@ async fn start() -> Setup {
     for i in 0..50 {
         registry = registry.device("t1", &format!("p{i}"), "pw");
     }
-    let broker = Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
-    let router = CommandRouter::new(broker.clone(), Arc::new(Via(registry.clone())));
-    router.install();
+    let (broker, router) = support::broker_with_commands(&registry);
     let events = broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
     events.add_credit(1000);
     let config = HttpConfig {

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use fe2o3_amqp::types::messaging::{Body, MessageId, Properties};
 use fe2o3_amqp::types::primitives::SimpleValue;
 use ferrule_adapters::mqtt::{self, MqttAdapter, MqttConfig};
-use ferrule_adapters::{DeviceRegistry, Downstream};
-use ferrule_command_control::{BoxFuture, CommandRouter, RequestId, ViaCheck};
+use ferrule_adapters::Downstream;
+use ferrule_command_control::RequestId;
 use ferrule_messaging::message::data_message;
 use ferrule_messaging::{Broker, Consumer, Delivery, Message, Outcome, SubscribeOptions};
 use raw_mqtt::RawClient;
@@ -26,19 +26,6 @@ use support::MemoryRegistry;
 use tokio_util::sync::CancellationToken;
 
 const EMPTY_NOTIFICATION: &str = "application/vnd.eclipse-hono-empty-notification";
-
-/// The router asks the registry whether a device lists a gateway in `via`.
-struct RegistryVia(MemoryRegistry);
-
-impl ViaCheck for RegistryVia {
-    fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> BoxFuture<bool> {
-        let registry = self.0.clone();
-        let (tenant, device, gateway) = (tenant.to_owned(), device.to_owned(), gateway.to_owned());
-        Box::pin(async move {
-            registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok()
-        })
-    }
-}
 
 struct Platform {
     addr: SocketAddr,
@@ -64,10 +51,7 @@ impl Platform {
         for i in 0..devices {
             registry = registry.device("t1", &format!("dev-{i}"), "pw");
         }
-        let broker =
-            Broker::in_memory(&ferrule_command_control::messaging_config(Default::default()));
-        let router = CommandRouter::new(broker.clone(), Arc::new(RegistryVia(registry.clone())));
-        router.install();
+        let (broker, router) = support::broker_with_commands(&registry);
         let shutdown = CancellationToken::new();
         let config = MqttConfig { listen: "127.0.0.1:0".parse().unwrap(), ..config };
         let adapter = mqtt::start_with_commands(

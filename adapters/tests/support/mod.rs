@@ -1,5 +1,6 @@
 //! Test support shared by the adapters' integration tests: a device registry held in
-//! memory (the real registry has its own tests; here only the adapters' decisions matter).
+//! memory that answers as the real one does (`src/wiring.rs` over the registry's
+//! `AuthService`: the same errors for the same cases), and a command router over it.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -157,11 +158,17 @@ impl DeviceRegistry for MemoryRegistry {
                 tokio::time::sleep(delay).await;
             }
             let device = self.check(tenant, device_id)?;
-            match gateway {
-                Some(gw) if !device.via.iter().any(|v| v == gw) => {
-                    Err(AuthError::GatewayNotAuthorized)
+            match gateway.filter(|gw| *gw != device_id) {
+                // As the registry: the gateway must exist, be enabled and be in `via`.
+                Some(gw) => {
+                    let gateway_ok = self.check(tenant, gw).is_ok();
+                    if gateway_ok && device.via.iter().any(|v| v == gw) {
+                        Ok(())
+                    } else {
+                        Err(AuthError::GatewayNotAuthorized)
+                    }
                 }
-                _ => Ok(()),
+                None => Ok(()),
             }
         })
     }
@@ -171,10 +178,10 @@ impl DeviceRegistry for MemoryRegistry {
         tenant: &'a str,
         _adapter: &'a str,
     ) -> BoxFuture<'a, Result<bool, AuthError>> {
+        // As the registry: an unknown tenant allows nothing.
         Box::pin(async move {
             let tenants = self.tenants.lock().unwrap();
-            let t = tenants.get(tenant).ok_or(AuthError::UnknownTenant)?;
-            Ok(t.enabled && t.allow_unauthenticated)
+            Ok(tenants.get(tenant).is_some_and(|t| t.enabled && t.allow_unauthenticated))
         })
     }
 
@@ -193,4 +200,33 @@ impl DeviceRegistry for MemoryRegistry {
             Ok((DeviceIdentity { tenant: tenant.into(), device_id, auth_id: auth_id.into() }, key))
         })
     }
+}
+
+/// The command router asks the registry whether a gateway may act for a device.
+impl ferrule_command_control::ViaCheck for MemoryRegistry {
+    fn gateway_may_act_for(
+        &self,
+        tenant: &str,
+        device: &str,
+        gateway: &str,
+    ) -> ferrule_command_control::BoxFuture<bool> {
+        let (registry, tenant, device, gateway) =
+            (self.clone(), tenant.to_owned(), device.to_owned(), gateway.to_owned());
+        Box::pin(async move {
+            registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok()
+        })
+    }
+}
+
+/// An in-memory broker with command & control's addresses, and a command router over it
+/// (installed) that checks gateways against `registry`.
+pub fn broker_with_commands(
+    registry: &MemoryRegistry,
+) -> (ferrule_messaging::Broker, ferrule_command_control::CommandRouter) {
+    let config = ferrule_command_control::messaging_config(Default::default());
+    let broker = ferrule_messaging::Broker::in_memory(&config);
+    let router =
+        ferrule_command_control::CommandRouter::new(broker.clone(), Arc::new(registry.clone()));
+    router.install();
+    (broker, router)
 }
