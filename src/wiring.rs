@@ -105,6 +105,14 @@ impl DeviceRegistry for RegistryDevices {
         )
     }
 
+    fn adapter_enabled<'a>(
+        &'a self,
+        tenant: &'a str,
+        adapter: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AuthError>> {
+        Box::pin(async move { self.0.adapter_enabled(tenant, adapter).await.map_err(map) })
+    }
+
     fn allows_unauthenticated<'a>(
         &'a self,
         tenant: &'a str,

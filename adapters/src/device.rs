@@ -79,6 +79,17 @@ pub trait DeviceRegistry: Send + Sync + 'static {
         gateway: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), AuthError>>;
 
+    /// Whether devices of `tenant` may use `adapter` at all (the tenant's `adapters` list;
+    /// without one, every adapter). A registry without adapter lists allows all.
+    fn adapter_enabled<'a>(
+        &'a self,
+        tenant: &'a str,
+        adapter: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AuthError>> {
+        let _ = (tenant, adapter);
+        Box::pin(async { Ok(true) })
+    }
+
     /// Whether `tenant` lets devices publish without authenticating on `adapter`.
     fn allows_unauthenticated<'a>(
         &'a self,

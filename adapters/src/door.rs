@@ -13,6 +13,8 @@
 //!   the device's own tenant.
 //! - An unauthenticated request must name tenant and device; the tenant must allow
 //!   unauthenticated devices on the adapter, and the device must exist and be enabled.
+//! - A tenant with an `adapters` list may use only the adapters it enables there: its
+//!   devices are refused (as for a disabled tenant) on the others.
 //! - A principal authenticated once for a long-lived session (an MQTT connection, a DTLS
 //!   session) is checked again on every request, so that disabling a device, a gateway or
 //!   a tenant cuts it off at its next publish. A principal authenticated per request
@@ -178,13 +180,14 @@ pub async fn authorize(
     standing: Standing,
 ) -> Result<(), Refused> {
     match target {
-        Target::Own { tenant, device } => match standing {
-            Standing::ThisRequest => Ok(()),
-            Standing::Session => registry
-                .authorize_device(tenant, device, None)
-                .await
-                .map_err(Refused::about_principal),
-        },
+        Target::Own { tenant, device } => {
+            if standing == Standing::Session {
+                registry
+                    .authorize_device(tenant, device, None)
+                    .await
+                    .map_err(Refused::about_principal)?;
+            }
+        }
         Target::ViaGateway { tenant, device, gateway } => {
             registry
                 .authorize_device(tenant, device, Some(gateway))
@@ -196,9 +199,9 @@ pub async fn authorize(
                     .await
                     .map_err(Refused::about_principal)?;
             }
-            Ok(())
         }
         Target::Unauthenticated { tenant, device } => {
+            // The tenant's permission names the adapter: nothing more to check for it.
             let allowed = registry
                 .allows_unauthenticated(tenant, adapter)
                 .await
@@ -209,9 +212,19 @@ pub async fn authorize(
                     principal_gone: false,
                 });
             }
-            registry.authorize_device(tenant, device, None).await.map_err(Refused::about_target)
+            return registry
+                .authorize_device(tenant, device, None)
+                .await
+                .map_err(Refused::about_target);
         }
     }
+    // The tenant may have switched this adapter off (its `adapters` list).
+    let enabled =
+        registry.adapter_enabled(target.tenant(), adapter).await.map_err(Refused::about_target)?;
+    if !enabled {
+        return Err(Refused::about_principal(AuthError::TenantDisabled));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -835,6 +835,33 @@ async fn a_device_disabled_while_connected_is_cut_off_even_with_an_error_subscri
 }
 
 #[tokio::test]
+async fn a_tenant_that_switched_mqtt_off_is_refused_at_connect_and_cut_off_when_connected() {
+    // Issue 17: a tenant's `adapters` list was never checked.
+    let s = start();
+    let mut consumer = s.consumer("telemetry/t1", 10);
+    let mut client = RawClient::connect(s.addr, "on", Some(("d1@t1", "pw1"))).await;
+    client.publish("t", b"while on", 1).await;
+    next(&mut consumer).await.settle(Outcome::Accepted);
+    assert_eq!(client.read_packet().await.map(|p| p.0 >> 4), Some(4), "PUBACK");
+    s.registry.set_adapter_enabled("t1", "hono-mqtt", false);
+    // Connected: the next publish ends the session (as for a disabled tenant).
+    client.publish("t", b"after", 2).await;
+    assert_eq!(client.read_packet().await, None, "closed without a PUBACK");
+    nothing(&mut consumer).await;
+    // A new connection is refused: CONNACK 0x05 (not authorised).
+    let run =
+        mosquitto_pub(s.addr, "mqttv311", &["-u", "d1@t1", "-P", "pw1", "-t", "t", "-m", "x"])
+            .await;
+    assert!(run.output.contains("received CONNACK (5)"), "{}", run.output);
+    assert_eq!(run.code, Some(5), "{}", run.output);
+    // Another tenant is not affected.
+    let run =
+        mosquitto_pub(s.addr, "mqttv311", &["-u", "d9@t2", "-P", "pw9", "-t", "t", "-m", "x"])
+            .await;
+    assert_eq!(run.code, Some(0), "{}", run.output);
+}
+
+#[tokio::test]
 async fn a_gateway_disabled_while_connected_is_cut_off_at_its_next_publish_for_a_device() {
     let s = start();
     let mut consumer = s.consumer("telemetry/t1", 10);

@@ -789,6 +789,22 @@ impl AuthService {
             .is_some_and(|t| t.enabled && t.allows_unauthenticated(adapter_type)))
     }
 
+    /// Whether devices of `tenant` may use `adapter_type` at all ([`Tenant::adapter_enabled`]);
+    /// `false` for an unknown tenant.
+    ///
+    /// # Errors
+    /// [`AuthError::Unavailable`] if the store fails.
+    pub async fn adapter_enabled(
+        &self,
+        tenant: &str,
+        adapter_type: &str,
+    ) -> Result<bool, AuthError> {
+        let Ok(t) = TenantId::new(tenant) else {
+            return Ok(false);
+        };
+        Ok(self.get_tenant(&t).await?.is_some_and(|t| t.adapter_enabled(adapter_type)))
+    }
+
     fn record_change(&self, change: &Change) {
         let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let now = Instant::now();

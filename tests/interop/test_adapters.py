@@ -235,3 +235,35 @@ def test_coap_client_psk_and_unauthenticated(provisioned):
     bodies = {bytes(expect_message(rcv, "d1", "hono-coap", 1).body) for _ in range(2)}
     assert bodies == {b"event", b"dtls event"}
     conn.close()
+
+
+# --- Tenant adapter lists (issue 17) -------------------------------------------------
+
+def test_a_tenant_adapter_list_is_enforced_on_every_adapter(platform):
+    """A tenant whose `adapters` list enables only HTTP: its device is accepted by curl
+    and refused by mosquitto_pub (CONNACK 5, not authorised) — before, every adapter took
+    it whatever the list said."""
+    reg = Registry(platform.registry_url, platform.registry_token)
+    reg.call("POST", "/v1/tenants/http-only", {"adapters": [{"type": "hono-http", "enabled": True}]})
+    reg.device("http-only", "d1", password="pw1")
+    # The application is tenant t1's in this platform; only the device's answers matter here.
+    res = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+               f"http://{http_host(platform)}/telemetry", "-u", "d1@http-only:pw1",
+               "-H", "content-type: text/plain", "-H", "QoS-Level: 0", "--data-binary", "hi"])
+    # 503: HTTP is enabled and the device authenticated; nobody consumes telemetry/http-only.
+    assert res.stdout in ("202", "503"), res
+    res = run(["mosquitto_pub", "-V", "mqttv311", "-h", "127.0.0.1", "-p", mqtt_port(platform),
+               "-u", "d1@http-only", "-P", "pw1", "-t", "telemetry", "-m", "x", "-d"])
+    assert "CONNACK (5)" in res.stdout + res.stderr, res
+    assert res.returncode == 5, res
+    # Switching MQTT on lets the same device in.
+    reg.call("PUT", "/v1/tenants/http-only", {"adapters": [{"type": "hono-http", "enabled": True},
+                                                          {"type": "hono-mqtt", "enabled": True}]})
+    deadline = time.time() + 5
+    while True:
+        res = run(["mosquitto_pub", "-V", "mqttv311", "-h", "127.0.0.1", "-p", mqtt_port(platform),
+                   "-u", "d1@http-only", "-P", "pw1", "-t", "telemetry", "-m", "x", "-q", "0"])
+        if res.returncode == 0 or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert res.returncode == 0, res

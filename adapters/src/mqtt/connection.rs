@@ -125,30 +125,31 @@ pub(super) async fn authenticate(
     password: Option<&[u8]>,
 ) -> Result<Principal, Refusal> {
     let source = peer_ip(io);
-    if let Some(cert) = client_certificate(io) {
-        let identity =
-            shared.registry.authenticate_certificate(&cert).await.map_err(Refusal::from)?;
-        return Ok(Principal::Device(identity));
-    }
-    match username.filter(|u| !u.is_empty()) {
-        None if password.is_none() => {
-            if shared.config.allow_unauthenticated {
-                Ok(Principal::Anonymous)
-            } else {
-                Err(Refusal::NotAuthorized)
+    let identity = if let Some(cert) = client_certificate(io) {
+        shared.registry.authenticate_certificate(&cert).await.map_err(Refusal::from)?
+    } else {
+        match username.filter(|u| !u.is_empty()) {
+            None if password.is_none() && shared.config.allow_unauthenticated => {
+                return Ok(Principal::Anonymous)
+            }
+            None if password.is_none() => return Err(Refusal::NotAuthorized),
+            None => return Err(Refusal::BadCredentials),
+            Some(username) => {
+                let (auth_id, tenant) =
+                    door::split_auth_id(username).ok_or(Refusal::BadCredentials)?;
+                shared
+                    .registry
+                    .authenticate_password(tenant, auth_id, password.unwrap_or_default(), source)
+                    .await
+                    .map_err(Refusal::from)?
             }
         }
-        None => Err(Refusal::BadCredentials),
-        Some(username) => {
-            let (auth_id, tenant) = door::split_auth_id(username).ok_or(Refusal::BadCredentials)?;
-            let identity = shared
-                .registry
-                .authenticate_password(tenant, auth_id, password.unwrap_or_default(), source)
-                .await
-                .map_err(Refusal::from)?;
-            Ok(Principal::Device(identity))
-        }
+    };
+    // A tenant may switch MQTT off in its `adapters` list.
+    if !shared.registry.adapter_enabled(&identity.tenant, ADAPTER).await.map_err(Refusal::from)? {
+        return Err(Refusal::NotAuthorized);
     }
+    Ok(Principal::Device(identity))
 }
 
 pub(super) async fn connect_v3(

@@ -18,6 +18,8 @@ pub struct Device {
 pub struct Tenant {
     pub enabled: bool,
     pub allow_unauthenticated: bool,
+    /// Adapters the tenant switched off (its `adapters` list).
+    pub disabled_adapters: Vec<String>,
     pub devices: HashMap<String, Device>,
     /// auth-id → (device-id, password)
     pub passwords: HashMap<String, (String, String)>,
@@ -44,6 +46,7 @@ impl MemoryRegistry {
             Tenant {
                 enabled: true,
                 allow_unauthenticated: false,
+                disabled_adapters: Vec::new(),
                 devices: HashMap::new(),
                 passwords: HashMap::new(),
                 psks: HashMap::new(),
@@ -102,6 +105,16 @@ impl MemoryRegistry {
 
     pub fn set_tenant_enabled(&self, tenant: &str, enabled: bool) {
         self.tenants.lock().unwrap().get_mut(tenant).unwrap().enabled = enabled;
+    }
+
+    /// Switches `adapter` (e.g. `hono-mqtt`) on or off for `tenant`.
+    pub fn set_adapter_enabled(&self, tenant: &str, adapter: &str, enabled: bool) {
+        let mut tenants = self.tenants.lock().unwrap();
+        let disabled = &mut tenants.get_mut(tenant).unwrap().disabled_adapters;
+        disabled.retain(|a| a != adapter);
+        if !enabled {
+            disabled.push(adapter.to_owned());
+        }
     }
 
     pub fn set_allow_unauthenticated(&self, tenant: &str, allow: bool) {
@@ -173,6 +186,19 @@ impl DeviceRegistry for MemoryRegistry {
         })
     }
 
+    fn adapter_enabled<'a>(
+        &'a self,
+        tenant: &'a str,
+        adapter: &'a str,
+    ) -> BoxFuture<'a, Result<bool, AuthError>> {
+        Box::pin(async move {
+            let tenants = self.tenants.lock().unwrap();
+            Ok(tenants
+                .get(tenant)
+                .is_some_and(|t| !t.disabled_adapters.iter().any(|a| a == adapter)))
+        })
+    }
+
     fn allows_unauthenticated<'a>(
         &'a self,
         tenant: &'a str,
@@ -181,7 +207,11 @@ impl DeviceRegistry for MemoryRegistry {
         // As the registry: an unknown tenant allows nothing.
         Box::pin(async move {
             let tenants = self.tenants.lock().unwrap();
-            Ok(tenants.get(tenant).is_some_and(|t| t.enabled && t.allow_unauthenticated))
+            Ok(tenants.get(tenant).is_some_and(|t| {
+                t.enabled
+                    && t.allow_unauthenticated
+                    && !t.disabled_adapters.iter().any(|a| a == _adapter)
+            }))
         })
     }
 
