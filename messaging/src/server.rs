@@ -59,7 +59,8 @@ pub struct AmqpServer {
     listener: TcpListener,
     tls: Option<(TcpListener, TlsAcceptor)>,
     broker: Broker,
-    authenticator: Arc<Authenticator>,
+    /// The pool application password checks run on; `None`: one of their own.
+    hash_pool: Option<ferrule_net::hashing::HashPool>,
     config: Arc<MessagingConfig>,
 }
 
@@ -77,20 +78,14 @@ impl AmqpServer {
         } else {
             None
         };
-        Ok(Self {
-            listener,
-            tls,
-            broker,
-            authenticator: Arc::new(Authenticator::new(&config.sasl)),
-            config: Arc::new(config.clone()),
-        })
+        Ok(Self { listener, tls, broker, hash_pool: None, config: Arc::new(config.clone()) })
     }
 
     /// Runs application password checks on `pool`, shared with the device registry, so
     /// that all password work in the process has one bound.
     #[must_use]
     pub fn with_hash_pool(mut self, pool: ferrule_net::hashing::HashPool) -> Self {
-        self.authenticator = Arc::new(Authenticator::with_pool(&self.config.sasl, pool));
+        self.hash_pool = Some(pool);
         self
     }
 
@@ -106,9 +101,14 @@ impl AmqpServer {
     /// Accepts connections until `shutdown`, then closes them and waits for their tasks.
     pub async fn run(self, shutdown: CancellationToken) {
         let tasks = TaskTracker::new();
+        // Built once, here: its decoy argon2 hash costs a hashing run.
+        let authenticator = Arc::new(match self.hash_pool {
+            Some(pool) => Authenticator::with_pool(&self.config.sasl, pool),
+            None => Authenticator::new(&self.config.sasl),
+        });
         let connection = ConnectionTask {
             broker: self.broker.clone(),
-            authenticator: self.authenticator.clone(),
+            authenticator,
             config: self.config.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
