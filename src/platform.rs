@@ -40,6 +40,16 @@ struct Tiers {
     maintenance: CancellationToken,
 }
 
+/// Dropped without a shutdown (a start that failed half-way, a test that ends), every
+/// tier is told to stop, so nothing that had started keeps running.
+impl Drop for Tiers {
+    fn drop(&mut self) {
+        for token in [&self.devices, &self.management, &self.applications, &self.maintenance] {
+            token.cancel();
+        }
+    }
+}
+
 impl Tiers {
     fn new() -> Self {
         Self {
@@ -80,7 +90,7 @@ impl Platform {
     ///
     /// # Errors
     /// A component that cannot start (bad configuration, a port in use, an unreadable
-    /// store); whatever had started is stopped again.
+    /// store); whatever had started is told to stop (its shutdown token is cancelled).
     pub async fn start(config: &Config) -> anyhow::Result<Platform> {
         let tiers = Tiers::new();
         let metrics = ops::install_recorder()?;
