@@ -57,3 +57,23 @@ pub mod fuzzing {
         }
     }
 }
+
+/// Helpers for the adapters' unit tests.
+#[cfg(test)]
+mod test_support {
+    use serde::de::DeserializeOwned;
+
+    /// Checks that `default_toml` (an adapter's `DEFAULT_TOML`) parses, that its
+    /// `[adapters.<name>]` section equals `default`, and that the section refuses unknown
+    /// keys.
+    pub(crate) fn assert_default_toml<T>(default_toml: &str, name: &str, default: &T)
+    where
+        T: DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let root: toml::Table = toml::from_str(default_toml).expect("DEFAULT_TOML parses");
+        let section = root["adapters"][name].clone();
+        let parsed: T = section.try_into().expect("the section is a valid config");
+        assert_eq!(&parsed, default, "DEFAULT_TOML says what Default does");
+        assert!(toml::from_str::<T>("no_such_key = 1").is_err(), "unknown keys are refused");
+    }
+}

@@ -143,24 +143,10 @@ impl CoapAdapter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde::Deserialize;
 
     #[test]
     fn default_toml_is_the_default_config() {
-        #[derive(Deserialize)]
-        struct File {
-            adapters: Adapters,
-        }
-        #[derive(Deserialize)]
-        struct Adapters {
-            coap: CoapConfig,
-        }
-        let file: File = toml::from_str(DEFAULT_TOML).expect("DEFAULT_TOML parses");
-        assert_eq!(file.adapters.coap, CoapConfig::default());
-        assert!(
-            toml::from_str::<CoapConfig>("no_such_key = 1").is_err(),
-            "unknown keys are refused"
-        );
+        crate::test_support::assert_default_toml(DEFAULT_TOML, "coap", &CoapConfig::default());
     }
 
     #[test]

@@ -618,16 +618,7 @@ mod tests {
 
     #[test]
     fn default_toml_is_the_default_config() {
-        #[derive(Deserialize)]
-        struct File {
-            adapters: Adapters,
-        }
-        #[derive(Deserialize)]
-        struct Adapters {
-            http: HttpConfig,
-        }
-        let file: File = toml::from_str(DEFAULT_TOML).expect("DEFAULT_TOML parses");
-        assert_eq!(file.adapters.http, HttpConfig::default());
+        crate::test_support::assert_default_toml(DEFAULT_TOML, "http", &HttpConfig::default());
     }
 
     #[test]

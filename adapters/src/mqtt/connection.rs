@@ -152,31 +152,62 @@ pub(super) async fn authenticate(
     Ok(Principal::Device(identity))
 }
 
+/// What the version-specific CONNECT handlers pass to [`admit`].
+struct ConnectRequest<'a> {
+    version: Version,
+    client_id: String,
+    has_will: bool,
+    /// MQTT 3.1.1 clean-session 0 (MQTT 5 asks with a session expiry instead, which the
+    /// CONNACK overrides).
+    persistent: bool,
+    username: Option<&'a str>,
+    password: Option<&'a [u8]>,
+}
+
+/// The CONNECT checks shared by both versions; a session for the admitted client.
+async fn admit(
+    shared: &Arc<Shared>,
+    io: &ntex_io::IoBoxed,
+    request: ConnectRequest<'_>,
+) -> Result<Session, Refusal> {
+    let admitted = if request.has_will {
+        Err(Refusal::WillNotSupported)
+    } else if request.persistent {
+        Err(Refusal::PersistentSession)
+    } else {
+        authenticate(shared, io, request.username, request.password).await
+    };
+    let client_id = request.client_id;
+    match admitted {
+        Ok(principal) => {
+            connected(shared, &principal, &client_id);
+            Ok(Session::new(principal, request.version, client_id))
+        }
+        Err(refusal) => {
+            let version = request.version;
+            tracing::debug!(client_id, ?version, reason = refusal.reason(), "CONNECT refused");
+            Err(refusal)
+        }
+    }
+}
+
 pub(super) async fn connect_v3(
     shared: &Arc<Shared>,
     connect: v3::Connect,
 ) -> Result<v3::ConnectAck<Session>, Close> {
     let packet = connect.packet();
-    let client_id = packet.client_id.to_string();
-    let refused = if packet.last_will.is_some() {
-        Err(Refusal::WillNotSupported)
-    } else if !packet.clean_session {
-        Err(Refusal::PersistentSession)
-    } else {
-        let (username, password) = (packet.username.as_deref(), packet.password.as_deref());
-        authenticate(shared, connect.io(), username, password).await
+    let request = ConnectRequest {
+        version: Version::V3_1_1,
+        client_id: packet.client_id.to_string(),
+        has_will: packet.last_will.is_some(),
+        persistent: !packet.clean_session,
+        username: packet.username.as_deref(),
+        password: packet.password.as_deref(),
     };
-    match refused {
-        Ok(principal) => {
-            connected(shared, &principal, &client_id);
-            let session = Session::new(principal, Version::V3_1_1, client_id);
-            Ok(connect.ack(session, false))
-        }
-        Err(refusal) => {
-            tracing::debug!(client_id, reason = refusal.reason(), "MQTT 3.1.1 CONNECT refused");
-            Ok(connect.failed(refusal.v3()))
-        }
-    }
+    Ok(match admit(shared, connect.io(), request).await {
+        Ok(session) => connect.ack(session, false),
+        Err(refusal) => connect.failed(refusal.v3()),
+    })
 }
 
 pub(super) async fn connect_v5(
@@ -184,36 +215,30 @@ pub(super) async fn connect_v5(
     connect: v5::Connect,
 ) -> Result<v5::ConnectAck<Session>, Close> {
     let packet = connect.packet();
-    let client_id = packet.client_id.to_string();
     let asks_for_session = packet.session_expiry_interval_secs > 0;
-    let refused = if packet.last_will.is_some() {
-        Err(Refusal::WillNotSupported)
-    } else {
-        let (username, password) = (packet.username.as_deref(), packet.password.as_deref());
-        authenticate(shared, connect.io(), username, password).await
+    let request = ConnectRequest {
+        version: Version::V5,
+        client_id: packet.client_id.to_string(),
+        has_will: packet.last_will.is_some(),
+        persistent: false,
+        username: packet.username.as_deref(),
+        password: packet.password.as_deref(),
     };
-    match refused {
-        Ok(principal) => {
-            connected(shared, &principal, &client_id);
-            let session = Session::new(principal, Version::V5, client_id);
-            Ok(connect.ack(session).with(|ack| {
-                ack.retain_available = false;
-                ack.shared_subscription_available = false;
-                ack.subscription_identifiers_available = false;
-                // MQTT 5 lets the server override the session expiry: no state is kept
-                // after the connection ends, and the client learns it here.
-                if asks_for_session {
-                    ack.session_expiry_interval_secs = Some(0);
-                }
-            }))
-        }
-        Err(refusal) => {
-            tracing::debug!(client_id, reason = refusal.reason(), "MQTT 5 CONNECT refused");
-            Ok(connect
-                .failed::<Session>(refusal.v5())
-                .with(|ack| ack.reason_string = Some(refusal.reason().into())))
-        }
-    }
+    Ok(match admit(shared, connect.io(), request).await {
+        Ok(session) => connect.ack(session).with(|ack| {
+            ack.retain_available = false;
+            ack.shared_subscription_available = false;
+            ack.subscription_identifiers_available = false;
+            // MQTT 5 lets the server override the session expiry: no state is kept after
+            // the connection ends, and the client learns it here.
+            if asks_for_session {
+                ack.session_expiry_interval_secs = Some(0);
+            }
+        }),
+        Err(refusal) => connect
+            .failed::<Session>(refusal.v5())
+            .with(|ack| ack.reason_string = Some(refusal.reason().into())),
+    })
 }
 
 // ---------------------------------------------------------------------------------------

@@ -224,20 +224,8 @@ pub fn parse_error_filter(filter: &str) -> Option<ErrorSubscription> {
         "e" => false,
         _ => return None,
     };
-    if tenant.contains(['+', '#']) || device.contains('#') {
-        return None;
-    }
-    let device = match *device {
-        "" => DeviceFilter::Own,
-        "+" => DeviceFilter::Any,
-        d if d.contains('+') => return None,
-        d => DeviceFilter::One(d.to_owned()),
-    };
-    Some(ErrorSubscription {
-        long,
-        tenant: (!tenant.is_empty()).then(|| (*tenant).to_owned()),
-        device,
-    })
+    let (tenant, device) = filter_scope(tenant, device)?;
+    Some(ErrorSubscription { long, tenant, device })
 }
 
 /// A parsed command subscription filter (`command/[TENANT]/[DEVICE]/req/#`, short
@@ -278,6 +266,22 @@ pub fn valid_command_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(['+', '#', '\0'])
 }
 
+/// The tenant and device levels of an error or command filter: the tenant named (or not)
+/// and whose messages the filter selects; `None` where a level holds a wildcard that Hono
+/// does not allow there (only a whole-level `+` for the device).
+fn filter_scope(tenant: &str, device: &str) -> Option<(Option<String>, DeviceFilter)> {
+    if tenant.contains(['+', '#']) || device.contains('#') {
+        return None;
+    }
+    let device = match device {
+        "" => DeviceFilter::Own,
+        "+" => DeviceFilter::Any,
+        d if d.contains('+') => return None,
+        d => DeviceFilter::One(d.to_owned()),
+    };
+    Some(((!tenant.is_empty()).then(|| tenant.to_owned()), device))
+}
+
 /// Parses a SUBSCRIBE topic filter; `None` if it is not a command filter.
 pub fn parse_command_filter(filter: &str) -> Option<CommandFilter> {
     let segments: Vec<&str> = filter.split('/').collect();
@@ -287,16 +291,8 @@ pub fn parse_command_filter(filter: &str) -> Option<CommandFilter> {
         ("c", "q") => false,
         _ => return None,
     };
-    if tenant.contains(['+', '#']) || device.contains('#') {
-        return None;
-    }
-    let device = match *device {
-        "" => DeviceFilter::Own,
-        "+" => DeviceFilter::Any,
-        d if d.contains('+') => return None,
-        d => DeviceFilter::One(d.to_owned()),
-    };
-    Some(CommandFilter { long, tenant: (!tenant.is_empty()).then(|| (*tenant).to_owned()), device })
+    let (tenant, device) = filter_scope(tenant, device)?;
+    Some(CommandFilter { long, tenant, device })
 }
 
 /// A device's answer to a command, from its topic.

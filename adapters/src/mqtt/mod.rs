@@ -178,22 +178,10 @@ pub fn start_with_commands(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde::Deserialize;
-
-    #[derive(Deserialize)]
-    struct Root {
-        adapters: Adapters,
-    }
-
-    #[derive(Deserialize)]
-    struct Adapters {
-        mqtt: MqttConfig,
-    }
 
     #[test]
     fn default_toml_is_the_default() {
-        let root: Root = toml::from_str(DEFAULT_TOML).expect("DEFAULT_TOML parses");
-        assert_eq!(root.adapters.mqtt, MqttConfig::default());
+        crate::test_support::assert_default_toml(DEFAULT_TOML, "mqtt", &MqttConfig::default());
     }
 
     #[test]
