@@ -227,6 +227,45 @@ pub async fn authorize(
     Ok(())
 }
 
+/// Why [`admit`] refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inadmissible {
+    /// The names in the request (see [`TargetError`]).
+    Target(TargetError),
+    /// The registry's checks (see [`authorize`]).
+    Refused(Refused),
+}
+
+impl Inadmissible {
+    /// The refusal as a registry answer, for adapters that do not tell them apart:
+    /// `None` when the request lacks an identity (no credentials, no names, or an
+    /// unauthenticated device its tenant does not allow).
+    pub fn auth_error(&self) -> Option<AuthError> {
+        match self {
+            Inadmissible::Target(TargetError::TenantMismatch) => Some(AuthError::TenantMismatch),
+            Inadmissible::Target(TargetError::IdentityRequired) => None,
+            Inadmissible::Refused(Refused { denied: Denied::Auth(e), .. }) => Some(e.clone()),
+            Inadmissible::Refused(Refused {
+                denied: Denied::UnauthenticatedNotAllowed, ..
+            }) => None,
+        }
+    }
+}
+
+/// [`Target::resolve`] then [`authorize`]: whom a request naming `tenant` and `device`
+/// from `principal` acts for, once the registry agreed.
+pub async fn admit(
+    registry: &dyn DeviceRegistry,
+    adapter: &str,
+    principal: Option<&DeviceIdentity>,
+    (tenant, device): (Option<&str>, Option<&str>),
+    standing: Standing,
+) -> Result<Target, Inadmissible> {
+    let target = Target::resolve(principal, tenant, device).map_err(Inadmissible::Target)?;
+    authorize(registry, adapter, &target, standing).await.map_err(Inadmissible::Refused)?;
+    Ok(target)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -546,18 +546,7 @@ mod tests {
     use fe2o3_amqp_types::performatives::Transfer;
     use fe2o3_amqp_types::primitives::{Binary, Value};
 
-    /// A list nested `depth` levels (list32 headers outermost first, list0 inside).
-    fn nested_lists(depth: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(depth * 9 + 1);
-        for level in 0..depth {
-            let inner = (depth - level - 1) * 9 + 1;
-            out.push(0xd0);
-            out.extend_from_slice(&(inner as u32 + 4).to_be_bytes());
-            out.extend_from_slice(&1u32.to_be_bytes());
-        }
-        out.push(0x45);
-        out
-    }
+    use crate::fuzzing::nested_lists;
 
     /// An amqp-value section (described, so one level) around `value`.
     fn amqp_value(value: &[u8]) -> Vec<u8> {

@@ -33,10 +33,25 @@ pub use sasl::{Authenticator, Identity};
 pub use server::{AmqpServer, ServerError};
 pub use store::StoreError;
 
-/// For the fuzz targets only (`fuzz/`, see `fuzz/README.md`): the AMQP frame guard, which
-/// is otherwise private, and the decoder it protects. Not part of the API.
+/// For the fuzz targets (`fuzz/`, see `fuzz/README.md`) and the hostile-input tests only:
+/// the AMQP frame guard, which is otherwise private, the decoder it protects and a
+/// hostile-input builder. Not part of the API.
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::guard::{scan, FrameChecker, FrameError, ScanError, MAX_DEPTH};
     pub use fe2o3_amqp;
+
+    /// An AMQP list nested `depth` levels (list32 headers outermost first, an empty list0
+    /// inside), built without recursion: the hostile input of the depth tests.
+    pub fn nested_lists(depth: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(depth * 9 + 1);
+        for level in 0..depth {
+            let inner = (depth - level - 1) * 9 + 1;
+            out.push(0xd0);
+            out.extend_from_slice(&(inner as u32 + 4).to_be_bytes());
+            out.extend_from_slice(&1u32.to_be_bytes());
+        }
+        out.push(0x45);
+        out
+    }
 }

@@ -233,14 +233,10 @@ impl ConnectionTask {
         };
         tracing::debug!(%peer, user = %identity.user, "application connected");
         let session_acceptor = SessionAcceptor::new();
-        loop {
-            let incoming = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                incoming = connection.next_incoming_session() => match incoming {
-                    Some(incoming) => incoming,
-                    None => break,
-                },
-            };
+        let shutdown = &self.shutdown;
+        while let Some(Some(incoming)) =
+            shutdown.run_until_cancelled(connection.next_incoming_session()).await
+        {
             match session_acceptor.accept_incoming_session(incoming, &mut connection).await {
                 Ok(session) => {
                     let this = self.clone();
@@ -275,14 +271,10 @@ impl ConnectionTask {
                 Some(source)
             })
             .build();
-        loop {
-            let attach = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                attach = session.next_incoming_attach() => match attach {
-                    Some(attach) => attach,
-                    None => break,
-                },
-            };
+        let shutdown = self.shutdown.clone();
+        while let Some(Some(attach)) =
+            shutdown.run_until_cancelled(session.next_incoming_attach()).await
+        {
             let plan = self.plan(&attach, &identity);
             let link = match link_acceptor.accept_incoming_attach(attach, &mut session).await {
                 Ok(link) => link,

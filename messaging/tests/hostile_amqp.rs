@@ -29,15 +29,7 @@ fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
 
 /// An amqp-value section holding a list nested `depth` levels deep, built iteratively.
 fn nested_value(depth: usize) -> Vec<u8> {
-    let mut out = vec![0x00, 0x53, 0x77];
-    for level in 0..depth {
-        let inner = (depth - level - 1) * 9 + 1;
-        out.push(0xd0);
-        out.extend_from_slice(&(inner as u32 + 4).to_be_bytes());
-        out.extend_from_slice(&1u32.to_be_bytes());
-    }
-    out.push(0x45);
-    out
+    [&[0x00, 0x53, 0x77][..], &ferrule_messaging::fuzzing::nested_lists(depth)].concat()
 }
 
 fn transfer(more: bool) -> Vec<u8> {

@@ -17,7 +17,7 @@ use super::config::{CoapConfig, ADAPTER};
 use super::dtls;
 use super::mapping::{self, MappingError};
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
-use crate::door::{self, Denied, Standing, Target, TargetError};
+use crate::door::{self, Standing};
 use crate::downstream::{Downstream, Upload, UploadError};
 use crate::poll::{self, Confirmation};
 
@@ -192,18 +192,11 @@ impl Shared {
             return Err(Failure::NoCredentials);
         }
         let (tenant, device) = target.unzip();
-        let target = Target::resolve(identity, tenant.as_deref(), device.as_deref()).map_err(
-            |e| match e {
-                TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
-                TargetError::IdentityRequired => Failure::NoCredentials,
-            },
-        )?;
-        door::authorize(self.registry.as_ref(), ADAPTER, &target, Standing::Session)
-            .await
-            .map_err(|refused| match refused.denied {
-                Denied::Auth(e) => Failure::Auth(e),
-                Denied::UnauthenticatedNotAllowed => Failure::NoCredentials,
-            })?;
+        let names = (tenant.as_deref(), device.as_deref());
+        let target =
+            door::admit(self.registry.as_ref(), ADAPTER, identity, names, Standing::Session)
+                .await
+                .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
         let via_gateway = target.via_gateway();
         let (tenant, device) = target.into_tenant_device();
         Ok((tenant, device, via_gateway))

@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use ferrule_command_control::{CommandRouter, RespondError};
 
 use crate::device::{AuthError, DeviceRegistry};
-use crate::door::{self, Denied, Standing, Target, TargetError};
+use crate::door::{self, Standing::ThisRequest};
 use crate::downstream::{Downstream, Qos, Upload, UploadError};
 use mapping::{MappingError, Resource};
 
@@ -479,19 +479,11 @@ async fn authorize(
         None => None,
     };
     let (tenant, device) = target.unzip();
+    let names = (tenant.as_deref(), device.as_deref());
     let target =
-        Target::resolve(identity.as_ref(), tenant.as_deref(), device.as_deref()).map_err(|e| {
-            match e {
-                TargetError::TenantMismatch => Failure::Auth(AuthError::TenantMismatch),
-                TargetError::IdentityRequired => Failure::NoCredentials,
-            }
-        })?;
-    door::authorize(state.registry.as_ref(), ADAPTER, &target, Standing::ThisRequest)
-        .await
-        .map_err(|refused| match refused.denied {
-            Denied::Auth(e) => Failure::Auth(e),
-            Denied::UnauthenticatedNotAllowed => Failure::NoCredentials,
-        })?;
+        door::admit(state.registry.as_ref(), ADAPTER, identity.as_ref(), names, ThisRequest)
+            .await
+            .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
     Ok(Principal {
         tenant: target.tenant().to_owned(),
         device_id: target.device().to_owned(),
