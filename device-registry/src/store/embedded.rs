@@ -6,16 +6,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
 
 use super::{
-    decode, encode, index_keys, version_matches, Change, RegistryStore, StoreError,
-    CHANGE_CHANNEL_CAPACITY,
+    be, corrupt, decode, index_keys, new_record, version_matches, Change, RegistryStore,
+    StoreError, CHANGE_CHANNEL_CAPACITY,
 };
-use crate::model::{
-    new_version, CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned,
-};
+use crate::model::{CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned};
 
 const TENANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("tenants");
 const DEVICES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("devices");
@@ -23,10 +24,6 @@ const CREDENTIALS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("
 /// (tenant, type, auth-id) -> device id.
 const CRED_INDEX: TableDefinition<(&str, &str, &str), &str> =
     TableDefinition::new("credentials_index");
-
-fn be(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
 
 /// redb-backed [`RegistryStore`].
 #[derive(Clone)]
@@ -61,22 +58,68 @@ impl EmbeddedStore {
         Ok(Self { db: Arc::new(db), changes })
     }
 
-    /// Runs `f` on a blocking thread with the database.
-    async fn blocking<R: Send + 'static>(
+    /// Runs `f` in a read transaction on a blocking thread.
+    async fn read<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database) -> Result<R, StoreError> + Send + 'static,
+        f: impl FnOnce(&ReadTransaction) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db)).await.map_err(be)?
+        tokio::task::spawn_blocking(move || f(&db.begin_read().map_err(be)?)).await.map_err(be)?
     }
 
-    fn announce(&self, c: Change) {
+    /// Runs `f` in a write transaction on a blocking thread and commits it if `f` succeeds;
+    /// then announces `change`.
+    async fn write(
+        &self,
+        change: Change,
+        f: impl FnOnce(&WriteTransaction) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_write().map_err(be)?;
+            f(&txn)?;
+            txn.commit().map_err(be)
+        })
+        .await
+        .map_err(be)??;
         // No receivers is fine: nobody caches yet.
-        let _ = self.changes.send(c);
+        let _ = self.changes.send(change);
+        Ok(())
     }
 }
 
-fn remove_device_in(txn: &redb::WriteTransaction, t: &str, d: &str) -> Result<bool, StoreError> {
+/// The decoded record at `key`, if any.
+fn get<K: redb::Key + 'static, T: DeserializeOwned>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    key: K::SelfType<'_>,
+) -> Result<Option<T>, StoreError> {
+    table.get(key).map_err(be)?.map(|v| decode(v.value())).transpose()
+}
+
+/// The record at `key` if it exists (else `NotFound(what)`) and `if_match` accepts its
+/// version (else `VersionMismatch`).
+fn current<K: redb::Key + 'static, T: DeserializeOwned>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    key: K::SelfType<'_>,
+    if_match: Option<&str>,
+    what: &'static str,
+) -> Result<Versioned<T>, StoreError> {
+    let cur: Versioned<T> = get(table, key)?.ok_or(StoreError::NotFound(what))?;
+    if !version_matches(if_match, &cur.version) {
+        return Err(StoreError::VersionMismatch);
+    }
+    Ok(cur)
+}
+
+fn tenant_exists(txn: &WriteTransaction, t: &str) -> Result<(), StoreError> {
+    let tenants = txn.open_table(TENANTS).map_err(be)?;
+    if tenants.get(t).map_err(be)?.is_none() {
+        return Err(StoreError::NotFound("tenant"));
+    }
+    Ok(())
+}
+
+fn remove_device_in(txn: &WriteTransaction, t: &str, d: &str) -> Result<bool, StoreError> {
     let mut devices = txn.open_table(DEVICES).map_err(be)?;
     let existed = devices.remove((t, d)).map_err(be)?.is_some();
     let mut creds = txn.open_table(CREDENTIALS).map_err(be)?;
@@ -91,10 +134,10 @@ fn remove_device_in(txn: &redb::WriteTransaction, t: &str, d: &str) -> Result<bo
     Ok(existed)
 }
 
-fn device_ids_of(txn: &redb::WriteTransaction, t: &str) -> Result<Vec<String>, StoreError> {
-    let devices = txn.open_table(DEVICES).map_err(be)?;
+/// Removes every device (and its credentials) of tenant `t`.
+fn remove_devices_of(txn: &WriteTransaction, t: &str) -> Result<(), StoreError> {
     let mut ids = Vec::new();
-    for entry in devices.range((t, "")..).map_err(be)? {
+    for entry in txn.open_table(DEVICES).map_err(be)?.range((t, "")..).map_err(be)? {
         let (k, _) = entry.map_err(be)?;
         let (kt, kd) = k.value();
         if kt != t {
@@ -102,39 +145,32 @@ fn device_ids_of(txn: &redb::WriteTransaction, t: &str) -> Result<Vec<String>, S
         }
         ids.push(kd.to_owned());
     }
-    Ok(ids)
+    for d in ids {
+        remove_device_in(txn, t, &d)?;
+    }
+    Ok(())
 }
 
 #[async_trait]
 impl RegistryStore for EmbeddedStore {
     async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: tenant.clone() })?;
+        let (version, rec) = new_record(tenant)?;
         let key = id.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(be)?;
-            {
-                let mut t = txn.open_table(TENANTS).map_err(be)?;
-                if t.get(key.as_str()).map_err(be)?.is_some() {
-                    return Err(StoreError::AlreadyExists("tenant"));
-                }
-                t.insert(key.as_str(), rec.as_slice()).map_err(be)?;
+        self.write(Change::Tenant(id.clone()), move |txn| {
+            let mut t = txn.open_table(TENANTS).map_err(be)?;
+            if t.get(key.as_str()).map_err(be)?.is_some() {
+                return Err(StoreError::AlreadyExists("tenant"));
             }
-            txn.commit().map_err(be)
+            t.insert(key.as_str(), rec.as_slice()).map_err(be)?;
+            Ok(())
         })
         .await?;
-        self.announce(Change::Tenant(id.clone()));
         Ok(version)
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Versioned<Tenant>>, StoreError> {
         let key = id.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(be)?;
-            let t = txn.open_table(TENANTS).map_err(be)?;
-            t.get(key.as_str()).map_err(be)?.map(|v| decode(v.value())).transpose()
-        })
-        .await
+        self.read(move |txn| get(&txn.open_table(TENANTS).map_err(be)?, key.as_str())).await
     }
 
     async fn update_tenant(
@@ -143,66 +179,35 @@ impl RegistryStore for EmbeddedStore {
         tenant: &Tenant,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: tenant.clone() })?;
-        let key = id.to_string();
-        let if_match = if_match.map(str::to_owned);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(be)?;
-            {
-                let mut t = txn.open_table(TENANTS).map_err(be)?;
-                let cur: Versioned<Tenant> = match t.get(key.as_str()).map_err(be)? {
-                    Some(v) => decode(v.value())?,
-                    None => return Err(StoreError::NotFound("tenant")),
-                };
-                if !version_matches(if_match.as_deref(), &cur.version) {
-                    return Err(StoreError::VersionMismatch);
-                }
-                t.insert(key.as_str(), rec.as_slice()).map_err(be)?;
-            }
-            txn.commit().map_err(be)
+        let (version, rec) = new_record(tenant)?;
+        let (key, if_match) = (id.to_string(), if_match.map(str::to_owned));
+        self.write(Change::Tenant(id.clone()), move |txn| {
+            let mut t = txn.open_table(TENANTS).map_err(be)?;
+            current::<_, Tenant>(&t, key.as_str(), if_match.as_deref(), "tenant")?;
+            t.insert(key.as_str(), rec.as_slice()).map_err(be)?;
+            Ok(())
         })
         .await?;
-        self.announce(Change::Tenant(id.clone()));
         Ok(version)
     }
 
     async fn delete_tenant(&self, id: &TenantId, if_match: Option<&str>) -> Result<(), StoreError> {
-        let key = id.to_string();
-        let if_match = if_match.map(str::to_owned);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(be)?;
-            {
-                let mut t = txn.open_table(TENANTS).map_err(be)?;
-                let cur: Versioned<Tenant> = match t.get(key.as_str()).map_err(be)? {
-                    Some(v) => decode(v.value())?,
-                    None => return Err(StoreError::NotFound("tenant")),
-                };
-                if !version_matches(if_match.as_deref(), &cur.version) {
-                    return Err(StoreError::VersionMismatch);
-                }
-                t.remove(key.as_str()).map_err(be)?;
-            }
-            for d in device_ids_of(&txn, &key)? {
-                remove_device_in(&txn, &key, &d)?;
-            }
-            txn.commit().map_err(be)
+        let (key, if_match) = (id.to_string(), if_match.map(str::to_owned));
+        self.write(Change::Tenant(id.clone()), move |txn| {
+            let mut t = txn.open_table(TENANTS).map_err(be)?;
+            current::<_, Tenant>(&t, key.as_str(), if_match.as_deref(), "tenant")?;
+            t.remove(key.as_str()).map_err(be)?;
+            remove_devices_of(txn, &key)
         })
-        .await?;
-        self.announce(Change::Tenant(id.clone()));
-        Ok(())
+        .await
     }
 
     async fn list_tenants(&self) -> Result<Vec<(TenantId, Versioned<Tenant>)>, StoreError> {
-        self.blocking(|db| {
-            let txn = db.begin_read().map_err(be)?;
-            let t = txn.open_table(TENANTS).map_err(be)?;
+        self.read(|txn| {
             let mut out = Vec::new();
-            for entry in t.iter().map_err(be)? {
+            for entry in txn.open_table(TENANTS).map_err(be)?.iter().map_err(be)? {
                 let (k, v) = entry.map_err(be)?;
-                let id =
-                    TenantId::new(k.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                out.push((id, decode(v.value())?));
+                out.push((TenantId::new(k.value()).map_err(corrupt)?, decode(v.value())?));
             }
             Ok(out)
         })
@@ -215,30 +220,21 @@ impl RegistryStore for EmbeddedStore {
         id: &DeviceId,
         device: &Device,
     ) -> Result<String, StoreError> {
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: device.clone() })?;
-        let creds =
-            encode(&Versioned { version: new_version(), value: Vec::<Credentials>::new() })?;
+        let (version, rec) = new_record(device)?;
+        let (_, creds) = new_record(&Vec::<Credentials>::new())?;
         let (t, d) = (tenant.to_string(), id.to_string());
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(be)?;
-            {
-                let tenants = txn.open_table(TENANTS).map_err(be)?;
-                if tenants.get(t.as_str()).map_err(be)?.is_none() {
-                    return Err(StoreError::NotFound("tenant"));
-                }
-                let mut devices = txn.open_table(DEVICES).map_err(be)?;
-                if devices.get((t.as_str(), d.as_str())).map_err(be)?.is_some() {
-                    return Err(StoreError::AlreadyExists("device"));
-                }
-                devices.insert((t.as_str(), d.as_str()), rec.as_slice()).map_err(be)?;
-                let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
-                c.insert((t.as_str(), d.as_str()), creds.as_slice()).map_err(be)?;
+        self.write(Change::Device(tenant.clone(), id.clone()), move |txn| {
+            tenant_exists(txn, &t)?;
+            let mut devices = txn.open_table(DEVICES).map_err(be)?;
+            if devices.get((t.as_str(), d.as_str())).map_err(be)?.is_some() {
+                return Err(StoreError::AlreadyExists("device"));
             }
-            txn.commit().map_err(be)
+            devices.insert((t.as_str(), d.as_str()), rec.as_slice()).map_err(be)?;
+            let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
+            c.insert((t.as_str(), d.as_str()), creds.as_slice()).map_err(be)?;
+            Ok(())
         })
         .await?;
-        self.announce(Change::Device(tenant.clone(), id.clone()));
         Ok(version)
     }
 
@@ -248,16 +244,8 @@ impl RegistryStore for EmbeddedStore {
         id: &DeviceId,
     ) -> Result<Option<Versioned<Device>>, StoreError> {
         let (t, d) = (tenant.to_string(), id.to_string());
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(be)?;
-            let devices = txn.open_table(DEVICES).map_err(be)?;
-            devices
-                .get((t.as_str(), d.as_str()))
-                .map_err(be)?
-                .map(|v| decode(v.value()))
-                .transpose()
-        })
-        .await
+        self.read(move |txn| get(&txn.open_table(DEVICES).map_err(be)?, (t.as_str(), d.as_str())))
+            .await
     }
 
     async fn update_device(
@@ -267,28 +255,17 @@ impl RegistryStore for EmbeddedStore {
         device: &Device,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: device.clone() })?;
+        let (version, rec) = new_record(device)?;
         let (t, d) = (tenant.to_string(), id.to_string());
         let if_match = if_match.map(str::to_owned);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(be)?;
-            {
-                let mut devices = txn.open_table(DEVICES).map_err(be)?;
-                let cur: Versioned<Device> =
-                    match devices.get((t.as_str(), d.as_str())).map_err(be)? {
-                        Some(v) => decode(v.value())?,
-                        None => return Err(StoreError::NotFound("device")),
-                    };
-                if !version_matches(if_match.as_deref(), &cur.version) {
-                    return Err(StoreError::VersionMismatch);
-                }
-                devices.insert((t.as_str(), d.as_str()), rec.as_slice()).map_err(be)?;
-            }
-            txn.commit().map_err(be)
+        self.write(Change::Device(tenant.clone(), id.clone()), move |txn| {
+            let mut devices = txn.open_table(DEVICES).map_err(be)?;
+            let key = (t.as_str(), d.as_str());
+            current::<_, Device>(&devices, key, if_match.as_deref(), "device")?;
+            devices.insert(key, rec.as_slice()).map_err(be)?;
+            Ok(())
         })
         .await?;
-        self.announce(Change::Device(tenant.clone(), id.clone()));
         Ok(version)
     }
 
@@ -300,25 +277,19 @@ impl RegistryStore for EmbeddedStore {
     ) -> Result<(), StoreError> {
         let (t, d) = (tenant.to_string(), id.to_string());
         let if_match = if_match.map(str::to_owned);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(be)?;
-            {
-                let devices = txn.open_table(DEVICES).map_err(be)?;
-                let cur: Versioned<Device> =
-                    match devices.get((t.as_str(), d.as_str())).map_err(be)? {
-                        Some(v) => decode(v.value())?,
-                        None => return Err(StoreError::NotFound("device")),
-                    };
-                if !version_matches(if_match.as_deref(), &cur.version) {
-                    return Err(StoreError::VersionMismatch);
-                }
-            }
-            remove_device_in(&txn, &t, &d)?;
-            txn.commit().map_err(be)
+        self.write(Change::Device(tenant.clone(), id.clone()), move |txn| {
+            let devices = txn.open_table(DEVICES).map_err(be)?;
+            current::<_, Device>(
+                &devices,
+                (t.as_str(), d.as_str()),
+                if_match.as_deref(),
+                "device",
+            )?;
+            drop(devices); // `remove_device_in` opens it again.
+            remove_device_in(txn, &t, &d)?;
+            Ok(())
         })
-        .await?;
-        self.announce(Change::Device(tenant.clone(), id.clone()));
-        Ok(())
+        .await
     }
 
     async fn list_devices(
@@ -326,18 +297,17 @@ impl RegistryStore for EmbeddedStore {
         tenant: &TenantId,
     ) -> Result<Vec<(DeviceId, Versioned<Device>)>, StoreError> {
         let t = tenant.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(be)?;
-            let devices = txn.open_table(DEVICES).map_err(be)?;
+        self.read(move |txn| {
             let mut out = Vec::new();
-            for entry in devices.range((t.as_str(), "")..).map_err(be)? {
+            for entry in
+                txn.open_table(DEVICES).map_err(be)?.range((t.as_str(), "")..).map_err(be)?
+            {
                 let (k, v) = entry.map_err(be)?;
                 let (kt, kd) = k.value();
                 if kt != t {
                     break;
                 }
-                let id = DeviceId::new(kd).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                out.push((id, decode(v.value())?));
+                out.push((DeviceId::new(kd).map_err(corrupt)?, decode(v.value())?));
             }
             Ok(out)
         })
@@ -346,22 +316,11 @@ impl RegistryStore for EmbeddedStore {
 
     async fn delete_devices_of_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
         let t = tenant.to_string();
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(be)?;
-            {
-                let tenants = txn.open_table(TENANTS).map_err(be)?;
-                if tenants.get(t.as_str()).map_err(be)?.is_none() {
-                    return Err(StoreError::NotFound("tenant"));
-                }
-            }
-            for d in device_ids_of(&txn, &t)? {
-                remove_device_in(&txn, &t, &d)?;
-            }
-            txn.commit().map_err(be)
+        self.write(Change::Tenant(tenant.clone()), move |txn| {
+            tenant_exists(txn, &t)?;
+            remove_devices_of(txn, &t)
         })
-        .await?;
-        self.announce(Change::Tenant(tenant.clone()));
-        Ok(())
+        .await
     }
 
     async fn get_credentials(
@@ -370,10 +329,8 @@ impl RegistryStore for EmbeddedStore {
         device: &DeviceId,
     ) -> Result<Option<Versioned<Vec<Credentials>>>, StoreError> {
         let (t, d) = (tenant.to_string(), device.to_string());
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(be)?;
-            let c = txn.open_table(CREDENTIALS).map_err(be)?;
-            c.get((t.as_str(), d.as_str())).map_err(be)?.map(|v| decode(v.value())).transpose()
+        self.read(move |txn| {
+            get(&txn.open_table(CREDENTIALS).map_err(be)?, (t.as_str(), d.as_str()))
         })
         .await
     }
@@ -386,48 +343,35 @@ impl RegistryStore for EmbeddedStore {
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
         let keys = index_keys(credentials)?;
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: credentials.to_vec() })?;
+        let (version, rec) = new_record(&credentials)?;
         let (t, d) = (tenant.to_string(), device.to_string());
         let if_match = if_match.map(str::to_owned);
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(be)?;
-            {
-                let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
-                let cur: Versioned<Vec<Credentials>> =
-                    match c.get((t.as_str(), d.as_str())).map_err(be)? {
-                        Some(v) => decode(v.value())?,
-                        None => return Err(StoreError::NotFound("device")),
-                    };
-                if !version_matches(if_match.as_deref(), &cur.version) {
-                    return Err(StoreError::VersionMismatch);
-                }
-                let mut idx = txn.open_table(CRED_INDEX).map_err(be)?;
-                for (ty, auth_id) in &keys {
-                    if let Some(owner) =
-                        idx.get((t.as_str(), ty.as_str(), auth_id.as_str())).map_err(be)?
-                    {
-                        if owner.value() != d {
-                            return Err(StoreError::Conflict(format!(
-                                "{ty} credentials with this auth-id belong to another device"
-                            )));
-                        }
+        self.write(Change::Device(tenant.clone(), device.clone()), move |txn| {
+            let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
+            let key = (t.as_str(), d.as_str());
+            let cur: Versioned<Vec<Credentials>> = current(&c, key, if_match.as_deref(), "device")?;
+            let mut idx = txn.open_table(CRED_INDEX).map_err(be)?;
+            for (ty, auth_id) in &keys {
+                if let Some(owner) =
+                    idx.get((t.as_str(), ty.as_str(), auth_id.as_str())).map_err(be)?
+                {
+                    if owner.value() != d {
+                        return Err(StoreError::Conflict(format!(
+                            "{ty} credentials with this auth-id belong to another device"
+                        )));
                     }
                 }
-                for old in &cur.value {
-                    idx.remove((t.as_str(), old.cred_type().as_str(), old.auth_id()))
-                        .map_err(be)?;
-                }
-                for (ty, auth_id) in &keys {
-                    idx.insert((t.as_str(), ty.as_str(), auth_id.as_str()), d.as_str())
-                        .map_err(be)?;
-                }
-                c.insert((t.as_str(), d.as_str()), rec.as_slice()).map_err(be)?;
             }
-            txn.commit().map_err(be)
+            for old in &cur.value {
+                idx.remove((t.as_str(), old.cred_type().as_str(), old.auth_id())).map_err(be)?;
+            }
+            for (ty, auth_id) in &keys {
+                idx.insert((t.as_str(), ty.as_str(), auth_id.as_str()), d.as_str()).map_err(be)?;
+            }
+            c.insert(key, rec.as_slice()).map_err(be)?;
+            Ok(())
         })
         .await?;
-        self.announce(Change::Device(tenant.clone(), device.clone()));
         Ok(version)
     }
 
@@ -438,8 +382,7 @@ impl RegistryStore for EmbeddedStore {
         auth_id: &str,
     ) -> Result<Option<(DeviceId, Credentials)>, StoreError> {
         let (t, a) = (tenant.to_string(), auth_id.to_owned());
-        self.blocking(move |db| {
-            let txn = db.begin_read().map_err(be)?;
+        self.read(move |txn| {
             let idx = txn.open_table(CRED_INDEX).map_err(be)?;
             let Some(dev) = idx.get((t.as_str(), cred_type.as_str(), a.as_str())).map_err(be)?
             else {
@@ -447,13 +390,13 @@ impl RegistryStore for EmbeddedStore {
             };
             let dev = dev.value().to_owned();
             let c = txn.open_table(CREDENTIALS).map_err(be)?;
-            let Some(rec) = c.get((t.as_str(), dev.as_str())).map_err(be)? else {
+            let Some(set) = get::<_, Versioned<Vec<Credentials>>>(&c, (t.as_str(), dev.as_str()))?
+            else {
                 return Ok(None);
             };
-            let set: Versioned<Vec<Credentials>> = decode(rec.value())?;
             let found =
                 set.value.into_iter().find(|c| c.cred_type() == cred_type && c.auth_id() == a);
-            let id = DeviceId::new(dev).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let id = DeviceId::new(dev).map_err(corrupt)?;
             Ok(found.map(|c| (id, c)))
         })
         .await

@@ -15,7 +15,10 @@ pub use redis::RedisStore;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use crate::model::{CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned};
+use crate::model::{
+    new_version, CredentialType, Credentials, Device, DeviceId, IdError, Tenant, TenantId,
+    Versioned,
+};
 
 /// Storage failures, mapped to HTTP statuses in one place (`api`).
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +151,23 @@ pub fn version_matches(if_match: Option<&str>, current: &str) -> bool {
         let tag = tag.strip_prefix("W/").unwrap_or(tag);
         tag == "*" || tag.trim_matches('"') == current
     })
+}
+
+/// A [`StoreError::Backend`] from the backend's error.
+pub(crate) fn be(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// A [`StoreError::Corrupt`] for a stored key that is not a valid id.
+pub(crate) fn corrupt(e: IdError) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+/// A new version for `value` and the record to store: the encoded [`Versioned`].
+pub(crate) fn new_record<T: serde::Serialize>(value: &T) -> Result<(String, Vec<u8>), StoreError> {
+    let version = new_version();
+    let rec = encode(&Versioned { version: version.clone(), value })?;
+    Ok((version, rec))
 }
 
 pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {

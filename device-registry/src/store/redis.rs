@@ -19,20 +19,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, Script, ScriptInvocation};
+use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    decode, encode, index_keys, Change, RegistryStore, StoreError, CHANGE_CHANNEL_CAPACITY,
+    be, corrupt, decode, index_keys, new_record, Change, RegistryStore, StoreError,
+    CHANGE_CHANNEL_CAPACITY,
 };
-use crate::model::{
-    new_version, CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned,
-};
-
-fn be(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
-}
+use crate::model::{CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned};
 
 /// Shared by every script: does the record `cur` (JSON with a `version`) match `want`
 /// (empty: anything; else space-separated accepted versions, `*` = any)?
@@ -248,12 +244,43 @@ impl RedisStore {
         format!("{}:{kind}:{tenant}", self.inner.prefix)
     }
 
+    /// The keys of `tenant` for each of `kinds`, in order.
+    fn keys(&self, tenant: &TenantId, kinds: &[&str]) -> Vec<String> {
+        kinds.iter().map(|kind| self.key(kind, tenant)).collect()
+    }
+
     fn tenants_key(&self) -> String {
         format!("{}:tenants", self.inner.prefix)
     }
 
     fn conn(&self) -> ConnectionManager {
         self.inner.conn.clone()
+    }
+
+    /// The record of `device` in the `kind` hash of `tenant`, decoded.
+    async fn hget_record<T: DeserializeOwned>(
+        &self,
+        kind: &str,
+        tenant: &TenantId,
+        device: &DeviceId,
+    ) -> Result<Option<T>, StoreError> {
+        let v: Option<Vec<u8>> =
+            self.conn().hget(self.key(kind, tenant), device.as_str()).await.map_err(be)?;
+        v.map(|b| decode(&b)).transpose()
+    }
+
+    /// Runs a write script (keys and arguments added), maps its result (`what` names the
+    /// resource in errors) and announces `change`.
+    async fn write(
+        &self,
+        script: &ScriptInvocation<'_>,
+        what: &'static str,
+        change: Change,
+    ) -> Result<(), StoreError> {
+        let r: String = script.invoke_async(&mut self.conn()).await.map_err(be)?;
+        outcome(&r, what)?;
+        self.announce(change).await;
+        Ok(())
     }
 
     /// Tells this instance's subscribers at once and other instances via pub/sub.
@@ -324,21 +351,10 @@ async fn relay_changes(
 #[async_trait]
 impl RegistryStore for RedisStore {
     async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: tenant.clone() })?;
-        let r: String = self
-            .inner
-            .scripts
-            .create_tenant
-            .key(self.key("t", id))
-            .key(self.tenants_key())
-            .arg(id.as_str())
-            .arg(rec)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(be)?;
-        outcome(&r, "tenant")?;
-        self.announce(Change::Tenant(id.clone())).await;
+        let (version, rec) = new_record(tenant)?;
+        let mut script = self.inner.scripts.create_tenant.key(self.key("t", id));
+        script.key(self.tenants_key()).arg(id.as_str()).arg(rec);
+        self.write(&script, "tenant", Change::Tenant(id.clone())).await?;
         Ok(version)
     }
 
@@ -353,41 +369,18 @@ impl RegistryStore for RedisStore {
         tenant: &Tenant,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: tenant.clone() })?;
-        let r: String = self
-            .inner
-            .scripts
-            .update_tenant
-            .key(self.key("t", id))
-            .arg(want(if_match))
-            .arg(rec)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(be)?;
-        outcome(&r, "tenant")?;
-        self.announce(Change::Tenant(id.clone())).await;
+        let (version, rec) = new_record(tenant)?;
+        let mut script = self.inner.scripts.update_tenant.key(self.key("t", id));
+        script.arg(want(if_match)).arg(rec);
+        self.write(&script, "tenant", Change::Tenant(id.clone())).await?;
         Ok(version)
     }
 
     async fn delete_tenant(&self, id: &TenantId, if_match: Option<&str>) -> Result<(), StoreError> {
-        let r: String = self
-            .inner
-            .scripts
-            .delete_tenant
-            .key(self.key("t", id))
-            .key(self.tenants_key())
-            .key(self.key("d", id))
-            .key(self.key("c", id))
-            .key(self.key("i", id))
-            .arg(want(if_match))
-            .arg(id.as_str())
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(be)?;
-        outcome(&r, "tenant")?;
-        self.announce(Change::Tenant(id.clone())).await;
-        Ok(())
+        let mut script = self.inner.scripts.delete_tenant.key(self.key("t", id));
+        script.key(self.tenants_key()).key(self.keys(id, &["d", "c", "i"]));
+        script.arg(want(if_match)).arg(id.as_str());
+        self.write(&script, "tenant", Change::Tenant(id.clone())).await
     }
 
     async fn list_tenants(&self) -> Result<Vec<(TenantId, Versioned<Tenant>)>, StoreError> {
@@ -401,7 +394,7 @@ impl RegistryStore for RedisStore {
         for chunk in ids.chunks(500) {
             let tids: Vec<TenantId> = chunk
                 .iter()
-                .map(|i| TenantId::new(i.as_str()).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .map(|i| TenantId::new(i.as_str()).map_err(corrupt))
                 .collect::<Result<_, _>>()?;
             let keys: Vec<String> = tids.iter().map(|t| self.key("t", t)).collect();
             let vals: Vec<Option<Vec<u8>>> =
@@ -422,25 +415,11 @@ impl RegistryStore for RedisStore {
         id: &DeviceId,
         device: &Device,
     ) -> Result<String, StoreError> {
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: device.clone() })?;
-        let creds =
-            encode(&Versioned { version: new_version(), value: Vec::<Credentials>::new() })?;
-        let r: String = self
-            .inner
-            .scripts
-            .create_device
-            .key(self.key("t", tenant))
-            .key(self.key("d", tenant))
-            .key(self.key("c", tenant))
-            .arg(id.as_str())
-            .arg(rec)
-            .arg(creds)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(be)?;
-        outcome(&r, "device")?;
-        self.announce(Change::Device(tenant.clone(), id.clone())).await;
+        let (version, rec) = new_record(device)?;
+        let (_, creds) = new_record(&Vec::<Credentials>::new())?;
+        let mut script = self.inner.scripts.create_device.key(self.keys(tenant, &["t", "d", "c"]));
+        script.arg(id.as_str()).arg(rec).arg(creds);
+        self.write(&script, "device", Change::Device(tenant.clone(), id.clone())).await?;
         Ok(version)
     }
 
@@ -449,9 +428,7 @@ impl RegistryStore for RedisStore {
         tenant: &TenantId,
         id: &DeviceId,
     ) -> Result<Option<Versioned<Device>>, StoreError> {
-        let v: Option<Vec<u8>> =
-            self.conn().hget(self.key("d", tenant), id.as_str()).await.map_err(be)?;
-        v.map(|b| decode(&b)).transpose()
+        self.hget_record("d", tenant, id).await
     }
 
     async fn update_device(
@@ -461,21 +438,10 @@ impl RegistryStore for RedisStore {
         device: &Device,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: device.clone() })?;
-        let r: String = self
-            .inner
-            .scripts
-            .update_device
-            .key(self.key("d", tenant))
-            .arg(id.as_str())
-            .arg(want(if_match))
-            .arg(rec)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(be)?;
-        outcome(&r, "device")?;
-        self.announce(Change::Device(tenant.clone(), id.clone())).await;
+        let (version, rec) = new_record(device)?;
+        let mut script = self.inner.scripts.update_device.key(self.key("d", tenant));
+        script.arg(id.as_str()).arg(want(if_match)).arg(rec);
+        self.write(&script, "device", Change::Device(tenant.clone(), id.clone())).await?;
         Ok(version)
     }
 
@@ -485,21 +451,9 @@ impl RegistryStore for RedisStore {
         id: &DeviceId,
         if_match: Option<&str>,
     ) -> Result<(), StoreError> {
-        let r: String = self
-            .inner
-            .scripts
-            .delete_device
-            .key(self.key("d", tenant))
-            .key(self.key("c", tenant))
-            .key(self.key("i", tenant))
-            .arg(id.as_str())
-            .arg(want(if_match))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(be)?;
-        outcome(&r, "device")?;
-        self.announce(Change::Device(tenant.clone(), id.clone())).await;
-        Ok(())
+        let mut script = self.inner.scripts.delete_device.key(self.keys(tenant, &["d", "c", "i"]));
+        script.arg(id.as_str()).arg(want(if_match));
+        self.write(&script, "device", Change::Device(tenant.clone(), id.clone())).await
     }
 
     async fn list_devices(
@@ -510,30 +464,16 @@ impl RegistryStore for RedisStore {
             self.conn().hgetall(self.key("d", tenant)).await.map_err(be)?;
         let mut out = all
             .into_iter()
-            .map(|(k, v)| {
-                let id = DeviceId::new(k).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                Ok((id, decode(&v)?))
-            })
+            .map(|(k, v)| Ok((DeviceId::new(k).map_err(corrupt)?, decode(&v)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 
     async fn delete_devices_of_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        let r: String = self
-            .inner
-            .scripts
-            .delete_devices
-            .key(self.key("t", tenant))
-            .key(self.key("d", tenant))
-            .key(self.key("c", tenant))
-            .key(self.key("i", tenant))
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(be)?;
-        outcome(&r, "tenant")?;
-        self.announce(Change::Tenant(tenant.clone())).await;
-        Ok(())
+        let keys = self.keys(tenant, &["t", "d", "c", "i"]);
+        let script = self.inner.scripts.delete_devices.key(keys);
+        self.write(&script, "tenant", Change::Tenant(tenant.clone())).await
     }
 
     async fn get_credentials(
@@ -541,9 +481,7 @@ impl RegistryStore for RedisStore {
         tenant: &TenantId,
         device: &DeviceId,
     ) -> Result<Option<Versioned<Vec<Credentials>>>, StoreError> {
-        let v: Option<Vec<u8>> =
-            self.conn().hget(self.key("c", tenant), device.as_str()).await.map_err(be)?;
-        v.map(|b| decode(&b)).transpose()
+        self.hget_record("c", tenant, device).await
     }
 
     async fn set_credentials(
@@ -553,21 +491,12 @@ impl RegistryStore for RedisStore {
         credentials: &[Credentials],
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let keys = index_keys(credentials)?;
-        let version = new_version();
-        let rec = encode(&Versioned { version: version.clone(), value: credentials.to_vec() })?;
-        let mut inv = self.inner.scripts.set_credentials.prepare_invoke();
-        inv.key(self.key("c", tenant))
-            .key(self.key("i", tenant))
-            .arg(device.as_str())
-            .arg(want(if_match))
-            .arg(rec);
-        for (t, a) in &keys {
-            inv.arg(index_field(*t, a));
-        }
-        let r: String = inv.invoke_async(&mut self.conn()).await.map_err(be)?;
-        outcome(&r, "device")?;
-        self.announce(Change::Device(tenant.clone(), device.clone())).await;
+        let fields: Vec<String> =
+            index_keys(credentials)?.iter().map(|(t, a)| index_field(*t, a)).collect();
+        let (version, rec) = new_record(&credentials)?;
+        let mut script = self.inner.scripts.set_credentials.key(self.keys(tenant, &["c", "i"]));
+        script.arg(device.as_str()).arg(want(if_match)).arg(rec).arg(fields);
+        self.write(&script, "device", Change::Device(tenant.clone(), device.clone())).await?;
         Ok(version)
     }
 
@@ -583,7 +512,7 @@ impl RegistryStore for RedisStore {
             .await
             .map_err(be)?;
         let Some(dev) = dev else { return Ok(None) };
-        let dev = DeviceId::new(dev).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let dev = DeviceId::new(dev).map_err(corrupt)?;
         let Some(set) = self.get_credentials(tenant, &dev).await? else {
             return Ok(None);
         };
