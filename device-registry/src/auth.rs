@@ -33,7 +33,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use tokio::sync::broadcast::error::RecvError;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::management::HashPool;
 use crate::model::{CredentialType, Credentials, Device, DeviceId, SecretMeta, Tenant, TenantId};
@@ -256,13 +256,8 @@ struct Inner {
     mac_key: Hmac<Sha256>,
     seq: AtomicU64,
     state: Mutex<State>,
-    stop: CancellationToken,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    /// Stops the change-following task when the last handle is dropped.
+    _stop: DropGuard,
 }
 
 /// Authentication and look-ups for protocol adapters; cheap to clone.
@@ -305,6 +300,7 @@ impl AuthService {
         let mac_key =
             <Hmac<Sha256> as KeyInit>::new_from_slice(&key).expect("HMAC accepts any key length");
         let rx = store.subscribe();
+        let stop = CancellationToken::new();
         let inner = Arc::new(Inner {
             store,
             pool,
@@ -312,9 +308,9 @@ impl AuthService {
             mac_key,
             seq: AtomicU64::new(0),
             state: Mutex::new(State::default()),
-            stop: CancellationToken::new(),
+            _stop: stop.clone().drop_guard(),
         });
-        tokio::spawn(follow_changes(Arc::downgrade(&inner), rx, inner.stop.clone()));
+        tokio::spawn(follow_changes(Arc::downgrade(&inner), rx, stop));
         Self { inner }
     }
 

@@ -22,7 +22,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, ScriptInvocation};
 use serde::de::DeserializeOwned;
 use tokio::sync::broadcast;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
     be, corrupt, decode, index_keys, new_record, Change, RegistryStore, StoreError,
@@ -156,13 +156,7 @@ struct Inner {
     scripts: Scripts,
     changes: broadcast::Sender<Change>,
     /// Stops the pub/sub relay task when the last handle is dropped.
-    stop: CancellationToken,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
+    _stop: DropGuard,
 }
 
 /// Redis-backed [`RegistryStore`]; cheap to clone.
@@ -235,7 +229,7 @@ impl RedisStore {
                 prefix: prefix.to_owned(),
                 scripts: Scripts::new(),
                 changes,
-                stop,
+                _stop: stop.drop_guard(),
             }),
         })
     }
