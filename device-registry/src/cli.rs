@@ -225,6 +225,83 @@ fn list_query(o: &ListOptions) -> String {
     q
 }
 
+/// The HTTP request a subcommand makes.
+struct Request {
+    method: Method,
+    path: String,
+    body: Option<Value>,
+    if_match: Option<String>,
+}
+
+impl Request {
+    fn new(method: Method, path: String, body: Option<Value>, if_match: Option<String>) -> Self {
+        Self { method, path, body, if_match }
+    }
+
+    fn get(path: String) -> Self {
+        Self::new(Method::GET, path, None, None)
+    }
+
+    /// A create: the body is `data` (see [`read_data`]) or `{}` without it.
+    fn post(path: String, data: Option<&str>) -> anyhow::Result<Self> {
+        let body = data.map(read_data).transpose()?.unwrap_or_else(|| serde_json::json!({}));
+        Ok(Self::new(Method::POST, path, Some(body), None))
+    }
+
+    fn put(path: String, data: &str, if_match: Option<String>) -> anyhow::Result<Self> {
+        Ok(Self::new(Method::PUT, path, Some(read_data(data)?), if_match))
+    }
+
+    fn delete(path: String, if_match: Option<String>) -> Self {
+        Self::new(Method::DELETE, path, None, if_match)
+    }
+}
+
+fn tenant_request(action: TenantAction) -> anyhow::Result<Request> {
+    let path = |id: &str| format!("/v1/tenants/{}", enc(id));
+    Ok(match action {
+        TenantAction::Create { id, data } => {
+            Request::post(id.map_or("/v1/tenants".to_owned(), |id| path(&id)), data.as_deref())?
+        }
+        TenantAction::List { options } => {
+            Request::get(format!("/v1/tenants{}", list_query(&options)))
+        }
+        TenantAction::Get { id } => Request::get(path(&id)),
+        TenantAction::Update { id, data, if_match } => Request::put(path(&id), &data, if_match)?,
+        TenantAction::Delete { id, if_match } => Request::delete(path(&id), if_match),
+    })
+}
+
+fn device_request(action: DeviceAction) -> anyhow::Result<Request> {
+    let path = |tenant: &str, id: &str| format!("/v1/devices/{}/{}", enc(tenant), enc(id));
+    Ok(match action {
+        DeviceAction::Create { tenant, id, data } => {
+            let p = id.map_or(format!("/v1/devices/{}", enc(&tenant)), |id| path(&tenant, &id));
+            Request::post(p, data.as_deref())?
+        }
+        DeviceAction::List { tenant, options } => {
+            Request::get(format!("/v1/devices/{}{}", enc(&tenant), list_query(&options)))
+        }
+        DeviceAction::Get { tenant, id } => Request::get(path(&tenant, &id)),
+        DeviceAction::Update { tenant, id, data, if_match } => {
+            Request::put(path(&tenant, &id), &data, if_match)?
+        }
+        DeviceAction::Delete { tenant, id, if_match } => {
+            Request::delete(path(&tenant, &id), if_match)
+        }
+    })
+}
+
+fn credentials_request(action: CredentialsAction) -> anyhow::Result<Request> {
+    let path = |tenant: &str, id: &str| format!("/v1/credentials/{}/{}", enc(tenant), enc(id));
+    Ok(match action {
+        CredentialsAction::Get { tenant, device } => Request::get(path(&tenant, &device)),
+        CredentialsAction::Set { tenant, device, data, if_match } => {
+            Request::put(path(&tenant, &device), &data, if_match)?
+        }
+    })
+}
+
 /// Runs a registry subcommand, printing results to stdout.
 ///
 /// # Errors
@@ -242,94 +319,12 @@ pub async fn run_cli(cmd: CliCommand) -> anyhow::Result<()> {
 /// # Errors
 /// As [`run_cli`].
 pub async fn run_cli_to(cmd: CliCommand, out: &mut Vec<u8>) -> anyhow::Result<()> {
-    let (conn, method, path, body, if_match) = match cmd {
-        CliCommand::Tenant { conn, action } => match action {
-            TenantAction::Create { id, data } => {
-                let body = data
-                    .as_deref()
-                    .map(read_data)
-                    .transpose()?
-                    .unwrap_or_else(|| serde_json::json!({}));
-                let path =
-                    id.map_or("/v1/tenants".to_owned(), |id| format!("/v1/tenants/{}", enc(&id)));
-                (conn, Method::POST, path, Some(body), None)
-            }
-            TenantAction::List { options } => {
-                (conn, Method::GET, format!("/v1/tenants{}", list_query(&options)), None, None)
-            }
-            TenantAction::Get { id } => {
-                (conn, Method::GET, format!("/v1/tenants/{}", enc(&id)), None, None)
-            }
-            TenantAction::Update { id, data, if_match } => (
-                conn,
-                Method::PUT,
-                format!("/v1/tenants/{}", enc(&id)),
-                Some(read_data(&data)?),
-                if_match,
-            ),
-            TenantAction::Delete { id, if_match } => {
-                (conn, Method::DELETE, format!("/v1/tenants/{}", enc(&id)), None, if_match)
-            }
-        },
-        CliCommand::Device { conn, action } => match action {
-            DeviceAction::Create { tenant, id, data } => {
-                let body = data
-                    .as_deref()
-                    .map(read_data)
-                    .transpose()?
-                    .unwrap_or_else(|| serde_json::json!({}));
-                let path = match id {
-                    Some(id) => format!("/v1/devices/{}/{}", enc(&tenant), enc(&id)),
-                    None => format!("/v1/devices/{}", enc(&tenant)),
-                };
-                (conn, Method::POST, path, Some(body), None)
-            }
-            DeviceAction::List { tenant, options } => (
-                conn,
-                Method::GET,
-                format!("/v1/devices/{}{}", enc(&tenant), list_query(&options)),
-                None,
-                None,
-            ),
-            DeviceAction::Get { tenant, id } => (
-                conn,
-                Method::GET,
-                format!("/v1/devices/{}/{}", enc(&tenant), enc(&id)),
-                None,
-                None,
-            ),
-            DeviceAction::Update { tenant, id, data, if_match } => (
-                conn,
-                Method::PUT,
-                format!("/v1/devices/{}/{}", enc(&tenant), enc(&id)),
-                Some(read_data(&data)?),
-                if_match,
-            ),
-            DeviceAction::Delete { tenant, id, if_match } => (
-                conn,
-                Method::DELETE,
-                format!("/v1/devices/{}/{}", enc(&tenant), enc(&id)),
-                None,
-                if_match,
-            ),
-        },
-        CliCommand::Credentials { conn, action } => match action {
-            CredentialsAction::Get { tenant, device } => (
-                conn,
-                Method::GET,
-                format!("/v1/credentials/{}/{}", enc(&tenant), enc(&device)),
-                None,
-                None,
-            ),
-            CredentialsAction::Set { tenant, device, data, if_match } => (
-                conn,
-                Method::PUT,
-                format!("/v1/credentials/{}/{}", enc(&tenant), enc(&device)),
-                Some(read_data(&data)?),
-                if_match,
-            ),
-        },
+    let (conn, req) = match cmd {
+        CliCommand::Tenant { conn, action } => (conn, tenant_request(action)?),
+        CliCommand::Device { conn, action } => (conn, device_request(action)?),
+        CliCommand::Credentials { conn, action } => (conn, credentials_request(action)?),
     };
+    let Request { method, path, body, if_match } = req;
     let client = RegistryClient::new(&conn.url, conn.token)?;
     let resp =
         client.request(method.clone(), &path, body.as_ref(), if_match.as_deref()).await?.ok()?;
