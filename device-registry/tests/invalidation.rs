@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,15 +17,38 @@ use support::{eventually, TestRegistry};
 
 const LIMIT: Duration = Duration::from_secs(1);
 
+/// PUTs `body` to `path`; the request must succeed.
+async fn put(c: &RegistryClient, path: &str, body: serde_json::Value) {
+    c.request(Method::PUT, path, Some(&body), None).await.unwrap().ok().unwrap();
+}
+
 async fn provision(c: &RegistryClient) {
     c.request(Method::POST, "/v1/tenants/t", None, None).await.unwrap().ok().unwrap();
     c.request(Method::POST, "/v1/devices/t/dev", None, None).await.unwrap().ok().unwrap();
     let creds = json!([{"type": "hashed-password", "auth-id": "sensor", "secrets": [{"pwd-plain": "first-password"}]}]);
-    c.request(Method::PUT, "/v1/credentials/t/dev", Some(&creds), None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+    put(c, "/v1/credentials/t/dev", creds).await;
+}
+
+/// Provisions `reg` and waits until its auth service has seen the provisioning changes
+/// (registry changes reset failure counts).
+async fn provisioned(reg: &TestRegistry) -> AuthService {
+    provision(&reg.client()).await;
+    let a = reg.registry.auth().clone();
+    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 }).await.is_some());
+    a
+}
+
+/// Asserts that `check` holds for every observer within [`LIMIT`]; `failure` says what
+/// it means if not.
+async fn all_notice<F, Fut>(observers: &[AuthService], failure: &str, check: F)
+where
+    F: Fn(AuthService) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for (i, a) in observers.iter().enumerate() {
+        let took = eventually(LIMIT, || check(a.clone())).await;
+        assert!(took.is_some(), "instance {i}: {failure}");
+    }
 }
 
 async fn auth(a: &AuthService, pw: &str) -> Result<(), AuthError> {
@@ -40,28 +64,17 @@ async fn scenario(c: &RegistryClient, observers: &[AuthService]) {
         assert_eq!(auth(a, "first-password").await, Ok(()));
     }
 
-    c.request(Method::PUT, "/v1/devices/t/dev", Some(&json!({"enabled": false})), None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    for (i, a) in observers.iter().enumerate() {
-        let took = eventually(LIMIT, || async {
-            auth(a, "first-password").await == Err(AuthError::DeviceDisabled)
-        })
-        .await;
-        assert!(took.is_some(), "instance {i}: disabled device still authenticated after 1 s");
-    }
+    put(c, "/v1/devices/t/dev", json!({"enabled": false})).await;
+    all_notice(observers, "disabled device still authenticated after 1 s", |a| async move {
+        auth(&a, "first-password").await == Err(AuthError::DeviceDisabled)
+    })
+    .await;
 
-    c.request(Method::PUT, "/v1/devices/t/dev", Some(&json!({"enabled": true})), None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    for (i, a) in observers.iter().enumerate() {
-        let took = eventually(LIMIT, || async { auth(a, "first-password").await.is_ok() }).await;
-        assert!(took.is_some(), "instance {i}: re-enabled device not accepted within 1 s");
-    }
+    put(c, "/v1/devices/t/dev", json!({"enabled": true})).await;
+    all_notice(observers, "re-enabled device not accepted within 1 s", |a| async move {
+        auth(&a, "first-password").await.is_ok()
+    })
+    .await;
 
     let secret_id =
         c.request(Method::GET, "/v1/credentials/t/dev", None, None).await.unwrap().json()[0]
@@ -70,30 +83,21 @@ async fn scenario(c: &RegistryClient, observers: &[AuthService]) {
             .unwrap()
             .to_owned();
     let change = json!([{"type": "hashed-password", "auth-id": "sensor", "secrets": [{"id": secret_id, "pwd-plain": "second-password"}]}]);
-    c.request(Method::PUT, "/v1/credentials/t/dev", Some(&change), None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+    put(c, "/v1/credentials/t/dev", change).await;
+    all_notice(observers, "old password still accepted after 1 s", |a| async move {
+        auth(&a, "first-password").await.is_err()
+    })
+    .await;
     for (i, a) in observers.iter().enumerate() {
-        let took = eventually(LIMIT, || async { auth(a, "first-password").await.is_err() }).await;
-        assert!(took.is_some(), "instance {i}: old password still accepted after 1 s");
         assert_eq!(auth(a, "second-password").await, Ok(()), "instance {i}: new password refused");
     }
 
     // Tenant-level change reaches cached look-ups too.
-    c.request(Method::PUT, "/v1/tenants/t", Some(&json!({"enabled": false})), None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
-    for (i, a) in observers.iter().enumerate() {
-        let took = eventually(LIMIT, || async {
-            auth(a, "second-password").await == Err(AuthError::TenantDisabled)
-        })
-        .await;
-        assert!(took.is_some(), "instance {i}: disabled tenant still authenticated after 1 s");
-    }
+    put(c, "/v1/tenants/t", json!({"enabled": false})).await;
+    all_notice(observers, "disabled tenant still authenticated after 1 s", |a| async move {
+        auth(&a, "second-password").await == Err(AuthError::TenantDisabled)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,21 +119,13 @@ async fn redis_changes_reach_a_second_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_failures_are_rate_limited() {
     let reg = TestRegistry::embedded().await;
-    provision(&reg.client()).await;
-    let a = reg.registry.auth();
-    // Registry changes reset failure counts: let the provisioning changes arrive first.
-    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 }).await.is_some());
+    let a = &provisioned(&reg).await;
     for i in 0..5 {
         assert_eq!(auth(a, &format!("wrong-{i}")).await, Err(AuthError::BadCredentials));
     }
     assert_eq!(auth(a, "first-password").await, Err(AuthError::RateLimited));
     let psk = json!([{"type": "psk", "auth-id": "p1", "secrets": [{"key": "a2V5LWJ5dGVz"}]}]);
-    reg.client()
-        .request(Method::PUT, "/v1/credentials/t/dev", Some(&psk), None)
-        .await
-        .unwrap()
-        .ok()
-        .unwrap();
+    put(&reg.client(), "/v1/credentials/t/dev", psk).await;
     let key = eventually(LIMIT, || async { a.psk_for("t", "p1").await.is_ok() }).await;
     assert!(key.is_some());
     assert_eq!(a.psk_for("t", "p1").await.unwrap().key, b"key-bytes");
@@ -169,9 +165,7 @@ async fn registry_starts_on_redis_from_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_guesses_count_when_they_start() {
     let reg = TestRegistry::embedded().await;
-    provision(&reg.client()).await;
-    let a = reg.registry.auth().clone();
-    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 }).await.is_some());
+    let a = provisioned(&reg).await;
     let guesses: Vec<_> = (0..50)
         .map(|i| {
             let a = a.clone();
@@ -196,9 +190,7 @@ async fn concurrent_guesses_count_when_they_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guessing_source_locks_out_only_itself() {
     let reg = TestRegistry::embedded().await;
-    provision(&reg.client()).await;
-    let a = reg.registry.auth().clone();
-    assert!(eventually(LIMIT, || async { a.change_seq() >= 3 }).await.is_some());
+    let a = provisioned(&reg).await;
     let attacker: std::net::IpAddr = "198.51.100.7".parse().unwrap();
     let device: std::net::IpAddr = "203.0.113.9".parse().unwrap();
     let from = |source, pw: String| {
