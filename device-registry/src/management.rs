@@ -9,7 +9,9 @@ use chrono::Utc;
 pub use ferrule_net::hashing::HashPool;
 use ferrule_net::hashing::PoolError;
 
-use crate::model::{Credentials, Device, DeviceId, DeviceStatus, Tenant, TenantId, Versioned};
+use crate::model::{
+    Credentials, Device, DeviceId, DeviceStatus, SecretMeta, Tenant, TenantId, Versioned,
+};
 use crate::password::{self, PasswordError, ARGON2ID};
 use crate::store::{RegistryStore, StoreError};
 
@@ -267,32 +269,24 @@ fn merge_and_validate(
             existing.iter().find(|e| e.cred_type() == c.cred_type() && e.auth_id() == c.auth_id());
         match c {
             Credentials::HashedPassword(p) => {
-                check_secret_count(p.secrets.len(), 1)?;
-                if p.auth_id.is_empty() {
-                    return Err(bad("auth-id must not be empty"));
-                }
+                check_entry(&p.auth_id, p.secrets.len())?;
+                let old = match old {
+                    Some(Credentials::HashedPassword(o)) => &o.secrets[..],
+                    _ => &[],
+                };
                 for s in &mut p.secrets {
                     check_window(&s.meta)?;
                     if s.salt.as_deref().is_some_and(|v| decode_b64(v).is_none()) {
                         return Err(PasswordError::BadSalt.into());
                     }
                     let has_material = s.pwd_plain.is_some() || s.pwd_hash.is_some();
-                    if let Some(id) = s.meta.id.clone() {
-                        let prev = match old {
-                            Some(Credentials::HashedPassword(o)) => {
-                                o.secrets.iter().find(|x| x.meta.id.as_deref() == Some(&id))
-                            }
-                            _ => None,
-                        }
-                        .ok_or_else(|| bad(format!("no existing secret with id {id:?}")))?;
+                    if let Some(prev) = patched_secret(&mut s.meta, old)? {
                         if !has_material {
                             s.hash_function = prev.hash_function.clone();
                             s.pwd_hash = prev.pwd_hash.clone();
                             s.salt = prev.salt.clone();
                             continue;
                         }
-                    } else {
-                        s.meta.id = Some(uuid::Uuid::new_v4().to_string());
                     }
                     if s.pwd_plain.is_some() {
                         // Hashed later; user-provided hash properties are ignored (Hono).
@@ -310,25 +304,17 @@ fn merge_and_validate(
                 }
             }
             Credentials::Psk(p) => {
-                check_secret_count(p.secrets.len(), 1)?;
-                if p.auth_id.is_empty() {
-                    return Err(bad("auth-id must not be empty"));
-                }
+                check_entry(&p.auth_id, p.secrets.len())?;
+                let old = match old {
+                    Some(Credentials::Psk(o)) => &o.secrets[..],
+                    _ => &[],
+                };
                 for s in &mut p.secrets {
                     check_window(&s.meta)?;
-                    if let Some(id) = s.meta.id.clone() {
-                        let prev = match old {
-                            Some(Credentials::Psk(o)) => {
-                                o.secrets.iter().find(|x| x.meta.id.as_deref() == Some(&id))
-                            }
-                            _ => None,
-                        }
-                        .ok_or_else(|| bad(format!("no existing secret with id {id:?}")))?;
+                    if let Some(prev) = patched_secret(&mut s.meta, old)? {
                         if s.key.is_none() {
                             s.key = prev.key.clone();
                         }
-                    } else {
-                        s.meta.id = Some(uuid::Uuid::new_v4().to_string());
                     }
                     match &s.key {
                         Some(k) if decode_b64(k).is_some_and(|k| !k.is_empty()) => {}
@@ -367,26 +353,18 @@ fn merge_and_validate(
                 }
             }
             Credentials::Rpk(r) => {
-                check_secret_count(r.secrets.len(), 1)?;
-                if r.auth_id.is_empty() {
-                    return Err(bad("auth-id must not be empty"));
-                }
+                check_entry(&r.auth_id, r.secrets.len())?;
+                let old = match old {
+                    Some(Credentials::Rpk(o)) => &o.secrets[..],
+                    _ => &[],
+                };
                 for s in &mut r.secrets {
                     check_window(&s.meta)?;
-                    if let Some(id) = s.meta.id.clone() {
-                        let prev = match old {
-                            Some(Credentials::Rpk(o)) => {
-                                o.secrets.iter().find(|x| x.meta.id.as_deref() == Some(&id))
-                            }
-                            _ => None,
-                        }
-                        .ok_or_else(|| bad(format!("no existing secret with id {id:?}")))?;
+                    if let Some(prev) = patched_secret(&mut s.meta, old)? {
                         if s.key.is_none() && s.cert.is_none() {
                             s.key = prev.key.clone();
                             s.algorithm = prev.algorithm.clone();
                         }
-                    } else {
-                        s.meta.id = Some(uuid::Uuid::new_v4().to_string());
                     }
                     for (name, v) in [("key", &s.key), ("cert", &s.cert)] {
                         if v.as_deref().is_some_and(|v| decode_b64(v).is_none()) {
@@ -409,19 +387,39 @@ fn merge_and_validate(
     Ok(creds)
 }
 
-fn check_secret_count(n: usize, min: usize) -> Result<(), ManagementError> {
-    if n < min {
+/// Checks an entry's auth-id and number of secrets (at least one).
+fn check_entry(auth_id: &str, secrets: usize) -> Result<(), ManagementError> {
+    if secrets < 1 {
         return Err(bad("secrets must not be empty"));
     }
-    if n > MAX_SECRETS_PER_CREDENTIALS {
+    if secrets > MAX_SECRETS_PER_CREDENTIALS {
         return Err(bad(format!(
             "at most {MAX_SECRETS_PER_CREDENTIALS} secrets per credentials entry"
         )));
     }
+    if auth_id.is_empty() {
+        return Err(bad("auth-id must not be empty"));
+    }
     Ok(())
 }
 
-fn check_window(m: &crate::model::SecretMeta) -> Result<(), ManagementError> {
+/// For a secret that names an `id` (patch mode), the stored secret with that id among
+/// `old`; a secret without an id is new and gets one.
+fn patched_secret<'a, S: AsRef<SecretMeta>>(
+    meta: &mut SecretMeta,
+    old: &'a [S],
+) -> Result<Option<&'a S>, ManagementError> {
+    let Some(id) = &meta.id else {
+        meta.id = Some(uuid::Uuid::new_v4().to_string());
+        return Ok(None);
+    };
+    match old.iter().find(|x| x.as_ref().id.as_ref() == Some(id)) {
+        Some(prev) => Ok(Some(prev)),
+        None => Err(bad(format!("no existing secret with id {id:?}"))),
+    }
+}
+
+fn check_window(m: &SecretMeta) -> Result<(), ManagementError> {
     match (m.not_before, m.not_after) {
         (Some(a), Some(b)) if a > b => Err(bad("not-before is after not-after")),
         _ => Ok(()),

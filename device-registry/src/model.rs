@@ -680,6 +680,12 @@ macro_rules! secret_type {
             $(#[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")] $f: $t,)*
         }
 
+        impl AsRef<SecretMeta> for $name {
+            fn as_ref(&self) -> &SecretMeta {
+                &self.meta
+            }
+        }
+
         impl From<$wire> for $name {
             fn from(w: $wire) -> Self {
                 Self {
