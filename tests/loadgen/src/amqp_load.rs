@@ -84,18 +84,8 @@ pub struct RecvArgs {
     /// Link credit (refilled automatically).
     #[arg(long, default_value_t = 5000)]
     pub credit: u32,
-    /// Stop after this many messages (0: only on the idle timeout).
-    #[arg(long, default_value_t = 0)]
-    pub expect: u64,
-    /// Stop when nothing arrived for this many seconds (after the first message).
-    #[arg(long, default_value_t = 3.0)]
-    pub idle_timeout: f64,
-    /// Give up when nothing arrived within this many seconds.
-    #[arg(long, default_value_t = 120.0)]
-    pub start_timeout: f64,
-    /// File created once the links are attached.
-    #[arg(long)]
-    pub ready_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub until: util::Until,
 }
 
 pub async fn run_recv(a: RecvArgs) -> Result<()> {
@@ -157,14 +147,7 @@ pub async fn run_recv(a: RecvArgs) -> Result<()> {
             error
         }));
     }
-    util::signal_ready(&a.ready_file, "attached");
-    let end = collector
-        .wait(
-            a.expect,
-            Duration::from_secs_f64(a.idle_timeout),
-            Duration::from_secs_f64(a.start_timeout),
-        )
-        .await;
+    let end = a.until.wait(&collector, "attached").await;
     let _ = stop_tx.send(true);
     let mut first_error = None;
     for t in tasks {
@@ -172,7 +155,7 @@ pub async fn run_recv(a: RecvArgs) -> Result<()> {
             first_error.get_or_insert(e);
         }
     }
-    let mut m = collector.report("amqp-recv", a.expect, end);
+    let mut m = collector.report("amqp-recv", a.until.expect, end);
     m.insert("address".into(), json!(a.address));
     if let Some(e) = first_error {
         m.insert("first_error".into(), json!(e));
@@ -202,12 +185,8 @@ pub struct CommandArgs {
     /// Commands in flight (sent, response not yet received).
     #[arg(long, default_value_t = 32)]
     pub window: usize,
-    /// Total commands (unless --duration).
-    #[arg(long, default_value_t = 10_000)]
-    pub count: u64,
-    /// Send commands for this many seconds instead of a count.
-    #[arg(long)]
-    pub duration: Option<f64>,
+    #[command(flatten)]
+    pub amount: util::Amount<10_000>,
     /// QoS of the devices' subscription and of their responses.
     #[arg(long, default_value_t = 1)]
     pub qos: u8,
@@ -284,8 +263,7 @@ pub async fn run_commands(a: CommandArgs) -> Result<()> {
     let answered = Arc::new(AtomicU64::new(0));
     let mut devices = Vec::new();
     for (mut reader, mut writer) in conns {
-        let granted =
-            mqtt::subscribe_and_wait(&mut reader, &mut writer, "command///req/#", a.qos).await?;
+        let granted = reader.subscribe_and_wait(&mut writer, "command///req/#", a.qos).await?;
         if granted > 1 {
             return Err(format!("SUBSCRIBE command///req/# refused ({granted:#04x})").into());
         }
@@ -358,12 +336,14 @@ pub async fn run_commands(a: CommandArgs) -> Result<()> {
     };
 
     let start = Instant::now();
-    let deadline = a.duration.map(|d| start + Duration::from_secs_f64(d));
+    let deadline = a.amount.deadline(start);
     let mut body = util::payload(a.size);
     let mut sent = 0u64;
     let mut outcomes = tokio::task::JoinSet::new();
     loop {
-        if deadline.is_none() && sent >= a.count || deadline.is_some_and(|d| Instant::now() >= d) {
+        if deadline.is_none() && sent >= a.amount.count
+            || deadline.is_some_and(|d| Instant::now() >= d)
+        {
             break;
         }
         let Ok(permit) = window.acquire().await else { break };

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
-use crate::util::{self, Latencies, Result};
+use crate::util::{self, Result, Stats};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 pub enum Kind {
@@ -44,18 +44,8 @@ pub struct CoapArgs {
     /// Outstanding requests per client.
     #[arg(long, default_value_t = 8)]
     pub window: usize,
-    /// Payload size in bytes (at least 8: the send timestamp).
-    #[arg(long, default_value_t = 64)]
-    pub size: usize,
-    /// Total requests (unless --duration).
-    #[arg(long, default_value_t = 50_000)]
-    pub count: u64,
-    /// Send for this many seconds instead of a count.
-    #[arg(long)]
-    pub duration: Option<f64>,
-    /// Target rate in requests per second over all clients (default: flat out).
-    #[arg(long)]
-    pub rate: Option<f64>,
+    #[command(flatten)]
+    pub send: util::Sending<50_000>,
     /// A request without a response after this many milliseconds is counted lost.
     #[arg(long, default_value_t = 2000)]
     pub timeout_ms: u64,
@@ -69,17 +59,6 @@ const SLOTS: usize = 4096;
 struct Slots {
     sent_ns: Vec<AtomicU64>,
     seq: Vec<AtomicU32>,
-}
-
-#[derive(Default)]
-struct ClientStats {
-    sent: u64,
-    ok: u64,
-    timeouts: u64,
-    codes: std::collections::BTreeMap<String, u64>,
-    lat: Latencies,
-    error: Option<String>,
-    finished: Option<Instant>,
 }
 
 /// The request as bytes, with a 4-byte token; returns (bytes, offset of the payload).
@@ -121,8 +100,8 @@ struct Job {
     timeout: Duration,
 }
 
-async fn client(job: Job) -> ClientStats {
-    let mut s = ClientStats::default();
+async fn client(job: Job) -> Stats {
+    let mut s = Stats::default();
     let bind = SocketAddr::new(
         job.source.unwrap_or(if job.addr.is_ipv4() {
             [0, 0, 0, 0].into()
@@ -155,7 +134,7 @@ async fn client(job: Job) -> ClientStats {
         let (socket, slots, window, mut stop) =
             (socket.clone(), slots.clone(), window.clone(), stop_rx.clone());
         tokio::spawn(async move {
-            let mut r = ClientStats::default();
+            let mut r = Stats::default();
             let mut buf = vec![0u8; 2048];
             loop {
                 let n = tokio::select! {
@@ -182,7 +161,7 @@ async fn client(job: Job) -> ClientStats {
                 r.lat.record_since(t);
                 match p.header.code {
                     MessageClass::Response(code) if !code.is_error() => r.ok += 1,
-                    other => *r.codes.entry(other.to_string()).or_default() += 1,
+                    other => r.count(other.to_string()),
                 }
                 // A separate CON response would need our ACK; piggy-backed ones do not.
                 if p.header.get_type() == MessageType::Confirmable {
@@ -259,7 +238,7 @@ async fn client(job: Job) -> ClientStats {
             slots.sent_ns[slot].store(0, Relaxed);
             window.add_permits(1);
             s.error.get_or_insert(format!("send: {e}"));
-            *s.codes.entry("send-error".into()).or_default() += 1;
+            s.count("send-error");
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
@@ -272,10 +251,7 @@ async fn client(job: Job) -> ClientStats {
             .await;
     let _ = stop_tx.send(true);
     if let Ok(r) = receiver.await {
-        s.ok = r.ok;
-        s.lat = r.lat;
-        s.codes.extend(r.codes);
-        s.finished = r.finished;
+        s.merge(r);
     }
     s.timeouts = sweeper.await.unwrap_or(0);
     s
@@ -295,62 +271,36 @@ pub async fn run_pub(a: CoapArgs) -> Result<()> {
     };
     let n = a.clients.max(1);
     let start = Instant::now();
-    let deadline = a.duration.map(|d| start + Duration::from_secs_f64(d));
+    let deadline = a.send.amount.deadline(start);
     let mut tasks = Vec::new();
     for i in 0..n {
-        let d = if a.devices > 0 { i % a.devices } else { i };
-        let (packet, payload_at) = template(a.kind, method, &util::expand(&a.path, d), a.size)?;
+        let d = util::device(i, a.devices);
+        let (packet, payload_at) =
+            template(a.kind, method, &util::expand(&a.path, d), a.send.size)?;
         tasks.push(tokio::spawn(client(Job {
             addr,
-            source: if sources.is_empty() { None } else { Some(sources[i % sources.len()]) },
+            source: util::spread(&sources, i),
             packet,
             payload_at,
             window: a.window,
-            quota: if a.duration.is_some() { u64::MAX } else { util::share(a.count, n, i) },
+            quota: a.send.amount.quota(n, i),
             deadline,
-            rate: a.rate.map(|r| r / n as f64),
+            rate: a.send.rate_of(n),
             start,
             timeout: Duration::from_millis(a.timeout_ms),
         })));
     }
-    let mut total = ClientStats::default();
-    let mut end = start;
-    for t in tasks {
-        let s = t
-            .await
-            .unwrap_or_else(|e| ClientStats { error: Some(e.to_string()), ..Default::default() });
-        total.sent += s.sent;
-        total.ok += s.ok;
-        total.timeouts += s.timeouts;
-        total.lat.merge(s.lat);
-        for (k, v) in s.codes {
-            *total.codes.entry(k).or_default() += v;
-        }
-        total.error = total.error.or(s.error);
-        end = end.max(s.finished.unwrap_or(start));
-    }
-    let seconds = (end - start).as_secs_f64();
+    let total: Stats = util::join_all(tasks).await;
+    let seconds = total.seconds_since(start);
     let errors = total.timeouts + total.codes.values().sum::<u64>();
     let mut m = util::base("coap-pub", total.sent, seconds, errors);
     m.insert("type".into(), json!(if a.kind == Kind::Con { "con" } else { "non" }));
     m.insert("ok".into(), json!(total.ok));
-    m.insert(
-        "msgs_per_s".into(),
-        json!(if seconds > 0.0 { (total.ok as f64 / seconds).round() } else { 0.0 }),
-    );
-    m.insert(
-        "sent_per_s".into(),
-        json!(if seconds > 0.0 { (total.sent as f64 / seconds).round() } else { 0.0 }),
-    );
+    m.insert("msgs_per_s".into(), json!(util::per_s(total.ok, seconds)));
+    m.insert("sent_per_s".into(), json!(util::per_s(total.sent, seconds)));
     m.insert("timeouts".into(), json!(total.timeouts));
     m.insert("clients".into(), json!(n));
-    if !total.codes.is_empty() {
-        m.insert("codes".into(), json!(total.codes));
-    }
-    total.lat.report("", &mut m);
-    if let Some(e) = total.error {
-        m.insert("first_error".into(), json!(e));
-    }
+    total.report("codes", "", &mut m);
     util::emit(m);
     Ok(())
 }

@@ -13,7 +13,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 
-use crate::util::{self, Latencies, Result};
+use crate::util::{self, Result, Stats};
 
 #[derive(Args, Debug)]
 pub struct HttpArgs {
@@ -44,12 +44,8 @@ pub struct HttpArgs {
     /// Body size in bytes (at least 8: the send timestamp).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
-    /// Total requests (unless --duration).
-    #[arg(long, default_value_t = 50_000)]
-    pub count: u64,
-    /// Send for this many seconds instead of a count.
-    #[arg(long)]
-    pub duration: Option<f64>,
+    #[command(flatten)]
+    pub amount: util::Amount<50_000>,
     /// Source addresses to spread the connections over.
     #[arg(long, default_value = "")]
     pub sources: String,
@@ -72,16 +68,6 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
-#[derive(Default)]
-struct ConnStats {
-    ok: u64,
-    errors: u64,
-    statuses: std::collections::BTreeMap<u16, u64>,
-    lat: Latencies,
-    error: Option<String>,
-    finished: Option<Instant>,
-}
-
 struct Job {
     addr: SocketAddr,
     source: Option<IpAddr>,
@@ -96,13 +82,12 @@ struct Job {
     deadline: Option<Instant>,
 }
 
-async fn connection(job: Job) -> ConnStats {
-    let mut s = ConnStats::default();
+async fn connection(job: Job) -> Stats {
+    let mut s = Stats::default();
     let stream = match util::connect_from(job.addr, job.source).await {
         Ok(st) => st,
         Err(e) => {
-            s.errors += 1;
-            s.error = Some(format!("connect: {e}"));
+            s.fail(format!("connect: {e}"));
             return s;
         }
     };
@@ -110,8 +95,7 @@ async fn connection(job: Job) -> ConnStats {
         match hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await {
             Ok(x) => x,
             Err(e) => {
-                s.errors += 1;
-                s.error = Some(format!("handshake: {e}"));
+                s.fail(format!("handshake: {e}"));
                 return s;
             }
         };
@@ -120,8 +104,7 @@ async fn connection(job: Job) -> ConnStats {
     let mut done = 0;
     while done < job.quota && job.deadline.is_none_or(|d| Instant::now() < d) {
         if send.ready().await.is_err() {
-            s.errors += 1;
-            s.error.get_or_insert("connection closed".into());
+            s.fail("connection closed");
             break;
         }
         util::stamp(&mut body);
@@ -148,12 +131,11 @@ async fn connection(job: Job) -> ConnStats {
                     s.ok += 1;
                 } else {
                     s.errors += 1;
-                    *s.statuses.entry(status.as_u16()).or_default() += 1;
+                    s.count(status.as_u16().to_string());
                 }
             }
             Err(e) => {
-                s.errors += 1;
-                s.error.get_or_insert(format!("request: {e}"));
+                s.fail(format!("request: {e}"));
                 break;
             }
         }
@@ -176,14 +158,14 @@ pub async fn run_pub(a: HttpArgs) -> Result<()> {
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
     let start = Instant::now();
-    let deadline = a.duration.map(|d| start + Duration::from_secs_f64(d));
+    let deadline = a.amount.deadline(start);
     let n = a.connections.max(1);
     let mut tasks = Vec::new();
     for i in 0..n {
-        let d = if a.devices > 0 { i % a.devices } else { i };
+        let d = util::device(i, a.devices);
         let job = Job {
             addr,
-            source: if sources.is_empty() { None } else { Some(sources[i % sources.len()]) },
+            source: util::spread(&sources, i),
             host: a.host.clone(),
             path: util::expand(&a.path, d),
             method: method.clone(),
@@ -194,45 +176,16 @@ pub async fn run_pub(a: HttpArgs) -> Result<()> {
             headers: headers.clone(),
             content_type: a.content_type.clone(),
             size: a.size,
-            quota: if a.duration.is_some() { u64::MAX } else { util::share(a.count, n, i) },
+            quota: a.amount.quota(n, i),
             deadline,
         };
         tasks.push(tokio::spawn(connection(job)));
     }
-    let mut total = ConnStats::default();
-    let mut end = start;
-    for t in tasks {
-        let s = t.await.unwrap_or_else(|e| ConnStats {
-            errors: 1,
-            error: Some(e.to_string()),
-            ..Default::default()
-        });
-        total.ok += s.ok;
-        total.errors += s.errors;
-        total.lat.merge(s.lat);
-        for (k, v) in s.statuses {
-            *total.statuses.entry(k).or_default() += v;
-        }
-        total.error = total.error.or(s.error);
-        end = end.max(s.finished.unwrap_or(start));
-    }
-    let seconds = (end - start).as_secs_f64();
+    let total: Stats = util::join_all(tasks).await;
+    let seconds = total.seconds_since(start);
     let mut m = util::base("http-pub", total.ok, seconds, total.errors);
     m.insert("connections".into(), json!(n));
-    if !total.statuses.is_empty() {
-        m.insert(
-            "statuses".into(),
-            json!(total
-                .statuses
-                .iter()
-                .map(|(k, v)| (k.to_string(), json!(*v)))
-                .collect::<serde_json::Map<_, _>>()),
-        );
-    }
-    total.lat.report("", &mut m);
-    if let Some(e) = total.error {
-        m.insert("first_error".into(), json!(e));
-    }
+    total.report("statuses", "", &mut m);
     util::emit(m);
     Ok(())
 }

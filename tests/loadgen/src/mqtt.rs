@@ -74,18 +74,14 @@ fn bad(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
+/// The remaining length: 7 bits a byte, least significant first, the top bit set on
+/// every byte but the last.
 fn put_len(out: &mut BytesMut, mut n: usize) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if n == 0 {
-            break;
-        }
+    while n >= 0x80 {
+        out.put_u8((n & 0x7f) as u8 | 0x80);
+        n >>= 7;
     }
+    out.put_u8(n as u8);
 }
 
 fn put_str(out: &mut BytesMut, s: &[u8]) {
@@ -181,10 +177,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             if let Some(p) = self.parse()? {
                 return Ok(Some(p));
             }
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(16 * 1024);
-            }
-            if self.io.read_buf(&mut self.buf).await? == 0 {
+            if self.fill().await? == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
                 } else {
@@ -238,52 +231,54 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         let body = self.buf.split_to(len).freeze();
         Ok(Some(Packet { header, body }))
     }
-}
 
-/// CONNECT, then wait for CONNACK: the return code (0 = accepted).
-pub async fn handshake<R, W>(
-    reader: &mut Reader<R>,
-    writer: &mut W,
-    client_id: &str,
-    username: Option<&str>,
-    password: Option<&str>,
-    keepalive: u16,
-) -> io::Result<u8>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut out = BytesMut::with_capacity(64);
-    connect(&mut out, client_id, username, password, keepalive);
-    writer.write_all(&out).await?;
-    match reader.next().await? {
-        Some(p) if p.kind() == CONNACK && p.body.len() >= 2 => Ok(p.body[1]),
-        Some(p) => Err(bad(&format!("expected CONNACK, got packet type {}", p.kind()))),
-        None => Err(io::ErrorKind::UnexpectedEof.into()),
+    /// CONNECT, then wait for CONNACK: the return code (0 = accepted).
+    pub async fn handshake<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&str>,
+        keepalive: u16,
+    ) -> io::Result<u8> {
+        let mut out = BytesMut::with_capacity(64);
+        connect(&mut out, client_id, username, password, keepalive);
+        Ok(self.exchange(writer, &out, CONNACK, "CONNACK", 2).await?.body[1])
     }
-}
 
-/// SUBSCRIBE one filter and wait for its SUBACK: the granted QoS (0x80 = refused).
-/// PUBLISHes arriving before the SUBACK are an error here (subscribe first).
-pub async fn subscribe_and_wait<R, W>(
-    reader: &mut Reader<R>,
-    writer: &mut W,
-    filter: &str,
-    qos: u8,
-) -> io::Result<u8>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut out = BytesMut::with_capacity(64);
-    subscribe(&mut out, 1, filter, qos);
-    writer.write_all(&out).await?;
-    loop {
-        match reader.next().await? {
-            Some(p) if p.kind() == SUBACK && p.body.len() >= 3 => return Ok(p.body[2]),
-            Some(p) if p.kind() == PINGRESP => continue,
-            Some(p) => return Err(bad(&format!("expected SUBACK, got packet type {}", p.kind()))),
-            None => return Err(io::ErrorKind::UnexpectedEof.into()),
+    /// SUBSCRIBE one filter and wait for its SUBACK: the granted QoS (0x80 = refused).
+    /// PUBLISHes arriving before the SUBACK are an error here (subscribe first).
+    pub async fn subscribe_and_wait<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        filter: &str,
+        qos: u8,
+    ) -> io::Result<u8> {
+        let mut out = BytesMut::with_capacity(64);
+        subscribe(&mut out, 1, filter, qos);
+        Ok(self.exchange(writer, &out, SUBACK, "SUBACK", 3).await?.body[2])
+    }
+
+    /// Writes `request`, then waits for its answer, a packet of type `kind` with a body
+    /// of at least `min_len` bytes (PINGRESPs in between are passed over).
+    async fn exchange<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        request: &[u8],
+        kind: u8,
+        name: &str,
+        min_len: usize,
+    ) -> io::Result<Packet> {
+        writer.write_all(request).await?;
+        loop {
+            match self.next().await? {
+                Some(p) if p.kind() == kind && p.body.len() >= min_len => return Ok(p),
+                Some(p) if p.kind() == PINGRESP => continue,
+                Some(p) => {
+                    return Err(bad(&format!("expected {name}, got packet type {}", p.kind())))
+                }
+                None => return Err(io::ErrorKind::UnexpectedEof.into()),
+            }
         }
     }
 }
@@ -307,5 +302,17 @@ mod tests {
         let ack = r.next().await.unwrap().unwrap();
         assert_eq!((ack.kind(), ack.packet_id()), (PUBACK, 7));
         assert!(r.next().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn remaining_lengths() {
+        for n in [0, 127, 128, 16_383, 16_384, 2_097_152] {
+            let mut out = BytesMut::new();
+            out.put_u8(PINGREQ << 4);
+            put_len(&mut out, n);
+            out.put_bytes(0, n);
+            let p = Reader::new(&out[..]).next().await.unwrap().unwrap();
+            assert_eq!(p.body.len(), n);
+        }
     }
 }

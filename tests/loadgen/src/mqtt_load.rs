@@ -17,7 +17,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::mqtt::{self, Reader};
-use crate::util::{self, Collector, Latencies, LocalBatch, Result};
+use crate::util::{self, Collector, Latencies, LocalBatch, Result, Stats};
 
 /// Where and as whom MQTT clients connect.
 #[derive(Args, Debug, Clone)]
@@ -65,8 +65,7 @@ impl Client {
     }
 
     pub fn username(&self, i: usize) -> Option<String> {
-        let d = if self.t.devices > 0 { i % self.t.devices } else { i };
-        self.t.username.as_ref().map(|u| util::expand(u, d))
+        self.t.username.as_ref().map(|u| util::expand(u, util::device(i, self.t.devices)))
     }
 
     fn client_id(&self, i: usize, suffix: &str) -> String {
@@ -82,21 +81,19 @@ impl Client {
         suffix: &str,
         small: bool,
     ) -> Result<Conn> {
-        let src =
-            if self.sources.is_empty() { None } else { Some(self.sources[i % self.sources.len()]) };
-        let stream = util::connect_from(self.addr, src).await?;
+        let stream = util::connect_from(self.addr, util::spread(&self.sources, i)).await?;
         let (r, mut w) = stream.into_split();
         let mut reader = if small { Reader::small(r) } else { Reader::new(r) };
         let user = self.username(device);
-        let rc = mqtt::handshake(
-            &mut reader,
-            &mut w,
-            &self.client_id(i, suffix),
-            user.as_deref(),
-            self.t.password.as_deref(),
-            self.t.keepalive,
-        )
-        .await?;
+        let rc = reader
+            .handshake(
+                &mut w,
+                &self.client_id(i, suffix),
+                user.as_deref(),
+                self.t.password.as_deref(),
+                self.t.keepalive,
+            )
+            .await?;
         if rc != 0 {
             return Err(format!("CONNACK return code {rc:#04x}").into());
         }
@@ -153,34 +150,14 @@ pub struct PubArgs {
     /// QoS 0 or 1.
     #[arg(long, default_value_t = 0)]
     pub qos: u8,
-    /// Payload size in bytes (at least 8: the send timestamp).
-    #[arg(long, default_value_t = 64)]
-    pub size: usize,
-    /// Total messages over all connections (unless --duration).
-    #[arg(long, default_value_t = 100_000)]
-    pub count: u64,
-    /// Publish for this many seconds instead of a count.
-    #[arg(long)]
-    pub duration: Option<f64>,
-    /// Target rate in messages per second over all connections (default: flat out).
-    #[arg(long)]
-    pub rate: Option<f64>,
+    #[command(flatten)]
+    pub send: util::Sending<100_000>,
     /// QoS 1: unacknowledged PUBLISHes per connection.
     #[arg(long, default_value_t = 16)]
     pub window: usize,
     /// Seconds to wait for outstanding PUBACKs at the end.
     #[arg(long, default_value_t = 30.0)]
     pub drain_timeout: f64,
-}
-
-#[derive(Default)]
-struct PubStats {
-    sent: u64,
-    acked: u64,
-    errors: u64,
-    lat: Latencies,
-    error: Option<String>,
-    finished: Option<Instant>,
 }
 
 pub async fn run_pub(a: PubArgs) -> Result<()> {
@@ -194,16 +171,15 @@ pub async fn run_pub(a: PubArgs) -> Result<()> {
         return Err(format!("no connection: {}", first_error.unwrap_or_default()).into());
     }
     let n = conns.len();
-    let rate = a.rate.map(|r| r / n as f64);
+    let rate = a.send.rate_of(n);
     let start = Instant::now();
-    let deadline = a.duration.map(|d| start + Duration::from_secs_f64(d));
+    let deadline = a.send.amount.deadline(start);
     let mut tasks = Vec::new();
     for (i, (reader, writer)) in conns.into_iter().enumerate() {
-        let quota = if a.duration.is_some() { u64::MAX } else { util::share(a.count, n, i) };
         let job = Job {
             topic: util::expand(&a.topic, i).into_bytes(),
-            size: a.size,
-            quota,
+            size: a.send.size,
+            quota: a.send.amount.quota(n, i),
             deadline,
             rate,
             start,
@@ -218,43 +194,22 @@ pub async fn run_pub(a: PubArgs) -> Result<()> {
             }
         }));
     }
-    let mut total = PubStats::default();
-    let mut end = start;
-    for t in tasks {
-        let s = t.await.unwrap_or_else(|e| PubStats {
-            error: Some(e.to_string()),
-            errors: 1,
-            ..Default::default()
-        });
-        total.sent += s.sent;
-        total.acked += s.acked;
-        total.errors += s.errors;
-        total.lat.merge(s.lat);
-        if total.error.is_none() {
-            total.error = s.error;
-        }
-        end = end.max(s.finished.unwrap_or(start));
-    }
-    let seconds = (end - start).as_secs_f64();
-    let done = if a.qos == 1 { total.acked } else { total.sent };
+    let mut total: Stats = util::join_all(tasks).await;
+    let seconds = total.seconds_since(start);
+    let done = if a.qos == 1 { total.ok } else { total.sent };
     let mut m = util::base("mqtt-pub", total.sent, seconds, total.errors + connect_errors);
-    m.insert(
-        "msgs_per_s".into(),
-        json!(if seconds > 0.0 { (done as f64 / seconds).round() } else { 0.0 }),
-    );
+    m.insert("msgs_per_s".into(), json!(util::per_s(done, seconds)));
     m.insert("qos".into(), json!(a.qos));
     m.insert("connections".into(), json!(n));
     m.insert("connect_errors".into(), json!(connect_errors));
     if a.qos == 1 {
-        m.insert("acked".into(), json!(total.acked));
+        m.insert("acked".into(), json!(total.ok));
     }
-    if let Some(rate) = a.rate {
+    if let Some(rate) = a.send.rate {
         m.insert("target_rate".into(), json!(rate));
     }
-    total.lat.report("puback_", &mut m);
-    if let Some(e) = total.error.or(first_error) {
-        m.insert("first_error".into(), json!(e));
-    }
+    total.error = total.error.or(first_error);
+    total.report("failures", "puback_", &mut m);
     util::emit(m);
     Ok(())
 }
@@ -299,7 +254,7 @@ async fn publish_qos0(
     mut reader: Reader<OwnedReadHalf>,
     mut writer: OwnedWriteHalf,
     job: Job,
-) -> PubStats {
+) -> Stats {
     // The reader only watches for the end of the connection and PINGRESP.
     let closed = Arc::new(AtomicBool::new(false));
     let pong = Arc::new(Notify::new());
@@ -315,7 +270,7 @@ async fn publish_qos0(
             pong.notify_one();
         })
     };
-    let mut s = PubStats::default();
+    let mut s = Stats::default();
     let mut msg = util::payload(job.size);
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -324,8 +279,7 @@ async fn publish_qos0(
             break;
         }
         if closed.load(Relaxed) {
-            s.errors += 1;
-            s.error = Some("connection closed by the server".into());
+            s.fail("connection closed by the server");
             break;
         }
         for _ in 0..batch {
@@ -333,8 +287,7 @@ async fn publish_qos0(
             mqtt::publish(&mut out, &job.topic, 0, 0, &msg);
         }
         if let Err(e) = writer.write_all(&out).await {
-            s.errors += 1;
-            s.error = Some(format!("write: {e}"));
+            s.fail(format!("write: {e}"));
             break;
         }
         out.clear();
@@ -362,7 +315,7 @@ async fn publish_qos1(
     mut reader: Reader<OwnedReadHalf>,
     mut writer: OwnedWriteHalf,
     job: Job,
-) -> PubStats {
+) -> Stats {
     let window = Arc::new(Semaphore::new(job.window));
     let sent_at: Arc<Vec<AtomicU64>> =
         Arc::new((0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect());
@@ -404,7 +357,7 @@ async fn publish_qos1(
             (acked, lat, error, Instant::now(), reader)
         })
     };
-    let mut s = PubStats::default();
+    let mut s = Stats::default();
     let mut msg = util::payload(job.size);
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut id: u16 = 0;
@@ -434,8 +387,7 @@ async fn publish_qos1(
             n += 1;
         }
         if let Err(e) = writer.write_all(&out).await {
-            s.errors += 1;
-            s.error = Some(format!("write: {e}"));
+            s.fail(format!("write: {e}"));
             break;
         }
         out.clear();
@@ -445,21 +397,19 @@ async fn publish_qos1(
     done.notify_one();
     match tokio::time::timeout(job.drain, acker).await {
         Ok(Ok((acked, lat, error, finished, _reader))) => {
-            s.acked = acked;
+            s.ok = acked;
             s.lat = lat;
             s.finished = Some(finished);
             if let Some(e) = error {
-                s.errors += 1;
-                s.error.get_or_insert(e);
+                s.fail(e);
             }
         }
         _ => {
-            s.errors += 1;
-            s.error.get_or_insert("PUBACKs missing at the end".into());
+            s.fail("PUBACKs missing at the end");
             s.finished = Some(Instant::now());
         }
     }
-    s.errors += s.sent - s.acked.min(s.sent);
+    s.errors += s.sent - s.ok.min(s.sent);
     mqtt::disconnect(&mut out);
     let _ = writer.write_all(&out).await;
     let _ = writer.shutdown().await;
@@ -482,18 +432,8 @@ pub struct SubArgs {
     /// Subscriber connections (more than one: a shared subscription `$share/lg/FILTER`).
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
-    /// Stop after this many messages (0: only on the idle timeout).
-    #[arg(long, default_value_t = 0)]
-    pub expect: u64,
-    /// Stop when nothing arrived for this many seconds (after the first message).
-    #[arg(long, default_value_t = 3.0)]
-    pub idle_timeout: f64,
-    /// Give up when nothing arrived within this many seconds.
-    #[arg(long, default_value_t = 120.0)]
-    pub start_timeout: f64,
-    /// File created once subscribed.
-    #[arg(long)]
-    pub ready_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub until: util::Until,
 }
 
 pub async fn run_sub(a: SubArgs) -> Result<()> {
@@ -512,7 +452,7 @@ pub async fn run_sub(a: SubArgs) -> Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for (mut reader, mut writer) in conns {
-        let granted = mqtt::subscribe_and_wait(&mut reader, &mut writer, &filter, a.qos).await?;
+        let granted = reader.subscribe_and_wait(&mut writer, &filter, a.qos).await?;
         if granted > 1 {
             return Err(format!("SUBSCRIBE {filter} refused ({granted:#04x})").into());
         }
@@ -575,19 +515,12 @@ pub async fn run_sub(a: SubArgs) -> Result<()> {
             let _ = writer.write_all(&out).await;
         }));
     }
-    util::signal_ready(&a.ready_file, "subscribed");
-    let end = collector
-        .wait(
-            a.expect,
-            Duration::from_secs_f64(a.idle_timeout),
-            Duration::from_secs_f64(a.start_timeout),
-        )
-        .await;
+    let end = a.until.wait(&collector, "subscribed").await;
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
-    let mut m = collector.report("mqtt-sub", a.expect, end);
+    let mut m = collector.report("mqtt-sub", a.until.expect, end);
     m.insert("qos".into(), json!(a.qos));
     util::emit(m);
     Ok(())
@@ -708,26 +641,14 @@ pub struct StormArgs {
     /// Concurrent workers, each connecting and disconnecting in a loop.
     #[arg(long, default_value_t = 32)]
     pub workers: usize,
-    /// Total CONNECTs (unless --duration).
-    #[arg(long, default_value_t = 20_000)]
-    pub count: u64,
-    /// Run for this many seconds instead of a count.
-    #[arg(long)]
-    pub duration: Option<f64>,
+    #[command(flatten)]
+    pub amount: util::Amount<20_000>,
     /// First connect every device once (the cold pass, timed separately).
     #[arg(long)]
     pub warm: bool,
 }
 
-#[derive(Default)]
-struct StormStats {
-    ok: u64,
-    failed: u64,
-    lat: Latencies,
-    codes: std::collections::BTreeMap<String, u64>,
-}
-
-async fn storm_once(client: &Client, worker: usize, k: u64, device: usize, s: &mut StormStats) {
+async fn storm_once(client: &Client, worker: usize, k: u64, device: usize, s: &mut Stats) {
     let t0 = Instant::now();
     match client.open_as(worker, device, &format!("-{k}"), true).await {
         Ok((_reader, mut writer)) => {
@@ -739,14 +660,14 @@ async fn storm_once(client: &Client, worker: usize, k: u64, device: usize, s: &m
             let _ = writer.shutdown().await;
         }
         Err(e) => {
-            s.failed += 1;
+            s.errors += 1;
             let e = e.to_string();
             let key = if e.starts_with("CONNACK") {
                 e
             } else {
                 e.split(':').next().unwrap_or("error").to_string()
             };
-            *s.codes.entry(key).or_default() += 1;
+            s.count(key);
         }
     }
 }
@@ -758,14 +679,14 @@ async fn storm(
     deadline: Option<Instant>,
     devices: usize,
     offset: u64,
-) -> (StormStats, f64) {
+) -> (Stats, f64) {
     let start = Instant::now();
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for w in 0..workers {
         let (client, next) = (client.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
-            let mut s = StormStats::default();
+            let mut s = Stats::default();
             loop {
                 let k = next.fetch_add(1, Relaxed);
                 if deadline.is_none() && k >= count || deadline.is_some_and(|d| Instant::now() >= d)
@@ -778,18 +699,7 @@ async fn storm(
             s
         }));
     }
-    let mut total = StormStats::default();
-    for t in tasks {
-        if let Ok(s) = t.await {
-            total.ok += s.ok;
-            total.failed += s.failed;
-            total.lat.merge(s.lat);
-            for (k, v) in s.codes {
-                *total.codes.entry(k).or_default() += v;
-            }
-        }
-    }
-    (total, start.elapsed().as_secs_f64())
+    (util::join_all(tasks).await, start.elapsed().as_secs_f64())
 }
 
 pub async fn run_storm(a: StormArgs) -> Result<()> {
@@ -802,24 +712,18 @@ pub async fn run_storm(a: StormArgs) -> Result<()> {
             storm(&client, a.workers.min(devices), devices as u64, None, devices, 0).await;
         cold = Some((s, secs));
     }
-    let deadline = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
-    let (s, seconds) = storm(&client, a.workers, a.count, deadline, devices, 1 << 32).await;
-    let mut m = util::base("connect-storm", s.ok, seconds, s.failed);
+    let deadline = a.amount.deadline(Instant::now());
+    let (s, seconds) = storm(&client, a.workers, a.amount.count, deadline, devices, 1 << 32).await;
+    let mut m = util::base("connect-storm", s.ok, seconds, s.errors);
     m.insert("connects_per_s".into(), m["msgs_per_s"].clone());
     m.insert("workers".into(), json!(a.workers));
     m.insert("devices".into(), json!(devices));
-    if !s.codes.is_empty() {
-        m.insert("failures".into(), json!(s.codes));
-    }
-    s.lat.report("connack_", &mut m);
+    s.report("failures", "connack_", &mut m);
     if let Some((c, secs)) = cold {
         m.insert("cold_connects".into(), json!(c.ok));
-        m.insert("cold_failed".into(), json!(c.failed));
+        m.insert("cold_failed".into(), json!(c.errors));
         m.insert("cold_seconds".into(), json!(util::round3(secs)));
-        m.insert(
-            "cold_connects_per_s".into(),
-            json!(if secs > 0.0 { (c.ok as f64 / secs).round() } else { 0.0 }),
-        );
+        m.insert("cold_connects_per_s".into(), json!(util::per_s(c.ok, secs)));
         if !c.codes.is_empty() {
             m.insert("cold_failures".into(), json!(c.codes));
         }

@@ -1,12 +1,15 @@
 //! Shared helpers: timestamps in payloads, latency statistics, the JSON result line,
 //! readiness signalling, file-descriptor limits, sockets bound to source addresses.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use clap::Args;
 use serde_json::{json, Map, Value};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -94,8 +97,7 @@ pub fn base(kind: &str, msgs: u64, seconds: f64, errors: u64) -> Map<String, Val
     m.insert("kind".into(), json!(kind));
     m.insert("msgs".into(), json!(msgs));
     m.insert("seconds".into(), json!(round3(seconds)));
-    let rate = if seconds > 0.0 { msgs as f64 / seconds } else { 0.0 };
-    m.insert("msgs_per_s".into(), json!(rate.round()));
+    m.insert("msgs_per_s".into(), json!(per_s(msgs, seconds)));
     m.insert("errors".into(), json!(errors));
     m
 }
@@ -329,4 +331,191 @@ impl Collector {
         lat.report("", &mut m);
         m
     }
+}
+
+/// Messages (requests, connects, commands) per second, rounded; 0 over no time.
+pub fn per_s(n: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        (n as f64 / seconds).round()
+    } else {
+        0.0
+    }
+}
+
+/// Source address `i` of a list, round robin (none for an empty list).
+pub fn spread(sources: &[IpAddr], i: usize) -> Option<IpAddr> {
+    (!sources.is_empty()).then(|| sources[i % sources.len()])
+}
+
+/// The device behind client `i` for `{i}` templates: `i` modulo `devices` (0: one each).
+pub fn device(i: usize, devices: usize) -> usize {
+    if devices > 0 {
+        i % devices
+    } else {
+        i
+    }
+}
+
+/// How much load: a total count or a duration, the same for every sending subcommand
+/// but for the default count.
+#[derive(Args, Debug, Clone)]
+pub struct Amount<const COUNT: u64> {
+    /// Total messages (requests, CONNECTs, commands) over all connections (unless
+    /// --duration).
+    #[arg(long, default_value = default_str(COUNT))]
+    pub count: u64,
+    /// Send for this many seconds instead of a count.
+    #[arg(long)]
+    pub duration: Option<f64>,
+}
+
+/// `n` as a clap default value. Not `default_value_t`: the derive keeps that string in a
+/// static, which every `Amount<COUNT>` would share. Leaks a few bytes per subcommand, once.
+fn default_str(n: u64) -> &'static str {
+    n.to_string().leak()
+}
+
+impl<const COUNT: u64> Amount<COUNT> {
+    /// When sending stops, for a load that started at `start` (none: at the count).
+    pub fn deadline(&self, start: Instant) -> Option<Instant> {
+        self.duration.map(|d| start + Duration::from_secs_f64(d))
+    }
+
+    /// Part `i` of `parts`' share of the count (unbounded with a duration).
+    pub fn quota(&self, parts: usize, i: usize) -> u64 {
+        if self.duration.is_some() {
+            u64::MAX
+        } else {
+            share(self.count, parts, i)
+        }
+    }
+}
+
+/// What a publisher sends: how much, of which size and how fast.
+#[derive(Args, Debug, Clone)]
+pub struct Sending<const COUNT: u64> {
+    #[command(flatten)]
+    pub amount: Amount<COUNT>,
+    /// Payload size in bytes (at least 8: the send timestamp).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Target rate in messages (requests) per second over all connections (clients);
+    /// default: flat out.
+    #[arg(long)]
+    pub rate: Option<f64>,
+}
+
+impl<const COUNT: u64> Sending<COUNT> {
+    /// Each of `parts` connections' share of the target rate.
+    pub fn rate_of(&self, parts: usize) -> Option<f64> {
+        self.rate.map(|r| r / parts as f64)
+    }
+}
+
+/// When a receiving subcommand stops, and how it says it is ready.
+#[derive(Args, Debug)]
+pub struct Until {
+    /// Stop after this many messages (0: only on the idle timeout).
+    #[arg(long, default_value_t = 0)]
+    pub expect: u64,
+    /// Stop when nothing arrived for this many seconds (after the first message).
+    #[arg(long, default_value_t = 3.0)]
+    pub idle_timeout: f64,
+    /// Give up when nothing arrived within this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    pub start_timeout: f64,
+    /// File created once receiving (subscribed, links attached).
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+impl Until {
+    /// Signals readiness (`detail`), then waits as the options say for the messages
+    /// `collector` counts; returns how that ended (see [`Collector::wait`]).
+    pub async fn wait(&self, collector: &Collector, detail: &str) -> &'static str {
+        signal_ready(&self.ready_file, detail);
+        collector
+            .wait(
+                self.expect,
+                Duration::from_secs_f64(self.idle_timeout),
+                Duration::from_secs_f64(self.start_timeout),
+            )
+            .await
+    }
+}
+
+/// What one task of a load counted, added up over all of them; each subcommand uses the
+/// counters that apply to it.
+#[derive(Default)]
+pub struct Stats {
+    /// Messages (requests) sent.
+    pub sent: u64,
+    /// Successful outcomes: PUBACKs, 2xx or 2.xx responses, accepted CONNECTs.
+    pub ok: u64,
+    pub errors: u64,
+    /// Requests without a response in time.
+    pub timeouts: u64,
+    pub lat: Latencies,
+    /// Failures by kind: HTTP status, CoAP response code, CONNACK code or error.
+    pub codes: BTreeMap<String, u64>,
+    /// The first error.
+    pub error: Option<String>,
+    /// When the task was done (its last response, or its last send).
+    pub finished: Option<Instant>,
+}
+
+impl Stats {
+    /// One error; the first one is kept.
+    pub fn fail(&mut self, error: impl Into<String>) {
+        self.errors += 1;
+        self.error.get_or_insert(error.into());
+    }
+
+    /// One failure of kind `code`.
+    pub fn count(&mut self, code: impl Into<String>) {
+        *self.codes.entry(code.into()).or_default() += 1;
+    }
+
+    pub fn merge(&mut self, other: Stats) {
+        self.sent += other.sent;
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+        self.lat.merge(other.lat);
+        for (k, v) in other.codes {
+            *self.codes.entry(k).or_default() += v;
+        }
+        self.error = self.error.take().or(other.error);
+        self.finished = self.finished.max(other.finished);
+    }
+
+    /// From `start` to when the last task was done.
+    pub fn seconds_since(&self, start: Instant) -> f64 {
+        self.finished.map_or(0.0, |f| f.saturating_duration_since(start).as_secs_f64())
+    }
+
+    /// Adds the failures by kind (under `codes_key`, if any), the latencies (prefixed)
+    /// and the first error to `out`.
+    pub fn report(self, codes_key: &str, lat_prefix: &str, out: &mut Map<String, Value>) {
+        if !self.codes.is_empty() {
+            out.insert(codes_key.into(), json!(self.codes));
+        }
+        self.lat.report(lat_prefix, out);
+        if let Some(e) = self.error {
+            out.insert("first_error".into(), json!(e));
+        }
+    }
+}
+
+/// Waits for every task and adds up their statistics; a task that did not return (it
+/// panicked) counts as one error.
+pub async fn join_all(tasks: Vec<JoinHandle<Stats>>) -> Stats {
+    let mut total = Stats::default();
+    for t in tasks {
+        match t.await {
+            Ok(s) => total.merge(s),
+            Err(e) => total.fail(e.to_string()),
+        }
+    }
+    total
 }
