@@ -664,20 +664,29 @@ class Suite:
         finally:
             server.stop()
 
+    def series(self, key, side, count, run, describe):
+        """A warm-up `run(n, warm=True)` of a tenth of `count` (at least 500), then the measured
+        runs of `count`, each recorded under `key` and logged as `describe(number, run)`."""
+        run(max(count // 10, 500), True)
+        runs = []
+        for i in range(self.runs):
+            runs.append(run(count, False))
+            self.record(key, side, runs[-1])
+            log(describe(i + 1, runs[-1]))
+        return runs
+
+    def mqtt_servers(self, key):
+        return self.servers(lambda: Ferrule(self, key, devices=self.args.connections), lambda: Mosquitto(self, key))
+
     def scenario_qos0(self):
         count = self.count("qos0")
-        for side, make in self.servers(lambda: Ferrule(self, "qos0", devices=self.args.connections),
-                                       lambda: Mosquitto(self, "qos0")):
+        for side, make in self.mqtt_servers("qos0"):
             def body(server):
-                self.mqtt_pair("qos0", server, 0, max(count // 10, 500), warm=True)
-                rates = []
-                for i in range(self.runs):
-                    run = self.mqtt_pair("qos0", server, 0, count)
-                    rates.append(run["rate"])
-                    self.record("qos0", side, run)
-                    log(f"qos0 {server.label} run {i + 1}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms lost {run['lost']}")
+                runs = self.series("qos0", side, count, lambda n, warm: self.mqtt_pair("qos0", server, 0, n, warm=warm),
+                                   lambda i, run: f"qos0 {server.label} run {i}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms "
+                                                  f"lost {run['lost']}")
                 # p99 at half load: half the median throughput.
-                rate = statistics.median(rates) / 2
+                rate = statistics.median(run["rate"] for run in runs) / 2
                 seconds = 2 if self.smoke else max(2, 10 * self.scale)
                 n = max(int(rate * seconds), 100)
                 for i in range(self.runs):
@@ -689,25 +698,20 @@ class Suite:
 
     def scenario_qos1(self):
         count = self.count("qos1")
-        for side, make in self.servers(lambda: Ferrule(self, "qos1", devices=self.args.connections),
-                                       lambda: Mosquitto(self, "qos1")):
+        for side, make in self.mqtt_servers("qos1"):
             def body(server):
-                self.mqtt_pair("qos1", server, 1, max(count // 10, 500), warm=True)
-                for i in range(self.runs):
-                    run = self.mqtt_pair("qos1", server, 1, count)
-                    self.record("qos1", side, run)
-                    log(f"qos1 {server.label} run {i + 1}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms")
+                self.series("qos1", side, count, lambda n, warm: self.mqtt_pair("qos1", server, 1, n, warm=warm),
+                            lambda i, run: f"qos1 {server.label} run {i}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms")
             self.with_server(make(), body)
 
     def scenario_events(self):
         count = self.count("events")
 
         def body(server):
-            self.mqtt_pair("events", server, 1, max(count // 10, 500), topic="event", warm=True)
-            for i in range(self.runs):
-                run = self.mqtt_pair("events", server, 1, count, topic="event")
-                self.record("events", "ferrule", run)
-                log(f"events run {i + 1}: {run['rate']:.0f} msgs/s PUBACK p99 {run['puback_p99']} ms, end-to-end p99 {run['p99']} ms")
+            self.series("events", "ferrule", count,
+                        lambda n, warm: self.mqtt_pair("events", server, 1, n, topic="event", warm=warm),
+                        lambda i, run: f"events run {i}: {run['rate']:.0f} msgs/s PUBACK p99 {run['puback_p99']} ms, "
+                                       f"end-to-end p99 {run['p99']} ms")
         self.with_server(Ferrule(self, "events", devices=self.args.connections), body)
 
     def http_run(self, key, server, count, warm=False):
@@ -744,11 +748,8 @@ class Suite:
             makers.append(("peer", lambda: HelloServer(self)))
         for side, make in makers:
             def body(server):
-                self.http_run("http", server, max(count // 10, 500), warm=True)
-                for i in range(self.runs):
-                    run = self.http_run("http", server, count)
-                    self.record("http", side, run)
-                    log(f"http {server.label} run {i + 1}: {run['rate']:.0f} req/s p99 {run['p99']} ms")
+                self.series("http", side, count, lambda n, warm: self.http_run("http", server, n, warm=warm),
+                            lambda i, run: f"http {server.label} run {i}: {run['rate']:.0f} req/s p99 {run['p99']} ms")
             self.with_server(make(), body)
 
     def coap_run(self, key, server, kind, count, warm=False):
@@ -781,11 +782,9 @@ class Suite:
         def body(server):
             for kind in ("non", "con"):
                 key = f"coap-{kind}"
-                self.coap_run(key, server, kind, max(count // 10, 500), warm=True)
-                for i in range(self.runs):
-                    run = self.coap_run(key, server, kind, count)
-                    self.record(key, "ferrule", run)
-                    log(f"CoAP {kind.upper()} run {i + 1}: {run['rate']:.0f} msgs/s (responses {run['ack_rate']:.0f}/s), lost {run['lost']}")
+                self.series(key, "ferrule", count, lambda n, warm: self.coap_run(key, server, kind, n, warm=warm),
+                            lambda i, run: f"CoAP {kind.upper()} run {i}: {run['rate']:.0f} msgs/s "
+                                           f"(responses {run['ack_rate']:.0f}/s), lost {run['lost']}")
         self.with_server(Ferrule(self, "coap", devices=self.args.connections, passwords=False), body)
 
     def idle_run(self, make, label, n):
