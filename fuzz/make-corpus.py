@@ -25,20 +25,19 @@ NULL = b"\x40"
 TRUE, FALSE = b"\x41", b"\x42"
 
 
-def uint(n):
-    if n == 0:
-        return b"\x43"
-    if n < 256:
-        return b"\x52" + bytes([n])
-    return b"\x70" + struct.pack(">I", n)
+def unsigned(zero, small, wide, fmt):
+    """The encoder of an unsigned type with a zero-width form for 0 and a one-byte form."""
+    def encode(n):
+        if n == 0:
+            return zero
+        if n < 256:
+            return small + bytes([n])
+        return wide + struct.pack(fmt, n)
+    return encode
 
 
-def ulong(n):
-    if n == 0:
-        return b"\x44"
-    if n < 256:
-        return b"\x53" + bytes([n])
-    return b"\x80" + struct.pack(">Q", n)
+uint = unsigned(b"\x43", b"\x52", b"\x70", ">I")
+ulong = unsigned(b"\x44", b"\x53", b"\x80", ">Q")
 
 
 def ubyte(n):
@@ -55,9 +54,13 @@ def int_(n):
     return b"\x71" + struct.pack(">i", n)
 
 
+def variable(small, wide, b):
+    """A variable-width value: one-byte length (below 256 bytes) or four-byte length."""
+    return (small + bytes([len(b)]) if len(b) < 256 else wide + struct.pack(">I", len(b))) + b
+
+
 def string(s):
-    b = s.encode()
-    return (b"\xa1" + bytes([len(b)]) if len(b) < 256 else b"\xb1" + struct.pack(">I", len(b))) + b
+    return variable(b"\xa1", b"\xb1", s.encode())
 
 
 def symbol(s):
@@ -66,7 +69,7 @@ def symbol(s):
 
 
 def binary(b):
-    return (b"\xa0" + bytes([len(b)]) if len(b) < 256 else b"\xb0" + struct.pack(">I", len(b))) + b
+    return variable(b"\xa0", b"\xb0", b)
 
 
 def timestamp(ms):
