@@ -1,7 +1,14 @@
 //! Test support shared by the adapters' integration tests: a device registry held in
 //! memory that answers as the real one does (`src/wiring.rs` over the registry's
-//! `AuthService`: the same errors for the same cases), and a command router over it.
-#![allow(dead_code)]
+//! `AuthService`: the same errors for the same cases), and a command router over it;
+//! in the submodules, one setup for every adapter (`platform`), the application's side
+//! (`amqp`), the device clients (`clients`, `raw_mqtt`).
+#![allow(dead_code)] // each test binary uses a different part
+
+pub mod amqp;
+pub mod clients;
+pub mod platform;
+pub mod raw_mqtt;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,6 @@
 //! A raw MQTT 3.1.1 client for the adapter tests: controls PUBACKs, subscribes and
 //! publishes on one connection (mosquitto's command line clients cannot), and holds many
 //! connections cheaply. Shared by tests/mqtt.rs and tests/mqtt_commands.rs.
-#![allow(dead_code)] // each test binary uses a different part
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -153,6 +152,11 @@ impl RawClient {
         tokio::time::timeout(Duration::from_secs(30), read)
             .await
             .expect("a packet or a close in time")
+    }
+
+    /// The type (high nibble) of the next packet, or `None` once the server closed.
+    pub async fn packet_type(&mut self) -> Option<u8> {
+        self.read_packet().await.map(|(header, _)| header >> 4)
     }
 
     /// True once the server has closed the connection (packets before that are skipped).

@@ -1,0 +1,193 @@
+//! One setup for every adapter test: a [`MemoryRegistry`], an in-memory broker (with the
+//! real command router installed, for the command tests), and the adapter started on
+//! ephemeral ports of 127.0.0.1; all of it stopped when the [`Platform`] is dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferrule_adapters::coap::{CoapAdapter, CoapConfig};
+use ferrule_adapters::http::{HttpAdapter, HttpConfig};
+use ferrule_adapters::mqtt::{self, MqttAdapter, MqttConfig};
+use ferrule_adapters::Downstream;
+use ferrule_command_control::CommandRouter;
+use ferrule_messaging::{Broker, Consumer, Message, Outcome, SubscribeOptions};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::MemoryRegistry;
+
+/// The tenants and devices most tests use: `t1` with `d1` (password `pw1`), the gateway
+/// `gw` (`gwpw`) and `child` (which lists `gw` in `via`); `t2` with `d9` (`pw9`).
+pub fn devices() -> MemoryRegistry {
+    MemoryRegistry::new()
+        .tenant("t1")
+        .tenant("t2")
+        .device("t1", "d1", "pw1")
+        .device("t1", "gw", "gwpw")
+        .device_via("t1", "child", "", &["gw"])
+        .device("t2", "d9", "pw9")
+}
+
+/// An adapter as a test starts it: listening on ephemeral ports of 127.0.0.1, serving
+/// until `shutdown`.
+pub trait Adapter: Sized {
+    type Config;
+
+    async fn start(
+        config: Self::Config,
+        downstream: Downstream,
+        registry: Arc<MemoryRegistry>,
+        router: Option<CommandRouter>,
+        shutdown: CancellationToken,
+    ) -> Self;
+}
+
+impl Adapter for MqttAdapter {
+    type Config = MqttConfig;
+
+    async fn start(
+        config: MqttConfig,
+        downstream: Downstream,
+        registry: Arc<MemoryRegistry>,
+        router: Option<CommandRouter>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let config = MqttConfig { listen: "127.0.0.1:0".parse().unwrap(), ..config };
+        mqtt::start_with_commands(config, downstream, registry, router, shutdown)
+            .expect("adapter starts")
+    }
+}
+
+/// The HTTP adapter, serving on `addr`.
+pub struct Http {
+    pub addr: SocketAddr,
+}
+
+impl Adapter for Http {
+    type Config = HttpConfig;
+
+    async fn start(
+        config: HttpConfig,
+        downstream: Downstream,
+        registry: Arc<MemoryRegistry>,
+        router: Option<CommandRouter>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let config = HttpConfig { listen: "127.0.0.1:0".parse().unwrap(), ..config };
+        let adapter =
+            HttpAdapter::bind(config, downstream, registry, router).await.expect("adapter binds");
+        let addr = adapter.local_addr();
+        tokio::spawn(adapter.run(shutdown));
+        Http { addr }
+    }
+}
+
+/// The CoAP adapter, serving DTLS on `dtls` and, where unauthenticated devices are
+/// allowed, plain UDP on `udp`.
+pub struct Coap {
+    pub udp: Option<SocketAddr>,
+    pub dtls: SocketAddr,
+}
+
+impl Adapter for Coap {
+    type Config = CoapConfig;
+
+    async fn start(
+        config: CoapConfig,
+        downstream: Downstream,
+        registry: Arc<MemoryRegistry>,
+        router: Option<CommandRouter>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let any = "127.0.0.1:0".parse().unwrap();
+        let config = CoapConfig { listen: any, listen_dtls: any, ..config };
+        let adapter =
+            CoapAdapter::bind(config, downstream, registry, router).await.expect("adapter binds");
+        let (udp, dtls) = (adapter.local_addr(), adapter.local_dtls_addr());
+        tokio::spawn(adapter.run(shutdown));
+        Coap { udp, dtls }
+    }
+}
+
+/// A running adapter with its registry and broker; stops the adapter when dropped.
+pub struct Platform<A> {
+    pub adapter: A,
+    pub broker: Broker,
+    /// The adapter's downstream (its counters).
+    pub downstream: Downstream,
+    pub registry: MemoryRegistry,
+    pub shutdown: CancellationToken,
+}
+
+impl<A> Drop for Platform<A> {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl<A: Adapter> Platform<A> {
+    /// Starts the adapter without commands.
+    pub async fn start(registry: MemoryRegistry, config: A::Config) -> Self {
+        Self::launch(registry, config, false).await
+    }
+
+    /// Starts the adapter with the command router installed (see
+    /// [`super::broker_with_commands`]).
+    pub async fn with_commands(registry: MemoryRegistry, config: A::Config) -> Self {
+        Self::launch(registry, config, true).await
+    }
+
+    async fn launch(registry: MemoryRegistry, config: A::Config, commands: bool) -> Self {
+        let (broker, router) = if commands {
+            let (broker, router) = super::broker_with_commands(&registry);
+            (broker, Some(router))
+        } else {
+            (Broker::in_memory(&Default::default()), None)
+        };
+        let downstream = Downstream::new(broker.clone());
+        let shutdown = CancellationToken::new();
+        let registry_arc = Arc::new(registry.clone());
+        let adapter =
+            A::start(config, downstream.clone(), registry_arc, router, shutdown.clone()).await;
+        Platform { adapter, broker, downstream, registry, shutdown }
+    }
+}
+
+impl<A> Platform<A> {
+    /// A consumer on `address` with `credit`.
+    pub fn consumer(&self, address: &str, credit: u32) -> Consumer {
+        let consumer =
+            self.broker.subscribe(address, &SubscribeOptions::default()).expect("address exists");
+        consumer.add_credit(credit);
+        consumer
+    }
+
+    /// Sends a command as the application (to `command/t1`); resolves to its disposition.
+    pub fn send_command(&self, message: Message) -> JoinHandle<Outcome> {
+        let submission = self.broker.submit("command/t1", message, false);
+        tokio::spawn(submission.outcome())
+    }
+}
+
+impl Platform<MqttAdapter> {
+    pub fn addr(&self) -> SocketAddr {
+        self.adapter.local_addr()
+    }
+}
+
+impl Platform<Http> {
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.adapter.addr)
+    }
+}
+
+impl Platform<Coap> {
+    pub fn udp(&self) -> SocketAddr {
+        self.adapter.udp.expect("plain UDP is on (allow_unauthenticated)")
+    }
+
+    pub fn dtls(&self) -> SocketAddr {
+        self.adapter.dtls
+    }
+}
