@@ -34,6 +34,35 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// Declares structs of Hono's schema: `Clone`, `Debug`, `PartialEq`, serde with kebab-case
+/// property names and unknown properties refused. Every `Option` field is an optional
+/// property: absent is `None`, an explicit `null` is refused ([`no_null`]) and `None` is
+/// left out of the JSON. Other fields keep the attributes written on them.
+macro_rules! schema {
+    ($($(#[$m:meta])* pub struct $name:ident $(<$g:ident>)? { $($fields:tt)* })*) => {
+        $(schema!(@fields [$(#[$m])* pub struct $name $(<$g>)?] [] $($fields)*);)*
+    };
+    // An `Option` field: an optional property.
+    (@fields $head:tt [$($done:tt)*]
+        $(#[$fm:meta])* pub $f:ident: Option<$t:ty>, $($rest:tt)*) => {
+        schema!(@fields $head [$($done)*
+            $(#[$fm])*
+            #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
+            pub $f: Option<$t>,
+        ] $($rest)*);
+    };
+    // Any other field, as written.
+    (@fields $head:tt [$($done:tt)*] $(#[$fm:meta])* pub $f:ident: $t:ty, $($rest:tt)*) => {
+        schema!(@fields $head [$($done)* $(#[$fm])* pub $f: $t,] $($rest)*);
+    };
+    (@fields [$(#[$m:meta])* pub struct $name:ident $(<$g:ident>)?] [$($done:tt)*]) => {
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        $(#[$m])*
+        pub struct $name $(<$g>)? { $($done)* }
+    };
+}
+
 /// Why an identifier was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdError {
@@ -117,43 +146,33 @@ macro_rules! id_newtype {
 id_newtype!(TenantId, "tenant id", "^[a-zA-Z0-9-_.]+$", &[]);
 id_newtype!(DeviceId, "device id", "^[a-zA-Z0-9-_.:=]+$", &[':', '=']);
 
-/// A tenant's configuration (`Tenant` schema).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Tenant {
-    /// Disabled tenants' devices cannot connect.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Alternative identifier; stored, not used for look-ups.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub alias: Option<String>,
-    /// Free-form extension properties.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub ext: Option<JsonMap>,
-    /// Per-adapter configuration; absent means all adapters enabled with defaults.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub adapters: Option<Vec<Adapter>>,
-    /// Defaults applied to the tenant's devices.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub defaults: Option<JsonMap>,
-    /// Minimum message size used for accounting.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub minimum_message_size: Option<i64>,
-    /// Limits on the number of devices and credentials.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub registration_limits: Option<RegistrationLimits>,
-    /// Connection, TTL and data-volume limits.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub resource_limits: Option<ResourceLimits>,
-    /// Tracing sampling configuration.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub tracing: Option<TracingConfig>,
-    /// Group of tenants that may share trusted CA subject DNs.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub trust_anchor_group: Option<String>,
-    /// Trusted root CAs for X.509 client authentication.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub trusted_ca: Option<Vec<TrustedCa>>,
+schema! {
+    /// A tenant's configuration (`Tenant` schema).
+    pub struct Tenant {
+        /// Disabled tenants' devices cannot connect.
+        #[serde(default = "yes")]
+        pub enabled: bool,
+        /// Alternative identifier; stored, not used for look-ups.
+        pub alias: Option<String>,
+        /// Free-form extension properties.
+        pub ext: Option<JsonMap>,
+        /// Per-adapter configuration; absent means all adapters enabled with defaults.
+        pub adapters: Option<Vec<Adapter>>,
+        /// Defaults applied to the tenant's devices.
+        pub defaults: Option<JsonMap>,
+        /// Minimum message size used for accounting.
+        pub minimum_message_size: Option<i64>,
+        /// Limits on the number of devices and credentials.
+        pub registration_limits: Option<RegistrationLimits>,
+        /// Connection, TTL and data-volume limits.
+        pub resource_limits: Option<ResourceLimits>,
+        /// Tracing sampling configuration.
+        pub tracing: Option<TracingConfig>,
+        /// Group of tenants that may share trusted CA subject DNs.
+        pub trust_anchor_group: Option<String>,
+        /// Trusted root CAs for X.509 client authentication.
+        pub trusted_ca: Option<Vec<TrustedCa>>,
+    }
 }
 
 impl Default for Tenant {
@@ -215,97 +234,70 @@ pub struct Adapter {
     pub other: JsonMap,
 }
 
-/// `RegistrationLimits` schema.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RegistrationLimits {
-    /// -1: no limit.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub max_devices: Option<i64>,
-    /// -1: no limit.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub max_credentials_per_device: Option<i64>,
-}
+schema! {
+    /// `RegistrationLimits` schema.
+    pub struct RegistrationLimits {
+        /// -1: no limit.
+        pub max_devices: Option<i64>,
+        /// -1: no limit.
+        pub max_credentials_per_device: Option<i64>,
+    }
 
-/// `ResourceLimit` schema.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ResourceLimits {
-    /// -1: no limit.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<i64>,
-    /// Seconds; -1: no limit.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub max_ttl: Option<i64>,
-    /// Seconds; -1: no limit.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub max_ttl_telemetry_qos0: Option<i64>,
-    /// Seconds; -1: no limit.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub max_ttl_telemetry_qos1: Option<i64>,
-    /// Seconds; -1: no limit.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub max_ttl_command_response: Option<i64>,
-    /// Data volume per accounting period.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub data_volume: Option<DataVolume>,
-    /// Connection time per accounting period.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub connection_duration: Option<ConnectionDuration>,
-    /// Extension properties.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub ext: Option<JsonMap>,
-}
+    /// `ResourceLimit` schema.
+    pub struct ResourceLimits {
+        /// -1: no limit.
+        pub max_connections: Option<i64>,
+        /// Seconds; -1: no limit.
+        pub max_ttl: Option<i64>,
+        /// Seconds; -1: no limit.
+        pub max_ttl_telemetry_qos0: Option<i64>,
+        /// Seconds; -1: no limit.
+        pub max_ttl_telemetry_qos1: Option<i64>,
+        /// Seconds; -1: no limit.
+        pub max_ttl_command_response: Option<i64>,
+        /// Data volume per accounting period.
+        pub data_volume: Option<DataVolume>,
+        /// Connection time per accounting period.
+        pub connection_duration: Option<ConnectionDuration>,
+        /// Extension properties.
+        pub ext: Option<JsonMap>,
+    }
 
-/// `DataVolume` schema.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct DataVolume {
-    /// When the limit takes effect.
-    pub effective_since: DateTime<Utc>,
-    /// -1: no limit.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub max_bytes: Option<i64>,
-    /// Accounting period.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub period: Option<Period>,
-}
+    /// `DataVolume` schema.
+    pub struct DataVolume {
+        /// When the limit takes effect.
+        pub effective_since: DateTime<Utc>,
+        /// -1: no limit.
+        pub max_bytes: Option<i64>,
+        /// Accounting period.
+        pub period: Option<Period>,
+    }
 
-/// `ConnectionDuration` schema.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ConnectionDuration {
-    /// When the limit takes effect.
-    pub effective_since: DateTime<Utc>,
-    /// -1: no limit.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub max_minutes: Option<i64>,
-    /// Accounting period.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub period: Option<Period>,
-}
+    /// `ConnectionDuration` schema.
+    pub struct ConnectionDuration {
+        /// When the limit takes effect.
+        pub effective_since: DateTime<Utc>,
+        /// -1: no limit.
+        pub max_minutes: Option<i64>,
+        /// Accounting period.
+        pub period: Option<Period>,
+    }
 
-/// `Period` schema.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Period {
-    /// `monthly` or `days`.
-    pub mode: String,
-    /// Period length for mode `days`.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub no_of_days: Option<i64>,
-}
+    /// `Period` schema.
+    pub struct Period {
+        /// `monthly` or `days`.
+        pub mode: String,
+        /// Period length for mode `days`.
+        pub no_of_days: Option<i64>,
+    }
 
-/// `TracingConfig` schema.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct TracingConfig {
-    /// `default`, `all` or `none`.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub sampling_mode: Option<SamplingMode>,
-    /// Per auth-id sampling mode.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub sampling_mode_per_auth_id: Option<std::collections::BTreeMap<String, SamplingMode>>,
+    /// `TracingConfig` schema.
+    pub struct TracingConfig {
+        /// `default`, `all` or `none`.
+        pub sampling_mode: Option<SamplingMode>,
+        /// Per auth-id sampling mode.
+        pub sampling_mode_per_auth_id: Option<std::collections::BTreeMap<String, SamplingMode>>,
+    }
 }
 
 /// Trace sampling mode.
@@ -320,109 +312,77 @@ pub enum SamplingMode {
     None,
 }
 
-/// `TrustedCA` schema. `cert` is stored as given (base64 DER) and not expanded into its
-/// parts in API answers; device authentication parses it (`x509.rs`) to verify client
-/// certificates issued by this CA.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct TrustedCa {
-    /// Unique among the tenant's CAs; assigned by the registry if absent.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// RFC 2253 subject DN.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub subject_dn: Option<String>,
-    /// DER subject DN, base64.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub subject_dn_bytes: Option<String>,
-    /// DER public key, base64.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub public_key: Option<String>,
-    /// Key algorithm (`RSA` default, `EC`).
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub algorithm: Option<String>,
-    /// Start of validity.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub not_before: Option<DateTime<Utc>>,
-    /// End of validity.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub not_after: Option<DateTime<Utc>>,
-    /// DER certificate, base64.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub cert: Option<String>,
-    /// Template for auth-ids derived from client certificates.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub auth_id_template: Option<String>,
-    /// Auto-provisioning of devices.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub auto_provisioning_enabled: bool,
-    /// Auto-provisioning as gateways.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub auto_provision_as_gateway: bool,
-    /// Device-id template for auto-provisioning.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub auto_provisioning_device_id_template: Option<String>,
-    /// OCSP revocation checks.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub ocsp_revocation_enabled: bool,
-    /// OCSP responder.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub ocsp_responder_uri: Option<String>,
-    /// OCSP responder certificate.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub ocsp_responder_cert: Option<String>,
-    /// OCSP nonce.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub ocsp_nonce_enabled: bool,
-}
+schema! {
+    /// `TrustedCA` schema. `cert` is stored as given (base64 DER) and not expanded into its
+    /// parts in API answers; device authentication parses it (`x509.rs`) to verify client
+    /// certificates issued by this CA.
+    pub struct TrustedCa {
+        /// Unique among the tenant's CAs; assigned by the registry if absent.
+        pub id: Option<String>,
+        /// RFC 2253 subject DN.
+        pub subject_dn: Option<String>,
+        /// DER subject DN, base64.
+        pub subject_dn_bytes: Option<String>,
+        /// DER public key, base64.
+        pub public_key: Option<String>,
+        /// Key algorithm (`RSA` default, `EC`).
+        pub algorithm: Option<String>,
+        /// Start of validity.
+        pub not_before: Option<DateTime<Utc>>,
+        /// End of validity.
+        pub not_after: Option<DateTime<Utc>>,
+        /// DER certificate, base64.
+        pub cert: Option<String>,
+        /// Template for auth-ids derived from client certificates.
+        pub auth_id_template: Option<String>,
+        /// Auto-provisioning of devices.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub auto_provisioning_enabled: bool,
+        /// Auto-provisioning as gateways.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub auto_provision_as_gateway: bool,
+        /// Device-id template for auto-provisioning.
+        pub auto_provisioning_device_id_template: Option<String>,
+        /// OCSP revocation checks.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub ocsp_revocation_enabled: bool,
+        /// OCSP responder.
+        pub ocsp_responder_uri: Option<String>,
+        /// OCSP responder certificate.
+        pub ocsp_responder_cert: Option<String>,
+        /// OCSP nonce.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub ocsp_nonce_enabled: bool,
+    }
 
-/// A device's registration (`Device` schema).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Device {
-    /// Disabled devices cannot connect, and gateways cannot act for them.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Defaults for the device's messages.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub defaults: Option<JsonMap>,
-    /// Gateways allowed to act on behalf of this device.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub via: Option<Vec<String>>,
-    /// Gateway groups allowed to act on behalf of this device.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        rename = "viaGroups",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub via_groups: Option<Vec<String>>,
-    /// Groups this (gateway) device is a member of.
-    #[serde(
-        default,
-        deserialize_with = "no_null",
-        rename = "memberOf",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub member_of: Option<Vec<String>>,
-    /// Authorities granted to the device (e.g. `auto-provisioning-enabled`).
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub authorities: Option<Vec<String>>,
-    /// Downstream payload mapper name.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub downstream_message_mapper: Option<String>,
-    /// Upstream payload mapper name.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub upstream_message_mapper: Option<String>,
-    /// Extension properties.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub ext: Option<JsonMap>,
-    /// Registry-maintained metadata; ignored on input.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub status: Option<DeviceStatus>,
-    /// Where commands are sent for devices reached over HTTP callbacks.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub command_endpoint: Option<CommandEndpoint>,
+    /// A device's registration (`Device` schema).
+    pub struct Device {
+        /// Disabled devices cannot connect, and gateways cannot act for them.
+        #[serde(default = "yes")]
+        pub enabled: bool,
+        /// Defaults for the device's messages.
+        pub defaults: Option<JsonMap>,
+        /// Gateways allowed to act on behalf of this device.
+        pub via: Option<Vec<String>>,
+        /// Gateway groups allowed to act on behalf of this device.
+        #[serde(rename = "viaGroups")]
+        pub via_groups: Option<Vec<String>>,
+        /// Groups this (gateway) device is a member of.
+        #[serde(rename = "memberOf")]
+        pub member_of: Option<Vec<String>>,
+        /// Authorities granted to the device (e.g. `auto-provisioning-enabled`).
+        pub authorities: Option<Vec<String>>,
+        /// Downstream payload mapper name.
+        pub downstream_message_mapper: Option<String>,
+        /// Upstream payload mapper name.
+        pub upstream_message_mapper: Option<String>,
+        /// Extension properties.
+        pub ext: Option<JsonMap>,
+        /// Registry-maintained metadata; ignored on input.
+        pub status: Option<DeviceStatus>,
+        /// Where commands are sent for devices reached over HTTP callbacks.
+        pub command_endpoint: Option<CommandEndpoint>,
+    }
 }
 
 impl Default for Device {
@@ -458,39 +418,33 @@ impl Device {
     }
 }
 
-/// `Status` schema (read-only metadata).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct DeviceStatus {
-    /// Creation time.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub created: Option<DateTime<Utc>>,
-    /// Last update time.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub updated: Option<DateTime<Utc>>,
-    /// Last user who changed the device.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub last_user: Option<String>,
-    /// Whether the device was auto-provisioned.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub auto_provisioned: bool,
-    /// Whether the auto-provisioning notification was sent.
-    #[serde(default, skip_serializing_if = "is_false")]
-    pub auto_provisioning_notification_sent: bool,
-}
+schema! {
+    /// `Status` schema (read-only metadata).
+    #[derive(Default)]
+    pub struct DeviceStatus {
+        /// Creation time.
+        pub created: Option<DateTime<Utc>>,
+        /// Last update time.
+        pub updated: Option<DateTime<Utc>>,
+        /// Last user who changed the device.
+        pub last_user: Option<String>,
+        /// Whether the device was auto-provisioned.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub auto_provisioned: bool,
+        /// Whether the auto-provisioning notification was sent.
+        #[serde(default, skip_serializing_if = "is_false")]
+        pub auto_provisioning_notification_sent: bool,
+    }
 
-/// `command-endpoint` of a device.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct CommandEndpoint {
-    /// Target URI (`{{deviceId}}` placeholder).
-    pub uri: String,
-    /// Extra headers.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub headers: Option<JsonMap>,
-    /// Extra payload properties.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub payload_properties: Option<JsonMap>,
+    /// `command-endpoint` of a device.
+    pub struct CommandEndpoint {
+        /// Target URI (`{{deviceId}}` placeholder).
+        pub uri: String,
+        /// Extra headers.
+        pub headers: Option<JsonMap>,
+        /// Extra payload properties.
+        pub payload_properties: Option<JsonMap>,
+    }
 }
 
 /// The credential types (`type` discriminator).
@@ -663,22 +617,14 @@ macro_rules! secret_type {
             $($(#[$fm])* pub $f: $t,)*
         }
 
-        #[derive(Clone, Serialize, Deserialize)]
-        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-        #[doc(hidden)]
-        pub struct $wire {
-            #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
+        secret_type!(@wire $wire {
             id: Option<String>,
-            #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
             enabled: Option<bool>,
-            #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
             not_before: Option<DateTime<Utc>>,
-            #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
             not_after: Option<DateTime<Utc>>,
-            #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
             comment: Option<String>,
-            $(#[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")] $f: $t,)*
-        }
+            $($f: $t,)*
+        });
 
         impl AsRef<SecretMeta> for $name {
             fn as_ref(&self) -> &SecretMeta {
@@ -703,6 +649,16 @@ macro_rules! secret_type {
                     $($f: s.$f,)*
                 }
             }
+        }
+    };
+    // The flat wire struct: every property optional, as in [`schema!`] (not `Debug`: it
+    // holds secret material).
+    (@wire $wire:ident { $($f:ident: $t:ty,)* }) => {
+        #[derive(Clone, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+        #[doc(hidden)]
+        pub struct $wire {
+            $(#[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")] $f: $t,)*
         }
     };
 }
@@ -770,74 +726,43 @@ secret_type!(
     }
 );
 
+schema! {
+    /// Credentials with an auth-id and secrets of type `S` (`hashed-password`, `psk`, `rpk`).
+    pub struct SecretCredentials<S> {
+        /// The authentication identifier: a user name (`hashed-password`) or PSK identity
+        /// (`psk`), before `@tenant`; a raw public key's identifier (`rpk`).
+        pub auth_id: String,
+        /// Whether this entry may be used.
+        #[serde(default = "yes")]
+        pub enabled: bool,
+        /// Extension properties.
+        pub ext: Option<JsonMap>,
+        /// At least one secret.
+        pub secrets: Vec<S>,
+    }
+
+    /// `x509-cert` credentials.
+    pub struct X509Credentials {
+        /// RFC 2253 subject DN.
+        pub auth_id: Option<String>,
+        /// Whether this entry may be used.
+        #[serde(default = "yes")]
+        pub enabled: bool,
+        /// Extension properties.
+        pub ext: Option<JsonMap>,
+        /// Validity period (at most one secret).
+        pub secrets: Option<Vec<X509Secret>>,
+        /// DER certificate, base64 (write-only): its subject DN becomes the auth-id.
+        pub cert: Option<String>,
+    }
+}
+
 /// `hashed-password` credentials.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct PasswordCredentials {
-    /// User name part before `@tenant`.
-    pub auth_id: String,
-    /// Whether this entry may be used.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Extension properties.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub ext: Option<JsonMap>,
-    /// At least one secret.
-    pub secrets: Vec<PasswordSecret>,
-}
-
+pub type PasswordCredentials = SecretCredentials<PasswordSecret>;
 /// `psk` credentials.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct PskCredentials {
-    /// PSK identity before `@tenant`.
-    pub auth_id: String,
-    /// Whether this entry may be used.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Extension properties.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub ext: Option<JsonMap>,
-    /// At least one secret.
-    pub secrets: Vec<PskSecret>,
-}
-
-/// `x509-cert` credentials.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct X509Credentials {
-    /// RFC 2253 subject DN.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub auth_id: Option<String>,
-    /// Whether this entry may be used.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Extension properties.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub ext: Option<JsonMap>,
-    /// Validity period (at most one secret).
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub secrets: Option<Vec<X509Secret>>,
-    /// DER certificate, base64 (write-only): its subject DN becomes the auth-id.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub cert: Option<String>,
-}
-
+pub type PskCredentials = SecretCredentials<PskSecret>;
 /// `rpk` credentials (stored; no adapter uses them yet).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct RpkCredentials {
-    /// Authentication identifier.
-    pub auth_id: String,
-    /// Whether this entry may be used.
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    /// Extension properties.
-    #[serde(default, deserialize_with = "no_null", skip_serializing_if = "Option::is_none")]
-    pub ext: Option<JsonMap>,
-    /// At least one secret.
-    pub secrets: Vec<RpkSecret>,
-}
+pub type RpkCredentials = SecretCredentials<RpkSecret>;
 
 /// A stored value with its resource version (the ETag).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
