@@ -62,21 +62,57 @@ def command(device, name, body, reply_to=None, msg_id=None, **props):
                    properties=props or None)
 
 
-def test_request_response_and_one_way_to_an_mqtt_device(provisioned):
-    p = provisioned
-    device = MqttDevice(p, "d1@t1", "pw1", "command///req/#")
-    replies = Collector(p.url("t1"), "command_response/t1/app-1", name="replies")
-    replies.start()
-    conn = connect(p.url("t1"))
-    sender = conn.create_sender("command/t1", name="commands")
+class App:
+    """The application: a sender of commands to tenant t1 and, with `reply_to`, a collector of
+    the responses there."""
+
+    def __init__(self, platform, reply_to=None):
+        self.reply_to = reply_to
+        self.replies = None
+        if reply_to:
+            self.replies = Collector(platform.url("t1"), reply_to, name="replies")
+            self.replies.start()
+        self.conn = connect(platform.url("t1"))
+        self.sender = self.conn.create_sender("command/t1", name="commands")
+
+    def request(self, device, name, body, msg_id):
+        """Sends a request-response command answered on `reply_to`."""
+        self.sender.send(command(device, name, body, reply_to=self.reply_to, msg_id=msg_id))
+
+    def request_when_taken(self, device, name, body, msg_id, timeout, who):
+        """Retries the request until a polling device takes it (until then it is released)."""
+        deadline = time.time() + timeout
+        while True:
+            try:
+                return self.request(device, name, body, msg_id)
+            except SendException:
+                assert time.time() < deadline, f"the polling {who} never took the command"
+                time.sleep(0.2)
+
+    def close(self):
+        self.conn.close()
+        if self.replies:
+            self.replies.close()
+
+
+@pytest.fixture
+def app(provisioned):
+    """An App with responses to `command_response/t1/app-1`."""
+    app = App(provisioned, reply_to="command_response/t1/app-1")
+    yield app
+    app.close()
+
+
+def test_request_response_and_one_way_to_an_mqtt_device(provisioned, app):
+    device = MqttDevice(provisioned, "d1@t1", "pw1", "command///req/#")
     for i in range(3):
         mid = f"req-{i}-{uuid.uuid4()}"
-        sender.send(command("d1", "setVolume", f"v{i}".encode(), reply_to="command_response/t1/app-1", msg_id=mid))
-        reply = replies.next(timeout=10)
+        app.request("d1", "setVolume", f"v{i}".encode(), mid)
+        reply = app.replies.next(timeout=10)
         assert reply.correlation_id == mid
         assert reply.properties["status"] == 200
         assert bytes(reply.body) == f"re: v{i}".encode()
-    sender.send(command("d1", "reboot", b""))  # one-way: accepted once the device has it
+    app.sender.send(command("d1", "reboot", b""))  # one-way: accepted once the device has it
     deadline = time.time() + 5
     while not any(t.endswith("/reboot") for t, _ in device.received) and time.time() < deadline:
         time.sleep(0.05)
@@ -84,34 +120,24 @@ def test_request_response_and_one_way_to_an_mqtt_device(provisioned):
     assert one_way == ["command///req//reboot"]
     assert device.received[0][0].startswith("command///req/") and device.received[0][0].endswith("/setVolume")
     device.close()
-    conn.close()
-    replies.close()
 
 
-def test_gateway_subscribed_for_all_its_devices(provisioned):
-    p = provisioned
-    gw = MqttDevice(p, "gw@t1", "gwpw", "command//+/req/#")
-    replies = Collector(p.url("t1"), "command_response/t1/app-2", name="replies")
-    replies.start()
-    conn = connect(p.url("t1"))
-    sender = conn.create_sender("command/t1", name="commands")
-    sender.send(command("child", "open", b"door", reply_to="command_response/t1/app-2", msg_id="gw-1"))
-    reply = replies.next(timeout=10)
+def test_gateway_subscribed_for_all_its_devices(provisioned, app):
+    gw = MqttDevice(provisioned, "gw@t1", "gwpw", "command//+/req/#")
+    app.request("child", "open", b"door", "gw-1")
+    reply = app.replies.next(timeout=10)
     assert reply.correlation_id == "gw-1" and reply.properties["status"] == 200
     assert gw.received[0][0].startswith("command//child/req/")
     # d1 does not list gw in `via`: nobody may take the command.
     with pytest.raises(SendException) as err:
-        sender.send(command("d1", "open", b"x"))
+        app.sender.send(command("d1", "open", b"x"))
     assert err.value.state == RELEASED
     gw.close()
-    conn.close()
-    replies.close()
 
 
 def test_outcomes_released_and_rejected(provisioned):
-    p = provisioned
-    conn = connect(p.url("t1"))
-    sender = conn.create_sender("command/t1", name="commands")
+    app = App(provisioned)
+    sender = app.sender
     with pytest.raises(SendException) as err:
         sender.send(command("d1", "ping", b"x"))  # not connected
     assert err.value.state == RELEASED
@@ -121,31 +147,20 @@ def test_outcomes_released_and_rejected(provisioned):
     with pytest.raises(SendException) as err:
         sender.send(Message(address="command/t2/d1", subject="x", body=b"foreign"))
     assert err.value.state == REJECTED
-    conn.close()
+    app.close()
 
 
-def test_curl_device_long_polls_for_a_command(provisioned):
+def test_curl_device_long_polls_for_a_command(provisioned, app):
     p = provisioned
-    replies = Collector(p.url("t1"), "command_response/t1/app-3", name="replies")
-    replies.start()
     http = p.listeners["http"]
     poll = subprocess.Popen(
         ["curl", "-s", "-i", "-u", "d1@t1:pw1", "-H", "content-type: text/plain", "-H", "hono-ttd: 10",
          "--data-binary", "21.5", "-H", "QoS-Level: 0", f"http://{http}/event"],
         stdout=subprocess.PIPE, text=True)
-    conn = connect(p.url("t1"))
     # The device's event goes first; then it waits for a command.
     events = Collector(p.url("t1"), "event/t1", name="events")
     events.start()
-    sender = conn.create_sender("command/t1", name="commands")
-    deadline = time.time() + 10
-    while True:
-        try:
-            sender.send(command("d1", "setTemp", b"22", reply_to="command_response/t1/app-3", msg_id="http-1"))
-            break
-        except SendException:
-            assert time.time() < deadline, "the polling device never took the command"
-            time.sleep(0.2)
+    app.request_when_taken("d1", "setTemp", b"22", "http-1", timeout=10, who="device")
     out = poll.communicate(timeout=15)[0]
     head, _, body = out.partition("\n\n")  # text mode turned CRLF into LF
     assert head.startswith("HTTP/1.1 200"), out
@@ -156,21 +171,18 @@ def test_curl_device_long_polls_for_a_command(provisioned):
                           "-H", "content-type: text/plain", "--data-binary", "ok",
                           f"http://{http}/command/res/{req_id}?hono-cmd-status=200"],
                          capture_output=True, text=True, timeout=15)
-    reply = replies.next(timeout=10)
+    reply = app.replies.next(timeout=10)
     assert reply.correlation_id == "http-1" and reply.properties["status"] == 200
     assert res.stdout == "202"
-    conn.close()
     events.close()
-    replies.close()
 
 
 def test_deferred_command_survives_restart_and_expires(provisioned):
     p = provisioned
-    conn = connect(p.url("t1"))
-    sender = conn.create_sender("command/t1", name="commands")
-    sender.send(command("d1", "later", b"keep me", **{"x-ferrule-defer-ttl": 60}))  # accepted: stored
-    sender.send(command("d1", "expiring", b"too late", **{"x-ferrule-defer-ttl": 1}))
-    conn.close()
+    app = App(p)
+    app.sender.send(command("d1", "later", b"keep me", **{"x-ferrule-defer-ttl": 60}))  # accepted: stored
+    app.sender.send(command("d1", "expiring", b"too late", **{"x-ferrule-defer-ttl": 1}))
+    app.close()
     assert p.stop() == 0
     p.start()
     time.sleep(5)  # the device comes back 5 s later; by then the second command's TTL has passed
@@ -189,26 +201,15 @@ def coap_client(p, args, path, out):
             *args, f"coaps://{p.listeners['coaps']}{path}"]
 
 
-def test_coap_device_waits_for_a_command_with_hono_ttd(provisioned, tmp_path):
+def test_coap_device_waits_for_a_command_with_hono_ttd(provisioned, app, tmp_path):
     p = provisioned
     Registry(p.registry_url, p.registry_token).device("t1", "c1", psk="coap-secret-key")
-    replies = Collector(p.url("t1"), "command_response/t1/app-4", name="replies")
-    replies.start()
     events = Collector(p.url("t1"), "event/t1", name="events")
     events.start()
     args = lambda cmd: [a.replace("d1@t1", "c1@t1") for a in cmd]  # noqa: E731
     poll = subprocess.Popen(args(coap_client(p, ["-m", "post", "-t", "0", "-e", "21.5"], "/e?hono-ttd=10", tmp_path / "cmd")),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    conn = connect(p.url("t1"))
-    sender = conn.create_sender("command/t1", name="commands")
-    deadline = time.time() + 15
-    while True:
-        try:
-            sender.send(command("c1", "setLed", b"on", reply_to="command_response/t1/app-4", msg_id="coap-1"))
-            break
-        except SendException:
-            assert time.time() < deadline, "the polling CoAP device never took the command"
-            time.sleep(0.2)
+    app.request_when_taken("c1", "setLed", b"on", "coap-1", timeout=15, who="CoAP device")
     log = poll.communicate(timeout=40)[0]
     assert (tmp_path / "cmd").read_text() == "on", log
     line = [l for l in log.splitlines() if "Location-Query" in l][-1]
@@ -217,8 +218,6 @@ def test_coap_device_waits_for_a_command_with_hono_ttd(provisioned, tmp_path):
     res = subprocess.run(args(coap_client(p, ["-m", "post", "-t", "0", "-e", "done"],
                                           f"/command_response/{req_id}?hono-cmd-status=200", tmp_path / "res")),
                          capture_output=True, text=True, timeout=40)
-    reply = replies.next(timeout=10)
+    reply = app.replies.next(timeout=10)
     assert reply.correlation_id == "coap-1" and reply.properties["status"] == 200, res.stdout
-    conn.close()
     events.close()
-    replies.close()

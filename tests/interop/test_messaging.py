@@ -23,23 +23,37 @@ def wait_until(predicate, timeout=30.0, interval=0.05):
     return predicate()
 
 
-def test_competing_consumers_share_the_stream_exactly_once(platform):
-    url = platform.url("t1")
-    receivers = [Collector(url, "telemetry/t1"), Collector(url, "telemetry/t1")]
+def send_all(url, address, bodies, durable=True, **props):
+    conn = connect(url)
+    sender = conn.create_sender(address)
+    for body in bodies:
+        sender.send(message(body, durable=durable, **props))  # waits for the outcome; raises unless accepted
+    conn.close()
+
+
+def collectors(url, address, n=2):
+    """`n` started Collectors of `address`."""
+    receivers = [Collector(url, address) for _ in range(n)]
     for r in receivers:
         r.start()
-    total = 10_000
-    conn = connect(url)
-    sender = conn.create_sender("telemetry/t1")
-    for i in range(total):
-        sender.send(message(i))  # waits for the outcome; raises unless accepted
-    conn.close()
-    assert wait_until(lambda: sum(len(r.bodies) for r in receivers) >= total)
-    time.sleep(0.3)  # anything extra (a duplicate) would show up now
+    return receivers
+
+
+def close_all(receivers):
+    """Stops the Collectors after a moment for anything extra (a duplicate) to show up."""
+    time.sleep(0.3)
     for r in receivers:
-        r.stop.set()
-        r.join(5)
+        r.close()
         assert r.error is None, r.error
+
+
+def test_competing_consumers_share_the_stream_exactly_once(platform):
+    url = platform.url("t1")
+    receivers = collectors(url, "telemetry/t1")
+    total = 10_000
+    send_all(url, "telemetry/t1", range(total), durable=False)
+    assert wait_until(lambda: sum(len(r.bodies) for r in receivers) >= total)
+    close_all(receivers)
     got = receivers[0].bodies + receivers[1].bodies
     assert len(receivers[0].bodies) > 0 and len(receivers[1].bodies) > 0, "both consumers get some"
     assert len(got) == total, "none twice"
@@ -48,21 +62,12 @@ def test_competing_consumers_share_the_stream_exactly_once(platform):
 
 def test_multicast_gives_every_receiver_everything(platform):
     url = platform.url("t1")
-    receivers = [Collector(url, "broadcast/t1"), Collector(url, "broadcast/t1")]
-    for r in receivers:
-        r.start()
+    receivers = collectors(url, "broadcast/t1")
     total = 1_000
-    conn = connect(url)
-    sender = conn.create_sender("broadcast/t1")
-    for i in range(total):
-        sender.send(message(i))
-    conn.close()
+    send_all(url, "broadcast/t1", range(total), durable=False)
     assert wait_until(lambda: all(len(r.bodies) >= total for r in receivers))
-    time.sleep(0.3)
+    close_all(receivers)
     for r in receivers:
-        r.stop.set()
-        r.join(5)
-        assert r.error is None, r.error
         assert r.bodies == list(range(total))
 
 
@@ -73,14 +78,6 @@ def test_direct_address_without_receiver_is_not_accepted(platform):
         sender.send(message("nobody listens"))
     # proton's Delivery.RELEASED
     assert err.value.state == 0x26, f"expected released, got {err.value.state}"
-    conn.close()
-
-
-def send_all(url, address, bodies, **props):
-    conn = connect(url)
-    sender = conn.create_sender(address)
-    for body in bodies:
-        sender.send(message(body, durable=True, **props))  # raises unless accepted
     conn.close()
 
 

@@ -1,4 +1,6 @@
 """TLS listeners with independent clients."""
+import contextlib
+
 from proton import Message, SSLDomain
 from proton.utils import BlockingConnection
 
@@ -6,14 +8,25 @@ from conftest import Platform, USERS
 from tls_support import make_pki
 
 
-def test_amqps_with_python_qpid_proton(tmp_path):
+@contextlib.contextmanager
+def tls_platform(tmp_path, *sections):
+    """A started Platform with a fresh PKI's server certificate and key in each config
+    section (e.g. "messaging.tls"); yields (pki, platform) and stops it cleanly after."""
     pki = make_pki(tmp_path / "pki")
-    p = Platform(tmp_path / "data", extra=f"""
-[messaging.tls]
+    extra = "".join(f"""
+[{section}]
 cert = "{pki['cert']}"
 key = "{pki['key']}"
-""").start()
+""" for section in sections)
+    p = Platform(tmp_path / "data", extra=extra).start()
     try:
+        yield pki, p
+    finally:
+        assert p.stop() == 0
+
+
+def test_amqps_with_python_qpid_proton(tmp_path):
+    with tls_platform(tmp_path, "messaging.tls") as (pki, p):
         domain = SSLDomain(SSLDomain.MODE_CLIENT)
         domain.set_trusted_ca_db(str(pki["ca"]))
         domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME)
@@ -36,8 +49,6 @@ key = "{pki['key']}"
             raise
         except Exception:
             pass
-    finally:
-        assert p.stop() == 0
 
 
 def test_https_adapter_with_curl(tmp_path):
@@ -46,13 +57,7 @@ def test_https_adapter_with_curl(tmp_path):
     from amqp_client import Collector
     from registry_client import Registry
 
-    pki = make_pki(tmp_path / "pki")
-    p = Platform(tmp_path / "data", extra=f"""
-[adapters.http.tls]
-cert = "{pki['cert']}"
-key = "{pki['key']}"
-""").start()
-    try:
+    with tls_platform(tmp_path, "adapters.http.tls") as (pki, p):
         Registry(p.registry_url, p.registry_token).tenant("t1").device("t1", "d1", password="pw1")
         app = Collector(p.url("t1"), "telemetry/t1")
         app.start()
@@ -86,20 +91,12 @@ key = "{pki['key']}"
         assert res.returncode == 60, "the old CA must no longer verify the server"
         assert "TLS certificate reloaded" in p.log_text()
         app.close()
-    finally:
-        assert p.stop() == 0
 
 
 def test_management_api_over_tls_with_curl(tmp_path):
     import subprocess
 
-    pki = make_pki(tmp_path / "pki")
-    p = Platform(tmp_path / "data", extra=f"""
-[registry.tls]
-cert = "{pki['cert']}"
-key = "{pki['key']}"
-""").start()
-    try:
+    with tls_platform(tmp_path, "registry.tls") as (pki, p):
         port = p.listeners["registry"].rsplit(":", 1)[1]
         base = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
                 "-H", f"authorization: Bearer {p.registry_token}", "-H", "content-type: application/json",
@@ -108,8 +105,6 @@ key = "{pki['key']}"
         assert res.stdout == "201", res.stderr
         res = subprocess.run(base, capture_output=True, text=True, timeout=20)
         assert res.returncode == 60, (res.returncode, res.stdout)
-    finally:
-        assert p.stop() == 0
 
 
 def test_device_x509_and_tls_with_mosquitto_and_curl(tmp_path):
@@ -123,7 +118,6 @@ def test_device_x509_and_tls_with_mosquitto_and_curl(tmp_path):
     from registry_client import Registry
     from tls_support import make_device_ca, make_device_cert
 
-    pki = make_pki(tmp_path / "pki")
     certs = tmp_path / "devices"
     ca = make_device_ca(certs)
     rogue = make_device_ca(certs / "rogue")  # same subject DN, different key
@@ -131,15 +125,7 @@ def test_device_x509_and_tls_with_mosquitto_and_curl(tmp_path):
     d2 = make_device_cert(certs, ca, "d2", "/O=Ferrule Test/CN=Device 2")
     impostor = make_device_cert(certs / "rogue", rogue, "imp", "/O=Ferrule Test/CN=Device 1")
     expired = make_device_cert(certs, ca, "old", "/O=Ferrule Test/CN=Device 1", start="-10d", end="-1d")
-    p = Platform(tmp_path / "data", extra=f"""
-[adapters.mqtt.tls]
-cert = "{pki['cert']}"
-key = "{pki['key']}"
-[adapters.http.tls]
-cert = "{pki['cert']}"
-key = "{pki['key']}"
-""").start()
-    try:
+    with tls_platform(tmp_path, "adapters.mqtt.tls", "adapters.http.tls") as (pki, p):
         reg = Registry(p.registry_url, p.registry_token)
         reg.call("POST", "/v1/tenants/t1", {"trusted-ca": [{"cert": base64.b64encode(ca["der"]).decode()}]})
         # d1 by its subject DN (RFC 2253), d2 by its certificate, d3 by password.
@@ -204,5 +190,3 @@ key = "{pki['key']}"
             pass
         app.close()
         assert "BEGIN" not in p.log_text()
-    finally:
-        assert p.stop() == 0
