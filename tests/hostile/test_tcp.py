@@ -8,6 +8,7 @@ the per-source limits, which are the point, do not also hit the legitimate clien
 127.0.0.1. Timeouts are shortened through the environment to keep the suite fast.
 """
 import collections
+import contextlib
 import selectors
 import socket
 import time
@@ -116,13 +117,23 @@ def telemetry_during(target, collector):
     expect_body(collector, body, timeout=5)
 
 
+@contextlib.contextmanager
+def application(target):
+    """A proton application consuming the tenant's telemetry while the block runs."""
+    collector = Collector(target.platform.url(TENANT), f"telemetry/{TENANT}")
+    collector.start()
+    try:
+        yield collector
+    finally:
+        collector.stop.set()
+        collector.join(5)
+
+
 @pytest.mark.server_env(FERRULE__MESSAGING__CONNECT_TIMEOUT="2s", FERRULE__OPS__HEADER_READ_TIMEOUT="2s")
 def test_idle_connections_on_amqp_and_ops(target):
     """Review H3: AMQP and ops had no connection cap and no timeout before
     authentication; idle connections held fds (shared by every listener) forever."""
-    collector = Collector(target.platform.url(TENANT), f"telemetry/{TENANT}")
-    collector.start()
-    try:
+    with application(target) as collector:
         amqp = open_idle(target.addr("amqp"), FLOOD)
         ops = open_idle(target.addr("ops"), FLOOD)
         try:
@@ -139,9 +150,6 @@ def test_idle_connections_on_amqp_and_ops(target):
         assert refused(text, "amqp", ("pre_auth_timeout",)) > 0, "no AMQP connection timed out before SASL"
         assert refused(text, "ops") > 0, "no ops connection refused by the per-source limits"
         telemetry_during(target, collector)
-    finally:
-        collector.stop.set()
-        collector.join(5)
     target.assert_healthy("idle connection flood on AMQP and ops", RSS_GROWTH_BOUND_MB)
 
 
@@ -149,9 +157,7 @@ def test_idle_connections_on_amqp_and_ops(target):
 def test_http_slowloris(target):
     """Slow headers: each connection sends part of a request and then a byte now and
     then. The header timeout ends them; the per-source cap bounds how many there are."""
-    collector = Collector(target.platform.url(TENANT), f"telemetry/{TENANT}")
-    collector.start()
-    try:
+    with application(target) as collector:
         socks = open_idle(target.addr("http"), FLOOD, b"POST /telemetry HTTP/1.1\r\nHost: x\r\n")
         try:
             for _ in range(3):
@@ -166,9 +172,6 @@ def test_http_slowloris(target):
         finally:
             close_all(socks)
         assert refused(metrics(target), "http") > 0, "no HTTP connection refused by the per-source limits"
-    finally:
-        collector.stop.set()
-        collector.join(5)
     target.assert_healthy("HTTP slowloris", RSS_GROWTH_BOUND_MB)
 
 
@@ -186,13 +189,8 @@ def test_mqtt_half_open_and_slow_connects(target):
     try:
         # Another source's device connects while the attacker's connections are open.
         assert mqtt_connack_code(target.addr("mqtt"), "legit", source="127.0.0.1") == 0
-        collector = Collector(target.platform.url(TENANT), f"telemetry/{TENANT}")
-        collector.start()
-        try:
+        with application(target) as collector:
             telemetry_during(target, collector)
-        finally:
-            collector.stop.set()
-            collector.join(5)
         assert released_by_server(target.addr("mqtt")[1], within=10) == 0, "MQTT connections left open"
         assert refused(metrics(target), "mqtt", ("connections_per_ip",)) > 0, "no MQTT connection refused by the per-source cap"
     finally:
@@ -238,13 +236,8 @@ def test_amqp_sasl_wrong_password_flood(target):
     with ThreadPoolExecutor(max_workers=20) as pool:
         guesses = [pool.submit(sasl_plain_code, addr, user, f"guess-{i}") for i in range(200)]
         # Meanwhile the real application connects (from 127.0.0.1) and consumes.
-        collector = Collector(target.platform.url(TENANT), f"telemetry/{TENANT}")
-        collector.start()
-        try:
+        with application(target) as collector:
             telemetry_during(target, collector)
-        finally:
-            collector.stop.set()
-            collector.join(5)
         codes = [g.result() for g in guesses]
     elapsed = time.monotonic() - started
     assert all(code != 0 for code in codes), "a guess was accepted"
