@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -241,6 +242,21 @@ impl Walker<'_> {
     }
 }
 
+/// The container id of an `open` performative already passed by [`scan`] (descriptor
+/// 0x10 as a small or full ulong); `None` for any other performative.
+fn open_container_id(performative: &[u8]) -> Option<String> {
+    const OPEN: u8 = 0x10;
+    let is_open = matches!(
+        performative,
+        [0x00, 0x53, OPEN, ..] | [0x00, 0x80, 0, 0, 0, 0, 0, 0, 0, OPEN, ..]
+    );
+    if !is_open {
+        return None;
+    }
+    let open: fe2o3_amqp_types::performatives::Open = serde_amqp::from_slice(performative).ok()?;
+    Some(open.container_id)
+}
+
 /// What the guard needs from a transfer performative.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TransferFields {
@@ -365,11 +381,22 @@ pub struct FrameChecker {
     max_frame_size: u32,
     max_message_size: usize,
     partial: HashMap<(u16, u32), Partial>,
+    /// Where the peer's container id goes when its `open` passes (fe2o3-amqp does not
+    /// tell its listeners what the peer's `open` said).
+    container_id: Option<Arc<OnceLock<String>>>,
 }
 
 impl FrameChecker {
     pub fn new(max_frame_size: u32, max_message_size: usize) -> Self {
-        Self { max_frame_size, max_message_size, partial: HashMap::new() }
+        Self { max_frame_size, max_message_size, partial: HashMap::new(), container_id: None }
+    }
+
+    /// Also records the container id of the peer's `open` in `slot` (the first one; a
+    /// connection has one).
+    #[must_use]
+    pub fn recording_container_id(mut self, slot: Arc<OnceLock<String>>) -> Self {
+        self.container_id = Some(slot);
+        self
     }
 
     /// Checks the unit at the start of `buf`: `Ok(Some(n))` when its `n` bytes passed,
@@ -407,6 +434,11 @@ impl FrameChecker {
             {
                 self.transfer(channel, transfer, rest)?;
                 return Ok(Some(frame.len()));
+            }
+            if let Some(slot) = self.container_id.as_ref().filter(|slot| slot.get().is_none()) {
+                if let Some(container_id) = open_container_id(&body[..performative]) {
+                    let _ = slot.set(container_id);
+                }
             }
         }
         // Nothing follows other performatives; whatever does is walked like the rest, so
@@ -690,6 +722,30 @@ mod tests {
         })
         .expect("encodes");
         assert_eq!(transfer_fields(&flow), Ok(None));
+    }
+
+    #[test]
+    fn the_peers_container_id_is_recorded_from_its_open() {
+        let slot = Arc::new(OnceLock::new());
+        let mut checker = FrameChecker::new(65_536, 1 << 20).recording_container_id(slot.clone());
+        let flow = frame(0, &transfer(1, false), &amqp_value(&[0x45]));
+        checker.check(&flow).expect("passes");
+        assert_eq!(slot.get(), None, "a transfer is no open");
+        let open = fe2o3_amqp_types::performatives::Open {
+            container_id: "app-7/eu".into(),
+            hostname: None,
+            max_frame_size: 65_536.into(),
+            channel_max: 16.into(),
+            idle_time_out: None,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        let open = frame(0, &serde_amqp::to_vec(&open).expect("encodes"), &[]);
+        assert_eq!(checker.check(&open), Ok(Some(open.len())));
+        assert_eq!(slot.get().map(String::as_str), Some("app-7/eu"));
     }
 
     #[test]

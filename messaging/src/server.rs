@@ -198,10 +198,12 @@ impl ConnectionTask {
             .sasl_acceptor(sasl)
             .build();
         // Every frame is checked before fe2o3-amqp decodes it (nesting depth; see guard.rs).
+        let container_id = Arc::new(OnceLock::new());
         let checker = crate::guard::FrameChecker::new(
             self.config.max_frame_size,
             self.config.max_message_size as usize,
-        );
+        )
+        .recording_container_id(container_id.clone());
         let stream = crate::guard::Guarded::new(stream, checker);
         // One write syscall per batch of frames instead of one per frame (see coalesce.rs).
         let stream = crate::coalesce::Coalesced::new(stream, COALESCE_MAX_BUFFER, &self.tasks);
@@ -231,7 +233,10 @@ impl ConnectionTask {
                 .await;
             return;
         };
-        tracing::debug!(%peer, user = %identity.user, "application connected");
+        // Names durable subscriptions with the link name (AMQP 1.0 §2.6.1). Always set:
+        // the guard saw the `open` before fe2o3-amqp did.
+        let container_id: Arc<str> = container_id.get().map_or("", String::as_str).into();
+        tracing::debug!(%peer, user = %identity.user, %container_id, "application connected");
         let session_acceptor = SessionAcceptor::new();
         let shutdown = &self.shutdown;
         while let Some(Some(incoming)) =
@@ -240,8 +245,9 @@ impl ConnectionTask {
             match session_acceptor.accept_incoming_session(incoming, &mut connection).await {
                 Ok(session) => {
                     let this = self.clone();
-                    let identity = identity.clone();
-                    self.tasks.spawn(async move { this.session(session, identity).await });
+                    let peer =
+                        Peer { identity: identity.clone(), container_id: container_id.clone() };
+                    self.tasks.spawn(async move { this.session(session, peer).await });
                 }
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "session not begun");
@@ -253,7 +259,8 @@ impl ConnectionTask {
         tracing::debug!(%peer, "application disconnected");
     }
 
-    async fn session(self, mut session: ListenerSessionHandle, identity: Identity) {
+    async fn session(self, mut session: ListenerSessionHandle, peer: Peer) {
+        let Peer { identity, container_id } = peer;
         let tenant_for_dynamic = identity.tenant.clone().unwrap_or_else(|| "anonymous".into());
         let link_acceptor = LinkAcceptor::builder()
             // Also what the guard under the connection relies on: a delivery over this is
@@ -275,7 +282,7 @@ impl ConnectionTask {
         while let Some(Some(attach)) =
             shutdown.run_until_cancelled(session.next_incoming_attach()).await
         {
-            let plan = self.plan(&attach, &identity);
+            let plan = self.plan(&attach, &identity, &container_id);
             let link = match link_acceptor.accept_incoming_attach(attach, &mut session).await {
                 Ok(link) => link,
                 Err(e) => {
@@ -354,7 +361,12 @@ impl ConnectionTask {
     }
 
     /// Decides, from the attach alone, what a link will do or why it is refused.
-    fn plan(&self, attach: &Attach, identity: &Identity) -> Result<Plan, (&'static str, String)> {
+    fn plan(
+        &self,
+        attach: &Attach,
+        identity: &Identity,
+        container_id: &str,
+    ) -> Result<Plan, (&'static str, String)> {
         match attach.role {
             // The client sends: we receive into `target`.
             Role::Sender => {
@@ -385,7 +397,8 @@ impl ConnectionTask {
                 self.check_address(&address, identity)?;
                 // A durable terminus names a durable topic subscription (container + link).
                 let durable = source.is_some_and(|s| s.durable != TerminusDurability::None);
-                let durable_name = durable.then(|| attach.name.clone());
+                let durable_name =
+                    durable.then(|| durable_subscription_name(container_id, &attach.name));
                 Ok(Plan::Consume { address: Some(address), presettled, durable_name })
             }
         }
@@ -417,6 +430,20 @@ enum Plan {
     Produce { address: Option<String>, presettled: bool },
     /// `address` `None`: dynamic, made by the link acceptor.
     Consume { address: Option<String>, presettled: bool, durable_name: Option<String> },
+}
+
+/// An application connection's peer: who it authenticated as and its container id.
+struct Peer {
+    identity: Identity,
+    container_id: Arc<str>,
+}
+
+/// The name of a durable topic subscription: a link is identified by its container and
+/// its name (AMQP 1.0 §2.6.1), so two applications that pick the same link name get a
+/// subscription each. `/` and `%` in the container id are escaped: no two pairs meet.
+fn durable_subscription_name(container_id: &str, link_name: &str) -> String {
+    let container_id = container_id.replace('%', "%25").replace('/', "%2F");
+    format!("{container_id}/{link_name}")
 }
 
 fn error(condition: &str, description: impl Into<String>) -> definitions::Error {
@@ -536,16 +563,7 @@ async fn consumer_link(
             // Settlements first: a disposition that arrived before a detach must count.
             biased;
             Some((delivery, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let delivery: crate::Delivery = delivery;
-                let outcome = match result {
-                    Ok(outcome) => from_amqp(outcome),
-                    Err(_) => Outcome::Released,
-                };
-                delivery.settle(outcome);
-                if starved > 0 {
-                    starved -= 1;
-                    consumer.add_credit(1);
-                }
+                forward_outcome(&consumer, delivery, result, &mut starved);
             }
             detach = sender.on_detach() => {
                 if matches!(detach, DetachError::ClosedByRemote) {
@@ -557,7 +575,21 @@ async fn consumer_link(
                 let Some(mut delivery) = delivery else { break };
                 let message = delivery.take_message();
                 let sendable = Sendable::builder().message(message).settled(presettled).build();
-                match sender.send_batchable(sendable).await {
+                // The send waits for the application's credit; outcomes of earlier
+                // deliveries keep flowing meanwhile (an application with credit 1 that
+                // accepted its message must not hold its producer until it asks for more).
+                let send = sender.send_batchable(sendable);
+                tokio::pin!(send);
+                let sent = loop {
+                    tokio::select! {
+                        biased;
+                        Some((earlier, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                            forward_outcome(&consumer, earlier, result, &mut starved);
+                        }
+                        sent = &mut send => break sent,
+                    }
+                };
+                match sent {
                     Ok(settlement) => {
                         in_flight.push(async move { (delivery, settlement.await) });
                         if in_flight.len() < window {
@@ -582,6 +614,21 @@ async fn consumer_link(
     drop(in_flight);
     drop(consumer);
     let _ = sender.close().await;
+}
+
+/// Forwards an application's outcome to the broker (and so to the producer), and gives
+/// back the credit a full window held back.
+fn forward_outcome<E>(
+    consumer: &crate::Consumer,
+    delivery: crate::Delivery,
+    result: Result<fe2o3_amqp::types::messaging::Outcome, E>,
+    starved: &mut u32,
+) {
+    delivery.settle(result.map_or(Outcome::Released, from_amqp));
+    if *starved > 0 {
+        *starved -= 1;
+        consumer.add_credit(1);
+    }
 }
 
 fn from_amqp(outcome: fe2o3_amqp::types::messaging::Outcome) -> Outcome {
@@ -609,5 +656,19 @@ fn log_link_end(e: &LinkStateError) {
     match e {
         LinkStateError::RemoteClosed | LinkStateError::RemoteDetached => {}
         other => tracing::debug!(error = %other, "producer link ended"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::durable_subscription_name as name;
+
+    #[test]
+    fn durable_subscription_names_tell_container_and_link_apart() {
+        assert_eq!(name("app-a", "sub"), "app-a/sub");
+        assert_ne!(name("app-a", "sub"), name("app-b", "sub"));
+        // A `/` (or an escape) in the container id cannot shift the boundary.
+        assert_ne!(name("a/b", "c"), name("a", "b/c"));
+        assert_ne!(name("a%2Fb", "c"), name("a/b", "c"));
     }
 }
