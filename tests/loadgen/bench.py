@@ -308,13 +308,7 @@ class Ferrule:
     def start(self):
         self.proc = Proc(self.suite, f"ferrule-{self.name}", [self.suite.ferrule_bin, "serve", "--config", self.config])
         listeners = self.data / "listeners.json"
-        deadline = time.time() + 60
-        while not listeners.exists():
-            if self.proc.poll() is not None:
-                raise Failure(f"ferrule exited with {self.proc.returncode}: {self.proc.stderr_tail()}")
-            if time.time() > deadline:
-                raise Failure("ferrule did not write listeners.json within 60 s")
-            time.sleep(0.05)
+        wait_file(listeners, self.proc, 60)
         time.sleep(0.05)
         self.listeners = json.loads(listeners.read_text())
         if self.devices:

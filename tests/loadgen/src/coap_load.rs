@@ -290,7 +290,7 @@ pub async fn run_pub(a: CoapArgs) -> Result<()> {
             timeout: Duration::from_millis(a.timeout_ms),
         })));
     }
-    let total: Stats = util::join_all(tasks).await;
+    let total = util::join_all(tasks).await;
     let seconds = total.seconds_since(start);
     let errors = total.timeouts + total.codes.values().sum::<u64>();
     let mut m = util::base("coap-pub", total.sent, seconds, errors);

@@ -181,7 +181,7 @@ pub async fn run_pub(a: HttpArgs) -> Result<()> {
         };
         tasks.push(tokio::spawn(connection(job)));
     }
-    let total: Stats = util::join_all(tasks).await;
+    let total = util::join_all(tasks).await;
     let seconds = total.seconds_since(start);
     let mut m = util::base("http-pub", total.ok, seconds, total.errors);
     m.insert("connections".into(), json!(n));

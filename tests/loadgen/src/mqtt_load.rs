@@ -194,7 +194,7 @@ pub async fn run_pub(a: PubArgs) -> Result<()> {
             }
         }));
     }
-    let mut total: Stats = util::join_all(tasks).await;
+    let mut total = util::join_all(tasks).await;
     let seconds = total.seconds_since(start);
     let done = if a.qos == 1 { total.ok } else { total.sent };
     let mut m = util::base("mqtt-pub", total.sent, seconds, total.errors + connect_errors);

@@ -1,5 +1,7 @@
 //! Shared helpers: timestamps in payloads, latency statistics, the JSON result line,
-//! readiness signalling, file-descriptor limits, sockets bound to source addresses.
+//! readiness signalling, file-descriptor limits, sockets bound to source addresses, the
+//! options common to several subcommands (`Amount`, `Sending`, `Until`) and the per-task
+//! statistics of the sending ones (`Stats`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
