@@ -11,8 +11,9 @@
 //! - cold sha-512: the same with an imported Hono sha-512 hash;
 //! - warm, many devices: 10,000 devices round-robin, all cached.
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ferrule_device_registry::auth::AuthSettings;
 use ferrule_device_registry::model::{PasswordCredentials, PasswordSecret, SecretMeta};
@@ -31,7 +32,23 @@ fn secret(plain: Option<&str>, function: Option<&str>, hash: Option<String>) -> 
     }
 }
 
-fn report(name: &str, n: u64, took: Duration) {
+/// A `hashed-password` entry for `auth_id` with one secret.
+fn entry(auth_id: impl Into<String>, secret: PasswordSecret) -> Credentials {
+    Credentials::HashedPassword(PasswordCredentials {
+        auth_id: auth_id.into(),
+        enabled: true,
+        ext: None,
+        secrets: vec![secret],
+    })
+}
+
+/// Runs `auth_once` `n` times and prints the rate.
+async fn timed<F: Future>(name: &str, n: u64, mut auth_once: impl FnMut() -> F) {
+    let start = Instant::now();
+    for _ in 0..n {
+        auth_once().await;
+    }
+    let took = start.elapsed();
     let per_s = n as f64 / took.as_secs_f64();
     let us = took.as_secs_f64() * 1e6 / n as f64;
     println!(
@@ -55,18 +72,8 @@ async fn run() {
     let sha =
         base64::engine::general_purpose::STANDARD.encode(sha2::Sha512::digest(b"sha-password"));
     let creds = vec![
-        Credentials::HashedPassword(PasswordCredentials {
-            auth_id: "argon".into(),
-            enabled: true,
-            ext: None,
-            secrets: vec![secret(Some("argon-password"), None, None)],
-        }),
-        Credentials::HashedPassword(PasswordCredentials {
-            auth_id: "sha".into(),
-            enabled: true,
-            ext: None,
-            secrets: vec![secret(None, Some("sha-512"), Some(sha))],
-        }),
+        entry("argon", secret(Some("argon-password"), None, None)),
+        entry("sha", secret(None, Some("sha-512"), Some(sha))),
     ];
     mgmt.set_credentials(&t, &dev, creds, None).await.unwrap();
 
@@ -77,29 +84,20 @@ async fn run() {
 
     // Warm: one device, cached.
     a("argon", b"argon-password").await;
-    let n = 500_000;
-    let start = Instant::now();
-    for _ in 0..n {
-        a("argon", b"argon-password").await;
-    }
-    report("warm (cache hit)", n, start.elapsed());
+    timed("warm (cache hit)", 500_000, || a("argon", b"argon-password")).await;
 
     // Cold: argon2id every time.
-    let n = 40;
-    let start = Instant::now();
-    for _ in 0..n {
+    timed("cold argon2id (store + verify)", 40, || {
         auth.clear();
-        a("argon", b"argon-password").await;
-    }
-    report("cold argon2id (store + verify)", n, start.elapsed());
+        a("argon", b"argon-password")
+    })
+    .await;
 
-    let n = 20_000;
-    let start = Instant::now();
-    for _ in 0..n {
+    timed("cold sha-512 (store + verify)", 20_000, || {
         auth.clear();
-        a("sha", b"sha-password").await;
-    }
-    report("cold sha-512 (store + verify)", n, start.elapsed());
+        a("sha", b"sha-password")
+    })
+    .await;
 
     // Warm with many devices: cache hit path with a large map.
     let many = 10_000;
@@ -111,12 +109,7 @@ async fn run() {
     }
     let sha1 = base64::engine::general_purpose::STANDARD.encode(sha2::Sha512::digest(b"pw"));
     for (i, d) in batch.iter().enumerate() {
-        let c = vec![Credentials::HashedPassword(PasswordCredentials {
-            auth_id: format!("a{i}"),
-            enabled: true,
-            ext: None,
-            secrets: vec![secret(None, Some("sha-512"), Some(sha1.clone()))],
-        })];
+        let c = [entry(format!("a{i}"), secret(None, Some("sha-512"), Some(sha1.clone())))];
         store.set_credentials(&t, d, &c, None).await.unwrap();
     }
     let ids: Vec<String> = (0..many).map(|i| format!("a{i}")).collect();
@@ -124,13 +117,14 @@ async fn run() {
         auth.authenticate("bench", CredentialType::HashedPassword, id, b"pw").await.unwrap();
     }
     let rounds = 50;
-    let start = Instant::now();
-    for _ in 0..rounds {
-        for id in &ids {
-            auth.authenticate("bench", CredentialType::HashedPassword, id, b"pw").await.unwrap();
+    let mut round_robin = ids.iter().cycle();
+    timed("warm, 10k devices round-robin", rounds * many as u64, || {
+        let (auth, id) = (&auth, round_robin.next().expect("ids is not empty"));
+        async move {
+            auth.authenticate("bench", CredentialType::HashedPassword, id, b"pw").await.unwrap()
         }
-    }
-    report("warm, 10k devices round-robin", rounds * many as u64, start.elapsed());
+    })
+    .await;
 }
 
 fn main() {
