@@ -3,9 +3,23 @@
 
 mod support;
 
+use ferrule_device_registry::client::{ClientResponse, RegistryClient};
 use http::{Method, StatusCode};
-use serde_json::json;
+use serde_json::{json, Value};
 use support::TestRegistry;
+
+/// Sends a request (no If-Match), asserts the answer's status and returns the answer.
+async fn expect(
+    c: &RegistryClient,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    status: StatusCode,
+) -> ClientResponse {
+    let r = c.request(method.clone(), path, body, None).await.unwrap();
+    assert_eq!(r.status, status, "{method} {path}");
+    r
+}
 
 #[tokio::test]
 async fn operators_must_authenticate() {
@@ -43,23 +57,17 @@ async fn anonymous_access_only_when_configured() {
 
 #[tokio::test]
 async fn tenant_lifecycle_with_etags() {
-    let reg = TestRegistry::embedded().await;
-    let c = reg.client();
-    let r = c
-        .request(Method::POST, "/v1/tenants/t1", Some(&json!({"ext": {"a": 1}})), None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, StatusCode::CREATED);
+    let (reg, c) = TestRegistry::embedded_with_client().await;
+    let body = json!({"ext": {"a": 1}});
+    let r = expect(&c, Method::POST, "/v1/tenants/t1", Some(&body), StatusCode::CREATED).await;
     assert_eq!(r.location.clone().unwrap(), format!("{}/v1/tenants/t1", reg.base_url()));
     assert_eq!(r.json(), json!({"id": "t1"}));
     let v1 = r.etag.unwrap();
 
-    let r = c.request(Method::POST, "/v1/tenants/t1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = expect(&c, Method::POST, "/v1/tenants/t1", None, StatusCode::CONFLICT).await;
     assert!(r.json()["error"].is_string());
 
-    let r = c.request(Method::GET, "/v1/tenants/t1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::OK);
+    let r = expect(&c, Method::GET, "/v1/tenants/t1", None, StatusCode::OK).await;
     assert_eq!(r.etag.as_deref(), Some(v1.as_str()));
     assert_eq!(r.json(), json!({"enabled": true, "ext": {"a": 1}}));
 
@@ -82,108 +90,68 @@ async fn tenant_lifecycle_with_etags() {
     assert_ne!(v1, v2);
 
     // Unknown properties and bad ids are 400, missing resources 404.
-    let r = c
-        .request(Method::PUT, "/v1/tenants/t1", Some(&json!({"enabeld": false})), None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let typo = json!({"enabeld": false});
+    let r = expect(&c, Method::PUT, "/v1/tenants/t1", Some(&typo), StatusCode::BAD_REQUEST).await;
     assert!(r.json()["error"].as_str().unwrap().contains("enabeld"));
-    let r = c.request(Method::POST, "/v1/tenants/bad%2Fid", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = c.request(Method::GET, "/v1/tenants/missing", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    expect(&c, Method::POST, "/v1/tenants/bad%2Fid", None, StatusCode::BAD_REQUEST).await;
+    let r = expect(&c, Method::GET, "/v1/tenants/missing", None, StatusCode::NOT_FOUND).await;
     assert!(r.json()["error"].is_string());
-    let r = c.request(Method::PUT, "/v1/tenants/missing", Some(&json!({})), None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    expect(&c, Method::PUT, "/v1/tenants/missing", Some(&json!({})), StatusCode::NOT_FOUND).await;
     // Updates need a body (creates do not).
-    let r = c.request(Method::PUT, "/v1/tenants/t1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    expect(&c, Method::PUT, "/v1/tenants/t1", None, StatusCode::BAD_REQUEST).await;
 
     // Generated id.
-    let r = c.request(Method::POST, "/v1/tenants", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::CREATED);
+    let r = expect(&c, Method::POST, "/v1/tenants", None, StatusCode::CREATED).await;
     let id = r.json()["id"].as_str().unwrap().to_owned();
     assert_eq!(r.location.clone().unwrap(), format!("{}/v1/tenants/{id}", reg.base_url()));
 
-    let r = c.request(Method::DELETE, "/v1/tenants/t1", None, Some("\"stale\"")).await.unwrap();
-    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
-    let r = c.request(Method::DELETE, "/v1/tenants/t1", None, Some(&v2)).await.unwrap();
-    assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = c.request(Method::DELETE, "/v1/tenants/t1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    for (if_match, status) in [
+        (Some("\"stale\""), StatusCode::PRECONDITION_FAILED),
+        (Some(v2.as_str()), StatusCode::NO_CONTENT),
+        (None, StatusCode::NOT_FOUND),
+    ] {
+        let r = c.request(Method::DELETE, "/v1/tenants/t1", None, if_match).await.unwrap();
+        assert_eq!(r.status, status, "DELETE with If-Match {if_match:?}");
+    }
 
-    let r = c.request(Method::PATCH, "/v1/tenants/t1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
-    let r = c.request(Method::GET, "/v2/whatever", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    expect(&c, Method::PATCH, "/v1/tenants/t1", None, StatusCode::METHOD_NOT_ALLOWED).await;
+    expect(&c, Method::GET, "/v2/whatever", None, StatusCode::NOT_FOUND).await;
 }
 
 #[tokio::test]
 async fn devices_search_and_credentials() {
-    let reg = TestRegistry::embedded().await;
-    let c = reg.client();
-    let r = c.request(Method::POST, "/v1/devices/nope/d1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let (reg, c) = TestRegistry::embedded_with_client().await;
+    expect(&c, Method::POST, "/v1/devices/nope/d1", None, StatusCode::NOT_FOUND).await;
     c.request(Method::POST, "/v1/tenants/t", None, None).await.unwrap().ok().unwrap();
     for (id, brand, n) in [("d1", "eclipse-a", 3), ("d2", "other", 1), ("d3", "eclipse-b", 2)] {
-        let r = c
-            .request(
-                Method::POST,
-                &format!("/v1/devices/t/{id}"),
-                Some(&json!({"ext": {"brand": brand, "n": n}})),
-                None,
-            )
-            .await
-            .unwrap();
-        assert_eq!(r.status, StatusCode::CREATED);
+        let path = format!("/v1/devices/t/{id}");
+        let body = json!({"ext": {"brand": brand, "n": n}});
+        let r = expect(&c, Method::POST, &path, Some(&body), StatusCode::CREATED).await;
         assert_eq!(r.location.clone().unwrap(), format!("{}/v1/devices/t/{id}", reg.base_url()));
     }
-    let r = c.request(Method::POST, "/v1/devices/t/d1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::CONFLICT);
-    let r =
-        c.request(Method::POST, "/v1/devices/t/gw", Some(&json!({"via": []})), None).await.unwrap();
-    assert_eq!(r.status, StatusCode::CREATED);
-    let r = c
-        .request(
-            Method::PUT,
-            "/v1/devices/t/d2",
-            Some(&json!({"via": ["gw"], "ext": {"brand": "other", "n": 1}})),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    expect(&c, Method::POST, "/v1/devices/t/d1", None, StatusCode::CONFLICT).await;
+    let gw = json!({"via": []});
+    expect(&c, Method::POST, "/v1/devices/t/gw", Some(&gw), StatusCode::CREATED).await;
+    let via_gw = json!({"via": ["gw"], "ext": {"brand": "other", "n": 1}});
+    expect(&c, Method::PUT, "/v1/devices/t/d2", Some(&via_gw), StatusCode::NO_CONTENT).await;
 
-    let r = c.request(Method::GET, "/v1/devices/t/d1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::OK);
+    let r = expect(&c, Method::GET, "/v1/devices/t/d1", None, StatusCode::OK).await;
     assert!(r.etag.is_some());
     assert!(r.json()["status"]["created"].is_string());
 
     let filter = "%7B%22field%22%3A%22%2Fext%2Fbrand%22%2C%22value%22%3A%22eclipse*%22%7D";
     let sort = "%7B%22field%22%3A%22%2Fext%2Fn%22%2C%22direction%22%3A%22desc%22%7D";
-    let r = c
-        .request(
-            Method::GET,
-            &format!("/v1/devices/t?filterJson={filter}&sortJson={sort}&pageSize=1"),
-            None,
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, StatusCode::OK);
-    let j = r.json();
+    let path = format!("/v1/devices/t?filterJson={filter}&sortJson={sort}&pageSize=1");
+    let j = expect(&c, Method::GET, &path, None, StatusCode::OK).await.json();
     assert_eq!(j["total"], 2);
     assert_eq!(j["result"][0]["id"], "d1");
     assert_eq!(j["result"].as_array().unwrap().len(), 1);
     let r = c.request(Method::GET, "/v1/devices/t?isGateway=true", None, None).await.unwrap();
     assert_eq!(r.json()["result"][0]["id"], "gw");
-    let r = c.request(Method::GET, "/v1/devices/t?pageSize=500", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = c.request(Method::GET, "/v1/devices/t?filterJson=%7B", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    expect(&c, Method::GET, "/v1/devices/t?pageSize=500", None, StatusCode::BAD_REQUEST).await;
+    expect(&c, Method::GET, "/v1/devices/t?filterJson=%7B", None, StatusCode::BAD_REQUEST).await;
     // Hono answers an empty result with 404.
-    let r = c.request(Method::GET, "/v1/devices/t?pageOffset=100", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    expect(&c, Method::GET, "/v1/devices/t?pageOffset=100", None, StatusCode::NOT_FOUND).await;
     let r = c
         .request(
             Method::GET,
@@ -196,66 +164,41 @@ async fn devices_search_and_credentials() {
     assert_eq!(r.json(), json!({"total": 1, "result": [{"id": "t", "enabled": true}]}));
 
     // Credentials: empty set first, then patch-mode metadata on GET.
-    let r = c.request(Method::GET, "/v1/credentials/t/d1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::OK);
+    let r = expect(&c, Method::GET, "/v1/credentials/t/d1", None, StatusCode::OK).await;
     assert_eq!(r.json(), json!([]));
-    let r = c.request(Method::GET, "/v1/credentials/t/none", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    expect(&c, Method::GET, "/v1/credentials/t/none", None, StatusCode::NOT_FOUND).await;
     let creds =
         json!([{"type": "psk", "auth-id": "d1-psk", "secrets": [{"key": "c2VjcmV0LWtleQ=="}]}]);
-    let r = c.request(Method::PUT, "/v1/credentials/t/d1", Some(&creds), None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    expect(&c, Method::PUT, "/v1/credentials/t/d1", Some(&creds), StatusCode::NO_CONTENT).await;
     let r = c.request(Method::GET, "/v1/credentials/t/d1", None, None).await.unwrap();
     let got = r.json();
     assert_eq!(got[0]["auth-id"], "d1-psk");
     assert!(got[0]["secrets"][0]["id"].is_string());
     assert!(got[0]["secrets"][0].get("key").is_none(), "key material must not be returned");
     // Same auth-id on another device: 409.
-    let r = c.request(Method::PUT, "/v1/credentials/t/d3", Some(&creds), None).await.unwrap();
-    assert_eq!(r.status, StatusCode::CONFLICT);
+    expect(&c, Method::PUT, "/v1/credentials/t/d3", Some(&creds), StatusCode::CONFLICT).await;
     // Unknown secret id: 400; unsupported hash function: 400.
-    let r = c
-        .request(
-            Method::PUT,
-            "/v1/credentials/t/d1",
-            Some(&json!([{"type": "psk", "auth-id": "d1-psk", "secrets": [{"id": "nope"}]}])),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = c
-        .request(
-            Method::PUT,
-            "/v1/credentials/t/d1",
-            Some(&json!([{"type": "hashed-password", "auth-id": "x", "secrets": [{"hash-function": "md5", "pwd-hash": "abc"}]}])),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    for bad in [
+        json!([{"type": "psk", "auth-id": "d1-psk", "secrets": [{"id": "nope"}]}]),
+        json!([{"type": "hashed-password", "auth-id": "x", "secrets": [{"hash-function": "md5", "pwd-hash": "abc"}]}]),
+    ] {
+        expect(&c, Method::PUT, "/v1/credentials/t/d1", Some(&bad), StatusCode::BAD_REQUEST).await;
+    }
 
     // Deleting all devices of a tenant.
-    let r = c.request(Method::DELETE, "/v1/devices/t", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NO_CONTENT);
-    let r = c.request(Method::GET, "/v1/devices/t/d1", None, None).await.unwrap();
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    expect(&c, Method::DELETE, "/v1/devices/t", None, StatusCode::NO_CONTENT).await;
+    expect(&c, Method::GET, "/v1/devices/t/d1", None, StatusCode::NOT_FOUND).await;
 }
 
 #[tokio::test]
 async fn oversized_and_malformed_bodies() {
-    let reg = TestRegistry::embedded().await;
-    let c = reg.client();
+    let (_reg, c) = TestRegistry::embedded_with_client().await;
     let big = json!({"ext": {"blob": "x".repeat(100_000)}});
-    let r = c.request(Method::POST, "/v1/tenants/big", Some(&big), None).await.unwrap();
-    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
-    let r = c.request(Method::POST, "/v1/tenants/t", Some(&json!([1, 2])), None).await.unwrap();
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    let r = c
-        .request(Method::POST, "/v1/tenants/t", Some(&json!({"adapters": []})), None)
-        .await
-        .unwrap();
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    expect(&c, Method::POST, "/v1/tenants/big", Some(&big), StatusCode::PAYLOAD_TOO_LARGE).await;
+    // Not an object; an empty adapters list.
+    for bad in [json!([1, 2]), json!({"adapters": []})] {
+        expect(&c, Method::POST, "/v1/tenants/t", Some(&bad), StatusCode::BAD_REQUEST).await;
+    }
 }
 
 #[tokio::test]

@@ -12,8 +12,7 @@ use support::{eventually, TestRegistry};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_and_adapter_lookups() {
-    let reg = TestRegistry::embedded().await;
-    let c = reg.client();
+    let (reg, c) = TestRegistry::embedded_with_client().await;
     let tenant = json!({"adapters": [{"type": "hono-http", "enabled": true, "device-authentication-required": false},
                                       {"type": "hono-mqtt", "enabled": true}]});
     c.request(Method::POST, "/v1/tenants/t", Some(&tenant), None).await.unwrap().ok().unwrap();

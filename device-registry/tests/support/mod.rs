@@ -104,6 +104,13 @@ impl TestRegistry {
         r
     }
 
+    /// An embedded registry and a client authenticated with [`TOKEN`].
+    pub async fn embedded_with_client() -> (Self, RegistryClient) {
+        let reg = Self::embedded().await;
+        let client = reg.client();
+        (reg, client)
+    }
+
     pub async fn with_store(store: Arc<dyn RegistryStore>, config: RegistryConfig) -> Self {
         let shutdown = CancellationToken::new();
         let registry = Registry::start_with_store(&config, store, shutdown.clone())
