@@ -3,12 +3,21 @@ import threading
 import time
 
 from proton import Message
+from proton.reactor import Container
 from proton.utils import BlockingConnection
 
 
 def connect(url, timeout=10, **kwargs):
     # SASL PLAIN over a plain socket needs allow_insecure_mechs.
     return BlockingConnection(url, timeout=timeout, allowed_mechs="PLAIN", allow_insecure_mechs=True, **kwargs)
+
+
+def connect_as(url, container_id, **kwargs):
+    """A connection whose AMQP container id is `container_id` (proton picks a random one;
+    durable subscriptions are resumed by container id and link name)."""
+    container = Container()
+    container.container_id = container_id
+    return connect(url, container=container, **kwargs)
 
 
 class Collector(threading.Thread):

@@ -10,7 +10,7 @@ import time
 from proton.handlers import MessagingHandler
 from proton.reactor import Container, DurableSubscription
 
-from amqp_client import connect, message
+from amqp_client import connect, connect_as, message
 
 
 class CreditOneReceiver(MessagingHandler):
@@ -126,9 +126,7 @@ def test_durable_subscriptions_are_keyed_by_container_and_link_name(platform):
     url = platform.url("t1")
 
     def subscriber(container_id):
-        container = Container()
-        container.container_id = container_id
-        conn = connect(url, container=container)
+        conn = connect_as(url, container_id)
         receiver = conn.create_receiver("news/t1", name="same-name", options=DurableSubscription())
         return conn, receiver
 

@@ -11,7 +11,7 @@ from proton import ConnectionException, Message, Timeout
 from proton.reactor import AtMostOnce, DurableSubscription
 from proton.utils import LinkDetached, SendException
 
-from amqp_client import Collector, connect, message
+from amqp_client import Collector, connect, connect_as, message
 
 
 def wait_until(predicate, timeout=30.0, interval=0.05):
@@ -212,8 +212,9 @@ def test_request_response_with_dynamic_reply_address(platform):
 
 def test_topic_durable_subscription_keeps_messages_while_away(platform):
     url = platform.url("t1")
-    # A plain subscription gets what is published while it is attached.
-    conn = connect(url)
+    # A plain subscription gets what is published while it is attached. A durable one is
+    # resumed by the same container id and link name (AMQP 1.0 2.6.1).
+    conn = connect_as(url, "news-reader")
     plain = conn.create_receiver("news/t1", name="plain-sub")
     durable = conn.create_receiver("news/t1", name="my-sub", options=DurableSubscription())
     pub = conn.create_sender("news/t1", name="publisher")
@@ -228,7 +229,7 @@ def test_topic_durable_subscription_keeps_messages_while_away(platform):
     platform.stop()
     platform.start()
     url = platform.url("t1")
-    conn = connect(url)
+    conn = connect_as(url, "news-reader")
     durable = conn.create_receiver("news/t1", name="my-sub", options=DurableSubscription())
     got = []
     for _ in range(2):
