@@ -222,6 +222,29 @@ struct Changes {
     devices: HashMap<(TenantId, DeviceId), (u64, Instant)>,
 }
 
+/// Records `key` as changed at `seq` in `log`, which keeps at most `max` records: those
+/// older than `horizon` go first; if that is not enough the whole log is dropped and
+/// `true` returned (the caller must then treat everything as changed).
+fn record_bounded<K: Eq + std::hash::Hash>(
+    log: &mut HashMap<K, (u64, Instant)>,
+    key: K,
+    seq: u64,
+    now: Instant,
+    horizon: Duration,
+    max: usize,
+) -> bool {
+    let mut dropped = false;
+    if log.len() >= max {
+        log.retain(|_, (_, at)| now.duration_since(*at) < horizon);
+        if log.len() >= max {
+            log.clear();
+            dropped = true;
+        }
+    }
+    log.insert(key, (seq, now));
+    dropped
+}
+
 impl Changes {
     fn latest(&self, t: &TenantId, d: Option<&DeviceId>) -> u64 {
         let mut s = self.all;
@@ -776,13 +799,7 @@ impl AuthService {
         tenant: &str,
         adapter_type: &str,
     ) -> Result<bool, AuthError> {
-        let Ok(t) = TenantId::new(tenant) else {
-            return Ok(false);
-        };
-        Ok(self
-            .get_tenant(&t)
-            .await?
-            .is_some_and(|t| t.enabled && t.allows_unauthenticated(adapter_type)))
+        self.tenant_is(tenant, |t| t.enabled && t.allows_unauthenticated(adapter_type)).await
     }
 
     /// Whether devices of `tenant` may use `adapter_type` at all ([`Tenant::adapter_enabled`]);
@@ -795,10 +812,19 @@ impl AuthService {
         tenant: &str,
         adapter_type: &str,
     ) -> Result<bool, AuthError> {
+        self.tenant_is(tenant, |t| t.adapter_enabled(adapter_type)).await
+    }
+
+    /// Whether the tenant named `tenant` exists and satisfies `check`.
+    async fn tenant_is(
+        &self,
+        tenant: &str,
+        check: impl FnOnce(&Tenant) -> bool,
+    ) -> Result<bool, AuthError> {
         let Ok(t) = TenantId::new(tenant) else {
             return Ok(false);
         };
-        Ok(self.get_tenant(&t).await?.is_some_and(|t| t.adapter_enabled(adapter_type)))
+        Ok(self.get_tenant(&t).await?.is_some_and(|t| check(&t)))
     }
 
     fn record_change(&self, change: &Change) {
@@ -823,26 +849,17 @@ impl AuthService {
             Change::Tenant(t) => {
                 // A registry change may make a refused secret valid: forget failures.
                 s.failures.retain(|(ft, _, _), _| ft != t);
-                if s.changes.tenants.len() >= max {
-                    s.changes.tenants.retain(|_, (_, at)| now.duration_since(*at) < horizon);
-                    if s.changes.tenants.len() >= max {
-                        s.changes.tenants.clear();
-                        s.changes.all = seq;
-                    }
+                if record_bounded(&mut s.changes.tenants, t.clone(), seq, now, horizon, max) {
+                    s.changes.all = seq;
                 }
-                s.changes.tenants.insert(t.clone(), (seq, now));
                 s.changes.any_tenant = seq;
             }
             Change::Device(t, d) => {
                 s.failures.retain(|(ft, _, _), _| ft != t);
-                if s.changes.devices.len() >= max {
-                    s.changes.devices.retain(|_, (_, at)| now.duration_since(*at) < horizon);
-                    if s.changes.devices.len() >= max {
-                        s.changes.devices.clear();
-                        s.changes.all = seq;
-                    }
+                let key = (t.clone(), d.clone());
+                if record_bounded(&mut s.changes.devices, key, seq, now, horizon, max) {
+                    s.changes.all = seq;
                 }
-                s.changes.devices.insert((t.clone(), d.clone()), (seq, now));
             }
         }
     }
