@@ -10,7 +10,8 @@ pub use ferrule_net::hashing::HashPool;
 use ferrule_net::hashing::PoolError;
 
 use crate::model::{
-    Credentials, Device, DeviceId, DeviceStatus, SecretMeta, Tenant, TenantId, Versioned,
+    Credentials, Device, DeviceId, DeviceStatus, SecretCredentials, SecretMeta, Tenant, TenantId,
+    Versioned,
 };
 use crate::password::{self, PasswordError, ARGON2ID};
 use crate::store::{RegistryStore, StoreError};
@@ -136,12 +137,8 @@ impl Management {
         mut device: Device,
         if_match: Option<&str>,
     ) -> Result<String, ManagementError> {
-        let created = self
-            .store
-            .get_device(tenant, id)
-            .await?
-            .and_then(|d| d.value.status)
-            .and_then(|s| s.created);
+        let stored = self.store.get_device(tenant, id).await?;
+        let created = stored.and_then(|d| d.value.status).and_then(|s| s.created);
         device.status =
             Some(DeviceStatus { created, updated: Some(Utc::now()), ..Default::default() });
         Ok(self.store.update_device(tenant, id, &device, if_match).await?)
@@ -304,23 +301,16 @@ fn merge_and_validate(
                 }
             }
             Credentials::Psk(p) => {
-                check_entry(&p.auth_id, p.secrets.len())?;
-                let old = match old {
-                    Some(Credentials::Psk(o)) => &o.secrets[..],
-                    _ => &[],
-                };
-                for s in &mut p.secrets {
-                    check_window(&s.meta)?;
-                    if let Some(prev) = patched_secret(&mut s.meta, old)? {
-                        if s.key.is_none() {
-                            s.key = prev.key.clone();
-                        }
+                let old = if let Some(Credentials::Psk(o)) = old { &o.secrets[..] } else { &[] };
+                merge_secrets(p, old, |s, prev| {
+                    if let Some(prev) = prev.filter(|_| s.key.is_none()) {
+                        s.key = prev.key.clone();
                     }
                     match &s.key {
-                        Some(k) if decode_b64(k).is_some_and(|k| !k.is_empty()) => {}
-                        _ => return Err(bad("a psk secret needs a non-empty base64 key")),
+                        Some(k) if decode_b64(k).is_some_and(|k| !k.is_empty()) => Ok(()),
+                        _ => Err(bad("a psk secret needs a non-empty base64 key")),
                     }
-                }
+                })?;
             }
             Credentials::X509Cert(x) => {
                 // Like Hono: a given certificate (base64 DER) yields the auth-id (its
@@ -353,18 +343,11 @@ fn merge_and_validate(
                 }
             }
             Credentials::Rpk(r) => {
-                check_entry(&r.auth_id, r.secrets.len())?;
-                let old = match old {
-                    Some(Credentials::Rpk(o)) => &o.secrets[..],
-                    _ => &[],
-                };
-                for s in &mut r.secrets {
-                    check_window(&s.meta)?;
-                    if let Some(prev) = patched_secret(&mut s.meta, old)? {
-                        if s.key.is_none() && s.cert.is_none() {
-                            s.key = prev.key.clone();
-                            s.algorithm = prev.algorithm.clone();
-                        }
+                let old = if let Some(Credentials::Rpk(o)) = old { &o.secrets[..] } else { &[] };
+                merge_secrets(r, old, |s, prev| {
+                    if let Some(prev) = prev.filter(|_| s.key.is_none() && s.cert.is_none()) {
+                        s.key = prev.key.clone();
+                        s.algorithm = prev.algorithm.clone();
                     }
                     for (name, v) in [("key", &s.key), ("cert", &s.cert)] {
                         if v.as_deref().is_some_and(|v| decode_b64(v).is_none()) {
@@ -373,7 +356,8 @@ fn merge_and_validate(
                     }
                     // Certificates are not parsed: keep only key + algorithm.
                     s.cert = None;
-                }
+                    Ok(())
+                })?;
             }
         }
         // Secret ids must be unique within an entry so patch updates are unambiguous.
@@ -399,6 +383,23 @@ fn check_entry(auth_id: &str, secrets: usize) -> Result<(), ManagementError> {
     }
     if auth_id.is_empty() {
         return Err(bad("auth-id must not be empty"));
+    }
+    Ok(())
+}
+
+/// Checks an entry (auth-id, number of secrets, each secret's validity window), then
+/// hands each secret to `merge` with the stored secret among `old` that it names in
+/// patch mode; `merge` completes and checks the secret.
+fn merge_secrets<S: AsRef<SecretMeta> + AsMut<SecretMeta>>(
+    entry: &mut SecretCredentials<S>,
+    old: &[S],
+    mut merge: impl FnMut(&mut S, Option<&S>) -> Result<(), ManagementError>,
+) -> Result<(), ManagementError> {
+    check_entry(&entry.auth_id, entry.secrets.len())?;
+    for s in &mut entry.secrets {
+        check_window(s.as_ref())?;
+        let prev = patched_secret(s.as_mut(), old)?;
+        merge(s, prev)?;
     }
     Ok(())
 }

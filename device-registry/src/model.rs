@@ -632,6 +632,12 @@ macro_rules! secret_type {
             }
         }
 
+        impl AsMut<SecretMeta> for $name {
+            fn as_mut(&mut self) -> &mut SecretMeta {
+                &mut self.meta
+            }
+        }
+
         impl From<$wire> for $name {
             fn from(w: $wire) -> Self {
                 Self {
