@@ -6,62 +6,33 @@
 
 mod support;
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use fe2o3_amqp::types::messaging::{MessageId, Properties};
-use fe2o3_amqp::types::primitives::SimpleValue;
-use ferrule_adapters::coap::{CoapAdapter, CoapConfig};
-use ferrule_adapters::Downstream;
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+use fe2o3_amqp::types::messaging::MessageId;
+use ferrule_adapters::coap::CoapConfig;
 use ferrule_command_control::RequestId;
-use ferrule_messaging::message::data_message;
-use ferrule_messaging::{Broker, Consumer, Message, Outcome, SubscribeOptions};
-use support::MemoryRegistry;
-use tokio_util::sync::CancellationToken;
+use ferrule_messaging::{Consumer, Outcome};
+use support::amqp::{command, next_response};
+use support::clients::{coap_client, run_to_end};
+use support::platform::{devices_with_psks, Coap, Platform, GW1, SENSOR1};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
 
-struct Setup {
-    udp: SocketAddr,
-    dtls: SocketAddr,
-    broker: Broker,
-    /// `event/t1`: the devices' events and the `ttd` notifications.
-    events: Consumer,
-    _shutdown: tokio_util::sync::DropGuard,
-}
+type Setup = Platform<Coap>;
 
-async fn start() -> Setup {
-    let registry = MemoryRegistry::new().tenant("t1").tenant("t2").device("t2", "d9", "");
-    let registry = registry
-        .device("t1", "d1", "")
-        .device("t1", "gw", "")
-        .device_via("t1", "child", "", &["gw"])
-        .psk("t1", "sensor1", "d1", b"secret1")
-        .psk("t1", "gw1", "gw", b"gwsecret");
+/// [`devices_with_psks`], t1 letting unauthenticated devices in, with commands; and the
+/// consumer of `event/t1` (the devices' events and the `ttd` notifications).
+async fn start() -> (Setup, Consumer) {
+    let registry = devices_with_psks();
     registry.set_allow_unauthenticated("t1", true);
-    let (broker, router) = support::broker_with_commands(&registry);
-    let events = broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
-    events.add_credit(1000);
-    let config = CoapConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        listen_dtls: "127.0.0.1:0".parse().unwrap(),
-        allow_unauthenticated: true,
-        max_payload: 64,
-        ..Default::default()
-    };
-    let adapter = CoapAdapter::bind(
-        config,
-        Downstream::new(broker.clone()),
-        Arc::new(registry),
-        Some(router),
-    )
-    .await
-    .unwrap();
-    let (udp, dtls) = (adapter.local_addr().expect("plain UDP is on"), adapter.local_dtls_addr());
-    let shutdown = CancellationToken::new();
-    tokio::spawn(adapter.run(shutdown.clone()));
-    Setup { udp, dtls, broker, events, _shutdown: shutdown.drop_guard() }
+    let config = CoapConfig { allow_unauthenticated: true, max_payload: 64, ..Default::default() };
+    let s = Platform::with_commands(registry, config).await;
+    let events = s.consumer("event/t1", 1000);
+    (s, events)
 }
 
 /// What libcoap printed (stdout: the payload; stderr: the PDUs at `-v 7`).
@@ -85,9 +56,14 @@ impl Answer {
     }
 }
 
-/// Runs a libcoap client; the payload goes to a file of its own (`-o`), the log (PDUs
-/// at `-v 7`) to stdout.
-async fn client(program: &'static str, args: Vec<String>) -> Answer {
+/// Runs a libcoap client (`addr`, `psk`, `args`, `path` as for [`coap_client`]); the
+/// payload goes to a file of its own (`-o`), the log (PDUs at `-v 7`) to stdout.
+fn client(
+    addr: SocketAddr,
+    psk: Option<(&str, &str)>,
+    args: &[&str],
+    path: &str,
+) -> impl Future<Output = Answer> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let file = std::env::temp_dir().join(format!(
         "ferrule-coap-cmd-{}-{}",
@@ -95,78 +71,29 @@ async fn client(program: &'static str, args: Vec<String>) -> Answer {
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     let out = file.to_string_lossy().to_string();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(program)
-            .args(["-B", "30", "-v", "7", "-o", &out])
-            .args(&args)
-            .output()
-            .expect("libcoap3-bin is installed")
-    })
-    .await
-    .unwrap();
-    let payload = std::fs::read_to_string(&file).unwrap_or_default();
-    let _ = std::fs::remove_file(&file);
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Answer { payload, log }
-}
-
-/// `coap-client-openssl` over DTLS with PSK `identity`/`key`: `args` then `coaps://ADDR{path}`.
-fn dtls(
-    s: &Setup,
-    identity: &str,
-    key: &str,
-    args: &[&str],
-    path: &str,
-) -> tokio::task::JoinHandle<Answer> {
-    let mut all: Vec<String> = vec!["-u".into(), identity.into(), "-k".into(), key.into()];
-    all.extend(args.iter().map(|a| a.to_string()));
-    all.push(format!("coaps://{}{path}", s.dtls));
-    tokio::spawn(client("coap-client-openssl", all))
-}
-
-fn udp(s: &Setup, args: &[&str], path: &str) -> tokio::task::JoinHandle<Answer> {
-    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    all.push(format!("coap://{}{path}", s.udp));
-    tokio::spawn(client("coap-client-notls", all))
-}
-
-fn command(device: &str, name: &str, payload: &str, reply: Option<(&str, &str)>) -> Message {
-    let mut m = data_message(payload.as_bytes().to_vec());
-    m.properties = Some(Properties {
-        to: Some(format!("command/t1/{device}")),
-        subject: Some(name.into()),
-        message_id: reply.map(|(_, id)| MessageId::String(id.into())),
-        reply_to: reply.map(|(app, _)| format!("command_response/t1/{app}")),
-        content_type: Some("text/plain".into()),
-        ..Default::default()
-    });
-    m
-}
-
-fn app_property(m: &Message, key: &str) -> Option<SimpleValue> {
-    m.application_properties.as_ref()?.0.get(key).cloned()
-}
-
-/// Waits for `device`'s `ttd` notification (> 0, from the CoAP adapter).
-async fn ready(events: &mut Consumer, device: &str) {
-    loop {
-        let d = tokio::time::timeout(Duration::from_secs(10), events.recv())
-            .await
-            .expect("notification")
-            .unwrap();
-        let m = d.message();
-        let waiting = matches!(app_property(m, "ttd"), Some(SimpleValue::Int(n)) if n > 0)
-            && app_property(m, "device_id") == Some(SimpleValue::String(device.into()))
-            && app_property(m, "orig_adapter") == Some(SimpleValue::String("hono-coap".into()));
-        d.settle(Outcome::Accepted);
-        if waiting {
-            return;
-        }
+    let options = [&["-B", "30", "-v", "7", "-o", &out][..], args].concat();
+    let command = coap_client(addr, psk, &options, path);
+    async move {
+        let output = run_to_end(command).await;
+        let payload = std::fs::read_to_string(&file).unwrap_or_default();
+        let _ = std::fs::remove_file(&file);
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Answer { payload, log }
     }
+}
+
+/// `coap-client-openssl` over DTLS with `psk` (identity, key), in the background.
+fn dtls(s: &Setup, psk: (&str, &str), args: &[&str], path: &str) -> JoinHandle<Answer> {
+    tokio::spawn(client(s.dtls(), Some(psk), args, path))
+}
+
+/// `coap-client-notls` (plain UDP), in the background.
+fn udp(s: &Setup, args: &[&str], path: &str) -> JoinHandle<Answer> {
+    tokio::spawn(client(s.udp(), None, args, path))
 }
 
 /// The request id in the logged Location-Path (`Location-Path:cr` or `command_response`,
@@ -188,22 +115,11 @@ fn request_id(answer: &Answer) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dtls_device_gets_a_command_and_answers_it() {
-    let mut s = start().await;
-    let mut responses =
-        s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
-    responses.add_credit(10);
-    let poll = dtls(
-        &s,
-        "sensor1@t1",
-        "secret1",
-        &["-m", "post", "-e", "21.5", "-t", "0"],
-        "/e?hono-ttd=10",
-    );
-    ready(&mut s.events, "d1").await;
-    let outcome =
-        s.broker.send("command/t1", command("d1", "light", "on", Some(("app", "m-1")))).await;
-    assert_eq!(outcome, Outcome::Accepted);
-    let answer = poll.await.unwrap();
+    let (s, mut events) = start().await;
+    let mut responses = s.consumer("command_response/t1/app", 10);
+    let poll = dtls(&s, SENSOR1, &["-m", "post", "-e", "21.5", "-t", "0"], "/e?hono-ttd=10");
+    let light_on = command("d1", "light", "on", Some(("app", "m-1")));
+    let answer = s.command_when_waiting(&mut events, "d1", poll, light_on).await;
     assert_eq!(answer.code(), Some("2.04"), "{answer:?}");
     assert_eq!(answer.payload, "on", "{answer:?}");
     assert!(answer.has("Location-Query:hono-command=light"), "{}", answer.log);
@@ -211,43 +127,23 @@ async fn dtls_device_gets_a_command_and_answers_it() {
     let id = request_id(&answer);
     assert!(RequestId::decode(&id).is_ok(), "{id}");
 
-    let respond = dtls(
-        &s,
-        "sensor1@t1",
-        "secret1",
-        &["-m", "post", "-e", "done", "-t", "0"],
-        &format!("/cr/{id}?hono-cmd-status=200"),
-    );
-    let reply =
-        tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
-    assert_eq!(
-        reply.message().properties.clone().unwrap().correlation_id,
-        Some(MessageId::String("m-1".into()))
-    );
-    assert_eq!(app_property(reply.message(), "status"), Some(SimpleValue::Int(200)));
-    assert_eq!(app_property(reply.message(), "device_id"), Some(SimpleValue::String("d1".into())));
-    reply.settle(Outcome::Accepted);
+    let path = format!("/cr/{id}?hono-cmd-status=200");
+    let respond = dtls(&s, SENSOR1, &["-m", "post", "-e", "done", "-t", "0"], &path);
+    next_response(&mut responses, "m-1", 200, "d1").await.settle(Outcome::Accepted);
     let answer = respond.await.unwrap();
     assert_eq!(answer.code(), Some("2.04"), "{answer:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_command_comes_as_a_separate_response() {
-    let mut s = start().await;
-    let poll = dtls(
-        &s,
-        "sensor1@t1",
-        "secret1",
-        &["-m", "post", "-e", "x", "-t", "0"],
-        "/event?hono-ttd=10",
-    );
-    ready(&mut s.events, "d1").await;
+    let (s, mut events) = start().await;
+    let poll = dtls(&s, SENSOR1, &["-m", "post", "-e", "x", "-t", "0"], "/event?hono-ttd=10");
+    s.ready(&mut events, &["d1"]).await;
     // Longer than the adapter waits before it sends the empty ACK.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let outcome =
-        s.broker.send("command/t1", command("d1", "light", "off", Some(("app", "m-2")))).await;
+    let outcome = s.send_command(command("d1", "light", "off", Some(("app", "m-2"))));
     assert_eq!(
-        outcome,
+        outcome.await.unwrap(),
         Outcome::Accepted,
         "accepted once the device acknowledged the separate response"
     );
@@ -260,14 +156,10 @@ async fn a_late_command_comes_as_a_separate_response() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_udp_device_gets_a_one_way_command() {
-    let mut s = start().await;
+    let (s, mut events) = start().await;
     let poll = udp(&s, &["-m", "put", "-e", "x", "-t", "0"], "/event/t1/d1?hono-ttd=10");
-    ready(&mut s.events, "d1").await;
-    assert_eq!(
-        s.broker.send("command/t1", command("d1", "blink", "3", None)).await,
-        Outcome::Accepted
-    );
-    let answer = poll.await.unwrap();
+    let blink = command("d1", "blink", "3", None);
+    let answer = s.command_when_waiting(&mut events, "d1", poll, blink).await;
     assert_eq!(answer.code(), Some("2.04"), "{answer:?}");
     assert_eq!(answer.payload, "3");
     assert!(answer.has("Location-Path:command,"), "one-way, long form: {}", answer.log);
@@ -276,37 +168,22 @@ async fn unauthenticated_udp_device_gets_a_one_way_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_command_in_time_is_a_plain_204_and_late_commands_are_released() {
-    let s = start().await;
-    let answer =
-        dtls(&s, "sensor1@t1", "secret1", &["-m", "post", "-e", "x", "-t", "0"], "/e?hono-ttd=1")
-            .await
-            .unwrap();
+    let (s, _events) = start().await;
+    let poll = dtls(&s, SENSOR1, &["-m", "post", "-e", "x", "-t", "0"], "/e?hono-ttd=1");
+    let answer = poll.await.unwrap();
     assert_eq!(answer.code(), Some("2.04"), "{answer:?}");
     assert!(!answer.has("Location-Query"), "{}", answer.log);
-    assert_eq!(
-        s.broker.send("command/t1", command("d1", "light", "on", None)).await,
-        Outcome::Released
-    );
+    let outcome = s.send_command(command("d1", "light", "on", None));
+    assert_eq!(outcome.await.unwrap(), Outcome::Released);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_waits_for_a_device_and_answers_for_it() {
-    let mut s = start().await;
-    let mut responses =
-        s.broker.subscribe("command_response/t1/app", &SubscribeOptions::default()).unwrap();
-    responses.add_credit(10);
-    let poll = dtls(
-        &s,
-        "gw1@t1",
-        "gwsecret",
-        &["-m", "put", "-e", "x", "-t", "0"],
-        "/e/t1/child?hono-ttd=10",
-    );
-    ready(&mut s.events, "child").await;
-    let outcome =
-        s.broker.send("command/t1", command("child", "open", "valve", Some(("app", "g-1")))).await;
-    assert_eq!(outcome, Outcome::Accepted);
-    let answer = poll.await.unwrap();
+    let (s, mut events) = start().await;
+    let mut responses = s.consumer("command_response/t1/app", 10);
+    let poll = dtls(&s, GW1, &["-m", "put", "-e", "x", "-t", "0"], "/e/t1/child?hono-ttd=10");
+    let open = command("child", "open", "valve", Some(("app", "g-1")));
+    let answer = s.command_when_waiting(&mut events, "child", poll, open).await;
     assert_eq!(answer.payload, "valve", "{answer:?}");
     assert!(
         answer.has("Location-Path:cr, Location-Path:t1, Location-Path:child,"),
@@ -315,61 +192,42 @@ async fn gateway_waits_for_a_device_and_answers_for_it() {
     );
     let id = request_id(&answer);
 
-    let respond = dtls(
-        &s,
-        "gw1@t1",
-        "gwsecret",
-        &["-m", "put", "-t", "0", "-e", "ok"],
-        &format!("/cr/t1/child/{id}?hono-cmd-status=200"),
-    );
-    let reply =
-        tokio::time::timeout(Duration::from_secs(10), responses.recv()).await.unwrap().unwrap();
-    assert_eq!(
-        app_property(reply.message(), "device_id"),
-        Some(SimpleValue::String("child".into()))
-    );
-    assert_eq!(
-        reply.message().properties.clone().unwrap().correlation_id,
-        Some(MessageId::String("g-1".into()))
-    );
-    reply.settle(Outcome::Accepted);
+    let path = format!("/cr/t1/child/{id}?hono-cmd-status=200");
+    let respond = dtls(&s, GW1, &["-m", "put", "-t", "0", "-e", "ok"], &path);
+    next_response(&mut responses, "g-1", 200, "child").await.settle(Outcome::Accepted);
     assert_eq!(respond.await.unwrap().code(), Some("2.04"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_command_responses_get_clear_codes() {
-    let s = start().await;
+    let (s, _events) = start().await;
     let id = RequestId { correlation_id: MessageId::String("x".into()), reply_id: "app".into() }
         .encode()
         .unwrap();
     let post = ["-m", "post", "-t", "0", "-e", "r"];
-    let cases = [
-        ("no status", format!("/cr/{id}"), "4.00"),
-        ("bad status", format!("/cr/{id}?hono-cmd-status=1000"), "4.00"),
-        ("bad request id", "/cr/not-an-id?hono-cmd-status=200".to_owned(), "4.00"),
-        ("nobody waits", format!("/command_response/{id}?hono-cmd-status=200"), "5.03"),
-        ("foreign tenant", format!("/cr/t2/d9/{id}?hono-cmd-status=200"), "4.05"),
-    ];
-    for (name, path, code) in cases {
-        let answer = dtls(&s, "sensor1@t1", "secret1", &post, &path).await.unwrap();
-        assert_eq!(answer.code(), Some(code), "{name}: {}", answer.log);
-    }
     let put = ["-m", "put", "-t", "0", "-e", "r"];
-    let answer =
-        dtls(&s, "sensor1@t1", "secret1", &put, &format!("/cr/t2/d9/{id}?hono-cmd-status=200"))
-            .await
-            .unwrap();
-    assert_eq!(answer.code(), Some("4.03"), "foreign tenant: {}", answer.log);
+    // (row, arguments, path, response code)
+    let rows = [
+        ("no status", post, format!("/cr/{id}"), "4.00"),
+        ("bad status", post, format!("/cr/{id}?hono-cmd-status=1000"), "4.00"),
+        ("bad request id", post, "/cr/not-an-id?hono-cmd-status=200".to_owned(), "4.00"),
+        ("nobody waits", post, format!("/command_response/{id}?hono-cmd-status=200"), "5.03"),
+        ("foreign tenant, POST", post, format!("/cr/t2/d9/{id}?hono-cmd-status=200"), "4.05"),
+        ("foreign tenant", put, format!("/cr/t2/d9/{id}?hono-cmd-status=200"), "4.03"),
+    ];
+    for (row, args, path, code) in rows {
+        let answer = dtls(&s, SENSOR1, &args, &path).await.unwrap();
+        assert_eq!(answer.code(), Some(code), "{row}: {}", answer.log);
+    }
     let answer = udp(&s, &post, &format!("/cr/{id}?hono-cmd-status=200")).await.unwrap();
     assert_eq!(answer.code(), Some("4.01"), "plain UDP needs the PUT form: {}", answer.log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_response_refused_with_reset_releases_the_command() {
-    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
-    let mut s = start().await;
+    let (s, mut events) = start().await;
     // A raw UDP device: CON PUT /e/t1/d1?hono-ttd=10, then it answers our CON with RST.
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let mut request = Packet::new();
     request.header.set_type(MessageType::Confirmable);
     request.header.code = MessageClass::Request(RequestType::Put);
@@ -381,8 +239,8 @@ async fn separate_response_refused_with_reset_releases_the_command() {
     request.add_option(CoapOption::UriQuery, b"hono-ttd=10".to_vec());
     request.add_option(CoapOption::ContentFormat, vec![]);
     request.payload = b"x".to_vec();
-    socket.send_to(&request.to_bytes().unwrap(), s.udp).await.unwrap();
-    async fn recv(socket: &tokio::net::UdpSocket) -> Packet {
+    socket.send_to(&request.to_bytes().unwrap(), s.udp()).await.unwrap();
+    async fn recv(socket: &UdpSocket) -> Packet {
         let mut buf = vec![0u8; 2048];
         let (n, _) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut buf))
             .await
@@ -390,7 +248,7 @@ async fn separate_response_refused_with_reset_releases_the_command() {
             .unwrap();
         Packet::from_bytes(&buf[..n]).unwrap()
     }
-    ready(&mut s.events, "d1").await;
+    s.ready(&mut events, &["d1"]).await;
     let ack = recv(&socket).await;
     assert_eq!(
         (ack.header.get_type(), ack.header.message_id),
@@ -398,15 +256,12 @@ async fn separate_response_refused_with_reset_releases_the_command() {
         "empty ACK"
     );
     assert_eq!(u8::from(ack.header.code), 0);
-    let sending = tokio::spawn({
-        let broker = s.broker.clone();
-        async move { broker.send("command/t1", command("d1", "light", "on", None)).await }
-    });
+    let sending = s.send_command(command("d1", "light", "on", None));
     let separate = recv(&socket).await;
     assert_eq!(separate.header.get_type(), MessageType::Confirmable);
     assert_eq!(separate.get_token(), &[7, 7]);
     assert_eq!(separate.payload, b"on");
     let [hi, lo] = separate.header.message_id.to_be_bytes();
-    socket.send_to(&[0x70, 0x00, hi, lo], s.udp).await.unwrap();
+    socket.send_to(&[0x70, 0x00, hi, lo], s.udp()).await.unwrap();
     assert_eq!(sending.await.unwrap(), Outcome::Released, "the device refused it");
 }

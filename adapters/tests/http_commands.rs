@@ -31,25 +31,10 @@ async fn start() -> (Setup, Consumer) {
     (s, events)
 }
 
-/// Waits until `devices` have announced (`ttd` notification > 0) that they wait for a
-/// command.
-async fn ready(events: &mut Consumer, devices: &[&str]) {
-    support::amqp::ready(events, "hono-http", devices).await;
-}
-
-/// Sends `method` `path` (`hono-ttd: TTD` header) as `user` and waits until the device is
-/// `ready`: the poll, still open.
-async fn poll(
-    s: &Setup,
-    events: &mut Consumer,
-    (method, path): (&str, &str),
-    user: Option<&str>,
-    device: &str,
-) -> JoinHandle<HttpAnswer> {
+/// A long poll: `method` `path` as `user` with `hono-ttd: 10`.
+fn poll(s: &Setup, method: &str, path: &str, user: Option<&str>) -> JoinHandle<HttpAnswer> {
     let url = format!("{}{path}", s.url());
-    let poll = tokio::spawn(curl(request(method, &url, user, "x", &["hono-ttd: 10"])));
-    ready(events, &[device]).await;
-    poll
+    tokio::spawn(curl(request(method, &url, user, "x", &["hono-ttd: 10"])))
 }
 
 /// A device's command response: `method` to `/command/res/{rest}`.
@@ -64,10 +49,8 @@ async fn request_response_command_round_trip() {
     let mut responses = s.consumer("command_response/t1/app", 10);
     let url = format!("{}/event", s.url());
     let poll = tokio::spawn(curl(request("POST", &url, D1, "21.5", &["hono-ttd: 10"])));
-    ready(&mut events, &["d1"]).await;
-    let outcome = s.send_command(command("d1", "light", "on", Some(("app", "m-1"))));
-    assert_eq!(outcome.await.unwrap(), Outcome::Accepted);
-    let answer = poll.await.unwrap();
+    let light_on = command("d1", "light", "on", Some(("app", "m-1")));
+    let answer = s.command_when_waiting(&mut events, "d1", poll, light_on).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.header("hono-command"), Some("light"));
     assert_eq!(answer.header("content-type"), Some("text/plain"));
@@ -86,20 +69,17 @@ async fn request_response_command_round_trip() {
     let url = format!("{}/telemetry?hono-ttd=10", s.url());
     let poll = tokio::spawn(curl(request("POST", &url, D1, "1", &[])));
     next(&mut telemetry).await.settle(Outcome::Accepted);
-    ready(&mut events, &["d1"]).await;
-    let outcome = s.send_command(command("d1", "reset", "", Some(("app", "m-2"))));
-    assert_eq!(outcome.await.unwrap(), Outcome::Accepted);
-    let answer = poll.await.unwrap();
+    let reset = command("d1", "reset", "", Some(("app", "m-2")));
+    let answer = s.command_when_waiting(&mut events, "d1", poll, reset).await;
     assert_eq!((answer.status, answer.header("hono-command")), (200, Some("reset")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_way_command_has_no_request_id() {
     let (s, mut events) = start().await;
-    let poll = poll(&s, &mut events, ("POST", "/event"), D1, "d1").await;
-    let outcome = s.send_command(command("d1", "blink", "3", None));
-    assert_eq!(outcome.await.unwrap(), Outcome::Accepted);
-    let answer = poll.await.unwrap();
+    let poll = poll(&s, "POST", "/event", D1);
+    let blink = command("d1", "blink", "3", None);
+    let answer = s.command_when_waiting(&mut events, "d1", poll, blink).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.header("hono-command"), Some("blink"));
     assert!(answer.header("hono-cmd-req-id").is_none(), "{answer:?}");
@@ -130,10 +110,9 @@ async fn no_command_in_time_is_202_and_late_commands_are_released() {
 async fn gateway_polls_for_a_device_and_answers_for_it() {
     let (s, mut events) = start().await;
     let mut responses = s.consumer("command_response/t1/app", 10);
-    let poll = poll(&s, &mut events, ("PUT", "/event/t1/child"), GW, "child").await;
-    let outcome = s.send_command(command("child", "open", "valve", Some(("app", "g-1"))));
-    assert_eq!(outcome.await.unwrap(), Outcome::Accepted);
-    let answer = poll.await.unwrap();
+    let poll = poll(&s, "PUT", "/event/t1/child", GW);
+    let open = command("child", "open", "valve", Some(("app", "g-1")));
+    let answer = s.command_when_waiting(&mut events, "child", poll, open).await;
     assert_eq!(answer.status, 200, "{answer:?}");
     assert_eq!(answer.header("hono-cmd-target-device"), Some("child"));
     let request_id = answer.header("hono-cmd-req-id").unwrap();
@@ -215,7 +194,7 @@ async fn fifty_concurrent_polls_each_get_their_own_command() {
         })
         .collect();
     let names: Vec<&str> = devices.iter().map(String::as_str).collect();
-    ready(&mut events, &names).await;
+    s.ready(&mut events, &names).await;
     let sends: Vec<_> = devices
         .iter()
         .map(|d| s.send_command(command(d, "set", &format!("for {d}"), Some(("app", d)))))

@@ -30,11 +30,6 @@ async fn start(config: MqttConfig, devices_more: usize) -> Setup {
     Platform::with_commands(registry, config).await
 }
 
-/// The next `ttd` notification for `device` from the MQTT adapter.
-async fn ttd(events: &mut Consumer, device: &str) -> i32 {
-    support::amqp::ttd(events, "hono-mqtt", device).await
-}
-
 /// mosquitto_sub for one command (`args`, then `-v -C 1`), once its subscription is
 /// announced (`ttd` -1 for `device`).
 async fn subscribed(
@@ -45,7 +40,7 @@ async fn subscribed(
     device: &str,
 ) -> JoinHandle<Run> {
     let sub = mosquitto("mosquitto_sub", p.addr(), version, &[args, &["-v", "-C", "1"]].concat());
-    assert_eq!(ttd(events, device).await, -1, "subscribed");
+    assert_eq!(p.ttd(events, device).await, -1, "subscribed");
     sub
 }
 
@@ -82,7 +77,7 @@ async fn request_response_with_a_device_subscription_and_ttd_notifications() {
     let request_id = request_id(&run.output, "command///req/", "light", "on");
     assert!(!request_id.is_empty(), "request/response commands carry a request id");
     // mosquitto_sub disconnected after its one message.
-    assert_eq!(ttd(&mut events, "d1").await, 0, "connection gone");
+    assert_eq!(p.ttd(&mut events, "d1").await, 0, "connection gone");
 
     let topic = format!("command///res/{request_id}/200");
     let args = ["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", &topic, "-m", "done"];
@@ -175,15 +170,15 @@ async fn unsubscribe_and_disconnect_announce_ttd_0() {
     let mut events = p.consumer("event/t1", 100);
     let mut device = RawClient::connect(p.addr(), "d1", Some(("d1@t1", "pw1"))).await;
     assert_eq!(device.subscribe("c///q/#", 0, 1).await, 0, "granted QoS 0");
-    assert_eq!(ttd(&mut events, "d1").await, -1);
+    assert_eq!(p.ttd(&mut events, "d1").await, -1);
     device.unsubscribe("c///q/#", 2).await;
-    assert_eq!(ttd(&mut events, "d1").await, 0);
+    assert_eq!(p.ttd(&mut events, "d1").await, 0);
     let outcome = p.send_command(command("d1", "light", "on", None));
     assert_eq!(outcome.await.unwrap(), Outcome::Released, "unsubscribed");
     assert_eq!(device.subscribe("command///req/#", 1, 3).await, 1);
-    assert_eq!(ttd(&mut events, "d1").await, -1);
+    assert_eq!(p.ttd(&mut events, "d1").await, -1);
     drop(device);
-    assert_eq!(ttd(&mut events, "d1").await, 0);
+    assert_eq!(p.ttd(&mut events, "d1").await, 0);
 }
 
 #[tokio::test]

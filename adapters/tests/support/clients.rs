@@ -1,10 +1,9 @@
 //! The device clients nobody here wrote, run as processes: mosquitto_pub / mosquitto_sub,
-//! curl, and libcoap's coap-client (arguments only: the CoAP tests read its output each
-//! their own way).
+//! curl, and libcoap's coap-client (the CoAP tests read its output each their own way).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use tokio::task::JoinHandle;
 
@@ -102,28 +101,30 @@ pub fn request(
     args
 }
 
-/// A libcoap client's program and arguments: `coap-client-openssl` over DTLS with PSK
-/// `psk` = (identity, key) to `coaps://ADDR{path}`, or, without, `coap-client-notls` to
-/// `coap://ADDR{path}`; `args` before the URI.
+/// A libcoap client: `coap-client-openssl` over DTLS with `psk` = (identity, key) to
+/// `coaps://ADDR{path}`, or, without, `coap-client-notls` to `coap://ADDR{path}`; `args`
+/// before the URI.
 pub fn coap_client(
     addr: SocketAddr,
     psk: Option<(&str, &str)>,
     args: &[&str],
     path: &str,
-) -> (&'static str, Vec<String>) {
-    let mut all = Vec::new();
+) -> Command {
+    let (program, scheme) = match psk {
+        Some(_) => ("coap-client-openssl", "coaps"),
+        None => ("coap-client-notls", "coap"),
+    };
+    let mut command = Command::new(program);
     if let Some((identity, key)) = psk {
-        all.extend(["-u".to_owned(), identity.to_owned(), "-k".to_owned(), key.to_owned()]);
+        command.args(["-u", identity, "-k", key]);
     }
-    all.extend(args.iter().map(|a| a.to_string()));
-    match psk {
-        Some(_) => {
-            all.push(format!("coaps://{addr}{path}"));
-            ("coap-client-openssl", all)
-        }
-        None => {
-            all.push(format!("coap://{addr}{path}"));
-            ("coap-client-notls", all)
-        }
-    }
+    command.args(args).arg(format!("{scheme}://{addr}{path}"));
+    command
+}
+
+/// Runs `command` (a libcoap client) to its end; returns its output.
+pub async fn run_to_end(mut command: Command) -> Output {
+    tokio::task::spawn_blocking(move || command.output().expect("libcoap3-bin is installed"))
+        .await
+        .expect("not cancelled")
 }

@@ -14,7 +14,7 @@ use ferrule_messaging::{Broker, Consumer, Message, Outcome, SubscribeOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::MemoryRegistry;
+use super::{amqp, MemoryRegistry};
 
 /// The tenants and devices most tests use: `t1` with `d1` (password `pw1`), the gateway
 /// `gw` (`gwpw`) and `child` (which lists `gw` in `via`); `t2` with `d9` (`pw9`).
@@ -28,9 +28,25 @@ pub fn devices() -> MemoryRegistry {
         .device("t2", "d9", "pw9")
 }
 
+/// [`devices`] with DTLS pre-shared keys: `sensor1` (for d1, key `secret1`) and `gw1`
+/// (for gw, `gwsecret`) in t1, `d9` (`secret9`) in t2.
+pub fn devices_with_psks() -> MemoryRegistry {
+    devices()
+        .psk("t1", "sensor1", "d1", b"secret1")
+        .psk("t1", "gw1", "gw", b"gwsecret")
+        .psk("t2", "d9", "d9", b"secret9")
+}
+
+/// d1's DTLS identity and key in [`devices_with_psks`].
+pub const SENSOR1: (&str, &str) = ("sensor1@t1", "secret1");
+/// The gateway's DTLS identity and key in [`devices_with_psks`].
+pub const GW1: (&str, &str) = ("gw1@t1", "gwsecret");
+
 /// An adapter as a test starts it: listening on ephemeral ports of 127.0.0.1, serving
 /// until `shutdown`.
 pub trait Adapter: Sized {
+    /// The adapter's name in messages' `orig_adapter`.
+    const NAME: &'static str;
     type Config;
 
     async fn start(
@@ -43,6 +59,7 @@ pub trait Adapter: Sized {
 }
 
 impl Adapter for MqttAdapter {
+    const NAME: &'static str = "hono-mqtt";
     type Config = MqttConfig;
 
     async fn start(
@@ -64,6 +81,7 @@ pub struct Http {
 }
 
 impl Adapter for Http {
+    const NAME: &'static str = "hono-http";
     type Config = HttpConfig;
 
     async fn start(
@@ -90,6 +108,7 @@ pub struct Coap {
 }
 
 impl Adapter for Coap {
+    const NAME: &'static str = "hono-coap";
     type Config = CoapConfig;
 
     async fn start(
@@ -150,6 +169,33 @@ impl<A: Adapter> Platform<A> {
         let adapter =
             A::start(config, downstream.clone(), registry_arc, router, shutdown.clone()).await;
         Platform { adapter, broker, downstream, registry, shutdown }
+    }
+}
+
+impl<A: Adapter> Platform<A> {
+    /// The `ttd` of the adapter's next notification for `device` on `events`.
+    pub async fn ttd(&self, events: &mut Consumer, device: &str) -> i32 {
+        amqp::ttd(events, A::NAME, device).await
+    }
+
+    /// Waits until each of `devices` has announced that it waits for a command.
+    pub async fn ready(&self, events: &mut Consumer, devices: &[&str]) {
+        amqp::ready(events, A::NAME, devices).await;
+    }
+
+    /// Once `device` has announced that it waits (in `wait`, running), sends it `command`,
+    /// asserts that it was accepted and returns what `wait` got.
+    pub async fn command_when_waiting<T>(
+        &self,
+        events: &mut Consumer,
+        device: &str,
+        wait: JoinHandle<T>,
+        command: Message,
+    ) -> T {
+        self.ready(events, &[device]).await;
+        let outcome = self.send_command(command).await.expect("not cancelled");
+        assert_eq!(outcome, Outcome::Accepted, "the command for {device}");
+        wait.await.expect("not cancelled")
     }
 }
 
