@@ -34,6 +34,13 @@ pub struct Tenant {
     pub psks: HashMap<String, (String, Vec<u8>)>,
 }
 
+impl Tenant {
+    /// Whether the tenant switched `adapter` off.
+    fn switched_off(&self, adapter: &str) -> bool {
+        self.disabled_adapters.iter().any(|a| a == adapter)
+    }
+}
+
 /// Tenants and devices in memory, changeable while a test runs.
 #[derive(Clone, Default)]
 pub struct MemoryRegistry {
@@ -128,6 +135,11 @@ impl MemoryRegistry {
         self.tenants.lock().unwrap().get_mut(tenant).unwrap().allow_unauthenticated = allow;
     }
 
+    /// Whether `tenant` exists and `holds` for it.
+    fn tenant_is(&self, tenant: &str, holds: impl FnOnce(&Tenant) -> bool) -> bool {
+        self.tenants.lock().unwrap().get(tenant).is_some_and(holds)
+    }
+
     fn check(&self, tenant: &str, device: &str) -> Result<Device, AuthError> {
         let tenants = self.tenants.lock().unwrap();
         let t = tenants.get(tenant).ok_or(AuthError::UnknownTenant)?;
@@ -198,28 +210,17 @@ impl DeviceRegistry for MemoryRegistry {
         tenant: &'a str,
         adapter: &'a str,
     ) -> BoxFuture<'a, Result<bool, AuthError>> {
-        Box::pin(async move {
-            let tenants = self.tenants.lock().unwrap();
-            Ok(tenants
-                .get(tenant)
-                .is_some_and(|t| !t.disabled_adapters.iter().any(|a| a == adapter)))
-        })
+        Box::pin(async move { Ok(self.tenant_is(tenant, |t| !t.switched_off(adapter))) })
     }
 
     fn allows_unauthenticated<'a>(
         &'a self,
         tenant: &'a str,
-        _adapter: &'a str,
+        adapter: &'a str,
     ) -> BoxFuture<'a, Result<bool, AuthError>> {
         // As the registry: an unknown tenant allows nothing.
-        Box::pin(async move {
-            let tenants = self.tenants.lock().unwrap();
-            Ok(tenants.get(tenant).is_some_and(|t| {
-                t.enabled
-                    && t.allow_unauthenticated
-                    && !t.disabled_adapters.iter().any(|a| a == _adapter)
-            }))
-        })
+        let allows = |t: &Tenant| t.enabled && t.allow_unauthenticated && !t.switched_off(adapter);
+        Box::pin(async move { Ok(self.tenant_is(tenant, allows)) })
     }
 
     fn psk<'a>(

@@ -42,6 +42,15 @@ pub const SENSOR1: (&str, &str) = ("sensor1@t1", "secret1");
 /// The gateway's DTLS identity and key in [`devices_with_psks`].
 pub const GW1: (&str, &str) = ("gw1@t1", "gwsecret");
 
+/// What an adapter is started with besides its config.
+pub struct Wiring {
+    pub downstream: Downstream,
+    pub registry: Arc<MemoryRegistry>,
+    /// The command router, for the command tests.
+    pub router: Option<CommandRouter>,
+    pub shutdown: CancellationToken,
+}
+
 /// An adapter as a test starts it: listening on ephemeral ports of 127.0.0.1, serving
 /// until `shutdown`.
 pub trait Adapter: Sized {
@@ -49,28 +58,16 @@ pub trait Adapter: Sized {
     const NAME: &'static str;
     type Config;
 
-    async fn start(
-        config: Self::Config,
-        downstream: Downstream,
-        registry: Arc<MemoryRegistry>,
-        router: Option<CommandRouter>,
-        shutdown: CancellationToken,
-    ) -> Self;
+    async fn start(config: Self::Config, wiring: Wiring) -> Self;
 }
 
 impl Adapter for MqttAdapter {
     const NAME: &'static str = "hono-mqtt";
     type Config = MqttConfig;
 
-    async fn start(
-        config: MqttConfig,
-        downstream: Downstream,
-        registry: Arc<MemoryRegistry>,
-        router: Option<CommandRouter>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    async fn start(config: MqttConfig, w: Wiring) -> Self {
         let config = MqttConfig { listen: "127.0.0.1:0".parse().unwrap(), ..config };
-        mqtt::start_with_commands(config, downstream, registry, router, shutdown)
+        mqtt::start_with_commands(config, w.downstream, w.registry, w.router, w.shutdown)
             .expect("adapter starts")
     }
 }
@@ -84,18 +81,13 @@ impl Adapter for Http {
     const NAME: &'static str = "hono-http";
     type Config = HttpConfig;
 
-    async fn start(
-        config: HttpConfig,
-        downstream: Downstream,
-        registry: Arc<MemoryRegistry>,
-        router: Option<CommandRouter>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    async fn start(config: HttpConfig, w: Wiring) -> Self {
         let config = HttpConfig { listen: "127.0.0.1:0".parse().unwrap(), ..config };
-        let adapter =
-            HttpAdapter::bind(config, downstream, registry, router).await.expect("adapter binds");
+        let adapter = HttpAdapter::bind(config, w.downstream, w.registry, w.router)
+            .await
+            .expect("adapter binds");
         let addr = adapter.local_addr();
-        tokio::spawn(adapter.run(shutdown));
+        tokio::spawn(adapter.run(w.shutdown));
         Http { addr }
     }
 }
@@ -111,19 +103,14 @@ impl Adapter for Coap {
     const NAME: &'static str = "hono-coap";
     type Config = CoapConfig;
 
-    async fn start(
-        config: CoapConfig,
-        downstream: Downstream,
-        registry: Arc<MemoryRegistry>,
-        router: Option<CommandRouter>,
-        shutdown: CancellationToken,
-    ) -> Self {
+    async fn start(config: CoapConfig, w: Wiring) -> Self {
         let any = "127.0.0.1:0".parse().unwrap();
         let config = CoapConfig { listen: any, listen_dtls: any, ..config };
-        let adapter =
-            CoapAdapter::bind(config, downstream, registry, router).await.expect("adapter binds");
+        let adapter = CoapAdapter::bind(config, w.downstream, w.registry, w.router)
+            .await
+            .expect("adapter binds");
         let (udp, dtls) = (adapter.local_addr(), adapter.local_dtls_addr());
-        tokio::spawn(adapter.run(shutdown));
+        tokio::spawn(adapter.run(w.shutdown));
         Coap { udp, dtls }
     }
 }
@@ -165,9 +152,13 @@ impl<A: Adapter> Platform<A> {
         };
         let downstream = Downstream::new(broker.clone());
         let shutdown = CancellationToken::new();
-        let registry_arc = Arc::new(registry.clone());
-        let adapter =
-            A::start(config, downstream.clone(), registry_arc, router, shutdown.clone()).await;
+        let wiring = Wiring {
+            downstream: downstream.clone(),
+            registry: Arc::new(registry.clone()),
+            router,
+            shutdown: shutdown.clone(),
+        };
+        let adapter = A::start(config, wiring).await;
         Platform { adapter, broker, downstream, registry, shutdown }
     }
 }
