@@ -21,6 +21,7 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, ScriptInvocation};
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -31,7 +32,8 @@ use super::{
 use crate::model::{CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned};
 
 /// Shared by every script: does the record `cur` (JSON with a `version`) match `want`
-/// (empty: anything; else space-separated accepted versions, `*` = any)?
+/// (empty: anything; else space-separated accepted versions, `*` = any)? `current` reads
+/// the record a script replaces or deletes and checks it.
 const VMATCH: &str = r#"
 local function vmatch(cur, want)
   if want == '' then return true end
@@ -40,6 +42,19 @@ local function vmatch(cur, want)
     if tag == '*' or tag == v then return true end
   end
   return false
+end
+-- The record at KEYS[1] (its hash field `field`, or the key itself if `field` is nil);
+-- or nil and the script's result if it is missing or `want` refuses its version.
+local function current(field, want)
+  local cur
+  if field then
+    cur = redis.call('HGET', KEYS[1], field)
+  else
+    cur = redis.call('GET', KEYS[1])
+  end
+  if not cur then return nil, 'notfound' end
+  if not vmatch(cur, want) then return nil, 'mismatch' end
+  return cur
 end
 local function drop_index(ikey, credrec, dev)
   local creds = cjson.decode(credrec)['value']
@@ -52,67 +67,58 @@ local function drop_index(ikey, credrec, dev)
 end
 "#;
 
+// The write scripts; each answers 'ok' ([`Scripts::new`] appends it) unless it returns
+// a refusal first ('exists', 'notfound', 'notenant', 'mismatch', 'conflict').
+
 const CREATE_TENANT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
-return 'ok'
 "#;
 
 const UPDATE_TENANT: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 'notfound' end
-if not vmatch(cur, ARGV[1]) then return 'mismatch' end
+local _, refused = current(nil, ARGV[1])
+if refused then return refused end
 redis.call('SET', KEYS[1], ARGV[2])
-return 'ok'
 "#;
 
 const DELETE_TENANT: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if not cur then return 'notfound' end
-if not vmatch(cur, ARGV[1]) then return 'mismatch' end
+local _, refused = current(nil, ARGV[1])
+if refused then return refused end
 redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
 redis.call('SREM', KEYS[2], ARGV[2])
-return 'ok'
 "#;
 
 const CREATE_DEVICE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'notenant' end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 'exists' end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-return 'ok'
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
 "#;
 
 const UPDATE_DEVICE: &str = r#"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then return 'notfound' end
-if not vmatch(cur, ARGV[2]) then return 'mismatch' end
+local _, refused = current(ARGV[1], ARGV[2])
+if refused then return refused end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 'ok'
 "#;
 
 const DELETE_DEVICE: &str = r#"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then return 'notfound' end
-if not vmatch(cur, ARGV[2]) then return 'mismatch' end
+local _, refused = current(ARGV[1], ARGV[2])
+if refused then return refused end
 local creds = redis.call('HGET', KEYS[2], ARGV[1])
 if creds then drop_index(KEYS[3], creds, ARGV[1]) end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-return 'ok'
 "#;
 
 const DELETE_DEVICES: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'notfound' end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-return 'ok'
 "#;
 
 const SET_CREDENTIALS: &str = r#"
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if not cur then return 'notfound' end
-if not vmatch(cur, ARGV[2]) then return 'mismatch' end
+local cur, refused = current(ARGV[1], ARGV[2])
+if refused then return refused end
 for i = 4, #ARGV do
   local owner = redis.call('HGET', KEYS[2], ARGV[i])
   if owner and owner ~= ARGV[1] then return 'conflict' end
@@ -120,7 +126,6 @@ end
 drop_index(KEYS[2], cur, ARGV[1])
 for i = 4, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], ARGV[1]) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 'ok'
 "#;
 
 struct Scripts {
@@ -136,7 +141,8 @@ struct Scripts {
 
 impl Scripts {
     fn new() -> Self {
-        let s = |body: &str| Script::new(&format!("{VMATCH}\n{body}"));
+        // A script that does not return a refusal early ends with 'ok'.
+        let s = |body: &str| Script::new(&format!("{VMATCH}\n{body}\nreturn 'ok'"));
         Self {
             create_tenant: s(CREATE_TENANT),
             update_tenant: s(UPDATE_TENANT),
@@ -251,6 +257,20 @@ impl RedisStore {
         self.inner.conn.clone()
     }
 
+    /// Runs a write script that stores `value` as a new version (its record the script's
+    /// last argument, after those in `script`) as [`Self::write`] does; returns the version.
+    async fn write_record<T: Serialize>(
+        &self,
+        mut script: ScriptInvocation<'_>,
+        value: &T,
+        change: Change,
+    ) -> Result<String, StoreError> {
+        let (version, rec) = new_record(value)?;
+        script.arg(rec);
+        self.write(&script, change).await?;
+        Ok(version)
+    }
+
     /// The record of `device` in the `kind` hash of `tenant`, decoded.
     async fn hget_record<T: DeserializeOwned>(
         &self,
@@ -263,15 +283,15 @@ impl RedisStore {
         v.map(|b| decode(&b)).transpose()
     }
 
-    /// Runs a write script (keys and arguments added), maps its result (`what` names the
-    /// resource in errors) and announces `change`.
-    async fn write(
-        &self,
-        script: &ScriptInvocation<'_>,
-        what: &'static str,
-        change: Change,
-    ) -> Result<(), StoreError> {
+    /// Runs a write script (keys and arguments added), maps its result (errors name the
+    /// tenant or device that `change` names) and announces `change`.
+    async fn write(&self, script: &ScriptInvocation<'_>, change: Change) -> Result<(), StoreError> {
         let r: String = script.invoke_async(&mut self.conn()).await.map_err(be)?;
+        let what = match change {
+            Change::Tenant(_) => "tenant",
+            Change::Device(..) => "device",
+            Change::All => "registry",
+        };
         outcome(&r, what)?;
         self.announce(change).await;
         Ok(())
@@ -345,11 +365,9 @@ async fn relay_changes(
 #[async_trait]
 impl RegistryStore for RedisStore {
     async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
-        let (version, rec) = new_record(tenant)?;
         let mut script = self.inner.scripts.create_tenant.key(self.key("t", id));
-        script.key(self.tenants_key()).arg(id.as_str()).arg(rec);
-        self.write(&script, "tenant", Change::Tenant(id.clone())).await?;
-        Ok(version)
+        script.key(self.tenants_key()).arg(id.as_str());
+        self.write_record(script, tenant, Change::Tenant(id.clone())).await
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Versioned<Tenant>>, StoreError> {
@@ -363,18 +381,16 @@ impl RegistryStore for RedisStore {
         tenant: &Tenant,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let (version, rec) = new_record(tenant)?;
         let mut script = self.inner.scripts.update_tenant.key(self.key("t", id));
-        script.arg(want(if_match)).arg(rec);
-        self.write(&script, "tenant", Change::Tenant(id.clone())).await?;
-        Ok(version)
+        script.arg(want(if_match));
+        self.write_record(script, tenant, Change::Tenant(id.clone())).await
     }
 
     async fn delete_tenant(&self, id: &TenantId, if_match: Option<&str>) -> Result<(), StoreError> {
         let mut script = self.inner.scripts.delete_tenant.key(self.key("t", id));
         script.key(self.tenants_key()).key(self.keys(id, &["d", "c", "i"]));
         script.arg(want(if_match)).arg(id.as_str());
-        self.write(&script, "tenant", Change::Tenant(id.clone())).await
+        self.write(&script, Change::Tenant(id.clone())).await
     }
 
     async fn list_tenants(&self) -> Result<Vec<(TenantId, Versioned<Tenant>)>, StoreError> {
@@ -409,12 +425,10 @@ impl RegistryStore for RedisStore {
         id: &DeviceId,
         device: &Device,
     ) -> Result<String, StoreError> {
-        let (version, rec) = new_record(device)?;
         let (_, creds) = new_record(&Vec::<Credentials>::new())?;
         let mut script = self.inner.scripts.create_device.key(self.keys(tenant, &["t", "d", "c"]));
-        script.arg(id.as_str()).arg(rec).arg(creds);
-        self.write(&script, "device", Change::Device(tenant.clone(), id.clone())).await?;
-        Ok(version)
+        script.arg(id.as_str()).arg(creds);
+        self.write_record(script, device, Change::Device(tenant.clone(), id.clone())).await
     }
 
     async fn get_device(
@@ -432,11 +446,9 @@ impl RegistryStore for RedisStore {
         device: &Device,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let (version, rec) = new_record(device)?;
         let mut script = self.inner.scripts.update_device.key(self.key("d", tenant));
-        script.arg(id.as_str()).arg(want(if_match)).arg(rec);
-        self.write(&script, "device", Change::Device(tenant.clone(), id.clone())).await?;
-        Ok(version)
+        script.arg(id.as_str()).arg(want(if_match));
+        self.write_record(script, device, Change::Device(tenant.clone(), id.clone())).await
     }
 
     async fn delete_device(
@@ -447,7 +459,7 @@ impl RegistryStore for RedisStore {
     ) -> Result<(), StoreError> {
         let mut script = self.inner.scripts.delete_device.key(self.keys(tenant, &["d", "c", "i"]));
         script.arg(id.as_str()).arg(want(if_match));
-        self.write(&script, "device", Change::Device(tenant.clone(), id.clone())).await
+        self.write(&script, Change::Device(tenant.clone(), id.clone())).await
     }
 
     async fn list_devices(
@@ -467,7 +479,7 @@ impl RegistryStore for RedisStore {
     async fn delete_devices_of_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
         let keys = self.keys(tenant, &["t", "d", "c", "i"]);
         let script = self.inner.scripts.delete_devices.key(keys);
-        self.write(&script, "tenant", Change::Tenant(tenant.clone())).await
+        self.write(&script, Change::Tenant(tenant.clone())).await
     }
 
     async fn get_credentials(
@@ -490,7 +502,7 @@ impl RegistryStore for RedisStore {
         let (version, rec) = new_record(&credentials)?;
         let mut script = self.inner.scripts.set_credentials.key(self.keys(tenant, &["c", "i"]));
         script.arg(device.as_str()).arg(want(if_match)).arg(rec).arg(fields);
-        self.write(&script, "device", Change::Device(tenant.clone(), device.clone())).await?;
+        self.write(&script, Change::Device(tenant.clone(), device.clone())).await?;
         Ok(version)
     }
 
