@@ -32,7 +32,8 @@ async fn next(consumer: &mut ferrule_messaging::Consumer) -> ferrule_messaging::
 
 #[tokio::test]
 async fn anycast_needs_a_consumer_with_credit() {
-    let broker = Broker::in_memory(&config());
+    // Without a wait for busy consumers (see the `held_*` tests for the default).
+    let broker = Broker::in_memory(&MessagingConfig { consumer_wait: Duration::ZERO, ..config() });
     assert_eq!(
         broker.send("telemetry/t1", data_message("x")).await,
         Outcome::Released,
@@ -56,8 +57,83 @@ async fn anycast_needs_a_consumer_with_credit() {
         "consumer's outcome reaches the producer"
     );
 
-    // Credit was used up: the next message is released at once, not buffered.
+    // Credit was used up: with no wait configured the next message is released at once.
     assert_eq!(broker.send("telemetry/t1", data_message("y")).await, Outcome::Released);
+}
+
+fn holding(wait: Duration, bytes: usize) -> Broker {
+    Broker::in_memory(&MessagingConfig {
+        consumer_wait: wait,
+        consumer_wait_bytes: bytes,
+        ..config()
+    })
+}
+
+#[tokio::test]
+async fn held_for_a_busy_consumer_until_it_has_credit_in_order() {
+    let broker = holding(Duration::from_secs(30), 1 << 20);
+    let mut consumer = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    let producers: Vec<_> = (0..3u8)
+        .map(|i| broker.submit("telemetry/t1", data_message(vec![i]), false))
+        .collect();
+    assert!(
+        producers.iter().all(|p| matches!(p, ferrule_messaging::Submission::Held(_))),
+        "a consumer is attached but has no credit: held, not released"
+    );
+    let outcomes = tokio::spawn(async move {
+        let mut outcomes = Vec::new();
+        for p in producers {
+            outcomes.push(p.outcome().await);
+        }
+        outcomes
+    });
+    // Pre-settled (QoS 0) messages queue behind them.
+    assert!(matches!(
+        broker.submit("telemetry/t1", data_message(vec![3]), true),
+        ferrule_messaging::Submission::Ready(Outcome::Accepted)
+    ));
+    consumer.add_credit(4);
+    for i in 0..4u8 {
+        let delivery = next(&mut consumer).await;
+        assert_eq!(payload(delivery.message()), [i], "arrival order");
+        delivery.settle(Outcome::Accepted);
+    }
+    assert_eq!(outcomes.await.unwrap(), vec![Outcome::Accepted; 3], "the consumer's outcomes");
+}
+
+#[tokio::test]
+async fn held_past_the_wait_bound_is_released_and_never_delivered() {
+    let broker = holding(Duration::from_millis(200), 1 << 20);
+    let mut consumer = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(broker.send("telemetry/t1", data_message("late")).await, Outcome::Released);
+    assert!(started.elapsed() >= Duration::from_millis(200), "it waited for the bound");
+    consumer.add_credit(1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), consumer.recv()).await.is_err(),
+        "a message its producer was told is released must not arrive after all"
+    );
+}
+
+#[tokio::test]
+async fn held_messages_are_bounded_in_bytes() {
+    // Room for two 100-byte messages (each counts its payload plus 512).
+    let broker = holding(Duration::from_secs(30), 2 * 612);
+    let consumer = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    let first = broker.submit("telemetry/t1", data_message(vec![0; 100]), false);
+    let second = broker.submit("telemetry/t1", data_message(vec![1; 100]), false);
+    assert!(matches!(second, ferrule_messaging::Submission::Held(_)));
+    assert!(
+        matches!(
+            broker.submit("telemetry/t1", data_message(vec![2; 100]), false),
+            ferrule_messaging::Submission::Ready(Outcome::Released)
+        ),
+        "over the bound: released at once"
+    );
+    // The last consumer leaving releases what waited for it, at once.
+    drop(consumer);
+    assert_eq!(first.outcome().await, Outcome::Released);
+    assert_eq!(second.outcome().await, Outcome::Released);
 }
 
 #[tokio::test]

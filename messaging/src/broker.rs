@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::address::{AddressTable, AddressType, DYNAMIC_PREFIX};
 use crate::config::MessagingConfig;
 use crate::delivery::Consumer;
-use crate::direct::DirectNode;
+use crate::direct::{DirectNode, Hold};
 use crate::message::{condition, Message, Outcome, Submission};
 use crate::queue::QueueNode;
 use crate::store::{Store, StoreError};
@@ -53,6 +53,8 @@ pub(crate) struct Inner {
     nodes: RwLock<HashMap<String, Node>>,
     store: Option<Store>,
     max_depth: usize,
+    /// What anycast addresses hold for busy consumers (one budget for all of them).
+    hold: Hold,
     this: Weak<Inner>,
 }
 
@@ -111,6 +113,11 @@ impl Broker {
             nodes: RwLock::new(HashMap::new()),
             store,
             max_depth: config.queue_max_depth,
+            hold: Hold {
+                max_wait: config.consumer_wait,
+                max_bytes: config.consumer_wait_bytes,
+                budget: Arc::new(crate::direct::Budget::new(config.consumer_wait_total_bytes)),
+            },
             this: this.clone(),
         });
         Broker { inner }
@@ -222,6 +229,12 @@ impl Broker {
                         .set(d.consumer_count() as f64);
                     metrics::counter!("ferrule_direct_dropped_total", &labels)
                         .absolute(d.dropped.load(Relaxed));
+                    metrics::counter!("ferrule_direct_held_total", &labels)
+                        .absolute(d.held.load(Relaxed));
+                    metrics::counter!("ferrule_direct_held_expired_total", &labels)
+                        .absolute(d.held_expired.load(Relaxed));
+                    metrics::gauge!("ferrule_direct_held_bytes", &labels)
+                        .set(d.held_bytes() as f64);
                 }
                 _ => {}
             }
@@ -326,8 +339,12 @@ impl Inner {
         nodes
             .entry(address.to_owned())
             .or_insert_with(|| match kind {
-                AddressType::Anycast => Node::Direct(DirectNode::new(address, false)),
-                AddressType::Multicast => Node::Direct(DirectNode::new(address, true)),
+                AddressType::Anycast => {
+                    Node::Direct(DirectNode::new(address, false, self.hold.clone()))
+                }
+                AddressType::Multicast => {
+                    Node::Direct(DirectNode::new(address, true, self.hold.clone()))
+                }
                 AddressType::Queue => Node::Queue(QueueNode::new(
                     address,
                     self.store.clone(),

@@ -29,6 +29,16 @@ pub struct MessagingConfig {
     pub consumer_prefetch: u32,
     /// Most unsettled deliveries outstanding on one consumer link.
     pub consumer_window: u32,
+    /// How long an anycast message (telemetry, command responses) waits for credit when
+    /// consumers are attached but all busy; meanwhile its producer waits (a QoS 1 device
+    /// for its PUBACK). Past it: `released`, as when nobody is attached. `0s`: no wait.
+    #[serde(with = "humantime_serde")]
+    pub consumer_wait: Duration,
+    /// Bytes of such waiting messages one address holds (payload plus 512 per message);
+    /// beyond it they are `released` at once.
+    pub consumer_wait_bytes: usize,
+    /// Bytes of waiting messages all addresses together hold.
+    pub consumer_wait_total_bytes: usize,
     /// Largest AMQP frame the listener accepts.
     pub max_frame_size: u32,
     /// Most application connections open at once; further ones wait in the backlog.
@@ -77,6 +87,8 @@ impl MessagingConfig {
             ("queue_max_depth", self.queue_max_depth),
             ("consumer_prefetch", self.consumer_prefetch as usize),
             ("consumer_window", self.consumer_window as usize),
+            ("consumer_wait_bytes", self.consumer_wait_bytes),
+            ("consumer_wait_total_bytes", self.consumer_wait_total_bytes),
             ("max_message_size", self.max_message_size as usize),
             ("max_connections", self.max_connections),
         ];
@@ -124,6 +136,9 @@ impl Default for MessagingConfig {
             queue_max_depth: 100_000,
             consumer_prefetch: 256,
             consumer_window: 1024,
+            consumer_wait: Duration::from_secs(5),
+            consumer_wait_bytes: 1024 * 1024,
+            consumer_wait_total_bytes: 64 * 1024 * 1024,
             max_frame_size: 65_536,
             max_connections: 10_000,
             max_connections_per_ip: ferrule_net::listener::SourceLimits::DEFAULT.max_per_source,
@@ -183,6 +198,15 @@ queue_max_depth = 100000
 consumer_prefetch = 256
 # Most unsettled deliveries outstanding on one consumer link.
 consumer_window = 1024
+# How long an anycast message (telemetry, command responses) waits for credit when
+# consumers are attached but all busy; meanwhile its producer waits (a QoS 1 device for
+# its PUBACK, an HTTP device for its response). Past it the message is released, as when
+# nobody is attached (Hono's "no consumer" answers). "0s": no wait.
+consumer_wait = "5s"
+# Bytes of such waiting messages one address, and all addresses together, hold (payload
+# plus 512 per message); beyond them messages are released at once.
+consumer_wait_bytes = 1048576
+consumer_wait_total_bytes = 67108864
 # Largest AMQP frame accepted.
 max_frame_size = 65536
 # Most application connections open at once (further ones wait in the backlog).

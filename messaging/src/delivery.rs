@@ -101,6 +101,21 @@ impl Delivery {
         self.responder.is_none()
     }
 
+    /// Whether the producer waiting for this delivery's outcome stopped waiting.
+    pub(crate) fn producer_gone(&self) -> bool {
+        matches!(&self.responder, Some(Responder::Producer(tx)) if tx.is_closed())
+    }
+
+    /// The bytes of the message's body sections (what a buffer of held messages counts).
+    pub(crate) fn message_size(&self) -> usize {
+        use fe2o3_amqp_types::messaging::Body;
+        match &self.message.body {
+            Body::Data(batch) => batch.iter().map(|data| data.0.len()).sum(),
+            Body::Sequence(batch) => batch.len() * 64,
+            Body::Value(_) | Body::Empty => 64,
+        }
+    }
+
     /// Takes the message out; the delivery still has to be settled.
     pub fn take_message(&mut self) -> Message {
         let empty = crate::message::with_body(fe2o3_amqp_types::messaging::Body::Empty);

@@ -97,6 +97,58 @@ pub mod condition {
     pub const DECODE_ERROR: &str = "amqp:decode-error";
 }
 
+/// The outcome of a send, now or later.
+pub enum Submission {
+    Ready(Outcome),
+    Pending(oneshot::Receiver<Outcome>),
+    /// Held by an anycast address until a consumer has credit (see `direct.rs`).
+    Held(Held),
+}
+
+/// A message an anycast address holds for a consumer's credit, at most `until`: then
+/// `released` unless a consumer took it meanwhile.
+pub struct Held {
+    pub(crate) rx: oneshot::Receiver<Outcome>,
+    pub(crate) until: std::time::Instant,
+    pub(crate) node: std::sync::Weak<crate::direct::DirectNode>,
+    pub(crate) id: u64,
+}
+
+impl std::fmt::Debug for Submission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Submission::Ready(outcome) => f.debug_tuple("Ready").field(outcome).finish(),
+            Submission::Pending(_) => f.write_str("Pending"),
+            Submission::Held(held) => f.debug_struct("Held").field("until", &held.until).finish(),
+        }
+    }
+}
+
+impl Submission {
+    /// Waits for the outcome. A pending outcome whose delivery vanished (consumer gone,
+    /// shutdown) is `released`.
+    ///
+    /// # Cancel safety
+    /// Cancelling it does not cancel the send; only the outcome is lost.
+    pub async fn outcome(self) -> Outcome {
+        match self {
+            Submission::Ready(outcome) => outcome,
+            Submission::Pending(rx) => rx.await.unwrap_or(Outcome::Released),
+            Submission::Held(Held { mut rx, until, node, id }) => {
+                match tokio::time::timeout_at(until.into(), &mut rx).await {
+                    Ok(outcome) => outcome.unwrap_or(Outcome::Released),
+                    Err(_elapsed) => {
+                        if let Some(node) = node.upgrade() {
+                            node.give_up(id);
+                        }
+                        rx.await.unwrap_or(Outcome::Released)
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,26 +164,5 @@ mod tests {
         let back = decode(&bytes).unwrap();
         assert_eq!(back, message);
         assert_eq!(expiry_of(&back, 5_000), Some(6_000));
-    }
-}
-
-/// The outcome of a send, now or later.
-#[derive(Debug)]
-pub enum Submission {
-    Ready(Outcome),
-    Pending(oneshot::Receiver<Outcome>),
-}
-
-impl Submission {
-    /// Waits for the outcome. A pending outcome whose delivery vanished (consumer gone,
-    /// shutdown) is `released`.
-    ///
-    /// # Cancel safety
-    /// Cancelling it does not cancel the send; only the outcome is lost.
-    pub async fn outcome(self) -> Outcome {
-        match self {
-            Submission::Ready(outcome) => outcome,
-            Submission::Pending(rx) => rx.await.unwrap_or(Outcome::Released),
-        }
     }
 }

@@ -1,5 +1,6 @@
-"""Flow control between applications and producers, with python-qpid-proton (a client
-nobody here wrote): outcomes travel back whatever the consumer's credit, and durable
+"""Flow control from devices to applications, with clients nobody here wrote
+(python-qpid-proton, paho-mqtt): a burst the application can absorb costs no device its
+connection, outcomes travel back whatever the consumer's credit, and durable
 subscriptions are told apart as AMQP 1.0 says (container id and link name).
 
 Each test starts a real `ferrule serve` process (conftest.py) and talks to it over TCP.
@@ -7,10 +8,12 @@ Each test starts a real `ferrule serve` process (conftest.py) and talks to it ov
 import threading
 import time
 
+import paho.mqtt.client as paho
 from proton.handlers import MessagingHandler
 from proton.reactor import Container, DurableSubscription
 
-from amqp_client import connect, connect_as, message
+from amqp_client import Collector, connect, connect_as, message
+from registry_client import Registry
 
 
 class CreditOneReceiver(MessagingHandler):
@@ -153,3 +156,51 @@ def test_durable_subscriptions_are_keyed_by_container_and_link_name(platform):
         receiver.accept()
         receiver.close()  # closing the link ends the subscription
         conn.close()
+
+
+def test_a_burst_the_application_absorbs_costs_no_device_its_connection(platform):
+    """Four paho-mqtt devices with 100 QoS 1 publishes in flight each (400 outstanding,
+    more than a consumer link's prefetch) and a proton application with credit 100 that is
+    slower than they are: devices wait for their PUBACKs instead of being disconnected,
+    and every message arrives."""
+    reg = Registry(platform.registry_url, platform.registry_token)
+    reg.tenant("t1")
+    devices = [f"burst{i}" for i in range(4)]
+    for d in devices:
+        reg.device("t1", d, password=f"pw-{d}")
+    app = Collector(platform.url("t1"), "telemetry/t1", credit=100)
+    app.start()
+    per_device = 1500
+    port = int(platform.listeners["mqtt"].rsplit(":", 1)[1])
+    clients, infos, disconnects = [], [], []
+    for d in devices:
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=d, protocol=paho.MQTTv311)
+        client.username_pw_set(f"{d}@t1", f"pw-{d}")
+        client.max_inflight_messages_set(100)
+        client.max_queued_messages_set(0)  # unlimited: paho queues beyond the window
+        client.on_disconnect = lambda c, userdata, flags, rc, props, d=d: disconnects.append((d, rc))
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        clients.append(client)
+    try:
+        for i in range(per_device):
+            for d, client in zip(devices, clients):
+                infos.append(client.publish("telemetry", f"{d}:{i}".encode(), qos=1))
+        deadline = time.time() + 120
+        while not all(info.is_published() for info in infos) and time.time() < deadline:
+            assert not disconnects, f"a device lost its connection: {disconnects[:3]}"
+            time.sleep(0.1)
+        assert not disconnects, f"a device lost its connection: {disconnects[:3]}"
+        assert all(info.is_published() for info in infos), "every publish was acknowledged"
+        want = {f"{d}:{i}".encode() for d in devices for i in range(per_device)}
+        deadline = time.time() + 30
+        while len(app.bodies) < len(want) and time.time() < deadline:
+            time.sleep(0.1)
+        got = {bytes(body) for body in app.bodies}
+        assert got == want, f"{len(want - got)} acknowledged messages missing"
+    finally:
+        for client in clients:
+            client.disconnect()
+            client.loop_stop()
+        app.close()
+    assert app.error is None, app.error
