@@ -4,7 +4,8 @@
 //! messaging core is observed through its in-process consumer API.
 //!
 //! Size: one test per behaviour of the MQTT adapter (the device API, bad input, limits,
-//! lifecycle); shared setup is in `support/`.
+//! lifecycle; where cases differ only in data, one table-driven test that names the
+//! failing row); shared setup is in `support/`.
 
 mod support;
 
@@ -90,8 +91,8 @@ async fn assert_closed(stream: &mut TcpStream, what: &str) {
     );
 }
 
-/// Publishes `payload` to `topic` at QoS 1 (`packet_id`) on `client`, has the consumer accept it and
-/// asserts the PUBACK.
+/// Publishes `payload` to `topic` at QoS 1 (`packet_id`) on `client`, has the consumer
+/// accept it and asserts the PUBACK.
 async fn publish_accepted(
     client: &mut RawClient,
     consumer: &mut Consumer,
@@ -442,7 +443,8 @@ async fn bad_input_retain() {
     let mut stream = TcpStream::connect(s.addr()).await.expect("connects");
     let mut body = Vec::new();
     string(b"MQTT", &mut body);
-    body.extend_from_slice(&[5, 0xc2, 0, 60, 0]); // level 5, clean start + user + password, keep-alive, no properties
+    // Level 5, clean start + user name + password, keep-alive 60 s, no properties.
+    body.extend_from_slice(&[5, 0xc2, 0, 60, 0]);
     for field in [&b"raw5"[..], b"d1@t1", b"pw1"] {
         string(field, &mut body);
     }

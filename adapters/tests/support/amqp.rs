@@ -108,7 +108,7 @@ pub async fn next_response(
 
 /// The next `ttd` notification on `events` as (device, ttd), asserting it came from
 /// `adapter` (`hono-mqtt`, ...); other events are accepted and skipped.
-pub async fn next_ttd(events: &mut Consumer, adapter: &str) -> (String, i32) {
+async fn next_ttd(events: &mut Consumer, adapter: &str) -> (String, i32) {
     loop {
         let d = next(events).await;
         let notification = match (d.app_property("ttd"), d.app_property("device_id")) {

@@ -52,7 +52,8 @@ impl RawClient {
         let mut body = Vec::new();
         string(b"MQTT", &mut body);
         body.push(4); // 3.1.1
-        body.push(if credentials.is_some() { 0xc2 } else { 0x02 }); // clean session (+ user name, password)
+                      // Clean session (+ user name, password).
+        body.push(if credentials.is_some() { 0xc2 } else { 0x02 });
         body.extend_from_slice(&60u16.to_be_bytes());
         string(client_id.as_bytes(), &mut body);
         if let Some((user, password)) = credentials {
