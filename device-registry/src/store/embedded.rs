@@ -10,6 +10,7 @@ use redb::{
     Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
 };
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::sync::broadcast;
 
 use super::{
@@ -65,6 +66,19 @@ impl EmbeddedStore {
     ) -> Result<R, StoreError> {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || f(&db.begin_read().map_err(be)?)).await.map_err(be)?
+    }
+
+    /// As [`Self::write`], for a write that stores `value` as a new version: `f` gets its
+    /// record. Returns the version.
+    async fn write_record<T: Serialize>(
+        &self,
+        value: &T,
+        change: Change,
+        f: impl FnOnce(&WriteTransaction, &[u8]) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<String, StoreError> {
+        let (version, rec) = new_record(value)?;
+        self.write(change, move |txn| f(txn, &rec)).await?;
+        Ok(version)
     }
 
     /// Runs `f` in a write transaction on a blocking thread and commits it if `f` succeeds;
@@ -154,18 +168,16 @@ fn remove_devices_of(txn: &WriteTransaction, t: &str) -> Result<(), StoreError> 
 #[async_trait]
 impl RegistryStore for EmbeddedStore {
     async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
-        let (version, rec) = new_record(tenant)?;
         let key = id.to_string();
-        self.write(Change::Tenant(id.clone()), move |txn| {
+        self.write_record(tenant, Change::Tenant(id.clone()), move |txn, rec| {
             let mut t = txn.open_table(TENANTS).map_err(be)?;
             if t.get(key.as_str()).map_err(be)?.is_some() {
                 return Err(StoreError::AlreadyExists("tenant"));
             }
-            t.insert(key.as_str(), rec.as_slice()).map_err(be)?;
+            t.insert(key.as_str(), rec).map_err(be)?;
             Ok(())
         })
-        .await?;
-        Ok(version)
+        .await
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Versioned<Tenant>>, StoreError> {
@@ -179,16 +191,14 @@ impl RegistryStore for EmbeddedStore {
         tenant: &Tenant,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let (version, rec) = new_record(tenant)?;
         let (key, if_match) = (id.to_string(), if_match.map(str::to_owned));
-        self.write(Change::Tenant(id.clone()), move |txn| {
+        self.write_record(tenant, Change::Tenant(id.clone()), move |txn, rec| {
             let mut t = txn.open_table(TENANTS).map_err(be)?;
             current::<_, Tenant>(&t, key.as_str(), if_match.as_deref(), "tenant")?;
-            t.insert(key.as_str(), rec.as_slice()).map_err(be)?;
+            t.insert(key.as_str(), rec).map_err(be)?;
             Ok(())
         })
-        .await?;
-        Ok(version)
+        .await
     }
 
     async fn delete_tenant(&self, id: &TenantId, if_match: Option<&str>) -> Result<(), StoreError> {
@@ -220,22 +230,20 @@ impl RegistryStore for EmbeddedStore {
         id: &DeviceId,
         device: &Device,
     ) -> Result<String, StoreError> {
-        let (version, rec) = new_record(device)?;
         let (_, creds) = new_record(&Vec::<Credentials>::new())?;
         let (t, d) = (tenant.to_string(), id.to_string());
-        self.write(Change::Device(tenant.clone(), id.clone()), move |txn| {
+        self.write_record(device, Change::Device(tenant.clone(), id.clone()), move |txn, rec| {
             tenant_exists(txn, &t)?;
             let mut devices = txn.open_table(DEVICES).map_err(be)?;
             if devices.get((t.as_str(), d.as_str())).map_err(be)?.is_some() {
                 return Err(StoreError::AlreadyExists("device"));
             }
-            devices.insert((t.as_str(), d.as_str()), rec.as_slice()).map_err(be)?;
+            devices.insert((t.as_str(), d.as_str()), rec).map_err(be)?;
             let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
             c.insert((t.as_str(), d.as_str()), creds.as_slice()).map_err(be)?;
             Ok(())
         })
-        .await?;
-        Ok(version)
+        .await
     }
 
     async fn get_device(
@@ -255,18 +263,16 @@ impl RegistryStore for EmbeddedStore {
         device: &Device,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let (version, rec) = new_record(device)?;
         let (t, d) = (tenant.to_string(), id.to_string());
         let if_match = if_match.map(str::to_owned);
-        self.write(Change::Device(tenant.clone(), id.clone()), move |txn| {
+        self.write_record(device, Change::Device(tenant.clone(), id.clone()), move |txn, rec| {
             let mut devices = txn.open_table(DEVICES).map_err(be)?;
             let key = (t.as_str(), d.as_str());
             current::<_, Device>(&devices, key, if_match.as_deref(), "device")?;
-            devices.insert(key, rec.as_slice()).map_err(be)?;
+            devices.insert(key, rec).map_err(be)?;
             Ok(())
         })
-        .await?;
-        Ok(version)
+        .await
     }
 
     async fn delete_device(
@@ -343,36 +349,41 @@ impl RegistryStore for EmbeddedStore {
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
         let keys = index_keys(credentials)?;
-        let (version, rec) = new_record(&credentials)?;
         let (t, d) = (tenant.to_string(), device.to_string());
         let if_match = if_match.map(str::to_owned);
-        self.write(Change::Device(tenant.clone(), device.clone()), move |txn| {
-            let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
-            let key = (t.as_str(), d.as_str());
-            let cur: Versioned<Vec<Credentials>> = current(&c, key, if_match.as_deref(), "device")?;
-            let mut idx = txn.open_table(CRED_INDEX).map_err(be)?;
-            for (ty, auth_id) in &keys {
-                if let Some(owner) =
-                    idx.get((t.as_str(), ty.as_str(), auth_id.as_str())).map_err(be)?
-                {
-                    if owner.value() != d {
-                        return Err(StoreError::Conflict(format!(
-                            "{ty} credentials with this auth-id belong to another device"
-                        )));
+        self.write_record(
+            &credentials,
+            Change::Device(tenant.clone(), device.clone()),
+            move |txn, rec| {
+                let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
+                let key = (t.as_str(), d.as_str());
+                let cur: Versioned<Vec<Credentials>> =
+                    current(&c, key, if_match.as_deref(), "device")?;
+                let mut idx = txn.open_table(CRED_INDEX).map_err(be)?;
+                for (ty, auth_id) in &keys {
+                    if let Some(owner) =
+                        idx.get((t.as_str(), ty.as_str(), auth_id.as_str())).map_err(be)?
+                    {
+                        if owner.value() != d {
+                            return Err(StoreError::Conflict(format!(
+                                "{ty} credentials with this auth-id belong to another device"
+                            )));
+                        }
                     }
                 }
-            }
-            for old in &cur.value {
-                idx.remove((t.as_str(), old.cred_type().as_str(), old.auth_id())).map_err(be)?;
-            }
-            for (ty, auth_id) in &keys {
-                idx.insert((t.as_str(), ty.as_str(), auth_id.as_str()), d.as_str()).map_err(be)?;
-            }
-            c.insert(key, rec.as_slice()).map_err(be)?;
-            Ok(())
-        })
-        .await?;
-        Ok(version)
+                for old in &cur.value {
+                    idx.remove((t.as_str(), old.cred_type().as_str(), old.auth_id()))
+                        .map_err(be)?;
+                }
+                for (ty, auth_id) in &keys {
+                    idx.insert((t.as_str(), ty.as_str(), auth_id.as_str()), d.as_str())
+                        .map_err(be)?;
+                }
+                c.insert(key, rec).map_err(be)?;
+                Ok(())
+            },
+        )
+        .await
     }
 
     async fn find_credentials(
