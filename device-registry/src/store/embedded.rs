@@ -351,38 +351,32 @@ impl RegistryStore for EmbeddedStore {
         let keys = index_keys(credentials)?;
         let (t, d) = (tenant.to_string(), device.to_string());
         let if_match = if_match.map(str::to_owned);
-        self.write_record(
-            &credentials,
-            Change::Device(tenant.clone(), device.clone()),
-            move |txn, rec| {
-                let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
-                let key = (t.as_str(), d.as_str());
-                let cur: Versioned<Vec<Credentials>> =
-                    current(&c, key, if_match.as_deref(), "device")?;
-                let mut idx = txn.open_table(CRED_INDEX).map_err(be)?;
-                for (ty, auth_id) in &keys {
-                    if let Some(owner) =
-                        idx.get((t.as_str(), ty.as_str(), auth_id.as_str())).map_err(be)?
-                    {
-                        if owner.value() != d {
-                            return Err(StoreError::Conflict(format!(
-                                "{ty} credentials with this auth-id belong to another device"
-                            )));
-                        }
+        let change = Change::Device(tenant.clone(), device.clone());
+        self.write_record(&credentials, change, move |txn, rec| {
+            let mut c = txn.open_table(CREDENTIALS).map_err(be)?;
+            let key = (t.as_str(), d.as_str());
+            let cur: Versioned<Vec<Credentials>> = current(&c, key, if_match.as_deref(), "device")?;
+            let mut idx = txn.open_table(CRED_INDEX).map_err(be)?;
+            for (ty, auth_id) in &keys {
+                if let Some(owner) =
+                    idx.get((t.as_str(), ty.as_str(), auth_id.as_str())).map_err(be)?
+                {
+                    if owner.value() != d {
+                        return Err(StoreError::Conflict(format!(
+                            "{ty} credentials with this auth-id belong to another device"
+                        )));
                     }
                 }
-                for old in &cur.value {
-                    idx.remove((t.as_str(), old.cred_type().as_str(), old.auth_id()))
-                        .map_err(be)?;
-                }
-                for (ty, auth_id) in &keys {
-                    idx.insert((t.as_str(), ty.as_str(), auth_id.as_str()), d.as_str())
-                        .map_err(be)?;
-                }
-                c.insert(key, rec).map_err(be)?;
-                Ok(())
-            },
-        )
+            }
+            for old in &cur.value {
+                idx.remove((t.as_str(), old.cred_type().as_str(), old.auth_id())).map_err(be)?;
+            }
+            for (ty, auth_id) in &keys {
+                idx.insert((t.as_str(), ty.as_str(), auth_id.as_str()), d.as_str()).map_err(be)?;
+            }
+            c.insert(key, rec).map_err(be)?;
+            Ok(())
+        })
         .await
     }
 
