@@ -245,7 +245,8 @@ async fn v311_telemetry_qos1_without_consumer_closes_the_connection() {
 #[tokio::test]
 async fn v5_telemetry_qos1_without_consumer_gets_a_negative_puback() {
     let s = start().await;
-    // A consumer without credit is as good as none.
+    // A consumer that never grants credit: the publish waits for it for `consumer_wait`
+    // (5 s by default), then is refused as if nobody were attached.
     let _consumer = s.consumer("telemetry/t1", 0);
     let run = mosquitto_pub(s.addr(), "mqttv5", &as_d1(&["-q", "1", "-t", "t", "-m", "x"])).await;
     assert!(run.output.contains("received PUBACK (Mid: 1, RC:128)"), "{}", run.output);

@@ -5,6 +5,7 @@ subscriptions are told apart as AMQP 1.0 says (container id and link name).
 
 Each test starts a real `ferrule serve` process (conftest.py) and talks to it over TCP.
 """
+import subprocess
 import threading
 import time
 
@@ -21,9 +22,11 @@ class CreditOneReceiver(MessagingHandler):
     (`may_accept`) and grants nothing more (proton's event API with prefetch 0: credit
     only as asked)."""
 
-    def __init__(self, url, address):
+    def __init__(self, url, address, initial_credit=1):
         super().__init__(prefetch=0, auto_accept=False)
-        self.url, self.address = url, address
+        self.url, self.address, self.initial_credit = url, address, initial_credit
+        self.receiver = None
+        self.grant = threading.Event()  # set: one more credit, once
         self.bodies = []
         self.attached = threading.Event()
         self.received = threading.Event()
@@ -37,19 +40,24 @@ class CreditOneReceiver(MessagingHandler):
         self.conn = event.container.connect(
             self.url, allowed_mechs="PLAIN", allow_insecure_mechs=True
         )
-        event.container.create_receiver(self.conn, self.address)
+        self.receiver = event.container.create_receiver(self.conn, self.address)
         event.container.schedule(0.05, self)
 
     def on_link_opened(self, event):
-        event.receiver.flow(1)
+        if self.initial_credit:
+            event.receiver.flow(self.initial_credit)
         self.attached.set()
 
     def on_message(self, event):
-        self.bodies.append(event.message.body)
+        body = event.message.body  # a Data section is a view into proton's buffer: copy it
+        self.bodies.append(bytes(body) if isinstance(body, memoryview) else body)
         self.pending = event.delivery
         self.received.set()
 
     def on_timer_task(self, event):
+        if self.grant.is_set():
+            self.grant.clear()
+            self.receiver.flow(1)
         if self.pending is not None and self.may_accept.is_set():
             self.accept(self.pending)
             self.pending = None
@@ -204,3 +212,49 @@ def test_a_burst_the_application_absorbs_costs_no_device_its_connection(platform
             client.loop_stop()
         app.close()
     assert app.error is None, app.error
+
+
+def test_http_and_coap_devices_wait_for_a_busy_application(platform):
+    """curl (HTTP, QoS 1) and coap-client (libcoap, CON) upload while the application is
+    attached without credit: they are answered 202 / 2.04 once it grants credit and
+    accepts (before: 503 / 5.03 at once). The CoAP request waits longer than the CoAP
+    ACK timeout: it gets an empty ACK first and the answer as a separate response."""
+    reg = Registry(platform.registry_url, platform.registry_token)
+    reg.tenant("t1", unauthenticated=True)
+    reg.device("t1", "d1", password="pw1")
+    app = CreditOneReceiver(platform.url("t1"), "telemetry/t1", initial_credit=0)
+    app.may_accept.set()
+    container = threading.Thread(target=Container(app).run, daemon=True)
+    container.start()
+    assert app.attached.wait(10), "receiver attached"
+    http = platform.listeners["http"]
+    coap = platform.listeners["coap"]
+    devices = {
+        "http": subprocess.Popen(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", "d1@t1:pw1",
+             "-H", "content-type: text/plain", "-H", "QoS-Level: 1", "--data-binary", "over http",
+             f"http://{http}/telemetry"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        "coap": subprocess.Popen(
+            ["coap-client-notls", "-v", "7", "-m", "put", "-t", "text/plain", "-e", "over coap",
+             f"coap://{coap}/telemetry/t1/d1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+    }
+    try:
+        time.sleep(3.0)  # longer than CoAP's ACK timeout (2 s): the device must not give up
+        for name, device in devices.items():
+            assert device.poll() is None, f"{name} device answered before the application had credit"
+        for _ in devices:
+            app.accepted.clear()
+            app.grant.set()
+            assert app.accepted.wait(10), "the application took a message"
+        outputs = {name: device.communicate(timeout=20) for name, device in devices.items()}
+    finally:
+        app.done.set()
+        container.join(10)
+    assert devices["http"].returncode == 0 and outputs["http"][0] == "202", outputs["http"]
+    assert devices["coap"].returncode == 0, outputs["coap"]
+    # libcoap's debug log (-v 7): the empty ACK, then the answer as a separate CON.
+    log = outputs["coap"][0] + outputs["coap"][1]
+    assert "t:ACK c:0.00" in log and "t:CON c:2.04" in log, log
+    assert sorted(bytes(b) for b in app.bodies) == [b"over coap", b"over http"], app.bodies

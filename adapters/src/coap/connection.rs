@@ -25,6 +25,7 @@ use super::session::{
 };
 use super::{dtls, mapping};
 use crate::downstream::UploadError;
+use crate::poll::Confirmation;
 
 /// Largest UDP datagram; one such buffer per socket loop.
 pub(super) const MAX_DATAGRAM: usize = 65_535;
@@ -302,43 +303,75 @@ pub(super) fn dispatch(
             }
             encode(&response)
         };
-        match shared.handle(session.identity.as_ref(), packet).await {
-            Handled::Done(response) => {
-                let response = finish(response);
-                lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
-                if let Some(bytes) = response {
-                    reply.send(&bytes).await;
-                }
-            }
-            Handled::Poll(poll) => command_poll(&shared, &session, key, &reply, poll, finish).await,
-        }
+        respond(&shared, &session, key, &reply, packet, confirmable, finish).await;
         drop(permit);
     });
     None
 }
 
+/// Handles a whole request and answers it. A CON request whose answer is not ready
+/// after [`SEPARATE_RESPONSE_AFTER`] (an upload the application is slow to take, or a
+/// `hono-ttd` wait for a command) gets an empty ACK then, and the answer later as a
+/// separate CON (RFC 7252 §5.2.2), retransmitted until the device acknowledges it.
+async fn respond(
+    shared: &Arc<Shared>,
+    session: &Arc<Session>,
+    key: ExchangeKey,
+    reply: &Reply,
+    packet: Packet,
+    confirmable: bool,
+    finish: impl Fn(Packet) -> Option<Bytes>,
+) {
+    let ack_by = tokio::time::Instant::now() + SEPARATE_RESPONSE_AFTER;
+    let handling = shared.handle(session.identity.as_ref(), packet);
+    let mut handling = std::pin::pin!(handling);
+    let handled = if confirmable {
+        tokio::time::timeout_at(ack_by, &mut handling).await.ok()
+    } else {
+        Some(handling.as_mut().await)
+    };
+    match handled {
+        Some(Handled::Done(response)) => {
+            let response = finish(response);
+            lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
+            if let Some(bytes) = response {
+                reply.send(&bytes).await;
+            }
+        }
+        Some(Handled::Poll(poll)) => {
+            command_poll(shared, session, key, reply, poll, ack_by, finish).await
+        }
+        None => {
+            acknowledge_empty(session, key, reply).await;
+            let (response, confirmation) = match handling.await {
+                Handled::Done(response) => (response, None),
+                Handled::Poll(poll) => shared.wait_for_command(&poll).await,
+            };
+            separate_response(shared, session, key, reply, response, confirmation, finish).await;
+        }
+    }
+}
+
 /// The wait for a command after an accepted upload with `hono-ttd`. A NON request, or
-/// a CON whose command comes quickly, gets it piggy-backed; a CON still waiting after
-/// [`SEPARATE_RESPONSE_AFTER`] gets an empty ACK now and the answer as a separate CON,
-/// retransmitted until the device acknowledges it. The command is `accepted` once the
-/// answer carrying it went out (piggy-backed / NON; a lost one is replayed from the
-/// exchange cache when the device retransmits) or the device acknowledged it (separate).
-pub(super) async fn command_poll(
+/// a CON whose command comes before `ack_by`, gets it piggy-backed; a CON still waiting
+/// then gets an empty ACK and the answer as a separate CON, retransmitted until the
+/// device acknowledges it. The command is `accepted` once the answer carrying it went
+/// out (piggy-backed / NON; a lost one is replayed from the exchange cache when the
+/// device retransmits) or the device acknowledged it (separate).
+async fn command_poll(
     shared: &Arc<Shared>,
     session: &Arc<Session>,
     key: ExchangeKey,
     reply: &Reply,
     poll: Poll,
+    ack_by: tokio::time::Instant,
     finish: impl Fn(Packet) -> Option<Bytes>,
 ) {
     let confirmable = poll.confirmable();
     let waiting = shared.wait_for_command(&poll);
     let mut waiting = std::pin::pin!(waiting);
     let early = if confirmable {
-        tokio::select! {
-            done = &mut waiting => Some(done),
-            _ = tokio::time::sleep(SEPARATE_RESPONSE_AFTER) => None,
-        }
+        tokio::time::timeout_at(ack_by, &mut waiting).await.ok()
     } else {
         Some(waiting.as_mut().await)
     };
@@ -353,11 +386,30 @@ pub(super) async fn command_poll(
         }
         return;
     }
-    // Empty ACK (RFC 7252 §5.2.2), replayed to retransmissions of the request.
+    acknowledge_empty(session, key, reply).await;
+    let (response, confirmation) = waiting.await;
+    separate_response(shared, session, key, reply, response, confirmation, finish).await;
+}
+
+/// Sends the empty ACK (RFC 7252 §5.2.2) for request `key`, replayed to its
+/// retransmissions.
+async fn acknowledge_empty(session: &Session, key: ExchangeKey, reply: &Reply) {
     let ack = empty_ack(key.message_id);
     lock(&session.exchanges).complete(key, Some(ack.clone()));
     reply.send(&ack).await;
-    let (mut response, confirmation) = waiting.await;
+}
+
+/// Sends `response` to the request `key` (already acknowledged empty) as a separate CON,
+/// retransmitted until the device acknowledges it; then confirms the command it carries.
+async fn separate_response(
+    shared: &Shared,
+    session: &Session,
+    key: ExchangeKey,
+    reply: &Reply,
+    mut response: Packet,
+    confirmation: Option<Confirmation>,
+    finish: impl Fn(Packet) -> Option<Bytes>,
+) {
     response.header.set_type(MessageType::Confirmable);
     response.header.message_id = shared.message_id();
     let con = ExchangeKey { peer: key.peer, message_id: response.header.message_id };
@@ -385,7 +437,7 @@ pub(super) async fn command_poll(
             confirmation.accepted();
         }
     } else {
-        tracing::debug!(peer = %key.peer, "separate CoAP response not acknowledged; command released");
+        tracing::debug!(peer = %key.peer, "separate CoAP response not acknowledged");
     }
 }
 
