@@ -30,6 +30,13 @@ async fn next(consumer: &mut ferrule_messaging::Consumer) -> ferrule_messaging::
         .expect("open")
 }
 
+/// Grants `consumer` credit and checks that nothing comes for a while.
+async fn assert_nothing_arrives(consumer: &mut ferrule_messaging::Consumer, why: &str) {
+    consumer.add_credit(1);
+    let got = tokio::time::timeout(Duration::from_millis(300), consumer.recv()).await;
+    assert!(got.is_err(), "{why}");
+}
+
 #[tokio::test]
 async fn anycast_needs_a_consumer_with_credit() {
     // Without a wait for busy consumers (see the `held_*` tests for the default).
@@ -73,9 +80,8 @@ fn holding(wait: Duration, bytes: usize) -> Broker {
 async fn held_for_a_busy_consumer_until_it_has_credit_in_order() {
     let broker = holding(Duration::from_secs(30), 1 << 20);
     let mut consumer = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
-    let producers: Vec<_> = (0..3u8)
-        .map(|i| broker.submit("telemetry/t1", data_message(vec![i]), false))
-        .collect();
+    let producers: Vec<_> =
+        (0..3u8).map(|i| broker.submit("telemetry/t1", data_message(vec![i]), false)).collect();
     assert!(
         producers.iter().all(|p| matches!(p, ferrule_messaging::Submission::Held(_))),
         "a consumer is attached but has no credit: held, not released"
@@ -108,11 +114,11 @@ async fn held_past_the_wait_bound_is_released_and_never_delivered() {
     let started = std::time::Instant::now();
     assert_eq!(broker.send("telemetry/t1", data_message("late")).await, Outcome::Released);
     assert!(started.elapsed() >= Duration::from_millis(200), "it waited for the bound");
-    consumer.add_credit(1);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), consumer.recv()).await.is_err(),
-        "a message its producer was told is released must not arrive after all"
-    );
+    assert_nothing_arrives(
+        &mut consumer,
+        "a message its producer was told is released must not arrive after all",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -261,11 +267,7 @@ async fn topic_durable_subscription_outlives_its_consumer() {
     drop(consumer);
     broker.send("news/t1", data_message("after close")).await;
     let mut consumer = broker.subscribe("news/t1", &durable).unwrap();
-    consumer.add_credit(1);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await.is_err(),
-        "closed subscription was deleted"
-    );
+    assert_nothing_arrives(&mut consumer, "closed subscription was deleted").await;
 }
 
 #[tokio::test]

@@ -212,27 +212,27 @@ impl Broker {
                     metrics::gauge!("ferrule_address_consumers", &labels)
                         .set(q.consumer_count() as f64);
                     let s = &q.stats;
-                    metrics::counter!("ferrule_queue_enqueued_total", &labels)
-                        .absolute(s.enqueued.load(Relaxed));
-                    metrics::counter!("ferrule_queue_acknowledged_total", &labels)
-                        .absolute(s.acknowledged.load(Relaxed));
-                    metrics::counter!("ferrule_queue_expired_total", &labels)
-                        .absolute(s.expired.load(Relaxed));
-                    metrics::counter!("ferrule_queue_dead_lettered_total", &labels)
-                        .absolute(s.dead_lettered.load(Relaxed));
-                    metrics::counter!("ferrule_queue_refused_full_total", &labels)
-                        .absolute(s.refused_full.load(Relaxed));
+                    for (name, value) in [
+                        ("ferrule_queue_enqueued_total", &s.enqueued),
+                        ("ferrule_queue_acknowledged_total", &s.acknowledged),
+                        ("ferrule_queue_expired_total", &s.expired),
+                        ("ferrule_queue_dead_lettered_total", &s.dead_lettered),
+                        ("ferrule_queue_refused_full_total", &s.refused_full),
+                    ] {
+                        metrics::counter!(name, &labels).absolute(value.load(Relaxed));
+                    }
                 }
                 Node::Direct(d) if !address.starts_with(DYNAMIC_PREFIX) => {
                     let labels = [("address", address)];
                     metrics::gauge!("ferrule_address_consumers", &labels)
                         .set(d.consumer_count() as f64);
-                    metrics::counter!("ferrule_direct_dropped_total", &labels)
-                        .absolute(d.dropped.load(Relaxed));
-                    metrics::counter!("ferrule_direct_held_total", &labels)
-                        .absolute(d.held.load(Relaxed));
-                    metrics::counter!("ferrule_direct_held_expired_total", &labels)
-                        .absolute(d.held_expired.load(Relaxed));
+                    for (name, value) in [
+                        ("ferrule_direct_dropped_total", &d.dropped),
+                        ("ferrule_direct_held_total", &d.held),
+                        ("ferrule_direct_held_expired_total", &d.held_expired),
+                    ] {
+                        metrics::counter!(name, &labels).absolute(value.load(Relaxed));
+                    }
                     metrics::gauge!("ferrule_direct_held_bytes", &labels)
                         .set(d.held_bytes() as f64);
                 }

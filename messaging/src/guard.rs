@@ -575,10 +575,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
 mod tests {
     use super::*;
     use fe2o3_amqp_types::messaging::{Body, Message, MessageAnnotations, Properties};
-    use fe2o3_amqp_types::performatives::Transfer;
     use fe2o3_amqp_types::primitives::{Binary, Value};
 
-    use crate::fuzzing::nested_lists;
+    use crate::fuzzing::{nested_lists, transfer_performative as transfer};
 
     /// An amqp-value section (described, so one level) around `value`.
     fn amqp_value(value: &[u8]) -> Vec<u8> {
@@ -682,23 +681,6 @@ mod tests {
         out.extend_from_slice(performative);
         out.extend_from_slice(payload);
         out
-    }
-
-    fn transfer(handle: u32, more: bool) -> Vec<u8> {
-        let transfer = Transfer {
-            handle: handle.into(),
-            delivery_id: Some(7),
-            delivery_tag: Some(Binary::from(vec![1, 2, 3])),
-            message_format: Some(0),
-            settled: Some(false),
-            more,
-            rcv_settle_mode: None,
-            state: None,
-            resume: false,
-            aborted: false,
-            batchable: false,
-        };
-        serde_amqp::to_vec(&transfer).expect("encodes")
     }
 
     #[test]

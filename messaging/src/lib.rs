@@ -54,4 +54,22 @@ pub mod fuzzing {
         out.push(0x45);
         out
     }
+
+    /// An encoded transfer performative for link `handle` (delivery 0, unsettled).
+    pub fn transfer_performative(handle: u32, more: bool) -> Vec<u8> {
+        let transfer = fe2o3_amqp_types::performatives::Transfer {
+            handle: handle.into(),
+            delivery_id: Some(0),
+            delivery_tag: Some(fe2o3_amqp_types::primitives::Binary::from(vec![0])),
+            message_format: Some(0),
+            settled: Some(false),
+            more,
+            rcv_settle_mode: None,
+            state: None,
+            resume: false,
+            aborted: false,
+            batchable: false,
+        };
+        serde_amqp::to_vec(&transfer).expect("a transfer encodes")
+    }
 }

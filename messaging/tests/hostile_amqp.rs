@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, Role, SenderSettleMode};
 use fe2o3_amqp::types::messaging::{Source, Target};
-use fe2o3_amqp::types::performatives::{Attach, Begin, Open, Transfer};
-use fe2o3_amqp::types::primitives::{Binary, Symbol};
+use fe2o3_amqp::types::performatives::{Attach, Begin, Open};
+use fe2o3_amqp::types::primitives::Symbol;
 use fe2o3_amqp::types::sasl::SaslInit;
 use ferrule_messaging::{AmqpServer, Broker, MessagingConfig, SaslConfig, SubscribeOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,19 +33,7 @@ fn nested_value(depth: usize) -> Vec<u8> {
 }
 
 fn transfer(more: bool) -> Vec<u8> {
-    encode(&Transfer {
-        handle: 0.into(),
-        delivery_id: Some(0),
-        delivery_tag: Some(Binary::from(vec![0])),
-        message_format: Some(0),
-        settled: Some(false),
-        more,
-        rcv_settle_mode: None,
-        state: None,
-        resume: false,
-        aborted: false,
-        batchable: false,
-    })
+    ferrule_messaging::fuzzing::transfer_performative(0, more)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

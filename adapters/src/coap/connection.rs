@@ -261,12 +261,9 @@ pub(super) fn dispatch(
     };
     let (shared, session, reply) = (shared.clone(), session.clone(), reply.clone());
     tasks.spawn(async move {
+        let exchange = Exchange { session: &session, key, reply: &reply, confirmable };
         let answer = async |response: Packet| {
-            let response = encode(&response);
-            lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
-            if let Some(bytes) = response {
-                reply.send(&bytes).await;
-            }
+            exchange.answer(encode(&response)).await;
         };
         let (packet, last_block) = match unchecked_first {
             None => (packet, last_block),
@@ -303,141 +300,145 @@ pub(super) fn dispatch(
             }
             encode(&response)
         };
-        respond(&shared, &session, key, &reply, packet, confirmable, finish).await;
+        exchange.respond(&shared, packet, finish).await;
         drop(permit);
     });
     None
 }
 
-/// Handles a whole request and answers it. A CON request whose answer is not ready
-/// after [`SEPARATE_RESPONSE_AFTER`] (an upload the application is slow to take, or a
-/// `hono-ttd` wait for a command) gets an empty ACK then, and the answer later as a
-/// separate CON (RFC 7252 §5.2.2), retransmitted until the device acknowledges it.
-async fn respond(
-    shared: &Arc<Shared>,
-    session: &Arc<Session>,
+/// One request being answered: where its answers go and where they are remembered for
+/// its retransmissions.
+struct Exchange<'a> {
+    session: &'a Session,
     key: ExchangeKey,
-    reply: &Reply,
-    packet: Packet,
+    reply: &'a Reply,
     confirmable: bool,
-    finish: impl Fn(Packet) -> Option<Bytes>,
-) {
-    let ack_by = tokio::time::Instant::now() + SEPARATE_RESPONSE_AFTER;
-    let handling = shared.handle(session.identity.as_ref(), packet);
-    let mut handling = std::pin::pin!(handling);
-    let handled = if confirmable {
-        tokio::time::timeout_at(ack_by, &mut handling).await.ok()
-    } else {
-        Some(handling.as_mut().await)
-    };
-    match handled {
-        Some(Handled::Done(response)) => {
-            let response = finish(response);
-            lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
-            if let Some(bytes) = response {
-                reply.send(&bytes).await;
-            }
-        }
-        Some(Handled::Poll(poll)) => {
-            command_poll(shared, session, key, reply, poll, ack_by, finish).await
-        }
-        None => {
-            acknowledge_empty(session, key, reply).await;
-            let (response, confirmation) = match handling.await {
-                Handled::Done(response) => (response, None),
-                Handled::Poll(poll) => shared.wait_for_command(&poll).await,
-            };
-            separate_response(shared, session, key, reply, response, confirmation, finish).await;
-        }
-    }
 }
 
-/// The wait for a command after an accepted upload with `hono-ttd`. A NON request, or
-/// a CON whose command comes before `ack_by`, gets it piggy-backed; a CON still waiting
-/// then gets an empty ACK and the answer as a separate CON, retransmitted until the
-/// device acknowledges it. The command is `accepted` once the answer carrying it went
-/// out (piggy-backed / NON; a lost one is replayed from the exchange cache when the
-/// device retransmits) or the device acknowledged it (separate).
-async fn command_poll(
-    shared: &Arc<Shared>,
-    session: &Arc<Session>,
-    key: ExchangeKey,
-    reply: &Reply,
-    poll: Poll,
-    ack_by: tokio::time::Instant,
-    finish: impl Fn(Packet) -> Option<Bytes>,
-) {
-    let confirmable = poll.confirmable();
-    let waiting = shared.wait_for_command(&poll);
-    let mut waiting = std::pin::pin!(waiting);
-    let early = if confirmable {
-        tokio::time::timeout_at(ack_by, &mut waiting).await.ok()
-    } else {
-        Some(waiting.as_mut().await)
-    };
-    if let Some((response, confirmation)) = early {
-        let response = finish(response);
-        lock(&session.exchanges).complete(key, response.clone().filter(|_| confirmable));
-        if let Some(bytes) = response {
-            reply.send(&bytes).await;
+impl Exchange<'_> {
+    /// Answers now (piggy-backed on the ACK of a CON, or NON); remembered for
+    /// retransmissions of a CON. Whether an answer went out.
+    async fn answer(&self, response: Option<Bytes>) -> bool {
+        let confirmable = self.confirmable;
+        lock(&self.session.exchanges).complete(self.key, response.clone().filter(|_| confirmable));
+        let Some(bytes) = response else { return false };
+        self.reply.send(&bytes).await;
+        true
+    }
+
+    /// Handles the whole request and answers it. A CON request whose answer is not ready
+    /// after [`SEPARATE_RESPONSE_AFTER`] (an upload the application is slow to take, or a
+    /// `hono-ttd` wait for a command) gets an empty ACK then, and the answer later as a
+    /// separate CON (RFC 7252 §5.2.2), retransmitted until the device acknowledges it.
+    async fn respond(
+        &self,
+        shared: &Arc<Shared>,
+        packet: Packet,
+        finish: impl Fn(Packet) -> Option<Bytes>,
+    ) {
+        let ack_by = tokio::time::Instant::now() + SEPARATE_RESPONSE_AFTER;
+        let handling = shared.handle(self.session.identity.as_ref(), packet);
+        let mut handling = std::pin::pin!(handling);
+        let handled = if self.confirmable {
+            tokio::time::timeout_at(ack_by, &mut handling).await.ok()
+        } else {
+            Some(handling.as_mut().await)
+        };
+        match handled {
+            Some(Handled::Done(response)) => {
+                self.answer(finish(response)).await;
+            }
+            Some(Handled::Poll(poll)) => self.command_poll(shared, poll, ack_by, finish).await,
+            None => {
+                self.acknowledge_empty().await;
+                let (response, confirmation) = match handling.await {
+                    Handled::Done(response) => (response, None),
+                    Handled::Poll(poll) => shared.wait_for_command(&poll).await,
+                };
+                self.separate_response(shared, response, confirmation, finish).await;
+            }
+        }
+    }
+
+    /// The wait for a command after an accepted upload with `hono-ttd`. A NON request, or
+    /// a CON whose command comes before `ack_by`, gets it piggy-backed; a CON still
+    /// waiting then gets an empty ACK and the answer as a separate CON. The command is
+    /// `accepted` once the answer carrying it went out (piggy-backed / NON; a lost one is
+    /// replayed from the exchange cache when the device retransmits) or the device
+    /// acknowledged it (separate).
+    async fn command_poll(
+        &self,
+        shared: &Arc<Shared>,
+        poll: Poll,
+        ack_by: tokio::time::Instant,
+        finish: impl Fn(Packet) -> Option<Bytes>,
+    ) {
+        let waiting = shared.wait_for_command(&poll);
+        let mut waiting = std::pin::pin!(waiting);
+        let early = if poll.confirmable() {
+            tokio::time::timeout_at(ack_by, &mut waiting).await.ok()
+        } else {
+            Some(waiting.as_mut().await)
+        };
+        if let Some((response, confirmation)) = early {
+            if self.answer(finish(response)).await {
+                if let Some(confirmation) = confirmation {
+                    confirmation.accepted();
+                }
+            }
+            return;
+        }
+        self.acknowledge_empty().await;
+        let (response, confirmation) = waiting.await;
+        self.separate_response(shared, response, confirmation, finish).await;
+    }
+
+    /// Sends the empty ACK (RFC 7252 §5.2.2), replayed to retransmissions.
+    async fn acknowledge_empty(&self) {
+        let ack = empty_ack(self.key.message_id);
+        lock(&self.session.exchanges).complete(self.key, Some(ack.clone()));
+        self.reply.send(&ack).await;
+    }
+
+    /// Sends `response` (the request was acknowledged empty) as a separate CON,
+    /// retransmitted until the device acknowledges it; then confirms the command it
+    /// carries.
+    async fn separate_response(
+        &self,
+        shared: &Shared,
+        mut response: Packet,
+        confirmation: Option<Confirmation>,
+        finish: impl Fn(Packet) -> Option<Bytes>,
+    ) {
+        response.header.set_type(MessageType::Confirmable);
+        response.header.message_id = shared.message_id();
+        let con = ExchangeKey { peer: self.key.peer, message_id: response.header.message_id };
+        let Some(bytes) = finish(response) else { return };
+        let mut answered = lock_confirmations(&self.session.confirmations).expect(con);
+        // Cancel safety of the loop: `answered` and the timer are polled by reference and
+        // lose nothing when the other branch wins.
+        let mut timeout = ACK_TIMEOUT;
+        let mut acknowledged = false;
+        for _ in 0..=MAX_RETRANSMIT {
+            self.reply.send(&bytes).await;
+            tokio::select! {
+                answer = &mut answered => {
+                    acknowledged = answer.unwrap_or(false);
+                    break;
+                }
+                _ = tokio::time::sleep(timeout) => timeout *= 2,
+                // Shutting down: give up; the command is released.
+                _ = shared.stopping.cancelled() => break,
+            }
+        }
+        lock_confirmations(&self.session.confirmations).forget(con);
+        if acknowledged {
             if let Some(confirmation) = confirmation {
                 confirmation.accepted();
             }
+        } else {
+            tracing::debug!(peer = %self.key.peer, "separate CoAP response not acknowledged");
         }
-        return;
-    }
-    acknowledge_empty(session, key, reply).await;
-    let (response, confirmation) = waiting.await;
-    separate_response(shared, session, key, reply, response, confirmation, finish).await;
-}
-
-/// Sends the empty ACK (RFC 7252 §5.2.2) for request `key`, replayed to its
-/// retransmissions.
-async fn acknowledge_empty(session: &Session, key: ExchangeKey, reply: &Reply) {
-    let ack = empty_ack(key.message_id);
-    lock(&session.exchanges).complete(key, Some(ack.clone()));
-    reply.send(&ack).await;
-}
-
-/// Sends `response` to the request `key` (already acknowledged empty) as a separate CON,
-/// retransmitted until the device acknowledges it; then confirms the command it carries.
-async fn separate_response(
-    shared: &Shared,
-    session: &Session,
-    key: ExchangeKey,
-    reply: &Reply,
-    mut response: Packet,
-    confirmation: Option<Confirmation>,
-    finish: impl Fn(Packet) -> Option<Bytes>,
-) {
-    response.header.set_type(MessageType::Confirmable);
-    response.header.message_id = shared.message_id();
-    let con = ExchangeKey { peer: key.peer, message_id: response.header.message_id };
-    let Some(bytes) = finish(response) else { return };
-    let mut answered = lock_confirmations(&session.confirmations).expect(con);
-    // Cancel safety of the loop: `answered` and the timer are polled by reference and
-    // lose nothing when the other branch wins.
-    let mut timeout = ACK_TIMEOUT;
-    let mut acknowledged = false;
-    for _ in 0..=MAX_RETRANSMIT {
-        reply.send(&bytes).await;
-        tokio::select! {
-            answer = &mut answered => {
-                acknowledged = answer.unwrap_or(false);
-                break;
-            }
-            _ = tokio::time::sleep(timeout) => timeout *= 2,
-            // Shutting down: give up; the command is released.
-            _ = shared.stopping.cancelled() => break,
-        }
-    }
-    lock_confirmations(&session.confirmations).forget(con);
-    if acknowledged {
-        if let Some(confirmation) = confirmation {
-            confirmation.accepted();
-        }
-    } else {
-        tracing::debug!(peer = %key.peer, "separate CoAP response not acknowledged");
     }
 }
 
