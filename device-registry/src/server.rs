@@ -218,21 +218,11 @@ async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let serve_shutdown = shutdown.clone();
-    ferrule_net::listener::serve(listener, admission, shutdown, tracker, move |stream, peer| {
-        let (state, shutdown, tls) = (state.clone(), serve_shutdown.clone(), tls.clone());
-        async move {
-            match tls {
-                None => serve(TokioIo::new(stream), state, shutdown).await,
-                Some(acceptor) => {
-                    if let Some(stream) = ferrule_net::tls::handshake(&acceptor, stream, peer).await
-                    {
-                        serve(TokioIo::new(stream), state, shutdown).await;
-                    }
-                }
-            }
-        }
-    })
-    .await;
+    let serving = move |connection, _peer| {
+        serve(TokioIo::new(connection), state.clone(), serve_shutdown.clone())
+    };
+    ferrule_net::listener::serve_maybe_tls(listener, tls, admission, shutdown, tracker, serving)
+        .await;
 }
 
 /// Serves one management connection (plain or TLS).

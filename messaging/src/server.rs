@@ -138,24 +138,17 @@ async fn accept_loop(
     admission: Arc<ferrule_net::listener::Admission>,
 ) {
     let (shutdown, tasks) = (connection.shutdown.clone(), connection.tasks.clone());
-    ferrule_net::listener::serve(listener, admission, shutdown, tasks, move |stream, peer| {
-        let (connection, tls) = (connection.clone(), tls.clone());
+    // fe2o3-amqp's own TLS acceptor expects the AMQP TLS header first, which ordinary
+    // amqps clients do not send: TLS is terminated here instead.
+    let serving = move |stream: ferrule_net::listener::Connection, peer| {
+        let connection = connection.clone();
         async move {
-            keep_alive(&stream, connection.config.idle_timeout);
-            match tls {
-                None => connection.run(stream, peer).await,
-                // fe2o3-amqp's own TLS acceptor expects the AMQP TLS header first, which
-                // ordinary amqps clients do not send: terminate TLS here instead.
-                Some(acceptor) => {
-                    if let Some(stream) = ferrule_net::tls::handshake(&acceptor, stream, peer).await
-                    {
-                        connection.run(stream, peer).await;
-                    }
-                }
-            }
+            keep_alive(ferrule_net::listener::tcp(&stream), connection.config.idle_timeout);
+            connection.run(stream, peer).await;
         }
-    })
-    .await;
+    };
+    ferrule_net::listener::serve_maybe_tls(listener, tls, admission, shutdown, tasks, serving)
+        .await;
 }
 
 /// TCP keep-alive, so that a peer whose host vanished (no FIN) is noticed even if it

@@ -274,6 +274,48 @@ pub async fn serve<F, Fut>(
     }
 }
 
+/// A connection as its handler gets it: plain TCP, or TLS once the handshake passed.
+pub type Connection =
+    tokio_util::either::Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;
+
+/// The TCP socket under a [`Connection`].
+pub fn tcp(connection: &Connection) -> &TcpStream {
+    match connection {
+        tokio_util::either::Either::Left(tcp) => tcp,
+        tokio_util::either::Either::Right(tls) => tls.get_ref().0,
+    }
+}
+
+/// [`serve`] for a listener that speaks TLS when `tls` is set: `handle` gets each
+/// connection once its handshake passed (a failed or slow one is logged and closed, see
+/// [`crate::tls::handshake`]).
+pub async fn serve_maybe_tls<F, Fut>(
+    listener: TcpListener,
+    tls: Option<crate::tls::TlsAcceptor>,
+    admission: Arc<Admission>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    handle: F,
+) where
+    F: Fn(Connection, SocketAddr) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    serve(listener, admission, shutdown, tasks, move |stream, peer| {
+        let (tls, handle) = (tls.clone(), handle.clone());
+        async move {
+            let connection = match tls {
+                None => tokio_util::either::Either::Left(stream),
+                Some(acceptor) => match crate::tls::handshake(&acceptor, stream, peer).await {
+                    Some(stream) => tokio_util::either::Either::Right(stream),
+                    None => return,
+                },
+            };
+            handle(connection, peer).await;
+        }
+    })
+    .await;
+}
+
 /// Counts a connection that did not authenticate in time (`reason="pre_auth_timeout"`).
 pub fn count_pre_auth_timeout(listener: &'static str) {
     metrics::counter!("ferrule_connections_refused_total", "listener" => listener, "reason" => "pre_auth_timeout")

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferrule_net::listener::Admission;
+use ferrule_net::listener::{Admission, Connection};
 use ferrule_net::tls::{TlsAcceptor, TlsConfig};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -29,6 +29,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -244,23 +245,19 @@ async fn accept_loop(
     tasks: TaskTracker,
 ) {
     let serve_shutdown = shutdown.clone();
-    ferrule_net::listener::serve(listener, admission, shutdown, tasks, move |stream, peer| {
-        let (state, shutdown, tls) = (state.clone(), serve_shutdown.clone(), tls.clone());
+    let serving = move |connection: Connection, peer| {
+        let (state, shutdown) = (state.clone(), serve_shutdown.clone());
         async move {
-            match tls {
-                None => serve(TokioIo::new(stream), peer, None, state, shutdown).await,
-                Some(acceptor) => {
-                    if let Some(stream) = ferrule_net::tls::handshake(&acceptor, stream, peer).await
-                    {
-                        let cert = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
-                        let cert = cert.map(|c| ClientCert(Arc::from(c.as_ref())));
-                        serve(TokioIo::new(stream), peer, cert, state, shutdown).await;
-                    }
-                }
-            }
+            let cert = match &connection {
+                Either::Left(_) => None,
+                Either::Right(tls) => tls.get_ref().1.peer_certificates().and_then(|c| c.first()),
+            };
+            let cert = cert.map(|c| ClientCert(Arc::from(c.as_ref())));
+            serve(TokioIo::new(connection), peer, cert, state, shutdown).await;
         }
-    })
-    .await;
+    };
+    ferrule_net::listener::serve_maybe_tls(listener, tls, admission, shutdown, tasks, serving)
+        .await;
 }
 
 /// The end-entity certificate (DER) a client presented in the TLS handshake; put into
