@@ -138,16 +138,16 @@ impl Platform {
         )?;
 
         let mut listeners = vec![
-            ("amqp", amqp.local_addr()),
+            ("amqp", amqp.listeners().local_addr()),
             ("ops", ops_listener.local_addr()?),
             ("registry", registry.local_addr()),
-            ("http", http.local_addr()),
+            ("http", http.listeners().local_addr()),
             ("mqtt", mqtt.local_addr()),
             ("coaps", coap.local_dtls_addr()),
         ];
         listeners.extend(coap.local_addr().map(|addr| ("coap", addr)));
-        listeners.extend(amqp.local_tls_addr().map(|addr| ("amqps", addr)));
-        listeners.extend(http.local_tls_addr().map(|addr| ("https", addr)));
+        listeners.extend(amqp.listeners().local_tls_addr().map(|addr| ("amqps", addr)));
+        listeners.extend(http.listeners().local_tls_addr().map(|addr| ("https", addr)));
         listeners.extend(mqtt.local_tls_addr().map(|addr| ("mqtts", addr)));
 
         let device_tasks = vec![

@@ -31,6 +31,7 @@ use fe2o3_amqp::types::messaging::{
 use fe2o3_amqp::types::performatives::Attach;
 use fe2o3_amqp::types::primitives::{Symbol, Value};
 use fe2o3_amqp::Sendable;
+use ferrule_net::listener::Listeners;
 use ferrule_net::tls::TlsAcceptor;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
@@ -56,8 +57,7 @@ pub enum ServerError {
 
 /// A bound AMQP listener, ready to [`AmqpServer::run`].
 pub struct AmqpServer {
-    listener: TcpListener,
-    tls: Option<(TcpListener, TlsAcceptor)>,
+    listeners: Listeners,
     broker: Broker,
     /// The pool application password checks run on; `None`: one of their own.
     hash_pool: Option<ferrule_net::hashing::HashPool>,
@@ -68,17 +68,14 @@ impl AmqpServer {
     /// Binds the listeners; application logins get a hashing pool of their own
     /// (see [`AmqpServer::with_hash_pool`] to share the platform's).
     pub async fn bind(config: &MessagingConfig, broker: Broker) -> Result<Self, ServerError> {
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+        let tls = match config.tls.enabled() {
+            true => Some((config.listen_tls, config.tls.acceptor()?)),
+            false => None,
         };
-        let listener = bind(config.listen).await?;
-        let tls = if config.tls.enabled() {
-            let acceptor = config.tls.acceptor()?;
-            Some((bind(config.listen_tls).await?, acceptor))
-        } else {
-            None
-        };
-        Ok(Self { listener, tls, broker, hash_pool: None, config: Arc::new(config.clone()) })
+        let listeners = Listeners::bind(config.listen, tls)
+            .await
+            .map_err(|e| ServerError::Bind { addr: e.addr, source: e.source })?;
+        Ok(Self { listeners, broker, hash_pool: None, config: Arc::new(config.clone()) })
     }
 
     /// Runs application password checks on `pool`, shared with the device registry, so
@@ -89,13 +86,9 @@ impl AmqpServer {
         self
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound socket has an address")
-    }
-
-    /// The `amqps` listener's address, if TLS is configured.
-    pub fn local_tls_addr(&self) -> Option<SocketAddr> {
-        self.tls.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"))
+    /// The bound sockets (`amqp` and `amqps`).
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
     }
 
     /// Accepts connections until `shutdown`, then closes them and waits for their tasks.
@@ -119,13 +112,14 @@ impl AmqpServer {
             self.config.max_connections,
             self.config.source_limits(),
         );
-        if let Some((listener, acceptor)) = self.tls {
+        if let Some((listener, acceptor)) = self.listeners.tls {
             tracing::info!(addr = %listener.local_addr().expect("bound"), "AMQP TLS listener up");
             let connection = connection.clone();
             tasks.spawn(accept_loop(listener, connection, Some(acceptor), admission.clone()));
         }
-        tracing::info!(addr = %self.listener.local_addr().expect("bound"), "AMQP listener up");
-        accept_loop(self.listener, connection, None, admission).await;
+        let listener = self.listeners.plain;
+        tracing::info!(addr = %listener.local_addr().expect("bound"), "AMQP listener up");
+        accept_loop(listener, connection, None, admission).await;
         tasks.close();
         tasks.wait().await;
     }

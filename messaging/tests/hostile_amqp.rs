@@ -45,7 +45,7 @@ async fn deeply_nested_message_ends_the_connection_not_the_process() {
     };
     let broker = Broker::in_memory(&config);
     let server = AmqpServer::bind(&config, broker.clone()).await.expect("binds");
-    let addr = server.local_addr();
+    let addr = server.listeners().local_addr();
     let shutdown = CancellationToken::new();
     tokio::spawn(server.run(shutdown.clone()));
     let mut consumer =

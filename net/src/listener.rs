@@ -274,6 +274,52 @@ pub async fn serve<F, Fut>(
     }
 }
 
+/// A listener's sockets: the plain one, and the TLS one with its acceptor when TLS is
+/// configured.
+pub struct Listeners {
+    pub plain: TcpListener,
+    pub tls: Option<(TcpListener, crate::tls::TlsAcceptor)>,
+}
+
+/// A listen address that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl Listeners {
+    /// Binds `plain`, and the TLS address when `tls` is given.
+    ///
+    /// # Errors
+    /// The first address that cannot be bound.
+    pub async fn bind(
+        plain: SocketAddr,
+        tls: Option<(SocketAddr, crate::tls::TlsAcceptor)>,
+    ) -> Result<Self, BindError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| BindError { addr, source })
+        };
+        let plain = bind(plain).await?;
+        let tls = match tls {
+            Some((addr, acceptor)) => Some((bind(addr).await?, acceptor)),
+            None => None,
+        };
+        Ok(Self { plain, tls })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.plain.local_addr().expect("bound socket has an address")
+    }
+
+    /// The TLS listener's address, if TLS is configured.
+    pub fn local_tls_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"))
+    }
+}
+
 /// A connection as its handler gets it: plain TCP, or TLS once the handshake passed.
 pub type Connection =
     tokio_util::either::Either<TcpStream, tokio_rustls::server::TlsStream<TcpStream>>;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ferrule_net::listener::{Admission, Connection};
+use ferrule_net::listener::{Admission, Connection, Listeners};
 use ferrule_net::tls::{TlsAcceptor, TlsConfig};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -167,8 +167,7 @@ pub enum HttpError {
 
 /// A bound HTTP adapter, ready to [`HttpAdapter::run`].
 pub struct HttpAdapter {
-    listener: TcpListener,
-    tls: Option<(TcpListener, TlsAcceptor)>,
+    listeners: Listeners,
     state: Arc<State>,
 }
 
@@ -194,28 +193,21 @@ impl HttpAdapter {
         router: Option<CommandRouter>,
     ) -> Result<Self, HttpError> {
         config.validate()?;
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })
-        };
-        let listener = bind(config.listen).await?;
         let tls = if config.tls.enabled() {
-            let acceptor = TlsAcceptor::from(
-                crate::tls::device_server_config(&config.tls).map_err(HttpError::Tls)?,
-            );
-            Some((bind(config.listen_tls).await?, acceptor))
+            let server = crate::tls::device_server_config(&config.tls).map_err(HttpError::Tls)?;
+            Some((config.listen_tls, TlsAcceptor::from(server)))
         } else {
             None
         };
-        Ok(Self { listener, tls, state: Arc::new(State { config, downstream, registry, router }) })
+        let listeners = Listeners::bind(config.listen, tls)
+            .await
+            .map_err(|e| HttpError::Bind { addr: e.addr, source: e.source })?;
+        Ok(Self { listeners, state: Arc::new(State { config, downstream, registry, router }) })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound socket has an address")
-    }
-
-    /// The HTTPS listener's address, if TLS is configured.
-    pub fn local_tls_addr(&self) -> Option<SocketAddr> {
-        self.tls.as_ref().map(|(l, _)| l.local_addr().expect("bound socket has an address"))
+    /// The bound sockets (plain and HTTPS).
+    pub fn listeners(&self) -> &Listeners {
+        &self.listeners
     }
 
     /// Serves until `shutdown`; then lets open requests finish.
@@ -223,14 +215,15 @@ impl HttpAdapter {
         let tasks = TaskTracker::new();
         let config = &self.state.config;
         let admission = Admission::new("http", config.max_connections, config.source_limits());
-        if let Some((listener, acceptor)) = self.tls {
+        if let Some((listener, acceptor)) = self.listeners.tls {
             tracing::info!(addr = %listener.local_addr().expect("bound"), "HTTPS adapter up");
             let (state, admission, shutdown, t) =
                 (self.state.clone(), admission.clone(), shutdown.clone(), tasks.clone());
             tasks.spawn(accept_loop(listener, Some(acceptor), state, admission, shutdown, t));
         }
-        tracing::info!(addr = %self.listener.local_addr().expect("bound"), "HTTP adapter up");
-        accept_loop(self.listener, None, self.state, admission, shutdown, tasks.clone()).await;
+        let listener = self.listeners.plain;
+        tracing::info!(addr = %listener.local_addr().expect("bound"), "HTTP adapter up");
+        accept_loop(listener, None, self.state, admission, shutdown, tasks.clone()).await;
         tasks.close();
         tasks.wait().await;
     }

@@ -86,7 +86,7 @@ impl Adapter for Http {
         let adapter = HttpAdapter::bind(config, w.downstream, w.registry, w.router)
             .await
             .expect("adapter binds");
-        let addr = adapter.local_addr();
+        let addr = adapter.listeners().local_addr();
         tokio::spawn(adapter.run(w.shutdown));
         Http { addr }
     }
