@@ -713,19 +713,7 @@ mod tests {
         let flow = frame(0, &transfer(1, false), &amqp_value(&[0x45]));
         checker.check(&flow).expect("passes");
         assert_eq!(slot.get(), None, "a transfer is no open");
-        let open = fe2o3_amqp_types::performatives::Open {
-            container_id: "app-7/eu".into(),
-            hostname: None,
-            max_frame_size: 65_536.into(),
-            channel_max: 16.into(),
-            idle_time_out: None,
-            outgoing_locales: None,
-            incoming_locales: None,
-            offered_capabilities: None,
-            desired_capabilities: None,
-            properties: None,
-        };
-        let open = frame(0, &serde_amqp::to_vec(&open).expect("encodes"), &[]);
+        let open = frame(0, &crate::fuzzing::open_performative("app-7/eu"), &[]);
         assert_eq!(checker.check(&open), Ok(Some(open.len())));
         assert_eq!(slot.get().map(String::as_str), Some("app-7/eu"));
     }

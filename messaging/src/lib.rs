@@ -55,6 +55,23 @@ pub mod fuzzing {
         out
     }
 
+    /// An encoded open performative from container `container_id` (64 KiB frames).
+    pub fn open_performative(container_id: &str) -> Vec<u8> {
+        let open = fe2o3_amqp_types::performatives::Open {
+            container_id: container_id.into(),
+            hostname: None,
+            max_frame_size: 65_536.into(),
+            channel_max: 8.into(),
+            idle_time_out: None,
+            outgoing_locales: None,
+            incoming_locales: None,
+            offered_capabilities: None,
+            desired_capabilities: None,
+            properties: None,
+        };
+        serde_amqp::to_vec(&open).expect("an open encodes")
+    }
+
     /// An encoded transfer performative for link `handle` (delivery 0, unsettled).
     pub fn transfer_performative(handle: u32, more: bool) -> Vec<u8> {
         let transfer = fe2o3_amqp_types::performatives::Transfer {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fe2o3_amqp::types::definitions::{ReceiverSettleMode, Role, SenderSettleMode};
 use fe2o3_amqp::types::messaging::{Source, Target};
-use fe2o3_amqp::types::performatives::{Attach, Begin, Open};
+use fe2o3_amqp::types::performatives::{Attach, Begin};
 use fe2o3_amqp::types::primitives::Symbol;
 use fe2o3_amqp::types::sasl::SaslInit;
 use ferrule_messaging::{AmqpServer, Broker, MessagingConfig, SaslConfig, SubscribeOptions};
@@ -58,19 +58,8 @@ async fn deeply_nested_message_ends_the_connection_not_the_process() {
         SaslInit { mechanism: Symbol::from("ANONYMOUS"), initial_response: None, hostname: None };
     out.extend(frame(1, 0, &encode(&init), &[]));
     out.extend_from_slice(b"AMQP\x00\x01\x00\x00");
-    let open = Open {
-        container_id: "attacker".into(),
-        hostname: None,
-        max_frame_size: 65_536.into(),
-        channel_max: 8.into(),
-        idle_time_out: None,
-        outgoing_locales: None,
-        incoming_locales: None,
-        offered_capabilities: None,
-        desired_capabilities: None,
-        properties: None,
-    };
-    out.extend(frame(0, 0, &encode(&open), &[]));
+    let open = ferrule_messaging::fuzzing::open_performative("attacker");
+    out.extend(frame(0, 0, &open, &[]));
     let begin = Begin {
         remote_channel: None,
         next_outgoing_id: 0,

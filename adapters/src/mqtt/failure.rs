@@ -210,7 +210,14 @@ pub(super) fn error_report(
         .unwrap_or_else(|| "-1".to_owned());
     let code = failed.failure.status();
     let endpoint = mapping::endpoint_segment(topic);
-    let error_topic = session.error_topic(&tenant, &device, endpoint, &correlation_id, code)?;
+    let report = mapping::ErrorReport {
+        tenant: &tenant,
+        device: &device,
+        endpoint,
+        correlation_id: &correlation_id,
+        code,
+    };
+    let error_topic = session.error_topic(&report)?;
     let body = serde_json::json!({
         "code": code,
         "message": failed.failure.message(),

@@ -196,23 +196,30 @@ impl ErrorSubscription {
         }
     }
 
-    /// The topic an error message for `device` is published to.
-    pub fn error_topic(
-        &self,
-        tenant: &str,
-        device: &str,
-        endpoint: &str,
-        correlation_id: &str,
-        code: u16,
-    ) -> String {
+    /// The topic the error message `report` is published to.
+    pub fn error_topic(&self, report: &ErrorReport) -> String {
         let prefix = if self.long { "error" } else { "e" };
-        let tenant = if self.tenant.is_some() { tenant } else { "" };
+        let tenant = if self.tenant.is_some() { report.tenant } else { "" };
         let device = match self.device {
             DeviceFilter::Own => "",
-            DeviceFilter::Any | DeviceFilter::One(_) => device,
+            DeviceFilter::Any | DeviceFilter::One(_) => report.device,
         };
+        let ErrorReport { endpoint, correlation_id, code, .. } = report;
         format!("{prefix}/{tenant}/{device}/{endpoint}/{correlation_id}/{code}")
     }
+}
+
+/// What an error message reports: a failed publish for `device` (Hono's error topic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorReport<'a> {
+    pub tenant: &'a str,
+    pub device: &'a str,
+    /// The publish's endpoint segment as the device spelled it (`telemetry`, `e`, ...).
+    pub endpoint: &'a str,
+    /// The publish's correlation id (its packet id, or `-1` for QoS 0).
+    pub correlation_id: &'a str,
+    /// The HTTP-style status of the failure.
+    pub code: u16,
 }
 
 /// Parses a SUBSCRIBE topic filter; `None` if it is not an error topic filter.
@@ -444,10 +451,17 @@ mod tests {
     fn error_filters() {
         let s = parse_error_filter("error///#").expect("valid");
         assert_eq!(s, ErrorSubscription { long: true, tenant: None, device: DeviceFilter::Own });
-        assert_eq!(s.error_topic("t1", "d1", "telemetry", "7", 503), "error///telemetry/7/503");
+        let report = |device, endpoint, correlation_id, code| ErrorReport {
+            tenant: "t1",
+            device,
+            endpoint,
+            correlation_id,
+            code,
+        };
+        assert_eq!(s.error_topic(&report("d1", "telemetry", "7", 503)), "error///telemetry/7/503");
         let s = parse_error_filter("e/t1/+/#").expect("valid");
         assert_eq!(s.device, DeviceFilter::Any);
-        assert_eq!(s.error_topic("t1", "d9", "e", "-1", 403), "e/t1/d9/e/-1/403");
+        assert_eq!(s.error_topic(&report("d9", "e", "-1", 403)), "e/t1/d9/e/-1/403");
         assert!(s.matches("d9", Some("gw")));
         let s = parse_error_filter("error//d2/#").expect("valid");
         assert!(s.matches("d2", Some("gw")) && !s.matches("d3", Some("gw")));

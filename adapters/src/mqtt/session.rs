@@ -13,7 +13,7 @@ use crate::device::DeviceIdentity;
 pub use crate::door::{Target, TargetError};
 
 use super::command::Outbox;
-use super::mapping::{ErrorSubscription, PublishAddress};
+use super::mapping::{ErrorReport, ErrorSubscription, PublishAddress};
 
 /// The MQTT protocol version of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,19 +147,12 @@ impl Session {
         }
     }
 
-    /// The error topic for a failed publish for `device`, if the device asked for one.
-    pub fn error_topic(
-        &self,
-        tenant: &str,
-        device: &str,
-        endpoint: &str,
-        correlation_id: &str,
-        code: u16,
-    ) -> Option<String> {
+    /// The error topic for `report`, if the device asked for error messages.
+    pub fn error_topic(&self, report: &ErrorReport) -> Option<String> {
         let own = self.identity().map(|id| id.device_id.as_str());
         let subscription = self.error_subscription.borrow();
-        let subscription = subscription.as_ref().filter(|s| s.matches(device, own))?;
-        Some(subscription.error_topic(tenant, device, endpoint, correlation_id, code))
+        let subscription = subscription.as_ref().filter(|s| s.matches(report.device, own))?;
+        Some(subscription.error_topic(report))
     }
 
     /// Adds a command subscription under `filter`, replacing one with the same filter
@@ -255,9 +248,16 @@ mod tests {
     fn error_subscription_lifecycle() {
         let s = device("t1", "d1");
         assert!(!s.reports_errors());
-        assert_eq!(s.error_topic("t1", "d1", "t", "-1", 503), None);
+        let report = ErrorReport {
+            tenant: "t1",
+            device: "d1",
+            endpoint: "t",
+            correlation_id: "-1",
+            code: 503,
+        };
+        assert_eq!(s.error_topic(&report), None);
         s.subscribe_errors(parse_error_filter("error///#").expect("valid"));
-        assert_eq!(s.error_topic("t1", "d1", "t", "-1", 503).as_deref(), Some("error///t/-1/503"));
+        assert_eq!(s.error_topic(&report).as_deref(), Some("error///t/-1/503"));
         s.unsubscribe_errors("e///#");
         assert!(s.reports_errors(), "a different filter does not remove it");
         s.unsubscribe_errors("error///#");
