@@ -192,28 +192,25 @@ mod tests {
 
     #[test]
     fn every_section_names_its_bad_key() {
-        let mut c = Config::default();
-        assert_eq!(validate(&c), Ok(()));
-        c.ops.max_connections = 0;
-        assert_eq!(validate(&c).unwrap_err().key, "ops.max_connections");
-        let mut c = Config::default();
-        c.messaging.max_frame_size = 100;
-        assert_eq!(validate(&c).unwrap_err().key, "messaging.max_frame_size");
-        let mut c = Config::default();
-        c.messaging.connection_rate_per_ip = 0.0;
-        assert_eq!(validate(&c).unwrap_err().key, "messaging.connection_rate_per_ip");
-        let mut c = Config::default();
-        c.registry.max_body_bytes = 10;
-        assert_eq!(validate(&c).unwrap_err().key, "registry.max_body_bytes");
-        let mut c = Config::default();
-        c.adapters.http.header_read_timeout = std::time::Duration::ZERO;
-        assert_eq!(validate(&c).unwrap_err().key, "adapters.http.header_read_timeout");
-        let mut c = Config::default();
-        c.adapters.mqtt.workers = 0;
-        assert_eq!(validate(&c).unwrap_err().key, "adapters.mqtt.workers");
-        let mut c = Config::default();
-        c.adapters.coap.max_payload = 70_000;
-        assert_eq!(validate(&c).unwrap_err().key, "adapters.coap.max_payload");
+        assert_eq!(validate(&Config::default()), Ok(()));
+        type Spoil = fn(&mut Config);
+        let cases: [(Spoil, &str); 7] = [
+            (|c| c.ops.max_connections = 0, "ops.max_connections"),
+            (|c| c.messaging.max_frame_size = 100, "messaging.max_frame_size"),
+            (|c| c.messaging.connection_rate_per_ip = 0.0, "messaging.connection_rate_per_ip"),
+            (|c| c.registry.max_body_bytes = 10, "registry.max_body_bytes"),
+            (
+                |c| c.adapters.http.header_read_timeout = std::time::Duration::ZERO,
+                "adapters.http.header_read_timeout",
+            ),
+            (|c| c.adapters.mqtt.workers = 0, "adapters.mqtt.workers"),
+            (|c| c.adapters.coap.max_payload = 70_000, "adapters.coap.max_payload"),
+        ];
+        for (spoil, key) in cases {
+            let mut c = Config::default();
+            spoil(&mut c);
+            assert_eq!(validate(&c).unwrap_err().key, key);
+        }
     }
 
     #[test]

@@ -585,33 +585,24 @@ mod tests {
             command_response(&gw).unwrap().unwrap().target,
             Some(("t1".into(), "d1".into()))
         );
-        let no_status =
-            packet(MessageType::Confirmable, RequestType::Post, &["cr", "abc"], &[], None);
-        assert!(matches!(command_response(&no_status), Err(MappingError::BadOption(_))));
-        let bad_status = packet(
-            MessageType::Confirmable,
-            RequestType::Post,
-            &["cr", "abc"],
-            &["hono-cmd-status=99"],
-            None,
-        );
-        assert!(matches!(command_response(&bad_status), Err(MappingError::BadOption(_))));
-        let wrong_method = packet(
-            MessageType::Confirmable,
-            RequestType::Put,
-            &["cr", "abc"],
-            &["hono-cmd-status=200"],
-            None,
-        );
-        assert!(matches!(command_response(&wrong_method), Err(MappingError::MethodNotAllowed(_))));
-        let too_short = packet(
-            MessageType::Confirmable,
-            RequestType::Post,
-            &["cr"],
-            &["hono-cmd-status=200"],
-            None,
-        );
-        assert!(matches!(command_response(&too_short), Err(MappingError::NotFound(_))));
+        // Malformed responses: method, path, query and the error expected.
+        type Expected = fn(&MappingError) -> bool;
+        let bad_option: Expected = |e| matches!(e, MappingError::BadOption(_));
+        let bad: [(RequestType, &[&str], &[&str], Expected); 4] = [
+            (RequestType::Post, &["cr", "abc"], &[], bad_option),
+            (RequestType::Post, &["cr", "abc"], &["hono-cmd-status=99"], bad_option),
+            (RequestType::Put, &["cr", "abc"], &["hono-cmd-status=200"], |e| {
+                matches!(e, MappingError::MethodNotAllowed(_))
+            }),
+            (RequestType::Post, &["cr"], &["hono-cmd-status=200"], |e| {
+                matches!(e, MappingError::NotFound(_))
+            }),
+        ];
+        for (method, path, query, expected) in bad {
+            let request = packet(MessageType::Confirmable, method, path, query, None);
+            let error = command_response(&request).expect_err("malformed");
+            assert!(expected(&error), "{path:?} {query:?}: {error:?}");
+        }
         assert_eq!(command_response(&poll), Ok(None));
 
         assert_eq!(content_format_of("text/plain"), Some(0));
