@@ -1,7 +1,7 @@
 //! Glue between components: the device registry's authentication service seen through the
 //! adapters' [`DeviceRegistry`] trait and the command router's [`ViaCheck`].
 
-use ferrule_adapters::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
+use ferrule_adapters::{AdapterAccess, AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 use ferrule_command_control::ViaCheck;
 use ferrule_device_registry::{AuthError as RegistryAuthError, AuthService, CredentialType};
 
@@ -105,20 +105,15 @@ impl DeviceRegistry for RegistryDevices {
         )
     }
 
-    fn adapter_enabled<'a>(
+    fn adapter_access<'a>(
         &'a self,
         tenant: &'a str,
         adapter: &'a str,
-    ) -> BoxFuture<'a, Result<bool, AuthError>> {
-        Box::pin(async move { self.0.adapter_enabled(tenant, adapter).await.map_err(map) })
-    }
-
-    fn allows_unauthenticated<'a>(
-        &'a self,
-        tenant: &'a str,
-        adapter: &'a str,
-    ) -> BoxFuture<'a, Result<bool, AuthError>> {
-        Box::pin(async move { self.0.allows_unauthenticated(tenant, adapter).await.map_err(map) })
+    ) -> BoxFuture<'a, Result<AdapterAccess, AuthError>> {
+        Box::pin(async move {
+            let access = self.0.adapter_access(tenant, adapter).await.map_err(map)?;
+            Ok(AdapterAccess { enabled: access.enabled, unauthenticated: access.unauthenticated })
+        })
     }
 
     fn psk<'a>(

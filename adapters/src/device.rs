@@ -47,6 +47,15 @@ pub enum AuthError {
     Unavailable(String),
 }
 
+/// How a tenant lets its devices use one adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdapterAccess {
+    /// The adapter is enabled for the tenant.
+    pub enabled: bool,
+    /// The tenant is enabled and lets devices publish unauthenticated on the adapter.
+    pub unauthenticated: bool,
+}
+
 /// The adapters' view of the device registry.
 pub trait DeviceRegistry: Send + Sync + 'static {
     /// Verifies a `hashed-password` credential presented from `source` (the client's
@@ -79,23 +88,14 @@ pub trait DeviceRegistry: Send + Sync + 'static {
         gateway: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), AuthError>>;
 
-    /// Whether devices of `tenant` may use `adapter` at all (the tenant's `adapters` list;
-    /// without one, every adapter). A registry without adapter lists allows all.
-    fn adapter_enabled<'a>(
+    /// How `tenant` lets its devices use `adapter`: enabled (its `adapters` list; without
+    /// one, every adapter) and whether devices may publish unauthenticated. An unknown
+    /// tenant allows nothing.
+    fn adapter_access<'a>(
         &'a self,
         tenant: &'a str,
         adapter: &'a str,
-    ) -> BoxFuture<'a, Result<bool, AuthError>> {
-        let _ = (tenant, adapter);
-        Box::pin(async { Ok(true) })
-    }
-
-    /// Whether `tenant` lets devices publish without authenticating on `adapter`.
-    fn allows_unauthenticated<'a>(
-        &'a self,
-        tenant: &'a str,
-        adapter: &'a str,
-    ) -> BoxFuture<'a, Result<bool, AuthError>>;
+    ) -> BoxFuture<'a, Result<AdapterAccess, AuthError>>;
 
     /// Looks up the `psk` credential of `auth_id` in `tenant` (DTLS-PSK handshakes need the
     /// key itself, not a verification): the device it belongs to and the shared key. The

@@ -202,11 +202,9 @@ pub async fn authorize(
         }
         Target::Unauthenticated { tenant, device } => {
             // The tenant's permission names the adapter: nothing more to check for it.
-            let allowed = registry
-                .allows_unauthenticated(tenant, adapter)
-                .await
-                .map_err(Refused::about_target)?;
-            if !allowed {
+            let access =
+                registry.adapter_access(tenant, adapter).await.map_err(Refused::about_target)?;
+            if !access.unauthenticated {
                 return Err(Refused {
                     denied: Denied::UnauthenticatedNotAllowed,
                     principal_gone: false,
@@ -219,9 +217,9 @@ pub async fn authorize(
         }
     }
     // The tenant may have switched this adapter off (its `adapters` list).
-    let enabled =
-        registry.adapter_enabled(target.tenant(), adapter).await.map_err(Refused::about_target)?;
-    if !enabled {
+    let access =
+        registry.adapter_access(target.tenant(), adapter).await.map_err(Refused::about_target)?;
+    if !access.enabled {
         return Err(Refused::about_principal(AuthError::TenantDisabled));
     }
     Ok(())

@@ -16,7 +16,7 @@ pub mod mqtt;
 mod poll;
 pub mod tls;
 
-pub use device::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
+pub use device::{AdapterAccess, AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
 
 /// For the fuzz targets only (`fuzz/`, see `fuzz/README.md`): the checks that see a CoAP

@@ -36,7 +36,9 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::management::HashPool;
-use crate::model::{CredentialType, Credentials, Device, DeviceId, SecretMeta, Tenant, TenantId};
+use crate::model::{
+    AdapterAccess, CredentialType, Credentials, Device, DeviceId, SecretMeta, Tenant, TenantId,
+};
 use crate::password;
 use crate::store::{Change, RegistryStore, StoreError};
 use crate::x509::{CertError, ClientCertificate, TrustAnchor};
@@ -788,6 +790,22 @@ impl AuthService {
         Ok(())
     }
 
+    /// How `tenant` lets its devices use `adapter_type` ([`Tenant::access`]); nothing
+    /// for an unknown tenant.
+    ///
+    /// # Errors
+    /// [`AuthError::Unavailable`] if the store fails.
+    pub async fn adapter_access(
+        &self,
+        tenant: &str,
+        adapter_type: &str,
+    ) -> Result<AdapterAccess, AuthError> {
+        let Ok(t) = TenantId::new(tenant) else {
+            return Ok(AdapterAccess::default());
+        };
+        Ok(self.get_tenant(&t).await?.map(|t| t.access(adapter_type)).unwrap_or_default())
+    }
+
     /// Whether devices of `tenant` may publish without authenticating on `adapter_type`
     /// (e.g. `hono-http`): the tenant is enabled and lists the adapter enabled with
     /// `device-authentication-required: false`.
@@ -799,7 +817,7 @@ impl AuthService {
         tenant: &str,
         adapter_type: &str,
     ) -> Result<bool, AuthError> {
-        self.tenant_is(tenant, |t| t.enabled && t.allows_unauthenticated(adapter_type)).await
+        Ok(self.adapter_access(tenant, adapter_type).await?.unauthenticated)
     }
 
     /// Whether devices of `tenant` may use `adapter_type` at all ([`Tenant::adapter_enabled`]);
@@ -812,19 +830,7 @@ impl AuthService {
         tenant: &str,
         adapter_type: &str,
     ) -> Result<bool, AuthError> {
-        self.tenant_is(tenant, |t| t.adapter_enabled(adapter_type)).await
-    }
-
-    /// Whether the tenant named `tenant` exists and satisfies `check`.
-    async fn tenant_is(
-        &self,
-        tenant: &str,
-        check: impl FnOnce(&Tenant) -> bool,
-    ) -> Result<bool, AuthError> {
-        let Ok(t) = TenantId::new(tenant) else {
-            return Ok(false);
-        };
-        Ok(self.get_tenant(&t).await?.is_some_and(|t| check(&t)))
+        Ok(self.adapter_access(tenant, adapter_type).await?.enabled)
     }
 
     fn record_change(&self, change: &Change) {

@@ -194,6 +194,15 @@ impl Default for Tenant {
     }
 }
 
+/// How a tenant lets its devices use one protocol adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AdapterAccess {
+    /// The adapter is enabled for the tenant ([`Tenant::adapter_enabled`]).
+    pub enabled: bool,
+    /// The tenant is enabled and lets devices publish unauthenticated on the adapter.
+    pub unauthenticated: bool,
+}
+
 impl Tenant {
     /// Whether devices of this tenant may use `adapter_type` (e.g. `hono-mqtt`).
     /// Hono: no `adapters` list means every adapter is enabled.
@@ -201,6 +210,14 @@ impl Tenant {
         match &self.adapters {
             None => true,
             Some(list) => list.iter().any(|a| a.r#type == adapter_type && a.enabled),
+        }
+    }
+
+    /// How this tenant lets its devices use `adapter_type` (one look-up for both rules).
+    pub fn access(&self, adapter_type: &str) -> AdapterAccess {
+        AdapterAccess {
+            enabled: self.adapter_enabled(adapter_type),
+            unauthenticated: self.enabled && self.allows_unauthenticated(adapter_type),
         }
     }
 

@@ -146,7 +146,8 @@ pub(super) async fn authenticate(
         }
     };
     // A tenant may switch MQTT off in its `adapters` list.
-    if !shared.registry.adapter_enabled(&identity.tenant, ADAPTER).await.map_err(Refusal::from)? {
+    let access = shared.registry.adapter_access(&identity.tenant, ADAPTER).await;
+    if !access.map_err(Refusal::from)?.enabled {
         return Err(Refusal::NotAuthorized);
     }
     Ok(Principal::Device(identity))

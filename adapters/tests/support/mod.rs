@@ -13,7 +13,7 @@ pub mod raw_mqtt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ferrule_adapters::{AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
+use ferrule_adapters::{AdapterAccess, AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 
 #[derive(Debug, Clone)]
 pub struct Device {
@@ -205,22 +205,18 @@ impl DeviceRegistry for MemoryRegistry {
         })
     }
 
-    fn adapter_enabled<'a>(
+    fn adapter_access<'a>(
         &'a self,
         tenant: &'a str,
         adapter: &'a str,
-    ) -> BoxFuture<'a, Result<bool, AuthError>> {
-        Box::pin(async move { Ok(self.tenant_is(tenant, |t| !t.switched_off(adapter))) })
-    }
-
-    fn allows_unauthenticated<'a>(
-        &'a self,
-        tenant: &'a str,
-        adapter: &'a str,
-    ) -> BoxFuture<'a, Result<bool, AuthError>> {
+    ) -> BoxFuture<'a, Result<AdapterAccess, AuthError>> {
         // As the registry: an unknown tenant allows nothing.
-        let allows = |t: &Tenant| t.enabled && t.allow_unauthenticated && !t.switched_off(adapter);
-        Box::pin(async move { Ok(self.tenant_is(tenant, allows)) })
+        let tenants = self.tenants.lock().unwrap();
+        let access = tenants.get(tenant).map_or(AdapterAccess::default(), |t| AdapterAccess {
+            enabled: !t.switched_off(adapter),
+            unauthenticated: t.enabled && t.allow_unauthenticated && !t.switched_off(adapter),
+        });
+        Box::pin(async move { Ok(access) })
     }
 
     fn psk<'a>(
