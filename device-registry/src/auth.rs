@@ -806,33 +806,6 @@ impl AuthService {
         Ok(self.get_tenant(&t).await?.map(|t| t.access(adapter_type)).unwrap_or_default())
     }
 
-    /// Whether devices of `tenant` may publish without authenticating on `adapter_type`
-    /// (e.g. `hono-http`): the tenant is enabled and lists the adapter enabled with
-    /// `device-authentication-required: false`.
-    ///
-    /// # Errors
-    /// [`AuthError::Unavailable`] if the store fails.
-    pub async fn allows_unauthenticated(
-        &self,
-        tenant: &str,
-        adapter_type: &str,
-    ) -> Result<bool, AuthError> {
-        Ok(self.adapter_access(tenant, adapter_type).await?.unauthenticated)
-    }
-
-    /// Whether devices of `tenant` may use `adapter_type` at all ([`Tenant::adapter_enabled`]);
-    /// `false` for an unknown tenant.
-    ///
-    /// # Errors
-    /// [`AuthError::Unavailable`] if the store fails.
-    pub async fn adapter_enabled(
-        &self,
-        tenant: &str,
-        adapter_type: &str,
-    ) -> Result<bool, AuthError> {
-        Ok(self.adapter_access(tenant, adapter_type).await?.enabled)
-    }
-
     fn record_change(&self, change: &Change) {
         let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst) + 1;
         let now = Instant::now();

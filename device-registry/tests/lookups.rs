@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::Method;
 use serde_json::json;
 
+use ferrule_device_registry::model::AdapterAccess;
 use ferrule_device_registry::AuthError;
 use support::{eventually, TestRegistry};
 
@@ -44,9 +45,11 @@ async fn gateway_and_adapter_lookups() {
     );
     assert_eq!(a.authorize_device("t", "nope", None).await, Err(AuthError::UnknownDevice));
     assert_eq!(a.authorize_device("x", "d", None).await, Err(AuthError::UnknownTenant));
-    assert_eq!(a.allows_unauthenticated("t", "hono-http").await, Ok(true));
-    assert_eq!(a.allows_unauthenticated("t", "hono-mqtt").await, Ok(false));
-    assert_eq!(a.allows_unauthenticated("t", "hono-coap").await, Ok(false));
+    let access = |enabled, unauthenticated| Ok(AdapterAccess { enabled, unauthenticated });
+    assert_eq!(a.adapter_access("t", "hono-http").await, access(true, true));
+    assert_eq!(a.adapter_access("t", "hono-mqtt").await, access(true, false));
+    assert_eq!(a.adapter_access("t", "hono-coap").await, access(false, false));
+    assert_eq!(a.adapter_access("x", "hono-http").await, access(false, false), "unknown");
 
     // Cached look-ups follow changes.
     c.request(Method::PUT, "/v1/devices/t/gw", Some(&json!({"enabled": false})), None)
@@ -61,7 +64,7 @@ async fn gateway_and_adapter_lookups() {
     assert!(took.is_some(), "disabled gateway still authorised after 1 s");
     c.request(Method::PUT, "/v1/tenants/t", Some(&json!({})), None).await.unwrap().ok().unwrap();
     let took = eventually(Duration::from_secs(1), || async {
-        a.allows_unauthenticated("t", "hono-http").await == Ok(false)
+        a.adapter_access("t", "hono-http").await.is_ok_and(|a| !a.unauthenticated)
     })
     .await;
     assert!(took.is_some(), "tenant change not seen by the look-up cache");
