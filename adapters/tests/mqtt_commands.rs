@@ -30,6 +30,15 @@ async fn start(config: MqttConfig, devices_more: usize) -> Setup {
     Platform::with_commands(registry, config).await
 }
 
+/// A platform and an application receiving its events (ttd notifications) and the
+/// command responses for reply address `app`.
+async fn with_application() -> (Setup, Consumer, Consumer) {
+    let p = start(MqttConfig::default(), 0).await;
+    let events = p.consumer("event/t1", 100);
+    let responses = p.consumer("command_response/t1/app", 10);
+    (p, events, responses)
+}
+
 /// mosquitto_sub for one command (`args`, then `-v -C 1`), once its subscription is
 /// announced (`ttd` -1 for `device`).
 async fn subscribed(
@@ -64,9 +73,7 @@ fn request_id<'a>(printed: &'a str, prefix: &str, name: &str, payload: &str) -> 
 
 #[tokio::test]
 async fn request_response_with_a_device_subscription_and_ttd_notifications() {
-    let p = start(MqttConfig::default(), 0).await;
-    let mut events = p.consumer("event/t1", 100);
-    let mut responses = p.consumer("command_response/t1/app", 10);
+    let (p, mut events, mut responses) = with_application().await;
     let args = ["-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", "command///req/#"];
     let sub = subscribed(&p, &mut events, "mqttv311", &args, "d1").await;
 
@@ -102,9 +109,7 @@ async fn one_way_command_on_the_short_topic_at_qos0() {
 
 #[tokio::test]
 async fn gateway_subscribed_for_all_its_devices() {
-    let p = start(MqttConfig::default(), 0).await;
-    let mut events = p.consumer("event/t1", 100);
-    let mut responses = p.consumer("command_response/t1/app", 10);
+    let (p, mut events, mut responses) = with_application().await;
     let args = ["-u", "gw@t1", "-P", "gwpw", "-q", "1", "-t", "command//+/req/#"];
     let sub = subscribed(&p, &mut events, "mqttv5", &args, "gw").await;
 
