@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::delivery::{
     new_slot, Consumer, ConsumerHost, ConsumerSlot, CopyTally, Delivery, Responder,
 };
-use crate::message::{Held as HeldSubmission, Message, Outcome};
+use crate::message::{GiveUp, Held as HeldSubmission, Message, Outcome};
 use crate::Submission;
 
 /// How long and how much an anycast address holds for consumers that are attached but
@@ -157,7 +157,7 @@ impl DirectNode {
                     Some(rx) => Submission::Held(HeldSubmission {
                         rx,
                         until: Instant::now() + self.hold.max_wait,
-                        node: self.this.clone(),
+                        node: self.this.clone() as Weak<dyn GiveUp>,
                         id,
                     }),
                     None => Submission::Ready(Outcome::Accepted),
@@ -255,10 +255,10 @@ impl DirectNode {
         routing.held_bytes -= held.bytes;
         self.hold.budget.give_back(held.bytes);
     }
+}
 
-    /// A producer stopped waiting for held message `id` (its bound passed): `released`,
-    /// unless a consumer already has it.
-    pub(crate) fn give_up(&self, id: u64) {
+impl GiveUp for DirectNode {
+    fn give_up(&self, id: u64) {
         let mut routing = self.routing.lock().expect("poisoned");
         if let Some(at) = routing.held.iter().position(|held| held.id == id) {
             let held = routing.held.remove(at).expect("present");
@@ -269,7 +269,9 @@ impl DirectNode {
             drop(held); // answers `released`
         }
     }
+}
 
+impl DirectNode {
     /// A copy goes to every consumer with credit. Pre-settled messages get pre-settled
     /// copies; otherwise the producer's outcome waits for every copy to be settled
     /// (`accepted` if any consumer accepted), which bounds a fast producer by its slowest

@@ -110,8 +110,15 @@ pub enum Submission {
 pub struct Held {
     pub(crate) rx: oneshot::Receiver<Outcome>,
     pub(crate) until: std::time::Instant,
-    pub(crate) node: std::sync::Weak<crate::direct::DirectNode>,
+    pub(crate) node: std::sync::Weak<dyn GiveUp>,
     pub(crate) id: u64,
+}
+
+/// Where a held message waits (an anycast node).
+pub(crate) trait GiveUp: Send + Sync {
+    /// Its producer stopped waiting for held message `id` (the bound passed): `released`,
+    /// unless a consumer already has it.
+    fn give_up(&self, id: u64);
 }
 
 impl std::fmt::Debug for Submission {
