@@ -40,10 +40,17 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 IDLE_SOURCES = ",".join(f"127.0.0.{i}" for i in range(2, 10))
 STORM_SOURCES = ",".join(f"127.0.0.{i}" for i in range(10, 18))
 
-SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands"]
+SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands", "flow", "peer"]
 # Messages (requests, commands, devices) per run: (full mode, smoke mode); --scale multiplies the first.
 COUNTS = {"qos0": (200_000, 2_000), "qos1": (50_000, 1_000), "events": (100_000, 1_000), "http": (100_000, 1_000),
-          "coap": (100_000, 1_000), "commands": (50_000, 500), "storm-devices": (100, 10)}
+          "coap": (100_000, 1_000), "commands": (50_000, 500), "storm-devices": (100, 10),
+          "flow": (100_000, 2_000), "peer": (200_000, 2_000)}
+
+# Flow-control shapes (issue 18): (label, publisher connections, QoS 1 window each).
+FLOW_SHAPES = [("10x100", 10, 100), ("1000x1", 1000, 1)]
+FLOW_CREDITS = [1000, 100]
+# Peer sweep: publisher connections x window, to show where Mosquitto stops scaling.
+PEER_SWEEP = {0: [(4, 16), (8, 16), (16, 16), (32, 16)], 1: [(8, 16), (16, 16), (8, 100), (16, 100), (32, 100)]}
 
 T0 = time.time()
 
@@ -574,20 +581,22 @@ class Suite:
 
     # -- scenario helpers ---------------------------------------------------------------
 
-    def recv_args(self, addrs, address, expect):
-        return ["amqp-recv", "--amqp", addrs["amqp"], "--amqp-user", APP_USER, "--amqp-password", APP_PASSWORD,
-                "--address", address, "--expect", str(expect), "--idle-timeout", "2" if self.smoke else "3"]
+    def recv_args(self, addrs, address, expect, credit=None):
+        a = ["amqp-recv", "--amqp", addrs["amqp"], "--amqp-user", APP_USER, "--amqp-password", APP_PASSWORD,
+             "--address", address, "--expect", str(expect), "--idle-timeout", "2" if self.smoke else "3"]
+        return a + (["--credit", str(credit)] if credit else [])
 
     def sub_args(self, addrs, qos, expect):
         return ["mqtt-sub", "--host", addrs["mqtt"], "--filter", "telemetry", "--qos", str(qos), "--expect", str(expect),
                 "--idle-timeout", "2" if self.smoke else "3", "--client-id", "lg-sub"]
 
-    def pub_args(self, addrs, server, qos, count, topic="telemetry", rate=None):
-        a = ["mqtt-pub", "--host", addrs["mqtt"], "--connections", str(self.args.connections), "--qos", str(qos),
-             "--count", str(count), "--size", str(self.args.size), "--topic", topic, "--window", str(self.args.window),
+    def pub_args(self, addrs, server, qos, count, topic="telemetry", rate=None, shape=None):
+        connections, window = shape or (self.args.connections, self.args.window)
+        a = ["mqtt-pub", "--host", addrs["mqtt"], "--connections", str(connections), "--qos", str(qos),
+             "--count", str(count), "--size", str(self.args.size), "--topic", topic, "--window", str(window),
              "--client-id", "lg-pub-{i}"]
         if not server.peer:
-            a += ["--username", "dev{i}@" + TENANT, "--password", DEVICE_PASSWORD, "--devices", str(self.args.connections)]
+            a += ["--username", "dev{i}@" + TENANT, "--password", DEVICE_PASSWORD, "--devices", str(connections)]
         if rate:
             a += ["--rate", f"{rate:.0f}"]
         return a
@@ -598,15 +607,17 @@ class Suite:
             text = text.replace(v, PLACEHOLDERS.get(k, v))
         return re.sub(r" --ready-file \S+", "", text)
 
-    def mqtt_pair(self, key, server, qos, count, topic="telemetry", rate=None, warm=False):
-        """One run: publishers → server → AMQP application (Ferrule) or MQTT subscriber (peer)."""
+    def mqtt_pair(self, key, server, qos, count, topic="telemetry", rate=None, warm=False, shape=None, credit=None):
+        """One run: publishers → server → AMQP application (Ferrule) or MQTT subscriber (peer).
+        `shape`: (publisher connections, QoS 1 window) instead of the suite's; `credit`: the
+        AMQP application's link credit (the MQTT subscriber has none)."""
         addrs = server.addrs()
         if server.peer:
             receiver = self.sub_args(addrs, qos, count)
         else:
             address = f"event/{TENANT}" if topic == "event" else f"telemetry/{TENANT}"
-            receiver = self.recv_args(addrs, address, count)
-        sender = self.pub_args(addrs, server, qos, count, topic, rate)
+            receiver = self.recv_args(addrs, address, count, credit)
+        sender = self.pub_args(addrs, server, qos, count, topic, rate, shape)
         if not warm:
             self.example(f"{key}/{server.label}", [self.display(["ferrule-loadgen"] + receiver, addrs),
                                                     self.display(["ferrule-loadgen"] + sender, addrs)])
@@ -905,6 +916,45 @@ class Suite:
                 log(f"commands run {i}: {run['rate']:.0f}/s p99 {run['p99']} ms")
         self.with_server(Ferrule(self, "commands", devices=devices), body)
 
+    def scenario_flow(self):
+        """Issue 18: bursts the application can absorb, from many devices with deep windows
+        and from many devices with one message each, QoS 0 and 1, application credit 1000
+        and 100. No device may lose its connection; QoS 1 loses nothing."""
+        count = self.count("flow")
+        shapes = FLOW_SHAPES[:1] if self.smoke else FLOW_SHAPES
+        credits = FLOW_CREDITS[1:] if self.smoke else FLOW_CREDITS
+        devices = max(c for _, c, _ in shapes)
+        make_peer = lambda: Mosquitto(self, "flow")  # noqa: E731
+        for side, make in self.servers(lambda: Ferrule(self, "flow", devices=devices), make_peer):
+            def body(server):
+                for label, connections, window in shapes:
+                    for qos in (1, 0):
+                        # The peer's subscriber has no credit: one series per shape and QoS.
+                        for credit in (credits if side == "ferrule" else [None]):
+                            key = f"flow-{label}-qos{qos}" + (f"-credit{credit}" if credit else "")
+                            run = lambda n, warm: self.mqtt_pair(  # noqa: E731
+                                key, server, qos, n, warm=warm, shape=(connections, window), credit=credit)
+                            self.series(key, side, count, run,
+                                        lambda i, r: f"{key} {server.label} run {i}: {r['rate']:.0f} msgs/s "
+                                                     f"received {r['received']}/{r['sent']} errors {r['errors']}")
+            self.with_server(make(), body)
+
+    def scenario_peer(self):
+        """Mosquitto alone with more publishers and deeper windows: where its figure stops
+        rising (the peer runs of the other scenarios must not under-drive it)."""
+        if not self.peer_enabled():
+            return
+        count = self.count("peer")
+        def body(server):
+            for qos, shapes in PEER_SWEEP.items():
+                for connections, window in (shapes[:2] if self.smoke else shapes):
+                    key = f"peer-qos{qos}-{connections}x{window}"
+                    for i in range(self.runs):
+                        run = self.mqtt_pair(key, server, qos, count, shape=(connections, window))
+                        self.record(key, "peer", run)
+                        log(f"{key} run {i + 1}: {run['rate']:.0f} msgs/s received {run['received']}/{run['sent']}")
+        self.with_server(Mosquitto(self, "peer"), body)
+
     def run(self, names):
         for name in names:
             log(f"== {name}")
@@ -1100,6 +1150,41 @@ def build_report(suite, elapsed):
     for r in rows:
         w("| " + " | ".join(r) + " |")
     w("")
+    flow_keys = sorted({k for k, _ in R if k.startswith("flow-")})
+    if flow_keys:
+        w("## Flow control: bursts the application can absorb\n")
+        w("Publishers × QoS 1 window each, 64 B messages, the AMQP application with the link credit shown "
+          "(`amqp-recv --credit`, it accepts at once); Mosquitto's subscriber (QoS as the publishers) has no "
+          "credit. `received/sent`: messages delivered of those published (QoS 1: acknowledged); `errors`: "
+          "publisher failures (a lost connection counts).\n")
+        w("| shape | QoS | credit | Ferrule msgs/s | Ferrule received/sent | Ferrule errors | Mosquitto msgs/s | "
+          "Mosquitto received/sent | Mosquitto errors | Ferrule/Mosquitto |\n|---|---|---|---|---|---|---|---|---|---|")
+        for key in flow_keys:
+            if (key, "ferrule") not in R:
+                continue
+            _, shape, q = key.split("-")[:3]
+            credit = key.split("credit")[1] if "credit" in key else "–"
+            peer_key = f"flow-{shape}-{q}"
+            def got(side, k):
+                runs = R.get((k, side), [])
+                return "/".join([fmt(med([r["received"] for r in runs])), fmt(med([r["sent"] for r in runs]))]) if runs else "–"
+            f, p = med(vals(key, "ferrule", "rate")), med(vals(peer_key, "peer", "rate"))
+            w(f"| {shape} | {q[3:]} | {credit} | {cell(vals(key, 'ferrule', 'rate'))} | {got('ferrule', key)} | "
+              f"{cell(vals(key, 'ferrule', 'errors'))} | {cell(vals(peer_key, 'peer', 'rate'))} | {got('peer', peer_key)} | "
+              f"{cell(vals(peer_key, 'peer', 'errors'))} | {f'{f / p:.2f}×' if f and p else '–'} |")
+        w("")
+    peer_keys = [k for k, side in R if k.startswith("peer-") and side == "peer"]
+    if peer_keys:
+        w("## Peer sweep: Mosquitto with more publishers and deeper windows\n")
+        w("Mosquitto pub → sub alone, as in the QoS 0 / QoS 1 rows, with the publisher connections × QoS 1 window "
+          "shown: where its throughput stops rising.\n")
+        w("| QoS | publishers × window | msgs/s | received/sent |\n|---|---|---|---|")
+        for key in peer_keys:
+            _, q, shape = key.split("-")
+            runs = R[(key, "peer")]
+            w(f"| {q[3:]} | {shape} | {cell(vals(key, 'peer', 'rate'))} | "
+              f"{fmt(med([r['received'] for r in runs]))}/{fmt(med([r['sent'] for r in runs]))} |")
+        w("")
     w("## Targets\n")
     w("| target | measured (median) | |\n|---|---|---|")
     for t in targets:
