@@ -93,11 +93,11 @@ async fn held_for_a_busy_consumer_until_it_has_credit_in_order() {
         }
         outcomes
     });
-    // Pre-settled (QoS 0) messages queue behind them.
-    assert!(matches!(
-        broker.submit("telemetry/t1", data_message(vec![3]), true),
-        ferrule_messaging::Submission::Ready(Outcome::Accepted)
-    ));
+    // Pre-settled (QoS 0) messages queue behind them; their producer waits too, until a
+    // consumer has the message (so that a flooding device is slowed, not dropped).
+    let presettled = broker.submit("telemetry/t1", data_message(vec![3]), true);
+    assert!(matches!(presettled, ferrule_messaging::Submission::Held(_)));
+    let presettled = tokio::spawn(presettled.outcome());
     consumer.add_credit(4);
     for i in 0..4u8 {
         let delivery = next(&mut consumer).await;
@@ -105,6 +105,7 @@ async fn held_for_a_busy_consumer_until_it_has_credit_in_order() {
         delivery.settle(Outcome::Accepted);
     }
     assert_eq!(outcomes.await.unwrap(), vec![Outcome::Accepted; 3], "the consumer's outcomes");
+    assert_eq!(presettled.await.unwrap(), Outcome::Accepted, "handed to the consumer");
 }
 
 #[tokio::test]

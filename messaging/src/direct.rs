@@ -88,6 +88,11 @@ struct Held {
     delivery: Delivery,
     since: Instant,
     bytes: usize,
+    /// A pre-settled message's producer, told `accepted` once a consumer has it (an
+    /// unsettled one hears the consumer's outcome through the delivery): so that an
+    /// at-most-once producer waits too, and a device that floods is slowed down (its
+    /// connection stops being read) instead of its messages being dropped.
+    handed: Option<oneshot::Sender<Outcome>>,
 }
 
 impl DirectNode {
@@ -152,16 +157,18 @@ impl DirectNode {
             delivery
         };
         if !routing.consumers.is_empty() {
-            if let Some(id) = self.try_hold(&mut routing, delivery.message_size(), delivery) {
-                return match outcome {
-                    Some(rx) => Submission::Held(HeldSubmission {
-                        rx,
-                        until: Instant::now() + self.hold.max_wait,
-                        node: self.this.clone() as Weak<dyn GiveUp>,
-                        id,
-                    }),
-                    None => Submission::Ready(Outcome::Accepted),
-                };
+            let (handed, rx) = match outcome {
+                Some(rx) => (None, rx),
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), rx)
+                }
+            };
+            let size = delivery.message_size();
+            if let Some(id) = self.try_hold(&mut routing, size, delivery, handed) {
+                let node = self.this.clone() as Weak<dyn GiveUp>;
+                let until = Instant::now() + self.hold.max_wait;
+                return Submission::Held(HeldSubmission { rx, until, node, id });
             }
         } else {
             // Nobody could take it: answer here instead of letting the drop release it.
@@ -205,7 +212,13 @@ impl DirectNode {
 
     /// Queues `delivery` behind the held ones if the bounds allow: its id, or `None` (the
     /// delivery is then disarmed, the caller answers).
-    fn try_hold(&self, routing: &mut Routing, size: usize, delivery: Delivery) -> Option<u64> {
+    fn try_hold(
+        &self,
+        routing: &mut Routing,
+        size: usize,
+        delivery: Delivery,
+        handed: Option<oneshot::Sender<Outcome>>,
+    ) -> Option<u64> {
         let bytes = size + HELD_OVERHEAD_BYTES;
         if self.hold.max_wait.is_zero()
             || routing.held_bytes + bytes > self.hold.max_bytes
@@ -217,7 +230,7 @@ impl DirectNode {
         let id = routing.next_held_id;
         routing.next_held_id += 1;
         routing.held_bytes += bytes;
-        routing.held.push_back(Held { id, delivery, since: Instant::now(), bytes });
+        routing.held.push_back(Held { id, delivery, since: Instant::now(), bytes, handed });
         self.held_len.store(routing.held.len(), Ordering::Release);
         self.held.fetch_add(1, Ordering::Relaxed);
         Some(id)
@@ -227,7 +240,11 @@ impl DirectNode {
     /// waited past the bound or whose producer stopped waiting.
     fn dispatch_held(&self, routing: &mut Routing) {
         while let Some(held) = routing.held.pop_front() {
-            if held.since.elapsed() > self.hold.max_wait || held.delivery.producer_gone() {
+            let given_up = held.handed.as_ref().is_some_and(oneshot::Sender::is_closed);
+            if held.since.elapsed() > self.hold.max_wait
+                || held.delivery.producer_gone()
+                || given_up
+            {
                 self.forget(routing, &held);
                 self.held_expired.fetch_add(1, Ordering::Relaxed);
                 if held.delivery.is_presettled() {
@@ -240,6 +257,9 @@ impl DirectNode {
                 Ok(()) => {
                     routing.held_bytes -= bytes;
                     self.hold.budget.give_back(bytes);
+                    if let Some(handed) = held.handed {
+                        let _ = handed.send(Outcome::Accepted);
+                    }
                 }
                 Err(delivery) => {
                     routing.held.push_front(Held { delivery, ..held });

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,7 +41,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 IDLE_SOURCES = ",".join(f"127.0.0.{i}" for i in range(2, 10))
 STORM_SOURCES = ",".join(f"127.0.0.{i}" for i in range(10, 18))
 
-SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands", "flow", "peer"]
+SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands", "flow", "peer", "overload"]
 # Messages (requests, commands, devices) per run: (full mode, smoke mode); --scale multiplies the first.
 COUNTS = {"qos0": (200_000, 2_000), "qos1": (50_000, 1_000), "events": (100_000, 1_000), "http": (100_000, 1_000),
           "coap": (100_000, 1_000), "commands": (50_000, 500), "storm-devices": (100, 10),
@@ -955,6 +956,52 @@ class Suite:
                         log(f"{key} run {i + 1}: {run['rate']:.0f} msgs/s received {run['received']}/{run['sent']}")
         self.with_server(Mosquitto(self, "peer"), body)
 
+    def scenario_overload(self):
+        """Issue 18: an application that accepts half of what the devices send (10 QoS 1
+        devices, window 100) for 30 s: devices are slowed first (PUBACK latency rises while
+        messages are held for the application), refused only past the hold bounds
+        (`consumer_wait`, `consumer_wait_bytes`); RSS stays bounded."""
+        seconds = 4 if self.smoke else max(10, int(30 * self.scale))
+        send_rate = 500 if self.smoke else 4000
+        def body(server):
+            addrs = server.addrs()
+            receiver = self.recv_args(addrs, f"telemetry/{TENANT}", 0, credit=100) + ["--rate", str(send_rate // 2)]
+            sender = ["mqtt-pub", "--host", addrs["mqtt"], "--connections", "10", "--qos", "1", "--window", "100",
+                      "--duration", str(seconds), "--rate", str(send_rate), "--size", str(self.args.size),
+                      "--client-id", "lg-pub-{i}", "--username", "dev{i}@" + TENANT, "--password", DEVICE_PASSWORD,
+                      "--devices", "10", "--drain-timeout", "10"]
+            self.example("overload", [self.display(["ferrule-loadgen"] + receiver, addrs),
+                                      self.display(["ferrule-loadgen"] + sender, addrs)])
+            for i in range(self.runs):
+                samples, done = [], threading.Event()
+                def sample():
+                    while not done.is_set():
+                        samples.append(rss_bytes(server.pid))
+                        done.wait(0.5)
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                labels = f'address="telemetry/{TENANT}"'
+                held0 = server.metric("ferrule_direct_held_total", labels) or 0
+                expired0 = server.metric("ferrule_direct_held_expired_total", labels) or 0
+                r, (p,), cpu = self.measure(server, receiver, [sender], "overload", send_rate * seconds)
+                done.set()
+                sampler.join()
+                run = {"sent": p["msgs"], "acked": p.get("acked", 0), "errors": p["errors"],
+                       "first_error": p.get("first_error"), "puback_p50": p.get("puback_p50_ms"),
+                       "puback_p99": p.get("puback_p99_ms"), "puback_max": p.get("puback_max_ms"),
+                       "received": r["msgs"], "rss_start": samples[0] if samples else None,
+                       "rss_max": max(samples) if samples else None,
+                       "held": (server.metric("ferrule_direct_held_total", labels) or 0) - held0,
+                       "held_expired": (server.metric("ferrule_direct_held_expired_total", labels) or 0) - expired0,
+                       **cpu}
+                self.record("overload", "ferrule", run)
+                self.check("overload", run["held"] > 0, "nothing was held for the slow application")
+                log(f"overload run {i + 1}: sent {run['sent']} acked {run['acked']} received {run['received']} "
+                    f"PUBACK p50 {run['puback_p50']} p99 {run['puback_p99']} ms, device errors {run['errors']} "
+                    f"({run['first_error']}), held {run['held']:.0f} expired {run['held_expired']:.0f}, "
+                    f"RSS {run['rss_start']} -> max {run['rss_max']}")
+        self.with_server(Ferrule(self, "overload", devices=10), body)
+
     def run(self, names):
         for name in names:
             log(f"== {name}")
@@ -1172,6 +1219,21 @@ def build_report(suite, elapsed):
             w(f"| {shape} | {q[3:]} | {credit} | {cell(vals(key, 'ferrule', 'rate'))} | {got('ferrule', key)} | "
               f"{cell(vals(key, 'ferrule', 'errors'))} | {cell(vals(peer_key, 'peer', 'rate'))} | {got('peer', peer_key)} | "
               f"{cell(vals(peer_key, 'peer', 'errors'))} | {f'{f / p:.2f}×' if f and p else '–'} |")
+        w("")
+    if ("overload", "ferrule") in R:
+        w("## Overload: the application slower than its devices\n")
+        w("10 MQTT QoS 1 devices (window 100) send 4,000 msgs/s for 30 s; the AMQP application (credit 100) "
+          "accepts 2,000/s. Messages wait for the application (PUBACK later) up to `consumer_wait` (5 s) and "
+          "`consumer_wait_bytes` (1 MiB); past either the device is refused (MQTT 3.1.1: disconnect). "
+          "`held`/`expired`: `ferrule_direct_held_total` / `ferrule_direct_held_expired_total` over the run.\n")
+        w("| metric | median (min–max) |\n|---|---|")
+        for field, label, digits in [("sent", "published", 0), ("acked", "acknowledged (PUBACK)", 0),
+                                     ("received", "received by the application", 0),
+                                     ("puback_p50", "PUBACK p50 ms", 1), ("puback_p99", "PUBACK p99 ms", 1),
+                                     ("puback_max", "PUBACK max ms", 1), ("errors", "device errors (disconnects)", 0),
+                                     ("held", "held for the application", 0), ("held_expired", "released past the wait bound", 0),
+                                     ("rss_start", "Ferrule RSS at start, bytes", 0), ("rss_max", "Ferrule RSS max, bytes", 0)]:
+            w(f"| {label} | {cell(vals('overload', 'ferrule', field), digits)} |")
         w("")
     peer_keys = [k for k, side in R if k.startswith("peer-") and side == "peer"]
     if peer_keys:

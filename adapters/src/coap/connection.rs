@@ -344,7 +344,12 @@ impl Exchange<'_> {
         let handling = shared.handle(self.session.identity.as_ref(), packet);
         let mut handling = std::pin::pin!(handling);
         let handled = if self.confirmable {
-            tokio::time::timeout_at(ack_by, &mut handling).await.ok()
+            // Biased: a request answered at once never arms the timer.
+            tokio::select! {
+                biased;
+                handled = &mut handling => Some(handled),
+                () = tokio::time::sleep_until(ack_by) => None,
+            }
         } else {
             Some(handling.as_mut().await)
         };

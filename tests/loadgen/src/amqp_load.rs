@@ -84,6 +84,10 @@ pub struct RecvArgs {
     /// Link credit (refilled automatically).
     #[arg(long, default_value_t = 5000)]
     pub credit: u32,
+    /// Accept at most this many messages per second per link (a slow application);
+    /// default: as fast as they come.
+    #[arg(long)]
+    pub rate: Option<f64>,
     #[command(flatten)]
     pub until: util::Until,
 }
@@ -100,9 +104,12 @@ pub async fn run_recv(a: RecvArgs) -> Result<()> {
             .credit_mode(CreditMode::Auto(a.credit))
             .attach(&mut session)
             .await?;
-        let (collector, mut stop) = (collector.clone(), stop_rx.clone());
+        let (collector, mut stop, rate) = (collector.clone(), stop_rx.clone(), a.rate);
         tasks.push(tokio::spawn(async move {
             let mut batch = LocalBatch::default();
+            // Pacing of a slow application: the n-th message is accepted n/rate seconds
+            // after the first.
+            let mut paced: Option<(tokio::time::Instant, u64)> = None;
             let mut flush = tokio::time::interval(Duration::from_millis(10));
             let mut error = None;
             loop {
@@ -117,6 +124,12 @@ pub async fn run_recv(a: RecvArgs) -> Result<()> {
                                 .is_some_and(|ct| ct.as_str().starts_with("application/vnd.eclipse-hono"));
                             if notification || !batch.message(data_of(delivery.body())) {
                                 collector.skipped.fetch_add(1, Relaxed);
+                            }
+                            if let Some(rate) = rate {
+                                let (first, n) = paced.get_or_insert((tokio::time::Instant::now(), 0));
+                                *n += 1;
+                                let due = *first + Duration::from_secs_f64(*n as f64 / rate);
+                                tokio::time::sleep_until(due).await;
                             }
                             if let Err(e) = receiver.accept(&delivery).await {
                                 collector.errors.fetch_add(1, Relaxed);
