@@ -10,6 +10,8 @@ one JSON line of results per process. Ferrule runs from a generated config on ep
 ports (read back from DATA_DIR/listeners.json) with a tenant `bench` provisioned over the
 management API; Mosquitto from a generated config. Python 3 standard library only.
 """
+# Size: one self-contained file (standard library only, runnable from a clean checkout):
+# process control, the servers, one method per scenario, and the report.
 import argparse
 import concurrent.futures
 import datetime
