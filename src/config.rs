@@ -35,6 +35,31 @@ pub struct AdaptersConfig {
     pub coap: ferrule_adapters::coap::CoapConfig,
 }
 
+impl Config {
+    /// This configuration with every secret replaced by `<redacted>` (for `config check`):
+    /// application passwords, operator tokens and a password in the Redis URL.
+    pub fn redacted(&self) -> Config {
+        const REDACTED: &str = "<redacted>";
+        let mut c = self.clone();
+        for user in &mut c.messaging.sasl.users {
+            user.password = REDACTED.into();
+        }
+        for token in &mut c.registry.auth_tokens {
+            *token = REDACTED.into();
+        }
+        c.registry.redis_url = redact_url_password(&c.registry.redis_url);
+        c
+    }
+}
+
+/// `scheme://user:password@host/...` with the password replaced (the URL kept otherwise).
+fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_owned() };
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    format!("{scheme}://{user}:<redacted>@{host}")
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -211,6 +236,24 @@ mod tests {
             spoil(&mut c);
             assert_eq!(validate(&c).unwrap_err().key, key);
         }
+    }
+
+    #[test]
+    fn redacted_hides_every_secret() {
+        let mut c = Config::default();
+        c.registry.auth_tokens = vec!["op-secret".into()];
+        c.registry.redis_url = "redis://app:redis-secret@db:6379/0".into();
+        c.messaging.sasl.users = vec![ferrule_messaging::UserConfig {
+            username: "app@t1".into(),
+            password: "sasl-secret".into(),
+        }];
+        let text = toml::to_string_pretty(&c.redacted()).unwrap();
+        for secret in ["op-secret", "redis-secret", "sasl-secret"] {
+            assert!(!text.contains(secret), "{secret} printed: {text}");
+        }
+        assert!(text.contains("redis://app:<redacted>@db:6379/0"), "{text}");
+        assert_eq!(redact_url_password("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0");
+        assert_eq!(redact_url_password("redis://:pw@h/0"), "redis://:<redacted>@h/0");
     }
 
     #[test]

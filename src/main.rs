@@ -63,11 +63,7 @@ fn main() -> std::process::ExitCode {
         }
         Command::Config { command: ConfigCommand::Check { config } } => {
             config::load(config.as_deref()).map(|c| {
-                let mut c = c;
-                for user in &mut c.messaging.sasl.users {
-                    user.password = "<redacted>".into();
-                }
-                print!("{}", toml::to_string_pretty(&c).expect("config serialises"));
+                print!("{}", toml::to_string_pretty(&c.redacted()).expect("config serialises"));
             })
         }
         Command::Serve { config } => serve(config.as_deref()),
@@ -99,7 +95,7 @@ fn init_logging(log: &config::LogConfig) {
 fn serve(path: Option<&Path>) -> anyhow::Result<()> {
     let mut config = config::load(path)?;
     init_logging(&config.log);
-    std::fs::create_dir_all(&config.data_dir)
+    ferrule_net::private::create_dir(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     ensure_application_user(&mut config)?;
     ensure_operator_token(&mut config)?;

@@ -94,9 +94,10 @@ impl Store {
     /// Opens (or creates) the database at `path` and starts the writer thread.
     pub(crate) fn open(path: &Path) -> Result<(Store, Recovery), StoreError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
+            ferrule_net::private::create_dir(dir).map_err(io)?;
         }
         let db = Database::create(path).map_err(io)?;
+        ferrule_net::private::restrict_file(path).map_err(io)?;
         let recovery = recover(&db)?;
         let (tx, rx) = std_mpsc::channel();
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));

@@ -5,13 +5,15 @@
 //!   rate) and the accept loop with task tracking and graceful drain;
 //! - [`tls`]: rustls server configuration from PEM files, reloaded when they change;
 //! - [`hashing`]: the one bounded pool for password hashing and verification;
-//! - [`text`]: strict percent-decoding of paths, queries and topics.
+//! - [`text`]: strict percent-decoding of paths, queries and topics;
+//! - [`private`]: the data directory and store files, readable by their owner only.
 //!
 //! A crate of its own so that components need not depend on each other for them (the
 //! device registry used to depend on the whole messaging core for these).
 
 pub mod hashing;
 pub mod listener;
+pub mod private;
 pub mod text;
 pub mod tls;
 

@@ -46,9 +46,10 @@ impl EmbeddedStore {
     /// [`StoreError::Backend`] if the file cannot be opened or is not a redb database.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(be)?;
+            ferrule_net::private::create_dir(parent).map_err(be)?;
         }
         let db = Database::create(path).map_err(be)?;
+        ferrule_net::private::restrict_file(path).map_err(be)?;
         let txn = db.begin_write().map_err(be)?;
         txn.open_table(TENANTS).map_err(be)?;
         txn.open_table(DEVICES).map_err(be)?;
