@@ -30,7 +30,14 @@ fuzz_target!(|data: &[u8]| {
     // SUBSCRIBE, and the topics then published to the device.
     if let Some(errors) = mapping::parse_error_filter(topic) {
         let _ = errors.matches(endpoint, Some("gw-1"));
-        let _ = errors.error_topic("t1", endpoint, "telemetry", "corr-1", 400);
+        let report = mapping::ErrorReport {
+            tenant: "t1",
+            device: "d1",
+            endpoint,
+            correlation_id: "corr-1",
+            code: 400,
+        };
+        let _ = errors.error_topic(&report);
     }
     if let Some(commands) = mapping::parse_command_filter(topic) {
         let _ = commands.command_topic("t1", endpoint, Some("req-1"), "switch");
