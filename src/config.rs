@@ -24,6 +24,40 @@ pub struct Config {
     pub messaging: MessagingConfig,
     pub registry: ferrule_device_registry::RegistryConfig,
     pub adapters: AdaptersConfig,
+    pub commands: CommandsConfig,
+}
+
+/// `[commands]`: command & control.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CommandsConfig {
+    /// Key of the MAC in command request ids (at least 32 characters). Empty: a random key
+    /// generated into `DATA_DIR/command-request-key`. Every instance of a scaled-out
+    /// deployment must use the same key.
+    pub request_id_key: String,
+}
+
+impl CommandsConfig {
+    /// The key of this configuration, or the one kept in `data_dir`.
+    ///
+    /// # Errors
+    /// A configured key shorter than 32 bytes, or a key file that cannot be read or made.
+    pub fn request_key(
+        &self,
+        data_dir: &Path,
+    ) -> anyhow::Result<ferrule_command_control::RequestKey> {
+        if self.request_id_key.is_empty() {
+            ferrule_command_control::RequestKey::load_or_create(data_dir).with_context(|| {
+                format!(
+                    "command request-id key in {}",
+                    data_dir.join(ferrule_command_control::KEY_FILE).display()
+                )
+            })
+        } else {
+            ferrule_command_control::RequestKey::new(self.request_id_key.as_bytes())
+                .map_err(|e| anyhow::anyhow!("[commands] request_id_key: {e}"))
+        }
+    }
 }
 
 /// `[adapters]`: the protocol adapters, each with its own section.
@@ -48,6 +82,9 @@ impl Config {
             *token = REDACTED.into();
         }
         c.registry.redis_url = redact_url_password(&c.registry.redis_url);
+        if !c.commands.request_id_key.is_empty() {
+            c.commands.request_id_key = REDACTED.into();
+        }
         c
     }
 }
@@ -69,6 +106,7 @@ impl Default for Config {
             messaging: MessagingConfig::default(),
             registry: Default::default(),
             adapters: Default::default(),
+            commands: Default::default(),
         }
     }
 }
@@ -108,6 +146,12 @@ data_dir = "./data"
 format = "text"
 # A tracing filter, e.g. "info" or "ferrule_messaging=debug,info"; RUST_LOG wins if set.
 level = "info"
+
+[commands]
+# Key of the MAC in command request ids, so that only the device a command went to (or
+# its gateway) can answer it; at least 32 characters. Empty: a random key kept in
+# DATA_DIR/command-request-key. Scaled-out instances must all use the same key.
+request_id_key = ""
 
 "#;
 
@@ -187,6 +231,14 @@ fn validate(config: &Config) -> Result<(), ferrule_net::ConfigError> {
     config.adapters.http.validate()?;
     config.adapters.mqtt.validate()?;
     config.adapters.coap.validate()?;
+    let key = &config.commands.request_id_key;
+    if !key.is_empty() && key.len() < 32 {
+        return Err(ferrule_net::ConfigError::new(
+            "commands",
+            "request_id_key",
+            "at least 32 characters (or empty for a generated key)",
+        ));
+    }
     Ok(())
 }
 
@@ -219,7 +271,7 @@ mod tests {
     fn every_section_names_its_bad_key() {
         assert_eq!(validate(&Config::default()), Ok(()));
         type Spoil = fn(&mut Config);
-        let cases: [(Spoil, &str); 7] = [
+        let cases: [(Spoil, &str); 8] = [
             (|c| c.ops.max_connections = 0, "ops.max_connections"),
             (|c| c.messaging.max_frame_size = 100, "messaging.max_frame_size"),
             (|c| c.messaging.connection_rate_per_ip = 0.0, "messaging.connection_rate_per_ip"),
@@ -230,6 +282,7 @@ mod tests {
             ),
             (|c| c.adapters.mqtt.workers = 0, "adapters.mqtt.workers"),
             (|c| c.adapters.coap.max_payload = 70_000, "adapters.coap.max_payload"),
+            (|c| c.commands.request_id_key = "short".into(), "commands.request_id_key"),
         ];
         for (spoil, key) in cases {
             let mut c = Config::default();
@@ -247,8 +300,9 @@ mod tests {
             username: "app@t1".into(),
             password: "sasl-secret".into(),
         }];
+        c.commands.request_id_key = "command-key-secret-0123456789abcdef".into();
         let text = toml::to_string_pretty(&c.redacted()).unwrap();
-        for secret in ["op-secret", "redis-secret", "sasl-secret"] {
+        for secret in ["op-secret", "redis-secret", "sasl-secret", "command-key-secret"] {
             assert!(!text.contains(secret), "{secret} printed: {text}");
         }
         assert!(text.contains("redis://app:<redacted>@db:6379/0"), "{text}");

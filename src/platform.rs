@@ -110,7 +110,8 @@ impl Platform {
         let amqp = amqp.with_hash_pool(registry.hash_pool().clone());
         let devices = wiring::RegistryDevices(registry.auth().clone());
         let device_registry: Arc<dyn DeviceRegistry> = Arc::new(devices.clone());
-        let router = CommandRouter::new(broker.clone(), Arc::new(devices));
+        let key = config.commands.request_key(&config.data_dir)?;
+        let router = CommandRouter::new(broker.clone(), Arc::new(devices), key);
         router.install();
         let downstream = Downstream::new(broker.clone());
         let commands = Some(router.clone());

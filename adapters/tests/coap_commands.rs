@@ -125,7 +125,7 @@ async fn dtls_device_gets_a_command_and_answers_it() {
     assert!(answer.has("Location-Query:hono-command=light"), "{}", answer.log);
     assert!(answer.has("Location-Path:cr,"), "short form for /e: {}", answer.log);
     let id = request_id(&answer);
-    assert!(RequestId::decode(&id).is_ok(), "{id}");
+    assert!(RequestId::check_form(&id).is_ok(), "{id}");
 
     let path = format!("/cr/{id}?hono-cmd-status=200");
     let respond = dtls(&s, SENSOR1, &["-m", "post", "-e", "done", "-t", "0"], &path);
@@ -201,9 +201,10 @@ async fn gateway_waits_for_a_device_and_answers_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_command_responses_get_clear_codes() {
     let (s, _events) = start().await;
-    let id = RequestId { correlation_id: MessageId::String("x".into()), reply_id: "app".into() }
-        .encode()
-        .unwrap();
+    let issued =
+        RequestId { correlation_id: MessageId::String("x".into()), reply_id: "app".into() };
+    let id = issued.seal(&support::request_key(), "t1", "d1").unwrap();
+    let other = issued.seal(&support::request_key(), "t1", "gw").unwrap();
     let post = ["-m", "post", "-t", "0", "-e", "r"];
     let put = ["-m", "put", "-t", "0", "-e", "r"];
     // (row, arguments, path, response code)
@@ -212,6 +213,7 @@ async fn bad_command_responses_get_clear_codes() {
         ("bad status", post, format!("/cr/{id}?hono-cmd-status=1000"), "4.00"),
         ("bad request id", post, "/cr/not-an-id?hono-cmd-status=200".to_owned(), "4.00"),
         ("nobody waits", post, format!("/command_response/{id}?hono-cmd-status=200"), "5.03"),
+        ("issued to another device", post, format!("/cr/{other}?hono-cmd-status=200"), "4.03"),
         ("foreign tenant, POST", post, format!("/cr/t2/d9/{id}?hono-cmd-status=200"), "4.05"),
         ("foreign tenant", put, format!("/cr/t2/d9/{id}?hono-cmd-status=200"), "4.03"),
     ];

@@ -132,18 +132,21 @@ async fn gateway_polls_for_a_device_and_answers_for_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_command_responses_get_clear_answers() {
     let (s, _events) = start().await;
-    // A well-formed request id for reply address `app` (no one listening there).
-    let id = RequestId { correlation_id: MessageId::String("x".into()), reply_id: "app".into() }
-        .encode()
-        .unwrap();
+    // A request id issued to d1 for reply address `app` (no one listening there).
+    let issued =
+        RequestId { correlation_id: MessageId::String("x".into()), reply_id: "app".into() };
+    let id = issued.seal(&support::request_key(), "t1", "d1").unwrap();
     let url = |rest: &str| format!("{}/command/res/{rest}", s.url());
     let ok = format!("{id}?hono-cmd-status=200");
+    let other = issued.seal(&support::request_key(), "t1", "gw").unwrap();
+    let not_d1s = format!("{other}?hono-cmd-status=200");
     let big = "x".repeat(65);
     let rows = [
         ("no status", request("POST", &url(&id), D1, "", &[]), 400),
         ("bad status", request("POST", &url(&format!("{id}?hono-cmd-status=1")), D1, "", &[]), 400),
         ("bad request id", request("POST", &url("garbage!?hono-cmd-status=200"), D1, "", &[]), 400),
         ("nobody waits", request("POST", &url(&ok), D1, "", &[]), 503),
+        ("issued to another device", request("POST", &url(&not_d1s), D1, "", &[]), 403),
         ("status as header", request("POST", &url(&id), D1, "", &["hono-cmd-status: 200"]), 503),
         ("wrong password", request("POST", &url(&ok), Some("d1@t1:no"), "", &[]), 401),
         ("no credentials", request("POST", &url(&ok), None, "", &[]), 401),

@@ -236,7 +236,7 @@ async fn v5_responses_nobody_waits_for_or_not_allowed_get_a_negative_puback() {
     let p = start(MqttConfig::default(), 0).await;
     let request_id =
         RequestId { correlation_id: MessageId::String("x".into()), reply_id: "nobody".into() }
-            .encode()
+            .seal(&support::request_key(), "t1", "d1")
             .unwrap();
     let topic = format!("command///res/{request_id}/200");
     let args = ["-d", "-u", "d1@t1", "-P", "pw1", "-q", "1", "-t", topic.as_str(), "-m", "late"];

@@ -1,11 +1,11 @@
 //! A command as devices see it, and how an application's AMQP message becomes one.
 
 use bytes::Bytes;
-use fe2o3_amqp::types::messaging::{Body, MessageId};
+use fe2o3_amqp::types::messaging::Body;
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use ferrule_messaging::Message;
 
-use crate::request_id::RequestId;
+use crate::request_id::{RequestId, RequestKey};
 
 /// Application property asking that a command for an offline device be kept (seconds)
 /// and delivered when the device next subscribes or polls.
@@ -52,8 +52,9 @@ pub struct Parsed {
     pub defer_ttl: Option<u64>,
 }
 
-/// Validates and parses a message sent to `command/TENANT` (Hono's command format).
-pub fn parse(tenant: &str, message: &Message) -> Result<Parsed, CommandError> {
+/// Validates and parses a message sent to `command/TENANT` (Hono's command format); a
+/// request/response command's request id is sealed with `key` for its device.
+pub fn parse(tenant: &str, message: &Message, key: &RequestKey) -> Result<Parsed, CommandError> {
     let props = message.properties.as_ref();
     let to = props.and_then(|p| p.to.as_deref()).unwrap_or_default();
     let device_id = to
@@ -77,7 +78,8 @@ pub fn parse(tenant: &str, message: &Message) -> Result<Parsed, CommandError> {
             let correlation_id = props
                 .and_then(|p| p.correlation_id.clone().or_else(|| p.message_id.clone()))
                 .ok_or(CommandError::NoCorrelation)?;
-            Some(RequestId { correlation_id, reply_id: reply_id.to_owned() }.encode()?)
+            let id = RequestId { correlation_id, reply_id: reply_id.to_owned() };
+            Some(id.seal(key, tenant, &device_id)?)
         }
     };
     let payload = match &message.body {
@@ -130,16 +132,10 @@ fn positive(value: &SimpleValue) -> Option<u64> {
     (n > 0).then(|| n.min(u64::MAX as i128) as u64)
 }
 
-/// The correlation id a command's response carries.
-pub fn correlation_of(request_id: &str) -> Result<(MessageId, String), CommandError> {
-    let id = RequestId::decode(request_id)?;
-    Ok((id.correlation_id, id.reply_id))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fe2o3_amqp::types::messaging::{ApplicationProperties, Properties};
+    use fe2o3_amqp::types::messaging::{ApplicationProperties, MessageId, Properties};
     use fe2o3_amqp::types::primitives::OrderedMap;
     use ferrule_messaging::message::data_message;
 
@@ -163,18 +159,23 @@ mod tests {
 
     #[test]
     fn request_response_and_one_way() {
+        let key = RequestKey::random();
         let p = parse(
             "t1",
             &command("command/t1/d1", Some("light"), Some("command_response/t1/app1"), Some("m1")),
+            &key,
         )
         .unwrap();
         assert_eq!(p.command.device_id, "d1");
         assert_eq!(p.command.name, "light");
         assert_eq!(&p.command.payload[..], b"on");
-        let (corr, reply) = correlation_of(p.command.request_id.as_deref().unwrap()).unwrap();
-        assert_eq!(corr, MessageId::String("m1".into()));
-        assert_eq!(reply, "app1");
-        let one_way = parse("t1", &command("command/t1/d1", Some("light"), None, None)).unwrap();
+        let id = RequestId::open(&key, "t1", "d1", p.command.request_id.as_deref().unwrap());
+        assert_eq!(
+            id.unwrap(),
+            RequestId { correlation_id: MessageId::String("m1".into()), reply_id: "app1".into() }
+        );
+        let one_way =
+            parse("t1", &command("command/t1/d1", Some("light"), None, None), &key).unwrap();
         assert_eq!(one_way.command.request_id, None);
     }
 
@@ -195,7 +196,7 @@ mod tests {
             ),
         ];
         for (message, what) in cases {
-            assert!(parse("t1", &message).is_err(), "{what}");
+            assert!(parse("t1", &message, &RequestKey::random()).is_err(), "{what}");
         }
     }
 
@@ -205,9 +206,10 @@ mod tests {
         let mut props = OrderedMap::new();
         props.insert(DEFER_TTL_PROPERTY.to_owned(), SimpleValue::Int(30));
         m.application_properties = Some(ApplicationProperties(props.clone()));
-        assert_eq!(parse("t1", &m).unwrap().defer_ttl, Some(30));
+        let key = RequestKey::random();
+        assert_eq!(parse("t1", &m, &key).unwrap().defer_ttl, Some(30));
         props.insert(DEFER_TTL_PROPERTY.to_owned(), SimpleValue::Int(-1));
         m.application_properties = Some(ApplicationProperties(props));
-        assert_eq!(parse("t1", &m).unwrap_err(), CommandError::BadDeferTtl);
+        assert_eq!(parse("t1", &m, &key).unwrap_err(), CommandError::BadDeferTtl);
     }
 }

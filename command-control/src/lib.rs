@@ -7,7 +7,9 @@
 //! subscription (MQTT subscribe, HTTP/CoAP `hono-ttd` poll); the command's outcome is the
 //! sink's (accepted once the device has it, released if it is not connected or did not
 //! acknowledge). Request ids ([`RequestId`]) carry the reply address and correlation id,
-//! so any adapter instance can route a response without shared state. Commands for an
+//! so any adapter instance can route a response without shared state, and a MAC under the
+//! deployment's [`RequestKey`], so only the device a command went to (or its gateway) can
+//! answer it. Commands for an
 //! offline device with `x-ferrule-defer-ttl` wait in a durable per-device queue.
 
 mod command;
@@ -15,7 +17,7 @@ mod request_id;
 mod router;
 
 pub use command::{Command, CommandError, DEFER_TTL_PROPERTY};
-pub use request_id::{RequestId, RequestIdError};
+pub use request_id::{RequestId, RequestIdError, RequestKey, KEY_FILE};
 pub use router::{
     address_rules, messaging_config, BoxFuture, CommandRouter, CommandSink, Notify, RespondError,
     Response, Subscription, Target, ViaCheck, DEFERRED_PREFIX,

@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::command::{correlation_of, parse, Command, CommandError};
+use crate::command::{parse, Command, CommandError};
+use crate::request_id::{RequestId, RequestIdError, RequestKey};
 
 /// A boxed future (object-safe traits).
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -61,6 +62,10 @@ pub struct Notify {
 pub enum RespondError {
     #[error("{0}")]
     BadRequestId(#[from] CommandError),
+    /// The request id was not issued to the answering device (nor to a device the
+    /// answering gateway acts for): another device's command, or forged.
+    #[error("the command with this request id was not sent to this device")]
+    NotIssuedTo,
     #[error("no application is waiting for the response")]
     NoConsumer,
     #[error("response refused: {0}")]
@@ -94,6 +99,8 @@ struct Subscriptions {
 struct Inner {
     broker: Broker,
     via: Arc<dyn ViaCheck>,
+    /// Seals and opens request ids.
+    key: RequestKey,
     subscriptions: Mutex<Subscriptions>,
     next_id: AtomicU64,
     this: Weak<Inner>,
@@ -132,7 +139,8 @@ pub fn messaging_config(mut config: MessagingConfig) -> MessagingConfig {
 impl CommandRouter {
     /// A router over `broker`, which must have been built with [`address_rules`] for
     /// deferred commands to work (an error is logged otherwise).
-    pub fn new(broker: Broker, via: Arc<dyn ViaCheck>) -> Self {
+    /// Request ids are sealed with `key`: every instance of a deployment needs the same.
+    pub fn new(broker: Broker, via: Arc<dyn ViaCheck>, key: RequestKey) -> Self {
         if !broker.is_internal(&format!("{DEFERRED_PREFIX}/t/d")) {
             tracing::error!(
                 "the messaging core lacks command-control's address rules: deferred commands \
@@ -142,6 +150,7 @@ impl CommandRouter {
         let inner = Arc::new_cyclic(|this| Inner {
             broker,
             via,
+            key,
             subscriptions: Mutex::new(Subscriptions::default()),
             next_id: AtomicU64::new(1),
             this: this.clone(),
@@ -198,6 +207,7 @@ impl CommandRouter {
         if let Target::Device(device) = &target {
             self.inner.tasks.spawn(drain_deferred(
                 self.inner.broker.clone(),
+                self.inner.key.clone(),
                 tenant.to_owned(),
                 device.clone(),
                 sink,
@@ -217,7 +227,24 @@ impl CommandRouter {
 
     /// Sends a device's response to the application that asked.
     pub async fn respond(&self, response: Response) -> Result<(), RespondError> {
-        let (correlation_id, reply_id) = correlation_of(&response.request_id)?;
+        let id = RequestId::open(
+            &self.inner.key,
+            &response.tenant,
+            &response.device_id,
+            &response.request_id,
+        )
+        .map_err(|e| {
+            let reason = match e {
+                RequestIdError::NotIssuedTo => "not_issued_to_device",
+                _ => "malformed",
+            };
+            metrics::counter!("ferrule_command_responses_refused_total", "tenant" => response.tenant.clone(), "reason" => reason).increment(1);
+            match e {
+                RequestIdError::NotIssuedTo => RespondError::NotIssuedTo,
+                e => RespondError::BadRequestId(e.into()),
+            }
+        })?;
+        let (correlation_id, reply_id) = (id.correlation_id, id.reply_id);
         let address = format!("command_response/{}/{}", response.tenant, reply_id);
         let mut message = data_message(response.payload.to_vec());
         message.properties = Some(Properties {
@@ -346,7 +373,7 @@ impl Inner {
     }
 
     async fn route(self: Arc<Self>, tenant: String, message: Message) -> Outcome {
-        let parsed = match parse(&tenant, &message) {
+        let parsed = match parse(&tenant, &message, &self.key) {
             Ok(parsed) => parsed,
             Err(e) => return Outcome::rejected(condition::INVALID_FIELD, e.to_string()),
         };
@@ -374,6 +401,7 @@ impl Inner {
                 let cancel = CancellationToken::new();
                 self.tasks.spawn(drain_deferred(
                     self.broker.clone(),
+                    self.key.clone(),
                     command.tenant,
                     command.device_id,
                     sink,
@@ -415,6 +443,7 @@ impl AddressHandler for CommandRouter {
 /// lasts. A command the device does not take stays queued for next time.
 async fn drain_deferred(
     broker: Broker,
+    key: RequestKey,
     tenant: String,
     device: String,
     sink: Arc<dyn CommandSink>,
@@ -431,7 +460,7 @@ async fn drain_deferred(
             _ = cancel.cancelled() => return,
             d = consumer.recv() => match d { Some(d) => d, None => return },
         };
-        let command = match parse(&tenant, delivery.message()) {
+        let command = match parse(&tenant, delivery.message(), &key) {
             Ok(parsed) => parsed.command,
             Err(e) => {
                 delivery.settle(Outcome::rejected(condition::INVALID_FIELD, e.to_string()));

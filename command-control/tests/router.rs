@@ -7,8 +7,8 @@ use std::time::Duration;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, MessageId, Properties};
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue};
 use ferrule_command_control::{
-    BoxFuture, Command, CommandRouter, CommandSink, Notify, Response, Target, ViaCheck,
-    DEFER_TTL_PROPERTY,
+    BoxFuture, Command, CommandRouter, CommandSink, Notify, RequestKey, RespondError, Response,
+    Target, ViaCheck, DEFER_TTL_PROPERTY,
 };
 use ferrule_messaging::message::data_message;
 use ferrule_messaging::{Broker, Message, Outcome, SubscribeOptions};
@@ -61,7 +61,11 @@ fn command(device: &str, reply: Option<&str>, defer: Option<i32>) -> Message {
 const MQTT: Notify = Notify { adapter: "hono-mqtt", ttd: -1 };
 
 fn setup(broker: &Broker) -> CommandRouter {
-    let router = CommandRouter::new(broker.clone(), Arc::new(Via(vec![("child", "gw")])));
+    let router = CommandRouter::new(
+        broker.clone(),
+        Arc::new(Via(vec![("child", "gw")])),
+        RequestKey::random(),
+    );
     router.install();
     router
 }
@@ -86,20 +90,32 @@ async fn request_response_round_trip() {
         ("d1", "light", &b"on"[..])
     );
     let request_id = cmd.request_id.expect("request/response");
+    let response = |tenant: &str, device: &str| Response {
+        tenant: tenant.into(),
+        device_id: device.into(),
+        request_id: request_id.clone(),
+        status: 200,
+        payload: "done".into(),
+        content_type: Some("text/plain".into()),
+    };
+
+    // Another device of the tenant (or another tenant's d1) cannot answer d1's command.
+    for (tenant, device) in [("t1", "d2"), ("t2", "d1")] {
+        assert_eq!(
+            router.respond(response(tenant, device)).await,
+            Err(RespondError::NotIssuedTo),
+            "{tenant}/{device}"
+        );
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), responses.recv()).await.is_err(),
+        "a forged response reached the application"
+    );
 
     // The response is accepted once the application accepted it: answer concurrently.
     let r = router.clone();
-    let responding = tokio::spawn(async move {
-        r.respond(Response {
-            tenant: "t1".into(),
-            device_id: "d1".into(),
-            request_id,
-            status: 200,
-            payload: "done".into(),
-            content_type: Some("text/plain".into()),
-        })
-        .await
-    });
+    let genuine = response("t1", "d1");
+    let responding = tokio::spawn(async move { r.respond(genuine).await });
     let reply =
         tokio::time::timeout(Duration::from_secs(5), responses.recv()).await.unwrap().unwrap();
     let props = reply.message().properties.clone().unwrap();

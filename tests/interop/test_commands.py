@@ -221,3 +221,57 @@ def test_coap_device_waits_for_a_command_with_hono_ttd(provisioned, app, tmp_pat
     reply = app.replies.next(timeout=10)
     assert reply.correlation_id == "coap-1" and reply.properties["status"] == 200, res.stdout
     events.close()
+
+
+def test_a_forged_response_from_another_device_is_refused(provisioned, app):
+    """Request ids are sealed for the device the command went to: d2 of the same tenant,
+    knowing d1's request id, is refused over HTTP (403) and MQTT 5 (PUBACK 0x87), the
+    application never sees its answer, and d1's genuine answer still arrives."""
+    p = provisioned
+    Registry(p.registry_url, p.registry_token).device("t1", "d2", password="pw2")
+    device = MqttDevice(p, "d1@t1", "pw1", "command///req/#", answer=False)
+    app.request("d1", "unlock", b"door", "genuine-1")
+    deadline = time.time() + 10
+    while not device.received and time.time() < deadline:
+        time.sleep(0.05)
+    topic = device.received[0][0]
+    req_id = topic.split("/")[4]
+
+    http = p.listeners["http"]
+    forged = subprocess.run(["curl", "-s", "-w", "\n%{http_code}", "-u", "d2@t1:pw2", "-H", "content-type: text/plain",
+                             "--data-binary", "forged", f"http://{http}/command/res/{req_id}?hono-cmd-status=200"],
+                            capture_output=True, text=True, timeout=15)
+    body, _, code = forged.stdout.rpartition("\n")
+    assert code == "403", forged.stdout
+    assert "not sent to this device" in body, body
+
+    acks = {}
+    acked = threading.Event()
+    forger = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="forger", protocol=paho.MQTTv5)
+    forger.username_pw_set("d2@t1", "pw2")
+
+    def on_publish(client, userdata, mid, reason_code, properties):
+        acks[mid] = reason_code.value
+        acked.set()
+
+    forger.on_publish = on_publish
+    host, port = p.listeners["mqtt"].rsplit(":", 1)
+    forger.connect(host, int(port))
+    forger.loop_start()
+    info = forger.publish(f"command///res/{req_id}/200", b"forged", qos=1)
+    assert acked.wait(10), "PUBACK"
+    assert acks[info.mid] == 0x87, acks  # not authorized
+    forger.disconnect()
+    forger.loop_stop()
+
+    with pytest.raises(TimeoutError):
+        app.replies.next(timeout=1)
+    device.client.publish(f"command///res/{req_id}/200", b"opened", qos=1)
+    reply = app.replies.next(timeout=10)
+    assert reply.correlation_id == "genuine-1" and bytes(reply.body) == b"opened"
+    assert reply.properties["device_id"] == "d1"
+    device.close()
+
+    from test_ops import get, metric
+    _, text = get(p, "/metrics")
+    assert metric(text, "ferrule_command_responses_refused_total", tenant="t1", reason="not_issued_to_device") == 2

@@ -84,6 +84,7 @@ impl Failure {
             Failure::Upload(_) => ResponseType::BadRequest,
             Failure::BlockIncomplete => ResponseType::RequestEntityIncomplete,
             Failure::Respond(RespondError::BadRequestId(_)) => ResponseType::BadRequest,
+            Failure::Respond(RespondError::NotIssuedTo) => ResponseType::Forbidden,
             Failure::Respond(_) => ResponseType::ServiceUnavailable,
             Failure::NoCommands => ResponseType::NotFound,
         }

@@ -353,6 +353,7 @@ impl Failure {
             Failure::Respond(RespondError::BadRequestId(_)) => {
                 (StatusCode::BAD_REQUEST, self.message())
             }
+            Failure::Respond(RespondError::NotIssuedTo) => (StatusCode::FORBIDDEN, self.message()),
             Failure::Respond(RespondError::NoConsumer)
             | Failure::Respond(RespondError::Refused(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, self.message())
@@ -614,6 +615,7 @@ mod tests {
                 )),
                 StatusCode::BAD_REQUEST,
             ),
+            (Failure::Respond(RespondError::NotIssuedTo), StatusCode::FORBIDDEN),
             (Failure::NoCommands, StatusCode::NOT_FOUND),
         ];
         for (failure, status) in cases {

@@ -53,6 +53,7 @@ impl Failure {
             Failure::Upload(UploadError::TooLarge { .. }) => 413,
             Failure::Upload(_) => 400,
             Failure::Respond(RespondError::BadRequestId(_) | RespondError::Refused(_)) => 400,
+            Failure::Respond(RespondError::NotIssuedTo) => 403,
             Failure::Respond(RespondError::NoConsumer) => 503,
         }
     }
@@ -76,6 +77,7 @@ impl Failure {
             Failure::Upload(UploadError::Refused(_)) => PublishAckReason::UnspecifiedError,
             Failure::EventAtQos0 | Failure::Retain => PublishAckReason::ImplementationSpecificError,
             Failure::Respond(RespondError::BadRequestId(_)) => PublishAckReason::TopicNameInvalid,
+            Failure::Respond(RespondError::NotIssuedTo) => PublishAckReason::NotAuthorized,
             Failure::Respond(RespondError::NoConsumer) => PublishAckReason::UnspecifiedError,
             Failure::Respond(RespondError::Refused(_)) => {
                 PublishAckReason::ImplementationSpecificError
@@ -103,6 +105,7 @@ impl Failure {
             Failure::Respond(RespondError::BadRequestId(_)) => {
                 DisconnectReasonCode::TopicNameInvalid
             }
+            Failure::Respond(RespondError::NotIssuedTo) => DisconnectReasonCode::NotAuthorized,
             Failure::Respond(RespondError::NoConsumer) => DisconnectReasonCode::UnspecifiedError,
             Failure::Respond(RespondError::Refused(_)) => {
                 DisconnectReasonCode::ImplementationSpecificError

@@ -344,7 +344,7 @@ pub fn parse_response_topic(topic: &str) -> Option<Result<ResponseAddress, Mappi
             .ok()
             .filter(|s| (200..600).contains(s))
             .ok_or_else(|| MappingError::BadStatus((*status).to_owned()))?;
-        ferrule_command_control::RequestId::decode(request_id)
+        ferrule_command_control::RequestId::check_form(request_id)
             .map_err(|e| MappingError::BadRequestId(e.to_string()))?;
         let properties = match bag {
             Some(bag) => parse_property_bag(bag)?,
@@ -513,7 +513,7 @@ mod tests {
         use ferrule_command_control::RequestId;
         let id =
             RequestId { correlation_id: MessageId::String("m1".into()), reply_id: "app".into() }
-                .encode()
+                .seal(&ferrule_command_control::RequestKey::random(), "t", "d")
                 .unwrap();
         let r = parse_response_topic(&format!("command///res/{id}/200"))
             .expect("a command topic")

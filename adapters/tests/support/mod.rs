@@ -252,15 +252,23 @@ impl ferrule_command_control::ViaCheck for MemoryRegistry {
     }
 }
 
+/// The request-id key of the test routers (fixed, so a test can seal an id itself).
+pub fn request_key() -> ferrule_command_control::RequestKey {
+    ferrule_command_control::RequestKey::new(&[42; 32]).expect("32 bytes")
+}
+
 /// An in-memory broker with command & control's addresses, and a command router over it
-/// (installed) that checks gateways against `registry`.
+/// (installed, keyed with [`request_key`]) that checks gateways against `registry`.
 pub fn broker_with_commands(
     registry: &MemoryRegistry,
 ) -> (ferrule_messaging::Broker, ferrule_command_control::CommandRouter) {
     let config = ferrule_command_control::messaging_config(Default::default());
     let broker = ferrule_messaging::Broker::in_memory(&config);
-    let router =
-        ferrule_command_control::CommandRouter::new(broker.clone(), Arc::new(registry.clone()));
+    let router = ferrule_command_control::CommandRouter::new(
+        broker.clone(),
+        Arc::new(registry.clone()),
+        request_key(),
+    );
     router.install();
     (broker, router)
 }
