@@ -280,3 +280,59 @@ async fn unknown_addresses_are_refused() {
     ));
     assert!(broker.subscribe("nowhere/t1", &SubscribeOptions::default()).is_err());
 }
+
+#[tokio::test]
+async fn only_hono_shapes_exist_below_the_tenant() {
+    let broker = Broker::in_memory(&config());
+    for address in ["telemetry/t1/5f0c", "event/t1/anything", "command_response/t1"] {
+        assert!(
+            matches!(
+                broker.send(address, data_message("x")).await,
+                Outcome::Rejected { condition: "amqp:not-found", .. }
+            ),
+            "{address}"
+        );
+        assert!(broker.subscribe(address, &SubscribeOptions::default()).is_err(), "{address}");
+    }
+    assert_eq!(broker.node_count(), 0, "nothing was created for them");
+}
+
+#[tokio::test]
+async fn reply_addresses_that_come_and_go_do_not_add_up() {
+    let broker = Broker::in_memory(&config());
+    let mut telemetry = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    let mut kept =
+        broker.subscribe("command_response/t1/kept", &SubscribeOptions::default()).unwrap();
+    for i in 0..10_000 {
+        let address = format!("command_response/t1/reply-{i}");
+        let consumer = broker.subscribe(&address, &SubscribeOptions::default()).unwrap();
+        drop(consumer);
+        // Nobody listens any more: released, as for any address without a consumer.
+        assert_eq!(broker.send(&address, data_message("late")).await, Outcome::Released);
+    }
+    drop(broker.subscribe_dynamic("t1"));
+    assert_eq!(broker.node_count(), 10_003);
+    assert_eq!(broker.collect_idle(), 10_001, "the idle reply and dynamic addresses");
+    assert_eq!(broker.node_count(), 2);
+
+    // What remains works; telemetry/t1 is kept even without consumers (one per tenant).
+    drop(telemetry);
+    assert_eq!(broker.collect_idle(), 0);
+    telemetry = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    telemetry.add_credit(1);
+    broker.submit("telemetry/t1", data_message("t"), true);
+    assert_eq!(payload(next(&mut telemetry).await.message()), b"t");
+    kept.add_credit(1);
+    let sent = broker.submit("command_response/t1/kept", data_message("r"), false);
+    let delivery = next(&mut kept).await;
+    delivery.settle(Outcome::Accepted);
+    assert_eq!(sent.outcome().await, Outcome::Accepted);
+
+    // A collected address is made again on use.
+    let mut again =
+        broker.subscribe("command_response/t1/reply-7", &SubscribeOptions::default()).unwrap();
+    again.add_credit(1);
+    let sent = broker.submit("command_response/t1/reply-7", data_message("again"), false);
+    next(&mut again).await.settle(Outcome::Accepted);
+    assert_eq!(sent.outcome().await, Outcome::Accepted);
+}

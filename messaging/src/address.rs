@@ -24,8 +24,9 @@ pub enum AddressType {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddressRule {
-    /// Segments separated by `/`; `*` matches exactly one segment, except as the last
-    /// segment where it matches one or more; `#` matches zero or more segments.
+    /// Segments separated by `/`; `+` matches exactly one segment; `*` matches exactly
+    /// one segment, except as the last segment where it matches one or more; `#` matches
+    /// zero or more segments.
     pub pattern: String,
     /// The type given to matching addresses.
     #[serde(rename = "type")]
@@ -49,13 +50,16 @@ impl AddressRule {
     }
 }
 
-/// The built-in rules, consulted after the configured ones.
+/// The built-in rules, consulted after the configured ones: Hono's addresses and only
+/// those (nothing after the tenant but an event queue's dead letters and a reply id), so
+/// that an application cannot make the platform create nodes under names of its choosing.
 pub fn default_rules() -> Vec<AddressRule> {
     vec![
-        AddressRule::new("telemetry/*", AddressType::Anycast),
-        AddressRule::new("event/*", AddressType::Queue),
-        AddressRule::new("command/*", AddressType::Anycast),
-        AddressRule::new("command_response/*", AddressType::Anycast),
+        AddressRule::new("telemetry/+", AddressType::Anycast),
+        AddressRule::new("event/+", AddressType::Queue),
+        AddressRule::new("event/+/dlq", AddressType::Queue),
+        AddressRule::new("command/+", AddressType::Anycast),
+        AddressRule::new("command_response/+/*", AddressType::Anycast),
     ]
 }
 
@@ -105,6 +109,7 @@ fn matches_from(pattern: &[&str], address: &[&str]) -> bool {
             matches_from(&pattern[1..], address)
                 || (!address.is_empty() && matches_from(pattern, &address[1..]))
         }
+        (Some(&"+"), Some(_)) => matches_from(&pattern[1..], &address[1..]),
         (Some(&"*"), Some(_)) if pattern.len() == 1 => true,
         (Some(&"*"), Some(_)) => matches_from(&pattern[1..], &address[1..]),
         (Some(p), Some(a)) if p == a => matches_from(&pattern[1..], &address[1..]),
@@ -134,6 +139,30 @@ mod tests {
         assert!(pattern_matches("a/#", "a"));
         assert!(pattern_matches("a/#/z", "a/b/c/z"));
         assert!(pattern_matches("exact/name", "exact/name"));
+        assert!(pattern_matches("telemetry/+", "telemetry/t1"));
+        assert!(!pattern_matches("telemetry/+", "telemetry/t1/x"));
+        assert!(!pattern_matches("telemetry/+", "telemetry"));
+        assert!(pattern_matches("event/+/dlq", "event/t1/dlq"));
+    }
+
+    #[test]
+    fn only_hono_shapes_by_default() {
+        let table = AddressTable::new(&[]);
+        for (address, kind) in [
+            ("telemetry/t1", Some(AddressType::Anycast)),
+            ("event/t1", Some(AddressType::Queue)),
+            ("event/t1/dlq", Some(AddressType::Queue)),
+            ("command/t1", Some(AddressType::Anycast)),
+            ("command_response/t1/app-1", Some(AddressType::Anycast)),
+            ("command_response/t1/app-1/d1", Some(AddressType::Anycast)),
+            ("telemetry/t1/0b5f", None),
+            ("event/t1/anything", None),
+            ("event/t1/dlq/x", None),
+            ("command/t1/d1", None),
+            ("command_response/t1", None),
+        ] {
+            assert_eq!(table.resolve(address), kind, "{address}");
+        }
     }
 
     #[test]
@@ -142,10 +171,12 @@ mod tests {
         assert_eq!(table.resolve("telemetry/t1"), Some(AddressType::Anycast));
         assert_eq!(table.resolve("event/t1"), Some(AddressType::Queue));
         assert_eq!(table.resolve("news/t1"), Some(AddressType::Topic));
+        assert_eq!(table.resolve("news/t1/sports"), Some(AddressType::Topic));
         assert_eq!(table.resolve("nowhere/t1"), None);
         assert_eq!(table.resolve("telemetry//x"), None);
         let table = AddressTable::new(&[AddressRule::new("telemetry/*", AddressType::Multicast)]);
         assert_eq!(table.resolve("telemetry/t1"), Some(AddressType::Multicast));
+        assert_eq!(table.resolve("telemetry/t1/x"), Some(AddressType::Multicast), "as configured");
     }
 
     #[test]

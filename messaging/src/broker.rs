@@ -169,11 +169,42 @@ impl Broker {
         address: &str,
         options: &SubscribeOptions,
     ) -> Result<Consumer, BrokerError> {
-        Ok(match self.inner.node_for(address)? {
-            Node::Direct(node) => node.subscribe(address),
-            Node::Queue(node) => node.subscribe(address),
-            Node::Topic(node) => node.subscribe(options.durable_name.as_deref()),
-        })
+        loop {
+            return Ok(match self.inner.node_for(address)? {
+                Node::Direct(node) => {
+                    let consumer = node.subscribe(address);
+                    // Idle direct nodes are collected: if this one was, between the look-up
+                    // and the attach, attach to its successor instead.
+                    if !self.inner.is_current(address, &node) {
+                        drop(consumer);
+                        continue;
+                    }
+                    consumer
+                }
+                Node::Queue(node) => node.subscribe(address),
+                Node::Topic(node) => node.subscribe(options.durable_name.as_deref()),
+            });
+        }
+    }
+
+    /// Forgets direct addresses below the tenant level (`command_response/T/REPLY-ID`,
+    /// `dynamic/T/ID`) with no consumer and nothing held: reply addresses and dynamic
+    /// receivers that come and go must not add up. Returns how many were forgotten.
+    /// Per-tenant addresses (`telemetry/T`) keep their node and counters; queues and topics
+    /// are kept (they hold messages).
+    pub fn collect_idle(&self) -> usize {
+        let mut nodes = self.inner.nodes.write().expect("poisoned");
+        let before = nodes.len();
+        nodes.retain(
+            |address, node| !matches!(node, Node::Direct(d) if !per_tenant(address) && d.is_idle()),
+        );
+        before - nodes.len()
+    }
+
+    /// How many addresses have a node now (direct ones are made on use and collected
+    /// when idle).
+    pub fn node_count(&self) -> usize {
+        self.inner.nodes.read().expect("poisoned").len()
     }
 
     /// Creates a consumer on a fresh address of `tenant` (AMQP dynamic receivers,
@@ -222,7 +253,9 @@ impl Broker {
                         metrics::counter!(name, &labels).absolute(value.load(Relaxed));
                     }
                 }
-                Node::Direct(d) if !address.starts_with(DYNAMIC_PREFIX) => {
+                // Addresses below the tenant level come and go (reply addresses): no series
+                // of their own, or the series would add up.
+                Node::Direct(d) if per_tenant(&address) => {
                     let labels = [("address", address)];
                     metrics::gauge!("ferrule_address_consumers", &labels)
                         .set(d.consumer_count() as f64);
@@ -266,7 +299,10 @@ impl Broker {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => self.sweep_expired(),
+                _ = ticker.tick() => {
+                    self.sweep_expired();
+                    self.collect_idle();
+                }
             }
         }
     }
@@ -301,7 +337,17 @@ impl Broker {
     }
 }
 
+/// `PREFIX/TENANT`: an address of which there is one per tenant (and rule).
+fn per_tenant(address: &str) -> bool {
+    address.matches('/').count() <= 1
+}
+
 impl Inner {
+    /// Whether `node` is still the node of `address` (not collected since it was looked up).
+    fn is_current(&self, address: &str, node: &Arc<DirectNode>) -> bool {
+        matches!(self.nodes.read().expect("poisoned").get(address), Some(Node::Direct(d)) if Arc::ptr_eq(d, node))
+    }
+
     fn handler_for(&self, address: &str) -> Option<Arc<dyn AddressHandler>> {
         let handlers = self.handlers.read().expect("poisoned");
         if handlers.is_empty() {

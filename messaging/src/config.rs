@@ -18,8 +18,8 @@ pub struct MessagingConfig {
     pub listen_tls: SocketAddr,
     /// Certificate and key for `listen_tls`; TLS is off unless both are set.
     pub tls: ferrule_net::tls::TlsConfig,
-    /// Address rules, consulted in order before the built-in ones (`telemetry/*` anycast,
-    /// `event/*` queue, `command/*` and `command_response/*` anycast).
+    /// Address rules, consulted in order before the built-in ones (`telemetry/+` anycast,
+    /// `event/+` queue, `command/+` and `command_response/+/*` anycast).
     pub addresses: Vec<AddressRule>,
     /// Most messages a queue (or topic subscription) holds; beyond it senders get
     /// `rejected` with `amqp:resource-limit-exceeded`.
@@ -226,10 +226,11 @@ idle_timeout = "60s"
 max_message_size = 1048576
 # How often queues drop expired messages that nobody consumes.
 expiry_check_interval = "1s"
-# Address rules, consulted in order before the built-in ones:
-#   telemetry/* anycast, event/* queue, command/* anycast, command_response/* anycast.
-# Types: anycast | multicast | queue | topic. In a pattern `*` matches one segment
-# (one or more when last) and `#` zero or more.
+# Address rules, consulted in order before the built-in ones (Hono's shapes only):
+#   telemetry/+ anycast, event/+ queue, event/+/dlq queue, command/+ anycast,
+#   command_response/+/* anycast.
+# Types: anycast | multicast | queue | topic. In a pattern `+` matches one segment, `*`
+# one segment (one or more when last) and `#` zero or more.
 # Example: addresses = [{ pattern = "news/*", type = "topic" }]. `internal = true` marks
 # addresses of the platform's own (no application access, no dead letters); command &
 # control adds `command_deferred/*` that way.

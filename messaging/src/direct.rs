@@ -127,6 +127,13 @@ impl DirectNode {
         self.routing.lock().expect("poisoned").consumers.len()
     }
 
+    /// No consumer attached and nothing held: the node can be forgotten (a new one is
+    /// made when the address is next used).
+    pub(crate) fn is_idle(&self) -> bool {
+        let routing = self.routing.lock().expect("poisoned");
+        routing.consumers.is_empty() && routing.held.is_empty()
+    }
+
     pub(crate) fn submit(&self, message: Message, settled: bool) -> Submission {
         if self.multicast {
             return self.submit_multicast(message, settled);
