@@ -235,6 +235,7 @@ impl Broker {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        metrics::gauge!("ferrule_address_nodes").set(nodes.len() as f64);
         for (address, node) in nodes {
             match node {
                 Node::Queue(q) => {
