@@ -89,7 +89,9 @@ impl ApiError {
             }
             Self::Management(ManagementError::Store(e)) => match e {
                 StoreError::NotFound(_) => StatusCode::NOT_FOUND,
-                StoreError::AlreadyExists(_) | StoreError::Conflict(_) => StatusCode::CONFLICT,
+                StoreError::AlreadyExists(_)
+                | StoreError::Conflict(_)
+                | StoreError::CaSubjectInUse { .. } => StatusCode::CONFLICT,
                 StoreError::VersionMismatch => StatusCode::PRECONDITION_FAILED,
                 StoreError::Backend(_) => StatusCode::SERVICE_UNAVAILABLE,
                 StoreError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -102,7 +104,14 @@ impl ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "management request failed");
         }
-        let mut r = json_response(status, &json!({ "error": self.to_string() }));
+        let body = match &self {
+            // Hono's example answer names the subject DN in its own property as well.
+            Self::Management(ManagementError::Store(StoreError::CaSubjectInUse { subject_dn })) => {
+                json!({ "error": self.to_string(), "subject-dn": subject_dn })
+            }
+            _ => json!({ "error": self.to_string() }),
+        };
+        let mut r = json_response(status, &body);
         match self {
             Self::Unauthorized => {
                 r.headers_mut().insert(

@@ -588,12 +588,13 @@ impl AuthService {
 
     /// Authenticates a device by the X.509 certificate it presented in a TLS handshake
     /// (DER, the end-entity certificate): see [`crate::x509`] for the checks. The
-    /// certificate's subject DN is the auth-id of an `x509-cert` credential in the tenant
-    /// whose trusted CA issued it.
+    /// certificate's subject DN is the auth-id of an `x509-cert` credential in the one
+    /// tenant whose trusted CA issued it.
     ///
     /// # Errors
-    /// [`AuthError::BadCredentials`] for a malformed, expired or untrusted certificate or
-    /// an unknown subject; otherwise as [`AuthService::authenticate`].
+    /// [`AuthError::BadCredentials`] for a malformed, expired, untrusted or non-client
+    /// (CA, KeyUsage/ExtendedKeyUsage) certificate, an issuer trusted by several tenants,
+    /// or an unknown subject; otherwise as [`AuthService::authenticate`].
     pub async fn authenticate_certificate(
         &self,
         der: &[u8],
@@ -604,31 +605,51 @@ impl AuthService {
             AuthError::BadCredentials
         })?;
         let anchors = self.trust_anchors().await?;
+        // The issuer's name selects one tenant, whatever the anchors' validity: a subject
+        // DN trusted by two tenants (stored before uniqueness was enforced) must not let
+        // the first tenant in key order take the other's devices.
+        let named: Vec<&TrustAnchor> = anchors.iter().filter(|a| cert.issuer_named_by(a)).collect();
+        let Some(first) = named.first() else {
+            let reason = CertError::UnknownIssuer(cert.issuer_dn.clone());
+            tracing::debug!(subject = %cert.subject_dn, %reason, "client certificate refused");
+            return Err(AuthError::BadCredentials);
+        };
+        if let Some(other) = named.iter().find(|a| a.tenant != first.tenant) {
+            tracing::warn!(
+                reason = %CertError::AmbiguousIssuer(cert.issuer_dn.clone()),
+                tenants = %format!("{}, {}", first.tenant, other.tenant),
+                "client certificate refused: keep a CA subject DN in one tenant's trusted-ca only"
+            );
+            return Err(AuthError::BadCredentials);
+        }
         let mut refusal = CertError::UnknownIssuer(cert.issuer_dn.clone());
-        let mut last = AuthError::BadCredentials;
-        for anchor in anchors.iter().filter(|a| a.valid_at(now)) {
-            if let Err(e) = cert.verify_issued_by(anchor) {
-                if e == CertError::BadSignature {
-                    refusal = e;
+        // Several anchors are the same tenant's CAs with one subject (e.g. a key roll-over).
+        for anchor in named.iter().filter(|a| a.valid_at(now)) {
+            match cert.verify_issued_by(anchor) {
+                Ok(()) => {
+                    // The secret is the certificate itself: a cached verification is only
+                    // reused for the very same certificate.
+                    let tenant = anchor.tenant.as_str();
+                    let result = self
+                        .authenticate(
+                            tenant,
+                            CredentialType::X509Cert,
+                            &cert.subject_dn,
+                            cert.der(),
+                        )
+                        .await;
+                    if result.is_err() {
+                        let reason = CertError::UnknownSubject;
+                        tracing::debug!(subject = %cert.subject_dn, %reason, "client certificate refused");
+                    }
+                    return result;
                 }
-                continue;
-            }
-            // The secret is the certificate itself: a cached verification is only reused
-            // for the very same certificate.
-            let tenant = anchor.tenant.as_str();
-            match self
-                .authenticate(tenant, CredentialType::X509Cert, &cert.subject_dn, cert.der())
-                .await
-            {
-                Ok(device) => return Ok(device),
-                Err(e) => {
-                    refusal = CertError::UnknownSubject;
-                    last = e;
-                }
+                Err(e @ CertError::BadSignature) => refusal = e,
+                Err(_) => {}
             }
         }
         tracing::debug!(subject = %cert.subject_dn, reason = %refusal, "client certificate refused");
-        Err(last)
+        Err(AuthError::BadCredentials)
     }
 
     /// Every tenant's decoded trusted CAs, cached for `lookup_ttl` and dropped on any

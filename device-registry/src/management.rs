@@ -75,7 +75,9 @@ impl Management {
     /// Creates a tenant (`id` generated if `None`); returns (id, version).
     ///
     /// # Errors
-    /// `BadRequest` for invalid adapter lists; store errors (`AlreadyExists`).
+    /// `BadRequest` for invalid adapter lists or trusted CAs (undecodable `cert` or
+    /// `subject-dn-bytes`, `ocsp-revocation-enabled: true`); store errors
+    /// (`AlreadyExists`, `CaSubjectInUse`).
     pub async fn create_tenant(
         &self,
         id: Option<TenantId>,
@@ -94,7 +96,8 @@ impl Management {
     /// Replaces a tenant.
     ///
     /// # Errors
-    /// `BadRequest`; store errors (`NotFound`, `VersionMismatch`).
+    /// `BadRequest` (as for create); store errors (`NotFound`, `VersionMismatch`,
+    /// `CaSubjectInUse`).
     pub async fn update_tenant(
         &self,
         id: &TenantId,
@@ -223,6 +226,16 @@ fn normalize_tenant(t: &mut Tenant) -> Result<(), ManagementError> {
                 return Err(bad(format!("trusted-ca {name} is not valid base64")));
             }
         }
+        // Accepting the flag would promise revocation checks that never happen.
+        if ca.ocsp_revocation_enabled {
+            return Err(bad(
+                "trusted-ca ocsp-revocation-enabled: OCSP revocation checking is not \
+                 implemented; remove the property or set it to false",
+            ));
+        }
+        // The subject is what makes the CA unique across tenants (checked by the store)
+        // and what client certificates' issuers are matched against.
+        crate::x509::trusted_ca_subject(ca).map_err(bad)?;
     }
     if let Some(adapters) = &t.adapters {
         if adapters.is_empty() {

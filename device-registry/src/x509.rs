@@ -4,21 +4,34 @@
 //! checks that the certificate is well formed, currently valid and that the client owns
 //! its key; everything else happens here, after the handshake:
 //!
-//! 1. the certificate's issuer DN selects the tenants whose `trusted-ca` has that subject
-//!    DN (compared as DER bytes when the trusted CA was registered with its `cert`, else
-//!    as RFC 2253 strings);
-//! 2. the certificate's signature must verify with that CA's public key, and the CA entry
-//!    must be valid now (`not-before`/`not-after`);
-//! 3. the certificate's subject DN in RFC 2253 form (what Java's
+//! 1. the certificate must be fit for a TLS client ([`ClientCertificate::parse`]): not a
+//!    CA (BasicConstraints `cA` false or absent), KeyUsage (if present) with
+//!    `digitalSignature`, ExtendedKeyUsage (if present) with `clientAuth` (or
+//!    `anyExtendedKeyUsage`, as Java's PKIX checker accepts it);
+//! 2. the certificate's issuer DN selects the one tenant whose `trusted-ca` has that
+//!    subject DN (DNs compared by their [`dn_key`]). The management API keeps trusted-CA
+//!    subject DNs unique across tenants (409 Conflict); if stored data still has a subject
+//!    in several enabled tenants (written before that rule), the certificate is refused
+//!    rather than given to one of them;
+//! 3. the certificate's signature must verify with that tenant's CA public key (the
+//!    issuer DER compared exactly when the CA was registered with `cert` or
+//!    `subject-dn-bytes`), and the CA entry must be valid now (`not-before`/`not-after`);
+//! 4. the certificate's subject DN in RFC 2253 form (what Java's
 //!    `X500Principal.getName()` prints, as Hono uses) is the auth-id of the device's
 //!    `x509-cert` credentials in that tenant.
 //!
 //! Only certificates issued directly by a tenant's trusted CA are accepted (no
-//! intermediate CAs between the trust anchor and the device).
+//! intermediate CAs between the trust anchor and the device); no OCSP or CRL checks
+//! (`ocsp-revocation-enabled: true` is refused by the management API).
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use x509_parser::prelude::{FromDer, SubjectPublicKeyInfo, X509Certificate, X509Name};
+use x509_parser::oid_registry::{
+    Oid, OID_X509_EXT_BASIC_CONSTRAINTS, OID_X509_EXT_EXTENDED_KEY_USAGE, OID_X509_EXT_KEY_USAGE,
+};
+use x509_parser::prelude::{
+    FromDer, ParsedExtension, SubjectPublicKeyInfo, X509Certificate, X509Name,
+};
 
 use crate::model::{TenantId, TrustedCa};
 
@@ -48,13 +61,23 @@ pub enum CertError {
     BadSignature,
     #[error("no usable x509-cert credential for the subject in the issuer's tenant")]
     UnknownSubject,
+    /// The certificate may not authenticate a TLS client (a CA certificate, or KeyUsage /
+    /// ExtendedKeyUsage without the client purposes).
+    #[error("not a TLS client certificate: {0}")]
+    NotForClientAuth(&'static str),
+    /// Several tenants trust a CA with the issuer's subject DN (data stored before
+    /// uniqueness was enforced): the device's tenant is ambiguous.
+    #[error("several tenants trust the issuer {0}")]
+    AmbiguousIssuer(String),
 }
 
 impl ClientCertificate {
-    /// Parses `der` and checks its validity period against `now`.
+    /// Parses `der`, checks its validity period against `now` and that it is fit for TLS
+    /// client authentication ([`check_client_usage`]).
     ///
     /// # Errors
-    /// [`CertError::Malformed`], [`CertError::OutsideValidity`].
+    /// [`CertError::Malformed`], [`CertError::OutsideValidity`],
+    /// [`CertError::NotForClientAuth`].
     pub fn parse(der: &[u8], now: DateTime<Utc>) -> Result<Self, CertError> {
         let (rest, cert) = X509Certificate::from_der(der).map_err(|_| CertError::Malformed)?;
         if !rest.is_empty() {
@@ -65,6 +88,7 @@ impl ClientCertificate {
         if t < validity.not_before.timestamp() || t > validity.not_after.timestamp() {
             return Err(CertError::OutsideValidity);
         }
+        check_client_usage(&cert)?;
         Ok(Self {
             subject_dn: rfc2253(cert.subject()),
             issuer_dn: rfc2253(cert.issuer()),
@@ -76,6 +100,13 @@ impl ClientCertificate {
     /// The DER encoding.
     pub fn der(&self) -> &[u8] {
         &self.der
+    }
+
+    /// Whether `anchor`'s subject DN names this certificate's issuer, compared by
+    /// [`dn_key`] (the test that selects the issuer's tenant; [`Self::verify_issued_by`]
+    /// then compares exactly and checks the signature).
+    pub fn issuer_named_by(&self, anchor: &TrustAnchor) -> bool {
+        anchor.subject_key == dn_key(&self.issuer_dn)
     }
 
     /// Whether `anchor` issued this certificate: issuer matches and the signature
@@ -101,9 +132,85 @@ impl ClientCertificate {
     }
 }
 
+/// Refuses certificates that must not authenticate a device: CA certificates
+/// (BasicConstraints `cA` true), a KeyUsage without `digitalSignature` (needed to sign
+/// the TLS handshake), an ExtendedKeyUsage without `clientAuth` or `anyExtendedKeyUsage`.
+/// Absent extensions restrict nothing (RFC 5280). One of these extensions present twice
+/// or not decodable makes the certificate [`CertError::Malformed`].
+///
+/// # Errors
+/// [`CertError::NotForClientAuth`], [`CertError::Malformed`].
+pub fn check_client_usage(cert: &X509Certificate<'_>) -> Result<(), CertError> {
+    let extension = |oid: &Oid<'_>| {
+        cert.get_extension_unique(oid)
+            .map(|e| e.map(|e| e.parsed_extension()))
+            .map_err(|_| CertError::Malformed)
+    };
+    match extension(&OID_X509_EXT_BASIC_CONSTRAINTS)? {
+        None => {}
+        Some(ParsedExtension::BasicConstraints(bc)) if bc.ca => {
+            return Err(CertError::NotForClientAuth("CA certificate (BasicConstraints cA)"));
+        }
+        Some(ParsedExtension::BasicConstraints(_)) => {}
+        Some(_) => return Err(CertError::Malformed),
+    }
+    match extension(&OID_X509_EXT_KEY_USAGE)? {
+        None => {}
+        Some(ParsedExtension::KeyUsage(ku)) if !ku.digital_signature() => {
+            return Err(CertError::NotForClientAuth("KeyUsage lacks digitalSignature"));
+        }
+        Some(ParsedExtension::KeyUsage(_)) => {}
+        Some(_) => return Err(CertError::Malformed),
+    }
+    match extension(&OID_X509_EXT_EXTENDED_KEY_USAGE)? {
+        None => {}
+        Some(ParsedExtension::ExtendedKeyUsage(eku)) if !eku.client_auth && !eku.any => {
+            return Err(CertError::NotForClientAuth("ExtendedKeyUsage lacks clientAuth"));
+        }
+        Some(ParsedExtension::ExtendedKeyUsage(_)) => {}
+        Some(_) => return Err(CertError::Malformed),
+    }
+    Ok(())
+}
+
 /// The RFC 2253 subject DN of a DER certificate (`None` if it does not parse).
 pub fn subject_dn(der: &[u8]) -> Option<String> {
     X509Certificate::from_der(der).ok().map(|(_, c)| rfc2253(c.subject()))
+}
+
+/// The form in which subject DNs of trusted CAs are compared for uniqueness across
+/// tenants and against a client certificate's issuer: RFC 2253 with attribute types
+/// upper-cased and the optional spaces around separators dropped (values stay
+/// case-sensitive). Two DER names with the same RFC 2253 string (e.g. differing only
+/// in string types) have the same key.
+pub fn dn_key(rfc2253_dn: &str) -> String {
+    normalize_dn(rfc2253_dn)
+}
+
+/// The subject DN (RFC 2253) a `trusted-ca` entry names, by the same precedence
+/// [`TrustAnchor::from_trusted_ca`] uses: from `cert`, else `subject-dn-bytes`, else
+/// `subject-dn`.
+///
+/// # Errors
+/// A message naming the field if `cert` or `subject-dn-bytes` is not valid base64 DER
+/// (a certificate, a Name).
+pub fn trusted_ca_subject(ca: &TrustedCa) -> Result<Option<String>, &'static str> {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.decode(s).ok();
+    if let Some(cert) = &ca.cert {
+        let der = b64(cert).ok_or("trusted-ca cert is not valid base64")?;
+        return match X509Certificate::from_der(&der) {
+            Ok((_, c)) => Ok(Some(rfc2253(c.subject()))),
+            Err(_) => Err("trusted-ca cert is not a DER X.509 certificate"),
+        };
+    }
+    if let Some(raw) = &ca.subject_dn_bytes {
+        let der = b64(raw).ok_or("trusted-ca subject-dn-bytes is not valid base64")?;
+        return match X509Name::from_der(&der) {
+            Ok((_, name)) => Ok(Some(rfc2253(&name))),
+            Err(_) => Err("trusted-ca subject-dn-bytes is not a DER X.501 Name"),
+        };
+    }
+    Ok(ca.subject_dn.clone())
 }
 
 /// One tenant's trusted CA, decoded from its `trusted-ca` entry.
@@ -112,6 +219,8 @@ pub struct TrustAnchor {
     pub tenant: TenantId,
     /// RFC 2253 subject DN of the CA.
     pub subject_dn: String,
+    /// [`dn_key`] of `subject_dn`.
+    subject_key: String,
     /// DER subject DN, when known exactly (from `cert` or `subject-dn-bytes`).
     subject_der: Option<Vec<u8>>,
     /// DER SubjectPublicKeyInfo.
@@ -153,6 +262,7 @@ impl TrustAnchor {
         };
         Some(Self {
             tenant: tenant.clone(),
+            subject_key: dn_key(&subject_dn),
             subject_dn,
             subject_der,
             public_key,
@@ -347,6 +457,105 @@ mod tests {
         let later = Utc::now() + chrono::Duration::days(365 * 5000);
         assert_eq!(ClientCertificate::parse(&der, later).err(), Some(CertError::OutsideValidity));
         assert_eq!(ClientCertificate::parse(b"nope", Utc::now()).err(), Some(CertError::Malformed));
+    }
+
+    /// A leaf issued by `issuer` with the given usages and CA flag (and a SAN: rcgen
+    /// writes no extensions, not even KeyUsage, without one of SAN/EKU/BasicConstraints).
+    fn leaf(
+        issuer: &(rcgen::Certificate, KeyPair),
+        is_ca: rcgen::IsCa,
+        key_usages: Vec<rcgen::KeyUsagePurpose>,
+        extended: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    ) -> Vec<u8> {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["d.example".into()]).expect("params");
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, "d");
+        params.is_ca = is_ca;
+        params.key_usages = key_usages;
+        params.extended_key_usages = extended;
+        params.signed_by(&key, &issuer.0, &issuer.1).expect("leaf").der().to_vec()
+    }
+
+    #[test]
+    fn only_client_certificates_authenticate_devices() {
+        use rcgen::KeyUsagePurpose as Ku;
+        use rcgen::{BasicConstraints as Bc, ExtendedKeyUsagePurpose as Eku, IsCa};
+        let root = ca("Root");
+        let parse = |der: Vec<u8>| ClientCertificate::parse(&der, Utc::now()).map(|_| ());
+        // Accepted: no usage extensions, the usual client profile, explicit cA false,
+        // anyExtendedKeyUsage (Java's PKIX checker accepts it for TLS clients).
+        parse(leaf(&root, IsCa::NoCa, vec![], vec![])).expect("no usage extensions");
+        parse(device(&root, "no extensions at all")).expect("no extensions");
+        parse(leaf(&root, IsCa::ExplicitNoCa, vec![Ku::DigitalSignature], vec![Eku::ClientAuth]))
+            .expect("client profile");
+        parse(leaf(
+            &root,
+            IsCa::NoCa,
+            vec![Ku::DigitalSignature, Ku::KeyEncipherment],
+            vec![Eku::ServerAuth, Eku::ClientAuth],
+        ))
+        .expect("client and server");
+        parse(leaf(&root, IsCa::NoCa, vec![], vec![Eku::Any])).expect("any purpose");
+        // Refused.
+        let refused = |what| Err(CertError::NotForClientAuth(what));
+        let ca_flag = "CA certificate (BasicConstraints cA)";
+        assert_eq!(
+            parse(leaf(&root, IsCa::Ca(Bc::Unconstrained), vec![], vec![])),
+            refused(ca_flag)
+        );
+        assert_eq!(
+            parse(leaf(
+                &root,
+                IsCa::Ca(Bc::Constrained(0)),
+                vec![Ku::DigitalSignature],
+                vec![Eku::ClientAuth]
+            )),
+            refused(ca_flag)
+        );
+        assert_eq!(parse(root.0.der().to_vec()), refused(ca_flag), "a self-signed root");
+        let no_ds = "KeyUsage lacks digitalSignature";
+        assert_eq!(
+            parse(leaf(&root, IsCa::NoCa, vec![Ku::KeyEncipherment], vec![])),
+            refused(no_ds)
+        );
+        assert_eq!(
+            parse(leaf(&root, IsCa::NoCa, vec![Ku::KeyAgreement], vec![Eku::ClientAuth])),
+            refused(no_ds)
+        );
+        let no_client = "ExtendedKeyUsage lacks clientAuth";
+        assert_eq!(
+            parse(leaf(&root, IsCa::NoCa, vec![], vec![Eku::ServerAuth])),
+            refused(no_client)
+        );
+        assert_eq!(
+            parse(leaf(&root, IsCa::NoCa, vec![Ku::DigitalSignature], vec![Eku::CodeSigning])),
+            refused(no_client)
+        );
+    }
+
+    #[test]
+    fn trusted_ca_subjects_and_keys() {
+        let root = ca("Root");
+        let by_cert = TrustedCa {
+            cert: Some(base64::engine::general_purpose::STANDARD.encode(root.0.der())),
+            ..serde_json::from_str("{}").expect("empty trusted-ca")
+        };
+        let by_name = TrustedCa {
+            subject_dn: Some("cn = Root , o=Acme\\, Inc".into()),
+            ..serde_json::from_str("{}").expect("empty trusted-ca")
+        };
+        let cert_dn = trusted_ca_subject(&by_cert).expect("ok").expect("subject");
+        assert_eq!(cert_dn, "CN=Root,O=Acme\\, Inc");
+        let name_dn = trusted_ca_subject(&by_name).expect("ok").expect("subject");
+        assert_eq!(dn_key(&cert_dn), dn_key(&name_dn));
+        let garbage = TrustedCa {
+            cert: Some(base64::engine::general_purpose::STANDARD.encode(b"not DER")),
+            ..serde_json::from_str("{}").expect("empty trusted-ca")
+        };
+        assert!(trusted_ca_subject(&garbage).is_err());
+        let none: TrustedCa = serde_json::from_str("{}").expect("empty trusted-ca");
+        assert_eq!(trusted_ca_subject(&none), Ok(None));
     }
 
     #[test]

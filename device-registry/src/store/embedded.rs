@@ -14,8 +14,8 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use super::{
-    be, corrupt, decode, index_keys, new_record, version_matches, Change, RegistryStore,
-    StoreError, CHANGE_CHANNEL_CAPACITY,
+    be, ca_subject_in_use, ca_subjects, corrupt, decode, index_keys, new_record, version_matches,
+    Change, RegistryStore, StoreError, CHANGE_CHANNEL_CAPACITY,
 };
 use crate::model::{CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned};
 
@@ -126,6 +126,27 @@ fn current<K: redb::Key + 'static, T: DeserializeOwned>(
     Ok(cur)
 }
 
+/// Refuses (`CaSubjectInUse`) if a tenant other than `id` in `tenants` trusts one of the
+/// CA subjects `mine` ([`ca_subjects`]). Runs inside the write transaction that stores
+/// tenant `id`: redb serialises write transactions, so two writes cannot both pass.
+fn ca_subjects_free(
+    tenants: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+    mine: &[(String, String)],
+) -> Result<(), StoreError> {
+    if mine.is_empty() {
+        return Ok(());
+    }
+    for entry in tenants.iter().map_err(be)? {
+        let (k, v) = entry.map_err(be)?;
+        if k.value() != id {
+            let other: Versioned<Tenant> = decode(v.value())?;
+            ca_subject_in_use(mine, &other.value)?;
+        }
+    }
+    Ok(())
+}
+
 fn tenant_exists(txn: &WriteTransaction, t: &str) -> Result<(), StoreError> {
     let tenants = txn.open_table(TENANTS).map_err(be)?;
     if tenants.get(t).map_err(be)?.is_none() {
@@ -169,12 +190,13 @@ fn remove_devices_of(txn: &WriteTransaction, t: &str) -> Result<(), StoreError> 
 #[async_trait]
 impl RegistryStore for EmbeddedStore {
     async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
-        let key = id.to_string();
+        let (key, cas) = (id.to_string(), ca_subjects(tenant));
         self.write_record(tenant, Change::Tenant(id.clone()), move |txn, rec| {
             let mut t = txn.open_table(TENANTS).map_err(be)?;
             if t.get(key.as_str()).map_err(be)?.is_some() {
                 return Err(StoreError::AlreadyExists("tenant"));
             }
+            ca_subjects_free(&t, &key, &cas)?;
             t.insert(key.as_str(), rec).map_err(be)?;
             Ok(())
         })
@@ -193,9 +215,11 @@ impl RegistryStore for EmbeddedStore {
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
         let (key, if_match) = (id.to_string(), if_match.map(str::to_owned));
+        let cas = ca_subjects(tenant);
         self.write_record(tenant, Change::Tenant(id.clone()), move |txn, rec| {
             let mut t = txn.open_table(TENANTS).map_err(be)?;
             current::<_, Tenant>(&t, key.as_str(), if_match.as_deref(), "tenant")?;
+            ca_subjects_free(&t, &key, &cas)?;
             t.insert(key.as_str(), rec).map_err(be)?;
             Ok(())
         })

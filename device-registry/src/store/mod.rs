@@ -19,6 +19,7 @@ use crate::model::{
     new_version, CredentialType, Credentials, Device, DeviceId, IdError, Tenant, TenantId,
     Versioned,
 };
+use crate::x509;
 
 /// Storage failures, mapped to HTTP statuses in one place (`api`).
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,13 @@ pub enum StoreError {
     /// The write conflicts with other data (e.g. an auth-id used by another device).
     #[error("{0}")]
     Conflict(String),
+    /// A tenant's `trusted-ca` names a CA subject DN that another tenant already trusts
+    /// (Hono's 409: a client certificate's issuer must identify one tenant).
+    #[error("Root Certificate Authority {subject_dn} is already used by another tenant")]
+    CaSubjectInUse {
+        /// The RFC 2253 subject DN, as the refused request named it.
+        subject_dn: String,
+    },
     /// The backend failed (I/O, connection, ...).
     #[error("storage backend error: {0}")]
     Backend(String),
@@ -60,7 +68,9 @@ pub const CHANGE_CHANNEL_CAPACITY: usize = 4096;
 
 /// The registry's storage. `if_match` is an expected resource version (`None`: any).
 /// Deleting a tenant deletes its devices and credentials; deleting a device deletes its
-/// credentials; creating a device creates an empty credentials set.
+/// credentials; creating a device creates an empty credentials set. Creating or updating
+/// a tenant fails with [`StoreError::CaSubjectInUse`] if one of its trusted CAs has the
+/// subject DN ([`x509::dn_key`]) of another tenant's trusted CA ([`ca_subject_in_use`]).
 #[async_trait]
 pub trait RegistryStore: Send + Sync + 'static {
     /// Creates a tenant; returns its version.
@@ -183,6 +193,44 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, Stor
             e.column()
         ))
     })
+}
+
+/// The trusted-CA subject DNs of `tenant`: ([`x509::dn_key`], RFC 2253 form) each.
+/// Entries whose subject cannot be decoded name none (the management layer refuses them;
+/// such an entry trusts nothing).
+pub(crate) fn ca_subjects(tenant: &Tenant) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = tenant
+        .trusted_ca
+        .iter()
+        .flatten()
+        .filter_map(|ca| x509::trusted_ca_subject(ca).ok().flatten())
+        .map(|dn| (x509::dn_key(&dn), dn))
+        .collect();
+    // One tenant may list several CAs with one subject (e.g. a key roll-over).
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
+/// The first of `mine` (from [`ca_subjects`]) that `other` also trusts, as
+/// [`StoreError::CaSubjectInUse`]. Stores run this against every other tenant inside
+/// the write that creates or updates a tenant.
+///
+/// Hono lets tenants of one `trust-anchor-group` share a subject DN (the device then names
+/// its tenant through TLS SNI); Ferrule has no such tenant hint, so sharing is refused
+/// within a group as well.
+pub(crate) fn ca_subject_in_use(
+    mine: &[(String, String)],
+    other: &Tenant,
+) -> Result<(), StoreError> {
+    if mine.is_empty() {
+        return Ok(());
+    }
+    let theirs = ca_subjects(other);
+    match mine.iter().find(|(k, _)| theirs.iter().any(|(o, _)| o == k)) {
+        Some((_, dn)) => Err(StoreError::CaSubjectInUse { subject_dn: dn.clone() }),
+        None => Ok(()),
+    }
 }
 
 /// The (type, auth-id) keys of a credentials set, rejecting duplicates.

@@ -5,11 +5,22 @@
 //! - `P:d:{tenant}`: hash device id -> device record;
 //! - `P:c:{tenant}`: hash device id -> credentials record;
 //! - `P:i:{tenant}`: hash `{type}\n{auth-id}` -> device id (credentials look-up index);
+//! - `P:ca-gen`: counter bumped by every tenant write that adds trusted CAs (see below);
 //! - channel `P:changes`: one message per write, so other instances drop cached entries.
 //!
 //! Every write is one Lua script, so the version check, the existence checks and the
 //! write are atomic, as in the embedded store. Versions are compared inside the script
 //! against the accepted `If-Match` tags, normalised in Rust.
+//!
+//! Trusted-CA subject DNs unique across tenants: the DNs come from DER certificates that
+//! Lua cannot parse, so the check runs in Rust, optimistically: read `P:ca-gen`, read all
+//! tenants and look for a conflict, then write with a script that refuses (`retry`) if
+//! `P:ca-gen` moved meanwhile and bumps it otherwise. Two concurrent writes of the same
+//! subject into different tenants cannot both succeed. Only writes of tenants that have
+//! trusted CAs take part (a write without CAs cannot create a conflict; a delete at worst
+//! makes a concurrent check see a conflict that just went away). An instance of a version
+//! before this rule does not bump `P:ca-gen`: while such instances share the store, a
+//! write through them can race a check here.
 //!
 //! Size: the Lua scripts that make each write atomic sit next to the Rust that calls them.
 
@@ -26,8 +37,8 @@ use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{
-    be, corrupt, decode, index_keys, new_record, Change, RegistryStore, StoreError,
-    CHANGE_CHANNEL_CAPACITY,
+    be, ca_subject_in_use, ca_subjects, corrupt, decode, index_keys, new_record, version_matches,
+    Change, RegistryStore, StoreError, CHANGE_CHANNEL_CAPACITY,
 };
 use crate::model::{CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned};
 
@@ -56,6 +67,12 @@ local function current(field, want)
   if not vmatch(cur, want) then return nil, 'mismatch' end
   return cur
 end
+local function ca_gen(gkey, gen)
+  if gen == '' then return true end
+  if (redis.call('GET', gkey) or '0') ~= gen then return false end
+  redis.call('INCR', gkey)
+  return true
+end
 local function drop_index(ikey, credrec, dev)
   local creds = cjson.decode(credrec)['value']
   for _, c in ipairs(creds) do
@@ -68,18 +85,24 @@ end
 "#;
 
 // The write scripts; each answers 'ok' ([`Scripts::new`] appends it) unless it returns
-// a refusal first ('exists', 'notfound', 'notenant', 'mismatch', 'conflict').
+// a refusal first ('exists', 'notfound', 'notenant', 'mismatch', 'conflict', 'retry').
+
+// Tenant writes: `gen` is the `P:ca-gen` value the caller's trusted-CA check read ('':
+// no check, the tenant has no trusted CAs); `ca_gen` refuses ('retry') if it moved and
+// bumps it otherwise, as the last step before writing.
 
 const CREATE_TENANT: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
-redis.call('SET', KEYS[1], ARGV[2])
+if not ca_gen(KEYS[3], ARGV[2]) then return 'retry' end
+redis.call('SET', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 "#;
 
 const UPDATE_TENANT: &str = r#"
 local _, refused = current(nil, ARGV[1])
 if refused then return refused end
-redis.call('SET', KEYS[1], ARGV[2])
+if not ca_gen(KEYS[2], ARGV[2]) then return 'retry' end
+redis.call('SET', KEYS[1], ARGV[3])
 "#;
 
 const DELETE_TENANT: &str = r#"
@@ -253,6 +276,49 @@ impl RedisStore {
         format!("{}:tenants", self.inner.prefix)
     }
 
+    fn ca_gen_key(&self) -> String {
+        format!("{}:ca-gen", self.inner.prefix)
+    }
+
+    /// Creates or updates tenant `id` with a script from `invocation` (given the
+    /// `P:ca-gen` value its check read, to pass before the record), checking that no
+    /// other tenant trusts a CA subject of `tenant` (see the module documentation).
+    async fn write_tenant<'s>(
+        &self,
+        id: &TenantId,
+        tenant: &Tenant,
+        invocation: impl Fn(&str) -> ScriptInvocation<'s>,
+    ) -> Result<String, StoreError> {
+        /// Tenant writes with CAs racing this one often enough to exhaust this are a
+        /// provisioning storm; the client gets 503 and retries.
+        const ATTEMPTS: usize = 8;
+        let mine = ca_subjects(tenant);
+        for _ in 0..ATTEMPTS {
+            let gen = if mine.is_empty() {
+                String::new()
+            } else {
+                let gen: Option<String> = self.conn().get(self.ca_gen_key()).await.map_err(be)?;
+                for (other, t) in self.list_tenants().await? {
+                    if other != *id {
+                        ca_subject_in_use(&mine, &t.value)?;
+                    }
+                }
+                gen.unwrap_or_else(|| "0".to_owned())
+            };
+            let (version, rec) = new_record(tenant)?;
+            let mut script = invocation(&gen);
+            script.arg(rec);
+            let r: String = script.invoke_async(&mut self.conn()).await.map_err(be)?;
+            if r == "retry" {
+                continue;
+            }
+            outcome(&r, "tenant")?;
+            self.announce(Change::Tenant(id.clone())).await;
+            return Ok(version);
+        }
+        Err(StoreError::Backend("trusted CAs of tenants changed concurrently; retry".into()))
+    }
+
     fn conn(&self) -> ConnectionManager {
         self.inner.conn.clone()
     }
@@ -365,9 +431,12 @@ async fn relay_changes(
 #[async_trait]
 impl RegistryStore for RedisStore {
     async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
-        let mut script = self.inner.scripts.create_tenant.key(self.key("t", id));
-        script.key(self.tenants_key()).arg(id.as_str());
-        self.write_record(script, tenant, Change::Tenant(id.clone())).await
+        self.write_tenant(id, tenant, |gen| {
+            let mut script = self.inner.scripts.create_tenant.key(self.key("t", id));
+            script.key(self.tenants_key()).key(self.ca_gen_key()).arg(id.as_str()).arg(gen);
+            script
+        })
+        .await
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Versioned<Tenant>>, StoreError> {
@@ -381,9 +450,20 @@ impl RegistryStore for RedisStore {
         tenant: &Tenant,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        let mut script = self.inner.scripts.update_tenant.key(self.key("t", id));
-        script.arg(want(if_match));
-        self.write_record(script, tenant, Change::Tenant(id.clone())).await
+        if !ca_subjects(tenant).is_empty() {
+            // As the embedded store answers: 404 and 412 before a CA conflict (the
+            // script checks both again, atomically).
+            let cur = self.get_tenant(id).await?.ok_or(StoreError::NotFound("tenant"))?;
+            if !version_matches(if_match, &cur.version) {
+                return Err(StoreError::VersionMismatch);
+            }
+        }
+        self.write_tenant(id, tenant, |gen| {
+            let mut script = self.inner.scripts.update_tenant.key(self.key("t", id));
+            script.key(self.ca_gen_key()).arg(want(if_match)).arg(gen);
+            script
+        })
+        .await
     }
 
     async fn delete_tenant(&self, id: &TenantId, if_match: Option<&str>) -> Result<(), StoreError> {
