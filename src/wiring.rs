@@ -1,8 +1,8 @@
 //! Glue between components: the device registry's authentication service seen through the
-//! adapters' [`DeviceRegistry`] trait and the command router's [`ViaCheck`].
+//! adapters' [`DeviceRegistry`] trait and the command router's [`DeviceCheck`].
 
 use ferrule_adapters::{AdapterAccess, AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
-use ferrule_command_control::ViaCheck;
+use ferrule_command_control::DeviceCheck;
 use ferrule_device_registry::{AuthError as RegistryAuthError, AuthService, CredentialType};
 
 /// The registry's [`AuthService`] as the adapters and the command router need it.
@@ -135,7 +135,7 @@ impl DeviceRegistry for RegistryDevices {
     }
 }
 
-impl ViaCheck for RegistryDevices {
+impl DeviceCheck for RegistryDevices {
     fn gateway_may_act_for(
         &self,
         tenant: &str,
@@ -147,5 +147,25 @@ impl ViaCheck for RegistryDevices {
         Box::pin(
             async move { auth.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok() },
         )
+    }
+
+    fn may_receive_commands(
+        &self,
+        tenant: &str,
+        device: &str,
+    ) -> ferrule_command_control::BoxFuture<Option<bool>> {
+        let auth = self.0.clone();
+        let (tenant, device) = (tenant.to_owned(), device.to_owned());
+        Box::pin(async move {
+            match auth.authorize_device(&tenant, &device, None).await {
+                Ok(_) => Some(true),
+                Err(
+                    RegistryAuthError::Unavailable(_)
+                    | RegistryAuthError::Busy
+                    | RegistryAuthError::RateLimited,
+                ) => None,
+                Err(_) => Some(false),
+            }
+        })
     }
 }

@@ -19,6 +19,6 @@ mod router;
 pub use command::{Command, CommandError, DEFER_TTL_PROPERTY};
 pub use request_id::{RequestId, RequestIdError, RequestKey, KEY_FILE};
 pub use router::{
-    address_rules, messaging_config, BoxFuture, CommandRouter, CommandSink, Notify, RespondError,
-    Response, Subscription, Target, ViaCheck, DEFERRED_PREFIX,
+    address_rules, messaging_config, BoxFuture, CommandRouter, CommandSink, DeviceCheck, Notify,
+    RespondError, Response, Subscription, Target, DEFERRED_PREFIX,
 };

@@ -34,9 +34,13 @@ pub trait CommandSink: Send + Sync + 'static {
     fn deliver(&self, command: Command) -> BoxFuture<Outcome>;
 }
 
-/// Whether a gateway may act for a device (the device lists it in `via`).
-pub trait ViaCheck: Send + Sync + 'static {
+/// What the router asks the device registry.
+pub trait DeviceCheck: Send + Sync + 'static {
+    /// Whether a gateway may act for a device (the device lists it in `via`).
     fn gateway_may_act_for(&self, tenant: &str, device: &str, gateway: &str) -> BoxFuture<bool>;
+    /// Whether commands may go to (or be kept for) `device`: it exists and it and its
+    /// tenant are enabled. `None` when the registry cannot tell now.
+    fn may_receive_commands(&self, tenant: &str, device: &str) -> BoxFuture<Option<bool>>;
 }
 
 /// Whose commands a subscription receives.
@@ -98,7 +102,7 @@ struct Subscriptions {
 
 struct Inner {
     broker: Broker,
-    via: Arc<dyn ViaCheck>,
+    devices: Arc<dyn DeviceCheck>,
     /// Seals and opens request ids.
     key: RequestKey,
     subscriptions: Mutex<Subscriptions>,
@@ -140,7 +144,7 @@ impl CommandRouter {
     /// A router over `broker`, which must have been built with [`address_rules`] for
     /// deferred commands to work (an error is logged otherwise).
     /// Request ids are sealed with `key`: every instance of a deployment needs the same.
-    pub fn new(broker: Broker, via: Arc<dyn ViaCheck>, key: RequestKey) -> Self {
+    pub fn new(broker: Broker, devices: Arc<dyn DeviceCheck>, key: RequestKey) -> Self {
         if !broker.is_internal(&format!("{DEFERRED_PREFIX}/t/d")) {
             tracing::error!(
                 "the messaging core lacks command-control's address rules: deferred commands \
@@ -149,7 +153,7 @@ impl CommandRouter {
         }
         let inner = Arc::new_cyclic(|this| Inner {
             broker,
-            via,
+            devices,
             key,
             subscriptions: Mutex::new(Subscriptions::default()),
             next_id: AtomicU64::new(1),
@@ -334,7 +338,8 @@ impl Inner {
                 .unwrap_or_default()
         };
         for (gateway, sink) in gateways {
-            if gateway == device || self.via.gateway_may_act_for(tenant, device, &gateway).await {
+            if gateway == device || self.devices.gateway_may_act_for(tenant, device, &gateway).await
+            {
                 return Some(sink);
             }
         }
@@ -378,6 +383,19 @@ impl Inner {
             Err(e) => return Outcome::rejected(condition::INVALID_FIELD, e.to_string()),
         };
         let command = parsed.command;
+        // A device that does not exist or is disabled gets no command, connected or not,
+        // and none is kept for it.
+        match self.devices.may_receive_commands(&tenant, &command.device_id).await {
+            Some(true) => {}
+            Some(false) => {
+                metrics::counter!("ferrule_commands_total", "tenant" => tenant.clone(), "outcome" => "unknown_device").increment(1);
+                return Outcome::rejected(
+                    condition::NOT_FOUND,
+                    format!("device {} does not exist or is disabled", command.device_id),
+                );
+            }
+            None => return Outcome::Released,
+        }
         if let Some(sink) = self.find(&tenant, &command.device_id).await {
             metrics::counter!("ferrule_commands_total", "tenant" => tenant.clone(), "outcome" => "delivered").increment(1);
             return sink.deliver(command).await;

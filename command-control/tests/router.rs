@@ -7,8 +7,8 @@ use std::time::Duration;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, MessageId, Properties};
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue};
 use ferrule_command_control::{
-    BoxFuture, Command, CommandRouter, CommandSink, Notify, RequestKey, RespondError, Response,
-    Target, ViaCheck, DEFER_TTL_PROPERTY,
+    BoxFuture, Command, CommandRouter, CommandSink, DeviceCheck, Notify, RequestKey, RespondError,
+    Response, Target, DEFER_TTL_PROPERTY,
 };
 use ferrule_messaging::message::data_message;
 use ferrule_messaging::{Broker, Message, Outcome, SubscribeOptions};
@@ -29,10 +29,16 @@ impl CommandSink for Sink {
 
 struct Via(Vec<(&'static str, &'static str)>);
 
-impl ViaCheck for Via {
+impl DeviceCheck for Via {
     fn gateway_may_act_for(&self, _tenant: &str, device: &str, gateway: &str) -> BoxFuture<bool> {
         let ok = self.0.iter().any(|(d, g)| *d == device && *g == gateway);
         Box::pin(async move { ok })
+    }
+
+    /// Every device exists except `ghost`.
+    fn may_receive_commands(&self, _tenant: &str, device: &str) -> BoxFuture<Option<bool>> {
+        let exists = device != "ghost";
+        Box::pin(async move { Some(exists) })
     }
 }
 
@@ -177,6 +183,14 @@ async fn deferred_commands_wait_for_the_device_and_expire() {
         "kept"
     );
     assert_eq!(broker.send("command/t1", command("d2", None, Some(1))).await, Outcome::Accepted);
+    assert!(
+        matches!(
+            broker.send("command/t1", command("ghost", None, Some(60))).await,
+            Outcome::Rejected { condition: "amqp:not-found", .. }
+        ),
+        "nothing is kept for a device that does not exist"
+    );
+    assert_eq!(broker.queue_depth("command_deferred/t1/ghost"), None);
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
     let (s, mut commands) = sink(Outcome::Accepted);

@@ -275,3 +275,26 @@ def test_a_forged_response_from_another_device_is_refused(provisioned, app):
     from test_ops import get, metric
     _, text = get(p, "/metrics")
     assert metric(text, "ferrule_command_responses_refused_total", tenant="t1", reason="not_issued_to_device") == 2
+
+
+def test_no_command_reaches_a_disabled_or_unknown_device(provisioned):
+    """A device disabled while its command subscription is open gets no more commands
+    (the application's command is rejected with amqp:not-found), and nothing is deferred
+    for a device that does not exist."""
+    p = provisioned
+    reg = Registry(p.registry_url, p.registry_token)
+    device = MqttDevice(p, "d1@t1", "pw1", "command///req/#", answer=False)
+    app = App(p)
+    app.sender.send(command("d1", "first", b"1"))  # accepted: the device has it
+    reg.set_device_enabled("t1", "d1", False)
+    time.sleep(0.5)  # the registry's change reaches the look-up caches
+    with pytest.raises(SendException) as err:
+        app.sender.send(command("d1", "second", b"2"))
+    assert err.value.state == REJECTED
+    with pytest.raises(SendException) as err:
+        app.sender.send(command("nobody", "later", b"x", **{"x-ferrule-defer-ttl": 60}))
+    assert err.value.state == REJECTED
+    time.sleep(0.3)
+    assert [t.rsplit("/", 1)[1] for t, _ in device.received] == ["first"]
+    device.close()
+    app.close()

@@ -237,7 +237,7 @@ impl DeviceRegistry for MemoryRegistry {
 }
 
 /// The command router asks the registry whether a gateway may act for a device.
-impl ferrule_command_control::ViaCheck for MemoryRegistry {
+impl ferrule_command_control::DeviceCheck for MemoryRegistry {
     fn gateway_may_act_for(
         &self,
         tenant: &str,
@@ -249,6 +249,17 @@ impl ferrule_command_control::ViaCheck for MemoryRegistry {
         Box::pin(async move {
             registry.authorize_device(&tenant, &device, Some(&gateway)).await.is_ok()
         })
+    }
+
+    fn may_receive_commands(
+        &self,
+        tenant: &str,
+        device: &str,
+    ) -> ferrule_command_control::BoxFuture<Option<bool>> {
+        let (registry, tenant, device) = (self.clone(), tenant.to_owned(), device.to_owned());
+        Box::pin(
+            async move { Some(registry.authorize_device(&tenant, &device, None).await.is_ok()) },
+        )
     }
 }
 
