@@ -466,6 +466,8 @@ impl FrameChecker {
             if !partial.oversize {
                 if partial.payload.len() + payload.len() > self.max_message_size {
                     *partial = Partial { payload: Vec::new(), oversize: true };
+                    metrics::counter!("ferrule_amqp_refused_total", "reason" => "message_size")
+                        .increment(1);
                 } else {
                     partial.payload.extend_from_slice(payload);
                 }
@@ -473,7 +475,14 @@ impl FrameChecker {
             return Ok(());
         }
         match self.partial.remove(&key) {
-            None => scan(payload, None, MAX_DEPTH).map(drop),
+            None => {
+                if payload.len() > self.max_message_size {
+                    // One frame over the limit: fe2o3-amqp refuses it (checked anyway).
+                    metrics::counter!("ferrule_amqp_refused_total", "reason" => "message_size")
+                        .increment(1);
+                }
+                scan(payload, None, MAX_DEPTH).map(drop)
+            }
             Some(partial) if partial.oversize => Ok(()),
             Some(mut partial) => {
                 partial.payload.extend_from_slice(payload);

@@ -42,6 +42,7 @@ def test_a_64_mib_event_is_refused_with_message_size_exceeded(platform):
     conn.close()
     _, text = get(p, "/metrics")
     assert metric(text, "ferrule_queue_enqueued_total", address="event/t1") == 1
+    assert metric(text, "ferrule_amqp_refused_total", reason="message_size") == 1
 
 
 def test_only_hono_address_shapes_below_the_tenant(platform):
