@@ -112,7 +112,11 @@ impl DeviceRegistry for RegistryDevices {
     ) -> BoxFuture<'a, Result<AdapterAccess, AuthError>> {
         Box::pin(async move {
             let access = self.0.adapter_access(tenant, adapter).await.map_err(map)?;
-            Ok(AdapterAccess { enabled: access.enabled, unauthenticated: access.unauthenticated })
+            Ok(AdapterAccess {
+                enabled: access.enabled,
+                unauthenticated: access.unauthenticated,
+                max_connections: access.max_connections,
+            })
         })
     }
 

@@ -20,6 +20,8 @@
 //!   a tenant cuts it off at its next publish. A principal authenticated per request
 //!   (HTTP) was checked by its authentication.
 
+use std::sync::Arc;
+
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 
 /// Splits `auth-id@tenant` (Hono's username and PSK identity form); the tenant is after
@@ -264,6 +266,56 @@ pub async fn admit(
     Ok(target)
 }
 
+/// Open connections per tenant, for the tenant's `max-connections` resource limit
+/// (connection-oriented adapters; Hono counts MQTT and AMQP connections). In process:
+/// no metrics round trip, the count is exact for this instance.
+#[derive(Debug, Default)]
+pub struct TenantConnections {
+    counts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// One counted connection; dropping it gives the place back.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    owner: Arc<TenantConnections>,
+    tenant: String,
+}
+
+impl TenantConnections {
+    /// A slot for one more connection of `tenant`, or `None` if it already holds `max`.
+    pub fn open(self: &Arc<Self>, tenant: &str, max: Option<u32>) -> Option<ConnectionSlot> {
+        let mut counts = self.counts.lock().expect("poisoned");
+        let count = counts.get(tenant).copied().unwrap_or(0);
+        if max.is_some_and(|max| count >= max) {
+            return None;
+        }
+        counts.insert(tenant.to_owned(), count + 1);
+        Some(ConnectionSlot { owner: self.clone(), tenant: tenant.to_owned() })
+    }
+
+    /// Connections `tenant` holds open now.
+    pub fn count(&self, tenant: &str) -> u32 {
+        self.counts.lock().expect("poisoned").get(tenant).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self.owner.counts.lock().expect("poisoned");
+        if let Some(count) = counts.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// Counts a refusal over one of a tenant's limits (`ferrule_tenant_limit_refusals_total`).
+pub fn limit_refused(tenant: &str, adapter: &'static str, limit: &'static str) {
+    metrics::counter!("ferrule_tenant_limit_refusals_total", "tenant" => tenant.to_owned(), "adapter" => adapter, "limit" => limit).increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +363,21 @@ mod tests {
         assert_eq!(Target::resolve(None, Some(""), Some("d2")), Err(TargetError::IdentityRequired));
         assert_eq!(Target::resolve(None, None, Some("d2")), Err(TargetError::IdentityRequired));
         assert_eq!(Target::resolve(None, Some("t2"), None), Err(TargetError::IdentityRequired));
+    }
+
+    #[test]
+    fn tenant_connections_are_counted_and_given_back() {
+        let counts = Arc::new(TenantConnections::default());
+        let a1 = counts.open("a", Some(2)).expect("first");
+        let a2 = counts.open("a", Some(2)).expect("second");
+        assert!(counts.open("a", Some(2)).is_none(), "third over the limit");
+        let b = counts.open("b", Some(1)).expect("another tenant has its own count");
+        assert_eq!((counts.count("a"), counts.count("b")), (2, 1));
+        drop(a1);
+        let a3 = counts.open("a", Some(2)).expect("a place was given back");
+        assert!(counts.open("a", None).is_some(), "no limit");
+        drop((a2, a3, b));
+        assert_eq!((counts.count("a"), counts.count("b")), (0, 0));
+        assert!(counts.counts.lock().unwrap().is_empty(), "no entry left for idle tenants");
     }
 }

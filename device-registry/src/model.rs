@@ -201,6 +201,8 @@ pub struct AdapterAccess {
     pub enabled: bool,
     /// The tenant is enabled and lets devices publish unauthenticated on the adapter.
     pub unauthenticated: bool,
+    /// The tenant's `resource-limits.max-connections` (`None`: no limit).
+    pub max_connections: Option<u32>,
 }
 
 impl Tenant {
@@ -218,6 +220,12 @@ impl Tenant {
         AdapterAccess {
             enabled: self.adapter_enabled(adapter_type),
             unauthenticated: self.enabled && self.allows_unauthenticated(adapter_type),
+            max_connections: self
+                .resource_limits
+                .as_ref()
+                .and_then(|limits| limits.max_connections)
+                .filter(|max| *max >= 0)
+                .map(|max| u32::try_from(max).unwrap_or(u32::MAX)),
         }
     }
 

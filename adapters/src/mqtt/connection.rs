@@ -24,6 +24,8 @@ pub(super) struct Shared {
     pub commands: Option<CommandRouter>,
     /// Per-source limits, checked at CONNECT (ntex caps the total).
     pub admission: Arc<ferrule_net::listener::Admission>,
+    /// Open connections per tenant (the tenant's `max-connections`).
+    pub tenant_connections: Arc<door::TenantConnections>,
 }
 
 /// An error that ends the connection; ntex hands it to the control service.
@@ -57,6 +59,8 @@ pub(super) enum Refusal {
     WillNotSupported,
     /// A persistent session (Ferrule keeps no session state).
     PersistentSession,
+    /// The tenant holds its `max-connections` already.
+    TenantConnectionLimit,
 }
 
 impl Refusal {
@@ -64,7 +68,9 @@ impl Refusal {
         use v3::codec::ConnectAckReason as R;
         match self {
             Refusal::BadCredentials => R::BadUserNameOrPassword,
-            Refusal::NotAuthorized | Refusal::WillNotSupported => R::NotAuthorized,
+            Refusal::NotAuthorized | Refusal::WillNotSupported | Refusal::TenantConnectionLimit => {
+                R::NotAuthorized
+            }
             Refusal::Unavailable => R::ServiceUnavailable,
             Refusal::PersistentSession => R::IdentifierRejected,
         }
@@ -75,6 +81,7 @@ impl Refusal {
             Refusal::BadCredentials => ConnectAckReason::BadUserNameOrPassword,
             Refusal::NotAuthorized => ConnectAckReason::NotAuthorized,
             Refusal::Unavailable => ConnectAckReason::ServerUnavailable,
+            Refusal::TenantConnectionLimit => ConnectAckReason::QuotaExceeded,
             Refusal::WillNotSupported | Refusal::PersistentSession => {
                 ConnectAckReason::ImplementationSpecificError
             }
@@ -88,6 +95,7 @@ impl Refusal {
             Refusal::Unavailable => "device registry unavailable",
             Refusal::WillNotSupported => "will messages are not supported",
             Refusal::PersistentSession => "persistent sessions are not supported",
+            Refusal::TenantConnectionLimit => "the tenant's connection limit is reached",
         }
     }
 }
@@ -117,20 +125,21 @@ pub(super) fn client_certificate(io: &ntex_io::IoBoxed) -> Option<Vec<u8>> {
 }
 
 /// Authenticates a CONNECT: a client certificate wins (as in Hono; username and password
-/// are then ignored), else username/password, else anonymous if allowed.
+/// are then ignored), else username/password, else anonymous if allowed. A device gets
+/// one of its tenant's connection slots (`max-connections`).
 pub(super) async fn authenticate(
     shared: &Shared,
     io: &ntex_io::IoBoxed,
     username: Option<&str>,
     password: Option<&[u8]>,
-) -> Result<Principal, Refusal> {
+) -> Result<(Principal, Option<door::ConnectionSlot>), Refusal> {
     let source = peer_ip(io);
     let identity = if let Some(cert) = client_certificate(io) {
         shared.registry.authenticate_certificate(&cert).await.map_err(Refusal::from)?
     } else {
         match username.filter(|u| !u.is_empty()) {
             None if password.is_none() && shared.config.allow_unauthenticated => {
-                return Ok(Principal::Anonymous)
+                return Ok((Principal::Anonymous, None))
             }
             None if password.is_none() => return Err(Refusal::NotAuthorized),
             None => return Err(Refusal::BadCredentials),
@@ -147,10 +156,16 @@ pub(super) async fn authenticate(
     };
     // A tenant may switch MQTT off in its `adapters` list.
     let access = shared.registry.adapter_access(&identity.tenant, ADAPTER).await;
-    if !access.map_err(Refusal::from)?.enabled {
+    let access = access.map_err(Refusal::from)?;
+    if !access.enabled {
         return Err(Refusal::NotAuthorized);
     }
-    Ok(Principal::Device(identity))
+    let Some(slot) = shared.tenant_connections.open(&identity.tenant, access.max_connections)
+    else {
+        door::limit_refused(&identity.tenant, ADAPTER, "max_connections");
+        return Err(Refusal::TenantConnectionLimit);
+    };
+    Ok((Principal::Device(identity), Some(slot)))
 }
 
 /// What the version-specific CONNECT handlers pass to [`admit`].
@@ -180,9 +195,9 @@ async fn admit(
     };
     let client_id = request.client_id;
     match admitted {
-        Ok(principal) => {
+        Ok((principal, slot)) => {
             connected(shared, &principal, &client_id);
-            Ok(Session::new(principal, request.version, client_id))
+            Ok(Session::new(principal, request.version, client_id).holding(slot))
         }
         Err(refusal) => {
             let version = request.version;
@@ -258,6 +273,7 @@ pub(super) fn stopped(shared: &Arc<Shared>, session: &Session, control: Control<
         metrics::gauge!("ferrule_adapter_connections", "adapter" => "hono-mqtt").decrement(1.0);
         // Announces `ttd` 0 and releases commands not yet acknowledged.
         session.end_commands();
+        session.release_slot();
         session.end_qos0();
         match &reason {
             Reason::Error(e) => {

@@ -139,7 +139,14 @@ pub fn start_with_commands(
         config.max_connections,
         config.source_limits(),
     );
-    let shared = Arc::new(connection::Shared { config, downstream, registry, commands, admission });
+    let shared = Arc::new(connection::Shared {
+        config,
+        downstream,
+        registry,
+        commands,
+        admission,
+        tenant_connections: Default::default(),
+    });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new()

@@ -44,6 +44,9 @@ pub struct Session {
     pub(super) qos0: RefCell<Qos0Slot>,
     /// QoS 0 publishes waiting in, or being sent by, that queue.
     pub(super) qos0_pending: std::cell::Cell<usize>,
+    /// The device's place in its tenant's connection count, given back when the
+    /// connection ends.
+    slot: RefCell<Option<crate::door::ConnectionSlot>>,
 }
 
 /// A QoS 0 publish on its way: owns everything it needs, so it can move to the queue.
@@ -109,7 +112,19 @@ impl Session {
             commands: RefCell::default(),
             qos0: RefCell::default(),
             qos0_pending: std::cell::Cell::new(0),
+            slot: RefCell::new(None),
         }
+    }
+
+    /// This session holding `slot` until [`Session::release_slot`] (or its drop).
+    pub fn holding(self, slot: Option<crate::door::ConnectionSlot>) -> Self {
+        *self.slot.borrow_mut() = slot;
+        self
+    }
+
+    /// Gives the tenant's connection slot back (the connection ended).
+    pub fn release_slot(&self) {
+        self.slot.borrow_mut().take();
     }
 
     pub fn identity(&self) -> Option<&DeviceIdentity> {

@@ -27,6 +27,8 @@ pub struct Tenant {
     pub allow_unauthenticated: bool,
     /// Adapters the tenant switched off (its `adapters` list).
     pub disabled_adapters: Vec<String>,
+    /// `resource-limits.max-connections`.
+    pub max_connections: Option<u32>,
     pub devices: HashMap<String, Device>,
     /// auth-id → (device-id, password)
     pub passwords: HashMap<String, (String, String)>,
@@ -61,6 +63,7 @@ impl MemoryRegistry {
                 enabled: true,
                 allow_unauthenticated: false,
                 disabled_adapters: Vec::new(),
+                max_connections: None,
                 devices: HashMap::new(),
                 passwords: HashMap::new(),
                 psks: HashMap::new(),
@@ -133,6 +136,10 @@ impl MemoryRegistry {
 
     pub fn set_allow_unauthenticated(&self, tenant: &str, allow: bool) {
         self.tenants.lock().unwrap().get_mut(tenant).unwrap().allow_unauthenticated = allow;
+    }
+
+    pub fn set_max_connections(&self, tenant: &str, max: Option<u32>) {
+        self.tenants.lock().unwrap().get_mut(tenant).unwrap().max_connections = max;
     }
 
     /// Whether `tenant` exists and `holds` for it.
@@ -215,6 +222,7 @@ impl DeviceRegistry for MemoryRegistry {
         let access = tenants.get(tenant).map_or(AdapterAccess::default(), |t| AdapterAccess {
             enabled: !t.switched_off(adapter),
             unauthenticated: t.enabled && t.allow_unauthenticated && !t.switched_off(adapter),
+            max_connections: t.max_connections,
         });
         Box::pin(async move { Ok(access) })
     }

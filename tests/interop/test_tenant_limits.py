@@ -1,0 +1,86 @@
+"""Tenant resource limits enforced in process (issue 17), with stock clients: a tenant at
+its `max-connections` gets CONNACK 5 (MQTT 3.1.1) / 0x97 quota exceeded (MQTT 5) from
+mosquitto_pub while another tenant's devices keep flowing; the limit follows the registry
+live and a closed connection gives its place back."""
+import time
+
+import paho.mqtt.client as paho
+
+from amqp_client import Collector
+from registry_client import Registry
+from test_adapters import mqtt_port, run
+from test_ops import get, metric
+
+
+def hold(p, user, password):
+    """A paho-mqtt (3.1.1) connection kept open; None if its CONNECT was refused."""
+    result = {}
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"hold-{user}", protocol=paho.MQTTv311)
+    client.username_pw_set(user, password)
+    client.on_connect = lambda c, u, f, rc, props=None: result.setdefault("rc", rc)
+    client.connect("127.0.0.1", int(mqtt_port(p)))
+    client.loop_start()
+    deadline = time.time() + 10
+    while "rc" not in result and time.time() < deadline:
+        time.sleep(0.02)
+    if result.get("rc") is not None and not result["rc"].is_failure:
+        return client
+    client.loop_stop()
+    return None
+
+
+def publish(p, user, version, qos="0"):
+    """mosquitto_pub of one telemetry message (QoS 0: nobody consumes tenant `small`'s)."""
+    return run(["mosquitto_pub", "-V", version, "-h", "127.0.0.1", "-p", mqtt_port(p), "-u", user, "-P", "pw",
+                "-t", "telemetry", "-m", "x", "-q", qos, "-d", "-i", f"pub-{user}-{version}"])
+
+
+def test_a_tenant_at_its_connection_limit_is_refused_others_are_not(platform):
+    p = platform
+    reg = Registry(p.registry_url, p.registry_token)
+    reg.call("POST", "/v1/tenants/small", {"resource-limits": {"max-connections": 2}})
+    for device in ("s1", "s2", "s3", "s4"):
+        reg.device("small", device, password="pw")
+    reg.tenant("t1").device("t1", "d1", password="pw")
+    telemetry = Collector(p.url("t1"), "telemetry/t1", name="t1-app")
+    telemetry.start()
+
+    held = [hold(p, "s1@small", "pw"), hold(p, "s2@small", "pw")]
+    assert all(held), "two connections are within the limit"
+    v3 = publish(p, "s3@small", "mqttv311")
+    assert "CONNACK (5)" in v3.stdout + v3.stderr and v3.returncode == 5, v3
+    v5 = publish(p, "s3@small", "mqttv5")
+    assert "CONNACK (151)" in v5.stdout + v5.stderr, v5  # 0x97 quota exceeded
+    # Another tenant is not affected.
+    other = publish(p, "d1@t1", "mqttv311", qos="1")
+    assert other.returncode == 0, other
+    assert telemetry.next(timeout=10).body == b"x"
+
+    # A closed connection gives its place back.
+    held.pop(0).disconnect()
+    deadline = time.time() + 5
+    while (res := publish(p, "s3@small", "mqttv311")).returncode != 0 and time.time() < deadline:
+        time.sleep(0.1)
+    assert res.returncode == 0, res
+
+    # The limit follows the registry: raised to 3, a third connection is let in, a fourth not.
+    held.append(hold(p, "s3@small", "pw"))
+    assert held[-1] is not None, "the second of two"
+    reg.call("PUT", "/v1/tenants/small", {"resource-limits": {"max-connections": 3}})
+    deadline = time.time() + 5
+    while (third := hold(p, "s4@small", "pw")) is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert third is not None, "limit raised to 3"
+    held.append(third)
+    v3 = publish(p, "s1@small", "mqttv311")
+    assert v3.returncode == 5, v3
+
+    _, text = get(p, "/metrics")
+    refusals = metric(text, "ferrule_tenant_limit_refusals_total", tenant="small", limit="max_connections",
+                      adapter="hono-mqtt")
+    assert refusals is not None and refusals >= 3, refusals
+    assert metric(text, "ferrule_tenant_limit_refusals_total", tenant="t1") is None
+    for client in held:
+        client.disconnect()
+        client.loop_stop()
+    telemetry.close()
