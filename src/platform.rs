@@ -154,6 +154,11 @@ impl Platform {
         let device_tasks = vec![
             tokio::spawn(http.run(tiers.devices.clone())),
             tokio::spawn(coap.run(tiers.devices.clone())),
+            tokio::spawn(wiring::close_revoked_connections(
+                registry.auth().applied_changes(),
+                mqtt.revalidator(),
+                tiers.devices.clone(),
+            )),
         ];
         let management_tasks = vec![tokio::spawn(ops::run(
             ops_listener,

@@ -173,3 +173,31 @@ impl DeviceCheck for RegistryDevices {
         })
     }
 }
+
+/// Closes the MQTT connections of devices the registry no longer allows, for every change
+/// the registry's caches have followed, until `stop`.
+pub async fn close_revoked_connections(
+    mut changes: tokio::sync::broadcast::Receiver<ferrule_device_registry::store::Change>,
+    mqtt: ferrule_adapters::mqtt::Revalidator,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use ferrule_adapters::door::Scope;
+    use ferrule_device_registry::store::Change;
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let change = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = changes.recv() => match r {
+                Ok(change) => change,
+                Err(RecvError::Lagged(_)) => Change::All,
+                Err(RecvError::Closed) => return,
+            },
+        };
+        let scope = match change {
+            Change::Tenant(t) => Scope::Tenant(t.to_string()),
+            Change::Device(t, d) => Scope::Device(t.to_string(), d.to_string()),
+            Change::All => Scope::All,
+        };
+        mqtt.revalidate(&scope).await;
+    }
+}

@@ -266,47 +266,157 @@ pub async fn admit(
     Ok(target)
 }
 
-/// Open connections per tenant, for the tenant's `max-connections` resource limit
-/// (connection-oriented adapters; Hono counts MQTT and AMQP connections). In process:
-/// no metrics round trip, the count is exact for this instance.
+/// Open device connections of a connection-oriented adapter, per tenant and device: for
+/// the tenant's `max-connections` resource limit (Hono counts MQTT and AMQP connections;
+/// here in process, exact for this instance, no metrics round trip), and to close a
+/// device's connections when the registry no longer lets it in ([`Connections::revalidate`]).
 #[derive(Debug, Default)]
-pub struct TenantConnections {
-    counts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+pub struct Connections {
+    tenants: std::sync::Mutex<std::collections::HashMap<String, TenantEntry>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct TenantEntry {
+    count: u32,
+    /// device → its connections (id, what closes it).
+    devices: std::collections::HashMap<String, Vec<(u64, tokio_util::sync::CancellationToken)>>,
 }
 
 /// One counted connection; dropping it gives the place back.
 #[derive(Debug)]
 pub struct ConnectionSlot {
-    owner: Arc<TenantConnections>,
+    owner: Arc<Connections>,
     tenant: String,
+    device: String,
+    id: u64,
+    revoked: tokio_util::sync::CancellationToken,
 }
 
-impl TenantConnections {
-    /// A slot for one more connection of `tenant`, or `None` if it already holds `max`.
-    pub fn open(self: &Arc<Self>, tenant: &str, max: Option<u32>) -> Option<ConnectionSlot> {
-        let mut counts = self.counts.lock().expect("poisoned");
-        let count = counts.get(tenant).copied().unwrap_or(0);
-        if max.is_some_and(|max| count >= max) {
+/// Which devices a registry change may have affected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Tenant(String),
+    Device(String, String),
+    All,
+}
+
+impl Connections {
+    /// A slot for one more connection of `device` of `tenant`, or `None` if the tenant
+    /// already holds `max`.
+    pub fn open(
+        self: &Arc<Self>,
+        tenant: &str,
+        device: &str,
+        max: Option<u32>,
+    ) -> Option<ConnectionSlot> {
+        let mut tenants = self.tenants.lock().expect("poisoned");
+        let entry = tenants.entry(tenant.to_owned()).or_default();
+        if max.is_some_and(|max| entry.count >= max) {
+            if entry.count == 0 {
+                tenants.remove(tenant);
+            }
             return None;
         }
-        counts.insert(tenant.to_owned(), count + 1);
-        Some(ConnectionSlot { owner: self.clone(), tenant: tenant.to_owned() })
+        entry.count += 1;
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let revoked = tokio_util::sync::CancellationToken::new();
+        entry.devices.entry(device.to_owned()).or_default().push((id, revoked.clone()));
+        Some(ConnectionSlot {
+            owner: self.clone(),
+            tenant: tenant.to_owned(),
+            device: device.to_owned(),
+            id,
+            revoked,
+        })
     }
 
     /// Connections `tenant` holds open now.
     pub fn count(&self, tenant: &str) -> u32 {
-        self.counts.lock().expect("poisoned").get(tenant).copied().unwrap_or(0)
+        self.tenants.lock().expect("poisoned").get(tenant).map_or(0, |t| t.count)
+    }
+
+    /// Asks the registry again about every device with open connections in `scope`, and
+    /// closes the connections of those it no longer lets use `adapter` (device or tenant
+    /// disabled or deleted, adapter switched off). A registry that cannot answer closes
+    /// nothing. Returns how many connections were told to close.
+    pub async fn revalidate(
+        &self,
+        registry: &dyn DeviceRegistry,
+        adapter: &str,
+        scope: &Scope,
+    ) -> usize {
+        let devices: Vec<(String, String)> = {
+            let tenants = self.tenants.lock().expect("poisoned");
+            tenants
+                .iter()
+                .filter(|(tenant, _)| match scope {
+                    Scope::All => true,
+                    Scope::Tenant(t) | Scope::Device(t, _) => *tenant == t,
+                })
+                .flat_map(|(tenant, entry)| {
+                    entry.devices.keys().map(move |device| (tenant.clone(), device.clone()))
+                })
+                .filter(|(_, device)| match scope {
+                    Scope::Device(_, d) => device == d,
+                    _ => true,
+                })
+                .collect()
+        };
+        let mut closed = 0;
+        for (tenant, device) in devices {
+            let allowed = match registry.authorize_device(&tenant, &device, None).await {
+                Ok(()) => match registry.adapter_access(&tenant, adapter).await {
+                    Ok(access) => access.enabled,
+                    Err(e) => !refuses(&e),
+                },
+                Err(e) => !refuses(&e),
+            };
+            if !allowed {
+                closed += self.close(&tenant, &device);
+            }
+        }
+        closed
+    }
+
+    /// Tells every connection of `device` of `tenant` to close.
+    fn close(&self, tenant: &str, device: &str) -> usize {
+        let tenants = self.tenants.lock().expect("poisoned");
+        let Some(connections) = tenants.get(tenant).and_then(|t| t.devices.get(device)) else {
+            return 0;
+        };
+        for (_, token) in connections {
+            token.cancel();
+        }
+        connections.len()
+    }
+}
+
+/// Whether the registry's answer means "no" (rather than "cannot tell now").
+fn refuses(e: &AuthError) -> bool {
+    !matches!(e, AuthError::Busy | AuthError::Unavailable(_))
+}
+
+impl ConnectionSlot {
+    /// Cancelled when the registry no longer lets the device in: close the connection.
+    pub fn revoked(&self) -> tokio_util::sync::CancellationToken {
+        self.revoked.clone()
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut counts = self.owner.counts.lock().expect("poisoned");
-        if let Some(count) = counts.get_mut(&self.tenant) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.tenant);
+        let mut tenants = self.owner.tenants.lock().expect("poisoned");
+        let Some(entry) = tenants.get_mut(&self.tenant) else { return };
+        entry.count -= 1;
+        if let Some(list) = entry.devices.get_mut(&self.device) {
+            list.retain(|(id, _)| *id != self.id);
+            if list.is_empty() {
+                entry.devices.remove(&self.device);
             }
+        }
+        if entry.count == 0 {
+            tenants.remove(&self.tenant);
         }
     }
 }
@@ -367,17 +477,20 @@ mod tests {
 
     #[test]
     fn tenant_connections_are_counted_and_given_back() {
-        let counts = Arc::new(TenantConnections::default());
-        let a1 = counts.open("a", Some(2)).expect("first");
-        let a2 = counts.open("a", Some(2)).expect("second");
-        assert!(counts.open("a", Some(2)).is_none(), "third over the limit");
-        let b = counts.open("b", Some(1)).expect("another tenant has its own count");
+        let counts = Arc::new(Connections::default());
+        let a1 = counts.open("a", "d1", Some(2)).expect("first");
+        let a2 = counts.open("a", "d2", Some(2)).expect("second");
+        assert!(counts.open("a", "d3", Some(2)).is_none(), "third over the limit");
+        let b = counts.open("b", "d1", Some(1)).expect("another tenant has its own count");
         assert_eq!((counts.count("a"), counts.count("b")), (2, 1));
         drop(a1);
-        let a3 = counts.open("a", Some(2)).expect("a place was given back");
-        assert!(counts.open("a", None).is_some(), "no limit");
-        drop((a2, a3, b));
+        let a3 = counts.open("a", "d1", Some(2)).expect("a place was given back");
+        let a4 = counts.open("a", "d1", None).expect("no limit");
+        assert_eq!(counts.close("a", "d1"), 2, "both connections of d1");
+        assert!(a3.revoked().is_cancelled() && a4.revoked().is_cancelled());
+        assert!(!a2.revoked().is_cancelled() && !b.revoked().is_cancelled());
+        drop((a2, a3, a4, b));
         assert_eq!((counts.count("a"), counts.count("b")), (0, 0));
-        assert!(counts.counts.lock().unwrap().is_empty(), "no entry left for idle tenants");
+        assert!(counts.tenants.lock().unwrap().is_empty(), "no entry left for idle tenants");
     }
 }

@@ -281,6 +281,8 @@ struct Inner {
     mac_key: Hmac<Sha256>,
     seq: AtomicU64,
     state: Mutex<State>,
+    /// Changes once the caches have followed them ([`AuthService::applied_changes`]).
+    applied: tokio::sync::broadcast::Sender<Change>,
     /// Stops the change-following task when the last handle is dropped.
     _stop: DropGuard,
 }
@@ -333,6 +335,7 @@ impl AuthService {
             mac_key,
             seq: AtomicU64::new(0),
             state: Mutex::new(State::default()),
+            applied: tokio::sync::broadcast::channel(crate::store::CHANGE_CHANNEL_CAPACITY).0,
             _stop: stop.clone().drop_guard(),
         });
         tokio::spawn(follow_changes(Arc::downgrade(&inner), rx, stop));
@@ -887,11 +890,20 @@ async fn follow_changes(
             },
         };
         let Some(inner) = inner.upgrade() else { return };
-        AuthService { inner }.record_change(&change);
+        AuthService { inner: inner.clone() }.record_change(&change);
+        let _ = inner.applied.send(change);
     }
 }
 
 impl AuthService {
+    /// Registry changes, each sent once this service's caches have followed it (so that a
+    /// look-up made on receipt sees the change): what protocol adapters watch to close the
+    /// connections of devices that are no longer allowed. A receiver that lags gets
+    /// `Lagged` and must treat it as [`Change::All`].
+    pub fn applied_changes(&self) -> tokio::sync::broadcast::Receiver<Change> {
+        self.inner.applied.subscribe()
+    }
+
     /// For tests: the latest change sequence number processed.
     pub fn change_seq(&self) -> u64 {
         self.inner.seq.load(Ordering::SeqCst)

@@ -2,6 +2,7 @@
 its `max-connections` gets CONNACK 5 (MQTT 3.1.1) / 0x97 quota exceeded (MQTT 5) from
 mosquitto_pub while another tenant's devices keep flowing; the limit follows the registry
 live and a closed connection gives its place back."""
+import threading
 import time
 
 import paho.mqtt.client as paho
@@ -84,3 +85,59 @@ def test_a_tenant_at_its_connection_limit_is_refused_others_are_not(platform):
         client.disconnect()
         client.loop_stop()
     telemetry.close()
+
+
+class Subscriber:
+    """A paho-mqtt device that only receives commands (it never publishes)."""
+
+    def __init__(self, p, user, password, protocol):
+        self.connected = threading.Event()
+        self.gone = threading.Event()
+        self.reason = None
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"sub-{user}", protocol=protocol)
+        self.client.username_pw_set(user, password)
+        self.client.on_connect = lambda c, u, f, rc, props=None: (
+            c.subscribe("command///req/#", qos=1), self.connected.set())
+        self.client.on_disconnect = self.on_disconnect
+        self.client.connect("127.0.0.1", int(mqtt_port(p)))
+        self.client.loop_start()
+        assert self.connected.wait(10), "CONNACK"
+
+    def on_disconnect(self, client, userdata, flags, reason_code, properties=None):
+        self.reason = reason_code
+        self.gone.set()
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_disabling_a_device_or_its_tenant_closes_its_open_connections(platform):
+    """Sessions that only receive commands are closed once the registry no longer lets
+    their device in: MQTT 5 gets DISCONNECT 0x98 (administrative action)."""
+    p = platform
+    reg = Registry(p.registry_url, p.registry_token)
+    reg.tenant("t1").device("t1", "d1", password="pw").device("t1", "d2", password="pw")
+    reg.tenant("t2").device("t2", "e1", password="pw")
+    d1 = Subscriber(p, "d1@t1", "pw", paho.MQTTv5)
+    d2 = Subscriber(p, "d2@t1", "pw", paho.MQTTv311)
+    e1 = Subscriber(p, "e1@t2", "pw", paho.MQTTv5)
+
+    started = time.time()
+    reg.set_device_enabled("t1", "d1", False)
+    assert d1.gone.wait(5), "the disabled device's connection is closed"
+    assert d1.reason.value == 0x98, d1.reason
+    assert time.time() - started < 2, "within the propagation bound"
+    assert not d2.gone.is_set() and not e1.gone.is_set(), "only that device"
+
+    reg.call("PUT", "/v1/tenants/t1", {"enabled": False})
+    assert d2.gone.wait(5), "a disabled tenant's connections are closed"
+    assert not e1.gone.is_set(), "not another tenant's"
+
+    reg.call("DELETE", "/v1/tenants/t2")
+    assert e1.gone.wait(5), "a deleted tenant's connections are closed"
+
+    _, text = get(p, "/metrics")
+    assert metric(text, "ferrule_connections_revoked_total", adapter="hono-mqtt") == 3
+    for s in (d1, d2, e1):
+        s.close()

@@ -24,8 +24,9 @@ pub(super) struct Shared {
     pub commands: Option<CommandRouter>,
     /// Per-source limits, checked at CONNECT (ntex caps the total).
     pub admission: Arc<ferrule_net::listener::Admission>,
-    /// Open connections per tenant (the tenant's `max-connections`).
-    pub tenant_connections: Arc<door::TenantConnections>,
+    /// Open device connections per tenant and device (the tenant's `max-connections`,
+    /// closing those the registry no longer lets in).
+    pub connections: Arc<door::Connections>,
 }
 
 /// An error that ends the connection; ntex hands it to the control service.
@@ -160,8 +161,9 @@ pub(super) async fn authenticate(
     if !access.enabled {
         return Err(Refusal::NotAuthorized);
     }
-    let Some(slot) = shared.tenant_connections.open(&identity.tenant, access.max_connections)
-    else {
+    let slot =
+        shared.connections.open(&identity.tenant, &identity.device_id, access.max_connections);
+    let Some(slot) = slot else {
         door::limit_refused(&identity.tenant, ADAPTER, "max_connections");
         return Err(Refusal::TenantConnectionLimit);
     };
@@ -221,7 +223,18 @@ pub(super) async fn connect_v3(
         password: packet.password.as_deref(),
     };
     Ok(match admit(shared, connect.io(), request).await {
-        Ok(session) => connect.ack(session, false),
+        Ok(session) => {
+            if let Some(revoked) = session.revoked() {
+                let sink = connect.sink();
+                ntex_rt::spawn(async move {
+                    revoked.cancelled().await;
+                    if sink.is_open() {
+                        sink.close();
+                    }
+                });
+            }
+            connect.ack(session, false)
+        }
         Err(refusal) => connect.failed(refusal.v3()),
     })
 }
@@ -241,16 +254,29 @@ pub(super) async fn connect_v5(
         password: packet.password.as_deref(),
     };
     Ok(match admit(shared, connect.io(), request).await {
-        Ok(session) => connect.ack(session).with(|ack| {
-            ack.retain_available = false;
-            ack.shared_subscription_available = false;
-            ack.subscription_identifiers_available = false;
-            // MQTT 5 lets the server override the session expiry: no state is kept after
-            // the connection ends, and the client learns it here.
-            if asks_for_session {
-                ack.session_expiry_interval_secs = Some(0);
+        Ok(session) => {
+            if let Some(revoked) = session.revoked() {
+                let sink = connect.sink();
+                ntex_rt::spawn(async move {
+                    revoked.cancelled().await;
+                    if sink.is_open() {
+                        sink.close_with_reason(v5::codec::Disconnect::new(
+                            v5::codec::DisconnectReasonCode::AdministrativeAction,
+                        ));
+                    }
+                });
             }
-        }),
+            connect.ack(session).with(|ack| {
+                ack.retain_available = false;
+                ack.shared_subscription_available = false;
+                ack.subscription_identifiers_available = false;
+                // MQTT 5 lets the server override the session expiry: no state is kept after
+                // the connection ends, and the client learns it here.
+                if asks_for_session {
+                    ack.session_expiry_interval_secs = Some(0);
+                }
+            })
+        }
         Err(refusal) => connect
             .failed::<Session>(refusal.v5())
             .with(|ack| ack.reason_string = Some(refusal.reason().into())),

@@ -45,9 +45,43 @@ pub struct MqttAdapter {
     local_tls_addr: Option<SocketAddr>,
     stopped: tokio::sync::watch::Receiver<bool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    revalidator: Revalidator,
+}
+
+/// Closes MQTT connections the registry no longer allows ([`MqttAdapter::revalidator`]).
+#[derive(Clone)]
+pub struct Revalidator {
+    connections: Arc<crate::door::Connections>,
+    registry: Arc<dyn DeviceRegistry>,
+}
+
+impl Revalidator {
+    /// Closes the connections of devices in `scope` that the registry no longer lets use
+    /// MQTT (device or tenant disabled or deleted, MQTT switched off for the tenant): MQTT
+    /// 5 clients get DISCONNECT 0x98 (administrative action). Call it for every registry
+    /// change, once the registry's caches followed it. Returns how many connections were
+    /// told to close.
+    pub async fn revalidate(&self, scope: &crate::door::Scope) -> usize {
+        let closed = self.connections.revalidate(self.registry.as_ref(), ADAPTER, scope).await;
+        if closed > 0 {
+            tracing::info!(
+                ?scope,
+                closed,
+                "closing MQTT connections the registry no longer allows"
+            );
+            metrics::counter!("ferrule_connections_revoked_total", "adapter" => ADAPTER)
+                .increment(closed as u64);
+        }
+        closed
+    }
 }
 
 impl MqttAdapter {
+    /// What closes the connections of devices the registry no longer allows.
+    pub fn revalidator(&self) -> Revalidator {
+        self.revalidator.clone()
+    }
+
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -139,13 +173,14 @@ pub fn start_with_commands(
         config.max_connections,
         config.source_limits(),
     );
+    let connections = Arc::new(crate::door::Connections::default());
     let shared = Arc::new(connection::Shared {
         config,
         downstream,
-        registry,
+        registry: registry.clone(),
         commands,
         admission,
-        tenant_connections: Default::default(),
+        connections: connections.clone(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);
@@ -179,6 +214,7 @@ pub fn start_with_commands(
         local_tls_addr,
         stopped: stopped_rx,
         thread: Mutex::new(Some(thread)),
+        revalidator: Revalidator { connections, registry },
     })
 }
 

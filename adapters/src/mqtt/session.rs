@@ -122,9 +122,18 @@ impl Session {
         self
     }
 
-    /// Gives the tenant's connection slot back (the connection ended).
+    /// Gives the tenant's connection slot back (the connection ended); this also ends the
+    /// task waiting to close the connection on revocation.
     pub fn release_slot(&self) {
-        self.slot.borrow_mut().take();
+        if let Some(slot) = self.slot.borrow_mut().take() {
+            slot.revoked().cancel();
+        }
+    }
+
+    /// Cancelled when the registry no longer lets the device in (see
+    /// [`crate::door::Connections::revalidate`]), or when the connection ended.
+    pub fn revoked(&self) -> Option<tokio_util::sync::CancellationToken> {
+        self.slot.borrow().as_ref().map(|slot| slot.revoked())
     }
 
     pub fn identity(&self) -> Option<&DeviceIdentity> {
