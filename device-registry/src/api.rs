@@ -84,6 +84,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Management(ManagementError::BadRequest(_)) => StatusCode::BAD_REQUEST,
+            Self::Management(ManagementError::LimitReached(_)) => StatusCode::FORBIDDEN,
             Self::Management(ManagementError::PoolClosed | ManagementError::Busy) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

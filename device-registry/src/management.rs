@@ -37,6 +37,9 @@ pub enum ManagementError {
     /// Too many hashes are already waiting for the pool.
     #[error("password hashing is overloaded; retry later")]
     Busy,
+    /// The tenant's `registration-limits` do not allow it (HTTP 403, as Hono).
+    #[error("{0}")]
+    LimitReached(String),
 }
 
 impl From<PasswordError> for ManagementError {
@@ -123,6 +126,15 @@ impl Management {
             None => DeviceId::new(uuid::Uuid::new_v4().to_string())
                 .map_err(|e| ManagementError::BadRequest(e.to_string()))?,
         };
+        if let Some(max) = self.limits(tenant).await?.and_then(|l| limit(l.max_devices)) {
+            // Counted from storage: concurrent creates may pass the limit by their number.
+            if self.store.list_devices(tenant).await?.len() as u64 >= max {
+                metrics::counter!("ferrule_tenant_limit_refusals_total", "tenant" => tenant.to_string(), "adapter" => "registry", "limit" => "max_devices").increment(1);
+                return Err(ManagementError::LimitReached(format!(
+                    "the tenant's registration limit of {max} devices is reached"
+                )));
+            }
+        }
         // `status` is read-only: whatever the client sent is replaced.
         device.status = Some(DeviceStatus { created: Some(Utc::now()), ..Default::default() });
         let v = self.store.create_device(tenant, &id, &device).await?;
@@ -180,6 +192,13 @@ impl Management {
             .get_credentials(tenant, device)
             .await?
             .ok_or(StoreError::NotFound("device"))?;
+        let max = self.limits(tenant).await?.and_then(|l| limit(l.max_credentials_per_device));
+        if let Some(max) = max.filter(|max| creds.len() as u64 > *max) {
+            metrics::counter!("ferrule_tenant_limit_refusals_total", "tenant" => tenant.to_string(), "adapter" => "registry", "limit" => "max_credentials_per_device").increment(1);
+            return Err(ManagementError::LimitReached(format!(
+                "the tenant's registration limit of {max} credentials per device is exceeded"
+            )));
+        }
         let mut creds = merge_and_validate(creds, &existing.value)?;
         // Hash plain passwords off the async threads, bounded by the pool.
         let needs_hashing = creds.iter().any(|c| match c {
@@ -192,6 +211,22 @@ impl Management {
         // If-Match is checked against the version read above inside the store's atomic write.
         Ok(self.store.set_credentials(tenant, device, &creds, if_match).await?)
     }
+}
+
+impl Management {
+    /// The tenant's registration limits (`None`: none set).
+    async fn limits(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<crate::model::RegistrationLimits>, ManagementError> {
+        let stored = self.store.get_tenant(tenant).await?;
+        Ok(stored.and_then(|t| t.value.registration_limits))
+    }
+}
+
+/// A registration limit's value: `None` for -1 or absent (no limit).
+fn limit(value: Option<i64>) -> Option<u64> {
+    value.and_then(|v| u64::try_from(v).ok())
 }
 
 fn normalize_tenant(t: &mut Tenant) -> Result<(), ManagementError> {

@@ -229,3 +229,42 @@ async fn run_serves_until_cancelled() {
         "still serving after shutdown"
     );
 }
+
+#[tokio::test]
+async fn registration_limits_are_enforced() {
+    let (_reg, c) = TestRegistry::embedded_with_client().await;
+    let limits =
+        json!({"registration-limits": {"max-devices": 2, "max-credentials-per-device": 1}});
+    expect(&c, Method::POST, "/v1/tenants/small", Some(&limits), StatusCode::CREATED).await;
+    expect(&c, Method::POST, "/v1/tenants/big", None, StatusCode::CREATED).await;
+    for d in ["d1", "d2"] {
+        expect(&c, Method::POST, &format!("/v1/devices/small/{d}"), None, StatusCode::CREATED)
+            .await;
+    }
+    let r = expect(&c, Method::POST, "/v1/devices/small/d3", None, StatusCode::FORBIDDEN).await;
+    assert!(r.json()["error"].as_str().unwrap().contains("2 devices"), "{:?}", r.json());
+    expect(&c, Method::POST, "/v1/devices/small", None, StatusCode::FORBIDDEN).await;
+    expect(&c, Method::GET, "/v1/devices/small/d3", None, StatusCode::NOT_FOUND).await;
+    // Another tenant has its own (no) limit.
+    for d in ["d1", "d2", "d3"] {
+        expect(&c, Method::POST, &format!("/v1/devices/big/{d}"), None, StatusCode::CREATED).await;
+    }
+    // A deleted device frees its place.
+    expect(&c, Method::DELETE, "/v1/devices/small/d2", None, StatusCode::NO_CONTENT).await;
+    expect(&c, Method::POST, "/v1/devices/small/d3", None, StatusCode::CREATED).await;
+
+    let cred = |auth_id: &str| json!({"type": "hashed-password", "auth-id": auth_id, "secrets": [{"pwd-plain": "pw-123456"}]});
+    let one = json!([cred("a1")]);
+    expect(&c, Method::PUT, "/v1/credentials/small/d1", Some(&one), StatusCode::NO_CONTENT).await;
+    let two = json!([cred("a1"), cred("a2")]);
+    let r = expect(&c, Method::PUT, "/v1/credentials/small/d1", Some(&two), StatusCode::FORBIDDEN)
+        .await;
+    assert!(r.json()["error"].as_str().unwrap().contains("1 credentials"), "{:?}", r.json());
+    expect(&c, Method::PUT, "/v1/credentials/big/d1", Some(&two), StatusCode::NO_CONTENT).await;
+
+    // Limits change with the tenant.
+    let raised = json!({"registration-limits": {"max-devices": 3}});
+    expect(&c, Method::PUT, "/v1/tenants/small", Some(&raised), StatusCode::NO_CONTENT).await;
+    expect(&c, Method::POST, "/v1/devices/small/d4", None, StatusCode::CREATED).await;
+    expect(&c, Method::PUT, "/v1/credentials/small/d1", Some(&two), StatusCode::NO_CONTENT).await;
+}
