@@ -64,9 +64,25 @@ impl CommandsConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdaptersConfig {
+    /// Messages per second one device may send over all adapters of this instance (a
+    /// second's worth may come at once); 0: no limit.
+    pub max_messages_per_second_per_device: u32,
+    /// Messages per second all devices of one tenant may send; 0: no limit.
+    pub max_messages_per_second_per_tenant: u32,
     pub http: ferrule_adapters::http::HttpConfig,
     pub mqtt: ferrule_adapters::mqtt::MqttConfig,
     pub coap: ferrule_adapters::coap::CoapConfig,
+}
+
+impl AdaptersConfig {
+    /// The message rate limits of `[adapters]`.
+    pub fn rate_limits(&self) -> ferrule_adapters::downstream::RateLimits {
+        let limit = |n: u32| (n > 0).then_some(n);
+        ferrule_adapters::downstream::RateLimits {
+            per_device: limit(self.max_messages_per_second_per_device),
+            per_tenant: limit(self.max_messages_per_second_per_tenant),
+        }
+    }
 }
 
 impl Config {
@@ -155,6 +171,15 @@ request_id_key = ""
 
 "#;
 
+const ADAPTERS_DEFAULT_TOML: &str = r#"[adapters]
+# Message rate limits over all device adapters of this instance (telemetry and events;
+# a second's worth may come at once). Over them: HTTP 429, CoAP 4.29,
+# MQTT 5 PUBACK 0x97 (MQTT 3.1.1: as any failed publish). 0: no limit.
+max_messages_per_second_per_device = 0
+max_messages_per_second_per_tenant = 0
+
+"#;
+
 /// The default configuration as commented TOML.
 pub fn default_toml() -> String {
     [
@@ -164,6 +189,7 @@ pub fn default_toml() -> String {
         "\n",
         ferrule_device_registry::DEFAULT_TOML,
         "\n",
+        ADAPTERS_DEFAULT_TOML,
         ferrule_adapters::http::DEFAULT_TOML,
         "\n",
         ferrule_adapters::mqtt::DEFAULT_TOML,

@@ -113,7 +113,8 @@ impl Platform {
         let key = config.commands.request_key(&config.data_dir)?;
         let router = CommandRouter::new(broker.clone(), Arc::new(devices), key);
         router.install();
-        let downstream = Downstream::new(broker.clone());
+        let downstream =
+            Downstream::new(broker.clone()).with_rate_limits(config.adapters.rate_limits());
         let commands = Some(router.clone());
         let adapters = &config.adapters;
         let http = HttpAdapter::bind(

@@ -2,9 +2,10 @@
 //! messaging core. Shared by every adapter, so telemetry and events look the same
 //! whichever protocol they came in on.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fe2o3_amqp::types::messaging::{ApplicationProperties, Header, MessageAnnotations, Properties};
@@ -79,6 +80,10 @@ pub enum UploadError {
     /// Refused by the messaging core for another reason.
     #[error("refused downstream: {0}")]
     Refused(String),
+    /// Over a message rate limit ([`RateLimits`]): HTTP 429 / CoAP 4.29 / MQTT 5 PUBACK
+    /// 0x97.
+    #[error("{0}")]
+    RateLimited(String),
 }
 
 impl UploadError {
@@ -97,16 +102,100 @@ pub struct DownstreamStats {
     pub refused: AtomicU64,
 }
 
+/// Message rate limits over all adapters of this instance (messages per second; burst: one
+/// second's worth). `None`: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    pub per_device: Option<u32>,
+    pub per_tenant: Option<u32>,
+}
+
+/// Token buckets per tenant and per device.
+#[derive(Debug)]
+struct Rates {
+    limits: RateLimits,
+    buckets: std::sync::Mutex<RateBuckets>,
+}
+
+#[derive(Debug, Default)]
+struct RateBuckets {
+    tenants: HashMap<String, Bucket>,
+    devices: HashMap<(String, String), Bucket>,
+    /// Takes since the last sweep of idle buckets.
+    since_sweep: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// Refills at `rate` per second (up to `rate`) and takes one token if there is one.
+    fn take(&mut self, rate: u32, now: Instant) -> bool {
+        let rate = f64::from(rate);
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Buckets unused this long are full again: forgotten (memory stays bounded).
+const IDLE_BUCKET: Duration = Duration::from_secs(10);
+
+impl Rates {
+    /// One message of `device` of `tenant`; `Err` names the limit it is over.
+    fn take(&self, tenant: &str, device: &str) -> Result<(), &'static str> {
+        let now = Instant::now();
+        let mut b = self.buckets.lock().expect("poisoned");
+        b.since_sweep += 1;
+        if b.since_sweep >= 4096 {
+            b.since_sweep = 0;
+            b.tenants.retain(|_, bucket| now.saturating_duration_since(bucket.at) < IDLE_BUCKET);
+            b.devices.retain(|_, bucket| now.saturating_duration_since(bucket.at) < IDLE_BUCKET);
+        }
+        let fresh = |rate: u32| Bucket { tokens: f64::from(rate), at: now };
+        if let Some(rate) = self.limits.per_device {
+            let key = (tenant.to_owned(), device.to_owned());
+            if !b.devices.entry(key).or_insert_with(|| fresh(rate)).take(rate, now) {
+                return Err("device_rate");
+            }
+        }
+        if let Some(rate) = self.limits.per_tenant {
+            if !b.tenants.entry(tenant.to_owned()).or_insert_with(|| fresh(rate)).take(rate, now) {
+                return Err("tenant_rate");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Sends uploads into the messaging core (in process).
 #[derive(Clone)]
 pub struct Downstream {
     broker: Broker,
     pub stats: Arc<DownstreamStats>,
+    rates: Option<Arc<Rates>>,
 }
 
 impl Downstream {
     pub fn new(broker: Broker) -> Self {
-        Self { broker, stats: Arc::default() }
+        Self { broker, stats: Arc::default(), rates: None }
+    }
+
+    /// This downstream refusing messages over `limits` (all adapters that share it).
+    pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
+        self.rates = (limits != RateLimits::default()).then(|| {
+            Arc::new(Rates { limits, buckets: std::sync::Mutex::new(RateBuckets::default()) })
+        });
+        self
     }
 
     pub fn broker(&self) -> &Broker {
@@ -142,7 +231,28 @@ impl Downstream {
         upload: Upload,
         report: bool,
     ) -> Result<(), UploadError> {
+        self.submit(upload, report, true).await
+    }
+
+    /// Sends a message the platform makes on a device's behalf (a connection event): not
+    /// counted against the device's message rate.
+    pub async fn send_notification(&self, upload: Upload) -> Result<(), UploadError> {
+        self.submit(upload, false, false).await
+    }
+
+    async fn submit(&self, upload: Upload, report: bool, rated: bool) -> Result<(), UploadError> {
         let started = std::time::Instant::now();
+        if let Some(rates) = self.rates.as_ref().filter(|_| rated) {
+            if let Err(limit) = rates.take(&upload.tenant, &upload.device_id) {
+                metrics::counter!("ferrule_tenant_limit_refusals_total", "tenant" => upload.tenant.clone(), "adapter" => upload.orig_adapter, "limit" => limit).increment(1);
+                let what = if limit == "device_rate" { "device" } else { "tenant" };
+                let result = Err(UploadError::RateLimited(format!(
+                    "the {what}'s message rate limit is reached; retry later"
+                )));
+                record(&upload, &result, false, started.elapsed());
+                return result;
+            }
+        }
         let address = format!("{}/{}", upload.endpoint.as_str(), upload.tenant);
         let settled = upload.qos == Qos::AtMostOnce;
         let message = to_message(&address, &upload);
@@ -196,6 +306,7 @@ fn record(upload: &Upload, result: &Result<(), UploadError>, dropped: bool, elap
         Ok(()) => "accepted",
         Err(UploadError::NoConsumer(_)) => "no_consumer",
         Err(UploadError::Overloaded(_)) => "overloaded",
+        Err(UploadError::RateLimited(_)) => "rate_limited",
         Err(_) => "refused",
     };
     metrics::counter!(
@@ -307,5 +418,24 @@ mod tests {
         u.qos = Qos::AtMostOnce;
         assert_eq!(downstream.send(u).await, Ok(()));
         assert_eq!(downstream.stats.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn rates_per_device_and_per_tenant() {
+        let rates = Rates {
+            limits: RateLimits { per_device: Some(2), per_tenant: Some(3) },
+            buckets: std::sync::Mutex::new(RateBuckets::default()),
+        };
+        assert_eq!(rates.take("t", "a"), Ok(()));
+        assert_eq!(rates.take("t", "a"), Ok(()));
+        assert_eq!(rates.take("t", "a"), Err("device_rate"));
+        assert_eq!(rates.take("t", "b"), Ok(()), "b has its own allowance");
+        assert_eq!(rates.take("t", "b"), Err("tenant_rate"), "the tenant's 3 are used");
+        assert_eq!(rates.take("u", "a"), Ok(()), "another tenant");
+        let mut bucket = Bucket { tokens: 0.0, at: Instant::now() };
+        assert!(bucket.take(10, bucket.at + Duration::from_millis(150)), "refilled 1.5");
+        assert!(!bucket.take(10, bucket.at), "0.5 left");
+        assert!(bucket.take(10, bucket.at + Duration::from_secs(60)));
+        assert!(bucket.tokens <= 9.0, "capped at one second's worth");
     }
 }

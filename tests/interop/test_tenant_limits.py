@@ -141,3 +141,81 @@ def test_disabling_a_device_or_its_tenant_closes_its_open_connections(platform):
     assert metric(text, "ferrule_connections_revoked_total", adapter="hono-mqtt") == 3
     for s in (d1, d2, e1):
         s.close()
+
+
+RATES = """
+[adapters]
+max_messages_per_second_per_device = 3
+max_messages_per_second_per_tenant = 5
+"""
+
+
+def curl_burst(p, user, n):
+    """`n` HTTP events in one curl run (one connection, back to back): their status codes."""
+    url = f"http://{p.listeners['http']}/event"
+    args = ["curl", "-s", "-u", user, "-H", "content-type: text/plain", "--data-binary", "e",
+            "-w", "%{http_code} %header{retry-after}\\n", "-o", "/dev/null"]
+    for _ in range(n - 1):
+        args += [url, "--next", "-s", "-u", user, "-H", "content-type: text/plain", "--data-binary", "e",
+                 "-w", "%{http_code} %header{retry-after}\\n", "-o", "/dev/null"]
+    res = run(args + [url])
+    return [line.split() for line in res.stdout.splitlines()]
+
+
+def test_message_rates_per_device_and_per_tenant(platform_factory):
+    """Over `max_messages_per_second_per_device` a device gets HTTP 429 (Retry-After) and
+    MQTT 5 PUBACK 0x97; over the tenant's rate the tenant's other devices do too; another
+    tenant is not affected, and the allowance comes back a second later."""
+    p = platform_factory(extra=RATES).start()
+    reg = Registry(p.registry_url, p.registry_token)
+    reg.tenant("t1").device("t1", "d1", password="pw").device("t1", "d2", password="pw")
+    reg.tenant("t2").device("t2", "e1", password="pw")
+
+    d1 = curl_burst(p, "d1@t1:pw", 8)
+    ok = sum(1 for code, *_ in d1 if code == "202")
+    refused = [rest for code, *rest in d1 if code == "429"]
+    assert 3 <= ok <= 4 and len(refused) == 8 - ok, d1  # 3 at once, at most one refilled
+    assert all(r == ["1"] for r in refused), d1  # Retry-After: 1
+
+    d2 = curl_burst(p, "d2@t1:pw", 5)
+    ok2 = sum(1 for code, *_ in d2 if code == "202")
+    assert 5 - ok <= ok2 <= 5 - ok + 1 and ok2 < 3, (d1, d2)  # what is left of the tenant's 5
+
+    e1 = curl_burst(p, "e1@t2:pw", 3)
+    assert [code for code, *_ in e1] == ["202"] * 3, e1
+
+    # MQTT 5: PUBACK 0x97 over the device's rate, on a connection that stays open.
+    time.sleep(1.2)
+    acks = {}
+    done = threading.Event()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="rated", protocol=paho.MQTTv5)
+    client.username_pw_set("e1@t2", "pw")
+
+    def on_publish(c, u, mid, reason_code, props):
+        acks[mid] = reason_code.value
+        if len(acks) == 6:
+            done.set()
+
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", int(mqtt_port(p)))
+    client.loop_start()
+    for _ in range(6):
+        client.publish("event", b"m", qos=1)
+    assert done.wait(10), acks
+    codes = [acks[m] for m in sorted(acks)]
+    assert codes.count(0) in (3, 4) and set(codes) <= {0, 0x97}, codes
+    assert client.is_connected()
+    client.disconnect()
+    client.loop_stop()
+
+    time.sleep(1.2)
+    again = curl_burst(p, "d1@t1:pw", 1)
+    assert again[0][0] == "202", again
+
+    _, text = get(p, "/metrics")
+    refusals = [metric(text, "ferrule_tenant_limit_refusals_total", tenant="t1", limit=limit, adapter="hono-http")
+                for limit in ("device_rate", "tenant_rate")]
+    assert refusals[0] >= len(refused) and refusals[1] >= 1, refusals
+    assert sum(refusals) == len(refused) + (5 - ok2), (refusals, d1, d2)
+    assert metric(text, "ferrule_tenant_limit_refusals_total", tenant="t2", limit="device_rate",
+                  adapter="hono-mqtt") == codes.count(0x97)

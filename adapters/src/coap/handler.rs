@@ -81,6 +81,7 @@ impl Failure {
             }
             Failure::Upload(e) if e.is_transient() => ResponseType::ServiceUnavailable,
             Failure::Upload(UploadError::TooLarge { .. }) => ResponseType::RequestEntityTooLarge,
+            Failure::Upload(UploadError::RateLimited(_)) => ResponseType::TooManyRequests,
             Failure::Upload(_) => ResponseType::BadRequest,
             Failure::BlockIncomplete => ResponseType::RequestEntityIncomplete,
             Failure::Respond(RespondError::BadRequestId(_)) => ResponseType::BadRequest,

@@ -346,6 +346,9 @@ impl Failure {
             Failure::Upload(UploadError::TooLarge { .. }) | Failure::BodyTooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, self.message())
             }
+            Failure::Upload(UploadError::RateLimited(_)) => {
+                (StatusCode::TOO_MANY_REQUESTS, self.message())
+            }
             Failure::Upload(UploadError::EmptyWithoutContentType) | Failure::BadBody(_) => {
                 (StatusCode::BAD_REQUEST, self.message())
             }

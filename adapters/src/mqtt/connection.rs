@@ -346,7 +346,7 @@ pub(super) fn connection_event(
     };
     let downstream = shared.downstream.clone();
     ntex_rt::spawn(async move {
-        if let Err(e) = downstream.send(upload).await {
+        if let Err(e) = downstream.send_notification(upload).await {
             tracing::debug!(error = %e, cause, "connection event not delivered");
         }
     });

@@ -51,6 +51,7 @@ impl Failure {
             Failure::Auth(AuthError::Unavailable(_)) => 503,
             Failure::Upload(e) if e.is_transient() => 503,
             Failure::Upload(UploadError::TooLarge { .. }) => 413,
+            Failure::Upload(UploadError::RateLimited(_)) => 429,
             Failure::Upload(_) => 400,
             Failure::Respond(RespondError::BadRequestId(_) | RespondError::Refused(_)) => 400,
             Failure::Respond(RespondError::NotIssuedTo) => 403,
@@ -68,9 +69,11 @@ impl Failure {
                 PublishAckReason::NotAuthorized
             }
             Failure::Upload(UploadError::NoConsumer(_)) => PublishAckReason::UnspecifiedError,
-            Failure::Upload(UploadError::Overloaded(_) | UploadError::TooLarge { .. }) => {
-                PublishAckReason::QuotaExceeded
-            }
+            Failure::Upload(
+                UploadError::Overloaded(_)
+                | UploadError::TooLarge { .. }
+                | UploadError::RateLimited(_),
+            ) => PublishAckReason::QuotaExceeded,
             Failure::Upload(UploadError::EmptyWithoutContentType) => {
                 PublishAckReason::PayloadFormatInvalid
             }
@@ -95,7 +98,9 @@ impl Failure {
                 DisconnectReasonCode::NotAuthorized
             }
             Failure::Upload(UploadError::TooLarge { .. }) => DisconnectReasonCode::PacketTooLarge,
-            Failure::Upload(UploadError::Overloaded(_)) => DisconnectReasonCode::QuotaExceeded,
+            Failure::Upload(UploadError::Overloaded(_) | UploadError::RateLimited(_)) => {
+                DisconnectReasonCode::QuotaExceeded
+            }
             Failure::Upload(UploadError::EmptyWithoutContentType) => {
                 DisconnectReasonCode::PayloadFormatInvalid
             }
