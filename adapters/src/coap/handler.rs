@@ -418,6 +418,7 @@ mod tests {
                 ResponseType::RequestEntityTooLarge,
             ),
             (Failure::Upload(UploadError::EmptyWithoutContentType), ResponseType::BadRequest),
+            (Failure::Upload(UploadError::RateLimited("r".into())), ResponseType::TooManyRequests),
             (Failure::Overloaded, ResponseType::ServiceUnavailable),
         ];
         for (failure, code) in cases {
