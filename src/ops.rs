@@ -151,13 +151,26 @@ pub async fn run(
     tasks.close();
 }
 
+/// How long durable storage may fail (the store reopening, the disk filling up) before
+/// liveness fails.
+const STORAGE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn handle(state: &State, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method().as_str(), req.uri().path()) {
         ("GET", "/metrics") => {
             state.broker.publish_gauges();
             (StatusCode::OK, "text/plain; version=0.0.4", state.metrics.render())
         }
-        ("GET", "/health/live") => (StatusCode::OK, "text/plain", "live\n".into()),
+        // Live unless durable storage has failed for longer than the store takes to
+        // reopen itself: then only a restart (or an operator) can help.
+        ("GET", "/health/live") => match state.broker.storage_failing_for() {
+            Some(failing) if failing > STORAGE_GRACE => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("storage failing for {}s\n", failing.as_secs()),
+            ),
+            _ => (StatusCode::OK, "text/plain", "live\n".into()),
+        },
         ("GET", "/health/ready") => {
             let listeners_up = state.ready.0.load(Ordering::Acquire);
             // The store's health as the writer last saw it: a probe never forces a disk

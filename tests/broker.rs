@@ -336,3 +336,33 @@ async fn reply_addresses_that_come_and_go_do_not_add_up() {
     next(&mut again).await.settle(Outcome::Accepted);
     assert_eq!(sent.outcome().await, Outcome::Accepted);
 }
+
+#[tokio::test]
+async fn below_the_free_disk_floor_queues_refuse_with_backpressure() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = || {
+        let mut m = data_message("e");
+        m.header = Some(Header { durable: true, ..Default::default() });
+        m
+    };
+    // A floor above any disk: nothing new is stored, the refusal is backpressure.
+    let low = MessagingConfig { min_free_disk: u64::MAX, ..config() };
+    let broker = Broker::open(&low, dir.path()).unwrap();
+    match broker.send("event/t1", event()).await {
+        Outcome::Rejected { condition, description } => {
+            assert_eq!(condition, "amqp:resource-limit-exceeded");
+            assert!(description.contains("disk space is low"), "{description}");
+        }
+        other => panic!("stored below the floor: {other:?}"),
+    }
+    assert_eq!(broker.queue_depth("event/t1"), Some(0));
+    assert!(broker.storage_healthy(), "low disk is backpressure, not a storage failure");
+    broker.close().await.unwrap();
+    drop(broker);
+
+    // The same directory without the floor stores again.
+    let broker = Broker::open(&config(), dir.path()).unwrap();
+    assert_eq!(broker.send("event/t1", event()).await, Outcome::Accepted);
+    assert_eq!(broker.queue_depth("event/t1"), Some(1));
+    broker.close().await.unwrap();
+}

@@ -68,7 +68,8 @@ impl Broker {
     /// Opens the broker with its durable store at `data_dir/messaging.redb`, recovering
     /// every stored message and durable subscription.
     pub fn open(config: &MessagingConfig, data_dir: &Path) -> Result<Broker, BrokerError> {
-        let (store, recovery) = Store::open(&data_dir.join("messaging.redb"))?;
+        let (store, recovery) =
+            Store::open(&data_dir.join("messaging.redb"), config.min_free_disk)?;
         let broker = Self::with_store(config, Some(store));
         let mut recovered = 0usize;
         for (queue_name, topic) in &recovery.subscriptions {
@@ -250,6 +251,7 @@ impl Broker {
                         ("ferrule_queue_expired_total", &s.expired),
                         ("ferrule_queue_dead_lettered_total", &s.dead_lettered),
                         ("ferrule_queue_refused_full_total", &s.refused_full),
+                        ("ferrule_queue_refused_storage_total", &s.refused_storage),
                     ] {
                         metrics::counter!(name, &labels).absolute(value.load(Relaxed));
                     }
@@ -313,6 +315,11 @@ impl Broker {
     /// brokers are always healthy).
     pub fn storage_healthy(&self) -> bool {
         self.inner.store.as_ref().is_none_or(|store| store.healthy())
+    }
+
+    /// How long durable storage has been failing (`None` while it works).
+    pub fn storage_failing_for(&self) -> Option<std::time::Duration> {
+        self.inner.store.as_ref().and_then(|store| store.failing_for())
     }
 
     pub async fn flush(&self) -> Result<(), BrokerError> {

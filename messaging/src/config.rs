@@ -24,6 +24,10 @@ pub struct MessagingConfig {
     /// Most messages a queue (or topic subscription) holds; beyond it senders get
     /// `rejected` with `amqp:resource-limit-exceeded`.
     pub queue_max_depth: usize,
+    /// Bytes that must stay free on the data directory's file system: below it, new
+    /// messages for queues are refused (`amqp:resource-limit-exceeded`, devices: 503 /
+    /// 0x97) before the disk is full; acknowledgements still go through. 0: no floor.
+    pub min_free_disk: u64,
     /// Messages a consumer link may take from its address ahead of the client's credit
     /// (they wait in the server, bounded by this, and are released if the link goes).
     pub consumer_prefetch: u32,
@@ -134,6 +138,7 @@ impl Default for MessagingConfig {
             tls: Default::default(),
             addresses: Vec::new(),
             queue_max_depth: 100_000,
+            min_free_disk: 64 * 1024 * 1024,
             consumer_prefetch: 256,
             consumer_window: 1024,
             consumer_wait: Duration::from_secs(5),
@@ -193,6 +198,10 @@ listen_tls = "0.0.0.0:5671"
 # Most messages a queue (or topic subscription) holds; beyond it senders get `rejected`
 # with amqp:resource-limit-exceeded.
 queue_max_depth = 100000
+# Bytes that must stay free on the data directory's file system: below it, new messages
+# for queues are refused (amqp:resource-limit-exceeded; devices get 503 / PUBACK 0x97)
+# before the disk is full, acknowledgements still go through. 0: no floor.
+min_free_disk = 67108864
 # Messages a consumer link may take from its address ahead of the client's credit
 # (they wait in the server, bounded by this, and are released if the link goes away).
 consumer_prefetch = 256

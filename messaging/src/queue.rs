@@ -19,7 +19,7 @@ use crate::delivery::{
 };
 use crate::message::Submission;
 use crate::message::{condition, expiry_of, now_millis, Message, Outcome};
-use crate::store::{encode_record, Store};
+use crate::store::{encode_record, Store, StoreError};
 /// The handle queues and topics keep of the broker (to dead-letter messages).
 pub(crate) type BrokerRef = std::sync::Weak<dyn DeadLetters>;
 
@@ -74,6 +74,8 @@ pub struct QueueStats {
     pub expired: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub refused_full: AtomicU64,
+    /// Messages refused because storage failed or the disk is low.
+    pub refused_storage: AtomicU64,
 }
 
 pub(crate) struct QueueNode {
@@ -199,6 +201,16 @@ impl QueueNode {
                                 state.requeue(Entry { seq, message, expiry, delivery_count: 0 });
                                 this.dispatch(state);
                                 done(Outcome::Accepted);
+                            }
+                            // Storage trouble is backpressure, as a full queue: the producer
+                            // retries later (the store reopens itself, or space comes back).
+                            Err(e @ (StoreError::Io(_) | StoreError::DiskLow { .. })) => {
+                                drop(state);
+                                this.stats.refused_storage.fetch_add(1, Ordering::Relaxed);
+                                done(Outcome::rejected(
+                                    condition::RESOURCE_LIMIT_EXCEEDED,
+                                    e.to_string(),
+                                ));
                             }
                             Err(e) => {
                                 drop(state);

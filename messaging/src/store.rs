@@ -32,6 +32,10 @@ pub enum StoreError {
     /// The writer thread has stopped (the broker is shutting down).
     #[error("storage is shut down")]
     Closed,
+    /// Free disk space is below the floor (`[messaging] min_free_disk`): nothing new is
+    /// stored until there is more.
+    #[error("disk space is low ({free} bytes free, the floor is {floor}); retry later")]
+    DiskLow { free: u64, floor: u64 },
 }
 
 fn io(e: impl std::fmt::Display) -> StoreError {
@@ -86,13 +90,39 @@ pub(crate) struct Recovery {
 #[derive(Clone)]
 pub struct Store {
     tx: std_mpsc::Sender<Op>,
-    /// The last commit succeeded and the writer thread runs.
-    healthy: Arc<std::sync::atomic::AtomicBool>,
+    health: Arc<Health>,
+}
+
+/// What the writer last saw.
+#[derive(Debug, Default)]
+struct Health {
+    /// The last commit failed (or the writer stopped).
+    failing: std::sync::atomic::AtomicBool,
+    /// Since when (ms since the epoch) commits fail; 0 while they succeed.
+    failing_since: std::sync::atomic::AtomicU64,
+}
+
+impl Health {
+    fn record(&self, ok: bool) {
+        use std::sync::atomic::Ordering::{AcqRel, Release};
+        self.failing.store(!ok, Release);
+        if ok {
+            self.failing_since.store(0, Release);
+        } else {
+            let _ = self.failing_since.compare_exchange(
+                0,
+                message::now_millis(),
+                AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            );
+        }
+    }
 }
 
 impl Store {
-    /// Opens (or creates) the database at `path` and starts the writer thread.
-    pub(crate) fn open(path: &Path) -> Result<(Store, Recovery), StoreError> {
+    /// Opens (or creates) the database at `path` and starts the writer thread, which
+    /// refuses new messages while the file system has less than `min_free` bytes free.
+    pub(crate) fn open(path: &Path, min_free: u64) -> Result<(Store, Recovery), StoreError> {
         if let Some(dir) = path.parent() {
             ferrule_net::private::create_dir(dir).map_err(io)?;
         }
@@ -100,13 +130,14 @@ impl Store {
         ferrule_net::private::restrict_file(path).map_err(io)?;
         let recovery = recover(&db)?;
         let (tx, rx) = std_mpsc::channel();
-        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let writer_healthy = healthy.clone();
+        let health = Arc::new(Health::default());
+        let writer =
+            Writer { db: Some(db), path: path.to_owned(), min_free, health: health.clone() };
         thread::Builder::new()
             .name("ferrule-store".into())
-            .spawn(move || writer(db, rx, &writer_healthy))
+            .spawn(move || writer.run(rx))
             .map_err(io)?;
-        Ok((Store { tx, healthy }, recovery))
+        Ok((Store { tx, health }, recovery))
     }
 
     /// Appends a record made by [`encode_record`]; `done` runs on the writer thread once
@@ -136,7 +167,14 @@ impl Store {
 
     /// Whether the last commit succeeded (and the writer still runs); costs no I/O.
     pub fn healthy(&self) -> bool {
-        self.healthy.load(std::sync::atomic::Ordering::Acquire)
+        !self.health.failing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// How long commits have been failing (`None` while they succeed).
+    pub fn failing_for(&self) -> Option<std::time::Duration> {
+        let since = self.health.failing_since.load(std::sync::atomic::Ordering::Acquire);
+        (since != 0)
+            .then(|| std::time::Duration::from_millis(message::now_millis().saturating_sub(since)))
     }
 
     /// Waits until everything submitted so far is on disk.
@@ -207,42 +245,112 @@ fn recover(db: &Database) -> Result<Recovery, StoreError> {
     Ok(recovery)
 }
 
-fn writer(db: Database, rx: std_mpsc::Receiver<Op>, healthy: &std::sync::atomic::AtomicBool) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        let result = commit(&db, &batch);
-        healthy.store(result.is_ok(), std::sync::atomic::Ordering::Release);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, ops = batch.len(), "store commit failed");
-        }
-        let mut closed = None;
-        for op in batch.drain(..) {
-            match op {
-                Op::Append { done, .. } => done(result.clone()),
-                Op::Flush(tx) => {
-                    let _ = tx.send(result.clone());
+/// The writer thread's state: the database (reopened after a failed commit, since redb
+/// refuses every later transaction after an I/O error), and the free-space floor.
+struct Writer {
+    db: Option<Database>,
+    path: std::path::PathBuf,
+    min_free: u64,
+    health: Arc<Health>,
+}
+
+impl Writer {
+    fn run(mut self, rx: std_mpsc::Receiver<Op>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
                 }
-                Op::Close(tx) => closed = Some(tx),
-                _ => {}
+            }
+            let closing = batch.iter().any(|op| matches!(op, Op::Close(_)));
+            // Below the floor, new messages are refused; acknowledgements and the rest
+            // still go through (they free space).
+            let low = match free_space(&self.path) {
+                Some(free) if free < self.min_free && !closing => {
+                    Some(StoreError::DiskLow { free, floor: self.min_free })
+                }
+                _ => None,
+            };
+            let mut refused = Vec::new();
+            if let Some(e) = &low {
+                let (appends, rest): (Vec<Op>, Vec<Op>) =
+                    batch.drain(..).partition(|op| matches!(op, Op::Append { .. }));
+                batch = rest;
+                refused = appends;
+                if !refused.is_empty() {
+                    tracing::warn!(error = %e, refused = refused.len(), "store refusing new messages");
+                }
+            }
+            let result = self.commit(&batch);
+            // A disk below the floor is backpressure, not a failure (a restart would not
+            // help); failed commits are.
+            self.health.record(result.is_ok());
+            if let Err(e) = &result {
+                tracing::error!(error = %e, ops = batch.len(), "store commit failed; reopening the database");
+                // redb answers every later transaction with an error after an I/O error:
+                // reopen (next batch tries again if this fails).
+                self.db = None;
+                self.reopen();
+            }
+            for op in refused {
+                if let Op::Append { done, .. } = op {
+                    done(Err(low.clone().expect("refused only when low")));
+                }
+            }
+            let mut closed = None;
+            for op in batch.drain(..) {
+                match op {
+                    Op::Append { done, .. } => done(result.clone()),
+                    Op::Flush(tx) => {
+                        let _ = tx.send(result.clone());
+                    }
+                    Op::Close(tx) => closed = Some(tx),
+                    _ => {}
+                }
+            }
+            if let Some(tx) = closed {
+                self.db = None;
+                self.health.record(false);
+                tracing::debug!("store closed");
+                let _ = tx.send(result);
+                return;
             }
         }
-        if let Some(tx) = closed {
-            drop(db);
-            healthy.store(false, std::sync::atomic::Ordering::Release);
-            tracing::debug!("store closed");
-            let _ = tx.send(result);
-            return;
+        self.health.record(false);
+        tracing::debug!("store writer stopped");
+    }
+
+    fn reopen(&mut self) {
+        match Database::create(&self.path) {
+            Ok(db) => {
+                tracing::info!(path = %self.path.display(), "store reopened");
+                self.db = Some(db);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store could not be reopened; retrying with the next write")
+            }
         }
     }
-    healthy.store(false, std::sync::atomic::Ordering::Release);
-    tracing::debug!("store writer stopped");
+
+    fn commit(&mut self, batch: &[Op]) -> Result<(), StoreError> {
+        if self.db.is_none() {
+            self.reopen();
+        }
+        match &self.db {
+            Some(db) => commit(db, batch),
+            None => Err(StoreError::Io("the database is not open".into())),
+        }
+    }
+}
+
+/// Bytes available to this process on the file system holding `path`.
+fn free_space(path: &Path) -> Option<u64> {
+    let dir = path.parent().unwrap_or(path);
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 fn commit(db: &Database, batch: &[Op]) -> Result<(), StoreError> {
