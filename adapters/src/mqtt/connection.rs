@@ -209,6 +209,18 @@ async fn admit(
     }
 }
 
+/// Runs `close` on the connection's worker once the registry no longer lets the device
+/// in (the task also ends when the connection does: its slot is then given back, which
+/// wakes it, and the connection is no longer open).
+fn close_when_revoked(session: &Session, close: impl FnOnce() + 'static) {
+    if let Some(revoked) = session.revoked() {
+        ntex_rt::spawn(async move {
+            revoked.cancelled().await;
+            close();
+        });
+    }
+}
+
 pub(super) async fn connect_v3(
     shared: &Arc<Shared>,
     connect: v3::Connect,
@@ -224,15 +236,12 @@ pub(super) async fn connect_v3(
     };
     Ok(match admit(shared, connect.io(), request).await {
         Ok(session) => {
-            if let Some(revoked) = session.revoked() {
-                let sink = connect.sink();
-                ntex_rt::spawn(async move {
-                    revoked.cancelled().await;
-                    if sink.is_open() {
-                        sink.close();
-                    }
-                });
-            }
+            let sink = connect.sink();
+            close_when_revoked(&session, move || {
+                if sink.is_open() {
+                    sink.close();
+                }
+            });
             connect.ack(session, false)
         }
         Err(refusal) => connect.failed(refusal.v3()),
@@ -255,17 +264,14 @@ pub(super) async fn connect_v5(
     };
     Ok(match admit(shared, connect.io(), request).await {
         Ok(session) => {
-            if let Some(revoked) = session.revoked() {
-                let sink = connect.sink();
-                ntex_rt::spawn(async move {
-                    revoked.cancelled().await;
-                    if sink.is_open() {
-                        sink.close_with_reason(v5::codec::Disconnect::new(
-                            v5::codec::DisconnectReasonCode::AdministrativeAction,
-                        ));
-                    }
-                });
-            }
+            let sink = connect.sink();
+            close_when_revoked(&session, move || {
+                if sink.is_open() {
+                    sink.close_with_reason(v5::codec::Disconnect::new(
+                        v5::codec::DisconnectReasonCode::AdministrativeAction,
+                    ));
+                }
+            });
             connect.ack(session).with(|ack| {
                 ack.retain_available = false;
                 ack.shared_subscription_available = false;
