@@ -311,7 +311,7 @@ class Ferrule:
         self.passwords = passwords
         self.dir = suite.workdir / f"ferrule-{name}-{suite.next_id()}"
         self.data = self.dir / "data"
-        self.data.mkdir(parents=True)
+        self.data.mkdir(parents=True, mode=0o700)  # as ferrule makes it (no warning)
         self.config = self.dir / "ferrule.toml"
         keys = suite.supported_keys()
         section = lambda k: k if k == "registry" else f"adapters.{k}"  # noqa: E731
