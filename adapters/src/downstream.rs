@@ -120,7 +120,8 @@ struct Rates {
 #[derive(Debug, Default)]
 struct RateBuckets {
     tenants: HashMap<String, Bucket>,
-    devices: HashMap<(String, String), Bucket>,
+    /// tenant → device → bucket (looked up by `&str`: no allocation once a bucket exists).
+    devices: HashMap<String, HashMap<String, Bucket>>,
     /// Takes since the last sweep of idle buckets.
     since_sweep: u32,
 }
@@ -147,6 +148,17 @@ impl Bucket {
     }
 }
 
+/// Takes a token from `key`'s bucket in `map` (a full one if it has none yet).
+fn take_from(map: &mut HashMap<String, Bucket>, key: &str, rate: u32, now: Instant) -> bool {
+    if let Some(bucket) = map.get_mut(key) {
+        return bucket.take(rate, now);
+    }
+    let mut bucket = Bucket { tokens: f64::from(rate), at: now };
+    let taken = bucket.take(rate, now);
+    map.insert(key.to_owned(), bucket);
+    taken
+}
+
 /// Buckets unused this long are full again: forgotten (memory stays bounded).
 const IDLE_BUCKET: Duration = Duration::from_secs(10);
 
@@ -158,18 +170,29 @@ impl Rates {
         b.since_sweep += 1;
         if b.since_sweep >= 4096 {
             b.since_sweep = 0;
-            b.tenants.retain(|_, bucket| now.saturating_duration_since(bucket.at) < IDLE_BUCKET);
-            b.devices.retain(|_, bucket| now.saturating_duration_since(bucket.at) < IDLE_BUCKET);
+            let busy = |bucket: &Bucket| now.saturating_duration_since(bucket.at) < IDLE_BUCKET;
+            b.tenants.retain(|_, bucket| busy(bucket));
+            b.devices.retain(|_, devices| {
+                devices.retain(|_, bucket| busy(bucket));
+                !devices.is_empty()
+            });
         }
-        let fresh = |rate: u32| Bucket { tokens: f64::from(rate), at: now };
         if let Some(rate) = self.limits.per_device {
-            let key = (tenant.to_owned(), device.to_owned());
-            if !b.devices.entry(key).or_insert_with(|| fresh(rate)).take(rate, now) {
+            let taken = match b.devices.get_mut(tenant) {
+                Some(devices) => take_from(devices, device, rate, now),
+                None => {
+                    let mut devices = HashMap::new();
+                    let taken = take_from(&mut devices, device, rate, now);
+                    b.devices.insert(tenant.to_owned(), devices);
+                    taken
+                }
+            };
+            if !taken {
                 return Err("device_rate");
             }
         }
         if let Some(rate) = self.limits.per_tenant {
-            if !b.tenants.entry(tenant.to_owned()).or_insert_with(|| fresh(rate)).take(rate, now) {
+            if !take_from(&mut b.tenants, tenant, rate, now) {
                 return Err("tenant_rate");
             }
         }
@@ -244,7 +267,7 @@ impl Downstream {
         let started = std::time::Instant::now();
         if let Some(rates) = self.rates.as_ref().filter(|_| rated) {
             if let Err(limit) = rates.take(&upload.tenant, &upload.device_id) {
-                metrics::counter!("ferrule_tenant_limit_refusals_total", "tenant" => upload.tenant.clone(), "adapter" => upload.orig_adapter, "limit" => limit).increment(1);
+                crate::door::limit_refused(&upload.tenant, upload.orig_adapter, limit);
                 let what = if limit == "device_rate" { "device" } else { "tenant" };
                 let result = Err(UploadError::RateLimited(format!(
                     "the {what}'s message rate limit is reached; retry later"

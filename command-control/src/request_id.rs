@@ -129,6 +129,28 @@ fn hex_decode(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
+/// A request id's bytes: the body, then [`MAC_LEN`] bytes of MAC.
+struct Sealed(Vec<u8>);
+
+impl Sealed {
+    fn body(&self) -> &[u8] {
+        &self.0[..self.0.len() - MAC_LEN]
+    }
+
+    fn mac(&self) -> &[u8] {
+        &self.0[self.0.len() - MAC_LEN..]
+    }
+}
+
+/// Decodes `text` into body and MAC (not checked yet).
+fn unsealed(text: &str) -> Result<Sealed, RequestIdError> {
+    let raw = URL_SAFE_NO_PAD.decode(text).map_err(|_| RequestIdError::Encoding)?;
+    if raw.len() < MAC_LEN {
+        return Err(RequestIdError::Malformed);
+    }
+    Ok(Sealed(raw))
+}
+
 const STRING: u8 = 0;
 const ULONG: u8 = 1;
 const UUID: u8 = 2;
@@ -174,9 +196,8 @@ impl RequestId {
         device: &str,
         text: &str,
     ) -> Result<Self, RequestIdError> {
-        let raw = URL_SAFE_NO_PAD.decode(text).map_err(|_| RequestIdError::Encoding)?;
-        let body_len = raw.len().checked_sub(MAC_LEN).ok_or(RequestIdError::Malformed)?;
-        let (body, mac) = raw.split_at(body_len);
+        let raw = unsealed(text)?;
+        let (body, mac) = (raw.body(), raw.mac());
         let id = Self::parse(body)?;
         // The MAC is checked after parsing only so that errors name the problem; the
         // parse result is not used unless the MAC matches.
@@ -192,9 +213,8 @@ impl RequestId {
     /// # Errors
     /// [`RequestIdError::Encoding`], [`RequestIdError::Malformed`].
     pub fn check_form(text: &str) -> Result<(), RequestIdError> {
-        let raw = URL_SAFE_NO_PAD.decode(text).map_err(|_| RequestIdError::Encoding)?;
-        let body_len = raw.len().checked_sub(MAC_LEN).ok_or(RequestIdError::Malformed)?;
-        Self::parse(&raw[..body_len]).map(|_| ())
+        let raw = unsealed(text)?;
+        Self::parse(raw.body()).map(drop)
     }
 
     fn parse(raw: &[u8]) -> Result<Self, RequestIdError> {

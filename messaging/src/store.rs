@@ -265,24 +265,16 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let closing = batch.iter().any(|op| matches!(op, Op::Close(_)));
             // Below the floor, new messages are refused; acknowledgements and the rest
             // still go through (they free space).
-            let low = match free_space(&self.path) {
-                Some(free) if free < self.min_free && !closing => {
-                    Some(StoreError::DiskLow { free, floor: self.min_free })
-                }
-                _ => None,
-            };
+            let low = self.below_floor(&batch);
             let mut refused = Vec::new();
             if let Some(e) = &low {
                 let (appends, rest): (Vec<Op>, Vec<Op>) =
                     batch.drain(..).partition(|op| matches!(op, Op::Append { .. }));
                 batch = rest;
                 refused = appends;
-                if !refused.is_empty() {
-                    tracing::warn!(error = %e, refused = refused.len(), "store refusing new messages");
-                }
+                tracing::warn!(error = %e, refused = refused.len(), "store refusing new messages");
             }
             let result = self.commit(&batch);
             // A disk below the floor is backpressure, not a failure (a restart would not
@@ -295,9 +287,11 @@ impl Writer {
                 self.db = None;
                 self.reopen();
             }
-            for op in refused {
-                if let Op::Append { done, .. } = op {
-                    done(Err(low.clone().expect("refused only when low")));
+            if let Some(e) = low {
+                for op in refused {
+                    if let Op::Append { done, .. } = op {
+                        done(Err(e.clone()));
+                    }
                 }
             }
             let mut closed = None;
@@ -321,6 +315,19 @@ impl Writer {
         }
         self.health.record(false);
         tracing::debug!("store writer stopped");
+    }
+
+    /// `DiskLow` when `batch` stores new messages while the file system is below the
+    /// floor (asked only then: one `statvfs` per group commit that appends; a closing
+    /// batch still writes what it has).
+    fn below_floor(&self, batch: &[Op]) -> Option<StoreError> {
+        let appends = batch.iter().any(|op| matches!(op, Op::Append { .. }));
+        let closing = batch.iter().any(|op| matches!(op, Op::Close(_)));
+        if self.min_free == 0 || !appends || closing {
+            return None;
+        }
+        let free = free_space(&self.path)?;
+        (free < self.min_free).then_some(StoreError::DiskLow { free, floor: self.min_free })
     }
 
     fn reopen(&mut self) {
