@@ -299,7 +299,8 @@ async fn only_hono_shapes_exist_below_the_tenant() {
 
 #[tokio::test]
 async fn reply_addresses_that_come_and_go_do_not_add_up() {
-    let broker = Broker::in_memory(&config());
+    let broker =
+        Broker::in_memory(&MessagingConfig { max_addresses_per_tenant: 20_000, ..config() });
     let mut telemetry = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
     let mut kept =
         broker.subscribe("command_response/t1/kept", &SubscribeOptions::default()).unwrap();
@@ -310,7 +311,7 @@ async fn reply_addresses_that_come_and_go_do_not_add_up() {
         // Nobody listens any more: released, as for any address without a consumer.
         assert_eq!(broker.send(&address, data_message("late")).await, Outcome::Released);
     }
-    drop(broker.subscribe_dynamic("t1"));
+    drop(broker.subscribe_dynamic("t1").expect("under the address limit"));
     assert_eq!(broker.node_count(), 10_003);
     assert_eq!(broker.collect_idle(), 10_001, "the idle reply and dynamic addresses");
     assert_eq!(broker.node_count(), 2);
@@ -335,6 +336,77 @@ async fn reply_addresses_that_come_and_go_do_not_add_up() {
     let sent = broker.submit("command_response/t1/reply-7", data_message("again"), false);
     next(&mut again).await.settle(Outcome::Accepted);
     assert_eq!(sent.outcome().await, Outcome::Accepted);
+}
+
+#[tokio::test]
+async fn a_tenant_has_a_bounded_number_of_addresses() {
+    let broker = Broker::in_memory(&MessagingConfig { max_addresses_per_tenant: 4, ..config() });
+    let telemetry = broker.subscribe("telemetry/t1", &SubscribeOptions::default()).unwrap();
+    let replies: Vec<_> = (0..3)
+        .map(|i| {
+            let address = format!("command_response/t1/r{i}");
+            broker.subscribe(&address, &SubscribeOptions::default()).expect("under the limit")
+        })
+        .collect();
+    assert_eq!(broker.tenant_address_count("t1"), 4);
+    let refused = broker.subscribe("command_response/t1/r3", &SubscribeOptions::default());
+    match refused {
+        Err(e) => {
+            assert_eq!(e.condition(), "amqp:resource-limit-exceeded");
+            assert!(e.to_string().contains("limit of 4 addresses"), "{e}");
+        }
+        Ok(_) => panic!("a fifth address was made"),
+    }
+    assert!(broker.subscribe_dynamic("t1").is_err(), "dynamic addresses count too");
+    match broker.send("command_response/t1/r4", data_message("x")).await {
+        Outcome::Rejected { condition, .. } => {
+            assert_eq!(condition, "amqp:resource-limit-exceeded")
+        }
+        other => panic!("expected rejected, got {other:?}"),
+    }
+    // Existing addresses still work, and other tenants have their own count.
+    assert_eq!(broker.send("command_response/t1/r0", data_message("x")).await, Outcome::Released);
+    let other = broker.subscribe("command_response/t2/r0", &SubscribeOptions::default());
+    assert!(other.is_ok(), "t2 is not limited by t1's addresses");
+    // Idle reply addresses are forgotten: the tenant may make new ones.
+    drop((replies, other));
+    assert_eq!(broker.collect_idle(), 4, "three of t1 and one of t2");
+    assert_eq!(broker.tenant_address_count("t1"), 1, "telemetry/t1 stays");
+    assert!(broker.subscribe("command_response/t1/r3", &SubscribeOptions::default()).is_ok());
+    drop(telemetry);
+}
+
+#[tokio::test]
+async fn queues_are_bounded_in_bytes_per_queue_and_per_tenant() {
+    // Each 1,000-byte message counts 1,512 bytes (its body and 512 of overhead).
+    let broker = Broker::in_memory(&MessagingConfig {
+        queue_max_bytes: 4_000,
+        tenant_max_queue_bytes: 5_000,
+        ..Default::default()
+    });
+    let kilo = || data_message(vec![7u8; 1000]);
+    let full = |outcome: Outcome, what: &str| match outcome {
+        Outcome::Rejected { condition, description } => {
+            assert_eq!(condition, "amqp:resource-limit-exceeded");
+            assert!(description.contains(what), "{description}");
+        }
+        other => panic!("expected rejected, got {other:?}"),
+    };
+    assert_eq!(broker.send("event/t1", kilo()).await, Outcome::Accepted);
+    assert_eq!(broker.send("event/t1", kilo()).await, Outcome::Accepted);
+    full(broker.send("event/t1", kilo()).await, "4000 bytes");
+    assert_eq!(broker.send("event/t1/dlq", kilo()).await, Outcome::Accepted);
+    full(broker.send("event/t1/dlq", kilo()).await, "tenant's queues are full");
+    // Another tenant has its own budget.
+    for _ in 0..2 {
+        assert_eq!(broker.send("event/t2", kilo()).await, Outcome::Accepted);
+    }
+    // A consumed message gives its bytes back.
+    let mut consumer = broker.subscribe("event/t1", &SubscribeOptions::default()).unwrap();
+    consumer.add_credit(1);
+    next(&mut consumer).await.settle(Outcome::Accepted);
+    assert_eq!(broker.send("event/t1/dlq", kilo()).await, Outcome::Accepted);
+    assert_eq!(broker.queue_depth("event/t1"), Some(1));
 }
 
 #[tokio::test]

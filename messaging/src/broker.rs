@@ -24,6 +24,20 @@ pub enum BrokerError {
     /// The durable store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The address's tenant has as many addresses as it may (`max_addresses_per_tenant`).
+    #[error("tenant {tenant} has reached its limit of {max} addresses")]
+    LimitReached { tenant: String, max: usize },
+}
+
+impl BrokerError {
+    /// The AMQP error condition for this error.
+    pub fn condition(&self) -> &'static str {
+        match self {
+            BrokerError::NotFound(_) => condition::NOT_FOUND,
+            BrokerError::Store(_) => condition::INTERNAL_ERROR,
+            BrokerError::LimitReached { .. } => condition::RESOURCE_LIMIT_EXCEEDED,
+        }
+    }
 }
 
 /// Options of [`Broker::subscribe`].
@@ -53,6 +67,14 @@ pub(crate) struct Inner {
     nodes: RwLock<HashMap<String, Node>>,
     store: Option<Store>,
     max_depth: usize,
+    max_queue_bytes: usize,
+    tenant_max_queue_bytes: usize,
+    /// tenant → the bytes all its queues hold.
+    tenant_queue_bytes: std::sync::Mutex<HashMap<String, Arc<crate::direct::Budget>>>,
+    max_addresses_per_tenant: usize,
+    /// tenant → how many of its addresses have a node (internal ones not counted);
+    /// changed only under the `nodes` write lock.
+    tenant_addresses: std::sync::Mutex<HashMap<String, usize>>,
     /// What anycast addresses hold for busy consumers (one budget for all of them).
     hold: Hold,
     this: Weak<Inner>,
@@ -114,6 +136,11 @@ impl Broker {
             nodes: RwLock::new(HashMap::new()),
             store,
             max_depth: config.queue_max_depth,
+            max_queue_bytes: config.queue_max_bytes,
+            tenant_max_queue_bytes: config.tenant_max_queue_bytes,
+            tenant_queue_bytes: Default::default(),
+            max_addresses_per_tenant: config.max_addresses_per_tenant,
+            tenant_addresses: Default::default(),
             hold: Hold {
                 max_wait: config.consumer_wait,
                 max_bytes: config.consumer_wait_bytes,
@@ -151,11 +178,19 @@ impl Broker {
         if let Some(handler) = self.inner.handler_for(address) {
             return handler.submit(address, message, settled);
         }
+        // A reply address nobody made has no consumer: released, and nothing is made for it
+        // (a sender cannot fill the node table, or its tenant's address count, with them).
+        if !per_tenant(address)
+            && self.address_type(address) == Some(AddressType::Anycast)
+            && !self.inner.nodes.read().expect("poisoned").contains_key(address)
+        {
+            return Submission::Ready(Outcome::Released);
+        }
         match self.inner.node_for(address) {
             Ok(Node::Direct(node)) => node.submit(message, settled),
             Ok(Node::Queue(node)) => node.submit(message),
             Ok(Node::Topic(node)) => node.submit(message),
-            Err(e) => Submission::Ready(Outcome::rejected(condition::NOT_FOUND, e.to_string())),
+            Err(e) => Submission::Ready(Outcome::rejected(e.condition(), e.to_string())),
         }
     }
 
@@ -195,11 +230,26 @@ impl Broker {
     /// are kept (they hold messages).
     pub fn collect_idle(&self) -> usize {
         let mut nodes = self.inner.nodes.write().expect("poisoned");
+        let mut counts = self.inner.tenant_addresses.lock().expect("poisoned");
         let before = nodes.len();
-        nodes.retain(
-            |address, node| !matches!(node, Node::Direct(d) if !per_tenant(address) && d.is_idle()),
-        );
+        nodes.retain(|address, node| {
+            let idle = matches!(node, Node::Direct(d) if !per_tenant(address) && d.is_idle());
+            if idle {
+                if let Some(count) =
+                    self.inner.counted_tenant(address).and_then(|t| counts.get_mut(t))
+                {
+                    *count = count.saturating_sub(1);
+                }
+            }
+            !idle
+        });
+        counts.retain(|_, count| *count > 0);
         before - nodes.len()
+    }
+
+    /// How many counted addresses `tenant` has now (see `max_addresses_per_tenant`).
+    pub fn tenant_address_count(&self, tenant: &str) -> usize {
+        self.inner.tenant_addresses.lock().expect("poisoned").get(tenant).copied().unwrap_or(0)
     }
 
     /// How many addresses have a node now (direct ones are made on use and collected
@@ -210,10 +260,12 @@ impl Broker {
 
     /// Creates a consumer on a fresh address of `tenant` (AMQP dynamic receivers,
     /// reply addresses for request/response).
-    pub fn subscribe_dynamic(&self, tenant: &str) -> Consumer {
+    ///
+    /// # Errors
+    /// The tenant has as many addresses as it may.
+    pub fn subscribe_dynamic(&self, tenant: &str) -> Result<Consumer, BrokerError> {
         let address = format!("{DYNAMIC_PREFIX}/{tenant}/{}", uuid::Uuid::new_v4().simple());
         self.subscribe(&address, &SubscribeOptions::default())
-            .expect("dynamic addresses always resolve")
     }
 
     /// Messages held by queue `address` (stored, in flight or being written).
@@ -237,11 +289,19 @@ impl Broker {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         metrics::gauge!("ferrule_address_nodes").set(nodes.len() as f64);
+        let budgets: Vec<(String, usize)> = {
+            let budgets = self.inner.tenant_queue_bytes.lock().expect("poisoned");
+            budgets.iter().map(|(tenant, budget)| (tenant.clone(), budget.used())).collect()
+        };
+        for (tenant, used) in budgets {
+            metrics::gauge!("ferrule_tenant_queue_bytes", "tenant" => tenant).set(used as f64);
+        }
         for (address, node) in nodes {
             match node {
                 Node::Queue(q) => {
                     let labels = [("address", address)];
                     metrics::gauge!("ferrule_queue_depth", &labels).set(q.depth() as f64);
+                    metrics::gauge!("ferrule_queue_bytes", &labels).set(q.bytes() as f64);
                     metrics::gauge!("ferrule_address_consumers", &labels)
                         .set(q.consumer_count() as f64);
                     let s = &q.stats;
@@ -373,7 +433,28 @@ impl Inner {
         }
         let kind =
             self.table.resolve(address).ok_or_else(|| BrokerError::NotFound(address.to_owned()))?;
-        Ok(self.create(address, kind))
+        self.create(address, kind, true)
+    }
+
+    /// The tenant whose address count `address` is part of: `None` for the platform's
+    /// internal addresses (bounded by the registry) and addresses without a tenant.
+    fn counted_tenant<'a>(&self, address: &'a str) -> Option<&'a str> {
+        if self.table.rule(address).is_some_and(|rule| rule.internal) {
+            return None;
+        }
+        crate::address::tenant_of(address)
+    }
+
+    /// The byte budget all queues of `address`'s tenant share.
+    fn tenant_budget(&self, address: &str) -> Arc<crate::direct::Budget> {
+        let tenant = crate::address::tenant_of(address).unwrap_or_default();
+        let mut budgets = self.tenant_queue_bytes.lock().expect("poisoned");
+        if let Some(budget) = budgets.get(tenant) {
+            return budget.clone();
+        }
+        let budget = Arc::new(crate::direct::Budget::new(self.tenant_max_queue_bytes));
+        budgets.insert(tenant.to_owned(), budget.clone());
+        budget
     }
 
     /// Like `node_for`, but creates the node with the stored kind even if the
@@ -385,11 +466,51 @@ impl Inner {
                 tracing::warn!(address, configured = ?other, ?stored, "address type changed; keeping stored data as {stored:?}")
             }
         }
-        self.create(address, stored)
+        let mut nodes = self.nodes.write().expect("poisoned");
+        if let Some(node) = nodes.get(address) {
+            return node.clone();
+        }
+        // Not limited: stored messages are never dropped.
+        self.count_address(address, false);
+        self.insert(&mut nodes, address, stored)
     }
 
-    fn create(&self, address: &str, kind: AddressType) -> Node {
+    /// The node of `address`, made as `kind` if it has none, unless its tenant has as many
+    /// addresses as it may.
+    fn create(&self, address: &str, kind: AddressType, limited: bool) -> Result<Node, BrokerError> {
         let mut nodes = self.nodes.write().expect("poisoned");
+        if let Some(node) = nodes.get(address) {
+            return Ok(node.clone());
+        }
+        if !self.count_address(address, limited) {
+            let tenant = crate::address::tenant_of(address).unwrap_or_default().to_owned();
+            metrics::counter!("ferrule_tenant_limit_refusals_total", "tenant" => tenant.clone(), "adapter" => "amqp", "limit" => "addresses").increment(1);
+            return Err(BrokerError::LimitReached { tenant, max: self.max_addresses_per_tenant });
+        }
+        Ok(self.insert(&mut nodes, address, kind))
+    }
+
+    /// Counts one more address for `address`'s tenant; `false` (and nothing counted) if
+    /// `limited` and the tenant has as many as it may. Called under the `nodes` write lock.
+    fn count_address(&self, address: &str, limited: bool) -> bool {
+        let Some(tenant) = self.counted_tenant(address) else { return true };
+        let mut counts = self.tenant_addresses.lock().expect("poisoned");
+        let count = counts.get(tenant).copied().unwrap_or(0);
+        if limited && count >= self.max_addresses_per_tenant {
+            return false;
+        }
+        counts.insert(tenant.to_owned(), count + 1);
+        true
+    }
+
+    /// Makes the node of `address` (the caller holds the `nodes` write lock and checked
+    /// that there is none).
+    fn insert(&self, nodes: &mut HashMap<String, Node>, address: &str, kind: AddressType) -> Node {
+        let limits = || crate::queue::QueueLimits {
+            max_depth: self.max_depth,
+            max_bytes: self.max_queue_bytes,
+            tenant: self.tenant_budget(address),
+        };
         nodes
             .entry(address.to_owned())
             .or_insert_with(|| match kind {
@@ -402,7 +523,7 @@ impl Inner {
                 AddressType::Queue => Node::Queue(QueueNode::new(
                     address,
                     self.store.clone(),
-                    self.max_depth,
+                    limits(),
                     self.this.clone(),
                     // Internal queues (deferred commands) expire by design: no dead letters.
                     !self.table.rule(address).is_some_and(|rule| rule.internal),
@@ -410,7 +531,7 @@ impl Inner {
                 AddressType::Topic => Node::Topic(TopicNode::new(
                     address,
                     self.store.clone(),
-                    self.max_depth,
+                    limits(),
                     self.this.clone(),
                 )),
             })
@@ -432,7 +553,7 @@ impl crate::queue::DeadLetters for Inner {
                 condition::NOT_ALLOWED,
                 "dead-letter address is not a queue",
             )),
-            Err(e) => done(Outcome::rejected(condition::NOT_FOUND, e.to_string())),
+            Err(e) => done(Outcome::rejected(e.condition(), e.to_string())),
         }
     }
 }

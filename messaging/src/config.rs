@@ -24,6 +24,18 @@ pub struct MessagingConfig {
     /// Most messages a queue (or topic subscription) holds; beyond it senders get
     /// `rejected` with `amqp:resource-limit-exceeded`.
     pub queue_max_depth: usize,
+    /// Most bytes a queue (or topic subscription) holds (messages as stored, plus 512 per
+    /// message); beyond it senders get `rejected` with `amqp:resource-limit-exceeded`.
+    /// Queues live in memory as well as on disk: this bounds what one address can pin.
+    pub queue_max_bytes: usize,
+    /// Most bytes all queues of one tenant hold together (same measure): one tenant's
+    /// backlog cannot take the memory the others need.
+    pub tenant_max_queue_bytes: usize,
+    /// Most addresses one tenant has at once (reply addresses, dynamic receivers,
+    /// queues; the platform's internal ones, such as deferred commands, are bounded by
+    /// the registry instead). Beyond it an attach is refused and a message rejected with
+    /// `amqp:resource-limit-exceeded`. Idle reply and dynamic addresses are forgotten.
+    pub max_addresses_per_tenant: usize,
     /// Bytes that must stay free on the data directory's file system: below it, new
     /// messages for queues are refused (`amqp:resource-limit-exceeded`, devices: 503 /
     /// 0x97) before the disk is full; acknowledgements still go through. 0: no floor.
@@ -89,6 +101,9 @@ impl MessagingConfig {
         let bad = |key: &str, problem: &str| Err(ConfigError::new("messaging", key, problem));
         let positive = [
             ("queue_max_depth", self.queue_max_depth),
+            ("queue_max_bytes", self.queue_max_bytes),
+            ("tenant_max_queue_bytes", self.tenant_max_queue_bytes),
+            ("max_addresses_per_tenant", self.max_addresses_per_tenant),
             ("consumer_prefetch", self.consumer_prefetch as usize),
             ("consumer_window", self.consumer_window as usize),
             ("consumer_wait_bytes", self.consumer_wait_bytes),
@@ -138,6 +153,9 @@ impl Default for MessagingConfig {
             tls: Default::default(),
             addresses: Vec::new(),
             queue_max_depth: 100_000,
+            queue_max_bytes: 256 * 1024 * 1024,
+            tenant_max_queue_bytes: 1024 * 1024 * 1024,
+            max_addresses_per_tenant: 1000,
             min_free_disk: 64 * 1024 * 1024,
             consumer_prefetch: 256,
             consumer_window: 1024,
@@ -198,6 +216,15 @@ listen_tls = "0.0.0.0:5671"
 # Most messages a queue (or topic subscription) holds; beyond it senders get `rejected`
 # with amqp:resource-limit-exceeded.
 queue_max_depth = 100000
+# Most bytes a queue holds (messages as stored plus 512 each; queues are kept in memory
+# as well as on disk), and all queues of one tenant together; beyond them senders get
+# `rejected` with amqp:resource-limit-exceeded (devices: 503 / PUBACK 0x97).
+queue_max_bytes = 268435456
+tenant_max_queue_bytes = 1073741824
+# Most addresses one tenant has at once (reply addresses, dynamic receivers, queues; not
+# the platform's internal ones). Beyond it attaches and messages for new addresses are
+# refused with amqp:resource-limit-exceeded. Idle reply/dynamic addresses are forgotten.
+max_addresses_per_tenant = 1000
 # Bytes that must stay free on the data directory's file system: below it, new messages
 # for queues are refused (amqp:resource-limit-exceeded; devices get 503 / PUBACK 0x97)
 # before the disk is full, acknowledgements still go through. 0: no floor.

@@ -108,12 +108,7 @@ impl Delivery {
 
     /// The bytes of the message's body sections (what a buffer of held messages counts).
     pub(crate) fn message_size(&self) -> usize {
-        use fe2o3_amqp_types::messaging::Body;
-        match &self.message.body {
-            Body::Data(batch) => batch.iter().map(|data| data.0.len()).sum(),
-            Body::Sequence(batch) => batch.len() * 64,
-            Body::Value(_) | Body::Empty => 64,
-        }
+        crate::message::body_size(&self.message)
     }
 
     /// Takes the message out; the delivery still has to be settled.

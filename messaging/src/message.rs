@@ -43,6 +43,16 @@ pub fn decode(bytes: &[u8]) -> Result<Message, serde_amqp::Error> {
     Body::<Value>::decode_message_from_reader(serde_amqp::read::SliceReader::new(bytes))
 }
 
+/// The bytes of a message's body sections (an estimate for non-binary bodies): what
+/// buffers of messages in memory count.
+pub fn body_size(message: &Message) -> usize {
+    match &message.body {
+        Body::Data(batch) => batch.iter().map(|data| data.0.len()).sum(),
+        Body::Sequence(batch) => batch.len() * 64,
+        Body::Value(_) | Body::Empty => 64,
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)

@@ -7,7 +7,7 @@
 //! `released`/`modified` puts it back in order; `rejected` and expiry dead-letter it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use fe2o3_amqp_types::messaging::{Header, MessageAnnotations};
@@ -17,8 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::delivery::{
     new_slot, Consumer, ConsumerHost, ConsumerSlot, Credit, Delivery, Responder, Settle,
 };
+use crate::direct::Budget;
 use crate::message::Submission;
-use crate::message::{condition, expiry_of, now_millis, Message, Outcome};
+use crate::message::{body_size, condition, expiry_of, now_millis, Message, Outcome};
 use crate::store::{encode_record, Store, StoreError};
 /// The handle queues and topics keep of the broker (to dead-letter messages).
 pub(crate) type BrokerRef = std::sync::Weak<dyn DeadLetters>;
@@ -42,6 +43,23 @@ struct Entry {
     message: Message,
     expiry: Option<u64>,
     delivery_count: u32,
+    /// What it counts against the queue's and the tenant's byte bounds.
+    bytes: usize,
+}
+
+/// What a queued message counts for besides its stored form (the decoded message and
+/// bookkeeping).
+const ENTRY_OVERHEAD_BYTES: usize = 512;
+
+/// The bounds of one queue.
+#[derive(Debug, Clone)]
+pub(crate) struct QueueLimits {
+    /// Messages.
+    pub(crate) max_depth: usize,
+    /// Bytes of this queue.
+    pub(crate) max_bytes: usize,
+    /// Bytes of all queues of its tenant.
+    pub(crate) tenant: Arc<Budget>,
 }
 
 #[derive(Default)]
@@ -84,7 +102,9 @@ pub(crate) struct QueueNode {
     /// Where dead letters go; `None` for a dead-letter queue itself.
     dead_letter_address: Option<String>,
     store: Option<Store>,
-    max_depth: usize,
+    limits: QueueLimits,
+    /// Bytes of the messages it holds (committing, ready, in flight).
+    bytes: AtomicUsize,
     broker: BrokerRef,
     this: Weak<QueueNode>,
     state: Mutex<State>,
@@ -95,7 +115,7 @@ impl QueueNode {
     pub(crate) fn new(
         name: &str,
         store: Option<Store>,
-        max_depth: usize,
+        limits: QueueLimits,
         broker: BrokerRef,
         dead_letters: bool,
     ) -> Arc<Self> {
@@ -106,7 +126,8 @@ impl QueueNode {
             name: name.into(),
             dead_letter_address,
             store,
-            max_depth,
+            limits,
+            bytes: AtomicUsize::new(0),
             broker,
             this: this.clone(),
             state: Mutex::new(State::default()),
@@ -120,13 +141,28 @@ impl QueueNode {
 
     /// Loads messages recovered from disk (at start-up, before any traffic).
     pub(crate) fn restore(&self, seq: u64, expiry: Option<u64>, message: Message) {
+        // Recovered messages are kept even over the bounds: nothing on disk is dropped.
+        let bytes = body_size(&message) + ENTRY_OVERHEAD_BYTES;
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.limits.tenant.add(bytes);
         let mut state = self.lock();
         state.next_seq = state.next_seq.max(seq + 1);
-        state.requeue(Entry { seq, message, expiry, delivery_count: 0 });
+        state.requeue(Entry { seq, message, expiry, delivery_count: 0, bytes });
     }
 
     pub(crate) fn depth(&self) -> usize {
         self.lock().depth()
+    }
+
+    /// Bytes of the messages it holds.
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Gives back what a message that left the queue counted.
+    fn forget_bytes(&self, bytes: usize) {
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.limits.tenant.give_back(bytes);
     }
 
     /// Registers a consumer slot; the caller builds the [`Consumer`] around it.
@@ -171,15 +207,26 @@ impl QueueNode {
             Ok(record) => record,
             Err(e) => return done(Outcome::rejected(condition::INTERNAL_ERROR, e.to_string())),
         };
+        let bytes =
+            record.as_ref().map_or_else(|| body_size(&message), Vec::len) + ENTRY_OVERHEAD_BYTES;
         let mut state = self.lock();
-        if state.depth() >= self.max_depth {
+        // The checks and the count happen under the lock: concurrent senders cannot both
+        // take the last room.
+        let full = if state.depth() >= self.limits.max_depth {
+            Some(format!("queue {} is full ({} messages)", self.name, self.limits.max_depth))
+        } else if self.bytes() + bytes > self.limits.max_bytes {
+            Some(format!("queue {} is full ({} bytes)", self.name, self.limits.max_bytes))
+        } else if !self.limits.tenant.try_take(bytes) {
+            Some(format!("the tenant's queues are full ({} bytes)", self.limits.tenant.max()))
+        } else {
+            None
+        };
+        if let Some(description) = full {
             drop(state);
             self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
-            return done(Outcome::rejected(
-                condition::RESOURCE_LIMIT_EXCEEDED,
-                format!("queue {} is full ({} messages)", self.name, self.max_depth),
-            ));
+            return done(Outcome::rejected(condition::RESOURCE_LIMIT_EXCEEDED, description));
         }
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
         let seq = state.next_seq;
         state.next_seq += 1;
         self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
@@ -196,9 +243,14 @@ impl QueueNode {
                         let Some(this) = this.upgrade() else { return done(Outcome::Released) };
                         let mut state = this.lock();
                         state.committing -= 1;
+                        if result.is_err() {
+                            this.forget_bytes(bytes);
+                        }
                         match result {
                             Ok(()) => {
-                                state.requeue(Entry { seq, message, expiry, delivery_count: 0 });
+                                let entry =
+                                    Entry { seq, message, expiry, delivery_count: 0, bytes };
+                                state.requeue(entry);
                                 this.dispatch(state);
                                 done(Outcome::Accepted);
                             }
@@ -221,7 +273,7 @@ impl QueueNode {
                 );
             }
             _ => {
-                state.ready.push_back(Entry { seq, message, expiry, delivery_count: 0 });
+                state.ready.push_back(Entry { seq, message, expiry, delivery_count: 0, bytes });
                 self.dispatch(state);
                 done(Outcome::Accepted);
             }
@@ -274,6 +326,7 @@ impl QueueNode {
         match outcome {
             Outcome::Accepted => {
                 drop(state);
+                self.forget_bytes(entry.bytes);
                 self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
                 if let Some(store) = &self.store {
                     store.delete(&self.name, seq);
@@ -318,7 +371,9 @@ impl QueueNode {
     /// Moves a message to the dead-letter address; it leaves this queue's storage only
     /// once the dead-letter queue has it.
     fn dead_letter(&self, entry: Entry, reason: &'static str) {
-        let Entry { seq, mut message, .. } = entry;
+        let Entry { seq, mut message, bytes, .. } = entry;
+        // It leaves this queue now (the dead-letter queue counts it for itself).
+        self.forget_bytes(bytes);
         let store = self.store.clone();
         let name = self.name.clone();
         let forget = move || {
@@ -363,9 +418,11 @@ impl QueueNode {
     /// Removes every message (a deleted subscription).
     pub(crate) fn purge(&self) {
         let mut state = self.lock();
-        state.ready.clear();
-        state.in_flight.clear();
+        let ready = std::mem::take(&mut state.ready);
+        let in_flight = std::mem::take(&mut state.in_flight);
         drop(state);
+        let bytes: usize = ready.iter().chain(in_flight.values()).map(|entry| entry.bytes).sum();
+        self.forget_bytes(bytes);
         if let Some(store) = &self.store {
             store.purge(&self.name);
         }

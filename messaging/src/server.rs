@@ -326,9 +326,9 @@ impl ConnectionTask {
                             self.tasks.spawn(consumer_link(sender, consumer, presettled, limits));
                         }
                         Err(e) => {
-                            let _ = sender
-                                .close_with_error(error(condition::NOT_FOUND, e.to_string()))
-                                .await;
+                            tracing::info!(user = %identity.user, %address, reason = %e, "consumer link refused");
+                            let _ =
+                                sender.close_with_error(error(e.condition(), e.to_string())).await;
                         }
                     }
                 }
@@ -363,7 +363,7 @@ impl ConnectionTask {
                     _ => None,
                 };
                 if let Some(address) = &address {
-                    self.check_address(address, identity)?;
+                    check_address(&self.broker, address, identity)?;
                 }
                 Ok(Plan::Produce {
                     address,
@@ -381,7 +381,7 @@ impl ConnectionTask {
                     condition::INVALID_FIELD,
                     "a consumer link needs a source address".to_owned(),
                 ))?;
-                self.check_address(&address, identity)?;
+                check_address(&self.broker, &address, identity)?;
                 // A durable terminus names a durable topic subscription (container + link).
                 let durable = source.is_some_and(|s| s.durable != TerminusDurability::None);
                 let durable_name =
@@ -390,26 +390,28 @@ impl ConnectionTask {
             }
         }
     }
+}
 
-    fn check_address(
-        &self,
-        address: &str,
-        identity: &Identity,
-    ) -> Result<(), (&'static str, String)> {
-        if !identity.may_use(address) {
-            return Err((
-                condition::UNAUTHORIZED_ACCESS,
-                format!("{} may not use address {address}", identity.user),
-            ));
-        }
-        if self.broker.is_internal(address) {
-            return Err((condition::NOT_ALLOWED, format!("{address} is internal to Ferrule")));
-        }
-        if self.broker.address_type(address).is_none() {
-            return Err((condition::NOT_FOUND, format!("address {address} does not exist")));
-        }
-        Ok(())
+/// Whether `identity` may use `address`: the checks of a link's address at attach, and of
+/// each message's `to` on an anonymous relay (the same rules, however a message arrives).
+fn check_address(
+    broker: &Broker,
+    address: &str,
+    identity: &Identity,
+) -> Result<(), (&'static str, String)> {
+    if !identity.may_use(address) {
+        return Err((
+            condition::UNAUTHORIZED_ACCESS,
+            format!("{} may not use address {address}", identity.user),
+        ));
     }
+    if broker.is_internal(address) {
+        return Err((condition::NOT_ALLOWED, format!("{address} is internal to Ferrule")));
+    }
+    if broker.address_type(address).is_none() {
+        return Err((condition::NOT_FOUND, format!("address {address} does not exist")));
+    }
+    Ok(())
 }
 
 enum Plan {
@@ -497,11 +499,8 @@ fn route(
                     "anonymous relay needs `to`",
                 ));
             };
-            if !identity.may_use(&to) {
-                return Ready(Outcome::rejected(
-                    condition::UNAUTHORIZED_ACCESS,
-                    format!("{} may not use address {to}", identity.user),
-                ));
+            if let Err((condition, description)) = check_address(broker, &to, identity) {
+                return Ready(Outcome::rejected(condition, description));
             }
             to
         }

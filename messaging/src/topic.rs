@@ -11,13 +11,13 @@ use tokio::sync::oneshot;
 use crate::delivery::{Consumer, ConsumerHost};
 use crate::message::Submission;
 use crate::message::{Message, Outcome};
-use crate::queue::{BrokerRef, QueueNode};
+use crate::queue::{BrokerRef, QueueLimits, QueueNode};
 use crate::store::Store;
 
 pub(crate) struct TopicNode {
     address: String,
     store: Option<Store>,
-    max_depth: usize,
+    limits: QueueLimits,
     broker: BrokerRef,
     subscriptions: Mutex<HashMap<String, Subscription>>,
     this: Weak<TopicNode>,
@@ -32,13 +32,13 @@ impl TopicNode {
     pub(crate) fn new(
         address: &str,
         store: Option<Store>,
-        max_depth: usize,
+        limits: QueueLimits,
         broker: BrokerRef,
     ) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             address: address.to_owned(),
             store,
-            max_depth,
+            limits,
             broker,
             subscriptions: Mutex::new(HashMap::new()),
             this: this.clone(),
@@ -56,7 +56,7 @@ impl TopicNode {
         let queue = QueueNode::new(
             queue_name,
             self.store.clone(),
-            self.max_depth,
+            self.limits.clone(),
             self.broker.clone(),
             true,
         );
@@ -79,8 +79,13 @@ impl TopicNode {
             .entry(queue_name.clone())
             .or_insert_with(|| {
                 let store = if durable { self.store.clone() } else { None };
-                let queue =
-                    QueueNode::new(&queue_name, store, self.max_depth, self.broker.clone(), true);
+                let queue = QueueNode::new(
+                    &queue_name,
+                    store,
+                    self.limits.clone(),
+                    self.broker.clone(),
+                    true,
+                );
                 if durable {
                     if let Some(store) = &self.store {
                         store.put_subscription(&queue.name, &self.address);

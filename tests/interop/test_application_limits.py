@@ -70,7 +70,8 @@ def test_ten_thousand_fresh_reply_addresses_do_not_add_up(platform):
     conn = connect(p.url("t1"))
     relay = conn.create_sender(None)
     before = rss_kib(p)
-    for i in range(1000):
+    # Fewer than the tenant's address limit (1,000) between two collections.
+    for i in range(800):
         conn.create_receiver(f"command_response/t1/{uuid.uuid4()}").close()
     released = 0
     for i in range(10_000):
@@ -92,4 +93,56 @@ def test_ten_thousand_fresh_reply_addresses_do_not_add_up(platform):
     assert nodes is not None and nodes <= 5, f"{nodes} address nodes left"
     assert "command_response/t1/" not in text, "reply addresses got metric series"
     grown_mib = (rss_kib(p) - before) / 1024
-    assert grown_mib < 32, f"RSS grew {grown_mib:.0f} MiB after 11,000 reply addresses"
+    assert grown_mib < 32, f"RSS grew {grown_mib:.0f} MiB after 10,800 reply addresses"
+
+
+def test_a_tenant_has_a_bounded_number_of_addresses(platform_factory, monkeypatch):
+    monkeypatch.setenv("FERRULE__MESSAGING__MAX_ADDRESSES_PER_TENANT", "10")
+    p = platform_factory().start()
+    conn = connect(p.url("t1"))
+    receivers = []
+    with pytest.raises(LinkDetached) as err:
+        for _ in range(11):
+            receivers.append(conn.create_receiver(f"command_response/t1/{uuid.uuid4()}"))
+    assert "amqp:resource-limit-exceeded" in str(err.value), str(err.value)
+    assert "limit of 10 addresses" in str(err.value), str(err.value)
+    assert len(receivers) == 10
+    # A message for a reply address nobody made is released and makes nothing.
+    relay = conn.create_sender(None)
+    with pytest.raises(SendException) as sent:
+        relay.send(Message(address=f"command_response/t1/{uuid.uuid4()}", body="late"))
+    assert sent.value.state == RELEASED
+    # Another tenant is not limited by t1's addresses.
+    other = connect(p.url("t2"))
+    other.create_receiver(f"command_response/t2/{uuid.uuid4()}")
+    _, text = get(p, "/metrics")
+    assert metric(text, "ferrule_tenant_limit_refusals_total", tenant="t1", adapter="amqp", limit="addresses") == 1
+    # Closed reply receivers are forgotten on the next maintenance tick: room again.
+    for r in receivers:
+        r.close()
+    time.sleep(2.5)
+    conn.create_receiver(f"command_response/t1/{uuid.uuid4()}")
+    conn.close()
+    other.close()
+
+
+def test_the_anonymous_relay_is_checked_like_every_sender(platform):
+    conn = connect(platform.url("t1"))
+    relay = conn.create_sender(None)
+    for address, why in [
+        ("command_deferred/t1/some-device", "internal to the platform"),
+        ("event/t2", "another tenant's address"),
+        ("event/t1/invented", "not one of Hono's shapes"),
+        (None, "no `to`"),
+    ]:
+        with pytest.raises(SendException) as err:
+            relay.send(Message(address=address, body="x", durable=True))
+        assert err.value.state == 0x25, (address, why)  # rejected
+    # The relay itself works for what the application may use.
+    receiver = conn.create_receiver("event/t1", name="events")
+    relay.send(Message(address="event/t1", body="through the relay", durable=True))
+    assert receiver.receive(timeout=5).body == "through the relay"
+    receiver.accept()
+    conn.close()
+    _, text = get(platform, "/metrics")
+    assert "command_deferred/t1/some-device" not in text, "no deferred queue was made"
