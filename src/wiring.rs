@@ -1,7 +1,9 @@
 //! Glue between components: the device registry's authentication service seen through the
 //! adapters' [`DeviceRegistry`] trait and the command router's [`DeviceCheck`].
 
-use ferrule_adapters::{AdapterAccess, AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
+use ferrule_adapters::{
+    AdapterAccess, AuthError, BoxFuture, DeviceIdentity, DeviceRegistry, TenantLimits, UsageLimit,
+};
 use ferrule_command_control::DeviceCheck;
 use ferrule_device_registry::{AuthError as RegistryAuthError, AuthService, CredentialType};
 
@@ -112,10 +114,22 @@ impl DeviceRegistry for RegistryDevices {
     ) -> BoxFuture<'a, Result<AdapterAccess, AuthError>> {
         Box::pin(async move {
             let access = self.0.adapter_access(tenant, adapter).await.map_err(map)?;
+            let usage = |limit: Option<ferrule_device_registry::model::UsageLimit>| {
+                limit.map(|l| UsageLimit {
+                    effective_since: l.effective_since,
+                    max: l.max,
+                    period_days: l.period_days,
+                })
+            };
             Ok(AdapterAccess {
                 enabled: access.enabled,
                 unauthenticated: access.unauthenticated,
-                max_connections: access.max_connections,
+                limits: TenantLimits {
+                    max_connections: access.max_connections,
+                    data_volume: usage(access.data_volume),
+                    connection_duration: usage(access.connection_duration),
+                    minimum_message_size: access.minimum_message_size,
+                },
             })
         })
     }

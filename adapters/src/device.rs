@@ -54,9 +54,8 @@ pub struct AdapterAccess {
     pub enabled: bool,
     /// The tenant is enabled and lets devices publish unauthenticated on the adapter.
     pub unauthenticated: bool,
-    /// Most connections the tenant's devices may hold open on a connection-oriented
-    /// adapter (the tenant's `resource-limits.max-connections`); `None`: no limit.
-    pub max_connections: Option<u32>,
+    /// The tenant's limits (`resource-limits`, `minimum-message-size`).
+    pub limits: crate::quota::TenantLimits,
 }
 
 /// The adapters' view of the device registry.

@@ -22,7 +22,8 @@
 
 use std::sync::Arc;
 
-use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
+use crate::device::{AdapterAccess, AuthError, DeviceIdentity, DeviceRegistry};
+use crate::quota::{now_secs, TenantLimits, UsageLimit, Used};
 
 /// Splits `auth-id@tenant` (Hono's username and PSK identity form); the tenant is after
 /// the last `@`. Both parts must be non-empty.
@@ -174,13 +175,13 @@ impl Refused {
 }
 
 /// The registry checks for a request for `target` on `adapter` (the registry caches, so
-/// each is a map look-up when warm).
+/// each is a map look-up when warm); the tenant's terms for the adapter, when it may.
 pub async fn authorize(
     registry: &dyn DeviceRegistry,
     adapter: &str,
     target: &Target,
     standing: Standing,
-) -> Result<(), Refused> {
+) -> Result<AdapterAccess, Refused> {
     match target {
         Target::Own { tenant, device } => {
             if standing == Standing::Session {
@@ -212,10 +213,8 @@ pub async fn authorize(
                     principal_gone: false,
                 });
             }
-            return registry
-                .authorize_device(tenant, device, None)
-                .await
-                .map_err(Refused::about_target);
+            registry.authorize_device(tenant, device, None).await.map_err(Refused::about_target)?;
+            return Ok(access);
         }
     }
     // The tenant may have switched this adapter off (its `adapters` list).
@@ -224,7 +223,7 @@ pub async fn authorize(
     if !access.enabled {
         return Err(Refused::about_principal(AuthError::TenantDisabled));
     }
-    Ok(())
+    Ok(access)
 }
 
 /// Why [`admit`] refused a request.
@@ -253,17 +252,18 @@ impl Inadmissible {
 }
 
 /// [`Target::resolve`] then [`authorize`]: whom a request naming `tenant` and `device`
-/// from `principal` acts for, once the registry agreed.
+/// from `principal` acts for, once the registry agreed, and its tenant's limits.
 pub async fn admit(
     registry: &dyn DeviceRegistry,
     adapter: &str,
     principal: Option<&DeviceIdentity>,
     (tenant, device): (Option<&str>, Option<&str>),
     standing: Standing,
-) -> Result<Target, Inadmissible> {
+) -> Result<(Target, TenantLimits), Inadmissible> {
     let target = Target::resolve(principal, tenant, device).map_err(Inadmissible::Target)?;
-    authorize(registry, adapter, &target, standing).await.map_err(Inadmissible::Refused)?;
-    Ok(target)
+    let access =
+        authorize(registry, adapter, &target, standing).await.map_err(Inadmissible::Refused)?;
+    Ok((target, access.limits))
 }
 
 /// Open device connections of a connection-oriented adapter, per tenant and device: for
@@ -279,8 +279,29 @@ pub struct Connections {
 #[derive(Debug, Default)]
 struct TenantEntry {
     count: u32,
-    /// device → its connections (id, what closes it).
-    devices: std::collections::HashMap<String, Vec<(u64, tokio_util::sync::CancellationToken)>>,
+    /// device → its open connections.
+    devices: std::collections::HashMap<String, Vec<Open>>,
+    /// Seconds its closed connections lasted in the current connection-duration period
+    /// (kept only for tenants with that limit).
+    closed: Used,
+}
+
+#[derive(Debug)]
+struct Open {
+    id: u64,
+    /// When it opened (seconds since the epoch).
+    since: i64,
+    /// What closes it.
+    revoked: tokio_util::sync::CancellationToken,
+}
+
+impl TenantEntry {
+    /// Seconds its connections lasted in the period starting at `period`, up to `now`.
+    fn connected_secs(&self, period: i64, now: i64) -> u64 {
+        let open: i64 =
+            self.devices.values().flatten().map(|open| (now - open.since.max(period)).max(0)).sum();
+        self.closed.in_period(period).saturating_add(open as u64)
+    }
 }
 
 /// One counted connection; dropping it gives the place back.
@@ -290,6 +311,8 @@ pub struct ConnectionSlot {
     tenant: String,
     device: String,
     id: u64,
+    /// The tenant's connection-duration limit when it opened (its time is counted at close).
+    duration: Option<UsageLimit>,
     revoked: tokio_util::sync::CancellationToken,
 }
 
@@ -302,31 +325,44 @@ pub enum Scope {
 }
 
 impl Connections {
-    /// A slot for one more connection of `device` of `tenant`, or `None` if the tenant
-    /// already holds `max`.
+    /// A slot for one more connection of `device` of `tenant`, or the name of the tenant
+    /// limit that refuses it: `max_connections` (it holds as many as it may) or
+    /// `connection_duration` (its devices were connected as long as the period allows).
     pub fn open(
         self: &Arc<Self>,
         tenant: &str,
         device: &str,
-        max: Option<u32>,
-    ) -> Option<ConnectionSlot> {
+        limits: &TenantLimits,
+    ) -> Result<ConnectionSlot, &'static str> {
+        let now = now_secs();
         let mut tenants = self.tenants.lock().expect("poisoned");
         let entry = tenants.entry(tenant.to_owned()).or_default();
-        if max.is_some_and(|max| entry.count >= max) {
-            if entry.count == 0 {
+        let refusal = if limits.max_connections.is_some_and(|max| entry.count >= max) {
+            Some("max_connections")
+        } else if limits.connection_duration.is_some_and(|limit| {
+            limit.period_start(now).is_some_and(|p| entry.connected_secs(p, now) >= limit.max)
+        }) {
+            Some("connection_duration")
+        } else {
+            None
+        };
+        if let Some(limit) = refusal {
+            if entry.count == 0 && entry.closed.amount == 0 {
                 tenants.remove(tenant);
             }
-            return None;
+            return Err(limit);
         }
         entry.count += 1;
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let revoked = tokio_util::sync::CancellationToken::new();
-        entry.devices.entry(device.to_owned()).or_default().push((id, revoked.clone()));
-        Some(ConnectionSlot {
+        let open = Open { id, since: now, revoked: revoked.clone() };
+        entry.devices.entry(device.to_owned()).or_default().push(open);
+        Ok(ConnectionSlot {
             owner: self.clone(),
             tenant: tenant.to_owned(),
             device: device.to_owned(),
             id,
+            duration: limits.connection_duration,
             revoked,
         })
     }
@@ -385,8 +421,8 @@ impl Connections {
         let Some(connections) = tenants.get(tenant).and_then(|t| t.devices.get(device)) else {
             return 0;
         };
-        for (_, token) in connections {
-            token.cancel();
+        for open in connections {
+            open.revoked.cancel();
         }
         connections.len()
     }
@@ -409,13 +445,21 @@ impl Drop for ConnectionSlot {
         let mut tenants = self.owner.tenants.lock().expect("poisoned");
         let Some(entry) = tenants.get_mut(&self.tenant) else { return };
         entry.count -= 1;
+        let mut since = None;
         if let Some(list) = entry.devices.get_mut(&self.device) {
-            list.retain(|(id, _)| *id != self.id);
+            if let Some(at) = list.iter().position(|open| open.id == self.id) {
+                since = Some(list.swap_remove(at).since);
+            }
             if list.is_empty() {
                 entry.devices.remove(&self.device);
             }
         }
-        if entry.count == 0 {
+        let now = now_secs();
+        let period = self.duration.and_then(|limit| limit.period_start(now));
+        if let (Some(period), Some(since)) = (period, since) {
+            entry.closed.add(period, (now - since.max(period)).max(0) as u64);
+        }
+        if entry.count == 0 && entry.closed.amount == 0 {
             tenants.remove(&self.tenant);
         }
     }
@@ -475,22 +519,47 @@ mod tests {
         assert_eq!(Target::resolve(None, Some("t2"), None), Err(TargetError::IdentityRequired));
     }
 
+    fn max(n: u32) -> TenantLimits {
+        TenantLimits { max_connections: Some(n), ..Default::default() }
+    }
+
     #[test]
     fn tenant_connections_are_counted_and_given_back() {
         let counts = Arc::new(Connections::default());
-        let a1 = counts.open("a", "d1", Some(2)).expect("first");
-        let a2 = counts.open("a", "d2", Some(2)).expect("second");
-        assert!(counts.open("a", "d3", Some(2)).is_none(), "third over the limit");
-        let b = counts.open("b", "d1", Some(1)).expect("another tenant has its own count");
+        let a1 = counts.open("a", "d1", &max(2)).expect("first");
+        let a2 = counts.open("a", "d2", &max(2)).expect("second");
+        assert_eq!(counts.open("a", "d3", &max(2)).err(), Some("max_connections"));
+        let b = counts.open("b", "d1", &max(1)).expect("another tenant has its own count");
         assert_eq!((counts.count("a"), counts.count("b")), (2, 1));
         drop(a1);
-        let a3 = counts.open("a", "d1", Some(2)).expect("a place was given back");
-        let a4 = counts.open("a", "d1", None).expect("no limit");
+        let a3 = counts.open("a", "d1", &max(2)).expect("a place was given back");
+        let a4 = counts.open("a", "d1", &TenantLimits::default()).expect("no limit");
         assert_eq!(counts.close("a", "d1"), 2, "both connections of d1");
         assert!(a3.revoked().is_cancelled() && a4.revoked().is_cancelled());
         assert!(!a2.revoked().is_cancelled() && !b.revoked().is_cancelled());
         drop((a2, a3, a4, b));
         assert_eq!((counts.count("a"), counts.count("b")), (0, 0));
         assert!(counts.tenants.lock().unwrap().is_empty(), "no entry left for idle tenants");
+    }
+
+    #[test]
+    fn connection_time_is_counted_per_period() {
+        let counts = Arc::new(Connections::default());
+        let limit = UsageLimit { effective_since: 0, max: 100, period_days: Some(1) };
+        let limits = TenantLimits { connection_duration: Some(limit), ..Default::default() };
+        let now = now_secs();
+        let period = limit.period_start(now).expect("in effect");
+        // A connection that has lasted 60 s and one closed after 50 s: 110 s used.
+        let slot = counts.open("a", "d1", &limits).expect("nothing used yet");
+        counts.tenants.lock().unwrap().get_mut("a").unwrap().devices.get_mut("d1").unwrap()[0]
+            .since = now - 60;
+        counts.tenants.lock().unwrap().get_mut("a").unwrap().closed = Used { period, amount: 50 };
+        assert_eq!(counts.open("a", "d2", &limits).err(), Some("connection_duration"));
+        assert!(counts.open("b", "d1", &limits).is_ok(), "another tenant has its own time");
+        drop(slot);
+        let closed = counts.tenants.lock().unwrap().get("a").map(|e| e.closed.amount);
+        assert!(closed.is_some_and(|c| c >= 110), "its time was added at close: {closed:?}");
+        assert_eq!(counts.open("a", "d2", &limits).err(), Some("connection_duration"));
+        assert!(counts.open("a", "d2", &TenantLimits::default()).is_ok(), "limit removed");
     }
 }

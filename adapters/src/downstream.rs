@@ -13,6 +13,8 @@ use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Timestamp, 
 use ferrule_messaging::message::{condition, data_message, now_millis};
 use ferrule_messaging::{Broker, Message, Outcome};
 
+use crate::quota::{TenantLimits, Volumes};
+
 /// Content type of an empty notification (Hono).
 pub const EMPTY_NOTIFICATION: &str = "application/vnd.eclipse-hono-empty-notification";
 /// Content type of connection events (Hono).
@@ -60,6 +62,8 @@ pub struct Upload {
     pub orig_address: String,
     /// Extra application properties (MQTT property bag).
     pub properties: Vec<(String, String)>,
+    /// The tenant's limits, as the registry gave them for this request (the data volume).
+    pub limits: TenantLimits,
 }
 
 /// Why an upload was not taken. Each adapter maps these to its protocol in one place.
@@ -84,6 +88,10 @@ pub enum UploadError {
     /// 0x97.
     #[error("{0}")]
     RateLimited(String),
+    /// The tenant's data volume for the period is used up (`resource-limits.data-volume`):
+    /// HTTP 429 / CoAP 4.29 / MQTT 5 PUBACK 0x97, as Hono.
+    #[error("the tenant's data volume for this period is used up")]
+    VolumeExceeded,
 }
 
 impl UploadError {
@@ -206,11 +214,17 @@ pub struct Downstream {
     broker: Broker,
     pub stats: Arc<DownstreamStats>,
     rates: Option<Arc<Rates>>,
+    volumes: Arc<Volumes>,
 }
 
 impl Downstream {
     pub fn new(broker: Broker) -> Self {
-        Self { broker, stats: Arc::default(), rates: None }
+        Self { broker, stats: Arc::default(), rates: None, volumes: Arc::default() }
+    }
+
+    /// The data volume each tenant used in its period (shared by every adapter).
+    pub fn volumes(&self) -> &Volumes {
+        &self.volumes
     }
 
     /// This downstream refusing messages over `limits` (all adapters that share it).
@@ -276,10 +290,26 @@ impl Downstream {
                 return result;
             }
         }
+        // The data volume is counted up front (concurrent uploads cannot overrun it) and
+        // given back for a message that was not taken.
+        let volume = upload.limits.data_volume.filter(|_| rated).map(|limit| {
+            (limit, upload.limits.charged_size(upload.payload.len()), crate::quota::now_secs())
+        });
+        if let Some((limit, size, now)) = volume {
+            if !self.volumes.charge(&upload.tenant, &limit, size, now) {
+                crate::door::limit_refused(&upload.tenant, upload.orig_adapter, "data_volume");
+                let result = Err(UploadError::VolumeExceeded);
+                record(&upload, &result, false, started.elapsed());
+                return result;
+            }
+        }
         let address = format!("{}/{}", upload.endpoint.as_str(), upload.tenant);
         let settled = upload.qos == Qos::AtMostOnce;
         let message = to_message(&address, &upload);
         let outcome = self.broker.submit(&address, message, settled).outcome().await;
+        if let Some((limit, size, now)) = volume.filter(|_| outcome != Outcome::Accepted) {
+            self.volumes.refund(&upload.tenant, &limit, size, now);
+        }
         // An at-most-once upload nobody took is fine for the device but must not count as
         // accepted in the metrics.
         let dropped = settled && outcome != Outcome::Accepted;
@@ -330,6 +360,7 @@ fn record(upload: &Upload, result: &Result<(), UploadError>, dropped: bool, elap
         Err(UploadError::NoConsumer(_)) => "no_consumer",
         Err(UploadError::Overloaded(_)) => "overloaded",
         Err(UploadError::RateLimited(_)) => "rate_limited",
+        Err(UploadError::VolumeExceeded) => "volume_exceeded",
         Err(_) => "refused",
     };
     metrics::counter!(
@@ -402,6 +433,7 @@ mod tests {
             orig_adapter: "hono-mqtt",
             orig_address: "event".into(),
             properties: vec![("foo".into(), "bar".into())],
+            limits: TenantLimits::default(),
         }
     }
 
@@ -441,6 +473,25 @@ mod tests {
         u.qos = Qos::AtMostOnce;
         assert_eq!(downstream.send(u).await, Ok(()));
         assert_eq!(downstream.stats.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn the_data_volume_counts_taken_messages_only() {
+        let downstream = Downstream::new(Broker::in_memory(&Default::default()));
+        let limit = crate::quota::UsageLimit { effective_since: 0, max: 25, period_days: None };
+        let mut u = upload(); // a 10-byte event
+        u.limits.data_volume = Some(limit);
+        assert_eq!(downstream.send(u.clone()).await, Ok(()));
+        let mut unconsumed = u.clone();
+        unconsumed.endpoint = Endpoint::Telemetry;
+        assert!(matches!(downstream.send(unconsumed).await, Err(UploadError::NoConsumer(_))));
+        assert_eq!(downstream.send(u.clone()).await, Ok(()), "the refused one was given back");
+        assert_eq!(downstream.send(u.clone()).await, Err(UploadError::VolumeExceeded));
+        let mut connection_event = u.clone();
+        connection_event.limits.data_volume = Some(limit);
+        assert_eq!(downstream.send_notification(connection_event).await, Ok(()), "not counted");
+        u.tenant = "t2".into();
+        assert_eq!(downstream.send(u).await, Ok(()), "another tenant's volume");
     }
 
     #[test]

@@ -14,10 +14,12 @@ pub mod downstream;
 pub mod http;
 pub mod mqtt;
 mod poll;
+pub mod quota;
 pub mod tls;
 
 pub use device::{AdapterAccess, AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
 pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
+pub use quota::{TenantLimits, UsageLimit};
 
 /// For the fuzz targets only (`fuzz/`, see `fuzz/README.md`): the checks that see a CoAP
 /// or DTLS datagram first, which are otherwise private, and the libraries they guard.

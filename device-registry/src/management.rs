@@ -247,6 +247,11 @@ fn normalize_tenant(t: &mut Tenant) -> Result<(), ManagementError> {
             if p.no_of_days.is_some_and(|n| n < 1) {
                 return Err(bad("period no-of-days must be at least 1"));
             }
+            match (p.mode.as_str(), p.no_of_days) {
+                ("monthly", _) | ("days", Some(_)) => {}
+                ("days", None) => return Err(bad("period mode days needs no-of-days")),
+                _ => return Err(bad("period mode must be days or monthly")),
+            }
         }
     }
     for ca in t.trusted_ca.iter().flatten() {

@@ -203,6 +203,36 @@ pub struct AdapterAccess {
     pub unauthenticated: bool,
     /// The tenant's `resource-limits.max-connections` (`None`: no limit).
     pub max_connections: Option<u32>,
+    /// `resource-limits.data-volume`: bytes per period.
+    pub data_volume: Option<UsageLimit>,
+    /// `resource-limits.connection-duration`: seconds (the API's minutes × 60) per period.
+    pub connection_duration: Option<UsageLimit>,
+    /// `minimum-message-size` (0: none).
+    pub minimum_message_size: u32,
+}
+
+/// A limit per accounting period, as the adapters enforce it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageLimit {
+    /// Seconds since the epoch.
+    pub effective_since: i64,
+    pub max: u64,
+    /// `None`: monthly.
+    pub period_days: Option<u32>,
+}
+
+impl UsageLimit {
+    /// From the API's fields; `None` when there is no limit (`max` absent or -1).
+    fn new(since: &DateTime<Utc>, max: Option<i64>, period: Option<&Period>) -> Option<Self> {
+        let max = u64::try_from(max?).ok()?;
+        let period_days = match period {
+            Some(p) if p.mode == "days" => {
+                Some(p.no_of_days.and_then(|n| u32::try_from(n).ok()).unwrap_or(1).max(1))
+            }
+            _ => None,
+        };
+        Some(Self { effective_since: since.timestamp(), max, period_days })
+    }
 }
 
 impl Tenant {
@@ -226,6 +256,23 @@ impl Tenant {
                 .and_then(|limits| limits.max_connections)
                 .filter(|max| *max >= 0)
                 .map(|max| u32::try_from(max).unwrap_or(u32::MAX)),
+            data_volume: self
+                .resource_limits
+                .as_ref()
+                .and_then(|l| l.data_volume.as_ref())
+                .and_then(|v| UsageLimit::new(&v.effective_since, v.max_bytes, v.period.as_ref())),
+            connection_duration: self
+                .resource_limits
+                .as_ref()
+                .and_then(|l| l.connection_duration.as_ref())
+                .and_then(|d| {
+                    let max = d.max_minutes.map(|m| m.saturating_mul(60));
+                    UsageLimit::new(&d.effective_since, max, d.period.as_ref())
+                }),
+            minimum_message_size: self
+                .minimum_message_size
+                .and_then(|m| u32::try_from(m).ok())
+                .unwrap_or(0),
         }
     }
 

@@ -99,6 +99,14 @@ async fn tenant_lifecycle_with_etags() {
     expect(&c, Method::PUT, "/v1/tenants/missing", Some(&json!({})), StatusCode::NOT_FOUND).await;
     // Updates need a body (creates do not).
     expect(&c, Method::PUT, "/v1/tenants/t1", None, StatusCode::BAD_REQUEST).await;
+    // Accounting periods are `days` (with `no-of-days`) or `monthly`.
+    for period in [json!({"mode": "weekly"}), json!({"mode": "days"})] {
+        let limits = json!({"resource-limits": {"data-volume": {
+            "effective-since": "2026-01-01T00:00:00Z", "max-bytes": 10, "period": period}}});
+        let r =
+            expect(&c, Method::PUT, "/v1/tenants/t1", Some(&limits), StatusCode::BAD_REQUEST).await;
+        assert!(r.json()["error"].as_str().unwrap().contains("period mode"), "{period}");
+    }
 
     // Generated id.
     let r = expect(&c, Method::POST, "/v1/tenants", None, StatusCode::CREATED).await;

@@ -46,7 +46,7 @@ async fn gateway_and_adapter_lookups() {
     assert_eq!(a.authorize_device("t", "nope", None).await, Err(AuthError::UnknownDevice));
     assert_eq!(a.authorize_device("x", "d", None).await, Err(AuthError::UnknownTenant));
     let access = |enabled, unauthenticated| {
-        Ok(AdapterAccess { enabled, unauthenticated, max_connections: None })
+        Ok(AdapterAccess { enabled, unauthenticated, ..Default::default() })
     };
     assert_eq!(a.adapter_access("t", "hono-http").await, access(true, true));
     assert_eq!(a.adapter_access("t", "hono-mqtt").await, access(true, false));

@@ -219,3 +219,124 @@ def test_message_rates_per_device_and_per_tenant(platform_factory):
     assert sum(refusals) == len(refused) + (5 - ok2), (refusals, d1, d2)
     assert metric(text, "ferrule_tenant_limit_refusals_total", tenant="t2", limit="device_rate",
                   adapter="hono-mqtt") == codes.count(0x97)
+
+
+def metered_tenant(reg, tenant, limits):
+    """A tenant with `resource-limits` `limits` whose devices may also publish
+    unauthenticated (plain CoAP) on every adapter."""
+    body = {
+        "resource-limits": limits,
+        "adapters": [{"type": t, "enabled": True, "device-authentication-required": False}
+                     for t in ("hono-http", "hono-mqtt", "hono-coap")],
+    }
+    method = "PUT" if tenant in getattr(reg, "_made", set()) else "POST"
+    reg.call(method, f"/v1/tenants/{tenant}", body)
+    reg._made = getattr(reg, "_made", set()) | {tenant}
+
+
+def volume(max_bytes):
+    return {"data-volume": {"effective-since": "2020-01-01T00:00:00Z", "max-bytes": max_bytes,
+                            "period": {"mode": "days", "no-of-days": 30}}}
+
+
+def mqtt5_connect(p, user, password="pw"):
+    """A paho-mqtt MQTT 5 client: (client or None, the CONNACK reason code value)."""
+    result = {}
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"v5-{user}-{time.time()}", protocol=paho.MQTTv5)
+    client.username_pw_set(user, password)
+    client.on_connect = lambda c, u, f, rc, props=None: result.setdefault("rc", rc.value)
+    client.connect("127.0.0.1", int(mqtt_port(p)))
+    client.loop_start()
+    deadline = time.time() + 10
+    while "rc" not in result and time.time() < deadline:
+        time.sleep(0.02)
+    if result.get("rc") == 0:
+        return client, 0
+    client.loop_stop()
+    return None, result.get("rc")
+
+
+def test_a_tenant_over_its_data_volume_is_refused_on_every_adapter(platform):
+    """Hono's `resource-limits.data-volume`: payload bytes per period, counted in process
+    over all adapters; over it HTTP 429, CoAP 4.29, MQTT 5 PUBACK 0x97 and CONNECT refused
+    (CONNACK 5 / 0x97) until the period ends or the limit is raised."""
+    p = platform
+    reg = Registry(p.registry_url, p.registry_token)
+    metered_tenant(reg, "metered", volume(100))
+    reg.device("metered", "m1", password="pw")
+    reg.tenant("t1").device("t1", "d1", password="pw")
+
+    url = f"http://{p.listeners['http']}/event"
+    codes = []
+    for _ in range(3):
+        res = run(["curl", "-s", "-u", "m1@metered:pw", "-H", "content-type: text/plain", "--data-binary", "x" * 40,
+                   "-w", "%{http_code}", "-o", "/dev/null", url])
+        codes.append(res.stdout)
+    assert codes == ["202", "202", "429"], codes  # 80 bytes taken, 120 would be over 100
+    coap = f"coap://{p.listeners['coap']}/event/metered/m1"
+    ok = run(["coap-client-notls", "-m", "put", "-t", "text/plain", "-e", "y" * 20, coap])
+    assert ok.returncode == 0 and "4.29" not in ok.stdout + ok.stderr, ok  # exactly 100
+    over = run(["coap-client-notls", "-m", "put", "-t", "text/plain", "-e", "z", coap])
+    assert "4.29" in over.stdout + over.stderr, over
+    # Used up: MQTT connections are refused.
+    v3 = publish(p, "m1@metered", "mqttv311", qos="1")
+    assert "CONNACK (5)" in v3.stdout + v3.stderr, v3
+    client, rc = mqtt5_connect(p, "m1@metered")
+    assert client is None and rc == 0x97, rc
+    # Another tenant is not affected.
+    assert run(["curl", "-s", "-u", "d1@t1:pw", "-H", "content-type: text/plain", "--data-binary", "x" * 400,
+                "-w", "%{http_code}", "-o", "/dev/null", url]).stdout == "202"
+
+    # The limit follows the registry: raised to 1,000, 900 more bytes fit, then PUBACK 0x97.
+    metered_tenant(reg, "metered", volume(1000))
+    deadline = time.time() + 5
+    while (connected := mqtt5_connect(p, "m1@metered"))[0] is None and time.time() < deadline:
+        time.sleep(0.1)
+    client = connected[0]
+    assert client is not None, connected
+    acks = {}
+    client.on_publish = lambda c, u, mid, reason, props: acks.__setitem__(mid, reason.value)
+    for size in (900, 1):
+        client.publish("event", b"w" * size, qos=1)
+    deadline = time.time() + 10
+    while len(acks) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    assert [acks[m] for m in sorted(acks)] == [0, 0x97], acks
+    client.disconnect()
+    client.loop_stop()
+
+    _, text = get(p, "/metrics")
+    for adapter, n in (("hono-http", 1), ("hono-coap", 1), ("hono-mqtt", 3)):
+        got = metric(text, "ferrule_tenant_limit_refusals_total", tenant="metered", limit="data_volume",
+                     adapter=adapter)
+        assert got == n, (adapter, got)
+
+
+def test_a_tenant_over_its_connection_duration_is_refused(platform):
+    """Hono's `resource-limits.connection-duration`: minutes its devices were connected per
+    period, open connections included; at the limit a CONNECT gets CONNACK 5 / 0x97. (A
+    limit of 0 minutes: the time accounting itself is unit-tested in door.rs.)"""
+    p = platform
+    reg = Registry(p.registry_url, p.registry_token)
+    duration = lambda minutes: {"connection-duration": {  # noqa: E731
+        "effective-since": "2020-01-01T00:00:00Z", "max-minutes": minutes, "period": {"mode": "monthly"}}}
+    metered_tenant(reg, "timed", duration(0))
+    reg.device("timed", "c1", password="pw")
+    v3 = publish(p, "c1@timed", "mqttv311")
+    assert "CONNACK (5)" in v3.stdout + v3.stderr, v3
+    client, rc = mqtt5_connect(p, "c1@timed")
+    assert client is None and rc == 0x97, rc
+    # HTTP and CoAP hold no connection: not limited by it (as Hono).
+    url = f"http://{p.listeners['http']}/event"
+    assert run(["curl", "-s", "-u", "c1@timed:pw", "-H", "content-type: text/plain", "--data-binary", "x",
+                "-w", "%{http_code}", "-o", "/dev/null", url]).stdout == "202"
+    metered_tenant(reg, "timed", duration(60))
+    deadline = time.time() + 5
+    while (connected := mqtt5_connect(p, "c1@timed"))[0] is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert connected[0] is not None, connected
+    connected[0].disconnect()
+    connected[0].loop_stop()
+    _, text = get(p, "/metrics")
+    assert metric(text, "ferrule_tenant_limit_refusals_total", tenant="timed", limit="connection_duration",
+                  adapter="hono-mqtt") == 2

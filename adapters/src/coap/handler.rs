@@ -20,6 +20,7 @@ use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 use crate::door::{self, Standing};
 use crate::downstream::{Downstream, Upload, UploadError};
 use crate::poll::{self, Confirmation};
+use crate::quota::TenantLimits;
 
 /// What every request task needs.
 pub(super) struct Shared {
@@ -81,7 +82,9 @@ impl Failure {
             }
             Failure::Upload(e) if e.is_transient() => ResponseType::ServiceUnavailable,
             Failure::Upload(UploadError::TooLarge { .. }) => ResponseType::RequestEntityTooLarge,
-            Failure::Upload(UploadError::RateLimited(_)) => ResponseType::TooManyRequests,
+            Failure::Upload(UploadError::RateLimited(_) | UploadError::VolumeExceeded) => {
+                ResponseType::TooManyRequests
+            }
             Failure::Upload(_) => ResponseType::BadRequest,
             Failure::BlockIncomplete => ResponseType::RequestEntityIncomplete,
             Failure::Respond(RespondError::BadRequestId(_)) => ResponseType::BadRequest,
@@ -189,19 +192,19 @@ impl Shared {
         &self,
         identity: Option<&DeviceIdentity>,
         target: Option<(String, String)>,
-    ) -> Result<(String, String, bool), Failure> {
+    ) -> Result<(String, String, bool, TenantLimits), Failure> {
         if identity.is_none() && !self.config.allow_unauthenticated {
             return Err(Failure::NoCredentials);
         }
         let (tenant, device) = target.unzip();
         let names = (tenant.as_deref(), device.as_deref());
-        let target =
+        let (target, limits) =
             door::admit(self.registry.as_ref(), ADAPTER, identity, names, Standing::Session)
                 .await
                 .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
         let via_gateway = target.via_gateway();
         let (tenant, device) = target.into_tenant_device();
-        Ok((tenant, device, via_gateway))
+        Ok((tenant, device, via_gateway, limits))
     }
 
     /// For a request without a DTLS identity: whether its target device may upload
@@ -227,7 +230,7 @@ impl Shared {
             return Ok(None);
         }
         let request = mapping::request(packet).map_err(Failure::Mapping)?;
-        let (tenant, device_id, via_gateway) =
+        let (tenant, device_id, via_gateway, limits) =
             self.authorize(identity, request.route.target).await?;
         let max = self.config.max_payload;
         Downstream::validate(&packet.payload, request.content_type.as_deref(), max)
@@ -244,6 +247,7 @@ impl Shared {
             orig_adapter: ADAPTER,
             orig_address: request.path,
             properties: Vec::new(),
+            limits,
         };
         // NON (at most once) is dropped and counted by `send` when nobody consumes.
         self.downstream.send(upload).await.map_err(Failure::Upload)?;
@@ -264,7 +268,7 @@ impl Shared {
         packet: &mut Packet,
     ) -> Result<(), Failure> {
         let router = self.router.as_ref().ok_or(Failure::NoCommands)?;
-        let (tenant, device_id, _) = self.authorize(identity, answer.target).await?;
+        let (tenant, device_id, ..) = self.authorize(identity, answer.target).await?;
         let max = self.config.max_payload;
         if packet.payload.len() > max {
             return Err(Failure::Upload(UploadError::TooLarge { size: packet.payload.len(), max }));

@@ -346,7 +346,7 @@ impl Failure {
             Failure::Upload(UploadError::TooLarge { .. }) | Failure::BodyTooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, self.message())
             }
-            Failure::Upload(UploadError::RateLimited(_)) => {
+            Failure::Upload(UploadError::RateLimited(_) | UploadError::VolumeExceeded) => {
                 (StatusCode::TOO_MANY_REQUESTS, self.message())
             }
             Failure::Upload(UploadError::EmptyWithoutContentType) | Failure::BadBody(_) => {
@@ -433,6 +433,8 @@ struct Principal {
     device_id: String,
     /// A gateway acting for `device_id` (not the device itself).
     via_gateway: bool,
+    /// Its tenant's limits.
+    limits: crate::quota::TenantLimits,
 }
 
 /// How a request authenticates.
@@ -474,7 +476,7 @@ async fn authorize(
     };
     let (tenant, device) = target.unzip();
     let names = (tenant.as_deref(), device.as_deref());
-    let target =
+    let (target, limits) =
         door::admit(state.registry.as_ref(), ADAPTER, identity.as_ref(), names, ThisRequest)
             .await
             .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
@@ -482,6 +484,7 @@ async fn authorize(
         tenant: target.tenant().to_owned(),
         device_id: target.device().to_owned(),
         via_gateway: target.via_gateway(),
+        limits,
     })
 }
 
@@ -537,6 +540,7 @@ async fn upload(
         orig_adapter: ADAPTER,
         orig_address,
         properties: Vec::new(),
+        limits: principal.limits,
     };
     // HTTP has no fire-and-forget: even QoS 0 tells the device there was no consumer.
     state

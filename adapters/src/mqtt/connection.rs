@@ -14,6 +14,7 @@ use super::session::{Principal, Session, Version};
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 use crate::door::{self};
 use crate::downstream::{Downstream, Endpoint, Qos, Upload, CONNECTION_EVENT};
+use crate::quota;
 
 /// What every connection of the adapter shares (across worker threads).
 pub(super) struct Shared {
@@ -161,12 +162,18 @@ pub(super) async fn authenticate(
     if !access.enabled {
         return Err(Refusal::NotAuthorized);
     }
-    let slot =
-        shared.connections.open(&identity.tenant, &identity.device_id, access.max_connections);
-    let Some(slot) = slot else {
-        door::limit_refused(&identity.tenant, ADAPTER, "max_connections");
-        return Err(Refusal::TenantConnectionLimit);
+    let volume_used_up = access.limits.data_volume.is_some_and(|limit| {
+        shared.downstream.volumes().exhausted(&identity.tenant, &limit, quota::now_secs())
+    });
+    let slot = if volume_used_up {
+        Err("data_volume")
+    } else {
+        shared.connections.open(&identity.tenant, &identity.device_id, &access.limits)
     };
+    let slot = slot.map_err(|limit| {
+        door::limit_refused(&identity.tenant, ADAPTER, limit);
+        Refusal::TenantConnectionLimit
+    })?;
     Ok((Principal::Device(identity), Some(slot)))
 }
 
@@ -349,6 +356,8 @@ pub(super) fn connection_event(
         orig_adapter: ADAPTER,
         orig_address: Endpoint::Event.as_str().to_owned(),
         properties: Vec::new(),
+        // A notification is not counted against the tenant's data volume.
+        limits: Default::default(),
     };
     let downstream = shared.downstream.clone();
     ntex_rt::spawn(async move {

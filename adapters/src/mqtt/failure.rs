@@ -51,7 +51,7 @@ impl Failure {
             Failure::Auth(AuthError::Unavailable(_)) => 503,
             Failure::Upload(e) if e.is_transient() => 503,
             Failure::Upload(UploadError::TooLarge { .. }) => 413,
-            Failure::Upload(UploadError::RateLimited(_)) => 429,
+            Failure::Upload(UploadError::RateLimited(_) | UploadError::VolumeExceeded) => 429,
             Failure::Upload(_) => 400,
             Failure::Respond(RespondError::BadRequestId(_) | RespondError::Refused(_)) => 400,
             Failure::Respond(RespondError::NotIssuedTo) => 403,
@@ -72,7 +72,8 @@ impl Failure {
             Failure::Upload(
                 UploadError::Overloaded(_)
                 | UploadError::TooLarge { .. }
-                | UploadError::RateLimited(_),
+                | UploadError::RateLimited(_)
+                | UploadError::VolumeExceeded,
             ) => PublishAckReason::QuotaExceeded,
             Failure::Upload(UploadError::EmptyWithoutContentType) => {
                 PublishAckReason::PayloadFormatInvalid
@@ -98,9 +99,11 @@ impl Failure {
                 DisconnectReasonCode::NotAuthorized
             }
             Failure::Upload(UploadError::TooLarge { .. }) => DisconnectReasonCode::PacketTooLarge,
-            Failure::Upload(UploadError::Overloaded(_) | UploadError::RateLimited(_)) => {
-                DisconnectReasonCode::QuotaExceeded
-            }
+            Failure::Upload(
+                UploadError::Overloaded(_)
+                | UploadError::RateLimited(_)
+                | UploadError::VolumeExceeded,
+            ) => DisconnectReasonCode::QuotaExceeded,
             Failure::Upload(UploadError::EmptyWithoutContentType) => {
                 DisconnectReasonCode::PayloadFormatInvalid
             }

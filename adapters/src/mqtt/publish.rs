@@ -16,6 +16,7 @@ use super::mapping::{self, MappingError, PublishAddress, ResponseAddress};
 use super::session::{Qos0Send, Qos0Slot, Session, Target};
 use crate::door::{self, Denied, Standing};
 use crate::downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
+use crate::quota::TenantLimits;
 
 /// One PUBLISH, protocol-version neutral.
 pub(super) struct Inbound<'a> {
@@ -56,7 +57,7 @@ pub(super) async fn handle_publish(
     if address.endpoint == Endpoint::Event && inbound.qos == Qos::AtMostOnce {
         return Err(fail(Failure::EventAtQos0));
     }
-    authorize(shared, &target)
+    let limits = authorize(shared, &target)
         .await
         .map_err(|(failure, terminal)| Failed { terminal, ..fail(failure) })?;
     let properties = &address.properties;
@@ -79,6 +80,7 @@ pub(super) async fn handle_publish(
         orig_adapter: ADAPTER,
         orig_address: inbound.topic.to_owned(),
         properties: properties.other.clone(),
+        limits,
     };
     shared.downstream.send(upload).await.map_err(|e| fail(Failure::Upload(e)))
 }
@@ -86,16 +88,20 @@ pub(super) async fn handle_publish(
 /// Registry checks for a publish for `target`; `Err((failure, terminal))`. The connected
 /// device (or gateway) is checked again on every publish (the registry caches), so one
 /// disabled while connected is cut off at its next publish instead of at its next CONNECT.
-pub(super) async fn authorize(shared: &Shared, target: &Target) -> Result<(), (Failure, bool)> {
-    door::authorize(shared.registry.as_ref(), ADAPTER, target, Standing::Session).await.map_err(
-        |refused| {
+pub(super) async fn authorize(
+    shared: &Shared,
+    target: &Target,
+) -> Result<TenantLimits, (Failure, bool)> {
+    let access = door::authorize(shared.registry.as_ref(), ADAPTER, target, Standing::Session)
+        .await
+        .map_err(|refused| {
             let failure = match refused.denied {
                 Denied::Auth(e) => Failure::Auth(e),
                 Denied::UnauthenticatedNotAllowed => Failure::UnauthenticatedNotAllowed,
             };
             (failure, refused.principal_gone)
-        },
-    )
+        })?;
+    Ok(access.limits)
 }
 
 /// A device's answer to a command (`command/[T]/[D]/res/REQ-ID/STATUS`): handed to the

@@ -222,7 +222,10 @@ impl DeviceRegistry for MemoryRegistry {
         let access = tenants.get(tenant).map_or(AdapterAccess::default(), |t| AdapterAccess {
             enabled: !t.switched_off(adapter),
             unauthenticated: t.enabled && t.allow_unauthenticated && !t.switched_off(adapter),
-            max_connections: t.max_connections,
+            limits: ferrule_adapters::TenantLimits {
+                max_connections: t.max_connections,
+                ..Default::default()
+            },
         });
         Box::pin(async move { Ok(access) })
     }
