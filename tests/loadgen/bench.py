@@ -43,7 +43,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 IDLE_SOURCES = ",".join(f"127.0.0.{i}" for i in range(2, 10))
 STORM_SOURCES = ",".join(f"127.0.0.{i}" for i in range(10, 18))
 
-SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands", "flow", "peer", "overload"]
+SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands", "flow", "peer", "overload", "isolation"]
+# Run only when named in --only (they take longer than the default set allows).
+OPT_IN = ["isolation"]
 # Messages (requests, commands, devices) per run: (full mode, smoke mode); --scale multiplies the first.
 COUNTS = {"qos0": (200_000, 2_000), "qos1": (50_000, 1_000), "events": (100_000, 1_000), "http": (100_000, 1_000),
           "coap": (100_000, 1_000), "commands": (50_000, 500), "storm-devices": (100, 10),
@@ -58,6 +60,15 @@ FLOW_SHAPES = [("10x100", 10, 100), ("1000x1", 1000, 1)]
 FLOW_CREDITS = [1000, 100]
 # Peer sweep: publisher connections x window, to show where Mosquitto stops scaling.
 PEER_SWEEP = {0: [(4, 16), (8, 16), (16, 16), (32, 16)], 1: [(8, 16), (16, 16), (8, 100), (16, 100), (32, 100)]}
+# Isolation (issue 17): tenant B (well-behaved) beside tenant A (hostile, tests/loadgen/hostile_tenant.py).
+# B: MQTT QoS 1 devices at a fixed total rate to its AMQP application. A: more MQTT connections than its
+# `resource-limits.max-connections`, telemetry far over the instance's per-tenant rate, and an AMQP
+# application sending a 64 MiB event, a body nested 50,000 lists deep, and attaching receivers on
+# 10,000 fresh reply addresses. (full, smoke) where they differ.
+ISO_A, ISO_B = "iso-a", "iso-b"
+ISO = {"b_devices": 5, "b_rate": 200, "a_max_connections": 20, "a_connections": 30, "a_rate": 5000,
+       "tenant_rate": 500, "big_mib": 64, "depth": 50_000, "receivers": (10_000, 1_000), "seconds": (15, 3)}
+HOSTILE_TENANT = Path(__file__).resolve().parent / "hostile_tenant.py"
 
 T0 = time.time()
 
@@ -397,6 +408,61 @@ class Ferrule:
             warnings = [l for l in lines if re.search(r"\b(ERROR|WARN)\b|panicked", l)]
             if warnings:
                 self.suite.server_errors.append((self.name, len(warnings), warnings[:3]))
+
+
+class IsolationFerrule(Ferrule):
+    """Ferrule for the isolation scenario: applications `app@iso-a` and `app@iso-b`, the
+    per-tenant message rate `ISO["tenant_rate"]` ([adapters] max_messages_per_second_per_tenant),
+    tenant B with `b_devices` devices and tenant A with `a_connections` devices and
+    `resource-limits.max-connections` = `a_max_connections`."""
+
+    def __init__(self, suite, name):
+        super().__init__(suite, name)
+        if "adapters.max_messages_per_second_per_tenant" not in suite.supported_keys():
+            raise Failure(f"{suite.ferrule_bin} has no [adapters] max_messages_per_second_per_tenant")
+        text = self.config.read_text()
+        users = ", ".join(f'{{ username = "app@{t}", password = "{APP_PASSWORD}" }}' for t in (ISO_A, ISO_B))
+        old = f'users = [{{ username = "{APP_USER}", password = "{APP_PASSWORD}" }}]'
+        assert old in text, "FERRULE_CONFIG changed: update IsolationFerrule"
+        text = text.replace(old, f"users = [{users}]")
+        # A super-table after its sub-tables is valid TOML.
+        text += f"\n[adapters]\nmax_messages_per_second_per_tenant = {ISO['tenant_rate']}\n"
+        self.config.write_text(text)
+
+    def start(self):
+        super().start()
+        self.call("POST", f"/v1/tenants/{ISO_B}", {"enabled": True})
+        self.call("POST", f"/v1/tenants/{ISO_A}", {"enabled": True,
+                                                   "resource-limits": {"max-connections": ISO["a_max_connections"]}})
+
+        def one(job):
+            tenant, i = job
+            self.call("POST", f"/v1/devices/{tenant}/dev{i}", {"enabled": True})
+            self.call("PUT", f"/v1/credentials/{tenant}/dev{i}",
+                      [{"type": "hashed-password", "auth-id": f"dev{i}", "secrets": [{"pwd-plain": DEVICE_PASSWORD}]}])
+
+        jobs = [(ISO_B, i) for i in range(ISO["b_devices"])] + [(ISO_A, i) for i in range(ISO["a_connections"])]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, jobs))
+        return self
+
+    def counters(self):
+        """Every refusal-like counter series (`ferrule_*refus*`, `*reject*`, `*revoked*`,
+        `*limit*`) from /metrics: {series with labels: value}."""
+        try:
+            with urllib.request.urlopen(f"http://{self.listeners['ops']}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"^(ferrule_\w*(?:refus|reject|revoked|limit)\w*(?:\{[^}]*\})?) (\S+)$", line)
+            if m:
+                try:
+                    out[m.group(1)] = float(m.group(2))
+                except ValueError:
+                    pass
+        return out
 
 
 MOSQUITTO_CONFIG = """\
@@ -1022,6 +1088,135 @@ class Suite:
                     f"RSS {run['rss_start']} -> max {run['rss_max']}")
         self.with_server(Ferrule(self, "overload", devices=10), body)
 
+    def scenario_isolation(self):
+        """Issue 17: tenant B's end-to-end latency alone (baseline) and while tenant A runs
+        into every limit it has at once (hostile); A's refusals by kind; Ferrule's RSS."""
+        probe = subprocess.run([sys.executable, "-c", "import proton"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise Failure(f"{sys.executable} cannot import proton (python-qpid-proton, tests/requirements.txt): "
+                          "the hostile tenant's AMQP application needs it")
+        seconds = self.n(*ISO["seconds"])
+        seconds = max(5, seconds) if not self.smoke else seconds
+
+        def body(server):
+            self.iso_phase(server, "iso-warm", False, 2, warm=True)  # B's devices verified once (argon2)
+            for i in range(self.runs):
+                base = self.iso_phase(server, "iso-baseline", False, seconds)
+                self.record("iso-baseline", "ferrule", base)
+                log(f"isolation run {i + 1} baseline: B p50 {base['p50']} p99 {base['p99']} ms, "
+                    f"received {base['received']}/{base['sent']}, RSS max {base['rss_max']}")
+                hostile = self.iso_phase(server, "iso-hostile", True, seconds)
+                hostile["p99_ratio"] = hostile["p99"] / base["p99"] if hostile.get("p99") and base.get("p99") else None
+                # A is gone: B's devices can still connect and send (a second's worth).
+                after = self.iso_phase(server, "iso-after", False, 1, warm=True)
+                hostile["after_received"] = f"{after['received']}/{after['sent']}"
+                self.check("iso-hostile", after["lost"] == 0 and after["errors"] == 0 and after["received"] > 0,
+                           f"tenant B after the hostile phase: {after['received']} received of {after['sent']} sent, "
+                           f"errors {after['errors']} ({after['first_error']})")
+                self.record("iso-hostile", "ferrule", hostile)
+                a = hostile["a"]["mqtt"]
+                log(f"isolation run {i + 1} hostile: B p50 {hostile['p50']} p99 {hostile['p99']} ms "
+                    f"(p99 {hostile['p99_ratio'] or 0:.2f}x baseline), received {hostile['received']}/{hostile['sent']}, "
+                    f"RSS max {hostile['rss_max']}; A CONNACK {a['connack']} PUBACK {a['puback']} "
+                    f"receivers {json.dumps(hostile['a'].get('amqp', {}).get('receivers', {}))}")
+        self.with_server(IsolationFerrule(self, "isolation"), body)
+
+    def iso_phase(self, server, key, hostile, seconds, warm=False):
+        """One phase: tenant B's devices send `b_rate` msgs/s at QoS 1 for `seconds` to B's
+        application (ferrule-loadgen mqtt-pub / amqp-recv, as the other scenarios); with
+        `hostile`, tenant A (hostile_tenant.py, plus an amqp-recv consuming A's telemetry)
+        attacks from just before B starts until B is done. Ferrule's RSS is sampled
+        every 0.2 s throughout."""
+        addrs = server.addrs()
+        count = max(int(ISO["b_rate"] * seconds), 10)
+        nb = ISO["b_devices"]
+        receiver = ["amqp-recv", "--amqp", addrs["amqp"], "--amqp-user", f"app@{ISO_B}", "--amqp-password", APP_PASSWORD,
+                    "--address", f"telemetry/{ISO_B}", "--expect", str(count), "--idle-timeout", "5"]
+        sender = ["mqtt-pub", "--host", addrs["mqtt"], "--connections", str(nb), "--devices", str(nb), "--qos", "1",
+                  "--window", "16", "--count", str(count), "--rate", str(ISO["b_rate"]), "--size", str(self.args.size),
+                  "--username", "dev{i}@" + ISO_B, "--password", DEVICE_PASSWORD, "--client-id", "iso-b-{i}"]
+        a_recv_argv = ["amqp-recv", "--amqp", addrs["amqp"], "--amqp-user", f"app@{ISO_A}", "--amqp-password", APP_PASSWORD,
+                       "--address", f"telemetry/{ISO_A}", "--expect", "0", "--idle-timeout", "3600", "--start-timeout", "3600"]
+        helper_argv = [sys.executable, HOSTILE_TENANT, "--mqtt", addrs["mqtt"], "--amqp", addrs["amqp"], "--tenant", ISO_A,
+                       "--password", DEVICE_PASSWORD, "--connections", ISO["a_connections"], "--rate", ISO["a_rate"],
+                       "--app-user", f"app@{ISO_A}", "--app-password", APP_PASSWORD, "--big-mib", ISO["big_mib"],
+                       "--depth", ISO["depth"], "--receivers", self.n(*ISO["receivers"]), "--duration", seconds + 60]
+        if not warm:
+            argvs = [self.display(["ferrule-loadgen"] + receiver, addrs), self.display(["ferrule-loadgen"] + sender, addrs)]
+            if hostile:
+                argvs = [self.display(["ferrule-loadgen"] + a_recv_argv, addrs),
+                         self.display(["python3", "tests/loadgen/hostile_tenant.py"] + helper_argv[2:], addrs)] + argvs
+            self.example(key, argvs)
+        samples, done = [], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                try:
+                    samples.append(rss_bytes(server.pid))
+                except OSError:
+                    pass
+                done.wait(0.2)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        a_recv = helper = None
+        counters0 = server.counters() if hostile else {}
+        t_ready = time.time()
+        try:
+            if hostile:
+                ready = self.workdir / f"ready-{self.next_id()}"
+                a_recv = self.lg("a-recv", a_recv_argv + ["--ready-file", ready])
+                wait_file(ready, a_recv, 60)
+                ready = self.workdir / f"hostile-ready-{self.next_id()}"
+                helper = Proc(self, "hostile-a", helper_argv + ["--ready-file", ready])
+                wait_file(ready, helper, 60)
+                t_ready = time.time()
+            b_start = time.time()
+            r, (p,), cpu = self.measure(server, receiver, [sender], key, count)
+            b_end = time.time()
+            cpu_server = cpu["server_cpu_pct"]
+        finally:
+            if helper:
+                helper.terminate(30)
+            if a_recv:
+                a_recv.kill()
+            done.set()
+            sampler.join()
+        run = {"p50": r.get("p50_ms"), "p99": r.get("p99_ms"), "max": r.get("max_ms"), "received": r["msgs"],
+               "sent": p["msgs"], "acked": p.get("acked", 0), "lost": r.get("lost", 0), "errors": p["errors"] + r["errors"],
+               "first_error": p.get("first_error") or r.get("first_error"), "puback_p50": p.get("puback_p50_ms"),
+               "puback_p99": p.get("puback_p99_ms"), "rate": p["msgs_per_s"], "server_cpu_pct": cpu_server,
+               "lg_cpu_pct": cpu["lg_cpu_pct"], "rss_start": samples[0] if samples else None,
+               "rss_max": max(samples) if samples else None, "b_seconds": round(b_end - b_start, 2)}
+        if warm:
+            return run
+        self.check(key, server.proc.poll() is None, f"Ferrule exited ({server.proc.returncode}): {server.proc.stderr_tail(500)}")
+        self.check(key, run["lost"] == 0 and run["errors"] == 0,
+                   f"tenant B: {run['received']} of {count} received, {run['acked']} acknowledged, errors {run['errors']} "
+                   f"({run['first_error']})")
+        if hostile:
+            lines = helper.json_lines()
+            if not lines:
+                raise Failure(f"hostile_tenant.py printed no result (exit {helper.returncode}): {helper.stderr_tail()}")
+            a = lines[-1]
+            run["a"] = a
+            run["a_cpu_pct"] = 100 * (helper.cpu or 0) / max(b_end - t_ready, 1e-3)
+            # Times in the helper's result are seconds since it was ready; B sent from
+            # b_start - t_ready on.
+            run["b_window"] = (round(b_start - t_ready, 2), round(b_end - t_ready, 2))
+            counters1 = server.counters()
+            run["counters"] = {k: v - counters0.get(k, 0) for k, v in counters1.items() if v - counters0.get(k, 0) > 0}
+            b_refused = {k: v for k, v in run["counters"].items() if f'tenant="{ISO_B}"' in k}
+            self.check(key, not b_refused, f"tenant B was refused: {b_refused}")
+            mq = a.get("mqtt", {})
+            self.check(key, sum(v for c, v in mq.get("connack", {}).items() if c != "0x00") > 0,
+                       f"tenant A's connections beyond max-connections were not refused: CONNACK {mq.get('connack')}")
+            self.check(key, mq.get("puback", {}).get("0x97", 0) > 0,
+                       f"tenant A's telemetry over the tenant rate was not refused: PUBACK {mq.get('puback')}")
+            amqp = a.get("amqp", {})
+            for attack in ("big_message", "nested_body"):
+                self.check(key, amqp.get(attack, {}).get("refused"), f"tenant A's {attack}: {amqp.get(attack)}")
+        return run
+
     def run(self, names):
         for name in names:
             log(f"== {name}")
@@ -1190,9 +1385,15 @@ def build_report(suite, elapsed):
     target("connect storm ≥ 5k CONNECT/s", f"{fmt(st)} /s" if st else "–", (st >= 5000) if st else None)
     hl = med(vals("halfload", "ferrule", "p99"))
     target("p99 ≤ 2 ms at half load", f"{fmt(hl, 2)} ms" if hl is not None else "–", (hl <= 2) if hl is not None else None)
+    if ("iso-hostile", "ferrule") in R:
+        ib, ih = med(vals("iso-baseline", "ferrule", "p99")), med(vals("iso-hostile", "ferrule", "p99"))
+        ir = ih / ib if ib and ih else None
+        target("isolation: tenant B's p99 beside a hostile tenant ≤ 2× its baseline",
+               f"{ir:.2f}× ({fmt(ib, 2)} → {fmt(ih, 2)} ms)" if ir else "–", (ir <= 2) if ir else None)
 
     cpu_rows = []
-    for key, label in [("qos0", "MQTT QoS 0"), ("halfload", "QoS 0 at half load"), ("qos1", "MQTT QoS 1"), ("events", "events"),
+    for key, label in [("iso-baseline", "isolation: tenant B alone"), ("iso-hostile", "isolation: B beside hostile A (loadgen: B's only)"),
+                       ("qos0", "MQTT QoS 0"), ("halfload", "QoS 0 at half load"), ("qos1", "MQTT QoS 1"), ("events", "events"),
                        ("http", "HTTP"), ("coap-non", "CoAP NON"), ("coap-con", "CoAP CON"), ("storm", "connect storm"),
                        ("commands", "commands")]:
         if (key, "ferrule") in R:
@@ -1258,6 +1459,8 @@ def build_report(suite, elapsed):
                                      ("rss_start", "Ferrule RSS at start, bytes", 0), ("rss_max", "Ferrule RSS max, bytes", 0)]:
             w(f"| {label} | " + " | ".join(cell(vals(k, 'ferrule', field), digits) for k in overload_keys) + " |")
         w("")
+    if ("iso-hostile", "ferrule") in R:
+        isolation_report(w, R, vals)
     peer_keys = [k for k, side in R if k.startswith("peer-") and side == "peer"]
     if peer_keys:
         w("## Peer sweep: Mosquitto with more publishers and deeper windows\n")
@@ -1317,6 +1520,9 @@ def build_report(suite, elapsed):
     w(f"- Commands: {min(10, a.connections)} MQTT devices subscribed to `command///req/#` (QoS 1) answering every request on "
       f"`command///res/REQ-ID/200`, an AMQP application with 32 commands in flight, {suite.count('commands'):,} per run.")
     w("- Half load: the QoS 0 scenario paced at half the measured median throughput.")
+    if ("iso-hostile", "ferrule") in R:
+        w("- Isolation (opt-in: `--only isolation`): see its section; one Ferrule for every run, each run a baseline "
+          "phase then a hostile phase of the same length, after a 2 s warm-up of tenant B.")
     w("")
     if suite.notes or suite.failures or suite.server_errors:
         w("## Notes\n")
@@ -1349,6 +1555,98 @@ def build_report(suite, elapsed):
             w(f"{key} {side} #{i + 1}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
     w("```\n</details>\n")
     return "\n".join(out), targets
+
+
+def isolation_report(w, R, vals):
+    """The isolation scenario's section: tenant B baseline vs hostile, tenant A's refusals."""
+    runs = R[("iso-hostile", "ferrule")]
+    w("## Isolation: a hostile tenant beside a well-behaved one\n")
+    w(f"One Ferrule with `[adapters] max_messages_per_second_per_tenant = {ISO['tenant_rate']}` (each tenant's own "
+      f"bucket). Tenant `{ISO_B}` (well-behaved): {ISO['b_devices']} MQTT 3.1.1 devices (`ferrule-loadgen mqtt-pub`, QoS 1, "
+      f"window 16) send {ISO['b_rate']} msgs/s in total to B's AMQP application (`amqp-recv`, credit 5000); latency is "
+      "end to end, from the send time in the payload. Baseline: tenant A idle. Hostile: for the whole of B's phase, "
+      f"tenant `{ISO_A}` (`resource-limits.max-connections` = {ISO['a_max_connections']}) runs "
+      f"`tests/loadgen/hostile_tenant.py`: {ISO['a_connections']} MQTT 5 devices (refused ones retry every second) "
+      f"flooding QoS 1 telemetry at {ISO['a_rate']:,} msgs/s attempted (Python: it reaches what it can), while its AMQP "
+      f"application sends one {ISO['big_mib']} MiB event, one body nested {ISO['depth']:,} lists deep, and attaches "
+      f"receivers on {runs[0].get('a', {}).get('amqp', {}).get('receivers', {}).get('asked', 0):,} fresh "
+      f"`command_response/{ISO_A}/<uuid>` reply addresses (pipelined, 200 at a time, held to the end); an `amqp-recv` "
+      "consumes A's telemetry. The hostile tenant's load generator runs on the same cores as Ferrule and B: its CPU is "
+      "shown, and part of B's hostile-phase latency is that contention, not Ferrule.\n")
+    w("| tenant B | baseline (A idle) | hostile (A attacking) | hostile / baseline |\n|---|---|---|---|")
+
+    def line(label, field, digits=2, scale=1.0):
+        b = [None if v is None else v / scale for v in vals("iso-baseline", "ferrule", field)]
+        h = [None if v is None else v / scale for v in vals("iso-hostile", "ferrule", field)]
+        mb, mh = med(b), med(h)
+        w(f"| {label} | {cell(b, digits)} | {cell(h, digits)} | {f'{mh / mb:.2f}×' if mb and mh else '–'} |")
+
+    line("end-to-end p50 ms", "p50")
+    line("end-to-end p99 ms", "p99")
+    line("end-to-end max ms", "max")
+    line("PUBACK p99 ms", "puback_p99")
+    got = lambda k: "/".join(fmt(med(vals(k, "ferrule", f))) for f in ("received", "sent"))  # noqa: E731
+    w(f"| received / sent | {got('iso-baseline')} | {got('iso-hostile')} | |")
+    line("Ferrule RSS max, MiB (sampled every 0.2 s)", "rss_max", 1, 1024 * 1024)
+    line("Ferrule CPU, % of one core", "server_cpu_pct", 0)
+    w(f"| hostile_tenant.py CPU, % of one core | – | {cell(vals('iso-hostile', 'ferrule', 'a_cpu_pct'))} | |")
+    w(f"| p99 ratio, per run | | {cell(vals('iso-hostile', 'ferrule', 'p99_ratio'), 2)} | |")
+    w(f"| B's 1 s check once A has left, received / sent | | {', '.join(str(r.get('after_received')) for r in runs)} | |")
+    w("")
+
+    def a_med(path):
+        out = []
+        for r in runs:
+            v = r.get("a", {})
+            for k in path:
+                v = v.get(k, {}) if isinstance(v, dict) else {}
+            out.append(v if isinstance(v, (int, float)) else 0)
+        return med(out)
+
+    def outcomes(attack):
+        seen = sorted({str(r.get("a", {}).get("amqp", {}).get(attack, {}).get("outcome", "not run")) for r in runs})
+        return "; ".join(f"`{o}`" for o in seen)
+
+    codes = lambda field: sorted({c for r in runs for c in r.get("a", {}).get("mqtt", {}).get(field, {})})  # noqa: E731
+    refused_conds = sorted({c for r in runs for c in r.get("a", {}).get("amqp", {}).get("receivers", {}).get("refused", {})})
+    w("Tenant A, as its own clients saw it (median of the runs):\n")
+    w("| tenant A's attack | attempted | refused | let through |\n|---|---|---|---|")
+    connack_refused = ", ".join(f"{fmt(a_med(['mqtt', 'connack', c]))} × CONNACK {c}" for c in codes("connack") if c != "0x00") or "none"
+    w(f"| MQTT connections: {ISO['a_connections']} devices for max-connections {ISO['a_max_connections']}, refused ones retrying "
+      f"every second | {fmt(a_med(['mqtt', 'connect_attempts']))} CONNECTs | {connack_refused} | "
+      f"{fmt(a_med(['mqtt', 'connack', '0x00']))} accepted, at most {fmt(a_med(['mqtt', 'most_connected_at_once']))} at once |")
+    puback_refused = ", ".join(f"{fmt(a_med(['mqtt', 'puback', c]))} × PUBACK {c}" for c in codes("puback") if c != "0x00") or "none"
+    ok, flood_s = a_med(["mqtt", "puback", "0x00"]), a_med(["mqtt", "seconds"])
+    w(f"| MQTT 5 QoS 1 telemetry, {ISO['a_rate']:,} msgs/s attempted (tenant rate {ISO['tenant_rate']}/s) | "
+      f"{fmt(a_med(['mqtt', 'pubacks']))} answered in {fmt(flood_s, 1)} s | {puback_refused} | {fmt(ok)} × PUBACK 0x00 "
+      f"(≈ {fmt(ok / flood_s if flood_s else None)}/s) |")
+    disc = ", ".join(f"{fmt(a_med(['mqtt', 'server_disconnect', c]))} × DISCONNECT {c}" for c in codes("server_disconnect"))
+    if disc or a_med(["mqtt", "closed_without_disconnect"]):
+        w(f"| MQTT connections the server closed | | {disc or ''} {fmt(a_med(['mqtt', 'closed_without_disconnect']))} closed without DISCONNECT | |")
+    w(f"| AMQP event of {ISO['big_mib']} MiB to `event/{ISO_A}` | 1 | {outcomes('big_message')} | |")
+    w(f"| AMQP message to `telemetry/{ISO_A}`, body nested {ISO['depth']:,} lists deep (hand-encoded) | 1 | "
+      f"{outcomes('nested_body')} | |")
+    rec_refused = ", ".join(f"{fmt(a_med(['amqp', 'receivers', 'refused', c]))} × `{c}`" for c in refused_conds) or "none"
+    no_answer = a_med(["amqp", "receivers", "no_answer"])
+    w(f"| AMQP receivers on fresh `command_response/{ISO_A}/<uuid>` | {fmt(a_med(['amqp', 'receivers', 'asked']))} attaches | "
+      f"{rec_refused}{f', {fmt(no_answer)} unanswered' if no_answer else ''} | "
+      f"{fmt(a_med(['amqp', 'receivers', 'attached']))} attached and held |")
+    w("")
+    timing = []
+    for r in runs:
+        amqp, (b0, b1) = r.get("a", {}).get("amqp", {}), r.get("b_window", (0, 0))
+        spans = [f"{name} {amqp[k]['started'] - b0:.1f}–{amqp[k].get('attach_ended', amqp[k].get('ended', 0)) - b0:.1f} s"
+                 for k, name in (("big_message", "64 MiB event"), ("nested_body", "nested body"), ("receivers", "attaches"))
+                 if amqp.get(k, {}).get("started") is not None]
+        timing.append(f"B sent for {b1 - b0:.1f} s; A's {', '.join(spans)} from B's start")
+    w("When (each run): " + " / ".join(timing) + ". A's MQTT flood ran from before B's first message to after its last.\n")
+    series = sorted({k for r in runs for k in r.get("counters", {})})
+    if series:
+        w("Ferrule's own counters, increase over the hostile phase (median of the runs):\n")
+        w("| series | increase |\n|---|---|")
+        for k in series:
+            w(f"| `{k}` | {fmt(med([r.get('counters', {}).get(k, 0) for r in runs]))} |")
+        w("")
 
 
 def write_report(path, text):
@@ -1397,7 +1695,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny counts, debug binaries, one run; exit 1 on failure (CI)")
     ap.add_argument("--runs", type=int, help="runs per scenario (default 3; smoke 1)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiplies message counts and durations (full mode)")
-    ap.add_argument("--only", help=f"comma-separated scenarios: {','.join(SCENARIOS)}")
+    ap.add_argument("--only", help=f"comma-separated scenarios: {','.join(SCENARIOS)} "
+                                   f"({', '.join(OPT_IN)}: only when named here)")
     ap.add_argument("--skip", default="", help="comma-separated scenarios to leave out")
     ap.add_argument("--out", help="report file (default: BENCHMARKS.md; smoke: a temp file)")
     ap.add_argument("--no-build", action="store_true", help="use the binaries as they are")
@@ -1414,7 +1713,7 @@ def main():
     ap.add_argument("--mqtt-workers", type=int, help="Ferrule [adapters.mqtt] workers (default: Ferrule's default)")
     args = ap.parse_args()
 
-    names = args.only.split(",") if args.only else list(SCENARIOS)
+    names = args.only.split(",") if args.only else [n for n in SCENARIOS if n not in OPT_IN]
     names = [n for n in names if n not in args.skip.split(",")]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
