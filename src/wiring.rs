@@ -129,6 +129,8 @@ impl DeviceRegistry for RegistryDevices {
                     data_volume: usage(access.data_volume),
                     connection_duration: usage(access.connection_duration),
                     minimum_message_size: access.minimum_message_size,
+                    rate_per_tenant: access.messages_per_second,
+                    rate_per_device: access.messages_per_second_per_device,
                 },
             })
         })

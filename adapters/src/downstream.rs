@@ -119,8 +119,9 @@ pub struct RateLimits {
 }
 
 /// Token buckets per tenant and per device.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Rates {
+    /// This instance's limits, for tenants that set none of their own.
     limits: RateLimits,
     buckets: std::sync::Mutex<RateBuckets>,
 }
@@ -171,8 +172,12 @@ fn take_from(map: &mut HashMap<String, Bucket>, key: &str, rate: u32, now: Insta
 const IDLE_BUCKET: Duration = Duration::from_secs(10);
 
 impl Rates {
-    /// One message of `device` of `tenant`; `Err` names the limit it is over.
-    fn take(&self, tenant: &str, device: &str) -> Result<(), &'static str> {
+    /// One message of `device` of `tenant`, under `limits` (the tenant's own, or this
+    /// instance's); `Err` names the limit it is over.
+    fn take(&self, tenant: &str, device: &str, limits: RateLimits) -> Result<(), &'static str> {
+        if limits == RateLimits::default() {
+            return Ok(());
+        }
         let now = Instant::now();
         let mut b = self.buckets.lock().expect("poisoned");
         b.since_sweep += 1;
@@ -185,7 +190,7 @@ impl Rates {
                 !devices.is_empty()
             });
         }
-        if let Some(rate) = self.limits.per_device {
+        if let Some(rate) = limits.per_device {
             let taken = match b.devices.get_mut(tenant) {
                 Some(devices) => take_from(devices, device, rate, now),
                 None => {
@@ -199,7 +204,7 @@ impl Rates {
                 return Err("device_rate");
             }
         }
-        if let Some(rate) = self.limits.per_tenant {
+        if let Some(rate) = limits.per_tenant {
             if !take_from(&mut b.tenants, tenant, rate, now) {
                 return Err("tenant_rate");
             }
@@ -213,13 +218,13 @@ impl Rates {
 pub struct Downstream {
     broker: Broker,
     pub stats: Arc<DownstreamStats>,
-    rates: Option<Arc<Rates>>,
+    rates: Arc<Rates>,
     volumes: Arc<Volumes>,
 }
 
 impl Downstream {
     pub fn new(broker: Broker) -> Self {
-        Self { broker, stats: Arc::default(), rates: None, volumes: Arc::default() }
+        Self { broker, stats: Arc::default(), rates: Arc::default(), volumes: Arc::default() }
     }
 
     /// The data volume each tenant used in its period (shared by every adapter).
@@ -227,11 +232,10 @@ impl Downstream {
         &self.volumes
     }
 
-    /// This downstream refusing messages over `limits` (all adapters that share it).
+    /// This downstream refusing messages over `limits` (all adapters that share it) for
+    /// tenants that set no rates of their own.
     pub fn with_rate_limits(mut self, limits: RateLimits) -> Self {
-        self.rates = (limits != RateLimits::default()).then(|| {
-            Arc::new(Rates { limits, buckets: std::sync::Mutex::new(RateBuckets::default()) })
-        });
+        self.rates = Arc::new(Rates { limits, buckets: Default::default() });
         self
     }
 
@@ -279,8 +283,12 @@ impl Downstream {
 
     async fn submit(&self, upload: Upload, report: bool, rated: bool) -> Result<(), UploadError> {
         let started = std::time::Instant::now();
-        if let Some(rates) = self.rates.as_ref().filter(|_| rated) {
-            if let Err(limit) = rates.take(&upload.tenant, &upload.device_id) {
+        if rated {
+            let limits = RateLimits {
+                per_device: upload.limits.rate_per_device.or(self.rates.limits.per_device),
+                per_tenant: upload.limits.rate_per_tenant.or(self.rates.limits.per_tenant),
+            };
+            if let Err(limit) = self.rates.take(&upload.tenant, &upload.device_id, limits) {
                 crate::door::limit_refused(&upload.tenant, upload.orig_adapter, limit);
                 let what = if limit == "device_rate" { "device" } else { "tenant" };
                 let result = Err(UploadError::RateLimited(format!(
@@ -496,16 +504,15 @@ mod tests {
 
     #[test]
     fn rates_per_device_and_per_tenant() {
-        let rates = Rates {
-            limits: RateLimits { per_device: Some(2), per_tenant: Some(3) },
-            buckets: std::sync::Mutex::new(RateBuckets::default()),
-        };
-        assert_eq!(rates.take("t", "a"), Ok(()));
-        assert_eq!(rates.take("t", "a"), Ok(()));
-        assert_eq!(rates.take("t", "a"), Err("device_rate"));
-        assert_eq!(rates.take("t", "b"), Ok(()), "b has its own allowance");
-        assert_eq!(rates.take("t", "b"), Err("tenant_rate"), "the tenant's 3 are used");
-        assert_eq!(rates.take("u", "a"), Ok(()), "another tenant");
+        let rates = Rates::default();
+        let limits = RateLimits { per_device: Some(2), per_tenant: Some(3) };
+        assert_eq!(rates.take("t", "a", limits), Ok(()));
+        assert_eq!(rates.take("t", "a", limits), Ok(()));
+        assert_eq!(rates.take("t", "a", limits), Err("device_rate"));
+        assert_eq!(rates.take("t", "b", limits), Ok(()), "b has its own allowance");
+        assert_eq!(rates.take("t", "b", limits), Err("tenant_rate"), "the tenant's 3 are used");
+        assert_eq!(rates.take("u", "a", limits), Ok(()), "another tenant");
+        assert_eq!(rates.take("t", "b", RateLimits::default()), Ok(()), "no limit");
         let mut bucket = Bucket { tokens: 0.0, at: Instant::now() };
         assert!(bucket.take(10, bucket.at + Duration::from_millis(150)), "refilled 1.5");
         assert!(!bucket.take(10, bucket.at), "0.5 left");

@@ -53,6 +53,10 @@ pub struct TenantLimits {
     pub connection_duration: Option<UsageLimit>,
     /// Payloads count as a multiple of this (Hono's `minimum-message-size`); 0: as they are.
     pub minimum_message_size: u32,
+    /// Messages per second all its devices may send together, and each device (its
+    /// `resource-limits.ext`; `None`: the instance's `[adapters]` rates).
+    pub rate_per_tenant: Option<u32>,
+    pub rate_per_device: Option<u32>,
 }
 
 impl TenantLimits {

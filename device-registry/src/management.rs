@@ -239,6 +239,14 @@ fn normalize_tenant(t: &mut Tenant) -> Result<(), ManagementError> {
         }
     }
     if let Some(limits) = &t.resource_limits {
+        for key in [crate::model::RATE_EXT, crate::model::DEVICE_RATE_EXT] {
+            let value = limits.ext.as_ref().and_then(|ext| ext.get(key));
+            let valid =
+                value.is_none_or(|v| v.as_u64().is_some_and(|n| n > 0 && u32::try_from(n).is_ok()));
+            if !valid {
+                return Err(bad(format!("resource-limits ext {key} must be a positive integer")));
+            }
+        }
         let periods = [
             limits.data_volume.as_ref().and_then(|d| d.period.as_ref()),
             limits.connection_duration.as_ref().and_then(|d| d.period.as_ref()),

@@ -209,7 +209,17 @@ pub struct AdapterAccess {
     pub connection_duration: Option<UsageLimit>,
     /// `minimum-message-size` (0: none).
     pub minimum_message_size: u32,
+    /// Ferrule's extension, `resource-limits.ext.max-messages-per-second`: messages per
+    /// second of all the tenant's devices together.
+    pub messages_per_second: Option<u32>,
+    /// `resource-limits.ext.max-messages-per-second-per-device`.
+    pub messages_per_second_per_device: Option<u32>,
 }
+
+/// `resource-limits.ext` key of a tenant's message rate (Ferrule's extension).
+pub const RATE_EXT: &str = "max-messages-per-second";
+/// `resource-limits.ext` key of a tenant's message rate per device.
+pub const DEVICE_RATE_EXT: &str = "max-messages-per-second-per-device";
 
 /// A limit per accounting period, as the adapters enforce it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,7 +283,15 @@ impl Tenant {
                 .minimum_message_size
                 .and_then(|m| u32::try_from(m).ok())
                 .unwrap_or(0),
+            messages_per_second: self.rate_ext(RATE_EXT),
+            messages_per_second_per_device: self.rate_ext(DEVICE_RATE_EXT),
         }
+    }
+
+    /// A positive integer under `resource-limits.ext.KEY`.
+    fn rate_ext(&self, key: &str) -> Option<u32> {
+        let ext = self.resource_limits.as_ref()?.ext.as_ref()?;
+        ext.get(key)?.as_u64().and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0)
     }
 
     /// Whether `adapter_type` lets devices of this tenant publish unauthenticated.

@@ -340,3 +340,28 @@ def test_a_tenant_over_its_connection_duration_is_refused(platform):
     _, text = get(p, "/metrics")
     assert metric(text, "ferrule_tenant_limit_refusals_total", tenant="timed", limit="connection_duration",
                   adapter="hono-mqtt") == 2
+
+
+def test_a_tenants_own_message_rates_from_the_registry(platform):
+    """Ferrule's extension `resource-limits.ext.max-messages-per-second(-per-device)`: a
+    tenant's own rates (the instance has none here), following the registry live."""
+    p = platform
+    reg = Registry(p.registry_url, p.registry_token)
+    metered_tenant(reg, "paced", {"ext": {"max-messages-per-second-per-device": 2, "max-messages-per-second": 3}})
+    reg.device("paced", "p1", password="pw").device("paced", "p2", password="pw")
+    reg.tenant("t1").device("t1", "d1", password="pw")
+    p1 = [code for code, *_ in curl_burst(p, "p1@paced:pw", 5)]
+    assert p1.count("202") in (2, 3) and set(p1) <= {"202", "429"}, p1
+    p2 = [code for code, *_ in curl_burst(p, "p2@paced:pw", 3)]
+    assert p2.count("202") <= 3 - p1.count("202") + 1, (p1, p2)  # what is left of the tenant's 3
+    assert [code for code, *_ in curl_burst(p, "d1@t1:pw", 5)] == ["202"] * 5, "t1 has no rates"
+    status, body = reg.call("PUT", "/v1/tenants/paced", {"resource-limits": {"ext": {"max-messages-per-second": -1}}},
+                            expect=(400,))
+    assert "max-messages-per-second" in body["error"], body
+    metered_tenant(reg, "paced", {})
+    time.sleep(1.1)
+    assert [code for code, *_ in curl_burst(p, "p1@paced:pw", 5)] == ["202"] * 5, "rates removed"
+    _, text = get(p, "/metrics")
+    refusals = [metric(text, "ferrule_tenant_limit_refusals_total", tenant="paced", limit=limit,
+                       adapter="hono-http") or 0 for limit in ("device_rate", "tenant_rate")]
+    assert refusals[0] >= p1.count("429") and sum(refusals) == p1.count("429") + p2.count("429"), (refusals, p1, p2)
