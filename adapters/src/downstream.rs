@@ -64,6 +64,9 @@ pub struct Upload {
     pub properties: Vec<(String, String)>,
     /// The tenant's limits, as the registry gave them for this request (the data volume).
     pub limits: TenantLimits,
+    /// The device asked for the message to be retained (MQTT): passed on as the message
+    /// annotation `x-opt-retain` (Hono), nothing is retained.
+    pub retain: bool,
 }
 
 /// Why an upload was not taken. Each adapter maps these to its protocol in one place.
@@ -421,6 +424,9 @@ pub fn to_message(address: &str, upload: &Upload) -> Message {
     let mut annotations = OrderedMap::new();
     annotations.insert(Symbol::from("tenant_id").into(), string(&upload.tenant));
     annotations.insert(Symbol::from("device_id").into(), string(&upload.device_id));
+    if upload.retain {
+        annotations.insert(Symbol::from("x-opt-retain").into(), Value::Bool(true));
+    }
     message.message_annotations = Some(MessageAnnotations(annotations));
     message
 }
@@ -442,6 +448,7 @@ mod tests {
             orig_address: "event".into(),
             properties: vec![("foo".into(), "bar".into())],
             limits: TenantLimits::default(),
+            retain: false,
         }
     }
 

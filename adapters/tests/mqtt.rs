@@ -299,15 +299,75 @@ async fn bad_input_refused_connects() {
     }
 }
 
+/// Hono 2.7 accepts a persistent session (as a clean one) and a Will: so does Ferrule.
 #[tokio::test]
-async fn bad_input_persistent_session_and_will_v311() {
+async fn persistent_sessions_and_wills_are_accepted() {
     let s = start().await;
-    let args = as_d1(&["-c", "-i", "sleepy", "-t", "t", "-m", "x"]);
+    let mut telemetry = s.consumer("telemetry/t1", 10);
+    let args = as_d1(&["-c", "-i", "sleepy", "-q", "1", "-t", "t", "-m", "kept"]);
+    let run = spawn_pub(s.addr(), "mqttv311", &args);
+    let d = next(&mut telemetry).await;
+    assert_eq!(d.data(), b"kept");
+    d.settle(Outcome::Accepted);
+    let run = run.await.expect("not cancelled");
+    assert!(run.output.contains("received CONNACK (0)"), "clean-session=0: {}", run.output);
+    let args = as_d1(&["--will-topic", "event", "--will-payload", "bye", "-t", "t", "-m", "w"]);
     let run = mosquitto_pub(s.addr(), "mqttv311", &args).await;
-    assert!(run.output.contains("received CONNACK (2)"), "clean-session=0: {}", run.output);
-    let args = as_d1(&["--will-topic", "e", "--will-payload", "bye", "-t", "t", "-m", "x"]);
-    let run = mosquitto_pub(s.addr(), "mqttv311", &args).await;
-    assert!(run.output.contains("received CONNACK (5)"), "will: {}", run.output);
+    assert!(run.output.contains("received CONNACK (0)"), "will: {}", run.output);
+    assert_eq!(next(&mut telemetry).await.data(), b"w");
+}
+
+/// The Will (Ferrule's extension): published as the event its topic names when the
+/// connection ends without DISCONNECT, not after a DISCONNECT.
+#[tokio::test]
+async fn a_will_is_published_when_the_connection_is_lost() {
+    let s = start().await;
+    let mut events = s.consumer("event/t1", 10);
+    let connect = |client_id: &'static str| {
+        let mut body = Vec::new();
+        string(b"MQTT", &mut body);
+        // Level 4, user name + password + will (QoS 1) + clean session, keep-alive 60 s.
+        body.extend_from_slice(&[4, 0xce, 0, 60]);
+        for field in [client_id.as_bytes(), b"event", b"gone", b"d1@t1", b"pw1"] {
+            string(field, &mut body);
+        }
+        packet(0x10, &body)
+    };
+    for (client_id, clean) in [("lost", false), ("clean", true)] {
+        let mut stream = TcpStream::connect(s.addr()).await.expect("connects");
+        stream.write_all(&connect(client_id)).await.expect("CONNECT");
+        let mut client = RawClient { stream };
+        let (header, connack) = client.read_packet().await.expect("CONNACK");
+        assert_eq!((header, connack[1]), (0x20, 0), "accepted with a Will");
+        if clean {
+            client.stream.write_all(&[0xe0, 0]).await.expect("DISCONNECT");
+        }
+        drop(client);
+        if clean {
+            nothing_but_connection_events(&mut events).await;
+        } else {
+            let will = next_device_event(&mut events).await;
+            assert_eq!(will.data(), b"gone", "{client_id}");
+            assert_eq!(
+                will.message()
+                    .application_properties
+                    .as_ref()
+                    .and_then(|p| p.0.get("device_id"))
+                    .cloned(),
+                Some(fe2o3_amqp::types::primitives::SimpleValue::String("d1".into()))
+            );
+            will.settle(Outcome::Accepted);
+        }
+    }
+}
+
+/// Skips connection events for a while; fails on anything else.
+async fn nothing_but_connection_events(consumer: &mut Consumer) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(d)) = tokio::time::timeout_at(deadline, consumer.recv()).await {
+        assert_eq!(d.content_type().as_deref(), Some(CONNECTION_EVENT), "only connection events");
+        d.settle(Outcome::Accepted);
+    }
 }
 
 /// (row, user, password, topic, payload arguments, MQTT 5 reason code)
@@ -431,40 +491,27 @@ async fn qos0_publish_then_disconnect_while_the_registry_is_slow() {
     assert_eq!(again.read_packet().await.map(|(h, _)| h), Some(0x40), "PUBACK");
 }
 
+/// A retained publish is taken and passed on as the annotation `x-opt-retain` (Hono).
 #[tokio::test]
-async fn bad_input_retain() {
+async fn retain_is_passed_on_as_an_annotation() {
     let s = start().await;
     let mut consumer = s.consumer("telemetry/t1", 10);
-    let run =
-        mosquitto_pub(s.addr(), "mqttv311", &as_d1(&["-q", "1", "-r", "-t", "t", "-m", "x"])).await;
-    assert!(!run.output.contains("received PUBACK"), "{}", run.output);
-    assert!(run.output.contains("The connection was lost"), "{}", run.output);
-    // mosquitto_pub honours "retain not available" from the MQTT 5 CONNACK and clears the
-    // flag, so a raw client sends what it may not: a retained QoS 0 publish.
-    let mut stream = TcpStream::connect(s.addr()).await.expect("connects");
-    let mut body = Vec::new();
-    string(b"MQTT", &mut body);
-    // Level 5, clean start + user name + password, keep-alive 60 s, no properties.
-    body.extend_from_slice(&[5, 0xc2, 0, 60, 0]);
-    for field in [&b"raw5"[..], b"d1@t1", b"pw1"] {
-        string(field, &mut body);
+    for version in ["mqttv311", "mqttv5"] {
+        let args = as_d1(&["-q", "1", "-r", "-t", "t", "-m", version]);
+        let run = spawn_pub(s.addr(), version, &args);
+        let d = next(&mut consumer).await;
+        assert_eq!(d.data(), version.as_bytes());
+        assert_eq!(annotation(&d, "x-opt-retain"), Some(Value::Bool(true)), "{version}");
+        d.settle(Outcome::Accepted);
+        let run = run.await.expect("not cancelled");
+        assert!(run.output.contains("received PUBACK"), "{version}: {}", run.output);
     }
-    stream.write_all(&packet(0x10, &body)).await.expect("CONNECT");
-    let mut client = RawClient { stream };
-    let (header, connack) = client.read_packet().await.expect("CONNACK");
-    assert_eq!((header, connack[1]), (0x20, 0), "accepted");
-    let mut body = Vec::new();
-    string(b"t", &mut body);
-    body.push(0); // no properties
-    body.extend_from_slice(b"x");
-    client.stream.write_all(&packet(0x31, &body)).await.expect("PUBLISH QoS 0, retain");
-    let (header, disconnect) = client.read_packet().await.expect("DISCONNECT");
-    assert_eq!(
-        (header, disconnect.first().copied()),
-        (0xe0, Some(0x9a)),
-        "DISCONNECT retain not supported"
-    );
-    nothing(&mut consumer).await;
+    let run = spawn_pub(s.addr(), "mqttv311", &as_d1(&["-q", "1", "-t", "t", "-m", "plain"]));
+    let d = next(&mut consumer).await;
+    assert_eq!(annotation(&d, "x-opt-retain"), None, "only when asked");
+    d.settle(Outcome::Accepted);
+    let run = run.await.expect("not cancelled");
+    assert!(run.output.contains("received PUBACK"), "{}", run.output);
 }
 
 #[tokio::test]

@@ -248,6 +248,7 @@ impl Shared {
             orig_address: request.path,
             properties: Vec::new(),
             limits,
+            retain: false,
         };
         // NON (at most once) is dropped and counted by `send` when nobody consumes.
         self.downstream.send(upload).await.map_err(Failure::Upload)?;

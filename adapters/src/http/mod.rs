@@ -541,6 +541,7 @@ async fn upload(
         orig_address,
         properties: Vec::new(),
         limits: principal.limits,
+        retain: false,
     };
     // HTTP has no fire-and-forget: even QoS 0 tells the device there was no consumer.
     state

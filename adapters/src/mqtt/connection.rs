@@ -3,6 +3,7 @@
 //! connection events sent when a device connects and disconnects.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use ferrule_command_control::CommandRouter;
@@ -11,6 +12,7 @@ use ntex_mqtt::{v3, v5, Control, Reason};
 
 use super::config::{MqttConfig, ADAPTER};
 use super::session::{Principal, Session, Version};
+use super::will::Will;
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 use crate::door::{self};
 use crate::downstream::{Downstream, Endpoint, Qos, Upload, CONNECTION_EVENT};
@@ -28,6 +30,8 @@ pub(super) struct Shared {
     /// Open device connections per tenant and device (the tenant's `max-connections`,
     /// closing those the registry no longer lets in).
     pub connections: Arc<door::Connections>,
+    /// Wills waiting for their delay.
+    pub(super) wills: super::will::PendingWills,
 }
 
 /// An error that ends the connection; ntex hands it to the control service.
@@ -57,10 +61,6 @@ pub(super) enum Refusal {
     NotAuthorized,
     /// The registry is busy or unavailable.
     Unavailable,
-    /// A will message (Ferrule, like Hono, does not publish wills).
-    WillNotSupported,
-    /// A persistent session (Ferrule keeps no session state).
-    PersistentSession,
     /// The tenant holds its `max-connections` already.
     TenantConnectionLimit,
 }
@@ -70,11 +70,8 @@ impl Refusal {
         use v3::codec::ConnectAckReason as R;
         match self {
             Refusal::BadCredentials => R::BadUserNameOrPassword,
-            Refusal::NotAuthorized | Refusal::WillNotSupported | Refusal::TenantConnectionLimit => {
-                R::NotAuthorized
-            }
+            Refusal::NotAuthorized | Refusal::TenantConnectionLimit => R::NotAuthorized,
             Refusal::Unavailable => R::ServiceUnavailable,
-            Refusal::PersistentSession => R::IdentifierRejected,
         }
     }
 
@@ -84,9 +81,6 @@ impl Refusal {
             Refusal::NotAuthorized => ConnectAckReason::NotAuthorized,
             Refusal::Unavailable => ConnectAckReason::ServerUnavailable,
             Refusal::TenantConnectionLimit => ConnectAckReason::QuotaExceeded,
-            Refusal::WillNotSupported | Refusal::PersistentSession => {
-                ConnectAckReason::ImplementationSpecificError
-            }
         }
     }
 
@@ -95,8 +89,6 @@ impl Refusal {
             Refusal::BadCredentials => "bad credentials",
             Refusal::NotAuthorized => "not authorized",
             Refusal::Unavailable => "device registry unavailable",
-            Refusal::WillNotSupported => "will messages are not supported",
-            Refusal::PersistentSession => "persistent sessions are not supported",
             Refusal::TenantConnectionLimit => "the tenant's connection limit is reached",
         }
     }
@@ -181,10 +173,8 @@ pub(super) async fn authenticate(
 struct ConnectRequest<'a> {
     version: Version,
     client_id: String,
-    has_will: bool,
-    /// MQTT 3.1.1 clean-session 0 (MQTT 5 asks with a session expiry instead, which the
-    /// CONNACK overrides).
-    persistent: bool,
+    /// Published as a device message if the connection ends without DISCONNECT.
+    will: Option<Will>,
     username: Option<&'a str>,
     password: Option<&'a [u8]>,
 }
@@ -195,18 +185,19 @@ async fn admit(
     io: &ntex_io::IoBoxed,
     request: ConnectRequest<'_>,
 ) -> Result<Session, Refusal> {
-    let admitted = if request.has_will {
-        Err(Refusal::WillNotSupported)
-    } else if request.persistent {
-        Err(Refusal::PersistentSession)
-    } else {
-        authenticate(shared, io, request.username, request.password).await
-    };
+    // A Will is accepted (as Hono does) and published as a device message; a persistent
+    // session is accepted as a clean one (session-present 0; MQTT 5: expiry 0 in CONNACK).
+    let admitted = authenticate(shared, io, request.username, request.password).await;
     let client_id = request.client_id;
     match admitted {
         Ok((principal, slot)) => {
+            if let Principal::Device(identity) = &principal {
+                // Back within its Will delay: the Will is not published.
+                shared.wills.cancel(&identity.tenant, &identity.device_id);
+            }
             connected(shared, &principal, &client_id);
-            Ok(Session::new(principal, request.version, client_id).holding(slot))
+            let session = Session::new(principal, request.version, client_id);
+            Ok(session.holding(slot).with_will(request.will))
         }
         Err(refusal) => {
             let version = request.version;
@@ -236,8 +227,14 @@ pub(super) async fn connect_v3(
     let request = ConnectRequest {
         version: Version::V3_1_1,
         client_id: packet.client_id.to_string(),
-        has_will: packet.last_will.is_some(),
-        persistent: !packet.clean_session,
+        will: packet.last_will.as_ref().map(|will| Will {
+            topic: will.topic.to_string(),
+            payload: Bytes::copy_from_slice(&will.message),
+            retain: will.retain,
+            delay: Duration::ZERO,
+            content_type: None,
+            expiry: None,
+        }),
         username: packet.username.as_deref(),
         password: packet.password.as_deref(),
     };
@@ -264,8 +261,18 @@ pub(super) async fn connect_v5(
     let request = ConnectRequest {
         version: Version::V5,
         client_id: packet.client_id.to_string(),
-        has_will: packet.last_will.is_some(),
-        persistent: false,
+        will: packet.last_will.as_ref().map(|will| Will {
+            topic: will.topic.to_string(),
+            payload: Bytes::copy_from_slice(&will.message),
+            retain: will.retain,
+            delay: Duration::from_secs(u64::from(will.will_delay_interval_sec.unwrap_or(0))),
+            content_type: will
+                .content_type
+                .as_ref()
+                .map(|c| c.to_string())
+                .filter(|c| !c.is_empty()),
+            expiry: will.message_expiry_interval.map(|s| Duration::from_secs(u64::from(s.get()))),
+        }),
         username: packet.username.as_deref(),
         password: packet.password.as_deref(),
     };
@@ -280,7 +287,9 @@ pub(super) async fn connect_v5(
                 }
             });
             connect.ack(session).with(|ack| {
-                ack.retain_available = false;
+                // A retained publish is taken (passed on as `x-opt-retain`, as Hono does);
+                // device subscriptions are command topics, for which nothing is retained.
+                ack.retain_available = true;
                 ack.shared_subscription_available = false;
                 ack.subscription_identifiers_available = false;
                 // MQTT 5 lets the server override the session expiry: no state is kept after
@@ -328,6 +337,8 @@ pub(super) fn stopped(shared: &Arc<Shared>, session: &Session, control: Control<
         if let Principal::Device(identity) = &session.principal {
             connection_event(shared, identity, &session.client_id, "disconnected");
         }
+        // Still there: the connection ended without DISCONNECT (which discards it).
+        super::will::publish(shared, session);
     }
 }
 
@@ -358,6 +369,7 @@ pub(super) fn connection_event(
         properties: Vec::new(),
         // A notification is not counted against the tenant's data volume.
         limits: Default::default(),
+        retain: false,
     };
     let downstream = shared.downstream.clone();
     ntex_rt::spawn(async move {

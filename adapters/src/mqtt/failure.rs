@@ -27,8 +27,6 @@ pub(super) enum Failure {
     UnauthenticatedNotAllowed,
     /// Events are QoS 1 only.
     EventAtQos0,
-    /// Retained messages are not supported.
-    Retain,
     /// The command router did not take a device's command response.
     Respond(RespondError),
 }
@@ -37,7 +35,7 @@ impl Failure {
     /// HTTP-style status (Hono's error-topic `code`).
     pub(super) fn status(&self) -> u16 {
         match self {
-            Failure::Mapping(_) | Failure::EventAtQos0 | Failure::Retain => 400,
+            Failure::Mapping(_) | Failure::EventAtQos0 => 400,
             Failure::Auth(AuthError::BadCredentials | AuthError::UnknownTenant)
             | Failure::IdentityRequired => 401,
             Failure::Auth(
@@ -79,7 +77,7 @@ impl Failure {
                 PublishAckReason::PayloadFormatInvalid
             }
             Failure::Upload(UploadError::Refused(_)) => PublishAckReason::UnspecifiedError,
-            Failure::EventAtQos0 | Failure::Retain => PublishAckReason::ImplementationSpecificError,
+            Failure::EventAtQos0 => PublishAckReason::ImplementationSpecificError,
             Failure::Respond(RespondError::BadRequestId(_)) => PublishAckReason::TopicNameInvalid,
             Failure::Respond(RespondError::NotIssuedTo) => PublishAckReason::NotAuthorized,
             Failure::Respond(RespondError::NoConsumer) => PublishAckReason::UnspecifiedError,
@@ -109,7 +107,6 @@ impl Failure {
             }
             Failure::Upload(_) => DisconnectReasonCode::UnspecifiedError,
             Failure::EventAtQos0 => DisconnectReasonCode::QosNotSupported,
-            Failure::Retain => DisconnectReasonCode::RetainNotSupported,
             Failure::Respond(RespondError::BadRequestId(_)) => {
                 DisconnectReasonCode::TopicNameInvalid
             }
@@ -133,7 +130,6 @@ impl Failure {
                 "the tenant does not allow unauthenticated devices".into()
             }
             Failure::EventAtQos0 => "events must be published with QoS 1".into(),
-            Failure::Retain => "retained messages are not supported".into(),
             Failure::Respond(e) => e.to_string(),
         }
     }
@@ -291,7 +287,6 @@ mod tests {
         assert_eq!(Failure::Auth(AuthError::GatewayNotAuthorized).status(), 403);
         assert_eq!(Failure::Mapping(MappingError::UnknownEndpoint("x".into())).status(), 400);
         assert_eq!(Failure::EventAtQos0.disconnect_reason(), DisconnectReasonCode::QosNotSupported);
-        assert_eq!(Failure::Retain.disconnect_reason(), DisconnectReasonCode::RetainNotSupported);
         assert_eq!(
             Failure::Auth(AuthError::TenantMismatch).puback_reason(),
             PublishAckReason::NotAuthorized

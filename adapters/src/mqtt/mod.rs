@@ -26,6 +26,7 @@ mod publish;
 mod server;
 pub mod session;
 mod subscribe;
+mod will;
 
 pub use config::{MqttConfig, MqttError, ADAPTER, DEFAULT_TOML};
 
@@ -181,6 +182,7 @@ pub fn start_with_commands(
         commands,
         admission,
         connections: connections.clone(),
+        wills: Default::default(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);

@@ -51,9 +51,6 @@ pub(super) async fn handle_publish(
         .map_err(|e| Failed::unparsed(inbound.topic, e))?;
     let target = session.target(&address).map_err(|e| fail(e.into(), Some(&address), None))?;
     let fail = |failure| fail(failure, Some(&address), Some(target.clone()));
-    if inbound.retain {
-        return Err(fail(Failure::Retain));
-    }
     if address.endpoint == Endpoint::Event && inbound.qos == Qos::AtMostOnce {
         return Err(fail(Failure::EventAtQos0));
     }
@@ -81,6 +78,7 @@ pub(super) async fn handle_publish(
         orig_address: inbound.topic.to_owned(),
         properties: properties.other.clone(),
         limits,
+        retain: inbound.retain,
     };
     shared.downstream.send(upload).await.map_err(|e| fail(Failure::Upload(e)))
 }
@@ -124,9 +122,6 @@ pub(super) async fn handle_response(
     let target = session
         .target_of(address.tenant.as_ref(), address.device.as_ref())
         .map_err(|e| fail(e.into(), None))?;
-    if inbound.retain {
-        return Err(fail(Failure::Retain, Some(target)));
-    }
     authorize(shared, &target).await.map_err(|(failure, terminal)| Failed {
         terminal,
         ..fail(failure, Some(target.clone()))

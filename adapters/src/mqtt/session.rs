@@ -47,6 +47,8 @@ pub struct Session {
     /// The device's place in its tenant's connection count, given back when the
     /// connection ends.
     slot: RefCell<Option<crate::door::ConnectionSlot>>,
+    /// The Will from CONNECT, published if the connection ends without DISCONNECT.
+    will: RefCell<Option<super::will::Will>>,
 }
 
 /// A QoS 0 publish on its way: owns everything it needs, so it can move to the queue.
@@ -113,7 +115,19 @@ impl Session {
             qos0: RefCell::default(),
             qos0_pending: std::cell::Cell::new(0),
             slot: RefCell::new(None),
+            will: RefCell::new(None),
         }
+    }
+
+    /// This session with the Will from its CONNECT.
+    pub(super) fn with_will(self, will: Option<super::will::Will>) -> Self {
+        *self.will.borrow_mut() = will;
+        self
+    }
+
+    /// The Will, taken out (to publish it).
+    pub(super) fn take_will(&self) -> Option<super::will::Will> {
+        self.will.borrow_mut().take()
     }
 
     /// This session holding `slot` until [`Session::release_slot`] (or its drop).

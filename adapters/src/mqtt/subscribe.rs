@@ -119,6 +119,11 @@ pub(super) async fn protocol_v3(
             unsubscribe.iter().for_each(|filter| unsubscribe_one(session, filter));
             Ok(unsubscribe.ack())
         }
+        v3::ProtocolMessage::Disconnect(disconnect) => {
+            // A clean end: the Will is discarded.
+            drop(session.take_will());
+            Ok(disconnect.ack())
+        }
         other => Ok(other.ack()),
     }
 }
@@ -144,6 +149,15 @@ pub(super) async fn protocol_v5(
         v5::ProtocolMessage::Unsubscribe(unsubscribe) => {
             unsubscribe.iter().for_each(|filter| unsubscribe_one(session, filter));
             Ok(unsubscribe.ack())
+        }
+        v5::ProtocolMessage::Disconnect(disconnect) => {
+            // A clean end discards the Will, unless the client asks for it (0x04).
+            let keep = disconnect.packet().reason_code
+                == v5::codec::DisconnectReasonCode::DisconnectWithWillMessage;
+            if !keep {
+                drop(session.take_will());
+            }
+            Ok(disconnect.ack())
         }
         other => Ok(other.ack()),
     }

@@ -1,0 +1,107 @@
+"""MQTT as Hono 2.7 devices expect it (issue 12), with stock clients: a Will, a
+persistent session (clean-session 0) and retained publishes are accepted; `retain` reaches
+a python-qpid-proton application as the annotation `x-opt-retain`. Beyond Hono: the Will
+is published as the device's event (or telemetry) when its connection is lost, not after a
+DISCONNECT."""
+import socket
+import time
+
+import paho.mqtt.client as paho
+
+from amqp_client import Collector
+from registry_client import Registry
+from test_adapters import mqtt_port, run
+
+CONNECTION_EVENT = "application/vnd.eclipse-hono-dc-notification+json"
+
+
+def device_messages(collector, n, timeout=10):
+    """The next `n` messages that are not connection events."""
+    out = []
+    deadline = time.time() + timeout
+    while len(out) < n:
+        msg = collector.next(timeout=max(0.1, deadline - time.time()))
+        if msg.content_type != CONNECTION_EVENT:
+            out.append(msg)
+    return out
+
+
+def setup(p):
+    reg = Registry(p.registry_url, p.registry_token)
+    reg.tenant("t1").device("t1", "d1", password="pw")
+    return reg
+
+
+def mosquitto(p, *args, version="mqttv311"):
+    return run(["mosquitto_pub", "-V", version, "-h", "127.0.0.1", "-p", mqtt_port(p), "-u", "d1@t1", "-P", "pw",
+                "-d", *args])
+
+
+def test_will_persistent_session_and_retain_are_accepted(platform):
+    p = platform
+    setup(p)
+    telemetry = Collector(p.url("t1"), "telemetry/t1", name="parity-app")
+    telemetry.start()
+    for version in ("mqttv311", "mqttv5"):
+        with_will = mosquitto(p, "--will-topic", "event", "--will-payload", "bye", "-q", "1", "-t", "telemetry",
+                              "-m", f"will-{version}", version=version)
+        assert with_will.returncode == 0 and "received CONNACK (0)" in with_will.stdout + with_will.stderr, with_will
+        persistent = mosquitto(p, "-c", "-i", f"client1-{version}", "-q", "1", "-t", "telemetry",
+                               "-m", f"persistent-{version}", version=version)
+        assert persistent.returncode == 0, persistent
+        retained = mosquitto(p, "-r", "-q", "1", "-t", "telemetry", "-m", f"retained-{version}", version=version)
+        assert retained.returncode == 0, retained
+    msgs = device_messages(telemetry, 6)
+    telemetry.close()
+    by_body = {bytes(m.body).decode(): m for m in msgs}
+    assert set(by_body) == {f"{kind}-{v}" for kind in ("will", "persistent", "retained") for v in ("mqttv311", "mqttv5")}
+    for v in ("mqttv311", "mqttv5"):
+        assert by_body[f"retained-{v}"].annotations.get("x-opt-retain") is True, by_body[f"retained-{v}"].annotations
+        assert "x-opt-retain" not in by_body[f"persistent-{v}"].annotations
+    # A clean DISCONNECT (mosquitto_pub ends with one): no Will was published.
+    events = Collector(p.url("t1"), "event/t1", name="parity-events")
+    events.start()
+    time.sleep(1.0)
+    events.close()
+    assert [m for m in events.messages if m.content_type != CONNECTION_EVENT] == []
+
+
+def test_a_lost_connection_publishes_the_will_as_the_devices_event(platform):
+    p = platform
+    setup(p)
+    events = Collector(p.url("t1"), "event/t1", name="will-events")
+    events.start()
+
+    def connect(client_id, version):
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
+        client.username_pw_set("d1@t1", "pw")
+        client.will_set("event", payload=f"{client_id} is gone", qos=1)
+        client.connect("127.0.0.1", int(mqtt_port(p)))
+        client.loop_start()
+        deadline = time.time() + 10
+        while not client.is_connected() and time.time() < deadline:
+            time.sleep(0.02)
+        assert client.is_connected()
+        return client
+
+    for client_id, version in (("lost-v3", paho.MQTTv311), ("lost-v5", paho.MQTTv5)):
+        client = connect(client_id, version)
+        client.loop_stop()
+        # Killed: the socket closes without DISCONNECT.
+        client.socket().shutdown(socket.SHUT_RDWR)
+        client.socket().close()
+        started = time.time()
+        (will,) = device_messages(events, 1, timeout=5)
+        assert time.time() - started < 2, "the Will within 2 s"
+        assert bytes(will.body) == f"{client_id} is gone".encode()
+        assert will.properties["device_id"] == "d1" and will.properties["orig_adapter"] == "hono-mqtt"
+        assert will.annotations["tenant_id"] == "t1"
+
+    # A clean DISCONNECT discards the Will.
+    client = connect("clean", paho.MQTTv311)
+    client.disconnect()
+    client.loop_stop()
+    time.sleep(1.0)
+    events.close()
+    rest = [m for m in events.messages[-5:] if m.content_type != CONNECTION_EVENT and b"clean" in bytes(m.body)]
+    assert rest == [], rest
