@@ -131,7 +131,15 @@ impl DeviceRegistry for RegistryDevices {
                     minimum_message_size: access.minimum_message_size,
                     rate_per_tenant: access.messages_per_second,
                     rate_per_device: access.messages_per_second_per_device,
+                    max_ttl: access.max_ttl,
+                    max_ttl_telemetry_qos0: access.max_ttl_telemetry_qos0,
+                    max_ttl_telemetry_qos1: access.max_ttl_telemetry_qos1,
+                    max_ttd: access.max_ttd,
                 },
+                defaults: access
+                    .defaults
+                    .as_ref()
+                    .map(|d| std::sync::Arc::new(message_defaults(d))),
             })
         })
     }
@@ -216,4 +224,23 @@ pub async fn close_revoked_connections(
         };
         mqtt.revalidate(&scope).await;
     }
+}
+
+/// A tenant's `defaults` as the adapters apply them (Hono): `ttl` (seconds) and
+/// `content-type` set what a message lacks; every other default is an application property
+/// (strings as they are, other JSON values in their JSON form).
+fn message_defaults(
+    defaults: &serde_json::Map<String, serde_json::Value>,
+) -> ferrule_adapters::quota::MessageDefaults {
+    let mut out = ferrule_adapters::quota::MessageDefaults::default();
+    for (key, value) in defaults {
+        match (key.as_str(), value) {
+            ("ttl", value) => out.ttl = value.as_u64().map(std::time::Duration::from_secs),
+            ("content-type", serde_json::Value::String(ct)) => out.content_type = Some(ct.clone()),
+            (_, serde_json::Value::String(s)) => out.properties.push((key.clone(), s.clone())),
+            (_, serde_json::Value::Null) => {}
+            (_, other) => out.properties.push((key.clone(), other.to_string())),
+        }
+    }
+    out
 }

@@ -358,7 +358,10 @@ async fn a_tenant_has_a_bounded_number_of_addresses() {
         Ok(_) => panic!("a fifth address was made"),
     }
     assert!(broker.subscribe_dynamic("t1").is_err(), "dynamic addresses count too");
-    match broker.send("command_response/t1/r4", data_message("x")).await {
+    // A message for a reply address nobody made is released and makes nothing; one that
+    // would make a new queue is refused.
+    assert_eq!(broker.send("command_response/t1/r4", data_message("x")).await, Outcome::Released);
+    match broker.send("event/t1", data_message("x")).await {
         Outcome::Rejected { condition, .. } => {
             assert_eq!(condition, "amqp:resource-limit-exceeded")
         }

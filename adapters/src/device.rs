@@ -48,7 +48,7 @@ pub enum AuthError {
 }
 
 /// How a tenant lets its devices use one adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AdapterAccess {
     /// The adapter is enabled for the tenant.
     pub enabled: bool,
@@ -56,6 +56,8 @@ pub struct AdapterAccess {
     pub unauthenticated: bool,
     /// The tenant's limits (`resource-limits`, `minimum-message-size`).
     pub limits: crate::quota::TenantLimits,
+    /// The tenant's `defaults` for its devices' messages (`None`: it has none).
+    pub defaults: Option<std::sync::Arc<crate::quota::MessageDefaults>>,
 }
 
 /// The adapters' view of the device registry.

@@ -252,18 +252,18 @@ impl Inadmissible {
 }
 
 /// [`Target::resolve`] then [`authorize`]: whom a request naming `tenant` and `device`
-/// from `principal` acts for, once the registry agreed, and its tenant's limits.
+/// from `principal` acts for, once the registry agreed, and its tenant's terms.
 pub async fn admit(
     registry: &dyn DeviceRegistry,
     adapter: &str,
     principal: Option<&DeviceIdentity>,
     (tenant, device): (Option<&str>, Option<&str>),
     standing: Standing,
-) -> Result<(Target, TenantLimits), Inadmissible> {
+) -> Result<(Target, AdapterAccess), Inadmissible> {
     let target = Target::resolve(principal, tenant, device).map_err(Inadmissible::Target)?;
     let access =
         authorize(registry, adapter, &target, standing).await.map_err(Inadmissible::Refused)?;
-    Ok((target, access.limits))
+    Ok((target, access))
 }
 
 /// Open device connections of a connection-oriented adapter, per tenant and device: for

@@ -13,7 +13,7 @@ use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Timestamp, 
 use ferrule_messaging::message::{condition, data_message, now_millis};
 use ferrule_messaging::{Broker, Message, Outcome};
 
-use crate::quota::{TenantLimits, Volumes};
+use crate::quota::{MessageDefaults, TenantLimits, Volumes};
 
 /// Content type of an empty notification (Hono).
 pub const EMPTY_NOTIFICATION: &str = "application/vnd.eclipse-hono-empty-notification";
@@ -67,6 +67,36 @@ pub struct Upload {
     /// The device asked for the message to be retained (MQTT): passed on as the message
     /// annotation `x-opt-retain` (Hono), nothing is retained.
     pub retain: bool,
+    /// The tenant's defaults for the message.
+    pub defaults: Option<Arc<MessageDefaults>>,
+    /// How long the device waits for a command after this message (HTTP, CoAP `hono-ttd`):
+    /// the application property `ttd` (seconds), as Hono sets it.
+    pub ttd: Option<Duration>,
+}
+
+impl Upload {
+    /// Applies the tenant's `defaults` and its longest time to live (Hono's rules).
+    fn apply_tenant_terms(&mut self) {
+        if let Some(defaults) = self.defaults.take() {
+            self.ttl = self.ttl.or(defaults.ttl);
+            if self.content_type.is_none() {
+                self.content_type.clone_from(&defaults.content_type);
+            }
+            for (key, value) in &defaults.properties {
+                if !self.properties.iter().any(|(k, _)| k == key) {
+                    self.properties.push((key.clone(), value.clone()));
+                }
+            }
+        }
+        let max = match (self.endpoint, self.qos) {
+            (Endpoint::Event, _) => self.limits.max_ttl,
+            (Endpoint::Telemetry, Qos::AtMostOnce) => self.limits.max_ttl_telemetry_qos0,
+            (Endpoint::Telemetry, Qos::AtLeastOnce) => self.limits.max_ttl_telemetry_qos1,
+        };
+        if let Some(max) = max.map(|secs| Duration::from_secs(secs.into())) {
+            self.ttl = Some(self.ttl.map_or(max, |ttl| ttl.min(max)));
+        }
+    }
 }
 
 /// Why an upload was not taken. Each adapter maps these to its protocol in one place.
@@ -284,8 +314,14 @@ impl Downstream {
         self.submit(upload, false, false).await
     }
 
-    async fn submit(&self, upload: Upload, report: bool, rated: bool) -> Result<(), UploadError> {
+    async fn submit(
+        &self,
+        mut upload: Upload,
+        report: bool,
+        rated: bool,
+    ) -> Result<(), UploadError> {
         let started = std::time::Instant::now();
+        upload.apply_tenant_terms();
         if rated {
             let limits = RateLimits {
                 per_device: upload.limits.rate_per_device.or(self.rates.limits.per_device),
@@ -424,6 +460,12 @@ pub fn to_message(address: &str, upload: &Upload) -> Message {
     let mut annotations = OrderedMap::new();
     annotations.insert(Symbol::from("tenant_id").into(), string(&upload.tenant));
     annotations.insert(Symbol::from("device_id").into(), string(&upload.device_id));
+    if let Some(ttd) = upload.ttd {
+        let secs = i32::try_from(ttd.as_secs()).unwrap_or(i32::MAX);
+        if let Some(ApplicationProperties(app)) = message.application_properties.as_mut() {
+            app.insert("ttd".into(), SimpleValue::Int(secs));
+        }
+    }
     if upload.retain {
         annotations.insert(Symbol::from("x-opt-retain").into(), Value::Bool(true));
     }
@@ -449,6 +491,8 @@ mod tests {
             properties: vec![("foo".into(), "bar".into())],
             limits: TenantLimits::default(),
             retain: false,
+            defaults: None,
+            ttd: None,
         }
     }
 
@@ -488,6 +532,34 @@ mod tests {
         u.qos = Qos::AtMostOnce;
         assert_eq!(downstream.send(u).await, Ok(()));
         assert_eq!(downstream.stats.dropped.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn tenant_defaults_and_max_ttl() {
+        let defaults = MessageDefaults {
+            ttl: Some(Duration::from_secs(60)),
+            content_type: Some("application/x-default".into()),
+            properties: vec![("site".into(), "p7".into()), ("foo".into(), "default".into())],
+        };
+        let mut u = upload(); // an event with ttl 30 s, content type, property foo=bar
+        u.defaults = Some(Arc::new(defaults.clone()));
+        u.limits.max_ttl = Some(10);
+        u.apply_tenant_terms();
+        assert_eq!(u.ttl, Some(Duration::from_secs(10)), "cut to max-ttl");
+        assert_eq!(u.content_type.as_deref(), Some("application/json"), "the device's wins");
+        assert!(u.properties.contains(&("foo".into(), "bar".into())));
+        assert!(u.properties.contains(&("site".into(), "p7".into())));
+        assert_eq!(u.properties.len(), 2);
+        let mut bare = upload();
+        (bare.ttl, bare.content_type, bare.properties) = (None, None, Vec::new());
+        bare.endpoint = Endpoint::Telemetry;
+        bare.defaults = Some(Arc::new(defaults));
+        bare.apply_tenant_terms();
+        assert_eq!(bare.ttl, Some(Duration::from_secs(60)), "the default, no max for telemetry");
+        assert_eq!(bare.content_type.as_deref(), Some("application/x-default"));
+        bare.limits.max_ttl_telemetry_qos1 = Some(5);
+        bare.apply_tenant_terms();
+        assert_eq!(bare.ttl, Some(Duration::from_secs(5)));
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
-//! The `hono-ttd` long poll shared by the HTTP and CoAP adapters: after the upload was
-//! accepted, the request subscribes for its device's commands and waits up to `ttd` for
-//! one; the first command goes into the response.
+//! The `hono-ttd` long poll shared by the HTTP and CoAP adapters: the request subscribes
+//! for its device's commands, sends its upload (with the `ttd` property), and once that
+//! was accepted waits up to `ttd` for a command; the first command goes into the response.
 //!
 //! Outcome of the command for the application (the AMQP disposition): `accepted` once the
 //! waiting request has taken it and confirmed it ([`Confirmation::accepted`]: HTTP at
@@ -11,7 +11,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferrule_command_control::{BoxFuture, Command, CommandRouter, CommandSink, Notify, Target};
+use ferrule_command_control::{
+    BoxFuture, Command, CommandRouter, CommandSink, Notify, Subscription, Target,
+};
 use ferrule_messaging::Outcome;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -60,23 +62,25 @@ impl CommandSink for PollSink {
     }
 }
 
-/// Subscribes for `device`'s commands and waits up to `ttd` for one (deferred commands
-/// included: the router hands them over on subscribe). `None`: none came in time, or
-/// the adapter is shutting down. The command stays unsettled until the [`Handover`]'s
-/// confirmation is used or dropped.
-///
-/// # Cancel safety
-/// Dropping the future (the client went away) drops the subscription; a command being
-/// handed over at that moment is released.
-pub(crate) async fn wait(
+/// A request's subscription for its device's commands, made before its upload is sent:
+/// an application that reacts to the upload's `ttd` (or to the `ttd` notification) finds
+/// the device subscribed.
+pub(crate) struct Waiting {
+    rx: oneshot::Receiver<Handover>,
+    subscription: Subscription,
+    ttd: Duration,
+}
+
+/// Subscribes for `device`'s commands for up to `ttd` (deferred commands included: the
+/// router hands them over on subscribe; the `ttd` notification goes out now).
+pub(crate) fn subscribe(
     router: &CommandRouter,
     adapter: &'static str,
     tenant: &str,
     device: &str,
     ttd: Duration,
-    shutdown: &CancellationToken,
-) -> Option<Handover> {
-    let (tx, mut rx) = oneshot::channel();
+) -> Waiting {
+    let (tx, rx) = oneshot::channel();
     let sink = Arc::new(PollSink { slot: Mutex::new(Some(tx)) });
     let ttd_seconds = i32::try_from(ttd.as_secs()).unwrap_or(i32::MAX);
     let subscription = router.subscribe(
@@ -85,15 +89,29 @@ pub(crate) async fn wait(
         sink,
         Notify { adapter, ttd: ttd_seconds },
     );
-    let handover = tokio::select! {
-        handover = &mut rx => handover.ok(),
-        _ = tokio::time::sleep(ttd) => None,
-        _ = shutdown.cancelled() => None,
-    };
-    drop(subscription);
-    // A command handed over just as the wait ended is still taken rather than released.
-    handover.or_else(|| {
-        rx.close();
-        rx.try_recv().ok()
-    })
+    Waiting { rx, subscription, ttd }
+}
+
+impl Waiting {
+    /// Waits up to the `ttd` for a command. `None`: none came in time, or the adapter is
+    /// shutting down. The command stays unsettled until the [`Handover`]'s confirmation
+    /// is used or dropped.
+    ///
+    /// # Cancel safety
+    /// Dropping the future (the client went away) drops the subscription; a command being
+    /// handed over at that moment is released.
+    pub(crate) async fn wait(self, shutdown: &CancellationToken) -> Option<Handover> {
+        let Waiting { mut rx, subscription, ttd } = self;
+        let handover = tokio::select! {
+            handover = &mut rx => handover.ok(),
+            _ = tokio::time::sleep(ttd) => None,
+            _ = shutdown.cancelled() => None,
+        };
+        drop(subscription);
+        // A command handed over just as the wait ended is still taken rather than released.
+        handover.or_else(|| {
+            rx.close();
+            rx.try_recv().ok()
+        })
+    }
 }

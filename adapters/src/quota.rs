@@ -57,6 +57,31 @@ pub struct TenantLimits {
     /// `resource-limits.ext`; `None`: the instance's `[adapters]` rates).
     pub rate_per_tenant: Option<u32>,
     pub rate_per_device: Option<u32>,
+    /// Longest time to live of an event (seconds; `resource-limits.max-ttl`), and of
+    /// telemetry at QoS 0 and 1 (`max-ttl-telemetry-qos0`, `-qos1`): longer ones are cut to
+    /// it, and a message without one gets it.
+    pub max_ttl: Option<u32>,
+    pub max_ttl_telemetry_qos0: Option<u32>,
+    pub max_ttl_telemetry_qos1: Option<u32>,
+    /// Longest `hono-ttd` a device may ask for (seconds; the adapter's `ext.max-ttd`).
+    pub max_ttd: Option<u32>,
+}
+
+/// What a tenant's `defaults` put into its devices' messages (Hono): a message without a
+/// time to live or content type gets the default's, and every other default becomes an
+/// application property unless the device set it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MessageDefaults {
+    pub ttl: Option<std::time::Duration>,
+    pub content_type: Option<String>,
+    pub properties: Vec<(String, String)>,
+}
+
+impl TenantLimits {
+    /// `ttd` cut to the tenant's `max-ttd`.
+    pub fn clamp_ttd(&self, ttd: std::time::Duration) -> std::time::Duration {
+        self.max_ttd.map_or(ttd, |max| ttd.min(std::time::Duration::from_secs(max.into())))
+    }
 }
 
 impl TenantLimits {

@@ -195,7 +195,7 @@ impl Default for Tenant {
 }
 
 /// How a tenant lets its devices use one protocol adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct AdapterAccess {
     /// The adapter is enabled for the tenant ([`Tenant::adapter_enabled`]).
     pub enabled: bool,
@@ -214,6 +214,20 @@ pub struct AdapterAccess {
     pub messages_per_second: Option<u32>,
     /// `resource-limits.ext.max-messages-per-second-per-device`.
     pub messages_per_second_per_device: Option<u32>,
+    /// `resource-limits.max-ttl`, `max-ttl-telemetry-qos0`, `max-ttl-telemetry-qos1`
+    /// (seconds; `None`: -1 or absent).
+    pub max_ttl: Option<u32>,
+    pub max_ttl_telemetry_qos0: Option<u32>,
+    pub max_ttl_telemetry_qos1: Option<u32>,
+    /// The adapter's `ext.max-ttd` (seconds).
+    pub max_ttd: Option<u32>,
+    /// The tenant's `defaults` (`None`: none or empty).
+    pub defaults: Option<JsonMap>,
+}
+
+/// A limit in seconds from the API (-1 or absent: none).
+fn seconds(value: Option<i64>) -> Option<u32> {
+    value.filter(|v| *v >= 0).map(|v| u32::try_from(v).unwrap_or(u32::MAX))
 }
 
 /// `resource-limits.ext` key of a tenant's message rate (Ferrule's extension).
@@ -257,6 +271,7 @@ impl Tenant {
 
     /// How this tenant lets its devices use `adapter_type` (one look-up for both rules).
     pub fn access(&self, adapter_type: &str) -> AdapterAccess {
+        let limits = self.resource_limits.as_ref();
         AdapterAccess {
             enabled: self.adapter_enabled(adapter_type),
             unauthenticated: self.enabled && self.allows_unauthenticated(adapter_type),
@@ -285,6 +300,17 @@ impl Tenant {
                 .unwrap_or(0),
             messages_per_second: self.rate_ext(RATE_EXT),
             messages_per_second_per_device: self.rate_ext(DEVICE_RATE_EXT),
+            max_ttl: seconds(limits.and_then(|l| l.max_ttl)),
+            max_ttl_telemetry_qos0: seconds(limits.and_then(|l| l.max_ttl_telemetry_qos0)),
+            max_ttl_telemetry_qos1: seconds(limits.and_then(|l| l.max_ttl_telemetry_qos1)),
+            max_ttd: self
+                .adapters
+                .iter()
+                .flatten()
+                .find(|a| a.r#type == adapter_type)
+                .and_then(|a| a.ext.as_ref()?.get("max-ttd")?.as_i64())
+                .and_then(|v| seconds(Some(v))),
+            defaults: self.defaults.clone().filter(|d| !d.is_empty()),
         }
     }
 

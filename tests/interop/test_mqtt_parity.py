@@ -13,15 +13,16 @@ from registry_client import Registry
 from test_adapters import mqtt_port, run
 
 CONNECTION_EVENT = "application/vnd.eclipse-hono-dc-notification+json"
+EMPTY_NOTIFICATION = "application/vnd.eclipse-hono-empty-notification"
 
 
 def device_messages(collector, n, timeout=10):
-    """The next `n` messages that are not connection events."""
+    """The next `n` messages that are not connection events or ttd notifications."""
     out = []
     deadline = time.time() + timeout
     while len(out) < n:
         msg = collector.next(timeout=max(0.1, deadline - time.time()))
-        if msg.content_type != CONNECTION_EVENT:
+        if msg.content_type not in (CONNECTION_EVENT, EMPTY_NOTIFICATION):
             out.append(msg)
     return out
 
@@ -105,3 +106,45 @@ def test_a_lost_connection_publishes_the_will_as_the_devices_event(platform):
     events.close()
     rest = [m for m in events.messages[-5:] if m.content_type != CONNECTION_EVENT and b"clean" in bytes(m.body)]
     assert rest == [], rest
+
+
+def test_tenant_defaults_max_ttl_and_max_ttd_on_every_adapter(platform):
+    """Hono's tenant `defaults` (ttl, content type, properties), `resource-limits.max-ttl`
+    (clamp) and the adapter's `ext.max-ttd` (clamp), over MQTT, HTTP and CoAP; HTTP and CoAP
+    uploads carry the device's `ttd` as Hono sets it."""
+    p = platform
+    reg = Registry(p.registry_url, p.registry_token)
+    adapters = [{"type": t, "enabled": True, "device-authentication-required": False, "ext": {"max-ttd": 2}}
+                for t in ("hono-http", "hono-mqtt", "hono-coap")]
+    reg.call("POST", "/v1/tenants/t1", {
+        "defaults": {"ttl": 30, "content-type": "application/x-default", "site": "plant-7"},
+        "resource-limits": {"max-ttl": 10},
+        "adapters": adapters,
+    })
+    reg.device("t1", "s1", password="pw")
+    mq = run(["mosquitto_pub", "-h", "127.0.0.1", "-p", mqtt_port(p), "-u", "s1@t1", "-P", "pw",
+              "-q", "1", "-t", "event", "-m", "from mqtt"])
+    assert mq.returncode == 0, mq
+    http = run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}", "-u", "s1@t1:pw",
+                "-H", "content-type: text/plain", "-H", "hono-ttl: 5", "-H", "hono-ttd: 30", "-H", "site: ignored",
+                "--data-binary", "from http", f"http://{p.listeners['http']}/event"])
+    code, took = http.stdout.split()
+    assert code == "202" and 1.5 < float(took) < 10, http.stdout  # waited the clamped 2 s for a command
+    coap = run(["coap-client-notls", "-m", "put", "-e", "from coap",
+                f"coap://{p.listeners['coap']}/event/t1/s1?hono-ttd=30"])
+    assert coap.returncode == 0, coap
+
+    events = Collector(p.url("t1"), "event/t1", name="shaped-events")
+    events.start()
+    msgs = {bytes(m.body).decode(): m for m in device_messages(events, 3)}
+    assert set(msgs) == {"from mqtt", "from http", "from coap"}, [(k, m.content_type) for k, m in msgs.items()]
+    events.close()
+    m = msgs["from mqtt"]
+    assert m.content_type == "application/x-default" and m.properties["site"] == "plant-7", m
+    assert abs(m.ttl - 10) < 0.01, m.ttl  # the default 30 s, cut to max-ttl
+    assert "ttd" not in m.properties
+    h = msgs["from http"]
+    assert h.content_type == "text/plain" and abs(h.ttl - 5) < 0.01, h
+    assert h.properties["site"] == "plant-7" and h.properties["ttd"] == 2, h.properties
+    c = msgs["from coap"]
+    assert c.properties["ttd"] == 2 and abs(c.ttl - 10) < 0.01, (c.properties, c.ttl)

@@ -5,7 +5,6 @@
 
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
@@ -16,11 +15,11 @@ use ferrule_command_control::{Command, CommandRouter, RespondError};
 use super::config::{CoapConfig, ADAPTER};
 use super::dtls;
 use super::mapping::{self, MappingError};
+use crate::device::AdapterAccess;
 use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 use crate::door::{self, Standing};
 use crate::downstream::{Downstream, Upload, UploadError};
 use crate::poll::{self, Confirmation};
-use crate::quota::TenantLimits;
 
 /// What every request task needs.
 pub(super) struct Shared {
@@ -192,19 +191,19 @@ impl Shared {
         &self,
         identity: Option<&DeviceIdentity>,
         target: Option<(String, String)>,
-    ) -> Result<(String, String, bool, TenantLimits), Failure> {
+    ) -> Result<(String, String, bool, AdapterAccess), Failure> {
         if identity.is_none() && !self.config.allow_unauthenticated {
             return Err(Failure::NoCredentials);
         }
         let (tenant, device) = target.unzip();
         let names = (tenant.as_deref(), device.as_deref());
-        let (target, limits) =
+        let (target, access) =
             door::admit(self.registry.as_ref(), ADAPTER, identity, names, Standing::Session)
                 .await
                 .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
         let via_gateway = target.via_gateway();
         let (tenant, device) = target.into_tenant_device();
-        Ok((tenant, device, via_gateway, limits))
+        Ok((tenant, device, via_gateway, access))
     }
 
     /// For a request without a DTLS identity: whether its target device may upload
@@ -230,8 +229,20 @@ impl Shared {
             return Ok(None);
         }
         let request = mapping::request(packet).map_err(Failure::Mapping)?;
-        let (tenant, device_id, via_gateway, limits) =
+        let (tenant, device_id, via_gateway, access) =
             self.authorize(identity, request.route.target).await?;
+        let ttd = request
+            .ttd
+            .map(|ttd| access.limits.clamp_ttd(ttd.min(self.config.max_ttd)))
+            .filter(|ttd| !ttd.is_zero());
+        // Subscribed before the upload goes out: an application that answers the upload's
+        // `ttd` at once finds the device waiting.
+        let waiting = match (&self.router, ttd) {
+            (Some(router), Some(ttd)) => {
+                Some(poll::subscribe(router, ADAPTER, &tenant, &device_id, ttd))
+            }
+            _ => None,
+        };
         let max = self.config.max_payload;
         Downstream::validate(&packet.payload, request.content_type.as_deref(), max)
             .map_err(Failure::Upload)?;
@@ -247,18 +258,19 @@ impl Shared {
             orig_adapter: ADAPTER,
             orig_address: request.path,
             properties: Vec::new(),
-            limits,
+            limits: access.limits,
             retain: false,
+            defaults: access.defaults,
+            ttd: ttd.filter(|_| waiting.is_some()),
         };
         // NON (at most once) is dropped and counted by `send` when nobody consumes.
         self.downstream.send(upload).await.map_err(Failure::Upload)?;
-        let ttd = request.ttd.map(|ttd| ttd.min(self.config.max_ttd)).filter(|ttd| !ttd.is_zero());
-        Ok(match (&self.router, ttd) {
-            (Some(_), Some(ttd)) => {
-                Some(Wait { tenant, device_id, via_gateway, ttd, short_form: request.short_form })
-            }
-            _ => None,
-        })
+        Ok(waiting.map(|waiting| Wait {
+            tenant,
+            via_gateway,
+            waiting: std::sync::Mutex::new(Some(waiting)),
+            short_form: request.short_form,
+        }))
     }
 
     /// `POST /command_response/REQ-ID`, `PUT /command_response/TENANT/DEVICE/REQ-ID`.
@@ -293,11 +305,10 @@ impl Shared {
     /// Dropping the future ends the wait; a command being handed over is released.
     pub(super) async fn wait_for_command(&self, poll: &Poll) -> (Packet, Option<Confirmation>) {
         let plain = self.response(&poll.request, ResponseType::Changed);
-        let Some(router) = &self.router else { return (plain, None) };
         let w = &poll.wait;
-        let Some(handover) =
-            poll::wait(router, ADAPTER, &w.tenant, &w.device_id, w.ttd, &self.stopping).await
-        else {
+        let waiting = w.waiting.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(waiting) = waiting else { return (plain, None) };
+        let Some(handover) = waiting.wait(&self.stopping).await else {
             return (plain, None);
         };
         let (command, confirmation) = handover.into_parts();
@@ -367,9 +378,9 @@ impl Poll {
 /// For whom and how long to wait.
 pub(super) struct Wait {
     tenant: String,
-    device_id: String,
     via_gateway: bool,
-    ttd: Duration,
+    /// The subscription, made before the upload (taken by the wait).
+    waiting: std::sync::Mutex<Option<poll::Waiting>>,
     short_form: bool,
 }
 

@@ -38,6 +38,7 @@ use ferrule_command_control::{CommandRouter, RespondError};
 use crate::device::{AuthError, DeviceRegistry};
 use crate::door::{self, Standing::ThisRequest};
 use crate::downstream::{Downstream, Qos, Upload, UploadError};
+use crate::poll;
 use mapping::{MappingError, Resource};
 
 /// Value of `orig_adapter` for messages from this adapter.
@@ -433,8 +434,8 @@ struct Principal {
     device_id: String,
     /// A gateway acting for `device_id` (not the device itself).
     via_gateway: bool,
-    /// Its tenant's limits.
-    limits: crate::quota::TenantLimits,
+    /// Its tenant's terms for the adapter (limits, defaults).
+    access: crate::device::AdapterAccess,
 }
 
 /// How a request authenticates.
@@ -476,7 +477,7 @@ async fn authorize(
     };
     let (tenant, device) = target.unzip();
     let names = (tenant.as_deref(), device.as_deref());
-    let (target, limits) =
+    let (target, access) =
         door::admit(state.registry.as_ref(), ADAPTER, identity.as_ref(), names, ThisRequest)
             .await
             .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
@@ -484,7 +485,7 @@ async fn authorize(
         tenant: target.tenant().to_owned(),
         device_id: target.device().to_owned(),
         via_gateway: target.via_gateway(),
-        limits,
+        access,
     })
 }
 
@@ -525,6 +526,15 @@ async fn upload(
         .map_err(Failure::Mapping)?;
     let content_type = header(&req, CONTENT_TYPE.as_str()).map(str::to_owned);
     let principal = authorize(state, &req, route.target).await?;
+    let ttd = ttd.map(|ttd| principal.access.limits.clamp_ttd(ttd)).filter(|ttd| !ttd.is_zero());
+    // Subscribed before the upload goes out: an application that answers the upload's
+    // `ttd` at once finds the device waiting.
+    let waiting = match (&state.router, ttd) {
+        (Some(router), Some(ttd)) => {
+            Some(poll::subscribe(router, ADAPTER, &principal.tenant, &principal.device_id, ttd))
+        }
+        _ => None,
+    };
     let orig_address = req.uri().path().to_owned();
     let payload = body(state, req).await?;
     Downstream::validate(&payload, content_type.as_deref(), state.config.max_payload)
@@ -540,8 +550,10 @@ async fn upload(
         orig_adapter: ADAPTER,
         orig_address,
         properties: Vec::new(),
-        limits: principal.limits,
+        limits: principal.access.limits,
         retain: false,
+        defaults: principal.access.defaults.clone(),
+        ttd: ttd.filter(|_| waiting.is_some()),
     };
     // HTTP has no fire-and-forget: even QoS 0 tells the device there was no consumer.
     state
@@ -549,12 +561,10 @@ async fn upload(
         .send_reporting_drops(upload, qos == Qos::AtMostOnce)
         .await
         .map_err(Failure::Upload)?;
-    let (Some(router), Some(ttd)) = (&state.router, ttd) else {
+    let Some(waiting) = waiting else {
         return Ok(status(StatusCode::ACCEPTED));
     };
-    match crate::poll::wait(router, ADAPTER, &principal.tenant, &principal.device_id, ttd, shutdown)
-        .await
-    {
+    match waiting.wait(shutdown).await {
         Some(handover) => {
             let (command, confirmation) = handover.into_parts();
             confirmation.accepted();

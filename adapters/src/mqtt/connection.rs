@@ -370,6 +370,8 @@ pub(super) fn connection_event(
         // A notification is not counted against the tenant's data volume.
         limits: Default::default(),
         retain: false,
+        defaults: None,
+        ttd: None,
     };
     let downstream = shared.downstream.clone();
     ntex_rt::spawn(async move {

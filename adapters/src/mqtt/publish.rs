@@ -14,9 +14,9 @@ use super::connection::{Close, Shared};
 use super::failure::{answer, disconnect_v5, error_report, Answer, Failed, Failure};
 use super::mapping::{self, MappingError, PublishAddress, ResponseAddress};
 use super::session::{Qos0Send, Qos0Slot, Session, Target};
+use crate::device::AdapterAccess;
 use crate::door::{self, Denied, Standing};
 use crate::downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
-use crate::quota::TenantLimits;
 
 /// One PUBLISH, protocol-version neutral.
 pub(super) struct Inbound<'a> {
@@ -54,7 +54,7 @@ pub(super) async fn handle_publish(
     if address.endpoint == Endpoint::Event && inbound.qos == Qos::AtMostOnce {
         return Err(fail(Failure::EventAtQos0));
     }
-    let limits = authorize(shared, &target)
+    let access = authorize(shared, &target)
         .await
         .map_err(|(failure, terminal)| Failed { terminal, ..fail(failure) })?;
     let properties = &address.properties;
@@ -77,8 +77,10 @@ pub(super) async fn handle_publish(
         orig_adapter: ADAPTER,
         orig_address: inbound.topic.to_owned(),
         properties: properties.other.clone(),
-        limits,
+        limits: access.limits,
         retain: inbound.retain,
+        defaults: access.defaults,
+        ttd: None,
     };
     shared.downstream.send(upload).await.map_err(|e| fail(Failure::Upload(e)))
 }
@@ -89,7 +91,7 @@ pub(super) async fn handle_publish(
 pub(super) async fn authorize(
     shared: &Shared,
     target: &Target,
-) -> Result<TenantLimits, (Failure, bool)> {
+) -> Result<AdapterAccess, (Failure, bool)> {
     let access = door::authorize(shared.registry.as_ref(), ADAPTER, target, Standing::Session)
         .await
         .map_err(|refused| {
@@ -99,7 +101,7 @@ pub(super) async fn authorize(
             };
             (failure, refused.principal_gone)
         })?;
-    Ok(access.limits)
+    Ok(access)
 }
 
 /// A device's answer to a command (`command/[T]/[D]/res/REQ-ID/STATUS`): handed to the

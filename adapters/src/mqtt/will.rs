@@ -101,10 +101,7 @@ pub(super) fn publish(shared: &Arc<Shared>, session: &Session) {
         shared.wills.done(&tenant, &device, id);
         // The registry is asked again: a device disabled meanwhile has no Will published.
         let access = door::authorize(shared.registry.as_ref(), ADAPTER, &target, Standing::Session);
-        let limits = match access.await {
-            Ok(access) => access.limits,
-            Err(_) => return counted("refused"),
-        };
+        let Ok(access) = access.await else { return counted("refused") };
         let properties = &address.properties;
         let upload = Upload {
             tenant,
@@ -121,8 +118,10 @@ pub(super) fn publish(shared: &Arc<Shared>, session: &Session) {
             orig_adapter: ADAPTER,
             orig_address: will.topic,
             properties: properties.other.clone(),
-            limits,
+            limits: access.limits,
             retain: will.retain,
+            defaults: access.defaults,
+            ttd: None,
         };
         match shared.downstream.send(upload).await {
             Ok(()) => counted("published"),

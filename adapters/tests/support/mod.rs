@@ -226,6 +226,7 @@ impl DeviceRegistry for MemoryRegistry {
                 max_connections: t.max_connections,
                 ..Default::default()
             },
+            defaults: None,
         });
         Box::pin(async move { Ok(access) })
     }
