@@ -2,7 +2,8 @@
 //! adapters' [`DeviceRegistry`] trait and the command router's [`DeviceCheck`].
 
 use ferrule_adapters::{
-    AdapterAccess, AuthError, BoxFuture, DeviceIdentity, DeviceRegistry, TenantLimits, UsageLimit,
+    AdapterAccess, AuthError, BoxFuture, CredentialKind, DeviceIdentity, DeviceRegistry,
+    TenantLimits, UsageLimit,
 };
 use ferrule_command_control::DeviceCheck;
 use ferrule_device_registry::{AuthError as RegistryAuthError, AuthService, CredentialType};
@@ -159,6 +160,21 @@ impl DeviceRegistry for RegistryDevices {
                 auth_id: auth_id.to_owned(),
             };
             Ok((identity, key.key))
+        })
+    }
+
+    fn credential_usable<'a>(
+        &'a self,
+        identity: &'a DeviceIdentity,
+        kind: CredentialKind,
+    ) -> BoxFuture<'a, Result<bool, AuthError>> {
+        let cred_type = match kind {
+            CredentialKind::Password => CredentialType::HashedPassword,
+            CredentialKind::Certificate => CredentialType::X509Cert,
+        };
+        Box::pin(async move {
+            let DeviceIdentity { tenant, device_id, auth_id } = identity;
+            self.0.credential_usable(tenant, cred_type, auth_id, device_id).await.map_err(map)
         })
     }
 }

@@ -109,4 +109,25 @@ pub trait DeviceRegistry: Send + Sync + 'static {
         tenant: &'a str,
         auth_id: &'a str,
     ) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>>;
+
+    /// Whether the credential of `kind` that authenticated `identity` still lets it in
+    /// (it exists, belongs to the device and is enabled): connections it opened are closed
+    /// once it does not. A registry that cannot tell keeps them.
+    fn credential_usable<'a>(
+        &'a self,
+        identity: &'a DeviceIdentity,
+        kind: CredentialKind,
+    ) -> BoxFuture<'a, Result<bool, AuthError>> {
+        let _ = (identity, kind);
+        Box::pin(async { Ok(true) })
+    }
+}
+
+/// The kind of credential a connection authenticated with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialKind {
+    /// `hashed-password` (the identity's `auth_id`).
+    Password,
+    /// `x509-cert` (the identity's `auth_id` is the subject DN).
+    Certificate,
 }

@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use crate::device::{AdapterAccess, AuthError, DeviceIdentity, DeviceRegistry};
+use crate::device::{AdapterAccess, AuthError, CredentialKind, DeviceIdentity, DeviceRegistry};
 use crate::quota::{now_secs, TenantLimits, UsageLimit, Used};
 
 /// Splits `auth-id@tenant` (Hono's username and PSK identity form); the tenant is after
@@ -291,6 +291,8 @@ struct Open {
     id: u64,
     /// When it opened (seconds since the epoch).
     since: i64,
+    /// The credential it authenticated with (`None`: none to check, e.g. a PSK session).
+    credential: Option<(DeviceIdentity, CredentialKind)>,
     /// What closes it.
     revoked: tokio_util::sync::CancellationToken,
 }
@@ -334,6 +336,18 @@ impl Connections {
         device: &str,
         limits: &TenantLimits,
     ) -> Result<ConnectionSlot, &'static str> {
+        self.open_with(tenant, device, limits, None)
+    }
+
+    /// [`Connections::open`] for a connection authenticated by `credential`: it is closed
+    /// when that credential is disabled or removed ([`Connections::revalidate`]).
+    pub fn open_with(
+        self: &Arc<Self>,
+        tenant: &str,
+        device: &str,
+        limits: &TenantLimits,
+        credential: Option<(DeviceIdentity, CredentialKind)>,
+    ) -> Result<ConnectionSlot, &'static str> {
         let now = now_secs();
         let mut tenants = self.tenants.lock().expect("poisoned");
         let entry = tenants.entry(tenant.to_owned()).or_default();
@@ -355,7 +369,7 @@ impl Connections {
         entry.count += 1;
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let revoked = tokio_util::sync::CancellationToken::new();
-        let open = Open { id, since: now, revoked: revoked.clone() };
+        let open = Open { id, since: now, credential, revoked: revoked.clone() };
         entry.devices.entry(device.to_owned()).or_default().push(open);
         Ok(ConnectionSlot {
             owner: self.clone(),
@@ -374,8 +388,9 @@ impl Connections {
 
     /// Asks the registry again about every device with open connections in `scope`, and
     /// closes the connections of those it no longer lets use `adapter` (device or tenant
-    /// disabled or deleted, adapter switched off). A registry that cannot answer closes
-    /// nothing. Returns how many connections were told to close.
+    /// disabled or deleted, adapter switched off), and those whose credential was disabled
+    /// or removed. A registry that cannot answer closes nothing. Returns how many
+    /// connections were told to close.
     pub async fn revalidate(
         &self,
         registry: &dyn DeviceRegistry,
@@ -410,9 +425,47 @@ impl Connections {
             };
             if !allowed {
                 closed += self.close(&tenant, &device);
+                continue;
+            }
+            for (id, identity, kind) in self.credentials_of(&tenant, &device) {
+                match registry.credential_usable(&identity, kind).await {
+                    Ok(false) => closed += self.close_one(&tenant, &device, id),
+                    Ok(true) | Err(_) => {}
+                }
             }
         }
         closed
+    }
+
+    /// The open connections of `device` that authenticated with a credential.
+    fn credentials_of(
+        &self,
+        tenant: &str,
+        device: &str,
+    ) -> Vec<(u64, DeviceIdentity, CredentialKind)> {
+        let tenants = self.tenants.lock().expect("poisoned");
+        let Some(list) = tenants.get(tenant).and_then(|t| t.devices.get(device)) else {
+            return Vec::new();
+        };
+        list.iter()
+            .filter_map(|open| {
+                let (identity, kind) = open.credential.clone()?;
+                Some((open.id, identity, kind))
+            })
+            .collect()
+    }
+
+    /// Tells connection `id` of `device` to close.
+    fn close_one(&self, tenant: &str, device: &str, id: u64) -> usize {
+        let tenants = self.tenants.lock().expect("poisoned");
+        let open = tenants
+            .get(tenant)
+            .and_then(|t| t.devices.get(device))
+            .and_then(|list| list.iter().find(|open| open.id == id));
+        open.map_or(0, |open| {
+            open.revoked.cancel();
+            1
+        })
     }
 
     /// Tells every connection of `device` of `tenant` to close.

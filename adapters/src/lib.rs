@@ -17,7 +17,9 @@ mod poll;
 pub mod quota;
 pub mod tls;
 
-pub use device::{AdapterAccess, AuthError, BoxFuture, DeviceIdentity, DeviceRegistry};
+pub use device::{
+    AdapterAccess, AuthError, BoxFuture, CredentialKind, DeviceIdentity, DeviceRegistry,
+};
 pub use downstream::{Downstream, Endpoint, Qos, Upload, UploadError};
 pub use quota::{TenantLimits, UsageLimit};
 

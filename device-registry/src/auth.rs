@@ -696,6 +696,25 @@ impl AuthService {
     ///
     /// # Errors
     /// See [`AuthError`].
+    /// Whether the `cred_type` credential `auth_id` of `tenant` still belongs to `device`
+    /// and is enabled (a connection it authenticated may stay open). Read from the store,
+    /// not the caches: asked after a registry change.
+    ///
+    /// # Errors
+    /// [`AuthError::Unavailable`] if the store fails.
+    pub async fn credential_usable(
+        &self,
+        tenant: &str,
+        cred_type: CredentialType,
+        auth_id: &str,
+        device: &str,
+    ) -> Result<bool, AuthError> {
+        let Ok(tenant) = TenantId::new(tenant) else { return Ok(false) };
+        let found = self.inner.store.find_credentials(&tenant, cred_type, auth_id).await?;
+        Ok(found
+            .is_some_and(|(owner, credentials)| owner.as_str() == device && credentials.enabled()))
+    }
+
     pub async fn psk_for(&self, tenant: &str, auth_id: &str) -> Result<PskKey, AuthError> {
         let Ok(tenant) = TenantId::new(tenant) else {
             return Err(AuthError::BadCredentials);

@@ -365,3 +365,35 @@ def test_a_tenants_own_message_rates_from_the_registry(platform):
     refusals = [metric(text, "ferrule_tenant_limit_refusals_total", tenant="paced", limit=limit,
                        adapter="hono-http") or 0 for limit in ("device_rate", "tenant_rate")]
     assert refusals[0] >= p1.count("429") and sum(refusals) == p1.count("429") + p2.count("429"), (refusals, p1, p2)
+
+
+def test_a_disabled_or_removed_credential_closes_the_connections_it_opened(platform):
+    """A credential disabled (or removed) while its device stays enabled: the connections it
+    authenticated are closed (MQTT 5: DISCONNECT 0x98); the device's connection through its
+    other credential stays until that one goes too."""
+    p = platform
+    reg = Registry(p.registry_url, p.registry_token)
+    reg.tenant("t1").device("t1", "d3")
+    reg.call("PUT", "/v1/credentials/t1/d3", [
+        {"type": "hashed-password", "auth-id": "d3", "secrets": [{"pwd-plain": "pw"}]},
+        {"type": "hashed-password", "auth-id": "d3-alt", "secrets": [{"pwd-plain": "pw"}]},
+    ])
+    main = Subscriber(p, "d3@t1", "pw", paho.MQTTv5)
+    alt = Subscriber(p, "d3-alt@t1", "pw", paho.MQTTv5)
+
+    _, creds = reg.call("GET", "/v1/credentials/t1/d3")
+    for c in creds:
+        if c["auth-id"] == "d3":
+            c["enabled"] = False
+    started = time.time()
+    reg.call("PUT", "/v1/credentials/t1/d3", creds)
+    assert main.gone.wait(5), "the disabled credential's connection is closed"
+    assert main.reason.value == 0x98, main.reason
+    assert time.time() - started < 2, "within the propagation bound"
+    time.sleep(0.5)
+    assert not alt.gone.is_set(), "the device's other credential still holds"
+
+    reg.call("PUT", "/v1/credentials/t1/d3", [])
+    assert alt.gone.wait(5), "a removed credential's connection is closed"
+    for s in (main, alt):
+        s.close()

@@ -13,7 +13,7 @@ use ntex_mqtt::{v3, v5, Control, Reason};
 use super::config::{MqttConfig, ADAPTER};
 use super::session::{Principal, Session, Version};
 use super::will::Will;
-use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
+use crate::device::{AuthError, CredentialKind, DeviceIdentity, DeviceRegistry};
 use crate::door::{self};
 use crate::downstream::{Downstream, Endpoint, Qos, Upload, CONNECTION_EVENT};
 use crate::quota;
@@ -128,8 +128,9 @@ pub(super) async fn authenticate(
     password: Option<&[u8]>,
 ) -> Result<(Principal, Option<door::ConnectionSlot>), Refusal> {
     let source = peer_ip(io);
-    let identity = if let Some(cert) = client_certificate(io) {
-        shared.registry.authenticate_certificate(&cert).await.map_err(Refusal::from)?
+    let (identity, kind) = if let Some(cert) = client_certificate(io) {
+        let identity = shared.registry.authenticate_certificate(&cert).await;
+        (identity.map_err(Refusal::from)?, CredentialKind::Certificate)
     } else {
         match username.filter(|u| !u.is_empty()) {
             None if password.is_none() && shared.config.allow_unauthenticated => {
@@ -140,11 +141,12 @@ pub(super) async fn authenticate(
             Some(username) => {
                 let (auth_id, tenant) =
                     door::split_auth_id(username).ok_or(Refusal::BadCredentials)?;
-                shared
+                let identity = shared
                     .registry
                     .authenticate_password(tenant, auth_id, password.unwrap_or_default(), source)
                     .await
-                    .map_err(Refusal::from)?
+                    .map_err(Refusal::from)?;
+                (identity, CredentialKind::Password)
             }
         }
     };
@@ -160,7 +162,13 @@ pub(super) async fn authenticate(
     let slot = if volume_used_up {
         Err("data_volume")
     } else {
-        shared.connections.open(&identity.tenant, &identity.device_id, &access.limits)
+        let credential = Some((identity.clone(), kind));
+        shared.connections.open_with(
+            &identity.tenant,
+            &identity.device_id,
+            &access.limits,
+            credential,
+        )
     };
     let slot = slot.map_err(|limit| {
         door::limit_refused(&identity.tenant, ADAPTER, limit);
