@@ -428,9 +428,9 @@ impl Connections {
                 continue;
             }
             for (id, identity, kind) in self.credentials_of(&tenant, &device) {
-                match registry.credential_usable(&identity, kind).await {
-                    Ok(false) => closed += self.close_one(&tenant, &device, id),
-                    Ok(true) | Err(_) => {}
+                // A registry that cannot tell (`Err`) keeps the connection.
+                if let Ok(false) = registry.credential_usable(&identity, kind).await {
+                    closed += self.close_one(&tenant, &device, id);
                 }
             }
         }
