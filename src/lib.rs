@@ -11,6 +11,7 @@
 //!                   command-control (router: command/T ⇄ device sessions)
 //! ```
 
+pub mod app_cli;
 pub mod config;
 pub mod ops;
 pub mod platform;

@@ -41,6 +41,8 @@ enum Command {
     },
     #[command(flatten)]
     Registry(ferrule_device_registry::CliCommand),
+    #[command(flatten)]
+    App(ferrule::app_cli::AppCommand),
 }
 
 #[derive(Subcommand)]
@@ -72,6 +74,11 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(ferrule_device_registry::run_cli(command))),
+        Command::App(command) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(ferrule::app_cli::run(command))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
