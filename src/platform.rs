@@ -101,20 +101,29 @@ impl Platform {
             Broker::open(&messaging, &config.data_dir).context("opening the messaging store")?;
         let amqp = AmqpServer::bind(&messaging, broker.clone()).await?;
         let ops_listener = ops::bind(&config.ops).await?;
-        let registry =
-            Registry::start(&config.registry, &config.data_dir, tiers.management.clone())
-                .await
-                .context("starting the device registry")?;
+        // Where devices were last seen: fed by the adapters, read by command routing (the
+        // last-known gateway) and the management API (`/v1/state`).
+        let presence = Arc::new(ferrule_command_control::presence::Presence::default());
+        let states = Arc::new(wiring::States(presence.clone()));
+        let registry = Registry::start_tracking(
+            &config.registry,
+            &config.data_dir,
+            tiers.management.clone(),
+            states,
+        )
+        .await
+        .context("starting the device registry")?;
         // One bounded pool for all password work: device logins, management writes and
         // application (SASL) logins.
         let amqp = amqp.with_hash_pool(registry.hash_pool().clone());
         let devices = wiring::RegistryDevices(registry.auth().clone());
         let device_registry: Arc<dyn DeviceRegistry> = Arc::new(devices.clone());
         let key = config.commands.request_key(&config.data_dir)?;
-        let router = CommandRouter::new(broker.clone(), Arc::new(devices), key);
+        let router = CommandRouter::with_presence(broker.clone(), Arc::new(devices), key, presence);
         router.install();
-        let downstream =
-            Downstream::new(broker.clone()).with_rate_limits(config.adapters.rate_limits());
+        let downstream = Downstream::new(broker.clone())
+            .with_rate_limits(config.adapters.rate_limits())
+            .with_presence(router.presence().clone());
         let commands = Some(router.clone());
         let adapters = &config.adapters;
         let http = HttpAdapter::bind(

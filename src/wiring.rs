@@ -260,3 +260,46 @@ fn message_defaults(
     }
     out
 }
+
+/// Devices' connection state for the management API (`/v1/state`).
+pub struct States(pub std::sync::Arc<ferrule_command_control::presence::Presence>);
+
+impl States {
+    fn json(state: &ferrule_command_control::presence::DeviceState) -> serde_json::Value {
+        let time = |ms: u64| {
+            let ms = i64::try_from(ms).unwrap_or(i64::MAX);
+            rfc3339(ms)
+        };
+        let mut v = serde_json::json!({
+            "connected": state.connections > 0,
+            "connections": state.connections,
+            "adapter": state.adapter,
+            "last-seen": time(state.last_seen),
+        });
+        if let Some(since) = state.connected_since {
+            v["connected-since"] = time(since).into();
+        }
+        if let Some(gateway) = &state.last_gateway {
+            v["last-known-gateway"] = gateway.as_str().into();
+        }
+        v
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, millisecond precision).
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+impl ferrule_device_registry::api::DeviceStates for States {
+    fn device_state(&self, tenant: &str, device: &str) -> Option<serde_json::Value> {
+        self.0.get(tenant, device).map(|s| Self::json(&s))
+    }
+
+    fn tenant_states(&self, tenant: &str) -> Vec<(String, serde_json::Value)> {
+        let (_, page) = self.0.page(tenant, 0, usize::MAX, None);
+        page.into_iter().map(|(device, s)| (device, Self::json(&s))).collect()
+    }
+}

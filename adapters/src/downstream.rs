@@ -14,6 +14,7 @@ use ferrule_messaging::message::{condition, data_message, now_millis};
 use ferrule_messaging::{Broker, Message, Outcome};
 
 use crate::quota::{MessageDefaults, TenantLimits, Volumes};
+use ferrule_command_control::presence::Presence;
 
 /// Content type of an empty notification (Hono).
 pub const EMPTY_NOTIFICATION: &str = "application/vnd.eclipse-hono-empty-notification";
@@ -72,6 +73,8 @@ pub struct Upload {
     /// How long the device waits for a command after this message (HTTP, CoAP `hono-ttd`):
     /// the application property `ttd` (seconds), as Hono sets it.
     pub ttd: Option<Duration>,
+    /// The gateway that sent it for the device (`None`: the device itself).
+    pub gateway: Option<String>,
 }
 
 impl Upload {
@@ -253,11 +256,29 @@ pub struct Downstream {
     pub stats: Arc<DownstreamStats>,
     rates: Arc<Rates>,
     volumes: Arc<Volumes>,
+    presence: Option<Arc<Presence>>,
 }
 
 impl Downstream {
     pub fn new(broker: Broker) -> Self {
-        Self { broker, stats: Arc::default(), rates: Arc::default(), volumes: Arc::default() }
+        Self {
+            broker,
+            stats: Arc::default(),
+            rates: Arc::default(),
+            volumes: Arc::default(),
+            presence: None,
+        }
+    }
+
+    /// This downstream reporting where devices were seen to `presence`.
+    pub fn with_presence(mut self, presence: Arc<Presence>) -> Self {
+        self.presence = Some(presence);
+        self
+    }
+
+    /// Where devices were seen (`None`: not tracked).
+    pub fn presence(&self) -> Option<&Arc<Presence>> {
+        self.presence.as_ref()
     }
 
     /// The data volume each tenant used in its period (shared by every adapter).
@@ -322,6 +343,14 @@ impl Downstream {
     ) -> Result<(), UploadError> {
         let started = std::time::Instant::now();
         upload.apply_tenant_terms();
+        if let Some(presence) = self.presence.as_ref().filter(|_| rated) {
+            presence.seen(
+                &upload.tenant,
+                &upload.device_id,
+                upload.orig_adapter,
+                upload.gateway.as_deref(),
+            );
+        }
         if rated {
             let limits = RateLimits {
                 per_device: upload.limits.rate_per_device.or(self.rates.limits.per_device),
@@ -493,6 +522,7 @@ mod tests {
             retain: false,
             defaults: None,
             ttd: None,
+            gateway: None,
         }
     }
 

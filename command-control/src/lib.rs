@@ -13,6 +13,7 @@
 //! offline device with `x-ferrule-defer-ttl` wait in a durable per-device queue.
 
 mod command;
+pub mod presence;
 mod request_id;
 mod router;
 

@@ -111,6 +111,8 @@ struct Inner {
     /// Every task the router starts (routes in flight, deferred-command drains, ttd
     /// notifications), so that shutdown can wait for them.
     tasks: TaskTracker,
+    /// Where devices were last seen: the last-known gateway wins among several.
+    presence: Arc<crate::presence::Presence>,
 }
 
 /// Routes commands; register it with [`CommandRouter::install`]. Cheap to clone.
@@ -145,6 +147,17 @@ impl CommandRouter {
     /// deferred commands to work (an error is logged otherwise).
     /// Request ids are sealed with `key`: every instance of a deployment needs the same.
     pub fn new(broker: Broker, devices: Arc<dyn DeviceCheck>, key: RequestKey) -> Self {
+        Self::with_presence(broker, devices, key, Arc::default())
+    }
+
+    /// [`CommandRouter::new`] sharing `presence` with the adapters (see
+    /// [`CommandRouter::presence`]).
+    pub fn with_presence(
+        broker: Broker,
+        devices: Arc<dyn DeviceCheck>,
+        key: RequestKey,
+        presence: Arc<crate::presence::Presence>,
+    ) -> Self {
         if !broker.is_internal(&format!("{DEFERRED_PREFIX}/t/d")) {
             tracing::error!(
                 "the messaging core lacks command-control's address rules: deferred commands \
@@ -159,8 +172,16 @@ impl CommandRouter {
             next_id: AtomicU64::new(1),
             this: this.clone(),
             tasks: TaskTracker::new(),
+            presence,
         });
         CommandRouter { inner }
+    }
+
+    /// Where devices were last seen: the adapters report to it (it is the router's, so
+    /// that among several gateways subscribed for a device's commands the one that last
+    /// acted for it wins, Hono's last-known gateway rule).
+    pub fn presence(&self) -> &Arc<crate::presence::Presence> {
+        &self.inner.presence
     }
 
     /// Waits until every task the router started has ended: commands being routed get
@@ -337,6 +358,14 @@ impl Inner {
                 .map(|l| l.iter().rev().map(|(g, e)| (g.clone(), e.sink.clone())).collect())
                 .unwrap_or_default()
         };
+        // The gateway that last acted for the device first (Hono), then the latest subscribed.
+        let mut gateways = gateways;
+        if let Some(last) = self.presence.last_gateway(tenant, device) {
+            if let Some(at) = gateways.iter().position(|(g, _)| *g == last) {
+                let preferred = gateways.remove(at);
+                gateways.insert(0, preferred);
+            }
+        }
         for (gateway, sink) in gateways {
             if gateway == device || self.devices.gateway_may_act_for(tenant, device, &gateway).await
             {

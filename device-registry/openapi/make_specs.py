@@ -82,6 +82,7 @@ def main():
     ferrule["info"]["title"] = "Ferrule Device Registry Management API"
     ferrule["info"]["description"] = FERRULE_DESCRIPTION
     ferrule["servers"] = [{"url": "/v1", "description": "this registry"}]
+    add_state_paths(ferrule)
     with open(f"{here}/ferrule-device-registry-v1.yaml", "w") as f:
         f.write("# Ferrule's management API: Hono's Device Registry Management API v1 (EPL-2.0,\n"
                 "# Eclipse Hono) as corrected in hono-device-registry-v1.yaml, with Ferrule's notes.\n"
@@ -114,9 +115,84 @@ Ferrule's device registry implements Eclipse Hono's Device Registry Management A
   subject DN as `auth-id`; uploading a `cert` is not supported (400).
 - Limits: request bodies up to `registry.max_body_bytes` (default 64 KiB, else 413), at most
   64 credentials per device and 16 secrets per credentials entry.
-- Not implemented: trusted-CA subject-DN uniqueness across tenants, registration limits
-  enforcement, auto-provisioning, tenant aliases as look-up keys.
+- Tenants: a trusted CA's subject DN may belong to one tenant only (or to tenants of one
+  `trust-anchor-group`): 409 otherwise; `ocsp-revocation-enabled: true` is refused (400,
+  not implemented); accounting periods (`data-volume`, `connection-duration`) are `days`
+  (with `no-of-days`) or `monthly` (400 otherwise); `resource-limits.ext` may carry
+  Ferrule's `max-messages-per-second` and `max-messages-per-second-per-device` (positive
+  integers, 400 otherwise).
+- Registration limits are enforced: a device over `max-devices` or credentials over
+  `max-credentials-per-device` get 403.
+- Device state (Ferrule's extension): `GET /state/{tenantId}` and
+  `GET /state/{tenantId}/{deviceId}` (below).
+- Not implemented: auto-provisioning, tenant aliases as look-up keys.
 """
+
+
+def add_state_paths(doc):
+    """Ferrule's device state resources (connection status, last seen, last-known gateway)."""
+    doc["components"]["schemas"]["DeviceState"] = {
+        "type": "object",
+        "description": "What this Ferrule instance knows of a device's connection.",
+        "properties": {
+            "id": {"type": "string", "description": "The device id."},
+            "connected": {"type": "boolean",
+                          "description": "Whether it holds a connection (MQTT) to this instance now."},
+            "connections": {"type": "integer", "description": "Its open connections."},
+            "adapter": {"type": "string", "description": "The adapter it last used, e.g. `hono-mqtt`."},
+            "connected-since": {"type": "string", "format": "date-time",
+                                "description": "Since when it is connected (absent when not)."},
+            "last-seen": {"type": "string", "format": "date-time",
+                          "description": "When it last connected, sent a message or disconnected."},
+            "last-known-gateway": {"type": "string",
+                                   "description": "The gateway that last acted for it (absent when it "
+                                                  "last acted itself); commands go there first."},
+        },
+        "required": ["id", "connected"],
+    }
+    ok = lambda desc, schema: {  # noqa: E731
+        "description": desc, "content": {"application/json": {"schema": schema}}}
+    doc["paths"]["/state/{tenantId}"] = {
+        "parameters": [{"$ref": "#/components/parameters/tenantId"}],
+        "get": {
+            "tags": ["state"],
+            "summary": "Connection state of a tenant's devices",
+            "description": "The devices of the tenant this instance has seen, with paging and "
+                           "`filterJson` over the state's fields (e.g. `/connected` = true).",
+            "operationId": "searchDeviceStates",
+            "parameters": [{"$ref": "#/components/parameters/pageSize"},
+                           {"$ref": "#/components/parameters/pageOffset"},
+                           {"$ref": "#/components/parameters/filterJson"},
+                           {"$ref": "#/components/parameters/sortJson"}],
+            "responses": {
+                200: ok("A page of device states.", {
+                    "type": "object", "required": ["total", "result"],
+                    "properties": {"total": {"type": "integer"},
+                                   "result": {"type": "array",
+                                              "items": {"$ref": "#/components/schemas/DeviceState"}}}}),
+                400: {"$ref": "#/components/responses/MalformedRequest"},
+                401: {"$ref": "#/components/responses/Unauthorized"},
+                404: {"$ref": "#/components/responses/NotFound"},
+            },
+        },
+    }
+    doc["paths"]["/state/{tenantId}/{deviceId}"] = {
+        "parameters": [{"$ref": "#/components/parameters/tenantId"},
+                       {"$ref": "#/components/parameters/deviceId"}],
+        "get": {
+            "tags": ["state"],
+            "summary": "Connection state of a device",
+            "description": "A registered device never seen by this instance is `connected: false`.",
+            "operationId": "getDeviceState",
+            "responses": {
+                200: ok("The device's state.", {"$ref": "#/components/schemas/DeviceState"}),
+                400: {"$ref": "#/components/responses/MalformedRequest"},
+                401: {"$ref": "#/components/responses/Unauthorized"},
+                404: {"$ref": "#/components/responses/DeviceNotFound"},
+            },
+        },
+    }
+
 
 if __name__ == "__main__":
     main()

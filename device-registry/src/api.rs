@@ -37,6 +37,18 @@ pub struct ApiState {
     pub allow_anonymous: bool,
     /// Request body limit.
     pub max_body_bytes: usize,
+    /// Devices' connection state (`/v1/state/...`), when the platform tracks it.
+    pub states: Option<Arc<dyn DeviceStates>>,
+}
+
+/// Devices' connection state as the platform knows it (Ferrule's extension of the API):
+/// JSON objects with `connected`, `adapter`, `connected-since`, `last-seen`,
+/// `last-known-gateway`.
+pub trait DeviceStates: Send + Sync + 'static {
+    /// The state of one device (`None`: never seen by this instance).
+    fn device_state(&self, tenant: &str, device: &str) -> Option<Value>;
+    /// Every device of `tenant` this instance has seen, by id.
+    fn tenant_states(&self, tenant: &str) -> Vec<(String, Value)>;
 }
 
 /// Why a request failed; each variant has one HTTP status.
@@ -432,6 +444,38 @@ async fn dispatch(
                 _ => Err(ApiError::MethodNotAllowed("GET, POST, PUT, DELETE")),
             }
         }
+        (["state", tid], method) => {
+            let tid = tenant_id(tid, false)?;
+            if *method != Method::GET {
+                return Err(ApiError::MethodNotAllowed("GET"));
+            }
+            let states = state.states.as_ref().ok_or_else(no_states)?;
+            let search = Search::from_query(&query_pairs(req.uri().query())?)?;
+            if m.store().get_tenant(&tid).await?.is_none() {
+                return Err(ApiError::NotFound("tenant not found".into()));
+            }
+            let items: Vec<Value> = states
+                .tenant_states(tid.as_str())
+                .into_iter()
+                .map(|(device, v)| with_id(&device, v))
+                .collect();
+            let (total, page) = search.apply(items);
+            search_response(total, page)
+        }
+        (["state", tid, did], method) => {
+            let (tid, did) = (tenant_id(tid, false)?, device_id(did, false)?);
+            if *method != Method::GET {
+                return Err(ApiError::MethodNotAllowed("GET"));
+            }
+            let states = state.states.as_ref().ok_or_else(no_states)?;
+            if m.store().get_device(&tid, &did).await?.is_none() {
+                return Err(ApiError::NotFound("device not found".into()));
+            }
+            let v = states
+                .device_state(tid.as_str(), did.as_str())
+                .unwrap_or_else(|| serde_json::json!({ "connected": false }));
+            Ok(json_response(StatusCode::OK, &with_id(did.as_str(), v)))
+        }
         (["devices", tid], method) => {
             let tid = tenant_id(tid, false)?;
             match *method {
@@ -506,6 +550,10 @@ async fn dispatch(
 
 fn to_value<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
     serde_json::to_value(v).map_err(|e| ApiError::from(StoreError::Corrupt(e.to_string())))
+}
+
+fn no_states() -> ApiError {
+    ApiError::NotFound("device state is not tracked by this registry".into())
 }
 
 fn with_id(id: &str, v: Value) -> Value {

@@ -99,6 +99,21 @@ impl Registry {
         Self::start_with_store(config, store, shutdown).await
     }
 
+    /// [`Registry::start`], serving devices' connection state from `states`.
+    ///
+    /// # Errors
+    /// [`RegistryError`] for bad config, an unusable store or a failed bind.
+    pub async fn start_tracking(
+        config: &RegistryConfig,
+        data_dir: &Path,
+        shutdown: CancellationToken,
+        states: Arc<dyn crate::api::DeviceStates>,
+    ) -> Result<Self, RegistryError> {
+        config.validate()?;
+        let store = open_store(config, data_dir).await?;
+        Self::start_with_states(config, store, shutdown, Some(states)).await
+    }
+
     /// Like [`Registry::start`] over an already opened store (tests, or a binary that
     /// shares one store between components).
     ///
@@ -108,6 +123,20 @@ impl Registry {
         config: &RegistryConfig,
         store: Arc<dyn RegistryStore>,
         shutdown: CancellationToken,
+    ) -> Result<Self, RegistryError> {
+        Self::start_with_states(config, store, shutdown, None).await
+    }
+
+    /// [`Registry::start_with_store`], serving devices' connection state from `states`
+    /// at `/v1/state/TENANT[/DEVICE]`.
+    ///
+    /// # Errors
+    /// [`RegistryError::Bind`] if the address cannot be bound.
+    pub async fn start_with_states(
+        config: &RegistryConfig,
+        store: Arc<dyn RegistryStore>,
+        shutdown: CancellationToken,
+        states: Option<Arc<dyn crate::api::DeviceStates>>,
     ) -> Result<Self, RegistryError> {
         config.validate()?;
         let pool = HashPool::new(config.hash_pool_size);
@@ -131,6 +160,7 @@ impl Registry {
             tokens: config.auth_tokens.clone(),
             allow_anonymous: config.allow_anonymous,
             max_body_bytes: config.max_body_bytes,
+            states,
         });
         let tracker = TaskTracker::new();
         let admission = ferrule_net::listener::Admission::new(

@@ -262,6 +262,7 @@ impl Shared {
             retain: false,
             defaults: access.defaults,
             ttd: ttd.filter(|_| waiting.is_some()),
+            gateway: via_gateway.then(|| identity.map(|i| i.device_id.clone())).flatten(),
         };
         // NON (at most once) is dropped and counted by `send` when nobody consumes.
         self.downstream.send(upload).await.map_err(Failure::Upload)?;

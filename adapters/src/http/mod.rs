@@ -434,6 +434,8 @@ struct Principal {
     device_id: String,
     /// A gateway acting for `device_id` (not the device itself).
     via_gateway: bool,
+    /// The gateway acting for `device_id`.
+    gateway: Option<String>,
     /// Its tenant's terms for the adapter (limits, defaults).
     access: crate::device::AdapterAccess,
 }
@@ -485,6 +487,10 @@ async fn authorize(
         tenant: target.tenant().to_owned(),
         device_id: target.device().to_owned(),
         via_gateway: target.via_gateway(),
+        gateway: match &target {
+            door::Target::ViaGateway { gateway, .. } => Some(gateway.clone()),
+            _ => None,
+        },
         access,
     })
 }
@@ -554,6 +560,7 @@ async fn upload(
         retain: false,
         defaults: principal.access.defaults.clone(),
         ttd: ttd.filter(|_| waiting.is_some()),
+        gateway: principal.gateway.clone(),
     };
     // HTTP has no fire-and-forget: even QoS 0 tells the device there was no consumer.
     state

@@ -319,6 +319,9 @@ pub(super) async fn connect_v5(
 pub(super) fn connected(shared: &Arc<Shared>, principal: &Principal, client_id: &str) {
     metrics::gauge!("ferrule_adapter_connections", "adapter" => "hono-mqtt").increment(1.0);
     if let Principal::Device(identity) = principal {
+        if let Some(presence) = shared.downstream.presence() {
+            presence.connected(&identity.tenant, &identity.device_id, ADAPTER);
+        }
         connection_event(shared, identity, client_id, "connected");
     }
 }
@@ -343,6 +346,9 @@ pub(super) fn stopped(shared: &Arc<Shared>, session: &Session, control: Control<
             }
         }
         if let Principal::Device(identity) = &session.principal {
+            if let Some(presence) = shared.downstream.presence() {
+                presence.disconnected(&identity.tenant, &identity.device_id);
+            }
             connection_event(shared, identity, &session.client_id, "disconnected");
         }
         // Still there: the connection ended without DISCONNECT (which discards it).
@@ -380,6 +386,7 @@ pub(super) fn connection_event(
         retain: false,
         defaults: None,
         ttd: None,
+        gateway: None,
     };
     let downstream = shared.downstream.clone();
     ntex_rt::spawn(async move {

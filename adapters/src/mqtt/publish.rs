@@ -81,6 +81,10 @@ pub(super) async fn handle_publish(
         retain: inbound.retain,
         defaults: access.defaults,
         ttd: None,
+        gateway: match &target {
+            Target::ViaGateway { gateway, .. } => Some(gateway.clone()),
+            _ => None,
+        },
     };
     shared.downstream.send(upload).await.map_err(|e| fail(Failure::Upload(e)))
 }

@@ -122,6 +122,10 @@ pub(super) fn publish(shared: &Arc<Shared>, session: &Session) {
             retain: will.retain,
             defaults: access.defaults,
             ttd: None,
+            gateway: match &target {
+                crate::door::Target::ViaGateway { gateway, .. } => Some(gateway.clone()),
+                _ => None,
+            },
         };
         match shared.downstream.send(upload).await {
             Ok(()) => counted("published"),
