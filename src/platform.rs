@@ -104,7 +104,7 @@ impl Platform {
         // Where devices were last seen: fed by the adapters, read by command routing (the
         // last-known gateway) and the management API (`/v1/state`).
         let presence = Arc::new(ferrule_command_control::presence::Presence::default());
-        let states = Arc::new(wiring::States(presence.clone()));
+        let states = Arc::new(wiring::States(presence.clone(), broker.clone()));
         let registry = Registry::start_tracking(
             &config.registry,
             &config.data_dir,

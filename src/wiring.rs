@@ -261,8 +261,12 @@ fn message_defaults(
     out
 }
 
-/// Devices' connection state for the management API (`/v1/state`).
-pub struct States(pub std::sync::Arc<ferrule_command_control::presence::Presence>);
+/// Devices' connection state and deferred commands for the management API (`/v1/state`,
+/// `/v1/commands`).
+pub struct States(
+    pub std::sync::Arc<ferrule_command_control::presence::Presence>,
+    pub ferrule_messaging::Broker,
+);
 
 impl States {
     fn json(state: &ferrule_command_control::presence::DeviceState) -> serde_json::Value {
@@ -301,5 +305,28 @@ impl ferrule_device_registry::api::DeviceStates for States {
     fn tenant_states(&self, tenant: &str) -> Vec<(String, serde_json::Value)> {
         let (_, page) = self.0.page(tenant, 0, usize::MAX, None);
         page.into_iter().map(|(device, s)| (device, Self::json(&s))).collect()
+    }
+
+    fn deferred_commands(&self, tenant: &str, device: &str) -> Vec<serde_json::Value> {
+        let time = |ms: u64| rfc3339(i64::try_from(ms).unwrap_or(i64::MAX));
+        let list = self.0.deferred_commands(tenant, device);
+        list.into_iter()
+            .map(|c| {
+                serde_json::json!({
+                    "id": c.id,
+                    "name": c.name,
+                    "queued": time(c.queued_at),
+                    "expires": time(c.expires_at),
+                    "status": c.status.as_str(),
+                })
+            })
+            .collect()
+    }
+
+    fn delete_deferred_commands(&self, tenant: &str, device: &str) -> usize {
+        let queue = format!("{}/{tenant}/{device}", ferrule_command_control::DEFERRED_PREFIX);
+        let deleted = self.1.purge_queue(&queue).unwrap_or(0);
+        self.0.deferred_deleted(tenant, device);
+        deleted
     }
 }

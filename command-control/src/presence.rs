@@ -3,7 +3,7 @@
 //! it (Hono's "last known gateway", which command routing prefers). Kept in memory for
 //! this instance, fed by the adapters, read by the management API's device state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 /// One device's state.
@@ -26,6 +26,48 @@ pub struct DeviceState {
 #[derive(Debug, Default)]
 pub struct Presence {
     tenants: Mutex<HashMap<String, BTreeMap<String, DeviceState>>>,
+    /// (tenant, device) → its latest deferred commands, oldest first.
+    deferred: Mutex<HashMap<(String, String), VecDeque<DeferredCommand>>>,
+}
+
+/// Deferred commands remembered per device (older ones are forgotten).
+pub const DEFERRED_HISTORY: usize = 64;
+
+/// A command stored for a device that was not connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferredCommand {
+    /// The application's message id (or correlation id).
+    pub id: String,
+    /// The command name.
+    pub name: String,
+    /// When it was stored, and when it expires (ms since the epoch).
+    pub queued_at: u64,
+    pub expires_at: u64,
+    pub status: DeferredStatus,
+}
+
+/// What became of a deferred command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeferredStatus {
+    /// Stored, waiting for the device.
+    Queued,
+    /// The device took it.
+    Delivered,
+    /// Its time to live ran out before the device came.
+    Expired,
+    /// An operator deleted it.
+    Deleted,
+}
+
+impl DeferredStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeferredStatus::Queued => "queued",
+            DeferredStatus::Delivered => "delivered",
+            DeferredStatus::Expired => "expired",
+            DeferredStatus::Deleted => "deleted",
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -94,6 +136,65 @@ impl Presence {
         self.tenants.lock().expect("poisoned").get(tenant)?.get(device).cloned()
     }
 
+    /// A command was stored for `device` until `expires_at`.
+    pub fn deferred(&self, tenant: &str, device: &str, id: &str, name: &str, expires_at: u64) {
+        let mut deferred = self.deferred.lock().expect("poisoned");
+        let list = deferred.entry((tenant.to_owned(), device.to_owned())).or_default();
+        if list.len() >= DEFERRED_HISTORY {
+            list.pop_front();
+        }
+        list.push_back(DeferredCommand {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            queued_at: now_ms(),
+            expires_at,
+            status: DeferredStatus::Queued,
+        });
+    }
+
+    /// The deferred command `id` of `device` was delivered.
+    pub fn deferred_delivered(&self, tenant: &str, device: &str, id: &str) {
+        self.mark(tenant, device, |c| c.id == id, DeferredStatus::Delivered);
+    }
+
+    /// Every command still queued for `device` was deleted.
+    pub fn deferred_deleted(&self, tenant: &str, device: &str) {
+        self.mark(tenant, device, |_| true, DeferredStatus::Deleted);
+    }
+
+    fn mark(
+        &self,
+        tenant: &str,
+        device: &str,
+        which: impl Fn(&DeferredCommand) -> bool,
+        status: DeferredStatus,
+    ) {
+        let now = now_ms();
+        let mut deferred = self.deferred.lock().expect("poisoned");
+        let key = (tenant.to_owned(), device.to_owned());
+        for c in deferred.get_mut(&key).into_iter().flatten() {
+            if c.status == DeferredStatus::Queued && c.expires_at > now && which(c) {
+                c.status = status;
+            }
+        }
+    }
+
+    /// `device`'s latest deferred commands, oldest first (queued ones past their expiry
+    /// show as expired).
+    pub fn deferred_commands(&self, tenant: &str, device: &str) -> Vec<DeferredCommand> {
+        let now = now_ms();
+        let deferred = self.deferred.lock().expect("poisoned");
+        let key = (tenant.to_owned(), device.to_owned());
+        let list = deferred.get(&key).into_iter().flatten().cloned();
+        list.map(|mut c| {
+            if c.status == DeferredStatus::Queued && c.expires_at <= now {
+                c.status = DeferredStatus::Expired;
+            }
+            c
+        })
+        .collect()
+    }
+
     /// A page of `tenant`'s devices (by id), only the connected ones (or only the others)
     /// with `connected`; and how many there are in all.
     pub fn page(
@@ -138,5 +239,25 @@ mod tests {
         let (total, page) = p.page("t", 1, 1, None);
         assert_eq!((total, page[0].0.as_str()), (3, "d2"));
         assert_eq!(p.page("other", 0, 10, None), (0, Vec::new()));
+    }
+
+    #[test]
+    fn deferred_command_lifecycle() {
+        let p = Presence::default();
+        let later = now_ms() + 60_000;
+        p.deferred("t", "d", "c1", "reboot", later);
+        p.deferred("t", "d", "c2", "ping", later);
+        p.deferred("t", "d", "c3", "old", now_ms() - 1);
+        p.deferred_delivered("t", "d", "c1");
+        let status = |p: &Presence| -> Vec<&'static str> {
+            p.deferred_commands("t", "d").iter().map(|c| c.status.as_str()).collect()
+        };
+        assert_eq!(status(&p), ["delivered", "queued", "expired"]);
+        p.deferred_deleted("t", "d");
+        assert_eq!(status(&p), ["delivered", "deleted", "expired"]);
+        for i in 0..DEFERRED_HISTORY {
+            p.deferred("t", "d", &format!("n{i}"), "x", later);
+        }
+        assert_eq!(p.deferred_commands("t", "d").len(), DEFERRED_HISTORY, "bounded");
     }
 }

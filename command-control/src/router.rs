@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
-use fe2o3_amqp::types::messaging::{ApplicationProperties, Header, MessageAnnotations, Properties};
+use fe2o3_amqp::types::messaging::{
+    ApplicationProperties, Header, MessageAnnotations, MessageId, Properties,
+};
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Symbol, Timestamp, Value};
 use ferrule_messaging::address::{tenant_of, AddressRule, AddressType};
 use ferrule_messaging::message::{condition, data_message, now_millis};
@@ -231,6 +233,7 @@ impl CommandRouter {
         let cancel = CancellationToken::new();
         if let Target::Device(device) = &target {
             self.inner.tasks.spawn(drain_deferred(
+                self.inner.presence.clone(),
                 self.inner.broker.clone(),
                 self.inner.key.clone(),
                 tenant.to_owned(),
@@ -434,12 +437,17 @@ impl Inner {
             return Outcome::Released;
         };
         // Keep the original message, with the deferral as its time to live.
+        let id = message_key(&message);
         let mut stored = message;
         let header = stored.header.get_or_insert_with(Header::default);
         header.durable = true;
         header.ttl = Some((ttl.saturating_mul(1000)).min(u32::MAX as u64) as u32);
         let queue = format!("{DEFERRED_PREFIX}/{tenant}/{}", command.device_id);
         let outcome = self.broker.submit(&queue, stored, false).outcome().await;
+        if outcome.is_accepted() {
+            let expires = ferrule_messaging::message::now_millis() + ttl.saturating_mul(1000);
+            self.presence.deferred(&tenant, &command.device_id, &id, &command.name, expires);
+        }
         metrics::counter!("ferrule_commands_total", "tenant" => tenant, "outcome" => "deferred")
             .increment(1);
         // The device may have subscribed while the command was being stored.
@@ -447,6 +455,7 @@ impl Inner {
             if let Some(sink) = self.find(&command.tenant, &command.device_id).await {
                 let cancel = CancellationToken::new();
                 self.tasks.spawn(drain_deferred(
+                    self.presence.clone(),
                     self.broker.clone(),
                     self.key.clone(),
                     command.tenant,
@@ -489,6 +498,7 @@ impl AddressHandler for CommandRouter {
 /// Delivers the deferred commands of one device, oldest first, while its subscription
 /// lasts. A command the device does not take stays queued for next time.
 async fn drain_deferred(
+    presence: Arc<crate::presence::Presence>,
     broker: Broker,
     key: RequestKey,
     tenant: String,
@@ -507,6 +517,7 @@ async fn drain_deferred(
             _ = cancel.cancelled() => return,
             d = consumer.recv() => match d { Some(d) => d, None => return },
         };
+        let id = message_key(delivery.message());
         let command = match parse(&tenant, delivery.message(), &key) {
             Ok(parsed) => parsed.command,
             Err(e) => {
@@ -518,6 +529,9 @@ async fn drain_deferred(
         let outcome = sink.deliver(command).await;
         let delivered = outcome.is_accepted();
         delivery.settle(if delivered { Outcome::Accepted } else { Outcome::Released });
+        if delivered {
+            presence.deferred_delivered(&tenant, &device, &id);
+        }
         if !delivered {
             return;
         }
@@ -525,5 +539,19 @@ async fn drain_deferred(
         if broker.queue_depth(&queue).unwrap_or(0) == 0 {
             return;
         }
+    }
+}
+
+/// How a deferred command is known in the device state API: the application's message id
+/// (or correlation id), as text.
+fn message_key(message: &Message) -> String {
+    let properties = message.properties.as_ref();
+    let id = properties.and_then(|p| p.message_id.as_ref().or(p.correlation_id.as_ref()));
+    match id {
+        Some(MessageId::String(s)) => s.clone(),
+        Some(MessageId::Ulong(n)) => n.to_string(),
+        Some(MessageId::Uuid(u)) => format!("{u:?}"),
+        Some(MessageId::Binary(b)) => format!("{b:?}"),
+        None => String::new(),
     }
 }

@@ -123,8 +123,9 @@ Ferrule's device registry implements Eclipse Hono's Device Registry Management A
   integers, 400 otherwise).
 - Registration limits are enforced: a device over `max-devices` or credentials over
   `max-credentials-per-device` get 403.
-- Device state (Ferrule's extension): `GET /state/{tenantId}` and
-  `GET /state/{tenantId}/{deviceId}` (below).
+- Device state (Ferrule's extension): `GET /state/{tenantId}`,
+  `GET /state/{tenantId}/{deviceId}` and a device's deferred commands,
+  `GET|DELETE /commands/{tenantId}/{deviceId}` (below).
 - Not implemented: auto-provisioning, tenant aliases as look-up keys.
 """
 
@@ -173,6 +174,45 @@ def add_state_paths(doc):
                 400: {"$ref": "#/components/responses/MalformedRequest"},
                 401: {"$ref": "#/components/responses/Unauthorized"},
                 404: {"$ref": "#/components/responses/NotFound"},
+            },
+        },
+    }
+    doc["paths"]["/commands/{tenantId}/{deviceId}"] = {
+        "parameters": [{"$ref": "#/components/parameters/tenantId"},
+                       {"$ref": "#/components/parameters/deviceId"}],
+        "get": {
+            "tags": ["state"],
+            "summary": "A device's deferred commands",
+            "description": "The latest deferred commands of the device (at most 64, oldest first) "
+                           "and what became of them.",
+            "operationId": "getDeferredCommands",
+            "responses": {
+                200: ok("The device's deferred commands.", {
+                    "type": "object", "required": ["total", "result"],
+                    "properties": {"total": {"type": "integer"}, "result": {"type": "array", "items": {
+                        "type": "object",
+                        "properties": {
+                            "id": {"type": "string", "description": "The application's message id."},
+                            "name": {"type": "string"},
+                            "queued": {"type": "string", "format": "date-time"},
+                            "expires": {"type": "string", "format": "date-time"},
+                            "status": {"type": "string",
+                                       "enum": ["queued", "delivered", "expired", "deleted"]},
+                        }}}}}),
+                400: {"$ref": "#/components/responses/MalformedRequest"},
+                401: {"$ref": "#/components/responses/Unauthorized"},
+                404: {"$ref": "#/components/responses/DeviceNotFound"},
+            },
+        },
+        "delete": {
+            "tags": ["state"],
+            "summary": "Delete a device's queued deferred commands",
+            "operationId": "deleteDeferredCommands",
+            "responses": {
+                204: {"description": "Deleted (they show as `deleted`)."},
+                400: {"$ref": "#/components/responses/MalformedRequest"},
+                401: {"$ref": "#/components/responses/Unauthorized"},
+                404: {"$ref": "#/components/responses/DeviceNotFound"},
             },
         },
     }

@@ -49,6 +49,11 @@ pub trait DeviceStates: Send + Sync + 'static {
     fn device_state(&self, tenant: &str, device: &str) -> Option<Value>;
     /// Every device of `tenant` this instance has seen, by id.
     fn tenant_states(&self, tenant: &str) -> Vec<(String, Value)>;
+    /// The device's latest deferred commands (`id`, `name`, `queued`, `expires`, `status`:
+    /// queued, delivered, expired or deleted), oldest first.
+    fn deferred_commands(&self, tenant: &str, device: &str) -> Vec<Value>;
+    /// Deletes the commands still queued for the device; how many there were.
+    fn delete_deferred_commands(&self, tenant: &str, device: &str) -> usize;
 }
 
 /// Why a request failed; each variant has one HTTP status.
@@ -475,6 +480,24 @@ async fn dispatch(
                 .device_state(tid.as_str(), did.as_str())
                 .unwrap_or_else(|| serde_json::json!({ "connected": false }));
             Ok(json_response(StatusCode::OK, &with_id(did.as_str(), v)))
+        }
+        (["commands", tid, did], method) => {
+            let (tid, did) = (tenant_id(tid, false)?, device_id(did, false)?);
+            let states = state.states.as_ref().ok_or_else(no_states)?;
+            if m.store().get_device(&tid, &did).await?.is_none() {
+                return Err(ApiError::NotFound("device not found".into()));
+            }
+            match *method {
+                Method::GET => {
+                    let list = states.deferred_commands(tid.as_str(), did.as_str());
+                    search_response(list.len(), list)
+                }
+                Method::DELETE => {
+                    states.delete_deferred_commands(tid.as_str(), did.as_str());
+                    Ok(empty(StatusCode::NO_CONTENT))
+                }
+                _ => Err(ApiError::MethodNotAllowed("GET, DELETE")),
+            }
         }
         (["devices", tid], method) => {
             let tid = tenant_id(tid, false)?;

@@ -268,6 +268,18 @@ impl Broker {
         self.subscribe(&address, &SubscribeOptions::default())
     }
 
+    /// Removes every message queue `address` holds (ready and in flight; from disk too).
+    /// Returns how many there were, `None` if it is not a queue with a node.
+    pub fn purge_queue(&self, address: &str) -> Option<usize> {
+        let queue = match self.inner.nodes.read().expect("poisoned").get(address) {
+            Some(Node::Queue(node)) => node.clone(),
+            _ => return None,
+        };
+        let depth = queue.depth();
+        queue.purge();
+        Some(depth)
+    }
+
     /// Messages held by queue `address` (stored, in flight or being written).
     pub fn queue_depth(&self, address: &str) -> Option<usize> {
         match self.inner.nodes.read().expect("poisoned").get(address) {

@@ -97,3 +97,44 @@ def test_commands_go_to_the_last_known_gateway(platform):
         app.close()
         gw1.close()
         gw2.close()
+
+
+def test_deferred_command_lifecycle_is_visible_and_deletable(platform):
+    """`GET /v1/commands/TENANT/DEVICE`: the device's deferred commands with their status
+    (queued, delivered, expired, deleted); `DELETE` removes what is still queued."""
+    p = platform
+    reg = Registry(p.registry_url, p.registry_token)
+    reg.tenant("t1")
+    reg.device("t1", "d1", password="pw").device("t1", "d2", password="pw")
+    app = App(p)
+    try:
+        app.sender.send(command("d1", "deliver-me", "a", msg_id="c-1", **{"x-ferrule-defer-ttl": 60}))
+        app.sender.send(command("d1", "expire-me", "b", msg_id="c-2", **{"x-ferrule-defer-ttl": 1}))
+        app.sender.send(command("d2", "delete-me", "c", msg_id="c-3", **{"x-ferrule-defer-ttl": 60}))
+
+        def listed(device):
+            _, body = reg.call("GET", f"/v1/commands/t1/{device}")
+            return {c["id"]: c["status"] for c in body["result"]}
+
+        assert listed("d1") == {"c-1": "queued", "c-2": "queued"}
+        time.sleep(1.2)
+        assert listed("d1") == {"c-1": "queued", "c-2": "expired"}
+        device = MqttDevice(p, "d1@t1", "pw", "command///req/#", answer=False)
+        try:
+            until(lambda: len(device.received) == 1, timeout=5)
+            assert device.received[0][0].endswith("/deliver-me"), device.received
+            until(lambda: listed("d1") == {"c-1": "delivered", "c-2": "expired"}, timeout=5)
+        finally:
+            device.close()
+
+        reg.call("DELETE", "/v1/commands/t1/d2", expect=(204,))
+        assert listed("d2") == {"c-3": "deleted"}
+        late = MqttDevice(p, "d2@t1", "pw", "command///req/#", answer=False)
+        try:
+            time.sleep(1.0)
+            assert late.received == [], "a deleted command is not delivered"
+        finally:
+            late.close()
+        reg.call("GET", "/v1/commands/t1/nobody", expect=(404,))
+    finally:
+        app.close()
