@@ -25,6 +25,27 @@ pub struct Config {
     pub registry: ferrule_device_registry::RegistryConfig,
     pub adapters: AdaptersConfig,
     pub commands: CommandsConfig,
+    pub tracing: TracingConfig,
+}
+
+/// `[tracing]`: distributed tracing (OpenTelemetry, OTLP/HTTP JSON); off by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// Base URL of an OTLP/HTTP receiver (`http://collector:4318`; spans go to
+    /// `/v1/traces`). Empty: tracing off.
+    pub otlp_endpoint: String,
+    /// Share of new traces sampled for tenants with sampling mode `default` (0.0 to 1.0);
+    /// a tenant's `tracing.sampling-mode` `all` or `none` wins.
+    pub sample_ratio: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: String::new(), sample_ratio: 0.01, service_name: "ferrule".into() }
+    }
 }
 
 /// `[commands]`: command & control.
@@ -123,6 +144,7 @@ impl Default for Config {
             registry: Default::default(),
             adapters: Default::default(),
             commands: Default::default(),
+            tracing: Default::default(),
         }
     }
 }
@@ -168,6 +190,15 @@ level = "info"
 # its gateway) can answer it; at least 32 characters. Empty: a random key kept in
 # DATA_DIR/command-request-key. Scaled-out instances must all use the same key.
 request_id_key = ""
+
+[tracing]
+# OpenTelemetry: base URL of an OTLP/HTTP receiver (spans are POSTed as JSON to
+# URL/v1/traces), e.g. "http://127.0.0.1:4318". Empty: tracing off. Device uploads and
+# commands get spans; messages carry a W3C `traceparent` application property (Hono).
+otlp_endpoint = ""
+# Share of traces sampled for tenants whose tracing.sampling-mode is "default" (0.0-1.0).
+sample_ratio = 0.01
+service_name = "ferrule"
 
 "#;
 
@@ -264,6 +295,19 @@ fn validate(config: &Config) -> Result<(), ferrule_net::ConfigError> {
             "request_id_key",
             "at least 32 characters (or empty for a generated key)",
         ));
+    }
+    let tracing = &config.tracing;
+    if !tracing.otlp_endpoint.is_empty()
+        && crate::otlp::Endpoint::parse(&tracing.otlp_endpoint).is_none()
+    {
+        return Err(ferrule_net::ConfigError::new(
+            "tracing",
+            "otlp_endpoint",
+            "must look like http://HOST:PORT[/PATH] (plain HTTP)",
+        ));
+    }
+    if !(0.0..=1.0).contains(&tracing.sample_ratio) {
+        return Err(ferrule_net::ConfigError::new("tracing", "sample_ratio", "0.0 to 1.0"));
     }
     Ok(())
 }

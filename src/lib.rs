@@ -14,6 +14,7 @@
 pub mod app_cli;
 pub mod config;
 pub mod ops;
+pub mod otlp;
 pub mod platform;
 mod wiring;
 

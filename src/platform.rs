@@ -75,6 +75,8 @@ pub struct Platform {
     management_tasks: Vec<JoinHandle<()>>,
     applications: JoinHandle<()>,
     maintenance: JoinHandle<()>,
+    /// The OTLP exporter (stops with maintenance, after sending what is queued).
+    exporter: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -119,11 +121,28 @@ impl Platform {
         let devices = wiring::RegistryDevices(registry.auth().clone());
         let device_registry: Arc<dyn DeviceRegistry> = Arc::new(devices.clone());
         let key = config.commands.request_key(&config.data_dir)?;
-        let router = CommandRouter::with_presence(broker.clone(), Arc::new(devices), key, presence);
+        // Tracing (off unless an OTLP endpoint is configured).
+        let (tracer, exporter) = match crate::otlp::Endpoint::parse(&config.tracing.otlp_endpoint) {
+            Some(endpoint) => {
+                let (tracer, spans) = ferrule_net::trace::Tracer::new(config.tracing.sample_ratio);
+                let service = config.tracing.service_name.clone();
+                let stop = tiers.maintenance.clone();
+                (tracer, Some(tokio::spawn(crate::otlp::export(endpoint, service, spans, stop))))
+            }
+            None => (ferrule_net::trace::Tracer::disabled(), None),
+        };
+        let router = CommandRouter::with_parts(
+            broker.clone(),
+            Arc::new(devices),
+            key,
+            presence,
+            tracer.clone(),
+        );
         router.install();
         let downstream = Downstream::new(broker.clone())
             .with_rate_limits(config.adapters.rate_limits())
-            .with_presence(router.presence().clone());
+            .with_presence(router.presence().clone())
+            .with_tracer(tracer);
         let commands = Some(router.clone());
         let adapters = &config.adapters;
         let http = HttpAdapter::bind(
@@ -199,6 +218,7 @@ impl Platform {
             management_tasks,
             applications,
             maintenance,
+            exporter,
         })
     }
 
@@ -268,6 +288,9 @@ impl Platform {
 
         tiers.maintenance.cancel();
         let _ = self.maintenance.await;
+        if let Some(exporter) = self.exporter {
+            let _ = tokio::time::timeout(GRACE, exporter).await;
+        }
         self.broker.close().await.context("flushing and closing the messaging store")?;
         Ok(())
     }

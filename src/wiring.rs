@@ -6,7 +6,9 @@ use ferrule_adapters::{
     TenantLimits, UsageLimit,
 };
 use ferrule_command_control::DeviceCheck;
+use ferrule_device_registry::model::SamplingMode;
 use ferrule_device_registry::{AuthError as RegistryAuthError, AuthService, CredentialType};
+use ferrule_net::trace::Sampling;
 
 /// The registry's [`AuthService`] as the adapters and the command router need it.
 #[derive(Clone)]
@@ -136,6 +138,11 @@ impl DeviceRegistry for RegistryDevices {
                     max_ttl_telemetry_qos0: access.max_ttl_telemetry_qos0,
                     max_ttl_telemetry_qos1: access.max_ttl_telemetry_qos1,
                     max_ttd: access.max_ttd,
+                    trace_sampling: match access.trace_sampling {
+                        Some(SamplingMode::All) => Sampling::All,
+                        Some(SamplingMode::None) => Sampling::None,
+                        Some(SamplingMode::Default) | None => Sampling::Default,
+                    },
                 },
                 defaults: access
                     .defaults

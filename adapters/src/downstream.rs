@@ -15,6 +15,7 @@ use ferrule_messaging::{Broker, Message, Outcome};
 
 use crate::quota::{MessageDefaults, TenantLimits, Volumes};
 use ferrule_command_control::presence::Presence;
+use ferrule_net::trace::Tracer;
 
 /// Content type of an empty notification (Hono).
 pub const EMPTY_NOTIFICATION: &str = "application/vnd.eclipse-hono-empty-notification";
@@ -257,6 +258,7 @@ pub struct Downstream {
     rates: Arc<Rates>,
     volumes: Arc<Volumes>,
     presence: Option<Arc<Presence>>,
+    tracer: Tracer,
 }
 
 impl Downstream {
@@ -267,7 +269,15 @@ impl Downstream {
             rates: Arc::default(),
             volumes: Arc::default(),
             presence: None,
+            tracer: Tracer::disabled(),
         }
+    }
+
+    /// This downstream recording a span per upload into `tracer`, and giving each message
+    /// its `traceparent` (W3C trace context, as Hono 2.5+).
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = tracer;
+        self
     }
 
     /// This downstream reporting where devices were seen to `presence`.
@@ -381,7 +391,26 @@ impl Downstream {
         }
         let address = format!("{}/{}", upload.endpoint.as_str(), upload.tenant);
         let settled = upload.qos == Qos::AtMostOnce;
-        let message = to_message(&address, &upload);
+        let mut message = to_message(&address, &upload);
+        // A device's own trace context (a `traceparent` property) is continued; otherwise a
+        // trace starts here, sampled as the tenant says.
+        let incoming = || {
+            upload.properties.iter().find(|(k, _)| k == ferrule_net::trace::TRACEPARENT).and_then(
+                |(_, v)| ferrule_net::trace::TraceContext::parse(v),
+            )
+        };
+        let trace = match (rated && self.tracer.enabled(), incoming()) {
+            (false, _) => None,
+            (true, Some(parent)) => Some((parent.child(), Some(parent.span_id))),
+            (true, None) => self.tracer.start(upload.limits.trace_sampling).map(|c| (c, None)),
+        };
+        let trace_start = ferrule_net::trace::now_ns();
+        if let Some((context, _)) = &trace {
+            if let Some(ApplicationProperties(app)) = message.application_properties.as_mut() {
+                let value = SimpleValue::String(context.traceparent());
+                app.insert(ferrule_net::trace::TRACEPARENT.into(), value);
+            }
+        }
         let outcome = self.broker.submit(&address, message, settled).outcome().await;
         if let Some((limit, size, now)) = volume.filter(|_| outcome != Outcome::Accepted) {
             self.volumes.refund(&upload.tenant, &limit, size, now);
@@ -396,6 +425,11 @@ impl Downstream {
             self.account(&address, settled, outcome)
         };
         record(&upload, &result, dropped, started.elapsed());
+        if let Some((context, parent)) = trace {
+            let mut span = upload_span(&upload, context, trace_start, &result);
+            span.parent = parent;
+            self.tracer.record(span);
+        }
         result
     }
 
@@ -422,6 +456,42 @@ impl Downstream {
                 }
             }
         }
+    }
+}
+
+/// The span of one upload (its trace continues in the application through the message's
+/// `traceparent`).
+fn upload_span(
+    upload: &Upload,
+    context: ferrule_net::trace::TraceContext,
+    start_ns: u64,
+    result: &Result<(), UploadError>,
+) -> ferrule_net::trace::Span {
+    let mut attributes = vec![
+        ("tenant_id", upload.tenant.clone()),
+        ("device_id", upload.device_id.clone()),
+        ("adapter", upload.orig_adapter.to_owned()),
+        ("endpoint", upload.endpoint.as_str().to_owned()),
+        ("qos", if upload.qos == Qos::AtLeastOnce { "1" } else { "0" }.to_owned()),
+    ];
+    if let Some(gateway) = &upload.gateway {
+        attributes.push(("gateway_id", gateway.clone()));
+    }
+    if let Err(e) = result {
+        attributes.push(("error", e.to_string()));
+    }
+    ferrule_net::trace::Span {
+        name: match upload.endpoint {
+            Endpoint::Telemetry => "upload telemetry",
+            Endpoint::Event => "upload event",
+        },
+        kind: ferrule_net::trace::SpanKind::Server,
+        context,
+        parent: None,
+        start_ns,
+        end_ns: ferrule_net::trace::now_ns(),
+        attributes,
+        error: result.is_err(),
     }
 }
 

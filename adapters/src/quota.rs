@@ -65,6 +65,8 @@ pub struct TenantLimits {
     pub max_ttl_telemetry_qos1: Option<u32>,
     /// Longest `hono-ttd` a device may ask for (seconds; the adapter's `ext.max-ttd`).
     pub max_ttd: Option<u32>,
+    /// How the tenant's messages are traced (its `tracing.sampling-mode`).
+    pub trace_sampling: ferrule_net::trace::Sampling,
 }
 
 /// What a tenant's `defaults` put into its devices' messages (Hono): a message without a

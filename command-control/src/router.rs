@@ -115,6 +115,8 @@ struct Inner {
     tasks: TaskTracker,
     /// Where devices were last seen: the last-known gateway wins among several.
     presence: Arc<crate::presence::Presence>,
+    /// A span per command whose application sent a trace context.
+    tracer: ferrule_net::trace::Tracer,
 }
 
 /// Routes commands; register it with [`CommandRouter::install`]. Cheap to clone.
@@ -160,6 +162,19 @@ impl CommandRouter {
         key: RequestKey,
         presence: Arc<crate::presence::Presence>,
     ) -> Self {
+        Self::with_parts(broker, devices, key, presence, ferrule_net::trace::Tracer::disabled())
+    }
+
+    /// [`CommandRouter::with_presence`], recording a span into `tracer` for each command
+    /// whose message carries a `traceparent` application property (the application's
+    /// trace continues through the platform, as in Hono 2.5+).
+    pub fn with_parts(
+        broker: Broker,
+        devices: Arc<dyn DeviceCheck>,
+        key: RequestKey,
+        presence: Arc<crate::presence::Presence>,
+        tracer: ferrule_net::trace::Tracer,
+    ) -> Self {
         if !broker.is_internal(&format!("{DEFERRED_PREFIX}/t/d")) {
             tracing::error!(
                 "the messaging core lacks command-control's address rules: deferred commands \
@@ -175,6 +190,7 @@ impl CommandRouter {
             this: this.clone(),
             tasks: TaskTracker::new(),
             presence,
+            tracer,
         });
         CommandRouter { inner }
     }
@@ -410,6 +426,31 @@ impl Inner {
     }
 
     async fn route(self: Arc<Self>, tenant: String, message: Message) -> Outcome {
+        let parent = self.tracer.enabled().then(|| traceparent(&message)).flatten();
+        let start = ferrule_net::trace::now_ns();
+        let name = message.properties.as_ref().and_then(|p| p.subject.clone());
+        let to = message.properties.as_ref().and_then(|p| p.to.clone());
+        let outcome = self.clone().route_traced(tenant.clone(), message).await;
+        if let Some(parent) = parent {
+            let mut attributes = vec![("tenant_id", tenant)];
+            attributes.extend(to.map(|to| ("to", to)));
+            attributes.extend(name.map(|name| ("command", name)));
+            attributes.push(("outcome", format!("{outcome:?}")));
+            self.tracer.record(ferrule_net::trace::Span {
+                name: "command",
+                kind: ferrule_net::trace::SpanKind::Consumer,
+                context: parent.child(),
+                parent: Some(parent.span_id),
+                start_ns: start,
+                end_ns: ferrule_net::trace::now_ns(),
+                attributes,
+                error: !outcome.is_accepted(),
+            });
+        }
+        outcome
+    }
+
+    async fn route_traced(self: Arc<Self>, tenant: String, message: Message) -> Outcome {
         let parsed = match parse(&tenant, &message, &self.key) {
             Ok(parsed) => parsed,
             Err(e) => return Outcome::rejected(condition::INVALID_FIELD, e.to_string()),
@@ -553,5 +594,15 @@ fn message_key(message: &Message) -> String {
         Some(MessageId::Uuid(u)) => format!("{u:?}"),
         Some(MessageId::Binary(b)) => format!("{b:?}"),
         None => String::new(),
+    }
+}
+
+/// The trace context an application put on its command (`traceparent` application
+/// property).
+fn traceparent(message: &Message) -> Option<ferrule_net::trace::TraceContext> {
+    let ApplicationProperties(app) = message.application_properties.as_ref()?;
+    match app.get(ferrule_net::trace::TRACEPARENT)? {
+        SimpleValue::String(value) => ferrule_net::trace::TraceContext::parse(value),
+        _ => None,
     }
 }

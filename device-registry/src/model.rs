@@ -223,6 +223,8 @@ pub struct AdapterAccess {
     pub max_ttd: Option<u32>,
     /// The tenant's `defaults` (`None`: none or empty).
     pub defaults: Option<JsonMap>,
+    /// The tenant's `tracing.sampling-mode`.
+    pub trace_sampling: Option<SamplingMode>,
 }
 
 /// A limit in seconds from the API (-1 or absent: none).
@@ -311,6 +313,7 @@ impl Tenant {
                 .and_then(|a| a.ext.as_ref()?.get("max-ttd")?.as_i64())
                 .and_then(|v| seconds(Some(v))),
             defaults: self.defaults.clone().filter(|d| !d.is_empty()),
+            trace_sampling: self.tracing.as_ref().and_then(|t| t.sampling_mode),
         }
     }
 
