@@ -399,10 +399,12 @@ impl Downstream {
                 |(_, v)| ferrule_net::trace::TraceContext::parse(v),
             )
         };
-        let trace = match (rated && self.tracer.enabled(), incoming()) {
-            (false, _) => None,
-            (true, Some(parent)) => Some((parent.child(), Some(parent.span_id))),
-            (true, None) => self.tracer.start(upload.limits.trace_sampling).map(|c| (c, None)),
+        let trace = if !rated || !self.tracer.enabled() {
+            None
+        } else if let Some(parent) = incoming() {
+            Some((parent.child(), Some(parent.span_id)))
+        } else {
+            self.tracer.start(upload.limits.trace_sampling).map(|c| (c, None))
         };
         let trace_start = ferrule_net::trace::now_ns();
         if let Some((context, _)) = &trace {
