@@ -282,10 +282,11 @@ fn parse_body<T: DeserializeOwned>(
     confidential: bool,
 ) -> Result<T, ApiError> {
     let body = req.body();
-    if body.iter().all(u8::is_ascii_whitespace) {
-        if empty_ok {
-            return serde_json::from_slice(b"{}").map_err(|e| ApiError::BadRequest(e.to_string()));
-        }
+    // No body at all is `{}` where one is optional; a body of white space is not JSON.
+    if body.is_empty() && empty_ok {
+        return serde_json::from_slice(b"{}").map_err(|e| ApiError::BadRequest(e.to_string()));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) && !empty_ok {
         return Err(ApiError::BadRequest("request body required".into()));
     }
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
