@@ -76,6 +76,9 @@ pub struct Upload {
     pub ttd: Option<Duration>,
     /// The gateway that sent it for the device (`None`: the device itself).
     pub gateway: Option<String>,
+    /// When the adapter's registry look-up for it started and ended (ns since the epoch):
+    /// a child span of the upload's when traced.
+    pub lookup_ns: Option<(u64, u64)>,
 }
 
 impl Upload {
@@ -395,9 +398,11 @@ impl Downstream {
         // A device's own trace context (a `traceparent` property) is continued; otherwise a
         // trace starts here, sampled as the tenant says.
         let incoming = || {
-            upload.properties.iter().find(|(k, _)| k == ferrule_net::trace::TRACEPARENT).and_then(
-                |(_, v)| ferrule_net::trace::TraceContext::parse(v),
-            )
+            upload
+                .properties
+                .iter()
+                .find(|(k, _)| k == ferrule_net::trace::TRACEPARENT)
+                .and_then(|(_, v)| ferrule_net::trace::TraceContext::parse(v))
         };
         let trace = if !rated || !self.tracer.enabled() {
             None
@@ -406,7 +411,7 @@ impl Downstream {
         } else {
             self.tracer.start(upload.limits.trace_sampling).map(|c| (c, None))
         };
-        let trace_start = ferrule_net::trace::now_ns();
+        let trace_start = upload.lookup_ns.map_or_else(ferrule_net::trace::now_ns, |(s, _)| s);
         if let Some((context, _)) = &trace {
             if let Some(ApplicationProperties(app)) = message.application_properties.as_mut() {
                 let value = SimpleValue::String(context.traceparent());
@@ -428,6 +433,21 @@ impl Downstream {
         };
         record(&upload, &result, dropped, started.elapsed());
         if let Some((context, parent)) = trace {
+            if let Some((start_ns, end_ns)) = upload.lookup_ns {
+                self.tracer.record(ferrule_net::trace::Span {
+                    name: "registry look-up",
+                    kind: ferrule_net::trace::SpanKind::Server,
+                    context: context.child(),
+                    parent: Some(context.span_id),
+                    start_ns,
+                    end_ns,
+                    attributes: vec![
+                        ("tenant_id", upload.tenant.clone()),
+                        ("device_id", upload.device_id.clone()),
+                    ],
+                    error: false,
+                });
+            }
             let mut span = upload_span(&upload, context, trace_start, &result);
             span.parent = parent;
             self.tracer.record(span);
@@ -595,6 +615,7 @@ mod tests {
             defaults: None,
             ttd: None,
             gateway: None,
+            lookup_ns: None,
         }
     }
 

@@ -1,8 +1,9 @@
 """Distributed tracing (issue 12): with an OTLP/HTTP receiver configured (here an in-test
 HTTP server standing in for a collector), a device upload over MQTT (mosquitto_pub)
 reaches a python-qpid-proton application with a W3C `traceparent`, the upload's span is
-exported with that trace id, and a command the application sends in the same trace is
-exported as a child span; tenants' `tracing.sampling-mode` decides sampling."""
+exported with that trace id (with a child span for its registry look-up), and a command
+the application sends in the same trace is exported as a child span; tenants'
+`tracing.sampling-mode` decides sampling."""
 import json
 import threading
 import time
@@ -79,9 +80,12 @@ def test_upload_to_application_to_command_in_one_trace(platform_factory, monkeyp
         telemetry.close()
         version, trace_id, parent_span, flags = msg.properties["traceparent"].split("-")
         assert version == "00" and flags == "01", msg.properties
-        upload = receiver.wait_for(lambda s: s["traceId"] == trace_id)
+        upload = receiver.wait_for(lambda s: s["traceId"] == trace_id and s["name"] != "registry look-up")
         assert upload["name"] == "upload telemetry" and upload["spanId"] == parent_span, upload
         assert attrs(upload)["tenant_id"] == "t1" and attrs(upload)["device_id"] == "d1", upload
+        lookup = receiver.wait_for(lambda s: s["name"] == "registry look-up" and s["traceId"] == trace_id)
+        assert lookup["parentSpanId"] == upload["spanId"], lookup
+        assert int(lookup["startTimeUnixNano"]) >= int(upload["startTimeUnixNano"]), (lookup, upload)
 
         # The application continues the trace with a command.
         device = MqttDevice(p, "d1@t1", "pw", "command///req/#", answer=False)

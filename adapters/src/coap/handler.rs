@@ -229,8 +229,10 @@ impl Shared {
             return Ok(None);
         }
         let request = mapping::request(packet).map_err(Failure::Mapping)?;
+        let looked_up = ferrule_net::trace::now_ns();
         let (tenant, device_id, via_gateway, access) =
             self.authorize(identity, request.route.target).await?;
+        let lookup_ns = Some((looked_up, ferrule_net::trace::now_ns()));
         let ttd = request
             .ttd
             .map(|ttd| access.limits.clamp_ttd(ttd.min(self.config.max_ttd)))
@@ -263,6 +265,7 @@ impl Shared {
             defaults: access.defaults,
             ttd: ttd.filter(|_| waiting.is_some()),
             gateway: via_gateway.then(|| identity.map(|i| i.device_id.clone())).flatten(),
+            lookup_ns,
         };
         // NON (at most once) is dropped and counted by `send` when nobody consumes.
         self.downstream.send(upload).await.map_err(Failure::Upload)?;

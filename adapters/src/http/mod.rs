@@ -531,7 +531,9 @@ async fn upload(
     let ttd = mapping::ttd(header(&req, "hono-ttd"), req.uri().query(), state.config.max_ttd)
         .map_err(Failure::Mapping)?;
     let content_type = header(&req, CONTENT_TYPE.as_str()).map(str::to_owned);
+    let looked_up = ferrule_net::trace::now_ns();
     let principal = authorize(state, &req, route.target).await?;
+    let lookup_ns = Some((looked_up, ferrule_net::trace::now_ns()));
     let ttd = ttd.map(|ttd| principal.access.limits.clamp_ttd(ttd)).filter(|ttd| !ttd.is_zero());
     // Subscribed before the upload goes out: an application that answers the upload's
     // `ttd` at once finds the device waiting.
@@ -561,6 +563,7 @@ async fn upload(
         defaults: principal.access.defaults.clone(),
         ttd: ttd.filter(|_| waiting.is_some()),
         gateway: principal.gateway.clone(),
+        lookup_ns,
     };
     // HTTP has no fire-and-forget: even QoS 0 tells the device there was no consumer.
     state

@@ -387,6 +387,7 @@ pub(super) fn connection_event(
         defaults: None,
         ttd: None,
         gateway: None,
+        lookup_ns: None,
     };
     let downstream = shared.downstream.clone();
     ntex_rt::spawn(async move {

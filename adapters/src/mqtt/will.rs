@@ -126,6 +126,7 @@ pub(super) fn publish(shared: &Arc<Shared>, session: &Session) {
                 crate::door::Target::ViaGateway { gateway, .. } => Some(gateway.clone()),
                 _ => None,
             },
+            lookup_ns: None,
         };
         match shared.downstream.send(upload).await {
             Ok(()) => counted("published"),
