@@ -19,6 +19,9 @@
 //!   session) is checked again on every request, so that disabling a device, a gateway or
 //!   a tenant cuts it off at its next publish. A principal authenticated per request
 //!   (HTTP) was checked by its authentication.
+//!
+//! Size: the door's rules and the connection table they feed (about 525 lines of code;
+//! tests at the end).
 
 use std::sync::Arc;
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod mqtt;
 mod poll;
 pub mod quota;
+mod rates;
 pub mod tls;
 
 pub use device::{

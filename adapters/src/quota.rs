@@ -5,7 +5,11 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use std::time::Duration;
+
 use chrono::{DateTime, Datelike, TimeZone, Utc};
+
+use crate::downstream::{Endpoint, Qos};
 
 /// A limit on what a tenant uses per accounting period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +97,31 @@ impl TenantLimits {
         match u64::from(self.minimum_message_size) {
             0 => len,
             min => len.div_ceil(min).max(1) * min,
+        }
+    }
+}
+
+impl crate::downstream::Upload {
+    /// Applies the tenant's `defaults` and its longest time to live (Hono's rules).
+    pub(crate) fn apply_tenant_terms(&mut self) {
+        if let Some(defaults) = self.defaults.take() {
+            self.ttl = self.ttl.or(defaults.ttl);
+            if self.content_type.is_none() {
+                self.content_type.clone_from(&defaults.content_type);
+            }
+            for (key, value) in &defaults.properties {
+                if !self.properties.iter().any(|(k, _)| k == key) {
+                    self.properties.push((key.clone(), value.clone()));
+                }
+            }
+        }
+        let max = match (self.endpoint, self.qos) {
+            (Endpoint::Event, _) => self.limits.max_ttl,
+            (Endpoint::Telemetry, Qos::AtMostOnce) => self.limits.max_ttl_telemetry_qos0,
+            (Endpoint::Telemetry, Qos::AtLeastOnce) => self.limits.max_ttl_telemetry_qos1,
+        };
+        if let Some(max) = max.map(|secs| Duration::from_secs(secs.into())) {
+            self.ttl = Some(self.ttl.map_or(max, |ttl| ttl.min(max)));
         }
     }
 }
