@@ -3,7 +3,7 @@
 
 use ferrule_adapters::{
     AdapterAccess, AuthError, BoxFuture, CredentialKind, DeviceIdentity, DeviceRegistry,
-    TenantLimits, UsageLimit,
+    TenantLimits,
 };
 use ferrule_command_control::DeviceCheck;
 use ferrule_device_registry::model::SamplingMode;
@@ -117,20 +117,13 @@ impl DeviceRegistry for RegistryDevices {
     ) -> BoxFuture<'a, Result<AdapterAccess, AuthError>> {
         Box::pin(async move {
             let access = self.0.adapter_access(tenant, adapter).await.map_err(map)?;
-            let usage = |limit: Option<ferrule_device_registry::model::UsageLimit>| {
-                limit.map(|l| UsageLimit {
-                    effective_since: l.effective_since,
-                    max: l.max,
-                    period_days: l.period_days,
-                })
-            };
             Ok(AdapterAccess {
                 enabled: access.enabled,
                 unauthenticated: access.unauthenticated,
                 limits: TenantLimits {
                     max_connections: access.max_connections,
-                    data_volume: usage(access.data_volume),
-                    connection_duration: usage(access.connection_duration),
+                    data_volume: access.data_volume,
+                    connection_duration: access.connection_duration,
                     minimum_message_size: access.minimum_message_size,
                     rate_per_tenant: access.messages_per_second,
                     rate_per_device: access.messages_per_second_per_device,

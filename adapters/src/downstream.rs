@@ -162,6 +162,12 @@ impl Downstream {
         self
     }
 
+    /// Whether uploads are traced: only then do the adapters time their registry look-ups
+    /// (no clock reads per message otherwise).
+    pub fn tracing(&self) -> bool {
+        self.tracer.enabled()
+    }
+
     /// Where devices were seen (`None`: not tracked).
     pub fn presence(&self) -> Option<&Arc<Presence>> {
         self.presence.as_ref()
@@ -284,7 +290,11 @@ impl Downstream {
         } else {
             self.tracer.start(upload.limits.trace_sampling).map(|c| (c, None))
         };
-        let trace_start = upload.lookup_ns.map_or_else(ferrule_net::trace::now_ns, |(s, _)| s);
+        let trace_start = match (&trace, upload.lookup_ns) {
+            (Some(_), Some((start, _))) => start,
+            (Some(_), None) => ferrule_net::trace::now_ns(),
+            (None, _) => 0,
+        };
         if let Some((context, _)) = &trace {
             if let Some(ApplicationProperties(app)) = message.application_properties.as_mut() {
                 let value = SimpleValue::String(context.traceparent());

@@ -237,28 +237,23 @@ pub const RATE_EXT: &str = "max-messages-per-second";
 /// `resource-limits.ext` key of a tenant's message rate per device.
 pub const DEVICE_RATE_EXT: &str = "max-messages-per-second-per-device";
 
-/// A limit per accounting period, as the adapters enforce it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UsageLimit {
-    /// Seconds since the epoch.
-    pub effective_since: i64,
-    pub max: u64,
-    /// `None`: monthly.
-    pub period_days: Option<u32>,
-}
+pub use ferrule_net::usage::UsageLimit;
 
-impl UsageLimit {
-    /// From the API's fields; `None` when there is no limit (`max` absent or -1).
-    fn new(since: &DateTime<Utc>, max: Option<i64>, period: Option<&Period>) -> Option<Self> {
-        let max = u64::try_from(max?).ok()?;
-        let period_days = match period {
-            Some(p) if p.mode == "days" => {
-                Some(p.no_of_days.and_then(|n| u32::try_from(n).ok()).unwrap_or(1).max(1))
-            }
-            _ => None,
-        };
-        Some(Self { effective_since: since.timestamp(), max, period_days })
-    }
+/// A [`UsageLimit`] from the API's fields; `None` when there is no limit (`max` absent or
+/// -1).
+fn usage_limit(
+    since: &DateTime<Utc>,
+    max: Option<i64>,
+    period: Option<&Period>,
+) -> Option<UsageLimit> {
+    let max = u64::try_from(max?).ok()?;
+    let period_days = match period {
+        Some(p) if p.mode == "days" => {
+            Some(p.no_of_days.and_then(|n| u32::try_from(n).ok()).unwrap_or(1).max(1))
+        }
+        _ => None,
+    };
+    Some(UsageLimit { effective_since: since.timestamp(), max, period_days })
 }
 
 impl Tenant {
@@ -287,14 +282,14 @@ impl Tenant {
                 .resource_limits
                 .as_ref()
                 .and_then(|l| l.data_volume.as_ref())
-                .and_then(|v| UsageLimit::new(&v.effective_since, v.max_bytes, v.period.as_ref())),
+                .and_then(|v| usage_limit(&v.effective_since, v.max_bytes, v.period.as_ref())),
             connection_duration: self
                 .resource_limits
                 .as_ref()
                 .and_then(|l| l.connection_duration.as_ref())
                 .and_then(|d| {
                     let max = d.max_minutes.map(|m| m.saturating_mul(60));
-                    UsageLimit::new(&d.effective_since, max, d.period.as_ref())
+                    usage_limit(&d.effective_since, max, d.period.as_ref())
                 }),
             minimum_message_size: self
                 .minimum_message_size

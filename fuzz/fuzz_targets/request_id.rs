@@ -4,6 +4,8 @@
 //!
 //! Input: the request id (lossy UTF-8). Checked: no panic, bounded time and memory; an id
 //! built from the input seals to text that opens to the same id, for that device only.
+//! The same text as a W3C `traceparent` (from a device's or an application's message
+//! properties): parsed without panic, and what parses prints back to the same value.
 #![no_main]
 
 use std::sync::LazyLock;
@@ -16,6 +18,9 @@ static KEY: LazyLock<RequestKey> = LazyLock::new(|| RequestKey::new(&[7; 32]).un
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
+    if let Some(context) = ferrule_net::trace::TraceContext::parse(&text) {
+        assert_eq!(ferrule_net::trace::TraceContext::parse(&context.traceparent()), Some(context));
+    }
     if let Ok(id) = RequestId::open(&KEY, "t", "d", &text) {
         let again = id.seal(&KEY, "t", "d").expect("an opened id seals");
         assert_eq!(RequestId::open(&KEY, "t", "d", &again), Ok(id));

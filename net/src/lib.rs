@@ -7,7 +7,8 @@
 //! - [`hashing`]: the one bounded pool for password hashing and verification;
 //! - [`text`]: strict percent-decoding of paths, queries and topics;
 //! - [`private`]: the data directory and store files, readable by their owner only;
-//! - [`trace`]: W3C trace context and spans for the OTLP exporter.
+//! - [`trace`]: W3C trace context and spans for the OTLP exporter;
+//! - [`usage`]: a tenant's usage limits per accounting period.
 //!
 //! A crate of its own so that components need not depend on each other for them (the
 //! device registry used to depend on the whole messaging core for these).
@@ -18,6 +19,7 @@ pub mod private;
 pub mod text;
 pub mod tls;
 pub mod trace;
+pub mod usage;
 
 /// A configuration value that cannot work: the key's full path (`adapters.mqtt.workers`)
 /// and what is wrong with it. Every section's `validate()` returns it, so that every bad

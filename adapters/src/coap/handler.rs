@@ -229,10 +229,10 @@ impl Shared {
             return Ok(None);
         }
         let request = mapping::request(packet).map_err(Failure::Mapping)?;
-        let looked_up = ferrule_net::trace::now_ns();
+        let timed = self.downstream.tracing().then(ferrule_net::trace::now_ns);
         let (tenant, device_id, via_gateway, access) =
             self.authorize(identity, request.route.target).await?;
-        let lookup_ns = Some((looked_up, ferrule_net::trace::now_ns()));
+        let lookup_ns = timed.map(|start| (start, ferrule_net::trace::now_ns()));
         let ttd = request
             .ttd
             .map(|ttd| access.limits.clamp_ttd(ttd.min(self.config.max_ttd)))

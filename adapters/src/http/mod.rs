@@ -531,9 +531,9 @@ async fn upload(
     let ttd = mapping::ttd(header(&req, "hono-ttd"), req.uri().query(), state.config.max_ttd)
         .map_err(Failure::Mapping)?;
     let content_type = header(&req, CONTENT_TYPE.as_str()).map(str::to_owned);
-    let looked_up = ferrule_net::trace::now_ns();
+    let timed = state.downstream.tracing().then(ferrule_net::trace::now_ns);
     let principal = authorize(state, &req, route.target).await?;
-    let lookup_ns = Some((looked_up, ferrule_net::trace::now_ns()));
+    let lookup_ns = timed.map(|start| (start, ferrule_net::trace::now_ns()));
     let ttd = ttd.map(|ttd| principal.access.limits.clamp_ttd(ttd)).filter(|ttd| !ttd.is_zero());
     // Subscribed before the upload goes out: an application that answers the upload's
     // `ttd` at once finds the device waiting.

@@ -54,7 +54,7 @@ pub(super) async fn handle_publish(
     if address.endpoint == Endpoint::Event && inbound.qos == Qos::AtMostOnce {
         return Err(fail(Failure::EventAtQos0));
     }
-    let looked_up = ferrule_net::trace::now_ns();
+    let timed = shared.downstream.tracing().then(ferrule_net::trace::now_ns);
     let access = authorize(shared, &target)
         .await
         .map_err(|(failure, terminal)| Failed { terminal, ..fail(failure) })?;
@@ -86,7 +86,7 @@ pub(super) async fn handle_publish(
             Target::ViaGateway { gateway, .. } => Some(gateway.clone()),
             _ => None,
         },
-        lookup_ns: Some((looked_up, ferrule_net::trace::now_ns())),
+        lookup_ns: timed.map(|start| (start, ferrule_net::trace::now_ns())),
     };
     shared.downstream.send(upload).await.map_err(|e| fail(Failure::Upload(e)))
 }
