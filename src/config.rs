@@ -26,6 +26,7 @@ pub struct Config {
     pub adapters: AdaptersConfig,
     pub commands: CommandsConfig,
     pub tracing: TracingConfig,
+    pub cluster: crate::cluster::ClusterConfig,
 }
 
 /// `[tracing]`: distributed tracing (OpenTelemetry, OTLP/HTTP JSON); off by default.
@@ -119,11 +120,26 @@ impl Config {
             *token = REDACTED.into();
         }
         c.registry.redis_url = redact_url_password(&c.registry.redis_url);
+        for url in &mut c.cluster.redis_urls {
+            *url = redact_url_password(url);
+        }
+        for url in &mut c.messaging.backend.urls {
+            *url = redact_url_password(url);
+        }
+        if !c.messaging.backend.password.is_empty() {
+            c.messaging.backend.password = REDACTED.into();
+        }
+        c.messaging.backend.management_password = REDACTED.into();
         if !c.commands.request_id_key.is_empty() {
             c.commands.request_id_key = REDACTED.into();
         }
         c
     }
+}
+
+/// `scheme://user:password@host/...` with the password replaced (the URL kept otherwise).
+pub(crate) fn redact_url(url: &str) -> String {
+    redact_url_password(url)
 }
 
 /// `scheme://user:password@host/...` with the password replaced (the URL kept otherwise).
@@ -145,6 +161,7 @@ impl Default for Config {
             adapters: Default::default(),
             commands: Default::default(),
             tracing: Default::default(),
+            cluster: Default::default(),
         }
     }
 }
@@ -220,6 +237,7 @@ pub fn default_toml() -> String {
         "\n",
         ferrule_device_registry::DEFAULT_TOML,
         "\n",
+        crate::cluster::DEFAULT_TOML,
         ADAPTERS_DEFAULT_TOML,
         ferrule_adapters::http::DEFAULT_TOML,
         "\n",
@@ -285,6 +303,7 @@ fn validate(config: &Config) -> Result<(), ferrule_net::ConfigError> {
     config.ops.validate()?;
     config.messaging.validate()?;
     config.registry.validate()?;
+    config.cluster.validate(&config.messaging.backend)?;
     config.adapters.http.validate()?;
     config.adapters.mqtt.validate()?;
     config.adapters.coap.validate()?;

@@ -12,6 +12,7 @@
 //! ```
 
 pub mod app_cli;
+pub mod cluster;
 pub mod config;
 pub mod ops;
 pub mod otlp;

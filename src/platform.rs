@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use ferrule_adapters::{coap::CoapAdapter, http::HttpAdapter, mqtt, DeviceRegistry, Downstream};
 use ferrule_command_control::CommandRouter;
 use ferrule_device_registry::{Management, Registry};
-use ferrule_messaging::{AmqpServer, Broker};
+use ferrule_messaging::remote::{ConsumerLeases, Provision, Remote};
+use ferrule_messaging::{AddressScheme, AmqpServer, BackendKind, Broker};
 
 use crate::config::Config;
 use crate::{ops, wiring};
@@ -77,6 +78,8 @@ pub struct Platform {
     maintenance: JoinHandle<()>,
     /// The OTLP exporter (stops with maintenance, after sending what is queued).
     exporter: Option<JoinHandle<()>>,
+    /// The shared broker, in cluster mode.
+    remote: Option<Remote>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -98,9 +101,19 @@ impl Platform {
         let metrics = ops::install_recorder()?;
         let ready = ops::Readiness::default();
         // The messaging core knows command & control's addresses only from its rules.
-        let messaging = ferrule_command_control::messaging_config(config.messaging.clone());
+        let mut messaging = ferrule_command_control::messaging_config(config.messaging.clone());
+        let shared = config.messaging.backend.kind == BackendKind::Amqp;
+        if shared {
+            messaging.addresses.splice(0..0, ferrule_messaging::remote::local_rules());
+        }
         let broker =
             Broker::open(&messaging, &config.data_dir).context("opening the messaging store")?;
+        let instance = config.cluster.instance();
+        let remote = if shared {
+            Some(start_remote(config, &broker, &instance, &tiers.maintenance).await?)
+        } else {
+            None
+        };
         let amqp = AmqpServer::bind(&messaging, broker.clone()).await?;
         let ops_listener = ops::bind(&config.ops).await?;
         // Where devices were last seen: fed by the adapters, read by command routing (the
@@ -219,6 +232,7 @@ impl Platform {
             applications,
             maintenance,
             exporter,
+            remote,
         })
     }
 
@@ -286,6 +300,9 @@ impl Platform {
         stop_tier("AMQP endpoint", Some(&tiers.applications), vec![self.applications], async {})
             .await;
 
+        if let Some(remote) = &self.remote {
+            remote.close().await;
+        }
         tiers.maintenance.cancel();
         let _ = self.maintenance.await;
         if let Some(exporter) = self.exporter {
@@ -294,6 +311,36 @@ impl Platform {
         self.broker.close().await.context("flushing and closing the messaging store")?;
         Ok(())
     }
+}
+
+/// Connects the messaging core to the shared broker of `[messaging.backend]` (with
+/// RabbitMQ: consumer leases in Redis and the telemetry policy made first).
+async fn start_remote(
+    config: &Config,
+    broker: &Broker,
+    instance: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<Remote> {
+    let backend = &config.messaging.backend;
+    let (leases, provision) = if backend.addresses == AddressScheme::Rabbitmq {
+        let leases = crate::cluster::RedisLeases::start(&config.cluster, instance, stop.clone())
+            .await
+            .context("consumer leases ([cluster] redis_urls)")?;
+        let admin = crate::cluster::RabbitAdmin::new(
+            &backend.management_url,
+            &backend.management_username,
+            &backend.management_password,
+        )
+        .context("[messaging.backend] management_url")?;
+        admin.telemetry_policy().await.context("making the telemetry policy at RabbitMQ")?;
+        let leases: Arc<dyn ConsumerLeases> = Arc::new(crate::cluster::Leases(leases));
+        let provision: Arc<dyn Provision> = Arc::new(admin);
+        (Some(leases), Some(provision))
+    } else {
+        (None, None)
+    };
+    tracing::info!(instance, brokers = ?backend.urls, addresses = ?backend.addresses, "cluster mode: telemetry and events go through the shared broker");
+    Ok(Remote::install(broker, backend, instance, leases, provision))
 }
 
 /// Tells a tier to stop (cancels its token, if it has one) and waits up to [`GRACE`] for

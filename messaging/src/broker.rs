@@ -54,6 +54,14 @@ enum Node {
     Topic(Arc<TopicNode>),
 }
 
+/// Told when a consumer attaches to an address under a prefix (a remote backend starts
+/// feeding the address from its broker then; see `remote`).
+pub trait AttachHook: Send + Sync + 'static {
+    /// A consumer was just attached to `address` (it is counted in
+    /// [`Broker::consumer_count`] already).
+    fn attached(&self, address: &str);
+}
+
 /// Takes over every message sent to addresses under a prefix (command & control handles
 /// `command/` this way: it routes by the message's `to`, not by consumers on the address).
 pub trait AddressHandler: Send + Sync + 'static {
@@ -63,6 +71,7 @@ pub trait AddressHandler: Send + Sync + 'static {
 
 pub(crate) struct Inner {
     handlers: RwLock<Vec<(String, Arc<dyn AddressHandler>)>>,
+    hooks: RwLock<Vec<(String, Arc<dyn AttachHook>)>>,
     table: AddressTable,
     nodes: RwLock<HashMap<String, Node>>,
     store: Option<Store>,
@@ -132,6 +141,7 @@ impl Broker {
     fn with_store(config: &MessagingConfig, store: Option<Store>) -> Broker {
         let inner = Arc::new_cyclic(|this| Inner {
             handlers: RwLock::new(Vec::new()),
+            hooks: RwLock::new(Vec::new()),
             table: AddressTable::new(&config.addresses),
             nodes: RwLock::new(HashMap::new()),
             store,
@@ -157,6 +167,11 @@ impl Broker {
         self.inner.handlers.write().expect("poisoned").push((prefix.to_owned(), handler));
     }
 
+    /// Calls `hook` after every consumer attached to an address starting with `prefix`.
+    pub fn register_attach_hook(&self, prefix: &str, hook: Arc<dyn AttachHook>) {
+        self.inner.hooks.write().expect("poisoned").push((prefix.to_owned(), hook));
+    }
+
     /// The type of `address`, or `None` if it does not exist.
     pub fn address_type(&self, address: &str) -> Option<AddressType> {
         self.inner.table.resolve(address)
@@ -178,6 +193,12 @@ impl Broker {
         if let Some(handler) = self.inner.handler_for(address) {
             return handler.submit(address, message, settled);
         }
+        self.submit_local(address, message, settled)
+    }
+
+    /// Sends a message to `address`'s own node, past any [`AddressHandler`] (a remote
+    /// backend delivers what its broker hands over this way).
+    pub fn submit_local(&self, address: &str, message: Message, settled: bool) -> Submission {
         // A reply address nobody made has no consumer: released, and nothing is made for it
         // (a sender cannot fill the node table, or its tenant's address count, with them).
         if !per_tenant(address)
@@ -205,6 +226,30 @@ impl Broker {
         address: &str,
         options: &SubscribeOptions,
     ) -> Result<Consumer, BrokerError> {
+        let consumer = self.attach(address, options)?;
+        let hook = {
+            let hooks = self.inner.hooks.read().expect("poisoned");
+            hooks
+                .iter()
+                .find(|(prefix, _)| address.starts_with(prefix.as_str()))
+                .map(|(_, h)| h.clone())
+        };
+        if let Some(hook) = hook {
+            hook.attached(address);
+        }
+        Ok(consumer)
+    }
+
+    /// How many consumers `address` has on this broker (0 if it has no node).
+    pub fn consumer_count(&self, address: &str) -> usize {
+        match self.inner.nodes.read().expect("poisoned").get(address) {
+            Some(Node::Direct(node)) => node.consumer_count(),
+            Some(Node::Queue(node)) => node.consumer_count(),
+            Some(Node::Topic(_)) | None => 0,
+        }
+    }
+
+    fn attach(&self, address: &str, options: &SubscribeOptions) -> Result<Consumer, BrokerError> {
         loop {
             return Ok(match self.inner.node_for(address)? {
                 Node::Direct(node) => {
@@ -410,6 +455,7 @@ impl Broker {
     /// The last writes failed.
     pub async fn close(&self) -> Result<(), BrokerError> {
         self.inner.handlers.write().expect("poisoned").clear();
+        self.inner.hooks.write().expect("poisoned").clear();
         if let Some(store) = &self.inner.store {
             store.close().await?;
         }

@@ -81,6 +81,123 @@ pub struct MessagingConfig {
     pub expiry_check_interval: Duration,
     /// Application authentication.
     pub sasl: SaslConfig,
+    /// Where telemetry and events go: this process's broker, or a shared one.
+    pub backend: BackendConfig,
+}
+
+/// Which broker carries telemetry and events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// This process's own broker (one instance, embedded storage).
+    #[default]
+    Embedded,
+    /// An AMQP 1.0 broker (cluster) shared by every Ferrule instance: instances hold no
+    /// messages of their own.
+    Amqp,
+}
+
+/// How Hono's addresses map onto the shared broker's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressScheme {
+    /// RabbitMQ 3.x with its AMQP 1.0 plugin: events in the quorum queue `event.T`
+    /// (`/amq/queue/event.T`), telemetry through the short-lived queue `telemetry.T`
+    /// (`/amq/queue/telemetry.T`, consumed from `/queue/telemetry.T`).
+    #[default]
+    Rabbitmq,
+    /// Hono's own addresses (`telemetry/T`, `event/T`): a Ferrule broker run as its own
+    /// process, or another broker or router that takes them.
+    Hono,
+}
+
+/// `[messaging.backend]`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// `embedded` (default) or `amqp`.
+    pub kind: BackendKind,
+    /// The broker's AMQP 1.0 URLs (`amqp://host:5672`), tried in turn on (re)connect.
+    pub urls: Vec<String>,
+    /// SASL PLAIN user at the broker (empty: no SASL). A Ferrule broker's `name@*` user
+    /// is used as `name@TENANT` over one connection per tenant.
+    pub username: String,
+    pub password: String,
+    /// `rabbitmq` (default) or `hono`.
+    pub addresses: AddressScheme,
+    /// RabbitMQ's management API (`http://host:15672`): events need their quorum queue
+    /// `event.T` and telemetry queues a policy, which 3.x's AMQP 1.0 cannot declare.
+    /// Required with `addresses = "rabbitmq"`.
+    pub management_url: String,
+    pub management_username: String,
+    pub management_password: String,
+    /// How long a message sent to the broker waits for its outcome; past it, or when the
+    /// connection is lost, the outcome is unknown and the device is told to retry.
+    #[serde(with = "humantime_serde")]
+    pub outcome_timeout: Duration,
+    /// Messages the broker may hand one instance's consumer link ahead of the
+    /// application (per address).
+    pub credit: u32,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            kind: BackendKind::Embedded,
+            urls: Vec::new(),
+            username: String::new(),
+            password: String::new(),
+            addresses: AddressScheme::Rabbitmq,
+            management_url: String::new(),
+            management_username: "guest".into(),
+            management_password: "guest".into(),
+            outcome_timeout: Duration::from_secs(10),
+            credit: 256,
+        }
+    }
+}
+
+impl std::fmt::Debug for BackendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConfig")
+            .field("kind", &self.kind)
+            .field("urls", &self.urls)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("addresses", &self.addresses)
+            .field("management_url", &self.management_url)
+            .field("management_username", &self.management_username)
+            .field("management_password", &"<redacted>")
+            .field("outcome_timeout", &self.outcome_timeout)
+            .field("credit", &self.credit)
+            .finish()
+    }
+}
+
+impl BackendConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad =
+            |key: &str, problem: &str| Err(ConfigError::new("messaging.backend", key, problem));
+        if self.kind == BackendKind::Embedded {
+            return Ok(());
+        }
+        if self.urls.is_empty() {
+            return bad("urls", "must name at least one broker with kind = \"amqp\"");
+        }
+        if let Some(url) = self.urls.iter().find(|u| crate::remote::parse_url(u).is_err()) {
+            return bad("urls", &format!("{url:?} is not an amqp://host:port URL"));
+        }
+        if self.addresses == AddressScheme::Rabbitmq && self.management_url.is_empty() {
+            return bad("management_url", "is needed with addresses = \"rabbitmq\"");
+        }
+        if self.outcome_timeout.is_zero() {
+            return bad("outcome_timeout", "must not be zero");
+        }
+        if self.credit == 0 {
+            return bad("credit", "must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 impl MessagingConfig {
@@ -135,6 +252,7 @@ impl MessagingConfig {
                 }
             }
         }
+        self.backend.validate()?;
         for (i, rule) in self.addresses.iter().enumerate() {
             if rule.pattern.is_empty() || rule.pattern.split('/').any(str::is_empty) {
                 let problem = format!("{:?} has an empty segment", rule.pattern);
@@ -172,6 +290,7 @@ impl Default for MessagingConfig {
             max_message_size: 1024 * 1024,
             expiry_check_interval: Duration::from_secs(1),
             sasl: SaslConfig::default(),
+            backend: BackendConfig::default(),
         }
     }
 }
@@ -286,4 +405,27 @@ allow_anonymous = false
 # DATA_DIR/admin-credentials.
 # Example: users = [{ username = "app@my-tenant", password = "$argon2id$v=19$..." }]
 users = []
+
+[messaging.backend]
+# "embedded": this process's broker. "amqp": a shared AMQP 1.0 broker (cluster) carries
+# telemetry and events, so that several Ferrule instances serve the same tenants (see
+# README "Scale-out").
+kind = "embedded"
+# Broker URLs, tried in turn: ["amqp://rabbit-1:5672", "amqp://rabbit-2:5672"].
+urls = []
+# SASL PLAIN at the broker (empty: none). For a Ferrule broker, a `name@*` user (one
+# connection per tenant).
+username = ""
+password = ""
+# Address scheme: "rabbitmq" (RabbitMQ 3.x AMQP 1.0 plugin) or "hono" (Hono's addresses:
+# a Ferrule broker as its own process, or a broker/router that takes them).
+addresses = "rabbitmq"
+# RabbitMQ management API, for the per-tenant quorum queues and the telemetry policy.
+management_url = ""
+management_username = "guest"
+management_password = "guest"
+# Longest wait for the broker's outcome of a message (then: unknown, the device retries).
+outcome_timeout = "10s"
+# Messages the broker may hand this instance ahead of the application, per address.
+credit = 256
 "#;

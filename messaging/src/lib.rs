@@ -20,13 +20,16 @@ mod direct;
 mod guard;
 pub mod message;
 mod queue;
+pub mod remote;
 mod sasl;
 mod server;
 mod store;
 mod topic;
 
-pub use broker::{AddressHandler, Broker, BrokerError, SubscribeOptions};
-pub use config::{MessagingConfig, SaslConfig, UserConfig};
+pub use broker::{AddressHandler, AttachHook, Broker, BrokerError, SubscribeOptions};
+pub use config::{
+    AddressScheme, BackendConfig, BackendKind, MessagingConfig, SaslConfig, UserConfig,
+};
 pub use delivery::{Consumer, Delivery};
 pub use message::{Message, Outcome, Submission};
 pub use sasl::{Authenticator, Identity};

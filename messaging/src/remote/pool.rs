@@ -1,0 +1,143 @@
+//! Connections to the shared broker: made on first use, one per instance (or one per
+//! tenant for a Ferrule broker's `name@*` user), tried URL by URL, made again once lost.
+//! Every link gets its own session (RabbitMQ 3.x ends the whole session on an attach
+//! error, which would take the other links with it).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use fe2o3_amqp::connection::ConnectionHandle;
+use fe2o3_amqp::sasl_profile::SaslProfile;
+use fe2o3_amqp::session::SessionHandle;
+use fe2o3_amqp::{Connection, Session};
+
+use crate::config::BackendConfig;
+
+/// How long opening a connection or beginning a session may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `host:port` of an `amqp://[user:password@]host[:port]` URL (credentials come from the
+/// configuration, not the URL).
+pub fn parse_url(url: &str) -> Result<String, String> {
+    let rest = url.strip_prefix("amqp://").ok_or("only amqp:// URLs are supported")?;
+    let rest = rest.split('/').next().unwrap_or_default();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    if host.is_empty() {
+        return Err("no host".into());
+    }
+    Ok(if host.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+        host.to_owned()
+    } else {
+        format!("{host}:5672")
+    })
+}
+
+pub(crate) struct Pool {
+    hosts: Vec<String>,
+    next: AtomicUsize,
+    username: String,
+    password: String,
+    /// `name` of a `name@*` user: one connection per tenant, as `name@TENANT`.
+    per_tenant: Option<String>,
+    container: String,
+    /// Connection key (tenant, or "" when shared) → connection.
+    conns: tokio::sync::Mutex<HashMap<String, ConnectionHandle<()>>>,
+}
+
+impl Pool {
+    pub(crate) fn new(config: &BackendConfig, instance: &str) -> Self {
+        Self {
+            hosts: config.urls.iter().filter_map(|u| parse_url(u).ok()).collect(),
+            next: AtomicUsize::new(0),
+            username: config.username.clone(),
+            password: config.password.clone(),
+            per_tenant: config.username.strip_suffix("@*").map(str::to_owned),
+            container: format!("ferrule-{instance}"),
+            conns: Default::default(),
+        }
+    }
+
+    /// A new session for a link of `tenant`'s, on a live connection.
+    pub(crate) async fn session(&self, tenant: &str) -> Result<SessionHandle<()>, String> {
+        let key = if self.per_tenant.is_some() { tenant } else { "" };
+        let mut conns = self.conns.lock().await;
+        if let Some(conn) = conns.get_mut(key) {
+            match tokio::time::timeout(CONNECT_TIMEOUT, Session::begin(conn)).await {
+                Ok(Ok(session)) => return Ok(session),
+                // The connection is gone (or stuck): make a new one.
+                _ => {
+                    if let Some(mut conn) = conns.remove(key) {
+                        let _ = conn.close().await;
+                    }
+                }
+            }
+        }
+        let mut conn = self.connect(tenant).await?;
+        let session = tokio::time::timeout(CONNECT_TIMEOUT, Session::begin(&mut conn))
+            .await
+            .map_err(|_| "beginning a session timed out".to_owned())?
+            .map_err(|e| format!("beginning a session: {e}"))?;
+        conns.insert(key.to_owned(), conn);
+        Ok(session)
+    }
+
+    /// Opens a connection to the next broker that answers.
+    async fn connect(&self, tenant: &str) -> Result<ConnectionHandle<()>, String> {
+        let mut last = String::from("no broker URL");
+        for _ in 0..self.hosts.len() {
+            let host = &self.hosts[self.next.fetch_add(1, Ordering::Relaxed) % self.hosts.len()];
+            match tokio::time::timeout(CONNECT_TIMEOUT, self.open(host, tenant)).await {
+                Ok(Ok(conn)) => {
+                    tracing::info!(broker = %host, "connected to the shared broker");
+                    return Ok(conn);
+                }
+                Ok(Err(e)) => last = format!("{host}: {e}"),
+                Err(_) => last = format!("{host}: timed out"),
+            }
+        }
+        Err(last)
+    }
+
+    async fn open(&self, host: &str, tenant: &str) -> Result<ConnectionHandle<()>, String> {
+        let stream = tokio::net::TcpStream::connect(host).await.map_err(|e| e.to_string())?;
+        // fe2o3-amqp does not set it; without it Nagle delays every small transfer.
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let hostname = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let builder = Connection::builder()
+            .container_id(format!("{}-{}", self.container, uuid::Uuid::new_v4().simple()))
+            .hostname(hostname)
+            .idle_time_out(60_000u32);
+        let builder = if self.username.is_empty() {
+            builder
+        } else {
+            let username = match &self.per_tenant {
+                Some(name) => format!("{name}@{tenant}"),
+                None => self.username.clone(),
+            };
+            builder.sasl_profile(SaslProfile::Plain { username, password: self.password.clone() })
+        };
+        builder.open_with_stream(stream).await.map_err(|e| e.to_string())
+    }
+
+    /// Closes every connection.
+    pub(crate) async fn close(&self) {
+        let conns: Vec<_> = self.conns.lock().await.drain().collect();
+        for (_, mut conn) in conns {
+            let _ = tokio::time::timeout(CONNECT_TIMEOUT, conn.close()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_url;
+
+    #[test]
+    fn urls() {
+        assert_eq!(parse_url("amqp://127.0.0.1:5681").unwrap(), "127.0.0.1:5681");
+        assert_eq!(parse_url("amqp://u:p@rabbit/").unwrap(), "rabbit:5672");
+        assert!(parse_url("amqps://rabbit").is_err());
+        assert!(parse_url("amqp://").is_err());
+    }
+}

@@ -1,0 +1,431 @@
+//! Cluster mode: what N instances over a shared broker and Redis need besides the
+//! messaging backend itself: `[cluster]` settings, consumer leases in Redis (RabbitMQ
+//! gives no "no consumer" signal) and provisioning through RabbitMQ's management API.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http_body_util::{BodyExt, Full};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use ferrule_messaging::remote::{ConsumerLeases, Provision};
+
+/// `[cluster]`: this instance's part in a deployment of several.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This instance's name (broker link names, consumer leases). Empty: a random one per
+    /// start.
+    pub instance_id: String,
+    /// Redis for consumer leases (needed with `[messaging.backend] addresses =
+    /// "rabbitmq"`): seed URLs of a Redis Cluster, or one URL of a single server.
+    pub redis_urls: Vec<String>,
+    /// `cluster` (Redis Cluster) or `single` (one server).
+    pub redis_mode: RedisMode,
+    /// What this instance serves: any of `devices` (MQTT, HTTP, CoAP adapters),
+    /// `applications` (the AMQP endpoint) and `management` (the registry API).
+    pub roles: Vec<Role>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    Cluster,
+    Single,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Devices,
+    Applications,
+    Management,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            instance_id: String::new(),
+            redis_urls: Vec::new(),
+            redis_mode: RedisMode::Cluster,
+            roles: vec![Role::Devices, Role::Applications, Role::Management],
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Checks what serde cannot.
+    ///
+    /// # Errors
+    /// The first bad key.
+    pub fn validate(
+        &self,
+        backend: &ferrule_messaging::BackendConfig,
+    ) -> Result<(), ferrule_net::ConfigError> {
+        let bad =
+            |key: &str, problem: &str| Err(ferrule_net::ConfigError::new("cluster", key, problem));
+        if self.roles.is_empty() {
+            return bad("roles", "must name at least one of devices, applications, management");
+        }
+        if backend.kind == ferrule_messaging::BackendKind::Amqp
+            && backend.addresses == ferrule_messaging::AddressScheme::Rabbitmq
+            && self.redis_urls.is_empty()
+        {
+            return bad("redis_urls", "is needed for consumer leases with a RabbitMQ backend");
+        }
+        if self.redis_mode == RedisMode::Single && self.redis_urls.len() > 1 {
+            return bad("redis_urls", "takes one URL with redis_mode = \"single\"");
+        }
+        if let Some(url) = self.redis_urls.iter().find(|u| redis::Client::open(u.as_str()).is_err())
+        {
+            return bad(
+                "redis_urls",
+                &format!("{} is not a Redis URL", crate::config::redact_url(url)),
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether this instance serves `role`.
+    pub fn serves(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// The configured instance id, or a fresh random one.
+    pub fn instance(&self) -> String {
+        if self.instance_id.is_empty() {
+            uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+        } else {
+            self.instance_id.clone()
+        }
+    }
+}
+
+pub const DEFAULT_TOML: &str = r#"[cluster]
+# This instance's name in a deployment of several (link names at the shared broker,
+# consumer leases). Empty: random per start.
+instance_id = ""
+# Redis for consumer leases, needed when [messaging.backend] addresses = "rabbitmq":
+# Redis Cluster seed URLs (redis_mode = "cluster") or one server's URL ("single").
+redis_urls = []
+redis_mode = "cluster"
+# What this instance serves: "devices" (MQTT, HTTP, CoAP), "applications" (AMQP),
+# "management" (registry API). E.g. the management API on some instances only.
+roles = ["devices", "applications", "management"]
+
+"#;
+
+/// A Redis connection of either kind.
+#[derive(Clone)]
+enum RedisConn {
+    Cluster(redis::cluster_async::ClusterConnection),
+    Single(redis::aio::ConnectionManager),
+}
+
+impl RedisConn {
+    async fn connect(urls: &[String], mode: RedisMode) -> anyhow::Result<Self> {
+        Ok(match mode {
+            RedisMode::Cluster => {
+                let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+                    .connection_timeout(Duration::from_secs(2))
+                    .response_timeout(Duration::from_secs(2))
+                    .build()
+                    .context("Redis Cluster URLs")?;
+                RedisConn::Cluster(
+                    client.get_async_connection().await.context("connecting to Redis Cluster")?,
+                )
+            }
+            RedisMode::Single => {
+                let url = urls.first().context("no Redis URL")?;
+                let client = redis::Client::open(url.as_str()).context("Redis URL")?;
+                RedisConn::Single(
+                    redis::aio::ConnectionManager::new(client)
+                        .await
+                        .context("connecting to Redis")?,
+                )
+            }
+        })
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self.clone() {
+            RedisConn::Cluster(mut c) => cmd.query_async(&mut c).await,
+            RedisConn::Single(mut c) => cmd.query_async(&mut c).await,
+        }
+    }
+}
+
+/// How long a consumer lease lasts unless renewed; renewed every [`RENEW`].
+const LEASE: Duration = Duration::from_secs(5);
+const RENEW: Duration = Duration::from_secs(1);
+
+/// Consumer leases in Redis: per local address, a sorted set (hash tag: the tenant, so a
+/// tenant's keys live on one master) of instance ids scored by lease expiry.
+pub struct RedisLeases {
+    conn: RedisConn,
+    instance: String,
+    /// Addresses this instance holds leases on, with how many holders each.
+    held: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn lease_key(address: &str) -> String {
+    let tenant = ferrule_messaging::address::tenant_of(address).unwrap_or("");
+    format!("ferrule:{{{tenant}}}:consumers:{address}")
+}
+
+impl RedisLeases {
+    /// Connects and renews this instance's leases until `stop`.
+    pub async fn start(
+        config: &ClusterConfig,
+        instance: &str,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        anyhow::ensure!(!config.redis_urls.is_empty(), "[cluster] redis_urls is empty");
+        let conn = RedisConn::connect(&config.redis_urls, config.redis_mode).await?;
+        let leases =
+            Arc::new(Self { conn, instance: instance.to_owned(), held: Default::default() });
+        tokio::spawn(leases.clone().renew(stop));
+        Ok(leases)
+    }
+
+    async fn renew(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(RENEW);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let addresses: Vec<String> =
+                self.held.lock().expect("poisoned").keys().cloned().collect();
+            for address in addresses {
+                self.write(&address, true).await;
+            }
+        }
+        let addresses: Vec<String> = self.held.lock().expect("poisoned").keys().cloned().collect();
+        for address in addresses {
+            self.write(&address, false).await;
+        }
+    }
+
+    /// Adds (renews) or removes this instance's lease on `address`.
+    async fn write(&self, address: &str, present: bool) {
+        let key = lease_key(address);
+        let result = if present {
+            let expiry = now_ms() + LEASE.as_millis() as u64;
+            let mut pipe = redis::pipe();
+            pipe.zadd(&key, &self.instance, expiry)
+                .ignore()
+                .zrembyscore(&key, 0, now_ms())
+                .ignore()
+                .pexpire(&key, (LEASE * 4).as_millis() as i64)
+                .ignore();
+            self.query_pipe(&pipe).await
+        } else {
+            self.conn.query::<()>(redis::cmd("ZREM").arg(&key).arg(&self.instance)).await
+        };
+        if let Err(e) = result {
+            metrics::counter!("ferrule_cluster_redis_errors_total").increment(1);
+            tracing::warn!(error = %e, %address, "could not write a consumer lease");
+        }
+    }
+
+    async fn query_pipe(&self, pipe: &redis::Pipeline) -> redis::RedisResult<()> {
+        match self.conn.clone() {
+            RedisConn::Cluster(mut c) => pipe.query_async(&mut c).await,
+            RedisConn::Single(mut c) => pipe.query_async(&mut c).await,
+        }
+    }
+}
+
+struct LeaseGuard {
+    leases: Arc<RedisLeases>,
+    address: String,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let last = {
+            let mut held = self.leases.held.lock().expect("poisoned");
+            match held.get_mut(&self.address) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                _ => {
+                    held.remove(&self.address);
+                    true
+                }
+            }
+        };
+        if last {
+            let leases = self.leases.clone();
+            let address = std::mem::take(&mut self.address);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { leases.write(&address, false).await });
+            }
+        }
+    }
+}
+
+/// Consumer leases as the messaging backend asks for them.
+pub struct Leases(pub Arc<RedisLeases>);
+
+impl ConsumerLeases for Leases {
+    fn has_consumer(&self, address: &str) -> BoxFuture<'static, bool> {
+        let leases = self.0.clone();
+        let address = address.to_owned();
+        Box::pin(async move {
+            if leases.held.lock().expect("poisoned").contains_key(&address) {
+                return true;
+            }
+            let count =
+                redis::cmd("ZCOUNT").arg(lease_key(&address)).arg(now_ms()).arg("+inf").clone();
+            match leases.conn.query::<u64>(&count).await {
+                Ok(n) => n > 0,
+                Err(e) => {
+                    // Redis unreachable: send anyway (the broker may still have the
+                    // consumer's queue) rather than refuse every device.
+                    metrics::counter!("ferrule_cluster_redis_errors_total").increment(1);
+                    tracing::warn!(error = %e, "consumer lease look-up failed; assuming a consumer");
+                    true
+                }
+            }
+        })
+    }
+
+    fn hold(&self, address: &str) -> Box<dyn Send + Sync> {
+        let first = {
+            let mut held = self.0.held.lock().expect("poisoned");
+            let n = held.entry(address.to_owned()).or_default();
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            let leases = self.0.clone();
+            let address = address.to_owned();
+            tokio::spawn(async move { leases.write(&address, true).await });
+        }
+        Box::new(LeaseGuard { leases: self.0.clone(), address: address.to_owned() })
+    }
+}
+
+/// RabbitMQ's management API: quorum queues for events, the telemetry policy.
+pub struct RabbitAdmin {
+    authority: String,
+    base_path: String,
+    authorization: String,
+}
+
+impl RabbitAdmin {
+    /// # Errors
+    /// `url` is not `http://host[:port][/path]`.
+    pub fn new(url: &str, username: &str, password: &str) -> anyhow::Result<Self> {
+        use base64::Engine;
+        let rest = url.strip_prefix("http://").context("management_url must be http://")?;
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        anyhow::ensure!(!authority.is_empty(), "management_url has no host");
+        let authority =
+            if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
+        let credentials =
+            base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+        Ok(Self {
+            authority,
+            base_path: format!("/{}", path.trim_end_matches('/')).trim_end_matches('/').to_owned(),
+            authorization: format!("Basic {credentials}"),
+        })
+    }
+
+    /// Makes the policy that bounds telemetry queues: messages live 2 s, at most 100,000
+    /// per queue (oldest dropped, never `reject-publish`, which crashes 3.x sessions), and
+    /// a queue nobody consumed for 60 s goes away.
+    pub async fn telemetry_policy(&self) -> anyhow::Result<()> {
+        let body = serde_json::json!({
+            "pattern": "^telemetry\\.",
+            "apply-to": "queues",
+            "priority": 0,
+            "definition": {"message-ttl": 2000, "max-length": 100000, "overflow": "drop-head", "expires": 60000}
+        });
+        self.put("/api/policies/%2F/ferrule-telemetry", body).await
+    }
+
+    async fn put(&self, path: &str, body: serde_json::Value) -> anyhow::Result<()> {
+        let connect = tokio::net::TcpStream::connect(&self.authority);
+        let stream = tokio::time::timeout(Duration::from_secs(5), connect).await??;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let request = hyper::Request::put(format!("{}{path}", self.base_path))
+            .header(hyper::header::HOST, self.authority.as_str())
+            .header(hyper::header::AUTHORIZATION, self.authorization.as_str())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))?;
+        let response =
+            tokio::time::timeout(Duration::from_secs(10), sender.send_request(request)).await??;
+        let status = response.status();
+        if !status.is_success() {
+            let body =
+                response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            anyhow::bail!(
+                "{path}: {status} {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+fn encode_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Provision for RabbitAdmin {
+    fn event_queue(&self, tenant: &str) -> BoxFuture<'static, Result<(), String>> {
+        let path = format!("/api/queues/%2F/{}", encode_segment(&format!("event.{tenant}")));
+        let admin = RabbitAdmin {
+            authority: self.authority.clone(),
+            base_path: self.base_path.clone(),
+            authorization: self.authorization.clone(),
+        };
+        Box::pin(async move {
+            let body =
+                serde_json::json!({"durable": true, "arguments": {"x-queue-type": "quorum"}});
+            admin.put(&path, body).await.map_err(|e| format!("provisioning the event queue: {e:#}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_urls() {
+        assert_eq!(lease_key("telemetry/t1"), "ferrule:{t1}:consumers:telemetry/t1");
+        assert_eq!(encode_segment("event.a b/c"), "event.a%20b%2Fc");
+        let admin = RabbitAdmin::new("http://127.0.0.1:15672", "guest", "guest").unwrap();
+        assert_eq!((admin.authority.as_str(), admin.base_path.as_str()), ("127.0.0.1:15672", ""));
+        assert_eq!(admin.authorization, "Basic Z3Vlc3Q6Z3Vlc3Q=");
+        let admin = RabbitAdmin::new("http://rabbit/mgmt/", "u", "p").unwrap();
+        assert_eq!((admin.authority.as_str(), admin.base_path.as_str()), ("rabbit:80", "/mgmt"));
+        assert!(RabbitAdmin::new("https://rabbit", "u", "p").is_err());
+    }
+}

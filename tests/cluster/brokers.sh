@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Starts and stops the brokers of the scale-out tests on private loopback ports, as root or
+# any user, without system services (Debian packages rabbitmq-server and redis-server):
+#   brokers.sh rabbit-start N   RabbitMQ 3.x nodes (AMQP 1.0 on 127.0.0.1:$RABBIT_PORT+i,
+#                               management API on $RABBIT_HTTP_PORT+i, guest/guest)
+#   brokers.sh rabbit-stop N
+#   brokers.sh redis-start N R  Redis Cluster of N nodes with R replicas per master
+#                               (127.0.0.1:$REDIS_PORT+i)
+#   brokers.sh redis-stop N
+# Everything lives under $BASE; nodes are stopped by the PIDs they wrote there.
+set -euo pipefail
+BASE=${BASE:-${TMPDIR:-/tmp}/ferrule-cluster-test}
+RABBIT_PORT=${RABBIT_PORT:-25680}
+RABBIT_HTTP_PORT=${RABBIT_HTTP_PORT:-25690}
+RABBIT_DIST_PORT=${RABBIT_DIST_PORT:-25700}
+EPMD_PORT=${EPMD_PORT:-25369}
+REDIS_PORT=${REDIS_PORT:-27000}
+CMD=$1; COUNT=${2:-1}; REPLICAS=${3:-0}
+
+rabbit_env() {
+  local i=$1 d=$BASE/rabbit/n$1
+  mkdir -p "$d/home" "$d/log" "$d/mnesia"
+  if [ ! -f "$d/home/.erlang.cookie" ]; then
+    cp "$BASE/rabbit/cookie" "$d/home/.erlang.cookie"; chmod 400 "$d/home/.erlang.cookie"
+  fi
+  # The Debian wrapper (/usr/sbin/rabbitmq-server) switches to the rabbitmq user and its
+  # home; the real scripts take everything from the environment.
+  local sbin; sbin=$(ls -d /usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin | head -1)
+  export PATH=$sbin:$PATH HOME=$d/home RABBITMQ_CONF_ENV_FILE=/dev/null
+  export RABBITMQ_NODENAME=ferrule$i@localhost RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  export RABBITMQ_NODE_PORT=$((RABBIT_PORT + i)) RABBITMQ_DIST_PORT=$((RABBIT_DIST_PORT + i))
+  export RABBITMQ_MNESIA_BASE=$d/mnesia RABBITMQ_LOG_BASE=$d/log RABBITMQ_PID_FILE=$d/pid
+  export RABBITMQ_CONFIG_FILE=$d/rabbitmq.conf RABBITMQ_ENABLED_PLUGINS_FILE=$BASE/rabbit/enabled_plugins
+  export ERL_EPMD_PORT=$EPMD_PORT ERL_EPMD_ADDRESS=127.0.0.1
+  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+}
+
+case $CMD in
+rabbit-start)
+  rm -rf "$BASE/rabbit"; mkdir -p "$BASE/rabbit"
+  head -c 24 /dev/urandom | base64 | tr -dc A-Za-z0-9 > "$BASE/rabbit/cookie"
+  echo "[rabbitmq_amqp1_0,rabbitmq_management]." > "$BASE/rabbit/enabled_plugins"
+  for i in $(seq 1 "$COUNT"); do
+    ( rabbit_env "$i"
+      { echo "listeners.tcp.1 = 127.0.0.1:$RABBITMQ_NODE_PORT"
+        echo "loopback_users = none"
+        echo "amqp1_0.default_user = guest"
+        echo "log.console = false"
+        echo "management.tcp.ip = 127.0.0.1"
+        echo "management.tcp.port = $((RABBIT_HTTP_PORT + i))"
+        if [ "$COUNT" -gt 1 ]; then
+          echo "cluster_formation.peer_discovery_backend = classic_config"
+          for j in $(seq 1 "$COUNT"); do echo "cluster_formation.classic_config.nodes.$j = ferrule$j@localhost"; done
+        fi; } > "$BASE/rabbit/n$i/rabbitmq.conf"
+      cd "$BASE/rabbit/n$i"
+      setsid nohup rabbitmq-server > "$BASE/rabbit/n$i/stdout.log" 2>&1 < /dev/null & )
+  done
+  ( rabbit_env 1
+    for _ in $(seq 1 120); do rabbitmq-diagnostics -q ping >/dev/null 2>&1 && break; sleep 0.5; done
+    rabbitmqctl -q await_startup
+    rabbitmqctl -q await_online_nodes "$COUNT" --timeout 120 )
+  ;;
+rabbit-stop)
+  for i in $(seq "$COUNT" -1 1); do
+    f=$BASE/rabbit/n$i/pid
+    [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+  done
+  for i in $(seq "$COUNT" -1 1); do
+    f=$BASE/rabbit/n$i/pid
+    [ -f "$f" ] || continue
+    for _ in $(seq 1 50); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$(cat "$f")" 2>/dev/null || true
+  done
+  # epmd outlives the nodes; it listens on our private port only.
+  ERL_EPMD_PORT=$EPMD_PORT epmd -kill >/dev/null 2>&1 || true
+  ;;
+redis-start)
+  rm -rf "$BASE/redis"
+  nodes=()
+  for i in $(seq 1 "$COUNT"); do
+    p=$((REDIS_PORT + i)); d=$BASE/redis/n$p; mkdir -p "$d"
+    redis-server --port "$p" --bind 127.0.0.1 --protected-mode yes --dir "$d" --cluster-enabled yes \
+      --cluster-config-file nodes.conf --cluster-node-timeout 2000 --appendonly no --save '' \
+      --daemonize yes --pidfile "$d/redis.pid" --logfile "$d/redis.log"
+    nodes+=("127.0.0.1:$p")
+  done
+  for i in $(seq 1 "$COUNT"); do until redis-cli -p $((REDIS_PORT + i)) ping >/dev/null 2>&1; do sleep 0.05; done; done
+  redis-cli --cluster create "${nodes[@]}" --cluster-replicas "$REPLICAS" --cluster-yes > "$BASE/redis/create.log"
+  for i in $(seq 1 "$COUNT"); do
+    until redis-cli -p $((REDIS_PORT + i)) cluster info | tr -d '\r' | grep -q '^cluster_state:ok'; do sleep 0.1; done
+  done
+  ;;
+redis-stop)
+  for i in $(seq 1 "$COUNT"); do
+    f=$BASE/redis/n$((REDIS_PORT + i))/redis.pid
+    [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+  done
+  ;;
+*) echo "usage: $0 rabbit-start N | rabbit-stop N | redis-start N R | redis-stop N" >&2; exit 2 ;;
+esac
