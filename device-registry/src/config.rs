@@ -14,7 +14,8 @@ use crate::auth::AuthSettings;
 pub enum StorageKind {
     /// A redb file `registry.redb` under the data directory (no server needed).
     Embedded,
-    /// A Redis server shared by all registry instances (`redis_url`).
+    /// A Redis server (`redis_url`) or a Redis Cluster (`redis_cluster_nodes`) shared by all
+    /// registry instances.
     Redis,
 }
 
@@ -34,6 +35,10 @@ pub struct RegistryConfig {
     pub embedded_file: String,
     /// Redis URL for `storage = "redis"`. Default `redis://127.0.0.1:6379/0`.
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster for `storage = "redis"` (URLs such as
+    /// `redis://127.0.0.1:7001/`; one reachable node suffices, all must share one password).
+    /// Non-empty: the store uses this cluster and ignores `redis_url`. Default: none.
+    pub redis_cluster_nodes: Vec<String>,
     /// Prefix of every Redis key and of the change channel. Default `ferrule:registry`.
     pub redis_key_prefix: String,
     /// Bearer tokens accepted from operators (also as the password of HTTP Basic auth).
@@ -79,6 +84,7 @@ impl Default for RegistryConfig {
             storage: StorageKind::Embedded,
             embedded_file: "registry.redb".into(),
             redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_cluster_nodes: Vec::new(),
             redis_key_prefix: "ferrule:registry".into(),
             auth_tokens: Vec::new(),
             allow_anonymous: false,
@@ -105,6 +111,10 @@ impl fmt::Debug for RegistryConfig {
             .field("storage", &self.storage)
             .field("embedded_file", &self.embedded_file)
             .field("redis_url", &"<redacted: may hold a password>")
+            .field(
+                "redis_cluster_nodes",
+                &format_args!("<{} redacted: may hold a password>", self.redis_cluster_nodes.len()),
+            )
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("auth_tokens", &format_args!("<{} redacted>", self.auth_tokens.len()))
             .field("allow_anonymous", &self.allow_anonymous)
@@ -160,10 +170,40 @@ impl RegistryConfig {
         if self.storage == StorageKind::Embedded && self.embedded_file.is_empty() {
             return err("embedded_file", "must not be empty");
         }
-        if self.storage == StorageKind::Redis
-            && redis::Client::open(self.redis_url.as_str()).is_err()
+        if self.storage == StorageKind::Redis {
+            self.validate_redis()?;
+        }
+        Ok(())
+    }
+
+    /// The Redis settings `storage = "redis"` uses: the cluster nodes if any, else the URL.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let err = |key, problem: &str| Err(ConfigError::new("registry", key, problem));
+        if self.redis_cluster_nodes.is_empty() {
+            if redis::Client::open(self.redis_url.as_str()).is_err() {
+                return err("redis_url", "is not a valid Redis URL");
+            }
+            return Ok(());
+        }
+        for node in &self.redis_cluster_nodes {
+            // No node in the message: the URL may hold a password.
+            let Ok(info) = redis::IntoConnectionInfo::into_connection_info(node.as_str()) else {
+                return err("redis_cluster_nodes", "holds an invalid Redis URL");
+            };
+            if info.redis_settings().db() != 0 {
+                return err("redis_cluster_nodes", "a Redis Cluster has database 0 only");
+            }
+        }
+        if redis::cluster::ClusterClientBuilder::new(
+            self.redis_cluster_nodes.iter().map(String::as_str),
+        )
+        .build()
+        .is_err()
         {
-            return err("redis_url", "is not a valid Redis URL");
+            return err(
+                "redis_cluster_nodes",
+                "nodes must share one password, user name, protocol and TLS mode",
+            );
         }
         Ok(())
     }
@@ -192,6 +232,10 @@ storage = "embedded"
 embedded_file = "registry.redb"
 # Redis server for storage = "redis" (cache invalidation between instances uses its pub/sub).
 redis_url = "redis://127.0.0.1:6379/0"
+# Redis Cluster for storage = "redis" instead of redis_url: seed node URLs, e.g.
+# ["redis://127.0.0.1:7001/", "redis://127.0.0.1:7002/"] (one reachable node suffices; all
+# with the same password). Each tenant's keys share a slot; tenants spread over the masters.
+redis_cluster_nodes = []
 # Prefix of every Redis key and of the change channel.
 redis_key_prefix = "ferrule:registry"
 # Bearer tokens accepted from operators (also accepted as the Basic auth password), >= 16 chars.
@@ -264,8 +308,36 @@ mod tests {
     fn debug_hides_tokens() {
         let c = RegistryConfig {
             auth_tokens: vec!["supersecrettoken123".into()],
+            redis_url: "redis://:urlsecret@127.0.0.1:6379/0".into(),
+            redis_cluster_nodes: vec!["redis://:nodesecret@127.0.0.1:7001/".into()],
             ..Default::default()
         };
-        assert!(!format!("{c:?}").contains("supersecret"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("supersecret"));
+        assert!(!shown.contains("urlsecret"));
+        assert!(!shown.contains("nodesecret"));
+    }
+
+    #[test]
+    fn cluster_nodes_are_validated() {
+        let redis = |nodes: &[&str]| RegistryConfig {
+            storage: StorageKind::Redis,
+            redis_cluster_nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            ..Default::default()
+        };
+        assert!(redis(&["redis://127.0.0.1:7001/", "redis://127.0.0.1:7002"]).validate().is_ok());
+        let key = |c: RegistryConfig| c.validate().unwrap_err().key;
+        assert_eq!(key(redis(&["not a url"])), "registry.redis_cluster_nodes");
+        assert_eq!(key(redis(&["redis://127.0.0.1:7001/2"])), "registry.redis_cluster_nodes");
+        let mixed = redis(&["redis://:a@127.0.0.1:7001/", "redis://:b@127.0.0.1:7002/"]);
+        assert_eq!(key(mixed), "registry.redis_cluster_nodes");
+        // Not checked unless the store is Redis.
+        let embedded = RegistryConfig { storage: StorageKind::Embedded, ..redis(&["x"]) };
+        assert!(embedded.validate().is_ok());
+        let f: File = toml::from_str(
+            "[registry]\nstorage = \"redis\"\nredis_cluster_nodes = [\"redis://127.0.0.1:7001/\"]",
+        )
+        .unwrap();
+        assert_eq!(f.registry.redis_cluster_nodes, vec!["redis://127.0.0.1:7001/"]);
     }
 }

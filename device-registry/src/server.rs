@@ -61,9 +61,13 @@ pub async fn open_store(
                 .map_err(|e| StoreError::Backend(e.to_string()))??;
             Arc::new(store)
         }
-        StorageKind::Redis => {
+        StorageKind::Redis if config.redis_cluster_nodes.is_empty() => {
             Arc::new(RedisStore::connect(&config.redis_url, &config.redis_key_prefix).await?)
         }
+        StorageKind::Redis => Arc::new(
+            RedisStore::connect_cluster(&config.redis_cluster_nodes, &config.redis_key_prefix)
+                .await?,
+        ),
     })
 }
 

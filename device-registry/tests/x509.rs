@@ -440,7 +440,7 @@ async fn a_ca_subject_shared_in_stored_data_authenticates_nobody() {
     let record =
         json!({"version": "legacy", "value": {"enabled": true, "trusted-ca": [by_cert(&root)]}});
     let _: () = redis::cmd("SET")
-        .arg("ferrule:test:t:a-squatter")
+        .arg("ferrule:test:{a-squatter}:t")
         .arg(record.to_string())
         .query_async(&mut conn)
         .await

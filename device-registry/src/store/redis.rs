@@ -1,186 +1,94 @@
-//! Redis store for multi-instance deployments.
+//! Redis store for multi-instance deployments, on one Redis server or a Redis Cluster.
 //!
-//! Layout under a key prefix `P` (default `ferrule:registry`):
-//! - `P:tenants`: set of tenant ids; `P:t:{tenant}`: tenant record (JSON `Versioned<Tenant>`);
-//! - `P:d:{tenant}`: hash device id -> device record;
-//! - `P:c:{tenant}`: hash device id -> credentials record;
-//! - `P:i:{tenant}`: hash `{type}\n{auth-id}` -> device id (credentials look-up index);
-//! - `P:ca-gen`: counter bumped by every tenant write that adds trusted CAs (see below);
+//! Layout under a key prefix `P` (default `ferrule:registry`), `T` a tenant id:
+//! - `P:{T}:t`: tenant record (JSON `Versioned<Tenant>`);
+//! - `P:{T}:d`: hash device id -> device record;
+//! - `P:{T}:c`: hash device id -> credentials record;
+//! - `P:{T}:i`: hash `{type}\n{auth-id}` -> device id (credentials look-up index);
+//! - `P:tenants`: set of tenant ids (for listing);
+//! - `P:ca-guard`: the trusted-CA guard (below);
+//! - `P:layout`: marks a single-server store whose keys were moved to this layout;
 //! - channel `P:changes`: one message per write, so other instances drop cached entries.
 //!
-//! Every write is one Lua script, so the version check, the existence checks and the
-//! write are atomic, as in the embedded store. Versions are compared inside the script
-//! against the accepted `If-Match` tags, normalised in Rust.
+//! `{T}` is a Redis Cluster hash tag: all keys of a tenant live in one slot (tenants spread
+//! over the masters), so every script that touches one tenant is atomic on a cluster as
+//! on a single server. Tenant ids cannot contain braces. A prefix with braces still works
+//! (its first `{` starts the tag) but may put every tenant into one slot. One code path
+//! serves both deployments; only the connection differs ([`conn::Conn`]).
 //!
-//! Trusted-CA subject DNs unique across tenants: the DNs come from DER certificates that
-//! Lua cannot parse, so the check runs in Rust, optimistically: read `P:ca-gen`, read all
-//! tenants and look for a conflict, then write with a script that refuses (`retry`) if
-//! `P:ca-gen` moved meanwhile and bumps it otherwise. Two concurrent writes of the same
-//! subject into different tenants cannot both succeed. Only writes of tenants that have
-//! trusted CAs take part (a write without CAs cannot create a conflict; a delete at worst
-//! makes a concurrent check see a conflict that just went away). An instance of a version
-//! before this rule does not bump `P:ca-gen`: while such instances share the store, a
-//! write through them can race a check here.
+//! Every write of one tenant's data is one Lua script ([`scripts`]), so the version check,
+//! the existence checks and the write are atomic, as in the embedded store. Versions are
+//! compared inside the script against the accepted `If-Match` tags, normalised in Rust.
 //!
-//! Size: the Lua scripts that make each write atomic sit next to the Rust that calls them.
+//! The global keys (`P:tenants`, `P:ca-guard`) are in other slots, so the tenant writes
+//! that touch them take several steps, ordered so that a crash or a race between any two
+//! steps leaves nothing that breaks a rule:
+//! - Tenant set: a member without a record is harmless (listings skip it); a record
+//!   without a member would be invisible to listings and to the trusted-CA check, so it
+//!   must not outlive a write. Create adds the member, writes the record, and adds the
+//!   member again (a delete of the same id may have removed it in between). Delete
+//!   deletes the record with the tenant's other keys, removes the member, and adds it back
+//!   if the record exists again by then (a create got in between). A crash can leave a
+//!   member without a record (a failed create or delete), never the reverse.
+//! - Trusted-CA subject DNs unique across tenants: DNs come from DER certificates that Lua
+//!   cannot parse, so the check runs in Rust over all tenants, and cannot be one script
+//!   with the write. `P:ca-guard` is a sequence lock: its generation is odd while a guarded
+//!   write is in flight. A create or update of a tenant with trusted CAs reads an even
+//!   generation `g` (waiting while it is odd), checks all other tenants, then moves `g` to
+//!   `g+1` only if it is still `g` (else it starts over), writes, and moves it to `g+2`.
+//!   So no guarded write began or ended between the read and the begin, and every guarded
+//!   write that ended before has its record listed: a check cannot miss a conflicting
+//!   write, and of two concurrent writes of one DN one sees the other or retries. Tenant
+//!   deletes take the guard too (without a check), because their remove-then-re-add of
+//!   the set member could hide a tenant from a concurrent check. Writes without trusted
+//!   CAs cannot create a conflict and skip the guard.
+//! - A guard left odd by a crashed instance is taken as abandoned after [`GUARD_LEASE`]
+//!   (Redis server time) and ended by the next reader. A writer gives up before its
+//!   record write once [`GUARD_BUDGET`] (a third of the lease) has passed since its begin,
+//!   so only a write that stalls in flight for longer than the lease could still race a
+//!   check. Instances of versions before this layout do not know the guard (see below).
+//!
+//! Layout change: versions before this one used `P:t:T`, `P:d:T`, `P:c:T`, `P:i:T` (no
+//! hash tags) and a `P:ca-gen` counter. On a single server, the first connect moves each
+//! listed tenant's keys to the new names (one script per tenant, idempotent, so two
+//! instances may run it at once), drops `P:ca-gen` and sets `P:layout`. Stop every
+//! instance of an older version before starting this one: what they write afterwards is
+//! in the old layout and stays invisible. (The old layout never worked on a cluster.)
+//!
+//! Size: the scripts are in [`scripts`], the connection and pub/sub relay in [`conn`],
+//! the multi-step tenant writes in [`tenants`].
+
+mod conn;
+mod scripts;
+mod tenants;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, Script, ScriptInvocation};
+use redis::{AsyncCommands, ScriptInvocation};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use self::conn::{backend, change_message, Conn, Target};
+use self::scripts::Scripts;
 use super::{
-    be, ca_subject_in_use, ca_subjects, corrupt, decode, index_keys, new_record, version_matches,
-    Change, RegistryStore, StoreError, CHANGE_CHANNEL_CAPACITY,
+    corrupt, decode, index_keys, new_record, Change, RegistryStore, StoreError,
+    CHANGE_CHANNEL_CAPACITY,
 };
 use crate::model::{CredentialType, Credentials, Device, DeviceId, Tenant, TenantId, Versioned};
 
-/// Shared by every script: does the record `cur` (JSON with a `version`) match `want`
-/// (empty: anything; else space-separated accepted versions, `*` = any)? `current` reads
-/// the record a script replaces or deletes and checks it.
-const VMATCH: &str = r#"
-local function vmatch(cur, want)
-  if want == '' then return true end
-  local v = cjson.decode(cur)['version']
-  for tag in string.gmatch(want, '%S+') do
-    if tag == '*' or tag == v then return true end
-  end
-  return false
-end
--- The record at KEYS[1] (its hash field `field`, or the key itself if `field` is nil);
--- or nil and the script's result if it is missing or `want` refuses its version.
-local function current(field, want)
-  local cur
-  if field then
-    cur = redis.call('HGET', KEYS[1], field)
-  else
-    cur = redis.call('GET', KEYS[1])
-  end
-  if not cur then return nil, 'notfound' end
-  if not vmatch(cur, want) then return nil, 'mismatch' end
-  return cur
-end
-local function ca_gen(gkey, gen)
-  if gen == '' then return true end
-  if (redis.call('GET', gkey) or '0') ~= gen then return false end
-  redis.call('INCR', gkey)
-  return true
-end
-local function drop_index(ikey, credrec, dev)
-  local creds = cjson.decode(credrec)['value']
-  for _, c in ipairs(creds) do
-    local a = c['auth-id']
-    if type(a) ~= 'string' then a = '' end
-    local f = c['type'] .. '\n' .. a
-    if redis.call('HGET', ikey, f) == dev then redis.call('HDEL', ikey, f) end
-  end
-end
-"#;
-
-// The write scripts; each answers 'ok' ([`Scripts::new`] appends it) unless it returns
-// a refusal first ('exists', 'notfound', 'notenant', 'mismatch', 'conflict', 'retry').
-
-// Tenant writes: `gen` is the `P:ca-gen` value the caller's trusted-CA check read ('':
-// no check, the tenant has no trusted CAs); `ca_gen` refuses ('retry') if it moved and
-// bumps it otherwise, as the last step before writing.
-
-const CREATE_TENANT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
-if not ca_gen(KEYS[3], ARGV[2]) then return 'retry' end
-redis.call('SET', KEYS[1], ARGV[3])
-redis.call('SADD', KEYS[2], ARGV[1])
-"#;
-
-const UPDATE_TENANT: &str = r#"
-local _, refused = current(nil, ARGV[1])
-if refused then return refused end
-if not ca_gen(KEYS[2], ARGV[2]) then return 'retry' end
-redis.call('SET', KEYS[1], ARGV[3])
-"#;
-
-const DELETE_TENANT: &str = r#"
-local _, refused = current(nil, ARGV[1])
-if refused then return refused end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
-redis.call('SREM', KEYS[2], ARGV[2])
-"#;
-
-const CREATE_DEVICE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'notenant' end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 'exists' end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-"#;
-
-const UPDATE_DEVICE: &str = r#"
-local _, refused = current(ARGV[1], ARGV[2])
-if refused then return refused end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-"#;
-
-const DELETE_DEVICE: &str = r#"
-local _, refused = current(ARGV[1], ARGV[2])
-if refused then return refused end
-local creds = redis.call('HGET', KEYS[2], ARGV[1])
-if creds then drop_index(KEYS[3], creds, ARGV[1]) end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-"#;
-
-const DELETE_DEVICES: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 'notfound' end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-"#;
-
-const SET_CREDENTIALS: &str = r#"
-local cur, refused = current(ARGV[1], ARGV[2])
-if refused then return refused end
-for i = 4, #ARGV do
-  local owner = redis.call('HGET', KEYS[2], ARGV[i])
-  if owner and owner ~= ARGV[1] then return 'conflict' end
-end
-drop_index(KEYS[2], cur, ARGV[1])
-for i = 4, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], ARGV[1]) end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-"#;
-
-struct Scripts {
-    create_tenant: Script,
-    update_tenant: Script,
-    delete_tenant: Script,
-    create_device: Script,
-    update_device: Script,
-    delete_device: Script,
-    delete_devices: Script,
-    set_credentials: Script,
-}
-
-impl Scripts {
-    fn new() -> Self {
-        // A script that does not return a refusal early ends with 'ok'.
-        let s = |body: &str| Script::new(&format!("{VMATCH}\n{body}\nreturn 'ok'"));
-        Self {
-            create_tenant: s(CREATE_TENANT),
-            update_tenant: s(UPDATE_TENANT),
-            delete_tenant: s(DELETE_TENANT),
-            create_device: s(CREATE_DEVICE),
-            update_device: s(UPDATE_DEVICE),
-            delete_device: s(DELETE_DEVICE),
-            delete_devices: s(DELETE_DEVICES),
-            set_credentials: s(SET_CREDENTIALS),
-        }
-    }
-}
+/// How long a guarded tenant write may stay in flight before other instances take it as
+/// abandoned (its instance died between begin and end).
+const GUARD_LEASE: Duration = Duration::from_secs(10);
+/// A guarded write gives up before its record write once this has passed since it began,
+/// so it cannot land after the lease ran out unless that one command stalls for long.
+const GUARD_BUDGET: Duration = Duration::from_millis(3_333);
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     scripts: Scripts,
     changes: broadcast::Sender<Change>,
@@ -188,7 +96,7 @@ struct Inner {
     _stop: DropGuard,
 }
 
-/// Redis-backed [`RegistryStore`]; cheap to clone.
+/// Redis-backed [`RegistryStore`] (one server or a cluster); cheap to clone.
 #[derive(Clone)]
 pub struct RedisStore {
     inner: Arc<Inner>,
@@ -196,7 +104,10 @@ pub struct RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("prefix", &self.inner.prefix).finish_non_exhaustive()
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("cluster", &self.inner.conn.is_cluster())
+            .finish_non_exhaustive()
     }
 }
 
@@ -240,19 +151,33 @@ fn index_field(t: CredentialType, auth_id: &str) -> String {
 }
 
 impl RedisStore {
-    /// Connects to `url` (e.g. `redis://127.0.0.1:6379/0`) and starts relaying other
+    /// Connects to one Redis server at `url` (e.g. `redis://127.0.0.1:6379/0`), moves keys
+    /// of an older layout (see the module documentation) and starts relaying other
     /// instances' changes.
     ///
     /// # Errors
     /// [`StoreError::Backend`] if the URL is invalid or Redis cannot be reached.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(be)?;
-        let conn = ConnectionManager::new(client.clone()).await.map_err(be)?;
+        Self::open(Target::Single(url), prefix).await
+    }
+
+    /// Connects to a Redis Cluster through its seed nodes `nodes` (URLs such as
+    /// `redis://127.0.0.1:7001/`; one reachable node suffices) and starts relaying other
+    /// instances' changes (subscribed on one seed node at a time).
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if a URL is invalid or no node can be reached.
+    pub async fn connect_cluster(nodes: &[String], prefix: &str) -> Result<Self, StoreError> {
+        Self::open(Target::Cluster(nodes), prefix).await
+    }
+
+    async fn open(target: Target<'_>, prefix: &str) -> Result<Self, StoreError> {
+        let (conn, subscribers) = conn::connect(target).await?;
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
         let stop = CancellationToken::new();
         let channel = format!("{prefix}:changes");
-        tokio::spawn(relay_changes(client, channel, changes.clone(), stop.clone()));
-        Ok(Self {
+        tokio::spawn(conn::relay_changes(subscribers, channel, changes.clone(), stop.clone()));
+        let store = Self {
             inner: Arc::new(Inner {
                 conn,
                 prefix: prefix.to_owned(),
@@ -260,11 +185,14 @@ impl RedisStore {
                 changes,
                 _stop: stop.drop_guard(),
             }),
-        })
+        };
+        store.migrate_layout().await?;
+        Ok(store)
     }
 
+    /// The key of `tenant`'s `kind` (`t`, `d`, `c`, `i`), in the tenant's hash tag.
     fn key(&self, kind: &str, tenant: &TenantId) -> String {
-        format!("{}:{kind}:{tenant}", self.inner.prefix)
+        format!("{}:{{{tenant}}}:{kind}", self.inner.prefix)
     }
 
     /// The keys of `tenant` for each of `kinds`, in order.
@@ -272,55 +200,18 @@ impl RedisStore {
         kinds.iter().map(|kind| self.key(kind, tenant)).collect()
     }
 
-    fn tenants_key(&self) -> String {
-        format!("{}:tenants", self.inner.prefix)
+    /// A global key (`tenants`, `ca-guard`, ...).
+    fn global_key(&self, name: &str) -> String {
+        format!("{}:{name}", self.inner.prefix)
     }
 
-    fn ca_gen_key(&self) -> String {
-        format!("{}:ca-gen", self.inner.prefix)
-    }
-
-    /// Creates or updates tenant `id` with a script from `invocation` (given the
-    /// `P:ca-gen` value its check read, to pass before the record), checking that no
-    /// other tenant trusts a CA subject of `tenant` (see the module documentation).
-    async fn write_tenant<'s>(
-        &self,
-        id: &TenantId,
-        tenant: &Tenant,
-        invocation: impl Fn(&str) -> ScriptInvocation<'s>,
-    ) -> Result<String, StoreError> {
-        /// Tenant writes with CAs racing this one often enough to exhaust this are a
-        /// provisioning storm; the client gets 503 and retries.
-        const ATTEMPTS: usize = 8;
-        let mine = ca_subjects(tenant);
-        for _ in 0..ATTEMPTS {
-            let gen = if mine.is_empty() {
-                String::new()
-            } else {
-                let gen: Option<String> = self.conn().get(self.ca_gen_key()).await.map_err(be)?;
-                for (other, t) in self.list_tenants().await? {
-                    if other != *id {
-                        ca_subject_in_use(&mine, &t.value)?;
-                    }
-                }
-                gen.unwrap_or_else(|| "0".to_owned())
-            };
-            let (version, rec) = new_record(tenant)?;
-            let mut script = invocation(&gen);
-            script.arg(rec);
-            let r: String = script.invoke_async(&mut self.conn()).await.map_err(be)?;
-            if r == "retry" {
-                continue;
-            }
-            outcome(&r, "tenant")?;
-            self.announce(Change::Tenant(id.clone())).await;
-            return Ok(version);
-        }
-        Err(StoreError::Backend("trusted CAs of tenants changed concurrently; retry".into()))
-    }
-
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.inner.conn.clone()
+    }
+
+    /// Runs `script` and returns its answer, naming `what` it did on failure.
+    async fn run(&self, script: &ScriptInvocation<'_>, what: &str) -> Result<String, StoreError> {
+        script.invoke_async(&mut self.conn()).await.map_err(|e| backend(what, e))
     }
 
     /// Runs a write script that stores `value` as a new version (its record the script's
@@ -344,20 +235,23 @@ impl RedisStore {
         tenant: &TenantId,
         device: &DeviceId,
     ) -> Result<Option<T>, StoreError> {
-        let v: Option<Vec<u8>> =
-            self.conn().hget(self.key(kind, tenant), device.as_str()).await.map_err(be)?;
+        let v: Option<Vec<u8>> = self
+            .conn()
+            .hget(self.key(kind, tenant), device.as_str())
+            .await
+            .map_err(|e| backend("reading a device record", e))?;
         v.map(|b| decode(&b)).transpose()
     }
 
     /// Runs a write script (keys and arguments added), maps its result (errors name the
     /// tenant or device that `change` names) and announces `change`.
     async fn write(&self, script: &ScriptInvocation<'_>, change: Change) -> Result<(), StoreError> {
-        let r: String = script.invoke_async(&mut self.conn()).await.map_err(be)?;
         let what = match change {
             Change::Tenant(_) => "tenant",
             Change::Device(..) => "device",
             Change::All => "registry",
         };
+        let r = self.run(script, "writing the registry").await?;
         outcome(&r, what)?;
         self.announce(change).await;
         Ok(())
@@ -366,64 +260,10 @@ impl RedisStore {
     /// Tells this instance's subscribers at once and other instances via pub/sub.
     async fn announce(&self, c: Change) {
         let _ = self.inner.changes.send(c.clone());
-        let payload = match &c {
-            Change::Tenant(t) => format!("T\t{t}"),
-            Change::Device(t, d) => format!("D\t{t}\t{d}"),
-            Change::All => "*".to_owned(),
-        };
-        let channel = format!("{}:changes", self.inner.prefix);
-        if let Err(e) = self.conn().publish::<_, _, ()>(channel, payload).await {
+        let channel = self.global_key("changes");
+        if let Err(e) = self.conn().publish::<_, _, ()>(channel, change_message(&c)).await {
             // The write is done; other instances fall back to their cache TTL.
             tracing::warn!(error = %e, "could not publish registry change");
-        }
-    }
-}
-
-fn parse_change(payload: &str) -> Change {
-    let mut parts = payload.split('\t');
-    let tag = parts.next();
-    let t = parts.next().and_then(|t| TenantId::new(t).ok());
-    let d = parts.next().and_then(|d| DeviceId::new(d).ok());
-    match (tag, t, d) {
-        (Some("T"), Some(t), _) => Change::Tenant(t),
-        (Some("D"), Some(t), Some(d)) => Change::Device(t, d),
-        // Anything unexpected: be safe and drop everything.
-        _ => Change::All,
-    }
-}
-
-/// Relays pub/sub messages into the local broadcast until `stop`. After any (re)subscribe
-/// it emits [`Change::All`]: messages sent while disconnected are lost.
-async fn relay_changes(
-    client: redis::Client,
-    channel: String,
-    tx: broadcast::Sender<Change>,
-    stop: CancellationToken,
-) {
-    loop {
-        let session = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            let _ = tx.send(Change::All);
-            let mut stream = pubsub.on_message();
-            while let Some(msg) = stream.next().await {
-                let payload: String = msg.get_payload().unwrap_or_default();
-                let _ = tx.send(parse_change(&payload));
-            }
-            Ok::<(), redis::RedisError>(())
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            r = session => {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "registry change subscription failed; retrying");
-                }
-            }
-        }
-        let _ = tx.send(Change::All);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }
@@ -431,16 +271,12 @@ async fn relay_changes(
 #[async_trait]
 impl RegistryStore for RedisStore {
     async fn create_tenant(&self, id: &TenantId, tenant: &Tenant) -> Result<String, StoreError> {
-        self.write_tenant(id, tenant, |gen| {
-            let mut script = self.inner.scripts.create_tenant.key(self.key("t", id));
-            script.key(self.tenants_key()).key(self.ca_gen_key()).arg(id.as_str()).arg(gen);
-            script
-        })
-        .await
+        self.create_tenant_guarded(id, tenant).await
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Versioned<Tenant>>, StoreError> {
-        let v: Option<Vec<u8>> = self.conn().get(self.key("t", id)).await.map_err(be)?;
+        let v: Option<Vec<u8>> =
+            self.conn().get(self.key("t", id)).await.map_err(|e| backend("reading a tenant", e))?;
         v.map(|b| decode(&b)).transpose()
     }
 
@@ -450,47 +286,37 @@ impl RegistryStore for RedisStore {
         tenant: &Tenant,
         if_match: Option<&str>,
     ) -> Result<String, StoreError> {
-        if !ca_subjects(tenant).is_empty() {
-            // As the embedded store answers: 404 and 412 before a CA conflict (the
-            // script checks both again, atomically).
-            let cur = self.get_tenant(id).await?.ok_or(StoreError::NotFound("tenant"))?;
-            if !version_matches(if_match, &cur.version) {
-                return Err(StoreError::VersionMismatch);
-            }
-        }
-        self.write_tenant(id, tenant, |gen| {
-            let mut script = self.inner.scripts.update_tenant.key(self.key("t", id));
-            script.key(self.ca_gen_key()).arg(want(if_match)).arg(gen);
-            script
-        })
-        .await
+        self.update_tenant_guarded(id, tenant, if_match).await
     }
 
     async fn delete_tenant(&self, id: &TenantId, if_match: Option<&str>) -> Result<(), StoreError> {
-        let mut script = self.inner.scripts.delete_tenant.key(self.key("t", id));
-        script.key(self.tenants_key()).key(self.keys(id, &["d", "c", "i"]));
-        script.arg(want(if_match)).arg(id.as_str());
-        self.write(&script, Change::Tenant(id.clone())).await
+        self.delete_tenant_guarded(id, if_match).await
     }
 
     async fn list_tenants(&self) -> Result<Vec<(TenantId, Versioned<Tenant>)>, StoreError> {
-        let mut ids: Vec<String> = self.conn().smembers(self.tenants_key()).await.map_err(be)?;
+        let mut ids: Vec<String> = self
+            .conn()
+            .smembers(self.global_key("tenants"))
+            .await
+            .map_err(|e| backend("listing tenants", e))?;
         ids.sort();
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
         let mut out = Vec::with_capacity(ids.len());
-        // MGET in bounded batches so one call never builds a huge reply.
+        // MGET in bounded batches so one call never builds a huge reply (on a cluster the
+        // client splits each batch by slot).
         for chunk in ids.chunks(500) {
             let tids: Vec<TenantId> = chunk
                 .iter()
                 .map(|i| TenantId::new(i.as_str()).map_err(corrupt))
                 .collect::<Result<_, _>>()?;
             let keys: Vec<String> = tids.iter().map(|t| self.key("t", t)).collect();
-            let vals: Vec<Option<Vec<u8>>> =
-                redis::cmd("MGET").arg(&keys).query_async(&mut self.conn()).await.map_err(be)?;
+            let vals: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(&keys)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(|e| backend("reading tenants", e))?;
             for (t, v) in tids.into_iter().zip(vals) {
-                // A tenant deleted between SMEMBERS and MGET is simply skipped.
+                // A member without a record (deleted meanwhile, or a write that did not
+                // finish; see the module documentation) is skipped.
                 if let Some(v) = v {
                     out.push((t, decode(&v)?));
                 }
@@ -546,8 +372,11 @@ impl RegistryStore for RedisStore {
         &self,
         tenant: &TenantId,
     ) -> Result<Vec<(DeviceId, Versioned<Device>)>, StoreError> {
-        let all: Vec<(String, Vec<u8>)> =
-            self.conn().hgetall(self.key("d", tenant)).await.map_err(be)?;
+        let all: Vec<(String, Vec<u8>)> = self
+            .conn()
+            .hgetall(self.key("d", tenant))
+            .await
+            .map_err(|e| backend("listing devices", e))?;
         let mut out = all
             .into_iter()
             .map(|(k, v)| Ok((DeviceId::new(k).map_err(corrupt)?, decode(&v)?)))
@@ -596,7 +425,7 @@ impl RegistryStore for RedisStore {
             .conn()
             .hget(self.key("i", tenant), index_field(cred_type, auth_id))
             .await
-            .map_err(be)?;
+            .map_err(|e| backend("looking up credentials", e))?;
         let Some(dev) = dev else { return Ok(None) };
         let dev = DeviceId::new(dev).map_err(corrupt)?;
         let Some(set) = self.get_credentials(tenant, &dev).await? else {
@@ -616,6 +445,7 @@ impl RegistryStore for RedisStore {
 
 #[cfg(test)]
 mod tests {
+    use super::conn::parse_change;
     use super::*;
 
     #[test]
@@ -634,5 +464,7 @@ mod tests {
             Change::Device(TenantId::new("t1").unwrap(), DeviceId::new("d1").unwrap())
         );
         assert_eq!(parse_change("garbage"), Change::All);
+        let c = Change::Device(TenantId::new("t1").unwrap(), DeviceId::new("d1").unwrap());
+        assert_eq!(parse_change(&change_message(&c)), c);
     }
 }

@@ -1,6 +1,8 @@
 //! Test support: a real redis-server per test, and an in-process registry on 127.0.0.1:0.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod cluster;
+
 use std::net::TcpListener as StdListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
