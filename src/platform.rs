@@ -27,6 +27,7 @@ use ferrule_device_registry::{Management, Registry};
 use ferrule_messaging::remote::{ConsumerLeases, Provision, Remote};
 use ferrule_messaging::{AddressScheme, AmqpServer, BackendKind, Broker};
 
+use crate::cluster::Role;
 use crate::config::Config;
 use crate::{ops, wiring};
 
@@ -70,7 +71,7 @@ pub struct Platform {
     registry: Registry,
     management: Management,
     ready: ops::Readiness,
-    mqtt: mqtt::MqttAdapter,
+    mqtt: Option<mqtt::MqttAdapter>,
     router: CommandRouter,
     devices: Vec<JoinHandle<()>>,
     management_tasks: Vec<JoinHandle<()>>,
@@ -114,7 +115,12 @@ impl Platform {
         } else {
             None
         };
-        let amqp = AmqpServer::bind(&messaging, broker.clone()).await?;
+        let roles = &config.cluster;
+        let amqp = if roles.serves(Role::Applications) {
+            Some(AmqpServer::bind(&messaging, broker.clone()).await?)
+        } else {
+            None
+        };
         let ops_listener = ops::bind(&config.ops).await?;
         // Where devices were last seen: fed by the adapters, read by command routing (the
         // last-known gateway) and the management API (`/v1/state`).
@@ -130,7 +136,7 @@ impl Platform {
         .context("starting the device registry")?;
         // One bounded pool for all password work: device logins, management writes and
         // application (SASL) logins.
-        let amqp = amqp.with_hash_pool(registry.hash_pool().clone());
+        let amqp = amqp.map(|amqp| amqp.with_hash_pool(registry.hash_pool().clone()));
         let devices = wiring::RegistryDevices(registry.auth().clone());
         let device_registry: Arc<dyn DeviceRegistry> = Arc::new(devices.clone());
         let key = config.commands.request_key(&config.data_dir)?;
@@ -156,52 +162,58 @@ impl Platform {
             .with_rate_limits(config.adapters.rate_limits())
             .with_presence(router.presence().clone())
             .with_tracer(tracer);
-        let commands = Some(router.clone());
-        let adapters = &config.adapters;
-        let http = HttpAdapter::bind(
-            adapters.http.clone(),
-            downstream.clone(),
-            device_registry.clone(),
-            commands.clone(),
-        )
-        .await?;
-        let coap = CoapAdapter::bind(
-            adapters.coap.clone(),
-            downstream.clone(),
-            device_registry.clone(),
-            commands.clone(),
-        )
-        .await?;
-        let mqtt = mqtt::start_with_commands(
-            adapters.mqtt.clone(),
-            downstream,
-            device_registry,
-            commands,
-            tiers.devices.clone(),
-        )?;
-
-        let mut listeners = vec![
-            ("amqp", amqp.listeners().local_addr()),
-            ("ops", ops_listener.local_addr()?),
-            ("registry", registry.local_addr()),
-            ("http", http.listeners().local_addr()),
-            ("mqtt", mqtt.local_addr()),
-            ("coaps", coap.local_dtls_addr()),
-        ];
-        listeners.extend(coap.local_addr().map(|addr| ("coap", addr)));
-        listeners.extend(amqp.listeners().local_tls_addr().map(|addr| ("amqps", addr)));
-        listeners.extend(http.listeners().local_tls_addr().map(|addr| ("https", addr)));
-        listeners.extend(mqtt.local_tls_addr().map(|addr| ("mqtts", addr)));
-
-        let device_tasks = vec![
-            tokio::spawn(http.run(tiers.devices.clone())),
-            tokio::spawn(coap.run(tiers.devices.clone())),
-            tokio::spawn(wiring::close_revoked_connections(
-                registry.auth().applied_changes(),
-                mqtt.revalidator(),
+        let mut listeners =
+            vec![("ops", ops_listener.local_addr()?), ("registry", registry.local_addr())];
+        let mut device_tasks = Vec::new();
+        let mqtt = if roles.serves(Role::Devices) {
+            let commands = Some(router.clone());
+            let adapters = &config.adapters;
+            let http = HttpAdapter::bind(
+                adapters.http.clone(),
+                downstream.clone(),
+                device_registry.clone(),
+                commands.clone(),
+            )
+            .await?;
+            let coap = CoapAdapter::bind(
+                adapters.coap.clone(),
+                downstream.clone(),
+                device_registry.clone(),
+                commands.clone(),
+            )
+            .await?;
+            let mqtt = mqtt::start_with_commands(
+                adapters.mqtt.clone(),
+                downstream,
+                device_registry,
+                commands,
                 tiers.devices.clone(),
-            )),
-        ];
+            )?;
+            listeners.extend([
+                ("http", http.listeners().local_addr()),
+                ("mqtt", mqtt.local_addr()),
+                ("coaps", coap.local_dtls_addr()),
+            ]);
+            listeners.extend(coap.local_addr().map(|addr| ("coap", addr)));
+            listeners.extend(http.listeners().local_tls_addr().map(|addr| ("https", addr)));
+            listeners.extend(mqtt.local_tls_addr().map(|addr| ("mqtts", addr)));
+            device_tasks = vec![
+                tokio::spawn(http.run(tiers.devices.clone())),
+                tokio::spawn(coap.run(tiers.devices.clone())),
+                tokio::spawn(wiring::close_revoked_connections(
+                    registry.auth().applied_changes(),
+                    mqtt.revalidator(),
+                    tiers.devices.clone(),
+                )),
+            ];
+            Some(mqtt)
+        } else {
+            None
+        };
+        if let Some(amqp) = &amqp {
+            listeners.push(("amqp", amqp.listeners().local_addr()));
+            listeners.extend(amqp.listeners().local_tls_addr().map(|addr| ("amqps", addr)));
+        }
         let management_tasks = vec![tokio::spawn(ops::run(
             ops_listener,
             config.ops.clone(),
@@ -210,7 +222,10 @@ impl Platform {
             broker.clone(),
             tiers.management.clone(),
         ))];
-        let applications = tokio::spawn(amqp.run(tiers.applications.clone()));
+        let applications = match amqp {
+            Some(amqp) => tokio::spawn(amqp.run(tiers.applications.clone())),
+            None => tokio::spawn(async {}),
+        };
         let maintenance = tokio::spawn(
             broker
                 .clone()
@@ -282,7 +297,9 @@ impl Platform {
 
         let mqtt = self.mqtt;
         stop_tier("device adapters", Some(&tiers.devices), self.devices, async move {
-            mqtt.stopped().await;
+            if let Some(mqtt) = mqtt {
+                mqtt.stopped().await;
+            }
         })
         .await;
         // With the device sessions gone, commands in flight are answered or released.

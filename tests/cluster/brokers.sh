@@ -56,23 +56,36 @@ rabbit-start)
       setsid nohup rabbitmq-server > "$BASE/rabbit/n$i/stdout.log" 2>&1 < /dev/null & )
   done
   ( rabbit_env 1
-    for _ in $(seq 1 120); do rabbitmq-diagnostics -q ping >/dev/null 2>&1 && break; sleep 0.5; done
+    for _ in $(seq 1 120); do
+      rabbitmq-diagnostics -q ping >/dev/null 2>&1 && break
+      for i in $(seq 1 "$COUNT"); do
+        if grep -q "Kernel pid terminated" "$BASE/rabbit/n$i/stdout.log" 2>/dev/null; then
+          echo "RabbitMQ node $i did not start:" >&2; tail -3 "$BASE/rabbit/n$i/stdout.log" >&2; exit 1
+        fi
+      done
+      sleep 0.5
+    done
     rabbitmqctl -q await_startup
     rabbitmqctl -q await_online_nodes "$COUNT" --timeout 120 )
   ;;
 rabbit-stop)
+  pids=()
   for i in $(seq "$COUNT" -1 1); do
     f=$BASE/rabbit/n$i/pid
-    [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+    if [ -f "$f" ]; then pids+=("$(cat "$f")"); fi
   done
-  for i in $(seq "$COUNT" -1 1); do
-    f=$BASE/rabbit/n$i/pid
-    [ -f "$f" ] || continue
-    for _ in $(seq 1 50); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.2; done
-    kill -9 "$(cat "$f")" 2>/dev/null || true
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
   done
-  # epmd outlives the nodes; it listens on our private port only.
-  ERL_EPMD_PORT=$EPMD_PORT epmd -kill >/dev/null 2>&1 || true
+  # epmd outlives the nodes (it listens on our private port only) and refuses to stop
+  # while a node is still registered.
+  for _ in $(seq 1 25); do
+    ERL_EPMD_PORT=$EPMD_PORT epmd -kill 2>/dev/null | grep -q "^Killed" && break
+    ERL_EPMD_PORT=$EPMD_PORT epmd -names >/dev/null 2>&1 || break
+    sleep 0.2
+  done
   ;;
 redis-start)
   rm -rf "$BASE/redis"

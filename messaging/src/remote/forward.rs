@@ -155,11 +155,15 @@ impl Actor {
             return;
         }
         let timeout = self.inner.config.outcome_timeout;
+        // Pre-settled only where consumer leases answer "no consumer": otherwise the
+        // broker's outcome is the only place that answer comes from (a Ferrule broker
+        // releases telemetry nobody consumes), so at-most-once messages wait for it too.
+        let presettled = job.settled && self.inner.leases.is_some();
         let Some(link) = self.link().await else {
             let _ = job.reply.send(Outcome::Released);
             return;
         };
-        let sendable = Sendable::builder().message(job.message).settled(job.settled).build();
+        let sendable = Sendable::builder().message(job.message).settled(presettled).build();
         let sent = tokio::time::timeout(timeout, link.sender.send_batchable(sendable)).await;
         let outcome = match sent {
             Ok(Ok(outcome)) => outcome,
@@ -178,7 +182,7 @@ impl Actor {
                 return;
             }
         };
-        if job.settled {
+        if presettled {
             let _ = job.reply.send(Outcome::Accepted);
             return;
         }
