@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting and lints, Rust unit and integration tests, the
 # interoperability tests (tests/interop) against a real `ferrule serve` with third-party
-# clients, a fuzz smoke run and the hostile-input tests.
+# clients, the scale-out tests (tests/cluster: instances over RabbitMQ and Redis Cluster),
+# a fuzz smoke run and the hostile-input tests.
 # Installs what the tests need when it is missing (Debian/Ubuntu; root or sudo).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,6 +12,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # System packages the tests drive: `command` => package.
 declare -A need=(
   [redis-server]=redis-server
+  [rabbitmq-server]=rabbitmq-server
   [mosquitto_pub]=mosquitto-clients
   [mosquitto]=mosquitto
   [coap-client-notls]=libcoap3-bin
@@ -20,7 +22,8 @@ declare -A need=(
 )
 missing=()
 for cmd in "${!need[@]}"; do
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("${need[$cmd]}")
+  # rabbitmq-server lives in /usr/sbin, which a user's PATH may lack.
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("${need[$cmd]}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
@@ -58,6 +61,9 @@ timeout 1800 cargo test --workspace
 
 echo "==> interoperability tests"
 FERRULE_BIN="$PWD/target/debug/ferrule" timeout 1800 python3 -m pytest -q tests/interop
+
+echo "==> scale-out tests (3 instances over RabbitMQ and a Redis Cluster on private loopback ports)"
+FERRULE_BIN="$PWD/target/debug/ferrule" timeout 900 python3 -m pytest -q tests/cluster
 
 echo "==> fuzz targets, smoke run (fixed seeds, a fixed number of runs per target)"
 timeout 1800 fuzz/run.sh smoke

@@ -120,7 +120,7 @@ impl Config {
             *token = REDACTED.into();
         }
         c.registry.redis_url = redact_url_password(&c.registry.redis_url);
-        for url in &mut c.cluster.redis_urls {
+        for url in c.cluster.redis_urls.iter_mut().chain(&mut c.registry.redis_cluster_nodes) {
             *url = redact_url_password(url);
         }
         for url in &mut c.messaging.backend.urls {
@@ -390,8 +390,23 @@ mod tests {
             password: "sasl-secret".into(),
         }];
         c.commands.request_id_key = "command-key-secret-0123456789abcdef".into();
+        c.registry.redis_cluster_nodes = vec!["redis://:cluster-secret@r1:7001/".into()];
+        c.cluster.redis_urls = vec!["redis://u:lease-secret@r1:7001/".into()];
+        c.messaging.backend.urls = vec!["amqp://u:url-secret@rabbit:5672".into()];
+        c.messaging.backend.password = "broker-secret".into();
+        c.messaging.backend.management_password = "mgmt-secret".into();
         let text = toml::to_string_pretty(&c.redacted()).unwrap();
-        for secret in ["op-secret", "redis-secret", "sasl-secret", "command-key-secret"] {
+        for secret in [
+            "op-secret",
+            "redis-secret",
+            "sasl-secret",
+            "command-key-secret",
+            "cluster-secret",
+            "lease-secret",
+            "url-secret",
+            "broker-secret",
+            "mgmt-secret",
+        ] {
             assert!(!text.contains(secret), "{secret} printed: {text}");
         }
         assert!(text.contains("redis://app:<redacted>@db:6379/0"), "{text}");

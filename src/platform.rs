@@ -126,13 +126,22 @@ impl Platform {
         // last-known gateway) and the management API (`/v1/state`).
         let presence = Arc::new(ferrule_command_control::presence::Presence::default());
         let states = Arc::new(wiring::States(presence.clone(), broker.clone()));
-        let registry = Registry::start_tracking(
-            &config.registry,
-            &config.data_dir,
-            tiers.management.clone(),
-            states,
-        )
-        .await
+        let registry = if roles.serves(Role::Management) {
+            Registry::start_tracking(
+                &config.registry,
+                &config.data_dir,
+                tiers.management.clone(),
+                states,
+            )
+            .await
+        } else {
+            Registry::start_without_api(
+                &config.registry,
+                &config.data_dir,
+                tiers.management.clone(),
+            )
+            .await
+        }
         .context("starting the device registry")?;
         // One bounded pool for all password work: device logins, management writes and
         // application (SASL) logins.
@@ -162,8 +171,8 @@ impl Platform {
             .with_rate_limits(config.adapters.rate_limits())
             .with_presence(router.presence().clone())
             .with_tracer(tracer);
-        let mut listeners =
-            vec![("ops", ops_listener.local_addr()?), ("registry", registry.local_addr())];
+        let mut listeners = vec![("ops", ops_listener.local_addr()?)];
+        listeners.extend(registry.api_addr().map(|addr| ("registry", addr)));
         let mut device_tasks = Vec::new();
         let mqtt = if roles.serves(Role::Devices) {
             let commands = Some(router.clone());

@@ -73,7 +73,8 @@ pub async fn open_store(
 
 /// A running registry.
 pub struct Registry {
-    local_addr: SocketAddr,
+    /// `None` when the API is off (an instance without the management role).
+    local_addr: Option<SocketAddr>,
     auth: AuthService,
     management: Management,
     pool: HashPool,
@@ -116,6 +117,25 @@ impl Registry {
         config.validate()?;
         let store = open_store(config, data_dir).await?;
         Self::start_with_states(config, store, shutdown, Some(states)).await
+    }
+
+    /// [`Registry::start_tracking`] without the management API (an instance that only
+    /// authenticates devices: the API is served by others sharing the store).
+    ///
+    /// # Errors
+    /// [`RegistryError`] for bad config or an unusable store.
+    pub async fn start_without_api(
+        config: &RegistryConfig,
+        data_dir: &Path,
+        shutdown: CancellationToken,
+    ) -> Result<Self, RegistryError> {
+        config.validate()?;
+        let store = open_store(config, data_dir).await?;
+        let pool = HashPool::new(config.hash_pool_size);
+        let auth = AuthService::new(store.clone(), pool.clone(), config.auth_settings());
+        let management = Management::new(store, pool.clone());
+        let tracker = TaskTracker::new();
+        Ok(Self { local_addr: None, auth, management, pool, shutdown, tracker })
     }
 
     /// Like [`Registry::start`] over an already opened store (tests, or a binary that
@@ -186,11 +206,19 @@ impl Registry {
             tracker.clone(),
         ));
         tracing::info!(%local_addr, "device registry management API listening");
-        Ok(Self { local_addr, auth, management, pool, shutdown, tracker })
+        Ok(Self { local_addr: Some(local_addr), auth, management, pool, shutdown, tracker })
     }
 
     /// The bound API address (useful with port 0).
+    ///
+    /// # Panics
+    /// The registry was started without its API ([`Registry::start_without_api`]).
     pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr.expect("the management API is on")
+    }
+
+    /// The bound API address, `None` if the API is off.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
         self.local_addr
     }
 
