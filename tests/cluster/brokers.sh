@@ -3,7 +3,7 @@
 # any user, without system services (Debian packages rabbitmq-server and redis-server):
 #   brokers.sh rabbit-start N   RabbitMQ 3.x nodes (AMQP 1.0 on 127.0.0.1:$RABBIT_PORT+i,
 #                               management API on $RABBIT_HTTP_PORT+i, guest/guest)
-#   brokers.sh rabbit-stop N
+#   brokers.sh rabbit-stop N    (KEEP=1 brokers.sh rabbit-start N: start again over the data)
 #   brokers.sh redis-start N R  Redis Cluster of N nodes with R replicas per master
 #                               (127.0.0.1:$REDIS_PORT+i)
 #   brokers.sh redis-stop N
@@ -37,9 +37,13 @@ rabbit_env() {
 
 case $CMD in
 rabbit-start)
-  rm -rf "$BASE/rabbit"; mkdir -p "$BASE/rabbit"
-  head -c 24 /dev/urandom | base64 | tr -dc A-Za-z0-9 > "$BASE/rabbit/cookie"
-  echo "[rabbitmq_amqp1_0,rabbitmq_management]." > "$BASE/rabbit/enabled_plugins"
+  # KEEP=1: start the nodes again over their data (a broker restart).
+  if [ "${KEEP:-0}" != 1 ]; then
+    rm -rf "$BASE/rabbit"; mkdir -p "$BASE/rabbit"
+    head -c 24 /dev/urandom | base64 | tr -dc A-Za-z0-9 > "$BASE/rabbit/cookie"
+    echo "[rabbitmq_amqp1_0,rabbitmq_management]." > "$BASE/rabbit/enabled_plugins"
+  fi
+  for i in $(seq 1 "$COUNT"); do rm -f "$BASE/rabbit/n$i/stdout.log"; done
   for i in $(seq 1 "$COUNT"); do
     ( rabbit_env "$i"
       { echo "listeners.tcp.1 = 127.0.0.1:$RABBITMQ_NODE_PORT"

@@ -72,8 +72,13 @@ outcome_timeout = "5s"
 """
 
 
-def _brokers(*args):
-    subprocess.run([str(BROKERS), *args], check=True, timeout=180, env={**os.environ, "BASE": os.environ["FERRULE_CLUSTER_BASE"]})
+def brokers_command(*args, keep=False):
+    """Runs tests/cluster/brokers.sh on the session's brokers (keep: start over their data)."""
+    env = {**os.environ, "BASE": os.environ["FERRULE_CLUSTER_BASE"], "KEEP": "1" if keep else "0"}
+    subprocess.run([str(BROKERS), *args], check=True, timeout=180, env=env)
+
+
+_brokers = brokers_command
 
 
 @pytest.fixture(scope="session")
