@@ -119,6 +119,8 @@ pub struct BackendConfig {
     pub kind: BackendKind,
     /// The broker's AMQP 1.0 URLs (`amqp://host:5672`), tried in turn on (re)connect.
     pub urls: Vec<String>,
+    /// PEM file of the CA certificates trusted for `amqps://` URLs (required with them).
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// SASL PLAIN user at the broker (empty: no SASL). A Ferrule broker's `name@*` user
     /// is used as `name@TENANT` over one connection per tenant.
     pub username: String,
@@ -145,6 +147,7 @@ impl Default for BackendConfig {
         Self {
             kind: BackendKind::Embedded,
             urls: Vec::new(),
+            tls_ca_file: None,
             username: String::new(),
             password: String::new(),
             addresses: AddressScheme::Rabbitmq,
@@ -162,6 +165,7 @@ impl std::fmt::Debug for BackendConfig {
         f.debug_struct("BackendConfig")
             .field("kind", &self.kind)
             .field("urls", &self.urls)
+            .field("tls_ca_file", &self.tls_ca_file)
             .field("username", &self.username)
             .field("password", &"<redacted>")
             .field("addresses", &self.addresses)
@@ -185,7 +189,10 @@ impl BackendConfig {
             return bad("urls", "must name at least one broker with kind = \"amqp\"");
         }
         if let Some(url) = self.urls.iter().find(|u| crate::remote::parse_url(u).is_err()) {
-            return bad("urls", &format!("{url:?} is not an amqp://host:port URL"));
+            return bad("urls", &format!("{url:?} is not an amqp:// or amqps:// URL with a host"));
+        }
+        if self.urls.iter().any(|u| u.starts_with("amqps://")) && self.tls_ca_file.is_none() {
+            return bad("tls_ca_file", "is needed for amqps:// URLs");
         }
         if self.addresses == AddressScheme::Rabbitmq && self.management_url.is_empty() {
             return bad("management_url", "is needed with addresses = \"rabbitmq\"");
@@ -411,8 +418,10 @@ users = []
 # telemetry and events, so that several Ferrule instances serve the same tenants (see
 # README "Scale-out").
 kind = "embedded"
-# Broker URLs, tried in turn: ["amqp://rabbit-1:5672", "amqp://rabbit-2:5672"].
+# Broker URLs, tried in turn: ["amqp://rabbit-1:5672", "amqps://rabbit-2:5671"].
 urls = []
+# PEM file of the CA certificates trusted for amqps:// URLs (required with them).
+# tls_ca_file = "/etc/ferrule/broker-ca.pem"
 # SASL PLAIN at the broker (empty: none). For a Ferrule broker, a `name@*` user (one
 # connection per tenant).
 username = ""

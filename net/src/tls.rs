@@ -10,7 +10,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
-pub use tokio_rustls::TlsAcceptor;
+pub use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// TLS settings of one listener. TLS is on when both `cert` and `key` are set. The files
 /// are re-read when they change (checked once a second, in the background).
@@ -147,6 +147,45 @@ impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
+}
+
+/// A TLS client trusting only the CA certificates in `ca_file` (PEM): for Ferrule's own
+/// outgoing connections (the shared broker in cluster mode).
+///
+/// # Errors
+/// The file cannot be read or holds no usable certificate.
+pub fn client_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, TlsError> {
+    let pem = |reason: String| TlsError::Pem { path: ca_file.to_owned(), reason };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| pem(e.to_string()))? {
+        roots.add(cert.map_err(|e| pem(e.to_string()))?).map_err(|e| pem(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(pem("no certificate found".into()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// Opens TLS over `stream` to `host` (a DNS name or an IP address, checked against the
+/// server's certificate).
+///
+/// # Errors
+/// `host` is not a valid name, or the handshake failed (untrusted certificate, ...).
+pub async fn connect(
+    connector: &tokio_rustls::TlsConnector,
+    host: &str,
+    stream: TcpStream,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, connector.connect(name, stream))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
 }
 
 /// How long a client may take to finish its TLS handshake.

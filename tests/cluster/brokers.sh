@@ -2,7 +2,8 @@
 # Starts and stops the brokers of the scale-out tests on private loopback ports, as root or
 # any user, without system services (Debian packages rabbitmq-server and redis-server):
 #   brokers.sh rabbit-start N   RabbitMQ 3.x nodes (AMQP 1.0 on 127.0.0.1:$RABBIT_PORT+i,
-#                               management API on $RABBIT_HTTP_PORT+i, guest/guest)
+#                               management API on $RABBIT_HTTP_PORT+i, guest/guest; AMQP over
+#                               TLS on $RABBIT_TLS_PORT+i when RABBIT_TLS_DIR is set)
 #   brokers.sh rabbit-stop N    (KEEP=1 brokers.sh rabbit-start N: start again over the data)
 #   brokers.sh redis-start N R  Redis Cluster of N nodes with R replicas per master
 #                               (127.0.0.1:$REDIS_PORT+i)
@@ -13,6 +14,8 @@ BASE=${BASE:-${TMPDIR:-/tmp}/ferrule-cluster-test}
 RABBIT_PORT=${RABBIT_PORT:-25680}
 RABBIT_HTTP_PORT=${RABBIT_HTTP_PORT:-25690}
 RABBIT_DIST_PORT=${RABBIT_DIST_PORT:-25700}
+# With RABBIT_TLS_DIR (ca.crt, server.crt, server.key): AMQP over TLS on $RABBIT_TLS_PORT+i.
+RABBIT_TLS_PORT=${RABBIT_TLS_PORT:-25670}
 EPMD_PORT=${EPMD_PORT:-25369}
 REDIS_PORT=${REDIS_PORT:-27000}
 CMD=$1; COUNT=${2:-1}; REPLICAS=${3:-0}
@@ -52,6 +55,14 @@ rabbit-start)
         echo "log.console = false"
         echo "management.tcp.ip = 127.0.0.1"
         echo "management.tcp.port = $((RABBIT_HTTP_PORT + i))"
+        if [ -n "${RABBIT_TLS_DIR:-}" ]; then
+          echo "listeners.ssl.1 = 127.0.0.1:$((RABBIT_TLS_PORT + i))"
+          echo "ssl_options.cacertfile = $RABBIT_TLS_DIR/ca.crt"
+          echo "ssl_options.certfile = $RABBIT_TLS_DIR/server.crt"
+          echo "ssl_options.keyfile = $RABBIT_TLS_DIR/server.key"
+          echo "ssl_options.verify = verify_none"
+          echo "ssl_options.fail_if_no_peer_cert = false"
+        fi
         if [ "$COUNT" -gt 1 ]; then
           echo "cluster_formation.peer_discovery_backend = classic_config"
           for j in $(seq 1 "$COUNT"); do echo "cluster_formation.classic_config.nodes.$j = ferrule$j@localhost"; done

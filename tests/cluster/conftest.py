@@ -23,6 +23,7 @@ BIN = Path(os.environ.get("FERRULE_BIN", ROOT / "target" / "debug" / "ferrule"))
 BROKERS = HERE / "brokers.sh"
 
 RABBIT_AMQP = "127.0.0.1:25681"
+RABBIT_AMQPS = "localhost:25671"
 RABBIT_HTTP = "127.0.0.1:25691"
 REDIS_NODES = ["redis://127.0.0.1:27001/", "redis://127.0.0.1:27002/", "redis://127.0.0.1:27003/"]
 TOKEN = "test-operator-token"
@@ -74,7 +75,8 @@ outcome_timeout = "5s"
 
 def brokers_command(*args, keep=False):
     """Runs tests/cluster/brokers.sh on the session's brokers (keep: start over their data)."""
-    env = {**os.environ, "BASE": os.environ["FERRULE_CLUSTER_BASE"], "KEEP": "1" if keep else "0"}
+    env = {**os.environ, "BASE": os.environ["FERRULE_CLUSTER_BASE"], "KEEP": "1" if keep else "0",
+           "RABBIT_TLS_DIR": os.environ["FERRULE_CLUSTER_BASE"] + "/pki"}
     subprocess.run([str(BROKERS), *args], check=True, timeout=180, env=env)
 
 
@@ -89,7 +91,10 @@ def brokers(tmp_path_factory):
         missing.append("rabbitmq-server")
     if missing:
         pytest.fail(f"missing {missing}: run-tests.sh installs them")
-    os.environ["FERRULE_CLUSTER_BASE"] = str(tmp_path_factory.mktemp("brokers"))
+    base = tmp_path_factory.mktemp("brokers")
+    os.environ["FERRULE_CLUSTER_BASE"] = str(base)
+    from tls_support import make_pki
+    make_pki(base / "pki")  # RabbitMQ's TLS listener (CA, server certificate for localhost)
     _brokers("redis-start", "3", "0")
     try:
         _brokers("rabbit-start", "1")

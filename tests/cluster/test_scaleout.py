@@ -8,7 +8,10 @@ import pytest
 from proton import Timeout
 
 from amqp_client import Collector, connect
-from conftest import TOKEN, brokers_command, unique_tenant
+import os
+from pathlib import Path
+
+from conftest import RABBIT_AMQPS, RABBIT_BACKEND, RABBIT_HTTP, TOKEN, brokers_command, unique_tenant
 from registry_client import Registry
 
 PSK = "coap-secret-key"
@@ -265,3 +268,26 @@ def test_a_broker_restart_is_never_acknowledged_falsely_and_recovers(cluster):
             seen.append(bytes(device_messages(events, 1, timeout=30)[0].body))
     finally:
         events.close()
+
+
+def test_amqps_to_the_broker_checks_its_certificate(cluster, tmp_path):
+    """amqps:// to RabbitMQ's TLS listener with the operator's CA: events flow. With a CA
+    that did not sign the broker's certificate nothing is acknowledged (503)."""
+    pki = Path(os.environ["FERRULE_CLUSTER_BASE"]) / "pki"
+    tls_backend = RABBIT_BACKEND.format(amqp="unused", http=RABBIT_HTTP).replace(
+        'urls = ["amqp://unused"]', f'urls = ["amqps://{RABBIT_AMQPS}"]\ntls_ca_file = "{pki / "ca.crt"}"')
+    (i1,) = cluster(1, backend=tls_backend)
+    tenant = unique_tenant()
+    provision(i1, tenant)
+    events = collect(i1, tenant, f"event/{tenant}")
+    try:
+        assert curl(i1, "/event", "over-tls", f"d1@{tenant}:pw1") == "202"
+        assert bodies(events, 1) == [b"over-tls"]
+    finally:
+        events.close()
+    from tls_support import make_pki
+    other = make_pki(tmp_path / "other-ca")
+    wrong = tls_backend.replace(str(pki / "ca.crt"), str(other["ca"]))
+    (i2,) = cluster(1, backend=wrong)
+    assert curl(i2, "/event", "untrusted", f"d1@{tenant}:pw1") == "503"
+    assert "TLS" in i2.log_text() and "cannot attach" in i2.log_text()

@@ -17,24 +17,47 @@ use crate::config::BackendConfig;
 /// How long opening a connection or beginning a session may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `host:port` of an `amqp://[user:password@]host[:port]` URL (credentials come from the
-/// configuration, not the URL).
-pub fn parse_url(url: &str) -> Result<String, String> {
-    let rest = url.strip_prefix("amqp://").ok_or("only amqp:// URLs are supported")?;
+/// One broker to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host:port`.
+    pub address: String,
+    /// `amqps://`: TLS, the certificate checked against `host`.
+    pub tls: bool,
+}
+
+impl Endpoint {
+    fn host(&self) -> &str {
+        let host = self.address.rsplit_once(':').map_or(self.address.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+/// The endpoint of an `amqp[s]://[user:password@]host[:port]` URL (credentials come from
+/// the configuration, not the URL; ports default to 5672 and 5671).
+pub fn parse_url(url: &str) -> Result<Endpoint, String> {
+    let (rest, tls) = match (url.strip_prefix("amqp://"), url.strip_prefix("amqps://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => return Err("only amqp:// and amqps:// URLs are supported".into()),
+    };
     let rest = rest.split('/').next().unwrap_or_default();
     let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
     if host.is_empty() {
         return Err("no host".into());
     }
-    Ok(if host.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
+    let address = if host.rsplit_once(':').is_some_and(|(_, port)| port.parse::<u16>().is_ok()) {
         host.to_owned()
     } else {
-        format!("{host}:5672")
-    })
+        format!("{host}:{}", if tls { 5671 } else { 5672 })
+    };
+    Ok(Endpoint { address, tls })
 }
 
 pub(crate) struct Pool {
-    hosts: Vec<String>,
+    hosts: Vec<Endpoint>,
+    /// For `amqps://` endpoints (`tls_ca_file`); `Err` keeps why it could not be made.
+    tls: Result<ferrule_net::tls::TlsConnector, String>,
     next: AtomicUsize,
     username: String,
     password: String,
@@ -49,6 +72,10 @@ impl Pool {
     pub(crate) fn new(config: &BackendConfig, instance: &str) -> Self {
         Self {
             hosts: config.urls.iter().filter_map(|u| parse_url(u).ok()).collect(),
+            tls: match &config.tls_ca_file {
+                Some(path) => ferrule_net::tls::client_connector(path).map_err(|e| e.to_string()),
+                None => Err("no tls_ca_file configured".into()),
+            },
             next: AtomicUsize::new(0),
             username: config.username.clone(),
             password: config.password.clone(),
@@ -87,23 +114,25 @@ impl Pool {
         let mut last = String::from("no broker URL");
         for _ in 0..self.hosts.len() {
             let host = &self.hosts[self.next.fetch_add(1, Ordering::Relaxed) % self.hosts.len()];
+            let host_name = &host.address;
             match tokio::time::timeout(CONNECT_TIMEOUT, self.open(host, tenant)).await {
                 Ok(Ok(conn)) => {
-                    tracing::info!(broker = %host, "connected to the shared broker");
+                    tracing::info!(broker = %host_name, tls = host.tls, "connected to the shared broker");
                     return Ok(conn);
                 }
-                Ok(Err(e)) => last = format!("{host}: {e}"),
-                Err(_) => last = format!("{host}: timed out"),
+                Ok(Err(e)) => last = format!("{host_name}: {e}"),
+                Err(_) => last = format!("{host_name}: timed out"),
             }
         }
         Err(last)
     }
 
-    async fn open(&self, host: &str, tenant: &str) -> Result<ConnectionHandle<()>, String> {
-        let stream = tokio::net::TcpStream::connect(host).await.map_err(|e| e.to_string())?;
+    async fn open(&self, host: &Endpoint, tenant: &str) -> Result<ConnectionHandle<()>, String> {
+        let stream =
+            tokio::net::TcpStream::connect(&host.address).await.map_err(|e| e.to_string())?;
         // fe2o3-amqp does not set it; without it Nagle delays every small transfer.
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let hostname = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let hostname = host.host();
         let builder = Connection::builder()
             .container_id(format!("{}-{}", self.container, uuid::Uuid::new_v4().simple()))
             .hostname(hostname)
@@ -117,7 +146,17 @@ impl Pool {
             };
             builder.sasl_profile(SaslProfile::Plain { username, password: self.password.clone() })
         };
-        builder.open_with_stream(stream).await.map_err(|e| e.to_string())
+        if host.tls {
+            // TLS below fe2o3 (it sees a plain stream): the crate's own TLS features would
+            // bring a second TLS stack into the build.
+            let connector = self.tls.as_ref().map_err(|e| format!("amqps: {e}"))?;
+            let stream = ferrule_net::tls::connect(connector, hostname, stream)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            builder.open_with_stream(stream).await.map_err(|e| e.to_string())
+        } else {
+            builder.open_with_stream(stream).await.map_err(|e| e.to_string())
+        }
     }
 
     /// Closes every connection.
@@ -135,9 +174,12 @@ mod tests {
 
     #[test]
     fn urls() {
-        assert_eq!(parse_url("amqp://127.0.0.1:5681").unwrap(), "127.0.0.1:5681");
-        assert_eq!(parse_url("amqp://u:p@rabbit/").unwrap(), "rabbit:5672");
-        assert!(parse_url("amqps://rabbit").is_err());
+        let at = |url| parse_url(url).map(|e| (e.address, e.tls));
+        assert_eq!(at("amqp://127.0.0.1:5681").unwrap(), ("127.0.0.1:5681".into(), false));
+        assert_eq!(at("amqp://u:p@rabbit/").unwrap(), ("rabbit:5672".into(), false));
+        assert_eq!(at("amqps://rabbit").unwrap(), ("rabbit:5671".into(), true));
+        assert_eq!(parse_url("amqps://[::1]:5671").unwrap().host(), "::1");
+        assert!(parse_url("http://rabbit").is_err());
         assert!(parse_url("amqp://").is_err());
     }
 }
