@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use ferrule_messaging::remote::{ConsumerLeases, Provision};
 
 /// `[cluster]`: this instance's part in a deployment of several.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// This instance's name (broker link names, consumer leases). Empty: a random one per
@@ -30,6 +30,14 @@ pub struct ClusterConfig {
     /// What this instance serves: any of `devices` (MQTT, HTTP, CoAP adapters),
     /// `applications` (the AMQP endpoint) and `management` (the registry API).
     pub roles: Vec<Role>,
+    /// `host:port` at which the other instances reach this instance's AMQP listener
+    /// (commands and responses between instances). Empty: `[messaging] listen` when it
+    /// names a concrete address.
+    pub advertise: String,
+    /// The secret instances present to each other (as `ferrule-peer@TENANT`); the same on
+    /// every instance, at least 16 characters. Empty: commands are routed only to devices
+    /// connected to the instance the application sends them to.
+    pub peer_password: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,7 +62,25 @@ impl Default for ClusterConfig {
             redis_urls: Vec::new(),
             redis_mode: RedisMode::Cluster,
             roles: vec![Role::Devices, Role::Applications, Role::Management],
+            advertise: String::new(),
+            peer_password: String::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("instance_id", &self.instance_id)
+            .field(
+                "redis_urls",
+                &format_args!("<{} redacted: may hold a password>", self.redis_urls.len()),
+            )
+            .field("redis_mode", &self.redis_mode)
+            .field("roles", &self.roles)
+            .field("advertise", &self.advertise)
+            .field("peer_password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -77,6 +103,12 @@ impl ClusterConfig {
             && self.redis_urls.is_empty()
         {
             return bad("redis_urls", "is needed for consumer leases with a RabbitMQ backend");
+        }
+        if !self.peer_password.is_empty() && self.peer_password.len() < 16 {
+            return bad("peer_password", "must be at least 16 characters");
+        }
+        if !self.advertise.is_empty() && !valid_host_port(&self.advertise) {
+            return bad("advertise", "must be HOST:PORT");
         }
         if self.redis_mode == RedisMode::Single && self.redis_urls.len() > 1 {
             return bad("redis_urls", "takes one URL with redis_mode = \"single\"");
@@ -117,8 +149,20 @@ redis_mode = "cluster"
 # What this instance serves: "devices" (MQTT, HTTP, CoAP), "applications" (AMQP),
 # "management" (registry API). E.g. the management API on some instances only.
 roles = ["devices", "applications", "management"]
+# Where the other instances reach this one's AMQP listener (commands and responses
+# between instances), e.g. "10.0.3.7:5672" (a pod IP). Empty: [messaging] listen, when it
+# is a concrete address.
+advertise = ""
+# The secret instances present to each other (same everywhere, >= 16 characters). Empty:
+# a command reaches a device only through the instance the device is connected to.
+peer_password = ""
 
 "#;
+
+/// `host:port` with a port number.
+fn valid_host_port(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
 
 /// A Redis connection of either kind.
 #[derive(Clone)]

@@ -130,6 +130,9 @@ impl Config {
             c.messaging.backend.password = REDACTED.into();
         }
         c.messaging.backend.management_password = REDACTED.into();
+        if !c.cluster.peer_password.is_empty() {
+            c.cluster.peer_password = REDACTED.into();
+        }
         if !c.commands.request_id_key.is_empty() {
             c.commands.request_id_key = REDACTED.into();
         }
@@ -395,6 +398,7 @@ mod tests {
         c.messaging.backend.urls = vec!["amqp://u:url-secret@rabbit:5672".into()];
         c.messaging.backend.password = "broker-secret".into();
         c.messaging.backend.management_password = "mgmt-secret".into();
+        c.cluster.peer_password = "peer-secret-0123456789".into();
         let text = toml::to_string_pretty(&c.redacted()).unwrap();
         for secret in [
             "op-secret",
@@ -406,6 +410,7 @@ mod tests {
             "url-secret",
             "broker-secret",
             "mgmt-secret",
+            "peer-secret",
         ] {
             assert!(!text.contains(secret), "{secret} printed: {text}");
         }
