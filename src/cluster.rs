@@ -204,17 +204,20 @@ impl RedisConn {
     }
 }
 
-/// How long a consumer lease lasts unless renewed; renewed every [`RENEW`].
+/// How long a lease lasts unless renewed; renewed every [`RENEW`].
 const LEASE: Duration = Duration::from_secs(5);
 const RENEW: Duration = Duration::from_secs(1);
 
-/// Consumer leases in Redis: per local address, a sorted set (hash tag: the tenant, so a
-/// tenant's keys live on one master) of instance ids scored by lease expiry.
+/// Leases in Redis: a sorted set per thing leased (its key's hash tag is the tenant, so a
+/// tenant's keys live on one master), members scored by the time their lease ends. An
+/// instance renews its own every second while it holds them; a dead instance's leases
+/// end within [`LEASE`]. Used for application consumers (RabbitMQ gives no "no consumer"
+/// signal) and command subscriptions (which instance a command goes to).
 pub struct RedisLeases {
     conn: RedisConn,
     instance: String,
-    /// Addresses this instance holds leases on, with how many holders each.
-    held: Arc<Mutex<HashMap<String, usize>>>,
+    /// (key, member) this instance holds, with how many holders each.
+    held: Mutex<HashMap<(String, String), usize>>,
 }
 
 fn now_ms() -> u64 {
@@ -241,6 +244,10 @@ impl RedisLeases {
         Ok(leases)
     }
 
+    fn held(&self) -> Vec<(String, String)> {
+        self.held.lock().expect("poisoned").keys().cloned().collect()
+    }
+
     async fn renew(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(RENEW);
         loop {
@@ -248,38 +255,39 @@ impl RedisLeases {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let addresses: Vec<String> =
-                self.held.lock().expect("poisoned").keys().cloned().collect();
-            for address in addresses {
-                self.write(&address, true).await;
+            for (key, member) in self.held() {
+                self.write(&key, &member, true).await;
             }
         }
-        let addresses: Vec<String> = self.held.lock().expect("poisoned").keys().cloned().collect();
-        for address in addresses {
-            self.write(&address, false).await;
+        for (key, member) in self.held() {
+            self.write(&key, &member, false).await;
         }
     }
 
-    /// Adds (renews) or removes this instance's lease on `address`.
-    async fn write(&self, address: &str, present: bool) {
-        let key = lease_key(address);
+    /// Adds (renews) or removes the lease of `member` in `key`.
+    async fn write(&self, key: &str, member: &str, present: bool) {
         let result = if present {
             let expiry = now_ms() + LEASE.as_millis() as u64;
             let mut pipe = redis::pipe();
-            pipe.zadd(&key, &self.instance, expiry)
+            pipe.zadd(key, member, expiry)
                 .ignore()
-                .zrembyscore(&key, 0, now_ms())
+                .zrembyscore(key, 0, now_ms())
                 .ignore()
-                .pexpire(&key, (LEASE * 4).as_millis() as i64)
+                .pexpire(key, (LEASE * 4).as_millis() as i64)
                 .ignore();
             self.query_pipe(&pipe).await
         } else {
-            self.conn.query::<()>(redis::cmd("ZREM").arg(&key).arg(&self.instance)).await
+            self.conn.query::<()>(redis::cmd("ZREM").arg(key).arg(member)).await
         };
         if let Err(e) = result {
             metrics::counter!("ferrule_cluster_redis_errors_total").increment(1);
-            tracing::warn!(error = %e, %address, "could not write a consumer lease");
+            tracing::warn!(error = %e, %key, "could not write a lease");
         }
+    }
+
+    /// The members of `key` whose lease has not ended.
+    async fn members(&self, key: &str) -> redis::RedisResult<Vec<String>> {
+        self.conn.query(redis::cmd("ZRANGEBYSCORE").arg(key).arg(now_ms()).arg("+inf")).await
     }
 
     async fn query_pipe(&self, pipe: &redis::Pipeline) -> redis::RedisResult<()> {
@@ -288,33 +296,51 @@ impl RedisLeases {
             RedisConn::Single(mut c) => pipe.query_async(&mut c).await,
         }
     }
+
+    /// Holds the lease of `member` in `key` until the guard is dropped (written now,
+    /// renewed meanwhile, removed at once when the last holder lets go).
+    fn hold(self: &Arc<Self>, key: String, member: String) -> LeaseGuard {
+        let entry = (key, member);
+        let first = {
+            let mut held = self.held.lock().expect("poisoned");
+            let n = held.entry(entry.clone()).or_default();
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            let leases = self.clone();
+            let (key, member) = entry.clone();
+            tokio::spawn(async move { leases.write(&key, &member, true).await });
+        }
+        LeaseGuard { leases: self.clone(), entry }
+    }
 }
 
 struct LeaseGuard {
     leases: Arc<RedisLeases>,
-    address: String,
+    entry: (String, String),
 }
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
         let last = {
             let mut held = self.leases.held.lock().expect("poisoned");
-            match held.get_mut(&self.address) {
+            match held.get_mut(&self.entry) {
                 Some(n) if *n > 1 => {
                     *n -= 1;
                     false
                 }
                 _ => {
-                    held.remove(&self.address);
+                    held.remove(&self.entry);
                     true
                 }
             }
         };
         if last {
             let leases = self.leases.clone();
-            let address = std::mem::take(&mut self.address);
+            let (key, member) = std::mem::take(&mut self.entry);
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move { leases.write(&address, false).await });
+                runtime.spawn(async move { leases.write(&key, &member, false).await });
             }
         }
     }
@@ -326,13 +352,13 @@ pub struct Leases(pub Arc<RedisLeases>);
 impl ConsumerLeases for Leases {
     fn has_consumer(&self, address: &str) -> BoxFuture<'static, bool> {
         let leases = self.0.clone();
-        let address = address.to_owned();
+        let key = lease_key(address);
         Box::pin(async move {
-            if leases.held.lock().expect("poisoned").contains_key(&address) {
+            let mine = (key.clone(), leases.instance.clone());
+            if leases.held.lock().expect("poisoned").contains_key(&mine) {
                 return true;
             }
-            let count =
-                redis::cmd("ZCOUNT").arg(lease_key(&address)).arg(now_ms()).arg("+inf").clone();
+            let count = redis::cmd("ZCOUNT").arg(&key).arg(now_ms()).arg("+inf").clone();
             match leases.conn.query::<u64>(&count).await {
                 Ok(n) => n > 0,
                 Err(e) => {
@@ -347,19 +373,195 @@ impl ConsumerLeases for Leases {
     }
 
     fn hold(&self, address: &str) -> Box<dyn Send + Sync> {
-        let first = {
-            let mut held = self.0.held.lock().expect("poisoned");
-            let n = held.entry(address.to_owned()).or_default();
-            *n += 1;
-            *n == 1
-        };
-        if first {
-            let leases = self.0.clone();
-            let address = address.to_owned();
-            tokio::spawn(async move { leases.write(&address, true).await });
-        }
-        Box::new(LeaseGuard { leases: self.0.clone(), address: address.to_owned() })
+        Box::new(self.0.hold(lease_key(address), self.0.instance.clone()))
     }
+}
+
+/// Where each instance's AMQP listener is, for the others (`HSET ferrule:instances`).
+const INSTANCES_KEY: &str = "ferrule:instances";
+/// How long a peer's address is reused before it is read again (a restarted instance
+/// may come back elsewhere).
+const PEER_ADDRESS_TTL: Duration = Duration::from_secs(30);
+
+/// Commands between instances: subscriptions as leases in Redis, and each command or
+/// response for another instance sent straight to that instance's AMQP endpoint (as
+/// `ferrule-peer@TENANT`), so that its outcome (the device's) comes back on the same link.
+#[derive(Clone)]
+pub struct ClusterCommands(Arc<CommandsInner>);
+
+struct CommandsInner {
+    leases: Arc<RedisLeases>,
+    broker: ferrule_messaging::Broker,
+    password: String,
+    outcome_timeout: Duration,
+    /// instance → (its advertised AMQP address, when read).
+    addresses: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// advertised address → relay.
+    relays: Mutex<HashMap<String, ferrule_messaging::remote::Relay>>,
+}
+
+/// The SASL user instances present to each other (`ferrule-peer@TENANT`).
+pub const PEER_USER: &str = "ferrule-peer@*";
+
+impl ClusterCommands {
+    /// Announces this instance at `advertise` and routes commands through `leases`.
+    ///
+    /// # Errors
+    /// Redis refused the announcement.
+    pub async fn start(
+        leases: Arc<RedisLeases>,
+        broker: ferrule_messaging::Broker,
+        advertise: &str,
+        password: &str,
+        outcome_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let announce =
+            redis::cmd("HSET").arg(INSTANCES_KEY).arg(&leases.instance).arg(advertise).clone();
+        leases.conn.query::<()>(&announce).await.context("announcing this instance in Redis")?;
+        Ok(Self(Arc::new(CommandsInner {
+            leases,
+            broker,
+            password: password.to_owned(),
+            outcome_timeout,
+            addresses: Default::default(),
+            relays: Default::default(),
+        })))
+    }
+
+    /// Ends the connections to other instances.
+    pub async fn close(&self) {
+        let relays: Vec<_> =
+            self.0.relays.lock().expect("poisoned").drain().map(|(_, r)| r).collect();
+        for relay in relays {
+            relay.close().await;
+        }
+    }
+}
+
+impl CommandsInner {
+    async fn address_of(&self, instance: &str) -> Option<String> {
+        if let Some((address, at)) = self.addresses.lock().expect("poisoned").get(instance) {
+            if at.elapsed() < PEER_ADDRESS_TTL {
+                return Some(address.clone());
+            }
+        }
+        let get = redis::cmd("HGET").arg(INSTANCES_KEY).arg(instance).clone();
+        let address: Option<String> = match self.leases.conn.query(&get).await {
+            Ok(address) => address,
+            Err(e) => {
+                metrics::counter!("ferrule_cluster_redis_errors_total").increment(1);
+                tracing::warn!(error = %e, instance, "peer address look-up failed");
+                None
+            }
+        };
+        let address = address?;
+        self.addresses
+            .lock()
+            .expect("poisoned")
+            .insert(instance.to_owned(), (address.clone(), std::time::Instant::now()));
+        Some(address)
+    }
+
+    fn relay(&self, address: &str) -> ferrule_messaging::remote::Relay {
+        let mut relays = self.relays.lock().expect("poisoned");
+        relays
+            .entry(address.to_owned())
+            .or_insert_with(|| {
+                let config = ferrule_messaging::BackendConfig {
+                    kind: ferrule_messaging::BackendKind::Amqp,
+                    urls: vec![format!("amqp://{address}")],
+                    username: PEER_USER.into(),
+                    password: self.password.clone(),
+                    addresses: ferrule_messaging::AddressScheme::Hono,
+                    outcome_timeout: self.outcome_timeout,
+                    ..Default::default()
+                };
+                ferrule_messaging::remote::Relay::new(&self.broker, &config, &self.leases.instance)
+            })
+            .clone()
+    }
+
+    /// The members of `key` (none when Redis cannot be read: the command is then
+    /// handled as for a device that is not connected).
+    async fn members_or_none(&self, key: &str) -> Vec<String> {
+        match self.leases.members(key).await {
+            Ok(members) => members,
+            Err(e) => {
+                metrics::counter!("ferrule_cluster_redis_errors_total").increment(1);
+                tracing::warn!(error = %e, "command subscription look-up failed");
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl ferrule_command_control::CommandCluster for ClusterCommands {
+    fn instance(&self) -> &str {
+        &self.0.leases.instance
+    }
+
+    fn hold(&self, tenant: &str, target: &ferrule_command_control::Target) -> Box<dyn Send + Sync> {
+        use ferrule_command_control::Target;
+        let leases = &self.0.leases;
+        let me = leases.instance.clone();
+        Box::new(match target {
+            Target::Device(device) => leases.hold(device_key(tenant, device), me),
+            Target::AllDevicesOf { gateway } => {
+                leases.hold(gateways_key(tenant), format!("{gateway}\n{me}"))
+            }
+        })
+    }
+
+    fn device_holders(
+        &self,
+        tenant: &str,
+        device: &str,
+    ) -> ferrule_command_control::BoxFuture<Vec<String>> {
+        let (this, key) = (self.0.clone(), device_key(tenant, device));
+        Box::pin(async move { this.members_or_none(&key).await })
+    }
+
+    fn gateway_holders(
+        &self,
+        tenant: &str,
+    ) -> ferrule_command_control::BoxFuture<Vec<(String, String)>> {
+        let (this, key) = (self.0.clone(), gateways_key(tenant));
+        Box::pin(async move {
+            let members = this.members_or_none(&key).await;
+            members
+                .into_iter()
+                .filter_map(|m| m.split_once('\n').map(|(g, i)| (g.to_owned(), i.to_owned())))
+                .collect()
+        })
+    }
+
+    fn send(
+        &self,
+        instance: &str,
+        tenant: &str,
+        address: &str,
+        message: ferrule_messaging::Message,
+    ) -> ferrule_command_control::BoxFuture<ferrule_messaging::Outcome> {
+        let this = self.0.clone();
+        let (instance, tenant, address) =
+            (instance.to_owned(), tenant.to_owned(), address.to_owned());
+        Box::pin(async move {
+            let Some(peer) = this.address_of(&instance).await else {
+                tracing::debug!(%instance, "no address known for the instance");
+                return ferrule_messaging::Outcome::Released;
+            };
+            let relay = this.relay(&peer);
+            relay.send(&tenant, &address, message, false).outcome().await
+        })
+    }
+}
+
+fn device_key(tenant: &str, device: &str) -> String {
+    format!("ferrule:{{{tenant}}}:cmd:d:{device}")
+}
+
+fn gateways_key(tenant: &str) -> String {
+    format!("ferrule:{{{tenant}}}:cmd:gw")
 }
 
 /// RabbitMQ's management API: quorum queues for events, the telemetry policy.

@@ -27,7 +27,7 @@ use ferrule_device_registry::{Management, Registry};
 use ferrule_messaging::remote::{ConsumerLeases, Provision, Remote};
 use ferrule_messaging::{AddressScheme, AmqpServer, BackendKind, Broker};
 
-use crate::cluster::Role;
+use crate::cluster::{ClusterCommands, RedisLeases, Role};
 use crate::config::Config;
 use crate::{ops, wiring};
 
@@ -81,6 +81,8 @@ pub struct Platform {
     exporter: Option<JoinHandle<()>>,
     /// The shared broker, in cluster mode.
     remote: Option<Remote>,
+    /// Connections to the other instances, in cluster mode.
+    commands: Option<ClusterCommands>,
 }
 
 impl std::fmt::Debug for Platform {
@@ -110,11 +112,21 @@ impl Platform {
         let broker =
             Broker::open(&messaging, &config.data_dir).context("opening the messaging store")?;
         let instance = config.cluster.instance();
-        let remote = if shared {
-            Some(start_remote(config, &broker, &instance, &tiers.maintenance).await?)
+        let (remote, redis) = if shared {
+            let (remote, redis) =
+                start_remote(config, &broker, &instance, &tiers.maintenance).await?;
+            (Some(remote), redis)
         } else {
-            None
+            (None, None)
         };
+        // Instances hand each other commands as this SASL user.
+        let peer_password = &config.cluster.peer_password;
+        if shared && !peer_password.is_empty() {
+            messaging.sasl.users.push(ferrule_messaging::UserConfig {
+                username: crate::cluster::PEER_USER.into(),
+                password: peer_password.clone(),
+            });
+        }
         let roles = &config.cluster;
         let amqp = if roles.serves(Role::Applications) {
             Some(AmqpServer::bind(&messaging, broker.clone()).await?)
@@ -166,6 +178,24 @@ impl Platform {
             presence,
             tracer.clone(),
         );
+        let commands = match &redis {
+            Some(redis) if !peer_password.is_empty() => {
+                let bound = amqp.as_ref().map(|a| a.listeners().local_addr());
+                let advertise = advertised(config, bound)?;
+                let commands = ClusterCommands::start(
+                    redis.clone(),
+                    broker.clone(),
+                    &advertise,
+                    peer_password,
+                    config.messaging.backend.outcome_timeout,
+                )
+                .await?;
+                router.set_cluster(Arc::new(commands.clone()));
+                tracing::info!(%advertise, "commands are routed between instances");
+                Some(commands)
+            }
+            _ => None,
+        };
         router.install();
         let downstream = Downstream::new(broker.clone())
             .with_rate_limits(config.adapters.rate_limits())
@@ -257,6 +287,7 @@ impl Platform {
             maintenance,
             exporter,
             remote,
+            commands,
         })
     }
 
@@ -326,6 +357,9 @@ impl Platform {
         stop_tier("AMQP endpoint", Some(&tiers.applications), vec![self.applications], async {})
             .await;
 
+        if let Some(commands) = &self.commands {
+            commands.close().await;
+        }
         if let Some(remote) = &self.remote {
             remote.close().await;
         }
@@ -346,27 +380,53 @@ async fn start_remote(
     broker: &Broker,
     instance: &str,
     stop: &CancellationToken,
-) -> anyhow::Result<Remote> {
+) -> anyhow::Result<(Remote, Option<Arc<RedisLeases>>)> {
     let backend = &config.messaging.backend;
-    let (leases, provision) = if backend.addresses == AddressScheme::Rabbitmq {
-        let leases = crate::cluster::RedisLeases::start(&config.cluster, instance, stop.clone())
-            .await
-            .context("consumer leases ([cluster] redis_urls)")?;
-        let admin = crate::cluster::RabbitAdmin::new(
-            &backend.management_url,
-            &backend.management_username,
-            &backend.management_password,
-        )
-        .context("[messaging.backend] management_url")?;
-        admin.telemetry_policy().await.context("making the telemetry policy at RabbitMQ")?;
-        let leases: Arc<dyn ConsumerLeases> = Arc::new(crate::cluster::Leases(leases));
-        let provision: Arc<dyn Provision> = Arc::new(admin);
-        (Some(leases), Some(provision))
+    let redis = if config.cluster.redis_urls.is_empty() {
+        None
     } else {
-        (None, None)
+        Some(
+            RedisLeases::start(&config.cluster, instance, stop.clone())
+                .await
+                .context("leases in Redis ([cluster] redis_urls)")?,
+        )
+    };
+    let (leases, provision) = match (&redis, backend.addresses) {
+        (Some(redis), AddressScheme::Rabbitmq) => {
+            let admin = crate::cluster::RabbitAdmin::new(
+                &backend.management_url,
+                &backend.management_username,
+                &backend.management_password,
+            )
+            .context("[messaging.backend] management_url")?;
+            admin.telemetry_policy().await.context("making the telemetry policy at RabbitMQ")?;
+            let leases: Arc<dyn ConsumerLeases> = Arc::new(crate::cluster::Leases(redis.clone()));
+            let provision: Arc<dyn Provision> = Arc::new(admin);
+            (Some(leases), Some(provision))
+        }
+        _ => (None, None),
     };
     tracing::info!(instance, brokers = ?backend.urls, addresses = ?backend.addresses, "cluster mode: telemetry and events go through the shared broker");
-    Ok(Remote::install(broker, backend, instance, leases, provision))
+    Ok((Remote::install(broker, backend, instance, leases, provision), redis))
+}
+
+/// Where the other instances reach this one's AMQP listener: `[cluster] advertise`, else
+/// the bound address when it is a concrete one.
+fn advertised(config: &Config, bound: Option<SocketAddr>) -> anyhow::Result<String> {
+    if !config.cluster.advertise.is_empty() {
+        return Ok(config.cluster.advertise.clone());
+    }
+    match bound {
+        Some(addr) if !addr.ip().is_unspecified() => Ok(addr.to_string()),
+        Some(_) => anyhow::bail!(
+            "[cluster] advertise is needed: [messaging] listen is a wildcard address, which \
+             other instances cannot connect to"
+        ),
+        None => anyhow::bail!(
+            "[cluster] peer_password needs the applications role (the AMQP listener), which \
+             is how other instances hand commands to this one"
+        ),
+    }
 }
 
 /// Tells a tier to stop (cancels its token, if it has one) and waits up to [`GRACE`] for

@@ -20,6 +20,7 @@ mod router;
 pub use command::{Command, CommandError, DEFER_TTL_PROPERTY};
 pub use request_id::{RequestId, RequestIdError, RequestKey, KEY_FILE};
 pub use router::{
-    address_rules, messaging_config, BoxFuture, CommandRouter, CommandSink, DeviceCheck, Notify,
-    RespondError, Response, Subscription, Target, DEFERRED_PREFIX,
+    address_rules, messaging_config, BoxFuture, CommandCluster, CommandRouter, CommandSink,
+    DeviceCheck, Notify, RespondError, Response, Subscription, Target, DEFERRED_PREFIX,
+    FORWARDED_ANNOTATION,
 };

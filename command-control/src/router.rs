@@ -48,6 +48,38 @@ pub trait DeviceCheck: Send + Sync + 'static {
     fn may_receive_commands(&self, tenant: &str, device: &str) -> BoxFuture<Option<bool>>;
 }
 
+/// Command routing between the instances of a deployment (cluster mode): which instance
+/// holds which subscription, and a way to hand a command or response to another instance.
+pub trait CommandCluster: Send + Sync + 'static {
+    /// This instance's id.
+    fn instance(&self) -> &str;
+    /// Records that this instance takes commands for `target` of `tenant` until the
+    /// returned guard is dropped.
+    fn hold(&self, tenant: &str, target: &Target) -> Box<dyn Send + Sync>;
+    /// Instances holding a subscription for `device` itself (the device's own, or a
+    /// gateway's for it).
+    fn device_holders(&self, tenant: &str, device: &str) -> BoxFuture<Vec<String>>;
+    /// `(gateway, instance)` of every subscription for all devices of a gateway.
+    fn gateway_holders(&self, tenant: &str) -> BoxFuture<Vec<(String, String)>>;
+    /// Sends `message` to `address` at `instance`; that instance's outcome (`released`
+    /// when it cannot be reached).
+    fn send(
+        &self,
+        instance: &str,
+        tenant: &str,
+        address: &str,
+        message: Message,
+    ) -> BoxFuture<Outcome>;
+}
+
+/// Message annotation on a command one instance hands to another: the receiving
+/// instance delivers it to its own sessions only (no second hop, no deferral).
+pub const FORWARDED_ANNOTATION: &str = "x-opt-ferrule-forwarded";
+
+/// A reply id `~INSTANCE/REPLY-ID` names the instance the application's reply address is
+/// on (set when a command is handed to another instance; see [`RequestId`]).
+const INSTANCE_MARK: char = '~';
+
 /// Whose commands a subscription receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -120,6 +152,8 @@ struct Inner {
     presence: Arc<crate::presence::Presence>,
     /// A span per command whose application sent a trace context.
     tracer: ferrule_net::trace::Tracer,
+    /// The other instances, in cluster mode.
+    cluster: std::sync::OnceLock<Arc<dyn CommandCluster>>,
 }
 
 /// Routes commands; register it with [`CommandRouter::install`]. Cheap to clone.
@@ -194,8 +228,17 @@ impl CommandRouter {
             tasks: TaskTracker::new(),
             presence,
             tracer,
+            cluster: std::sync::OnceLock::new(),
         });
         CommandRouter { inner }
+    }
+
+    /// Routes commands for devices connected to other instances through `cluster`, and
+    /// records this instance's subscriptions there. Call before the first subscription.
+    pub fn set_cluster(&self, cluster: Arc<dyn CommandCluster>) {
+        if self.inner.cluster.set(cluster).is_err() {
+            tracing::warn!("command cluster set twice; keeping the first");
+        }
     }
 
     /// Where devices were last seen: the adapters report to it (it is the router's, so
@@ -249,6 +292,7 @@ impl CommandRouter {
             }
         };
         self.inner.notify(tenant, &notified_device, notify.adapter, notify.ttd);
+        let lease = self.inner.cluster.get().map(|cluster| cluster.hold(tenant, &target));
         let cancel = CancellationToken::new();
         if let Target::Device(device) = &target {
             self.inner.tasks.spawn(drain_deferred(
@@ -269,6 +313,7 @@ impl CommandRouter {
             notify,
             notified_device,
             cancel,
+            _lease: lease,
         }
     }
 
@@ -292,6 +337,14 @@ impl CommandRouter {
             }
         })?;
         let (correlation_id, reply_id) = (id.correlation_id, id.reply_id);
+        // A command handed over from another instance: its application is there.
+        let (instance, reply_id) = match reply_id.strip_prefix(INSTANCE_MARK) {
+            Some(rest) => match rest.split_once('/') {
+                Some((instance, rest)) => (Some(instance.to_owned()), rest.to_owned()),
+                None => (None, reply_id),
+            },
+            None => (None, reply_id),
+        };
         let address = format!("command_response/{}/{}", response.tenant, reply_id);
         let mut message = data_message(response.payload.to_vec());
         message.properties = Some(Properties {
@@ -306,7 +359,14 @@ impl CommandRouter {
         app.insert("device_id".to_owned(), SimpleValue::String(response.device_id.clone()));
         app.insert("tenant_id".to_owned(), SimpleValue::String(response.tenant.clone()));
         message.application_properties = Some(ApplicationProperties(app));
-        match self.inner.broker.submit(&address, message, false).outcome().await {
+        let cluster = self.inner.cluster.get();
+        let outcome = match (instance, cluster) {
+            (Some(instance), Some(cluster)) if instance != cluster.instance() => {
+                cluster.send(&instance, &response.tenant, &address, message).await
+            }
+            _ => self.inner.broker.submit(&address, message, false).outcome().await,
+        };
+        match outcome {
             Outcome::Accepted => Ok(()),
             Outcome::Released | Outcome::Modified { .. } => Err(RespondError::NoConsumer),
             Outcome::Rejected { description, .. } => Err(RespondError::Refused(description)),
@@ -323,6 +383,8 @@ pub struct Subscription {
     notify: Notify,
     notified_device: String,
     cancel: CancellationToken,
+    /// This instance's record of the subscription in cluster mode.
+    _lease: Option<Box<dyn Send + Sync>>,
 }
 
 impl Subscription {
@@ -392,6 +454,31 @@ impl Inner {
             if gateway == device || self.devices.gateway_may_act_for(tenant, device, &gateway).await
             {
                 return Some(sink);
+            }
+        }
+        None
+    }
+
+    /// Another instance with a subscription for `device`: its own (or a gateway's for it),
+    /// else a gateway's for all its devices that the device lists in `via`.
+    async fn holder(
+        &self,
+        cluster: &dyn CommandCluster,
+        tenant: &str,
+        device: &str,
+    ) -> Option<String> {
+        let me = cluster.instance();
+        if let Some(instance) =
+            cluster.device_holders(tenant, device).await.into_iter().find(|i| i != me)
+        {
+            return Some(instance);
+        }
+        for (gateway, instance) in cluster.gateway_holders(tenant).await {
+            if instance != me
+                && (gateway == device
+                    || self.devices.gateway_may_act_for(tenant, device, &gateway).await)
+            {
+                return Some(instance);
             }
         }
         None
@@ -475,6 +562,21 @@ impl Inner {
         if let Some(sink) = self.find(&tenant, &command.device_id).await {
             metrics::counter!("ferrule_commands_total", "tenant" => tenant.clone(), "outcome" => "delivered").increment(1);
             return sink.deliver(command).await;
+        }
+        let forwarded = is_forwarded(&message);
+        if forwarded {
+            // Handed over by another instance that saw the subscription here: it is gone.
+            metrics::counter!("ferrule_commands_total", "tenant" => tenant.clone(), "outcome" => "not_connected").increment(1);
+            return Outcome::Released;
+        }
+        if let Some(cluster) = self.cluster.get() {
+            if let Some(instance) = self.holder(cluster.as_ref(), &tenant, &command.device_id).await
+            {
+                metrics::counter!("ferrule_commands_total", "tenant" => tenant.clone(), "outcome" => "handed_over").increment(1);
+                let message = hand_over(message, &tenant, cluster.instance());
+                let address = format!("command/{tenant}");
+                return cluster.send(&instance, &tenant, &address, message).await;
+            }
         }
         let Some(ttl) = parsed.defer_ttl else {
             metrics::counter!("ferrule_commands_total", "tenant" => tenant.clone(), "outcome" => "not_connected").increment(1);
@@ -584,6 +686,35 @@ async fn drain_deferred(
             return;
         }
     }
+}
+
+/// Whether another instance handed this command over (see [`FORWARDED_ANNOTATION`]).
+fn is_forwarded(message: &Message) -> bool {
+    message.message_annotations.as_ref().is_some_and(|MessageAnnotations(a)| {
+        a.iter().any(|(k, v)| {
+            matches!(k, fe2o3_amqp::types::messaging::annotations::OwnedKey::Symbol(s) if s.as_str() == FORWARDED_ANNOTATION)
+                && *v == Value::Bool(true)
+        })
+    })
+}
+
+/// The command as it goes to `instance`'s peer: marked as handed over, its reply address
+/// naming this instance (`command_response/T/~THIS/REPLY-ID`), so that the device's
+/// response comes back here, where the application's reply link is.
+fn hand_over(mut message: Message, tenant: &str, this: &str) -> Message {
+    let prefix = format!("command_response/{tenant}/");
+    if let Some(properties) = message.properties.as_mut() {
+        if let Some(reply_id) = properties.reply_to.as_deref().and_then(|r| r.strip_prefix(&prefix))
+        {
+            if !reply_id.starts_with(INSTANCE_MARK) {
+                properties.reply_to = Some(format!("{prefix}{INSTANCE_MARK}{this}/{reply_id}"));
+            }
+        }
+    }
+    let annotations =
+        message.message_annotations.get_or_insert_with(|| MessageAnnotations(OrderedMap::new()));
+    annotations.0.insert(Symbol::from(FORWARDED_ANNOTATION).into(), Value::Bool(true));
+    message
 }
 
 /// How a deferred command is known in the device state API: the application's message id

@@ -40,8 +40,11 @@ listen = "127.0.0.1:0"
 listen_tls = "127.0.0.1:0"
 [messaging.sasl]
 users = [{{ username = "app@*", password = "{app_password}" }}{more_users}]
+[commands]
+request_id_key = "cluster-test-request-id-key-0123456789"
 [cluster]
 instance_id = "{instance}"
+peer_password = "cluster-test-peer-secret"
 redis_urls = {redis}
 roles = {roles}
 [registry]

@@ -357,7 +357,7 @@ impl Exchange<'_> {
             Some(Handled::Done(response)) => {
                 self.answer(finish(response)).await;
             }
-            Some(Handled::Poll(poll)) => self.command_poll(shared, poll, ack_by, finish).await,
+            Some(Handled::Poll(poll)) => self.command_poll(shared, *poll, ack_by, finish).await,
             None => {
                 self.acknowledge_empty().await;
                 let (response, confirmation) = match handling.await {

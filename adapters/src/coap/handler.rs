@@ -176,7 +176,7 @@ impl Shared {
     ) -> Handled {
         match self.accept(identity, &mut request).await {
             Ok(None) => Handled::Done(self.response(&request, ResponseType::Changed)),
-            Ok(Some(wait)) => Handled::Poll(Poll { request, wait }),
+            Ok(Some(wait)) => Handled::Poll(Box::new(Poll { request, wait })),
             Err(failure) => {
                 tracing::debug!(?failure, "CoAP request refused");
                 Handled::Done(self.failure_response(&request, failure))
@@ -362,8 +362,9 @@ impl Shared {
 pub(crate) enum Handled {
     /// Answer with this.
     Done(Packet),
-    /// Accepted; the device waits for a command ([`Shared::wait_for_command`]).
-    Poll(Poll),
+    /// Accepted; the device waits for a command ([`Shared::wait_for_command`]). Boxed:
+    /// a poll holds its command subscription, much larger than an answer.
+    Poll(Box<Poll>),
 }
 
 /// A request waiting for a command.

@@ -39,35 +39,48 @@ impl AddressHandler for Forwarder {
     fn submit(&self, address: &str, message: Message, settled: bool) -> Submission {
         let Some((kind, tenant)) = Kind::of(address) else { return not_carried(address) };
         let target = self.0.config.addresses.target(kind, tenant);
-        let (reply, rx) = oneshot::channel();
-        let mut job = Job { message: prepare(message, kind), settled, reply };
-        // Two tries: the actor found may just have ended (idle), then a new one is made.
-        for _ in 0..2 {
-            let tx = {
-                let mut senders = self.0.senders.lock().expect("poisoned");
-                match senders.get(&target) {
-                    Some(tx) if !tx.is_closed() => tx.clone(),
-                    _ => {
-                        let (tx, rx) = mpsc::channel(QUEUE);
-                        senders.insert(target.clone(), tx.clone());
-                        let actor = Actor::new(self.0.clone(), kind, tenant, target.clone(), rx);
-                        tokio::spawn(actor.run(tx.clone()));
-                        tx
-                    }
-                }
-            };
-            match tx.try_send(job) {
-                Ok(()) => return Submission::Pending(rx),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    metrics::counter!("ferrule_backend_refused_total", "reason" => "busy")
-                        .increment(1);
-                    return Submission::Ready(Outcome::Released);
-                }
-                Err(mpsc::error::TrySendError::Closed(back)) => job = back,
-            }
-        }
-        Submission::Ready(Outcome::Released)
+        enqueue(&self.0, Some(kind), tenant, &target, prepare(message, kind), settled)
     }
+}
+
+/// Hands a message to the actor of `target` (made if need be); the submission answers
+/// with the broker's outcome. `kind` = what the shared broker carries (consumer leases,
+/// event-queue provisioning); `None` for plain relaying (commands to a peer instance).
+pub(crate) fn enqueue(
+    inner: &Arc<Inner>,
+    kind: Option<Kind>,
+    tenant: &str,
+    target: &str,
+    message: Message,
+    settled: bool,
+) -> Submission {
+    let (reply, rx) = oneshot::channel();
+    let mut job = Job { message, settled, reply };
+    // Two tries: the actor found may just have ended (idle), then a new one is made.
+    for _ in 0..2 {
+        let tx = {
+            let mut senders = inner.senders.lock().expect("poisoned");
+            match senders.get(target) {
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    let (tx, rx) = mpsc::channel(QUEUE);
+                    senders.insert(target.to_owned(), tx.clone());
+                    let actor = Actor::new(inner.clone(), kind, tenant, target.to_owned(), rx);
+                    tokio::spawn(actor.run(tx.clone()));
+                    tx
+                }
+            }
+        };
+        match tx.try_send(job) {
+            Ok(()) => return Submission::Pending(rx),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("ferrule_backend_refused_total", "reason" => "busy").increment(1);
+                return Submission::Ready(Outcome::Released);
+            }
+            Err(mpsc::error::TrySendError::Closed(back)) => job = back,
+        }
+    }
+    Submission::Ready(Outcome::Released)
 }
 
 type InFlight = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -80,7 +93,7 @@ struct Link {
 
 struct Actor {
     inner: Arc<Inner>,
-    kind: Kind,
+    kind: Option<Kind>,
     tenant: String,
     /// The local address (lease look-ups).
     address: String,
@@ -95,12 +108,12 @@ struct Actor {
 impl Actor {
     fn new(
         inner: Arc<Inner>,
-        kind: Kind,
+        kind: Option<Kind>,
         tenant: &str,
         target: String,
         rx: mpsc::Receiver<Job>,
     ) -> Self {
-        let prefix = if kind == Kind::Event { "event" } else { "telemetry" };
+        let prefix = if kind == Some(Kind::Event) { "event" } else { "telemetry" };
         Self {
             inner,
             kind,
@@ -150,7 +163,7 @@ impl Actor {
         if !job.settled && job.reply.is_closed() {
             return; // nobody waits for it any more
         }
-        if self.kind == Kind::Telemetry && !self.consumer_present().await {
+        if self.kind == Some(Kind::Telemetry) && !self.consumer_present().await {
             let _ = job.reply.send(Outcome::Released);
             return;
         }
@@ -237,8 +250,13 @@ impl Actor {
 }
 
 /// Attaches a sender link for `target` on a session of its own.
-async fn attach(inner: &Inner, kind: Kind, tenant: &str, target: &str) -> Result<Link, String> {
-    if kind == Kind::Event {
+async fn attach(
+    inner: &Inner,
+    kind: Option<Kind>,
+    tenant: &str,
+    target: &str,
+) -> Result<Link, String> {
+    if kind == Some(Kind::Event) {
         inner.provision_events(tenant).await?;
     }
     let mut session = inner.pool.session(tenant).await?;

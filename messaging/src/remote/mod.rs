@@ -181,6 +181,52 @@ impl Remote {
     }
 }
 
+/// Plain relaying to another AMQP 1.0 endpoint with Hono's addresses (a peer Ferrule
+/// instance): the same pooled connections and per-address actors as the shared broker's,
+/// without consumer leases, provisioning or message rewriting.
+#[derive(Clone)]
+pub struct Relay {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("urls", &self.inner.config.urls).finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// A relay to the endpoint of `config` (`urls`, credentials, `tls_ca_file`,
+    /// `outcome_timeout`; a `name@*` user connects per tenant as `name@TENANT`).
+    pub fn new(broker: &Broker, config: &BackendConfig, instance: &str) -> Relay {
+        let inner = Arc::new(Inner {
+            config: config.clone(),
+            broker: broker.clone(),
+            pool: pool::Pool::new(config, instance),
+            leases: None,
+            provision: None,
+            provisioned: Default::default(),
+            senders: Default::default(),
+            bridges: Default::default(),
+            instance: instance.to_owned(),
+        });
+        Relay { inner }
+    }
+
+    /// Sends `message` to `address` over a connection for `tenant`; the submission
+    /// answers with the endpoint's outcome (`released` when it cannot be reached or does
+    /// not answer within `outcome_timeout`).
+    pub fn send(&self, tenant: &str, address: &str, message: Message, settled: bool) -> Submission {
+        forward::enqueue(&self.inner, None, tenant, address, message, settled)
+    }
+
+    /// Ends its connections.
+    pub async fn close(&self) {
+        self.inner.senders.lock().expect("poisoned").clear();
+        self.inner.pool.close().await;
+    }
+}
+
 /// The address rules a remote backend needs locally: `event/T` becomes a direct address
 /// (the shared broker stores events; an instance only passes them on).
 pub fn local_rules() -> Vec<crate::address::AddressRule> {
