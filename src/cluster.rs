@@ -554,6 +554,112 @@ impl ferrule_command_control::CommandCluster for ClusterCommands {
             relay.send(&tenant, &address, message, false).outcome().await
         })
     }
+
+    fn defer(
+        &self,
+        tenant: &str,
+        device: &str,
+        message: ferrule_messaging::Message,
+        expires: u64,
+    ) -> ferrule_command_control::BoxFuture<ferrule_messaging::Outcome> {
+        use ferrule_messaging::{message::condition, Outcome};
+        let (this, key) = (self.0.clone(), deferred_key(tenant, device));
+        Box::pin(async move {
+            let Some(entry) = encode_deferred(&message, expires) else {
+                return Outcome::rejected(condition::DECODE_ERROR, "the command does not encode");
+            };
+            let ttl = expires.saturating_sub(now_ms()).max(1);
+            let script = redis::Script::new(DEFER_SCRIPT);
+            let mut call = script.key(&key);
+            call.arg(entry).arg(MAX_DEFERRED_PER_DEVICE).arg(ttl);
+            let kept: redis::RedisResult<i64> = match this.leases.conn.clone() {
+                RedisConn::Cluster(mut c) => call.invoke_async(&mut c).await,
+                RedisConn::Single(mut c) => call.invoke_async(&mut c).await,
+            };
+            match kept {
+                Ok(1) => Outcome::Accepted,
+                Ok(_) => Outcome::rejected(
+                    condition::RESOURCE_LIMIT_EXCEEDED,
+                    format!("the device has {MAX_DEFERRED_PER_DEVICE} deferred commands"),
+                ),
+                Err(e) => {
+                    metrics::counter!("ferrule_cluster_redis_errors_total").increment(1);
+                    tracing::warn!(error = %e, "could not keep a deferred command");
+                    Outcome::Released
+                }
+            }
+        })
+    }
+
+    fn next_deferred(
+        &self,
+        tenant: &str,
+        device: &str,
+    ) -> ferrule_command_control::BoxFuture<Option<ferrule_messaging::Message>> {
+        let (this, key) = (self.0.clone(), deferred_key(tenant, device));
+        Box::pin(async move {
+            loop {
+                let head: Option<Vec<u8>> =
+                    match this.leases.conn.query(redis::cmd("LINDEX").arg(&key).arg(0)).await {
+                        Ok(head) => head,
+                        Err(e) => {
+                            metrics::counter!("ferrule_cluster_redis_errors_total").increment(1);
+                            tracing::warn!(error = %e, "could not read deferred commands");
+                            return None;
+                        }
+                    };
+                match decode_deferred(&head?) {
+                    Some((expiry, message)) if expiry > now_ms() => return Some(message),
+                    // Expired, or unreadable: dropped.
+                    _ => {
+                        let _ = this.leases.conn.query::<()>(redis::cmd("LPOP").arg(&key)).await;
+                    }
+                }
+            }
+        })
+    }
+
+    fn pop_deferred(&self, tenant: &str, device: &str) -> ferrule_command_control::BoxFuture<()> {
+        let (this, key) = (self.0.clone(), deferred_key(tenant, device));
+        Box::pin(async move {
+            if let Err(e) = this.leases.conn.query::<()>(redis::cmd("LPOP").arg(&key)).await {
+                metrics::counter!("ferrule_cluster_redis_errors_total").increment(1);
+                tracing::warn!(error = %e, "could not remove a delivered deferred command");
+            }
+        })
+    }
+}
+
+/// Most commands kept for one device in cluster mode; beyond, the application's command
+/// is rejected (`amqp:resource-limit-exceeded`).
+const MAX_DEFERRED_PER_DEVICE: usize = 100;
+
+/// Appends a kept command unless the device has [`MAX_DEFERRED_PER_DEVICE`]; the list
+/// lives as long as its longest-lived command.
+const DEFER_SCRIPT: &str = r#"
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+local ttl = tonumber(ARGV[3])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"#;
+
+fn deferred_key(tenant: &str, device: &str) -> String {
+    format!("ferrule:{{{tenant}}}:deferred:{device}")
+}
+
+/// A kept command as stored: its expiry (ms since the epoch, 8 bytes big-endian), then
+/// the AMQP-encoded message.
+fn encode_deferred(message: &ferrule_messaging::Message, expires: u64) -> Option<Vec<u8>> {
+    let mut bytes = expires.to_be_bytes().to_vec();
+    bytes.extend(ferrule_messaging::message::encode(message).ok()?);
+    Some(bytes)
+}
+
+fn decode_deferred(bytes: &[u8]) -> Option<(u64, ferrule_messaging::Message)> {
+    let (expiry, message) = bytes.split_at_checked(8)?;
+    let expiry = u64::from_be_bytes(expiry.try_into().ok()?);
+    Some((expiry, ferrule_messaging::message::decode(message).ok()?))
 }
 
 fn device_key(tenant: &str, device: &str) -> String {
@@ -662,6 +768,14 @@ impl Provision for RabbitAdmin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deferred_entries_round_trip() {
+        let message = ferrule_messaging::message::data_message(b"later".to_vec());
+        let bytes = encode_deferred(&message, 1_234).unwrap();
+        assert_eq!(decode_deferred(&bytes), Some((1_234, message)));
+        assert_eq!(decode_deferred(&bytes[..5]), None);
+    }
 
     #[test]
     fn keys_and_urls() {

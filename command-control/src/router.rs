@@ -70,6 +70,20 @@ pub trait CommandCluster: Send + Sync + 'static {
         address: &str,
         message: Message,
     ) -> BoxFuture<Outcome>;
+    /// Keeps a command for a device no instance holds until `expires` (ms since the
+    /// epoch), where every instance finds it. The outcome: `accepted` once kept.
+    fn defer(
+        &self,
+        tenant: &str,
+        device: &str,
+        message: Message,
+        expires: u64,
+    ) -> BoxFuture<Outcome>;
+    /// The oldest kept command of `device` that has not expired (expired ones are
+    /// dropped), left in place.
+    fn next_deferred(&self, tenant: &str, device: &str) -> BoxFuture<Option<Message>>;
+    /// Removes the oldest kept command of `device` (once it was delivered).
+    fn pop_deferred(&self, tenant: &str, device: &str) -> BoxFuture<()>;
 }
 
 /// Message annotation on a command one instance hands to another: the receiving
@@ -294,6 +308,16 @@ impl CommandRouter {
         self.inner.notify(tenant, &notified_device, notify.adapter, notify.ttd);
         let lease = self.inner.cluster.get().map(|cluster| cluster.hold(tenant, &target));
         let cancel = CancellationToken::new();
+        if let (Target::Device(device), Some(cluster)) = (&target, self.inner.cluster.get()) {
+            self.inner.tasks.spawn(drain_cluster_deferred(
+                cluster.clone(),
+                self.inner.key.clone(),
+                tenant.to_owned(),
+                device.clone(),
+                sink.clone(),
+                cancel.clone(),
+            ));
+        }
         if let Target::Device(device) = &target {
             self.inner.tasks.spawn(drain_deferred(
                 self.inner.presence.clone(),
@@ -588,10 +612,28 @@ impl Inner {
         let header = stored.header.get_or_insert_with(Header::default);
         header.durable = true;
         header.ttl = Some((ttl.saturating_mul(1000)).min(u32::MAX as u64) as u32);
+        let expires = now_millis() + ttl.saturating_mul(1000);
+        if let Some(cluster) = self.cluster.get() {
+            // Kept where every instance finds it when the device comes back.
+            let outcome = cluster.defer(&tenant, &command.device_id, stored, expires).await;
+            metrics::counter!("ferrule_commands_total", "tenant" => tenant.clone(), "outcome" => "deferred").increment(1);
+            if outcome.is_accepted() {
+                if let Some(sink) = self.find(&command.tenant, &command.device_id).await {
+                    self.tasks.spawn(drain_cluster_deferred(
+                        cluster.clone(),
+                        self.key.clone(),
+                        command.tenant,
+                        command.device_id,
+                        sink,
+                        CancellationToken::new(),
+                    ));
+                }
+            }
+            return outcome;
+        }
         let queue = format!("{DEFERRED_PREFIX}/{tenant}/{}", command.device_id);
         let outcome = self.broker.submit(&queue, stored, false).outcome().await;
         if outcome.is_accepted() {
-            let expires = ferrule_messaging::message::now_millis() + ttl.saturating_mul(1000);
             self.presence.deferred(&tenant, &command.device_id, &id, &command.name, expires);
         }
         metrics::counter!("ferrule_commands_total", "tenant" => tenant, "outcome" => "deferred")
@@ -715,6 +757,37 @@ fn hand_over(mut message: Message, tenant: &str, this: &str) -> Message {
         message.message_annotations.get_or_insert_with(|| MessageAnnotations(OrderedMap::new()));
     annotations.0.insert(Symbol::from(FORWARDED_ANNOTATION).into(), Value::Bool(true));
     message
+}
+
+/// Delivers the commands kept for `device` in cluster mode, oldest first, while its
+/// subscription lasts; each is removed once the device took it (a crash in between
+/// delivers it again: at least once). One the device does not take stays for next time.
+async fn drain_cluster_deferred(
+    cluster: Arc<dyn CommandCluster>,
+    key: RequestKey,
+    tenant: String,
+    device: String,
+    sink: Arc<dyn CommandSink>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            _ = cancel.cancelled() => return,
+            next = cluster.next_deferred(&tenant, &device) => next,
+        };
+        let Some(message) = next else { return };
+        let outcome = match parse(&tenant, &message, &key) {
+            Ok(parsed) => sink.deliver(parsed.command).await,
+            Err(e) => {
+                tracing::warn!(%tenant, %device, error = %e, "dropping a kept command that does not parse");
+                Outcome::Accepted
+            }
+        };
+        if !outcome.is_accepted() {
+            return;
+        }
+        cluster.pop_deferred(&tenant, &device).await;
+    }
 }
 
 /// How a deferred command is known in the device state API: the application's message id

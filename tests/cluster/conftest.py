@@ -160,6 +160,11 @@ class Instance:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill(self):
+        """SIGKILL: no chance to hand anything over."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
     def amqp_url(self, tenant):
         return f"amqp://app@{tenant}:{APP_PASSWORD}@{self.listeners['amqp']}"
 

@@ -140,3 +140,34 @@ def test_an_application_on_one_instance_commands_devices_on_every_instance(three
         assert err.value.state == RELEASED
     finally:
         app.close()
+
+
+def test_deferred_commands_survive_killing_the_instance_that_kept_them(three):
+    """Commands for a device no instance holds are kept in Redis: killing the instance the
+    application sent them to (SIGKILL) loses nothing, the device gets the live one when it
+    connects to another instance, and the one whose TTL passed is gone."""
+    i1, i2, _, tenant = three
+    app = App(i1, tenant)
+    later = app.message("mq", "later", b"keep me", reply=False)
+    later.properties = {"x-ferrule-defer-ttl": 60}
+    expiring = app.message("mq", "expiring", b"too late", reply=False)
+    expiring.properties = {"x-ferrule-defer-ttl": 1}
+    app.sender.send(later)  # accepted: kept
+    app.sender.send(expiring)
+    i1.kill()
+    time.sleep(2)  # the second command's TTL passes
+    mq = MqttDevice(i2, f"mq@{tenant}", "pw1", "command///req/#", answer=False)
+    try:
+        deadline = time.time() + 10
+        while not mq.received and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert [t.rsplit("/", 1)[1] for t, _ in mq.received] == ["later"], mq.received
+        assert mq.received[0][1] == b"keep me"
+    finally:
+        mq.close()
+    # Delivered once: a reconnect elsewhere gets nothing more.
+    again = MqttDevice(i2, f"mq@{tenant}", "pw1", "command///req/#", answer=False)
+    time.sleep(1)
+    assert again.received == []
+    again.close()
