@@ -57,9 +57,10 @@ pub trait CommandCluster: Send + Sync + 'static {
     /// returned guard is dropped.
     fn hold(&self, tenant: &str, target: &Target) -> Box<dyn Send + Sync>;
     /// Instances holding a subscription for `device` itself (the device's own, or a
-    /// gateway's for it).
+    /// gateway's for it), the oldest lease first.
     fn device_holders(&self, tenant: &str, device: &str) -> BoxFuture<Vec<String>>;
-    /// `(gateway, instance)` of every subscription for all devices of a gateway.
+    /// `(gateway, instance)` of every subscription for all devices of a gateway, the
+    /// oldest lease first.
     fn gateway_holders(&self, tenant: &str) -> BoxFuture<Vec<(String, String)>>;
     /// Sends `message` to `address` at `instance`; that instance's outcome (`released`
     /// when it cannot be reached).
@@ -492,12 +493,14 @@ impl Inner {
         device: &str,
     ) -> Option<String> {
         let me = cluster.instance();
+        // Holders come oldest lease first: the latest renewed (alive, and the latest to
+        // subscribe) is tried; a dead instance's lease is the oldest until it ends.
         if let Some(instance) =
-            cluster.device_holders(tenant, device).await.into_iter().find(|i| i != me)
+            cluster.device_holders(tenant, device).await.into_iter().rev().find(|i| i != me)
         {
             return Some(instance);
         }
-        for (gateway, instance) in cluster.gateway_holders(tenant).await {
+        for (gateway, instance) in cluster.gateway_holders(tenant).await.into_iter().rev() {
             if instance != me
                 && (gateway == device
                     || self.devices.gateway_may_act_for(tenant, device, &gateway).await)

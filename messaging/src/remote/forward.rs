@@ -183,10 +183,10 @@ impl Actor {
             failed => {
                 match failed {
                     Ok(Err(e)) => {
-                        tracing::warn!(target = %self.target, error = %e, "send to the shared broker failed; outcome unknown")
+                        tracing::warn!(target = %self.target, error = %e, "send failed; outcome unknown")
                     }
                     _ => {
-                        tracing::warn!(target = %self.target, "the shared broker took no transfer within outcome_timeout")
+                        tracing::warn!(target = %self.target, "no transfer taken within outcome_timeout")
                     }
                 }
                 metrics::counter!("ferrule_backend_outcome_unknown_total").increment(1);
@@ -238,7 +238,7 @@ impl Actor {
                     self.link = Some(link);
                 }
                 Err(e) => {
-                    tracing::warn!(target = %self.target, error = %e, "cannot attach to the shared broker");
+                    tracing::warn!(to = self.inner.label, target = %self.target, error = %e, "cannot attach");
                     metrics::counter!("ferrule_backend_attach_failures_total").increment(1);
                     self.failed_at = Some(Instant::now());
                     return None;

@@ -118,6 +118,8 @@ pub(crate) struct Inner {
     pub(crate) bridges: Mutex<HashSet<String>>,
     /// This instance's name (link names, connection container id).
     pub(crate) instance: String,
+    /// What the endpoint is, in log messages.
+    pub(crate) label: &'static str,
 }
 
 impl Inner {
@@ -165,6 +167,7 @@ impl Remote {
             senders: Default::default(),
             bridges: Default::default(),
             instance: instance.to_owned(),
+            label: "the shared broker",
         });
         let remote = Remote { inner };
         for prefix in ["telemetry/", "event/"] {
@@ -209,6 +212,7 @@ impl Relay {
             senders: Default::default(),
             bridges: Default::default(),
             instance: instance.to_owned(),
+            label: "a peer instance",
         });
         Relay { inner }
     }

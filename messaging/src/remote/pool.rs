@@ -117,7 +117,7 @@ impl Pool {
             let host_name = &host.address;
             match tokio::time::timeout(CONNECT_TIMEOUT, self.open(host, tenant)).await {
                 Ok(Ok(conn)) => {
-                    tracing::info!(broker = %host_name, tls = host.tls, "connected to the shared broker");
+                    tracing::info!(endpoint = %host_name, tls = host.tls, "connected (cluster mode)");
                     return Ok(conn);
                 }
                 Ok(Err(e)) => last = format!("{host_name}: {e}"),
