@@ -32,6 +32,18 @@ pub(super) struct Shared {
     pub connections: Arc<door::Connections>,
     /// Wills waiting for their delay.
     pub(super) wills: super::will::PendingWills,
+    /// Cancelled when the adapter stops: every connection is told so (MQTT 5 DISCONNECT
+    /// 0x8B "server shutting down"; 3.1.1: closed), so that devices reconnect elsewhere.
+    pub(super) draining: tokio_util::sync::CancellationToken,
+}
+
+/// Why the platform closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    /// The registry no longer lets the device in.
+    Revoked,
+    /// This instance is shutting down.
+    Draining,
 }
 
 /// An error that ends the connection; ntex hands it to the control service.
@@ -216,15 +228,25 @@ async fn admit(
 }
 
 /// Runs `close` on the connection's worker once the registry no longer lets the device
-/// in (the task also ends when the connection does: its slot is then given back, which
-/// wakes it, and the connection is no longer open).
-fn close_when_revoked(session: &Session, close: impl FnOnce() + 'static) {
-    if let Some(revoked) = session.revoked() {
-        ntex_rt::spawn(async move {
-            revoked.cancelled().await;
-            close();
-        });
-    }
+/// in, or the adapter shuts down; the task ends with the connection.
+fn close_when(shared: &Shared, session: &Session, close: impl FnOnce(Closing) + 'static) {
+    let draining = shared.draining.clone();
+    let revoked = session.revoked();
+    let ended = session.ended();
+    ntex_rt::spawn(async move {
+        let revoked = async {
+            match revoked {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        let why = tokio::select! {
+            _ = revoked => Closing::Revoked,
+            _ = draining.cancelled() => Closing::Draining,
+            _ = ended.cancelled() => return,
+        };
+        close(why);
+    });
 }
 
 pub(super) async fn connect_v3(
@@ -249,7 +271,7 @@ pub(super) async fn connect_v3(
     Ok(match admit(shared, connect.io(), request).await {
         Ok(session) => {
             let sink = connect.sink();
-            close_when_revoked(&session, move || {
+            close_when(shared, &session, move |_| {
                 if sink.is_open() {
                     sink.close();
                 }
@@ -287,11 +309,12 @@ pub(super) async fn connect_v5(
     Ok(match admit(shared, connect.io(), request).await {
         Ok(session) => {
             let sink = connect.sink();
-            close_when_revoked(&session, move || {
+            close_when(shared, &session, move |why| {
                 if sink.is_open() {
-                    sink.close_with_reason(v5::codec::Disconnect::new(
-                        v5::codec::DisconnectReasonCode::AdministrativeAction,
-                    ));
+                    sink.close_with_reason(v5::codec::Disconnect::new(match why {
+                        Closing::Revoked => v5::codec::DisconnectReasonCode::AdministrativeAction,
+                        Closing::Draining => v5::codec::DisconnectReasonCode::ServerShuttingDown,
+                    }));
                 }
             });
             connect.ack(session).with(|ack| {

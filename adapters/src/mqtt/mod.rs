@@ -183,6 +183,7 @@ pub fn start_with_commands(
         admission,
         connections: connections.clone(),
         wills: Default::default(),
+        draining: CancellationToken::new(),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     let (stopped_tx, stopped_rx) = tokio::sync::watch::channel(false);

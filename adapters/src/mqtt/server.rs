@@ -109,6 +109,10 @@ pub(super) fn serve(
         tokio::select! {
             _ = shutdown.cancelled() => {
                 tracing::info!("MQTT adapter stopping");
+                // Devices first hear that this server goes away (MQTT 5: 0x8B), and
+                // reconnect elsewhere; uploads in flight still finish.
+                shared.draining.cancel();
+                ntex_util::time::sleep(ntex_util::time::Millis(200)).await;
                 server.stop(true).await;
             }
             result = server.clone() => {

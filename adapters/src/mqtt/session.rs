@@ -49,6 +49,15 @@ pub struct Session {
     slot: RefCell<Option<crate::door::ConnectionSlot>>,
     /// The Will from CONNECT, published if the connection ends without DISCONNECT.
     will: RefCell<Option<super::will::Will>>,
+    /// Cancelled when the session is dropped (the connection ended): ends the tasks that
+    /// watch it.
+    ended: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.ended.cancel();
+    }
 }
 
 /// A QoS 0 publish on its way: owns everything it needs, so it can move to the queue.
@@ -116,6 +125,7 @@ impl Session {
             qos0_pending: std::cell::Cell::new(0),
             slot: RefCell::new(None),
             will: RefCell::new(None),
+            ended: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -146,6 +156,11 @@ impl Session {
 
     /// Cancelled when the registry no longer lets the device in (see
     /// [`crate::door::Connections::revalidate`]), or when the connection ended.
+    /// Cancelled once the connection has ended.
+    pub fn ended(&self) -> tokio_util::sync::CancellationToken {
+        self.ended.clone()
+    }
+
     pub fn revoked(&self) -> Option<tokio_util::sync::CancellationToken> {
         self.slot.borrow().as_ref().map(|slot| slot.revoked())
     }
