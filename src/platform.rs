@@ -399,15 +399,35 @@ async fn start_remote(
                 &backend.management_password,
             )
             .context("[messaging.backend] management_url")?;
-            admin.telemetry_policy().await.context("making the telemetry policy at RabbitMQ")?;
+            let admin = Arc::new(admin);
+            // The broker may come up after this instance (Kubernetes starts them together):
+            // no reason to refuse to start; the policy applies to queues made meanwhile too.
+            if let Err(e) = admin.telemetry_policy().await {
+                tracing::warn!(error = %format!("{e:#}"), "cannot make the telemetry policy at RabbitMQ yet; retrying every 5 s");
+                tokio::spawn(retry_telemetry_policy(admin.clone(), stop.clone()));
+            }
             let leases: Arc<dyn ConsumerLeases> = Arc::new(crate::cluster::Leases(redis.clone()));
-            let provision: Arc<dyn Provision> = Arc::new(admin);
+            let provision: Arc<dyn Provision> = admin;
             (Some(leases), Some(provision))
         }
         _ => (None, None),
     };
     tracing::info!(instance, brokers = ?backend.urls, addresses = ?backend.addresses, "cluster mode: telemetry and events go through the shared broker");
     Ok((Remote::install(broker, backend, instance, leases, provision), redis))
+}
+
+/// Makes RabbitMQ's telemetry policy once the management API answers.
+async fn retry_telemetry_policy(admin: Arc<crate::cluster::RabbitAdmin>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        if admin.telemetry_policy().await.is_ok() {
+            tracing::info!("telemetry policy made at RabbitMQ");
+            return;
+        }
+    }
 }
 
 /// Where the other instances reach this one's AMQP listener: `[cluster] advertise`, else
