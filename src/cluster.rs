@@ -28,7 +28,9 @@ pub struct ClusterConfig {
     /// `cluster` (Redis Cluster) or `single` (one server).
     pub redis_mode: RedisMode,
     /// What this instance serves: any of `devices` (MQTT, HTTP, CoAP adapters),
-    /// `applications` (the AMQP endpoint) and `management` (the registry API).
+    /// `applications` (the AMQP endpoint) and `management` (the registry API). With
+    /// `peer_password`, an instance serving devices keeps its AMQP listener for the
+    /// commands other instances hand it.
     pub roles: Vec<Role>,
     /// `host:port` at which the other instances reach this instance's AMQP listener
     /// (commands and responses between instances). Empty: `[messaging] listen` when it
@@ -147,7 +149,9 @@ instance_id = ""
 redis_urls = []
 redis_mode = "cluster"
 # What this instance serves: "devices" (MQTT, HTTP, CoAP), "applications" (AMQP),
-# "management" (registry API). E.g. the management API on some instances only.
+# "management" (registry API). E.g. the management API on some instances only. With
+# peer_password, instances serving devices keep their AMQP listener (commands from the
+# other instances arrive there).
 roles = ["devices", "applications", "management"]
 # Where the other instances reach this one's AMQP listener (commands and responses
 # between instances), e.g. "10.0.3.7:5672" (a pod IP). Empty: [messaging] listen, when it

@@ -310,6 +310,26 @@ fn validate(config: &Config) -> Result<(), ferrule_net::ConfigError> {
     config.adapters.http.validate()?;
     config.adapters.mqtt.validate()?;
     config.adapters.coap.validate()?;
+    if config.messaging.backend.kind == ferrule_messaging::BackendKind::Amqp {
+        // What every instance of a deployment must share, and would otherwise make up on
+        // its own (and then disagree): the request-id key (a response may come back
+        // through another instance) and the application users.
+        if config.commands.request_id_key.is_empty() {
+            return Err(ferrule_net::ConfigError::new(
+                "commands",
+                "request_id_key",
+                "is needed with a shared broker (the same on every instance)",
+            ));
+        }
+        let sasl = &config.messaging.sasl;
+        if sasl.users.is_empty() && !sasl.allow_anonymous {
+            return Err(ferrule_net::ConfigError::new(
+                "messaging.sasl",
+                "users",
+                "are needed with a shared broker (every instance would make up its own admin password)",
+            ));
+        }
+    }
     let key = &config.commands.request_id_key;
     if !key.is_empty() && key.len() < 32 {
         return Err(ferrule_net::ConfigError::new(

@@ -128,7 +128,9 @@ impl Platform {
             });
         }
         let roles = &config.cluster;
-        let amqp = if roles.serves(Role::Applications) {
+        // Devices' instances take commands from the others through the AMQP listener.
+        let peers = shared && !config.cluster.peer_password.is_empty();
+        let amqp = if roles.serves(Role::Applications) || (peers && roles.serves(Role::Devices)) {
             Some(AmqpServer::bind(&messaging, broker.clone()).await?)
         } else {
             None

@@ -147,15 +147,17 @@ def test_cluster_manifest_validates_and_has_every_part():
 
 
 def test_cluster_manifest_config_is_valid_per_pod(tmp_path):
-    """The ConfigMap's ferrule.toml passes `ferrule config check` on its own and with the
-    environment each pod gets; the per-pod keys come out per pod."""
+    """The ConfigMap's ferrule.toml passes `ferrule config check` with the environment
+    each pod gets (and not without the shared secrets); the per-pod keys come out per
+    pod."""
     from conftest import BIN
     docs = cluster_docs()
     path = tmp_path / "ferrule.toml"
     path.write_text(one(docs, "ConfigMap")["data"]["ferrule.toml"])
+    # On its own it lacks what the Secret gives every pod alike (a shared broker needs
+    # the one request-id key of the deployment): refused, naming it.
     alone = config_check(BIN, path)
-    assert alone.returncode == 0, alone.stderr
-    assert 'kind = "amqp"' in alone.stdout and 'storage = "redis"' in alone.stdout
+    assert alone.returncode != 0 and "request_id_key" in alone.stderr, alone.stderr
 
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["serve", "--config", "/etc/ferrule/ferrule.toml"]
@@ -165,6 +167,7 @@ def test_cluster_manifest_config_is_valid_per_pod(tmp_path):
         res = config_check(BIN, path, {k: v for k, v in env.items() if k.startswith("FERRULE__")})
         assert res.returncode == 0, res.stderr
         out = res.stdout
+        assert 'kind = "amqp"' in out and 'storage = "redis"' in out
         assert f'instance_id = "{pod_name}"' in out
         assert f'advertise = "{pod_ip}:5672"' in out
         # Secrets arrived (and are redacted in the printout).
