@@ -43,9 +43,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 IDLE_SOURCES = ",".join(f"127.0.0.{i}" for i in range(2, 10))
 STORM_SOURCES = ",".join(f"127.0.0.{i}" for i in range(10, 18))
 
-SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands", "flow", "peer", "overload", "isolation"]
-# Run only when named in --only (they take longer than the default set allows).
-OPT_IN = ["isolation"]
+SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands", "flow", "peer", "overload", "isolation",
+             "scaleout"]
+# Run only when named in --only (they take longer than the default set allows, or need more than Ferrule).
+OPT_IN = ["isolation", "scaleout"]
+# Reported in their own block of BENCHMARKS.md (below the analysis marker), merged into the file
+# rather than rewriting it when they are all that ran.
+MERGED = ["scaleout"]
 # Messages (requests, commands, devices) per run: (full mode, smoke mode); --scale multiplies the first.
 COUNTS = {"qos0": (200_000, 2_000), "qos1": (50_000, 1_000), "events": (100_000, 1_000), "http": (100_000, 1_000),
           "coap": (100_000, 1_000), "commands": (50_000, 500), "storm-devices": (100, 10),
@@ -69,6 +73,22 @@ ISO_A, ISO_B = "iso-a", "iso-b"
 ISO = {"b_devices": 5, "b_rate": 200, "a_max_connections": 20, "a_connections": 30, "a_rate": 5000,
        "tenant_rate": 500, "big_mib": 64, "depth": 50_000, "receivers": (10_000, 1_000), "seconds": (15, 3)}
 HOSTILE_TENANT = Path(__file__).resolve().parent / "hostile_tenant.py"
+# Scale-out (issue 14): 1, 2 and 3 `ferrule serve` instances in cluster mode over one RabbitMQ node (AMQP 1.0
+# plugin) and a 3-master Redis Cluster (tests/cluster/brokers.sh), against the broker's own ceiling: a plain
+# AMQP 1.0 producer and consumer (`amqp-send`, `amqp-recv`) on queues of the same kinds. Devices spread evenly
+# over the instances (12 divides by 1, 2 and 3); the application on the first instance. Brokers on their own
+# ports (not the cluster tests' 25xxx/27xxx), so that both can run at once.
+SCALEOUT = {"instances": [1, 2, 3], "count": (20_000, 500), "devices": 12, "window": 80, "credit": 5000}
+# Below the ephemeral range (32768-), Redis cluster bus ports (+10000) included.
+SCALEOUT_PORTS = {"RABBIT_PORT": 21680, "RABBIT_HTTP_PORT": 21690, "RABBIT_DIST_PORT": 21700, "RABBIT_TLS_PORT": 21670,
+                  "EPMD_PORT": 21369, "REDIS_PORT": 22000}
+BROKERS_SH = ROOT / "tests" / "cluster" / "brokers.sh"
+# The telemetry policy Ferrule makes at start (src/cluster.rs, RabbitAdmin::telemetry_policy): made by the bench
+# too, identically, so that the ceiling's telemetry queue (measured before any Ferrule runs) is the same kind.
+TELEMETRY_POLICY = {"pattern": "^telemetry\\.", "apply-to": "queues", "priority": 0,
+                    "definition": {"message-ttl": 2000, "max-length": 100000, "overflow": "drop-head", "expires": 60000}}
+SCALEOUT_BEGIN = "<!-- scaleout:begin (bench.py --only scaleout rewrites this block; keep notes outside it) -->"
+SCALEOUT_END = "<!-- scaleout:end -->"
 
 T0 = time.time()
 
@@ -463,6 +483,174 @@ class IsolationFerrule(Ferrule):
                 except ValueError:
                     pass
         return out
+
+
+CLUSTER_CONFIG = """\
+data_dir = "{data_dir}"
+[log]
+level = "warn"
+[ops]
+listen = "127.0.0.1:0"
+[messaging]
+listen = "127.0.0.1:0"
+listen_tls = "127.0.0.1:0"
+[messaging.sasl]
+users = [{{ username = "app@*", password = "{app_password}" }}]
+[messaging.backend]
+kind = "amqp"
+urls = ["amqp://{amqp}"]
+username = "guest"
+password = "guest"
+addresses = "rabbitmq"
+management_url = "http://{http}"
+outcome_timeout = "5s"
+{backend_extra}
+[cluster]
+instance_id = "{instance}"
+redis_urls = {redis}
+roles = ["devices", "applications", "management"]
+[registry]
+listen = "127.0.0.1:0"
+storage = "redis"
+redis_cluster_nodes = {redis}
+redis_key_prefix = "{prefix}"
+auth_tokens = ["{token}"]
+{registry_extra}
+[adapters.http]
+listen = "127.0.0.1:0"
+listen_tls = "127.0.0.1:0"
+[adapters.mqtt]
+listen = "127.0.0.1:0"
+listen_tls = "127.0.0.1:0"
+{mqtt_extra}
+[adapters.coap]
+listen = "127.0.0.1:0"
+listen_dtls = "127.0.0.1:0"
+"""
+
+
+class ClusterBrokers:
+    """RabbitMQ (one node, AMQP 1.0 + management plugins) and a Redis Cluster of 3 masters,
+    started and stopped by tests/cluster/brokers.sh under the workdir, on SCALEOUT_PORTS."""
+
+    def __init__(self, suite):
+        self.suite = suite
+        self.base = suite.workdir / "brokers"
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "BASE": str(self.base), **{k: str(v) for k, v in SCALEOUT_PORTS.items()}}
+        self.amqp = f"127.0.0.1:{SCALEOUT_PORTS['RABBIT_PORT'] + 1}"
+        self.http = f"127.0.0.1:{SCALEOUT_PORTS['RABBIT_HTTP_PORT'] + 1}"
+        self.redis = [f"redis://127.0.0.1:{SCALEOUT_PORTS['REDIS_PORT'] + i}/" for i in (1, 2, 3)]
+        self.started = []
+
+    def sh(self, *args):
+        cmd = [str(BROKERS_SH), *args]
+        self.suite.commands_log.write(" ".join(f"{k}={v}" for k, v in SCALEOUT_PORTS.items()) + f" BASE={self.base} "
+                                      + " ".join(cmd) + "\n")
+        with open(self.base / "brokers.log", "ab") as out:
+            r = subprocess.run(cmd, env=self.env, stdout=out, stderr=out, timeout=180)
+        if r.returncode != 0:
+            tail = (self.base / "brokers.log").read_text(errors="replace")[-800:]
+            raise Failure(f"brokers.sh {' '.join(args)} exited with {r.returncode}: {tail}")
+
+    def start(self):
+        busy = []
+        for port in [SCALEOUT_PORTS["RABBIT_PORT"] + 1, SCALEOUT_PORTS["RABBIT_HTTP_PORT"] + 1, SCALEOUT_PORTS["EPMD_PORT"],
+                     SCALEOUT_PORTS["RABBIT_DIST_PORT"] + 1] + [SCALEOUT_PORTS["REDIS_PORT"] + i for i in (1, 2, 3)]:
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the brokers do (TIME-WAIT is fine)
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    busy.append(port)
+        if busy:
+            raise Failure(f"ports {busy} are in use (a previous scale-out run's brokers still running?)")
+        t0 = time.time()
+        self.started.append("redis")
+        self.sh("redis-start", "3", "0")
+        self.started.append("rabbit")
+        self.sh("rabbit-start", "1")
+        log(f"scaleout: RabbitMQ and Redis Cluster up in {time.time() - t0:.1f} s")
+        return self
+
+    def stop(self):
+        for kind, args in (("rabbit", ("rabbit-stop", "1")), ("redis", ("redis-stop", "3"))):
+            if kind in self.started:
+                try:
+                    self.sh(*args)
+                except Exception as e:  # noqa: BLE001 (stop the other one anyway)
+                    log(f"scaleout: stopping {kind}: {e}")
+                self.started.remove(kind)
+
+    def pids(self):
+        """{"beam.smp": pid, "redis": [pids]} of the running brokers."""
+        out = {"redis": []}
+        try:
+            out["beam.smp"] = int((self.base / "rabbit" / "n1" / "pid").read_text().split()[0])
+        except (OSError, ValueError):
+            pass
+        for i in (1, 2, 3):
+            try:
+                out["redis"].append(int((self.base / "redis" / f"n{SCALEOUT_PORTS['REDIS_PORT'] + i}" / "redis.pid").read_text().split()[0]))
+            except (OSError, ValueError):
+                pass
+        return out
+
+    def api(self, method, path, body=None, ok=(200, 201, 204)):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://{self.http}{path}", data=data, method=method)
+        req.add_header("authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")  # guest:guest
+        req.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                text = resp.read()
+                return resp.status, (json.loads(text) if text else None)
+        except urllib.error.HTTPError as e:
+            if e.code in ok:
+                return e.code, None
+            raise Failure(f"RabbitMQ API {method} {path}: {e.code} {e.read()[:300]!r}")
+
+    def purge(self, queue):
+        """Empties `queue` if it exists (a run starts from an empty queue)."""
+        self.api("DELETE", f"/api/queues/%2F/{queue}/contents", ok=(200, 201, 204, 404))
+
+    def consumers(self, queue):
+        """Consumers RabbitMQ lists on `queue` (from /api/consumers: events, not the 5 s stats)."""
+        _, items = self.api("GET", "/api/consumers/%2F")
+        return sum(1 for c in items or [] if c.get("queue", {}).get("name") == queue)
+
+    def versions(self):
+        rabbit = sorted(p.name.split("-", 1)[1] for p in Path("/usr/lib/rabbitmq/lib").glob("rabbitmq_server-*"))
+        try:
+            redis = re.search(r"v=(\S+)", subprocess.run(["redis-server", "--version"], capture_output=True,
+                                                          text=True).stdout).group(1)
+        except (OSError, AttributeError):
+            redis = "?"
+        return (rabbit[-1] if rabbit else "?"), redis
+
+
+class ClusterFerrule(Ferrule):
+    """One `ferrule serve` in cluster mode (the TOML of tests/cluster/conftest.py: RabbitMQ
+    backend, registry on the Redis Cluster, every role), its own data dir, log level warn."""
+
+    def __init__(self, suite, name, brokers, prefix):
+        self.suite = suite
+        self.name = name
+        self.devices = 0
+        self.passwords = True
+        self.dir = suite.workdir / f"ferrule-{name}-{suite.next_id()}"
+        self.data = self.dir / "data"
+        self.data.mkdir(parents=True, mode=0o700)
+        self.config = self.dir / "ferrule.toml"
+        keys = suite.supported_keys()
+        off = lambda k, section: (SOURCE_LIMITS_OFF[k] if f"{section}.{SOURCE_LIMITS_OFF[k].split(' =', 1)[0]}" in keys else "")  # noqa: E731
+        mqtt_extra = (f"workers = {suite.args.mqtt_workers}\n" if suite.args.mqtt_workers else "") + off("mqtt", "adapters.mqtt")
+        self.config.write_text(CLUSTER_CONFIG.format(
+            data_dir=self.data, app_password=APP_PASSWORD, amqp=brokers.amqp, http=brokers.http, instance=name,
+            redis=json.dumps(brokers.redis), prefix=prefix, token=TOKEN, registry_extra=off("registry", "registry"),
+            mqtt_extra=mqtt_extra,
+            backend_extra=f"credit = {suite.args.backend_credit}" if suite.args.backend_credit else ""))
+        self.proc = None
 
 
 MOSQUITTO_CONFIG = """\
@@ -1221,6 +1409,153 @@ class Suite:
                 self.check(key, amqp.get(attack, {}).get("refused"), f"tenant A's {attack}: {amqp.get(attack)}")
         return run
 
+    def scenario_scaleout(self):
+        """Issue 14: events and QoS 1 telemetry through 1, 2 and 3 Ferrule instances in cluster mode
+        (RabbitMQ + Redis Cluster), devices spread evenly, the application on the first instance;
+        next to the broker's own ceiling (plain AMQP 1.0 producer and consumer, same payload, same
+        queue kinds) measured in the same run. Opt-in; never in smoke mode."""
+        if self.smoke:
+            self.notes.append("scaleout: not run in smoke mode (it starts RabbitMQ and a Redis Cluster)")
+            return
+        missing = [c for c in ("redis-server", "redis-cli", "epmd") if shutil.which(c) is None]
+        if not Path("/usr/lib/rabbitmq").exists():
+            missing.append("rabbitmq-server")
+        if missing:
+            raise Failure(f"missing {missing}: apt-get install rabbitmq-server redis-server (tests/run-tests.sh does)")
+        count = self.n(*SCALEOUT["count"])
+        brokers = ClusterBrokers(self)
+        self.scaleout_info = {"count": count, "versions": brokers.versions()}
+        try:
+            brokers.start()
+            brokers.api("PUT", "/api/policies/%2F/ferrule-telemetry", TELEMETRY_POLICY)
+            self.scaleout_ceiling(brokers, count)
+            prefix = f"ferrule-bench-{os.urandom(4).hex()}"
+            provisioned = False
+            for n in SCALEOUT["instances"]:
+                instances = [ClusterFerrule(self, f"so{n}-i{k + 1}", brokers, prefix) for k in range(n)]
+                try:
+                    t0 = time.time()
+                    for inst in instances:
+                        inst.start()
+                    if not provisioned:
+                        instances[0].provision(SCALEOUT["devices"])
+                        provisioned = True
+                    log(f"scaleout: {n} instance(s) up in {time.time() - t0:.1f} s")
+                    for kind in ("event", "telemetry"):
+                        key = f"so-{kind}-{n}"
+                        self.series(key, "ferrule", count,
+                                    lambda c, warm: self.scaleout_run(key, brokers, instances, kind, c, warm),
+                                    lambda i, r: f"{key} run {i}: {r['rate']:.0f} msgs/s received ({r['received']}/{r['sent']}, "
+                                                 f"acked {r['acked']}), e2e p99 {r['p99']} ms, PUBACK p99 {r['puback_p99']} ms; "
+                                                 f"CPU beam {r['beam_cpu_pct']:.0f} % ferrule {r['ferrule_cpu_pct']:.0f} % "
+                                                 f"redis {r['redis_cpu_pct']:.0f} % loadgen {r['lg_cpu_pct']:.0f} %")
+                    for inst in instances:
+                        self.check(f"so-{n}", inst.proc.poll() is None,
+                                   f"{inst.name} exited ({inst.proc.returncode}): {inst.proc.stderr_tail(500)}")
+                finally:
+                    for inst in instances:
+                        inst.stop()
+        finally:
+            brokers.stop()
+
+    def scaleout_ceiling(self, brokers, count):
+        """The broker alone: one `amqp-send` (unsettled, window = the devices' total QoS 1 window)
+        and one `amqp-recv` straight at RabbitMQ, as guest. Events: a quorum queue made through
+        the management API (as Ferrule does), durable messages. Telemetry: `/queue/telemetry.ceiling`
+        declared by the consumer under the telemetry policy, non-durable messages to
+        `/amq/queue/telemetry.ceiling`, as Ferrule's bridges and forwarders do."""
+        brokers.api("PUT", "/api/queues/%2F/event.ceiling", {"durable": True, "arguments": {"x-queue-type": "quorum"}})
+        window = SCALEOUT["devices"] * SCALEOUT["window"]
+        for kind in ("event", "telemetry"):
+            key = f"so-{kind}-ceiling"
+            queue = f"{kind}.ceiling"
+            source = f"/amq/queue/{queue}" if kind == "event" else f"/queue/{queue}"
+
+            def run(n, warm, kind=kind, key=key, queue=queue, source=source):
+                brokers.purge(queue)
+                amqp = ["--amqp", brokers.amqp, "--amqp-user", "guest", "--amqp-password", "guest"]
+                receiver = ["amqp-recv", *amqp, "--address", source, "--expect", str(n), "--idle-timeout", "5",
+                            "--start-timeout", "30", "--credit", str(SCALEOUT["credit"])]
+                sender = ["amqp-send", *amqp, "--address", f"/amq/queue/{queue}", "--count", str(n), "--size",
+                          str(self.args.size), "--window", str(window)] + (["--durable"] if kind == "event" else [])
+                if not warm:
+                    self.example(key, [" ".join(["ferrule-loadgen", *receiver]), " ".join(["ferrule-loadgen", *sender])])
+                return self.scaleout_measure(key, brokers, [], receiver, sender, n, warm, lambda: None)
+
+            self.series(key, "broker", count, run,
+                        lambda i, r, key=key: f"{key} run {i}: {r['rate']:.0f} msgs/s received ({r['received']}/{r['sent']}), "
+                                              f"producer {r['send_rate']:.0f}/s, outcome p99 {r['puback_p99']} ms; CPU beam "
+                                              f"{r['beam_cpu_pct']:.0f} % loadgen {r['lg_cpu_pct']:.0f} %")
+
+    def scaleout_run(self, key, brokers, instances, kind, count, warm):
+        """One run through Ferrule: `amqp-recv` on `kind/bench` at the first instance, one `mqtt-pub`
+        (QoS 1, devices dev0.. spread over every instance's MQTT listener)."""
+        queue = f"{kind}.{TENANT}"
+        brokers.purge(queue)
+        app = instances[0]
+        receiver = ["amqp-recv", "--amqp", app.listeners["amqp"], "--amqp-user", APP_USER, "--amqp-password", APP_PASSWORD,
+                    "--address", f"{kind}/{TENANT}", "--expect", str(count), "--idle-timeout", "5", "--start-timeout", "30",
+                    "--credit", str(SCALEOUT["credit"])]
+        devices = SCALEOUT["devices"]
+        hosts = ",".join(i.listeners["mqtt"] for i in instances)
+        sender = ["mqtt-pub", "--host", hosts, "--connections", str(devices), "--devices", str(devices), "--qos", "1",
+                  "--count", str(count), "--size", str(self.args.size), "--topic", kind, "--window", str(SCALEOUT["window"]),
+                  "--client-id", "so-{i}", "--username", "dev{i}@" + TENANT, "--password", DEVICE_PASSWORD]
+        if not warm:
+            names = {i.listeners["mqtt"]: f"$MQTT{k + 1}" for k, i in enumerate(instances)}
+            names[app.listeners["amqp"]] = "$AMQP1"
+            disp = lambda argv: re.sub(r"\S+:\d+", lambda m: ",".join(names.get(h, h) for h in m.group(0).split(",")),  # noqa: E731
+                                       " ".join(["ferrule-loadgen", *argv]))
+            self.example(f"{key.rsplit('-', 1)[0]}-N", [disp(receiver), disp(sender)])
+
+        def consumer_ready():
+            # The application's link at the instance is attached (ready file); its bridge
+            # attaches at RabbitMQ and writes the consumer lease (Redis) asynchronously.
+            deadline = time.time() + 30
+            while brokers.consumers(queue) < 1:
+                if time.time() > deadline:
+                    raise Failure(f"{key}: no consumer on RabbitMQ queue {queue} 30 s after the application attached")
+                time.sleep(0.1)
+            time.sleep(0.7)  # the other instances cache a lease answer for 500 ms
+        return self.scaleout_measure(key, brokers, instances, receiver, sender, count, warm, consumer_ready)
+
+    def scaleout_measure(self, key, brokers, instances, receiver, sender, count, warm, ready_hook):
+        """Receiver first (ready), `ready_hook()`, then the sender; CPU of beam.smp, the Redis
+        nodes and each Ferrule instance from /proc over the run, divided by the active interval
+        (first send to last message received), as `measure` does."""
+        ready = self.workdir / f"ready-{self.next_id()}"
+        recv = self.lg("so-recv", receiver + ["--ready-file", ready])
+        wait_file(ready, recv, 60)
+        ready_hook()
+        pids = brokers.pids()
+        watched = {"beam": [pids.get("beam.smp")] if pids.get("beam.smp") else [], "redis": pids["redis"]}
+        for k, inst in enumerate(instances):
+            watched[f"ferrule{k + 1}"] = [inst.pid]
+        cpu0 = {k: sum(cpu_seconds(p) for p in v) for k, v in watched.items()}
+        t0 = time.time()
+        send = self.lg("so-send", sender)
+        p = send.result(self.timeout_for(count))
+        r = recv.result(self.timeout_for(count))
+        wall = time.time() - t0
+        cpu1 = {k: sum(cpu_seconds(p_) for p_ in v) for k, v in watched.items()}
+        active = max(p.get("seconds", 0), r.get("seconds", 0), 1e-3)
+        pct = {k: 100 * (cpu1[k] - cpu0[k]) / active for k in watched}
+        acked = p.get("acked", p["msgs"]) if sender[0] == "mqtt-pub" else p["msgs"]
+        run = {"rate": r["msgs_per_s"], "received": r["msgs"], "lost": r.get("lost", 0), "sent": p.get("sent", p["msgs"]),
+               "acked": acked, "send_rate": p["msgs_per_s"], "p50": r.get("p50_ms"), "p99": r.get("p99_ms"),
+               "puback_p50": p.get("puback_p50_ms", p.get("outcome_p50_ms")),
+               "puback_p99": p.get("puback_p99_ms", p.get("outcome_p99_ms")), "errors": p["errors"] + r["errors"],
+               "first_error": p.get("first_error") or r.get("first_error"), "active_s": active, "wall_s": round(wall, 2),
+               "beam_cpu_pct": pct["beam"], "redis_cpu_pct": pct["redis"],
+               "ferrule_cpu_pct": sum(v for k, v in pct.items() if k.startswith("ferrule")),
+               "ferrule_each_pct": [round(pct[f"ferrule{k + 1}"]) for k in range(len(instances))],
+               "lg_cpu_pct": 100 * (p["_cpu"] + r["_cpu"]) / active}
+        if not warm:
+            self.check(key, run["errors"] == 0, f"{run['errors']} errors ({run['first_error']})")
+            self.check(key, run["lost"] == 0, f"{run['lost']} of {count} messages not received "
+                                              f"(sent {run['sent']}, acknowledged {run['acked']})")
+        return run
+
     def run(self, names):
         for name in names:
             log(f"== {name}")
@@ -1659,6 +1994,134 @@ def isolation_report(w, R, vals):
         w("")
 
 
+def scaleout_block(suite):
+    """The scale-out section (between SCALEOUT_BEGIN and SCALEOUT_END), or None if it did not run."""
+    R = suite.results
+    if not any(k.startswith("so-") for k, _ in R):
+        return None
+    vals = lambda key, side, field: [r.get(field) for r in R.get((key, side), [])]  # noqa: E731
+    info = getattr(suite, "scaleout_info", {})
+    rabbit, redis = info.get("versions", ("?", "?"))
+    facts = dict(machine_facts(suite))
+    ns = [n for n in SCALEOUT["instances"] if (f"so-event-{n}", "ferrule") in R or (f"so-telemetry-{n}", "ferrule") in R]
+    devices, window = SCALEOUT["devices"], SCALEOUT["window"]
+    out = []
+    w = out.append
+    w(SCALEOUT_BEGIN)
+    w("### Scale-out (issue 14): 1, 2 and 3 instances over RabbitMQ, against the broker alone\n")
+    a = suite.args
+    cmdline = " ".join(["python3 tests/loadgen/bench.py --only scaleout"] + ([f"--runs {a.runs}"] if a.runs else [])
+                       + ([f"--scale {a.scale:g}"] if a.scale != 1 else [])
+                       + ([f"--backend-credit {a.backend_credit}"] if a.backend_credit else []))
+    built = datetime.datetime.fromtimestamp(suite.ferrule_bin.stat().st_mtime, datetime.timezone.utc).strftime("%H:%M UTC")
+    w(f"`{cmdline}` ({facts['date']}; `{facts['binaries']}` built {built}, git HEAD when reporting {facts['Ferrule commit']}; "
+      f"release build; RabbitMQ {rabbit} with `rabbitmq_amqp1_0`, one node; Redis {redis}, a Redis Cluster of 3 masters; "
+      f"{facts['nproc']} cores shared by all of them and the load generator; {suite.runs} runs per row after a warm-up, "
+      f"{info.get('count', 0):,} messages of {suite.args.size} bytes per run; median (min–max)).\n")
+    w(f"- **Through Ferrule**: N `ferrule serve` instances in cluster mode, each with its own data dir and the TOML of "
+      f"`tests/cluster/conftest.py` (`[messaging.backend] kind = \"amqp\"`, `addresses = \"rabbitmq\"`, registry and "
+      f"consumer leases on the Redis Cluster, every role; log level warn). {devices} MQTT 3.1.1 devices (one "
+      f"`ferrule-loadgen mqtt-pub`, QoS 1, window {window} each) spread evenly over the N instances' MQTT listeners "
+      f"(`--host` list); one application (`amqp-recv`, credit {SCALEOUT['credit']}) on `event/bench` or "
+      "`telemetry/bench` at the first instance only. `[messaging.backend] credit` (what RabbitMQ may hand an "
+      "instance's bridge ahead of the application): "
+      + (f"**{suite.args.backend_credit}** (`--backend-credit`; Ferrule's default is 256)" if suite.args.backend_credit
+         else "Ferrule's default") + ". Events go to the quorum queue `event.bench` (durable), "
+      "telemetry to the classic queue `telemetry.bench` under the telemetry policy; the first instance's bridge "
+      "consumes them for the application. A device's PUBACK follows RabbitMQ's `accepted`.")
+    w(f"- **Broker ceiling**: `ferrule-loadgen amqp-send` (one link, unsettled, window {devices * window} = the devices' "
+      "total QoS 1 window; durable messages for events) and `amqp-recv` (credit "
+      f"{SCALEOUT['credit']}) straight at RabbitMQ as guest: quorum queue `event.ceiling` (made through the management "
+      "API as Ferrule makes `event.T`), and `/amq/queue/telemetry.ceiling` → `/queue/telemetry.ceiling` under the same "
+      "telemetry policy (`message-ttl` 2 s, `max-length` 100,000 drop-head). Same payload; Ferrule's messages carry "
+      "Hono's properties besides.")
+    w("- msgs/s: received by the application, first to last message. CPU: user + system seconds from `/proc/PID/stat` "
+      "of beam.smp, the three redis-server processes and each Ferrule instance (and the load generators' rusage) over "
+      "the run, as % of one core over the active interval (first send to last message received).\n")
+    header = "| | broker alone | " + " | ".join(f"{n} instance{'s' if n > 1 else ''}" for n in ns) + " |"
+    w(header)
+    w("|---|---|" + "---|" * len(ns))
+    for kind, label in (("event", "events (quorum queue, durable)"), ("telemetry", "telemetry, QoS 1 (classic queue, policy)")):
+        ceiling = med(vals(f"so-{kind}-ceiling", "broker", "rate"))
+        w(f"| **{label}**, msgs/s received | {cell(vals(f'so-{kind}-ceiling', 'broker', 'rate'))} | " + " | ".join(
+            cell(vals(f"so-{kind}-{n}", "ferrule", "rate")) for n in ns) + " |")
+        ratios = []
+        for n in ns:
+            m = med(vals(f"so-{kind}-{n}", "ferrule", "rate"))
+            ratios.append(f"**{m / ceiling:.2f}×**" if m and ceiling else "–")
+        w(f"| {kind}: ratio to the broker alone | 1 | " + " | ".join(ratios) + " |")
+        both = lambda key, side: f"{cell(vals(key, side, 'p50'), 1)} / {cell(vals(key, side, 'p99'), 1)}"  # noqa: E731
+        w(f"| {kind}: end-to-end p50 / p99 ms | {both(f'so-{kind}-ceiling', 'broker')} | " +
+          " | ".join(both(f"so-{kind}-{n}", "ferrule") for n in ns) + " |")
+        w(f"| {kind}: outcome (broker) / PUBACK (Ferrule) p99 ms | {cell(vals(f'so-{kind}-ceiling', 'broker', 'puback_p99'), 1)} | "
+          + " | ".join(cell(vals(f"so-{kind}-{n}", "ferrule", "puback_p99"), 1) for n in ns) + " |")
+        w(f"| {kind}: lost, errors (sum of runs) | {sum(v or 0 for v in vals(f'so-{kind}-ceiling', 'broker', 'lost'))}, "
+          f"{sum(v or 0 for v in vals(f'so-{kind}-ceiling', 'broker', 'errors'))} | " +
+          " | ".join(f"{sum(v or 0 for v in vals(f'so-{kind}-{n}', 'ferrule', 'lost'))}, "
+                     f"{sum(v or 0 for v in vals(f'so-{kind}-{n}', 'ferrule', 'errors'))}" for n in ns) + " |")
+    w("")
+    w("CPU, % of one core over the active interval (median of the runs; Ferrule per instance, the application's first):\n")
+    w("| run | beam.smp | Ferrule, all instances | Ferrule per instance | Redis (3 nodes) | load generators |\n"
+      "|---|---|---|---|---|---|")
+    for kind in ("event", "telemetry"):
+        for n in ["ceiling"] + ns:
+            key, side = f"so-{kind}-{n}", ("broker" if n == "ceiling" else "ferrule")
+            if (key, side) not in R:
+                continue
+            each = "–"
+            if n != "ceiling":
+                per = [r.get("ferrule_each_pct") or [] for r in R[(key, side)]]
+                each = " + ".join(fmt(med([p[k] for p in per if len(p) > k])) for k in range(n)) + " %"
+            w(f"| {kind}, {'broker alone' if n == 'ceiling' else f'{n} instance' + ('s' if n > 1 else '')} | "
+              f"{cell(vals(key, side, 'beam_cpu_pct'), unit=' %')} | "
+              f"{'–' if n == 'ceiling' else cell(vals(key, side, 'ferrule_cpu_pct'), unit=' %')} | {each} | "
+              f"{cell(vals(key, side, 'redis_cpu_pct'), unit=' %')} | {cell(vals(key, side, 'lg_cpu_pct'), unit=' %')} |")
+    w("")
+    fails = [(k, m) for k, m in suite.failures if k.startswith("so") or k == "scaleout"]
+    warns = [(n, c, l) for n, c, l in suite.server_errors if n.startswith("so")]
+    if fails or warns:
+        for key, msg in fails:
+            w(f"- FAILED {key}: {msg}")
+        for name, c, lines in warns:
+            w(f"- Ferrule `{name}` logged {c} warning/error line(s), e.g. " + "; ".join(f"`{l.strip()[:240]}`" for l in lines))
+        w("")
+    w("<details><summary>Commands and every run (raw)</summary>\n")
+    w("```sh")
+    for key, argvs in suite.examples.items():
+        if key.startswith("so-"):
+            w(f"# {key}")
+            for a_ in argvs:
+                w(a_)
+    w("```\n")
+    w("```")
+    for (key, side), runs in sorted(R.items()):
+        if key.startswith("so-"):
+            for i, r in enumerate(runs):
+                w(f"{key} {side} #{i + 1}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}))
+    w("```\n</details>")
+    w(SCALEOUT_END)
+    return "\n".join(out)
+
+
+def merge_block(path, block, begin, end):
+    """Puts `block` (from `begin` to `end`) into `path`, changing nothing else: in place of the
+    previous block, or else just after the analysis marker's opening paragraph (below the
+    marker, so that full runs keep it), or at the end."""
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        new = head + block + tail
+    elif ANALYSIS_MARKER in old:
+        head, rest = old.split(ANALYSIS_MARKER, 1)
+        at = rest.find("\n### ")
+        at = len(rest) if at < 0 else at + 1
+        new = head + ANALYSIS_MARKER + rest[:at] + block + "\n\n" + rest[at:]
+    else:
+        new = old + ("\n" if old and not old.endswith("\n") else "") + block + "\n"
+    path.write_text(new)
+
+
 def write_report(path, text):
     preserved = None
     if path.exists():
@@ -1722,6 +2185,8 @@ def main():
     ap.add_argument("--idle-sizes", default="10000,100000", help="idle connection counts (full mode)")
     ap.add_argument("--attacker-nice", type=int, default=0,
                     help="isolation: run the hostile tenant's load generator at this nice level (default 0)")
+    ap.add_argument("--backend-credit", type=int,
+                    help="scaleout: Ferrule's [messaging.backend] credit (default: Ferrule's default)")
     ap.add_argument("--mqtt-workers", type=int, help="Ferrule [adapters.mqtt] workers (default: Ferrule's default)")
     args = ap.parse_args()
     ARGS_NICE[0] = args.attacker_nice
@@ -1761,7 +2226,11 @@ def main():
         out = Path(tempfile.gettempdir()) / "ferrule-BENCHMARKS-smoke.md"
     else:
         out = ROOT / "BENCHMARKS.md"
-    write_report(out, text)
+    if not (names and all(n in MERGED for n in names)):
+        write_report(out, text)
+    block = scaleout_block(suite)
+    if block:
+        merge_block(out, block, SCALEOUT_BEGIN, SCALEOUT_END)
     if args.smoke:
         # The summary on stdout (CI log).
         print(text.split("## Scenarios")[0])

@@ -1,5 +1,6 @@
-//! AMQP 1.0 application side (fe2o3-amqp client): `amqp-recv` (downstream consumer)
-//! and `commands` (request/response commands to MQTT devices run here too).
+//! AMQP 1.0 application side (fe2o3-amqp client): `amqp-recv` (downstream consumer),
+//! `amqp-send` (a plain producer to any address, e.g. straight to RabbitMQ) and `commands`
+//! (request/response commands to MQTT devices run here too).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -12,7 +13,7 @@ use fe2o3_amqp::connection::ConnectionHandle;
 use fe2o3_amqp::link::receiver::CreditMode;
 use fe2o3_amqp::sasl_profile::SaslProfile;
 use fe2o3_amqp::session::SessionHandle;
-use fe2o3_amqp::types::messaging::{Body, Message, MessageId, Outcome, Properties};
+use fe2o3_amqp::types::messaging::{Body, Header, Message, MessageId, Outcome, Properties};
 use fe2o3_amqp::types::primitives::{Binary, SimpleValue, Value};
 use fe2o3_amqp::{Connection, Receiver, Sender, Session};
 use serde_json::json;
@@ -173,6 +174,117 @@ pub async fn run_recv(a: RecvArgs) -> Result<()> {
     if let Some(e) = first_error {
         m.insert("first_error".into(), json!(e));
     }
+    util::emit(m);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// amqp-send
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub amqp: Amqp,
+    /// Target address, taken as is (no Hono conventions), e.g. `/amq/queue/event.x` at
+    /// RabbitMQ or `telemetry/bench` at Ferrule.
+    #[arg(long)]
+    pub address: String,
+    #[command(flatten)]
+    pub amount: util::Amount<10_000>,
+    /// Payload size in bytes (a data section; at least 8: the send timestamp).
+    #[arg(long, default_value_t = 64)]
+    pub size: usize,
+    /// Durable messages (`header.durable = true`).
+    #[arg(long)]
+    pub durable: bool,
+    /// Unsettled transfers in flight (sent, outcome not yet received).
+    #[arg(long, default_value_t = 1000)]
+    pub window: usize,
+}
+
+/// One producer link on its own connection and session: unsettled transfers, `--window`
+/// in flight; counts `accepted` outcomes and their latency (send → outcome). Detaches
+/// rather than closes at the end (RabbitMQ 3.x does not answer a closing detach).
+pub async fn run_send(a: SendArgs) -> Result<()> {
+    let (mut connection, mut session) = open(&a.amqp, "send").await?;
+    let mut sender = Sender::attach(
+        &mut session,
+        format!("loadgen-send-{}", std::process::id()),
+        a.address.clone(),
+    )
+    .await?;
+    let window = Arc::new(Semaphore::new(a.window.max(1)));
+    let mut outcomes = tokio::task::JoinSet::new();
+    let mut stats = util::Stats::default();
+    let tally = |stats: &mut util::Stats, r: (std::result::Result<Outcome, String>, u64)| {
+        match r.0 {
+            Ok(Outcome::Accepted(_)) => {
+                stats.ok += 1;
+                stats.lat.record_since(r.1);
+            }
+            Ok(other) => {
+                let kind = format!("{other:?}");
+                let kind = kind.split('(').next().unwrap_or("outcome").to_owned();
+                stats.fail(format!("outcome {other:?}"));
+                stats.count(kind);
+            }
+            Err(e) => {
+                stats.fail(e);
+                stats.count("error");
+            }
+        }
+        stats.finished = Some(Instant::now());
+    };
+    let mut body = util::payload(a.size);
+    let start = Instant::now();
+    let deadline = a.amount.deadline(start);
+    loop {
+        if deadline.is_none() && stats.sent >= a.amount.count
+            || deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            break;
+        }
+        let Ok(permit) = window.clone().acquire_owned().await else { break };
+        let now = util::now_ns();
+        body[..8].copy_from_slice(&now.to_be_bytes());
+        let mut message = Message::builder().data(Binary::from(body.clone())).build();
+        if a.durable {
+            message.header = Some(Header { durable: true, ..Default::default() });
+        }
+        match sender.send_batchable(message).await {
+            Ok(fut) => {
+                stats.sent += 1;
+                outcomes.spawn(async move {
+                    let outcome = fut.await.map_err(|e| format!("outcome: {e}"));
+                    drop(permit);
+                    (outcome, now)
+                });
+            }
+            Err(e) => {
+                stats.fail(format!("send: {e}"));
+                break;
+            }
+        }
+        while let Some(r) = outcomes.try_join_next() {
+            tally(&mut stats, r.unwrap_or_else(|e| (Err(e.to_string()), 0)));
+        }
+    }
+    while let Some(r) = outcomes.join_next().await {
+        tally(&mut stats, r.unwrap_or_else(|e| (Err(e.to_string()), 0)));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let _ = sender.detach().await;
+        let _ = session.end().await;
+        let _ = connection.close().await;
+    })
+    .await;
+    let seconds = stats.seconds_since(start);
+    let mut m = util::base("amqp-send", stats.ok, seconds, stats.errors);
+    m.insert("sent".into(), json!(stats.sent));
+    m.insert("address".into(), json!(a.address));
+    m.insert("durable".into(), json!(a.durable));
+    m.insert("window".into(), json!(a.window));
+    stats.report("outcomes", "outcome_", &mut m);
     util::emit(m);
     Ok(())
 }

@@ -34,6 +34,9 @@ enum Command {
     MqttSub(mqtt_load::SubArgs),
     /// AMQP 1.0 receiver (SASL PLAIN): accepts every message, counts, latency from the body.
     AmqpRecv(amqp_load::RecvArgs),
+    /// AMQP 1.0 producer to any address (SASL PLAIN or ANONYMOUS): unsettled, windowed,
+    /// optionally durable; counts accepted outcomes.
+    AmqpSend(amqp_load::SendArgs),
     /// HTTP/1.1 keep-alive POSTs, one request at a time per connection.
     HttpPub(http_load::HttpArgs),
     /// A bare hyper hello-world HTTP/1.1 server (the peer for http-pub).
@@ -61,6 +64,7 @@ fn main() {
             Command::MqttPub(a) => mqtt_load::run_pub(a).await,
             Command::MqttSub(a) => mqtt_load::run_sub(a).await,
             Command::AmqpRecv(a) => amqp_load::run_recv(a).await,
+            Command::AmqpSend(a) => amqp_load::run_send(a).await,
             Command::HttpPub(a) => http_load::run_pub(a).await,
             Command::HelloServer(a) => http_load::run_hello(a).await,
             Command::CoapPub(a) => coap_load::run_pub(a).await,

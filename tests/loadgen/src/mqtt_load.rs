@@ -22,7 +22,8 @@ use crate::util::{self, Collector, Latencies, LocalBatch, Result, Stats};
 /// Where and as whom MQTT clients connect.
 #[derive(Args, Debug, Clone)]
 pub struct Target {
-    /// Broker address (host:port).
+    /// Broker address (host:port); a comma-separated list spreads the connections over
+    /// several servers (connection `i` goes to the `i`-th modulo their number).
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub host: String,
     /// Username template, `{i}` = client index (modulo --devices), e.g. `dev{i}@bench`.
@@ -48,7 +49,7 @@ pub struct Target {
 pub type Conn = (Reader<OwnedReadHalf>, OwnedWriteHalf);
 
 pub struct Client {
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     sources: Vec<IpAddr>,
     t: Target,
     tag: String,
@@ -57,7 +58,7 @@ pub struct Client {
 impl Client {
     pub fn new(t: &Target) -> Result<Client> {
         Ok(Client {
-            addr: util::resolve(&t.host)?,
+            addrs: t.host.split(',').map(|h| util::resolve(h.trim())).collect::<Result<_>>()?,
             sources: util::parse_sources(&t.sources)?,
             t: t.clone(),
             tag: std::process::id().to_string(),
@@ -81,7 +82,8 @@ impl Client {
         suffix: &str,
         small: bool,
     ) -> Result<Conn> {
-        let stream = util::connect_from(self.addr, util::spread(&self.sources, i)).await?;
+        let addr = self.addrs[i % self.addrs.len()];
+        let stream = util::connect_from(addr, util::spread(&self.sources, i)).await?;
         let (r, mut w) = stream.into_split();
         let mut reader = if small { Reader::small(r) } else { Reader::new(r) };
         let user = self.username(device);
