@@ -93,7 +93,7 @@ impl Bridge {
         let attach = Receiver::builder()
             .name(name)
             .source(source)
-            .credit_mode(CreditMode::Auto(self.inner.config.credit))
+            .credit_mode(CreditMode::Manual)
             .auto_accept(false)
             .attach(&mut session);
         let receiver = tokio::time::timeout(self.inner.config.outcome_timeout, attach)
@@ -106,25 +106,46 @@ impl Bridge {
     /// Passes messages on until the link fails or the local consumers are gone; then
     /// detaches (RabbitMQ: detach, not close). Deliveries not yet settled go back to the
     /// broker with the link.
+    ///
+    /// Credit is granted by hand, `credit` at a time and only once all of the last grant
+    /// has arrived (nothing in flight) and at most half of it is unsettled: fe2o3's
+    /// automatic credit, refreshed from the settling tasks while transfers arrive, let
+    /// RabbitMQ 3.10 send more than the link allowed under load, which ended the link
+    /// ("The peer sent more message transfers than currently allowed on the link") every
+    /// few hundred messages. One round trip per `credit` messages is the price.
     async fn pump(
         &self,
         (mut receiver, _session): (Receiver, fe2o3_amqp::session::SessionHandle<()>),
     ) {
+        let credit = self.inner.config.credit.max(2);
         let disposer = receiver.disposer();
+        let settled = Arc::new(Settled::default());
+        let mut received: u32 = 0;
+        let mut remaining: u32 = 0;
         let mut tick = tokio::time::interval(TICK);
         loop {
+            if remaining == 0 && received.wrapping_sub(settled.count()) <= credit / 2 {
+                if let Err(e) = receiver.set_credit(credit).await {
+                    tracing::warn!(address = %self.address, error = %e, "granting credit at the shared broker failed; attaching again");
+                    return;
+                }
+                remaining = credit;
+            }
             tokio::select! {
                 _ = tick.tick() => {
                     if self.inner.broker.consumer_count(&self.address) == 0 {
                         break;
                     }
                 }
-                delivery = receiver.recv::<Body<Value>>() => match delivery {
+                _ = settled.changed.notified(), if remaining == 0 => {}
+                delivery = receiver.recv::<Body<Value>>(), if remaining > 0 => match delivery {
                     Ok(delivery) => {
+                        received = received.wrapping_add(1);
+                        remaining -= 1;
                         // Submitted unsettled either way: the local outcome decides.
                         let (info, message) = delivery.into_parts();
                         let submission = self.inner.broker.submit_local(&self.address, message, false);
-                        tokio::spawn(settle(disposer.clone(), info, submission));
+                        tokio::spawn(settle(disposer.clone(), info, submission, settled.clone()));
                     }
                     Err(e) => {
                         tracing::warn!(address = %self.address, error = %e, "receiving from the shared broker failed; attaching again");
@@ -138,10 +159,34 @@ impl Bridge {
     }
 }
 
+/// How many deliveries of one link were settled, and a wake-up for the pump when that
+/// moves.
+#[derive(Default)]
+struct Settled {
+    count: std::sync::atomic::AtomicU32,
+    changed: tokio::sync::Notify,
+}
+
+impl Settled {
+    fn count(&self) -> u32 {
+        self.count.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn one_more(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.changed.notify_one();
+    }
+}
+
 /// Settles a delivery at the broker with the local outcome. The broker's receiver
 /// disposer can only accept or release: a message the application rejected is accepted
 /// there (taken off the queue, counted), since releasing it would bring it back forever.
-async fn settle(disposer: ReceiverDisposer, info: DeliveryInfo, submission: crate::Submission) {
+async fn settle(
+    disposer: ReceiverDisposer,
+    info: DeliveryInfo,
+    submission: crate::Submission,
+    settled: Arc<Settled>,
+) {
     let result = match submission.outcome().await {
         Outcome::Accepted => disposer.accept(info).await,
         Outcome::Rejected { condition, description } => {
@@ -154,4 +199,5 @@ async fn settle(disposer: ReceiverDisposer, info: DeliveryInfo, submission: crat
     if let Err(e) = result {
         tracing::debug!(error = %e, "settling at the shared broker failed (it redelivers)");
     }
+    settled.one_more();
 }
