@@ -505,10 +505,13 @@ addresses = "rabbitmq"
 management_url = "http://{http}"
 outcome_timeout = "5s"
 {backend_extra}
+[commands]
+request_id_key = "bench-scaleout-request-id-key-0123456789"
 [cluster]
 instance_id = "{instance}"
 redis_urls = {redis}
 roles = ["devices", "applications", "management"]
+peer_password = "bench-scaleout-peer-secret"
 [registry]
 listen = "127.0.0.1:0"
 storage = "redis"

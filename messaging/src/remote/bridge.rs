@@ -107,12 +107,12 @@ impl Bridge {
     /// detaches (RabbitMQ: detach, not close). Deliveries not yet settled go back to the
     /// broker with the link.
     ///
-    /// Credit is granted by hand, `credit` at a time and only once all of the last grant
-    /// has arrived (nothing in flight) and at most half of it is unsettled: fe2o3's
-    /// automatic credit, refreshed from the settling tasks while transfers arrive, let
-    /// RabbitMQ 3.10 send more than the link allowed under load, which ended the link
-    /// ("The peer sent more message transfers than currently allowed on the link") every
-    /// few hundred messages. One round trip per `credit` messages is the price.
+    /// Credit is granted by hand, from this task only: `credit` again once half of it is
+    /// used and at most half of it is unsettled. fe2o3's automatic credit is refreshed
+    /// from the settling tasks (its `ReceiverDisposer`) while transfers arrive; under load
+    /// RabbitMQ 3.10 then sent more than the link allowed and the link ended ("The peer
+    /// sent more message transfers than currently allowed on the link") every few
+    /// hundred messages.
     async fn pump(
         &self,
         (mut receiver, _session): (Receiver, fe2o3_amqp::session::SessionHandle<()>),
@@ -124,7 +124,7 @@ impl Bridge {
         let mut remaining: u32 = 0;
         let mut tick = tokio::time::interval(TICK);
         loop {
-            if remaining == 0 && received.wrapping_sub(settled.count()) <= credit / 2 {
+            if remaining <= credit / 2 && received.wrapping_sub(settled.count()) <= credit / 2 {
                 if let Err(e) = receiver.set_credit(credit).await {
                     tracing::warn!(address = %self.address, error = %e, "granting credit at the shared broker failed; attaching again");
                     return;
