@@ -78,8 +78,9 @@ outcome_timeout = "5s"
 
 def brokers_command(*args, keep=False):
     """Runs tests/cluster/brokers.sh on the session's brokers (keep: start over their data)."""
+    pki = Path(os.environ["FERRULE_CLUSTER_BASE"]) / "pki"
     env = {**os.environ, "BASE": os.environ["FERRULE_CLUSTER_BASE"], "KEEP": "1" if keep else "0",
-           "RABBIT_TLS_DIR": os.environ["FERRULE_CLUSTER_BASE"] + "/pki"}
+           "RABBIT_TLS_DIR": str(pki) if pki.exists() else ""}
     subprocess.run([str(BROKERS), *args], check=True, timeout=180, env=env)
 
 

@@ -543,6 +543,9 @@ pub async fn run_commands(a: CommandArgs) -> Result<()> {
     m.insert("sent".into(), json!(sent));
     m.insert("missing".into(), json!(missing));
     m.insert("devices".into(), json!(a.device_count));
+    // Requests the devices answered: more than `sent` means a command reached a device
+    // twice.
+    m.insert("device_answers".into(), json!(answered.load(Relaxed)));
     m.insert("window".into(), json!(a.window));
     lat.report("", &mut m);
     if let Some(e) = first_error.lock().unwrap().clone() {
