@@ -11,6 +11,12 @@
 //! deployment's [`RequestKey`], so only the device a command went to (or its gateway) can
 //! answer it. Commands for an
 //! offline device with `x-ferrule-defer-ttl` wait in a durable per-device queue.
+//!
+//! In cluster mode a [`CommandCluster`] (the platform's, over Redis) records every
+//! subscription as a lease; a command whose device has no session here goes to the
+//! instance holding it (marked [`FORWARDED_ANNOTATION`], its reply address naming this
+//! instance, so that the response comes back here), and deferred commands are kept where
+//! every instance finds them.
 
 mod command;
 pub mod presence;
