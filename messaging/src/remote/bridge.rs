@@ -64,7 +64,7 @@ impl Bridge {
                     tokio::time::sleep(TICK).await;
                 }
             }
-            if self.finished() {
+            if self.finished() || self.inner.closing() {
                 break;
             }
         }
@@ -146,6 +146,10 @@ impl Bridge {
                         let (info, message) = delivery.into_parts();
                         let submission = self.inner.broker.submit_local(&self.address, message, false);
                         tokio::spawn(settle(disposer.clone(), info, submission, settled.clone()));
+                    }
+                    Err(e) if self.inner.closing() => {
+                        tracing::debug!(address = %self.address, error = %e, "bridge link closed with the shutdown");
+                        return;
                     }
                     Err(e) => {
                         tracing::warn!(address = %self.address, error = %e, "receiving from the shared broker failed; attaching again");

@@ -120,6 +120,14 @@ pub(crate) struct Inner {
     pub(crate) instance: String,
     /// What the endpoint is, in log messages.
     pub(crate) label: &'static str,
+    /// Set by `close`: links failing from now on are the shutdown, not a fault.
+    pub(crate) closing: std::sync::atomic::AtomicBool,
+}
+
+impl Inner {
+    pub(crate) fn closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl Inner {
@@ -164,6 +172,7 @@ impl Remote {
             leases,
             provision,
             provisioned: Default::default(),
+            closing: Default::default(),
             senders: Default::default(),
             bridges: Default::default(),
             instance: instance.to_owned(),
@@ -179,6 +188,7 @@ impl Remote {
 
     /// Ends every connection to the broker (links first; what is in flight is answered).
     pub async fn close(&self) {
+        self.inner.closing.store(true, std::sync::atomic::Ordering::Release);
         self.inner.senders.lock().expect("poisoned").clear();
         self.inner.pool.close().await;
     }
@@ -209,6 +219,7 @@ impl Relay {
             leases: None,
             provision: None,
             provisioned: Default::default(),
+            closing: Default::default(),
             senders: Default::default(),
             bridges: Default::default(),
             instance: instance.to_owned(),
@@ -226,6 +237,7 @@ impl Relay {
 
     /// Ends its connections.
     pub async fn close(&self) {
+        self.inner.closing.store(true, std::sync::atomic::Ordering::Release);
         self.inner.senders.lock().expect("poisoned").clear();
         self.inner.pool.close().await;
     }
