@@ -18,15 +18,16 @@
 //! instance, so that the response comes back here), and deferred commands are kept where
 //! every instance finds them.
 
+mod cluster;
 mod command;
 pub mod presence;
 mod request_id;
 mod router;
 
+pub use cluster::{CommandCluster, FORWARDED_ANNOTATION};
 pub use command::{Command, CommandError, DEFER_TTL_PROPERTY};
 pub use request_id::{RequestId, RequestIdError, RequestKey, KEY_FILE};
 pub use router::{
-    address_rules, messaging_config, BoxFuture, CommandCluster, CommandRouter, CommandSink,
-    DeviceCheck, Notify, RespondError, Response, Subscription, Target, DEFERRED_PREFIX,
-    FORWARDED_ANNOTATION,
+    address_rules, messaging_config, BoxFuture, CommandRouter, CommandSink, DeviceCheck, Notify,
+    RespondError, Response, Subscription, Target, DEFERRED_PREFIX,
 };
