@@ -92,6 +92,7 @@ impl Bridge {
         let name = format!("{}-{}", self.inner.instance, uuid::Uuid::new_v4().simple());
         let attach = Receiver::builder()
             .name(name)
+            .max_message_size(super::pool::MAX_MESSAGE_SIZE)
             .source(source)
             .credit_mode(CreditMode::Manual)
             .auto_accept(false)

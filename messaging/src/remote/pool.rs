@@ -17,6 +17,12 @@ use crate::config::BackendConfig;
 /// How long opening a connection or beginning a session may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Largest frame this side accepts (advertised in `open`).
+const MAX_FRAME_SIZE: u32 = 65_536;
+/// Largest message a bridge link takes from the broker (the receiver refuses larger ones
+/// itself, so the frame checker need not copy them).
+pub(crate) const MAX_MESSAGE_SIZE: u64 = 16 * 1024 * 1024;
+
 /// One broker to connect to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
@@ -136,6 +142,7 @@ impl Pool {
         let builder = Connection::builder()
             .container_id(format!("{}-{}", self.container, uuid::Uuid::new_v4().simple()))
             .hostname(hostname)
+            .max_frame_size(MAX_FRAME_SIZE)
             .idle_time_out(60_000u32);
         let builder = if self.username.is_empty() {
             builder
@@ -153,9 +160,9 @@ impl Pool {
             let stream = ferrule_net::tls::connect(connector, hostname, stream)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
-            builder.open_with_stream(stream).await.map_err(|e| e.to_string())
+            builder.open_with_stream(guarded(stream)).await.map_err(|e| e.to_string())
         } else {
-            builder.open_with_stream(stream).await.map_err(|e| e.to_string())
+            builder.open_with_stream(guarded(stream)).await.map_err(|e| e.to_string())
         }
     }
 
@@ -166,6 +173,15 @@ impl Pool {
             let _ = tokio::time::timeout(CONNECT_TIMEOUT, conn.close()).await;
         }
     }
+}
+
+/// What the broker (or a peer) sends is checked frame by frame before fe2o3-amqp decodes
+/// it, as on the listener: a message nested past the guard's depth, published by anyone
+/// who can write to the broker's queues, would otherwise overflow a decoding task's stack
+/// (serde_amqp decodes recursively).
+fn guarded<S>(stream: S) -> crate::guard::Guarded<S> {
+    let checker = crate::guard::FrameChecker::new(MAX_FRAME_SIZE, MAX_MESSAGE_SIZE as usize);
+    crate::guard::Guarded::new(stream, checker)
 }
 
 #[cfg(test)]
