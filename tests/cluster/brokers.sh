@@ -6,7 +6,8 @@
 #                               TLS on $RABBIT_TLS_PORT+i when RABBIT_TLS_DIR is set)
 #   brokers.sh rabbit-stop N    (KEEP=1 brokers.sh rabbit-start N: start again over the data)
 #   brokers.sh redis-start N R  Redis Cluster of N nodes with R replicas per master
-#                               (127.0.0.1:$REDIS_PORT+i)
+#                               (127.0.0.1:$REDIS_PORT+i, cluster bus on $REDIS_BUS_PORT+i,
+#                               default $REDIS_PORT+200)
 #   brokers.sh redis-stop N
 # Everything lives under $BASE; nodes are stopped by the PIDs they wrote there.
 set -euo pipefail
@@ -103,20 +104,62 @@ rabbit-stop)
   done
   ;;
 redis-start)
-  rm -rf "$BASE/redis"
-  nodes=()
-  for i in $(seq 1 "$COUNT"); do
-    p=$((REDIS_PORT + i)); d=$BASE/redis/n$p; mkdir -p "$d"
-    redis-server --port "$p" --bind 127.0.0.1 --protected-mode yes --dir "$d" --cluster-enabled yes \
-      --cluster-config-file nodes.conf --cluster-node-timeout 2000 --appendonly no --save '' \
-      --daemonize yes --pidfile "$d/redis.pid" --logfile "$d/redis.log"
-    nodes+=("127.0.0.1:$p")
-  done
-  for i in $(seq 1 "$COUNT"); do until redis-cli -p $((REDIS_PORT + i)) ping >/dev/null 2>&1; do sleep 0.05; done; done
-  redis-cli --cluster create "${nodes[@]}" --cluster-replicas "$REPLICAS" --cluster-yes > "$BASE/redis/create.log"
-  for i in $(seq 1 "$COUNT"); do
-    until redis-cli -p $((REDIS_PORT + i)) cluster info | tr -d '\r' | grep -q '^cluster_state:ok'; do sleep 0.1; done
-  done
+  # Cluster bus ports are set explicitly ($REDIS_BUS_PORT+i): Redis's default (port+10000)
+  # falls in Linux's ephemeral range, where any outgoing connection can hold it. Every wait
+  # is bounded and prints the nodes' logs when it runs out; a creation that does not settle
+  # is retried once from scratch.
+  REDIS_BUS_PORT=${REDIS_BUS_PORT:-$((REDIS_PORT + 200))}
+  redis_nodes_stop() {
+    for i in $(seq 1 "$COUNT"); do
+      f=$BASE/redis/n$((REDIS_PORT + i))/redis.pid
+      [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true
+    done
+  }
+  redis_fail() {
+    echo "Redis Cluster did not start: $1" >&2
+    for i in $(seq 1 "$COUNT"); do
+      echo "--- node $((REDIS_PORT + i)) (bus $((REDIS_BUS_PORT + i)))" >&2
+      tail -5 "$BASE/redis/n$((REDIS_PORT + i))/redis.log" >&2 2>/dev/null || true
+    done
+    tail -5 "$BASE/redis/create.log" >&2 2>/dev/null || true
+    ss -ltnp 2>/dev/null | grep -E ":($REDIS_PORT|$REDIS_BUS_PORT)" >&2 || true
+    return 1
+  }
+  redis_try() {
+    rm -rf "$BASE/redis"
+    local nodes=() i p d
+    for i in $(seq 1 "$COUNT"); do
+      p=$((REDIS_PORT + i)); d=$BASE/redis/n$p; mkdir -p "$d"
+      redis-server --port "$p" --cluster-port $((REDIS_BUS_PORT + i)) --bind 127.0.0.1 \
+        --protected-mode yes --dir "$d" --cluster-enabled yes --cluster-config-file nodes.conf \
+        --cluster-node-timeout 3000 --appendonly no --save '' \
+        --daemonize yes --pidfile "$d/redis.pid" --logfile "$d/redis.log" || { redis_fail "node $p"; return 1; }
+      nodes+=("127.0.0.1:$p")
+    done
+    for i in $(seq 1 "$COUNT"); do
+      timeout 30 sh -c "until redis-cli -p $((REDIS_PORT + i)) ping >/dev/null 2>&1; do sleep 0.05; done" \
+        || { redis_fail "node $((REDIS_PORT + i)) does not answer"; return 1; }
+    done
+    timeout 60 redis-cli --cluster create "${nodes[@]}" --cluster-replicas "$REPLICAS" --cluster-yes \
+      > "$BASE/redis/create.log" 2>&1 || { redis_fail "cluster create"; return 1; }
+    for i in $(seq 1 "$COUNT"); do
+      timeout 60 sh -c "until redis-cli -p $((REDIS_PORT + i)) cluster info | tr -d '\r' | grep -q '^cluster_state:ok'; do sleep 0.1; done" \
+        || { redis_fail "node $((REDIS_PORT + i)) never reached cluster_state:ok"; return 1; }
+    done
+    # Replicas attach after the create returns: wait until each one replicates its master,
+    # or a test killing a master would find no replica to fail over to.
+    local want=$((COUNT / (REPLICAS + 1) * REPLICAS)) up
+    for _ in $(seq 1 600); do
+      up=0
+      for i in $(seq 1 "$COUNT"); do
+        redis-cli -p $((REDIS_PORT + i)) info replication | tr -d '\r' | grep -q '^master_link_status:up' && up=$((up + 1))
+      done
+      [ "$up" -ge "$want" ] && return 0
+      sleep 0.1
+    done
+    redis_fail "$up of $want replicas in sync"
+  }
+  redis_try || { redis_nodes_stop; echo "retrying once" >&2; redis_try; } || { redis_nodes_stop; exit 1; }
   ;;
 redis-stop)
   for i in $(seq 1 "$COUNT"); do
