@@ -174,6 +174,9 @@ pub struct AuthSettings {
     pub failure_window: Duration,
     /// Bound on entries in each cache.
     pub max_entries: usize,
+    /// Password verifiers that survive a restart (`[registry] verifier_key_file`); `None`:
+    /// every fresh process verifies each device with argon2 once.
+    pub verifiers: Option<Arc<crate::verifiers::Verifiers>>,
 }
 
 impl Default for AuthSettings {
@@ -184,6 +187,7 @@ impl Default for AuthSettings {
             max_failures: 5,
             failure_window: Duration::from_secs(10),
             max_entries: 100_000,
+            verifiers: None,
         }
     }
 }
@@ -544,25 +548,43 @@ impl AuthService {
                     .filter(|s| s.meta.usable_at(now))
                     .filter_map(|s| Some((s.hash_function?, s.pwd_hash?, s.salt, s.meta)))
                     .collect();
-                if candidates.is_empty() {
+                let verifiers = self.inner.settings.verifiers.as_deref();
+                fn record(
+                    (f, h, salt, _): &(String, String, Option<String>, SecretMeta),
+                ) -> crate::verifiers::HashRecord<'_> {
+                    crate::verifiers::HashRecord { function: f, hash: h, salt: salt.as_deref() }
+                }
+                // A verifier remembered from an earlier process: no argon2 run.
+                let known = verifiers.and_then(|v| {
+                    candidates.iter().find(|c| v.matches(tenant, auth_id, record(c), secret))
+                });
+                if let Some(c) = known {
+                    metrics::counter!("ferrule_password_checks_total", "method" => "verifier")
+                        .increment(1);
+                    Some(c.3.clone())
+                } else if candidates.is_empty() {
                     None
                 } else {
+                    metrics::counter!("ferrule_password_checks_total", "method" => "hash")
+                        .increment(1);
                     let presented = secret.to_vec();
-                    self.inner
+                    let found = self
+                        .inner
                         .pool
                         .run(move || {
-                            candidates
-                                .into_iter()
-                                .find(|(f, h, salt, _)| {
-                                    password::verify(f, h, salt.as_deref(), &presented)
-                                })
-                                .map(|c| c.3)
+                            candidates.into_iter().find(|(f, h, salt, _)| {
+                                password::verify(f, h, salt.as_deref(), &presented)
+                            })
                         })
                         .await
                         .map_err(|e| match e {
                             ferrule_net::hashing::PoolError::Busy => AuthError::Busy,
                             other => AuthError::Unavailable(other.to_string()),
-                        })?
+                        })?;
+                    if let (Some(c), Some(v)) = (&found, verifiers) {
+                        v.remember(tenant, auth_id, record(c), secret);
+                    }
+                    found.map(|c| c.3)
                 }
             }
             Credentials::Psk(p) => {

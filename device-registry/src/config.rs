@@ -59,6 +59,14 @@ pub struct RegistryConfig {
     pub failure_window: Duration,
     /// Bound on entries per cache. Default `100000`.
     pub cache_max_entries: usize,
+    /// A file (at least 32 bytes, outside the data directory) holding the key of password
+    /// verifiers that survive a restart: with it, a device whose password passed argon2
+    /// once reconnects after a restart without another argon2 run (see SECURITY.md,
+    /// "Password verifiers"). Default: none (off).
+    pub verifier_key_file: Option<std::path::PathBuf>,
+    /// Where the verifiers are kept, relative to the data directory. Default
+    /// `password-verifiers`.
+    pub verifier_file: String,
     /// Password hashes/verifications running at once (blocking threads), for the whole
     /// process: device logins, management writes and AMQP application logins share this
     /// one pool; up to 256 × this many wait, beyond that a login is refused as busy.
@@ -93,6 +101,8 @@ impl Default for RegistryConfig {
             max_failures: 5,
             failure_window: Duration::from_secs(10),
             cache_max_entries: 100_000,
+            verifier_key_file: None,
+            verifier_file: "password-verifiers".into(),
             hash_pool_size: 2,
             max_body_bytes: 64 * 1024,
             max_connections: 256,
@@ -123,6 +133,8 @@ impl fmt::Debug for RegistryConfig {
             .field("max_failures", &self.max_failures)
             .field("failure_window", &self.failure_window)
             .field("cache_max_entries", &self.cache_max_entries)
+            .field("verifier_key_file", &self.verifier_key_file)
+            .field("verifier_file", &self.verifier_file)
             .field("hash_pool_size", &self.hash_pool_size)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_connections", &self.max_connections)
@@ -166,6 +178,9 @@ impl RegistryConfig {
         }
         if self.auth_tokens.iter().any(|t| t.len() < 16) {
             return err("auth_tokens", "tokens must be at least 16 characters");
+        }
+        if self.verifier_key_file.is_some() && self.verifier_file.is_empty() {
+            return err("verifier_file", "must not be empty");
         }
         if self.storage == StorageKind::Embedded && self.embedded_file.is_empty() {
             return err("embedded_file", "must not be empty");
@@ -216,6 +231,7 @@ impl RegistryConfig {
             max_failures: self.max_failures,
             failure_window: self.failure_window,
             max_entries: self.cache_max_entries,
+            verifiers: None,
         }
     }
 }
@@ -251,6 +267,13 @@ max_failures = 5
 failure_window = "10s"
 # Bound on entries per cache.
 cache_max_entries = 100000
+# Password verifiers that survive a restart (off unless set): a file of >= 32 random bytes
+# kept apart from the data directory (e.g. a mounted secret). With it, a device whose
+# password passed argon2 once reconnects after a restart without another argon2 run;
+# without it, a restart storm costs one argon2 run per device. See SECURITY.md.
+# verifier_key_file = "/run/secrets/ferrule-verifier-key"
+# Where the verifiers are kept, relative to the data directory.
+verifier_file = "password-verifiers"
 # Password hashes/verifications running at once, for the whole process (device logins,
 # management writes and AMQP application logins share one pool; argon2id: ~20 ms CPU and
 # 19 MiB each). Up to 256 x this many wait; beyond that a login is refused as busy.

@@ -19,7 +19,8 @@
 //! - [`store`]: the [`RegistryStore`] trait and its two backends.
 //! - [`management`]: operations behind the API, and the bounded [`HashPool`].
 //! - [`password`]: argon2id hashing; bcrypt/sha-256/sha-512 verification of imports.
-//! - [`auth`]: [`AuthService`] for adapters.
+//! - [`auth`]: [`AuthService`] for adapters; [`verifiers`]: password verifiers that
+//!   survive a restart (opt-in, `verifier_key_file`).
 //! - [`api`], [`search`]: the HTTP API and its search parameters.
 //! - [`server`]: [`Registry::start`] / [`run`] (lifecycle); [`config`]: [`RegistryConfig`].
 //! - [`client`], [`cli`]: the operator CLI (`ferrule tenant|device|credentials ...`).
@@ -46,6 +47,7 @@ pub mod password;
 pub mod search;
 pub mod server;
 pub mod store;
+pub mod verifiers;
 pub mod x509;
 
 pub use auth::{AuthError, AuthService, AuthenticatedDevice, PskKey};

@@ -13,10 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::{self, ApiState};
-use crate::auth::AuthService;
+use crate::auth::{AuthService, AuthSettings};
 use crate::config::{ConfigError, RegistryConfig, StorageKind};
 use crate::management::{HashPool, Management};
 use crate::store::{EmbeddedStore, RedisStore, RegistryStore, StoreError};
+use crate::verifiers::Verifiers;
 
 /// How long shutdown waits for in-flight requests.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
@@ -43,6 +44,9 @@ pub enum RegistryError {
     /// The TLS certificate or key is unusable.
     #[error("registry.tls: {0}")]
     Tls(String),
+    /// The password verifiers' key is unusable.
+    #[error("registry.{0}")]
+    Verifiers(#[from] crate::verifiers::VerifierError),
 }
 
 /// Opens the configured store.
@@ -69,6 +73,52 @@ pub async fn open_store(
                 .await?,
         ),
     })
+}
+
+/// The password verifiers `verifier_key_file` asks for (`None`: off).
+///
+/// # Errors
+/// An unusable key file.
+fn open_verifiers(
+    config: &RegistryConfig,
+    data_dir: &Path,
+) -> Result<Option<Arc<Verifiers>>, RegistryError> {
+    let Some(key_file) = &config.verifier_key_file else { return Ok(None) };
+    let path = data_dir.join(&config.verifier_file);
+    let max = config.cache_max_entries;
+    Ok(Some(Arc::new(Verifiers::open(key_file, data_dir, path, max)?)))
+}
+
+/// How often new verifiers are written out.
+const VERIFIER_WRITE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Writes new verifiers every [`VERIFIER_WRITE_INTERVAL`] and once more at shutdown
+/// ([`Registry::stopped`] waits for it).
+fn spawn_verifier_writer(
+    tracker: &TaskTracker,
+    verifiers: Option<Arc<Verifiers>>,
+    shutdown: CancellationToken,
+) {
+    let Some(verifiers) = verifiers else { return };
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(VERIFIER_WRITE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let last = tokio::select! {
+                _ = tick.tick() => false,
+                _ = shutdown.cancelled() => true,
+            };
+            let v = verifiers.clone();
+            match tokio::task::spawn_blocking(move || v.persist()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "password verifiers not written"),
+                Err(e) => tracing::warn!(error = %e, "password verifiers not written"),
+            }
+            if last {
+                return;
+            }
+        }
+    });
 }
 
 /// A running registry.
@@ -100,8 +150,9 @@ impl Registry {
         shutdown: CancellationToken,
     ) -> Result<Self, RegistryError> {
         config.validate()?;
+        let verifiers = open_verifiers(config, data_dir)?;
         let store = open_store(config, data_dir).await?;
-        Self::start_with_store(config, store, shutdown).await
+        Self::start_inner(config, store, shutdown, None, verifiers).await
     }
 
     /// [`Registry::start`], serving devices' connection state from `states`.
@@ -115,8 +166,9 @@ impl Registry {
         states: Arc<dyn crate::api::DeviceStates>,
     ) -> Result<Self, RegistryError> {
         config.validate()?;
+        let verifiers = open_verifiers(config, data_dir)?;
         let store = open_store(config, data_dir).await?;
-        Self::start_with_states(config, store, shutdown, Some(states)).await
+        Self::start_inner(config, store, shutdown, Some(states), verifiers).await
     }
 
     /// [`Registry::start_tracking`] without the management API (an instance that only
@@ -130,11 +182,14 @@ impl Registry {
         shutdown: CancellationToken,
     ) -> Result<Self, RegistryError> {
         config.validate()?;
+        let verifiers = open_verifiers(config, data_dir)?;
         let store = open_store(config, data_dir).await?;
         let pool = HashPool::new(config.hash_pool_size);
-        let auth = AuthService::new(store.clone(), pool.clone(), config.auth_settings());
+        let settings = AuthSettings { verifiers: verifiers.clone(), ..config.auth_settings() };
+        let auth = AuthService::new(store.clone(), pool.clone(), settings);
         let management = Management::new(store, pool.clone());
         let tracker = TaskTracker::new();
+        spawn_verifier_writer(&tracker, verifiers, shutdown.clone());
         Ok(Self { local_addr: None, auth, management, pool, shutdown, tracker })
     }
 
@@ -162,9 +217,20 @@ impl Registry {
         shutdown: CancellationToken,
         states: Option<Arc<dyn crate::api::DeviceStates>>,
     ) -> Result<Self, RegistryError> {
+        Self::start_inner(config, store, shutdown, states, None).await
+    }
+
+    async fn start_inner(
+        config: &RegistryConfig,
+        store: Arc<dyn RegistryStore>,
+        shutdown: CancellationToken,
+        states: Option<Arc<dyn crate::api::DeviceStates>>,
+        verifiers: Option<Arc<Verifiers>>,
+    ) -> Result<Self, RegistryError> {
         config.validate()?;
         let pool = HashPool::new(config.hash_pool_size);
-        let auth = AuthService::new(store.clone(), pool.clone(), config.auth_settings());
+        let settings = AuthSettings { verifiers: verifiers.clone(), ..config.auth_settings() };
+        let auth = AuthService::new(store.clone(), pool.clone(), settings);
         let management = Management::new(store, pool.clone());
         let listener = TcpListener::bind(config.listen)
             .await
@@ -197,6 +263,7 @@ impl Registry {
         } else {
             None
         };
+        spawn_verifier_writer(&tracker, verifiers, shutdown.clone());
         tracker.spawn(accept_loop(
             listener,
             tls,
