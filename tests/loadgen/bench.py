@@ -43,8 +43,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 IDLE_SOURCES = ",".join(f"127.0.0.{i}" for i in range(2, 10))
 STORM_SOURCES = ",".join(f"127.0.0.{i}" for i in range(10, 18))
 
-SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "commands", "flow", "peer", "overload", "isolation",
-             "scaleout"]
+SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "restart", "commands", "flow", "peer", "overload",
+             "isolation", "scaleout"]
 # Run only when named in --only (they take longer than the default set allows, or need more than Ferrule).
 OPT_IN = ["isolation", "scaleout"]
 # Reported in their own block of BENCHMARKS.md (below the analysis marker), merged into the file
@@ -53,6 +53,7 @@ MERGED = ["scaleout"]
 # Messages (requests, commands, devices) per run: (full mode, smoke mode); --scale multiplies the first.
 COUNTS = {"qos0": (200_000, 2_000), "qos1": (50_000, 1_000), "events": (100_000, 1_000), "http": (100_000, 1_000),
           "coap": (100_000, 1_000), "commands": (50_000, 500), "storm-devices": (100, 10),
+          "restart-devices": (10_000, 100),
           "flow": (100_000, 2_000), "peer": (200_000, 2_000)}
 
 # QoS 1 publishers x window unless given on the command line: the peer sweep (scenario
@@ -335,11 +336,12 @@ class Ferrule:
     peer = False
     label = "Ferrule"
 
-    def __init__(self, suite, name, devices=0, passwords=True):
+    def __init__(self, suite, name, devices=0, passwords=True, verifier_key=False):
         self.suite = suite
         self.name = name
         self.devices = devices
         self.passwords = passwords
+        self.provisioned = False
         self.dir = suite.workdir / f"ferrule-{name}-{suite.next_id()}"
         self.data = self.dir / "data"
         self.data.mkdir(parents=True, mode=0o700)  # as ferrule makes it (no warning)
@@ -352,6 +354,14 @@ class Ferrule:
         self.config.write_text(FERRULE_CONFIG.format(data_dir=self.data, app_user=APP_USER, app_password=APP_PASSWORD,
                                                      token=TOKEN, mqtt_extra=extra, http_extra=limits_off["http"],
                                                      coap_extra=limits_off["coap"], registry_extra=limits_off["registry"]))
+        if verifier_key and "registry.verifier_file" in keys:
+            # Kept apart from the data directory, as ferrule requires ([registry] verifier_key_file).
+            key = self.dir / "secrets" / "verifier-key"
+            key.parent.mkdir(mode=0o700)
+            key.write_bytes(os.urandom(32))
+            text = self.config.read_text()
+            assert "\n[registry]\n" in text, "FERRULE_CONFIG changed: update Ferrule(verifier_key=True)"
+            self.config.write_text(text.replace("\n[registry]\n", f'\n[registry]\nverifier_key_file = "{key}"\n', 1))
         self.proc = None
 
     def start(self):
@@ -360,9 +370,16 @@ class Ferrule:
         wait_file(listeners, self.proc, 60)
         time.sleep(0.05)
         self.listeners = json.loads(listeners.read_text())
-        if self.devices:
+        if self.devices and not self.provisioned:
             self.provision(self.devices, self.passwords)
+            self.provisioned = True
         return self
+
+    def restart(self):
+        """SIGTERM, then a fresh process over the same data directory."""
+        self.proc.terminate()
+        (self.data / "listeners.json").unlink(missing_ok=True)
+        return self.start()
 
     @property
     def pid(self):
@@ -717,6 +734,10 @@ class Mosquitto:
 
     def dropped(self):
         return None
+
+    def restart(self):
+        self.proc.terminate()
+        return self.start()
 
     def stop(self):
         if self.proc:
@@ -1161,6 +1182,36 @@ class Suite:
                     self.record("storm", side, run)
                     log(f"storm {server.label} run {i + 1}: {run['rate']:.0f} CONNECT/s" +
                         (f" (cold: {run['cold_rate']:.0f}/s)" if "cold_rate" in run else ""))
+            self.with_server(make(), body)
+
+    def scenario_restart(self):
+        """Issue 16: a restart storm. Every device connected once before (Ferrule: verified
+        with argon2id, remembered as a password verifier under `verifier_key_file`); then the
+        server restarts and every device connects again at once, each once: CONNECT/s of
+        that pass, from a fresh process each run. Mosquitto reads its password_file
+        (PBKDF2-SHA512) at start."""
+        devices = self.count("restart-devices")
+        workers = 8 if self.smoke else 32
+        for side, make in self.servers(lambda: Ferrule(self, "restart", devices=devices, verifier_key=True),
+                                       lambda: Mosquitto(self, "restart", devices=devices)):
+            def body(server):
+                def storm(tag):
+                    argv = ["connect-storm", "--host", server.addrs()["mqtt"], "--workers", str(workers), "--devices", str(devices),
+                            "--username", "dev{i}@" + TENANT, "--password", DEVICE_PASSWORD, "--warm", "--count", "0",
+                            "--sources", STORM_SOURCES, "--client-id", f"restart{tag}-{{i}}"]
+                    _, (p,), cpu = self.measure(server, None, [argv], "restart", devices * 20)
+                    self.check("restart", p.get("cold_failed", 0) == 0 and p.get("cold_connects") == devices,
+                               f"{server.label}: {p.get('cold_connects')} of {devices} connected: {p.get('cold_failures')}")
+                    return argv, p, cpu
+                _, first, _ = storm("first")
+                log(f"restart {server.label}: first connect of {devices} devices: {first['cold_connects_per_s']:.0f}/s")
+                for i in range(self.runs):
+                    server.restart()
+                    argv, p, cpu = storm(i)
+                    self.example(f"restart/{server.label}", [self.display(["ferrule-loadgen"] + argv, server.addrs())])
+                    run = {"rate": p["cold_connects_per_s"], "seconds": p["cold_seconds"], "first_rate": first["cold_connects_per_s"], **cpu}
+                    self.record("restart", side, run)
+                    log(f"restart {server.label} run {i + 1}: {run['rate']:.0f} CONNECT/s ({devices} devices in {run['seconds']:.1f} s)")
             self.with_server(make(), body)
 
     def scenario_commands(self):
@@ -1691,6 +1742,11 @@ def build_report(suite, elapsed):
     if ("storm", "ferrule") in R:
         row("connect storm with authentication (warm)", "CONNECT/s", "storm", "rate", peer="Mosquitto with password_file", ratio_field="rate")
         row("", "cold (first connect per device)", "storm", "cold_rate", peer="")
+    if ("restart", "ferrule") in R:
+        n = suite.count("restart-devices")
+        row(f"restart storm: {n:,} devices reconnect to a fresh process", "CONNECT/s", "restart", "rate",
+            peer="Mosquitto with password_file", ratio_field="rate")
+        row("", "first connect ever (argon2id per device)", "restart", "first_rate", peer="")
     if ("commands", "ferrule") in R:
         row("commands round trip (app → MQTT device → app)", "per s", "commands", "rate")
         row("", "p50 / p99 ms", "commands", "p50", 2)
@@ -1725,6 +1781,8 @@ def build_report(suite, elapsed):
         target("idle ≤ 4 KiB RSS per device", "–", None)
     st = med(vals("storm", "ferrule", "rate"))
     target("connect storm ≥ 5k CONNECT/s", f"{fmt(st)} /s" if st else "–", (st >= 5000) if st else None)
+    rs = med(vals("restart", "ferrule", "rate"))
+    target("restart storm ≥ 1,000 CONNECT/s", f"{fmt(rs)} /s" if rs else "–", (rs >= 1000) if rs else None)
     hl = med(vals("halfload", "ferrule", "p99"))
     target("p99 ≤ 2 ms at half load", f"{fmt(hl, 2)} ms" if hl is not None else "–", (hl <= 2) if hl is not None else None)
     if ("iso-hostile", "ferrule") in R:
@@ -1736,7 +1794,7 @@ def build_report(suite, elapsed):
     cpu_rows = []
     for key, label in [("iso-baseline", "isolation: tenant B alone"), ("iso-hostile", "isolation: B beside hostile A (loadgen: B's only)"),
                        ("qos0", "MQTT QoS 0"), ("halfload", "QoS 0 at half load"), ("qos1", "MQTT QoS 1"), ("events", "events"),
-                       ("http", "HTTP"), ("coap-non", "CoAP NON"), ("coap-con", "CoAP CON"), ("storm", "connect storm"),
+                       ("http", "HTTP"), ("coap-non", "CoAP NON"), ("coap-con", "CoAP CON"), ("storm", "connect storm"), ("restart", "restart storm"),
                        ("commands", "commands")]:
         if (key, "ferrule") in R:
             cpu_rows.append((label, cell(vals(key, "ferrule", "server_cpu_pct"), unit=" %"), cell(vals(key, "ferrule", "lg_cpu_pct"), unit=" %"),
@@ -1859,6 +1917,11 @@ def build_report(suite, elapsed):
       "Ferrule verifies an argon2id hash once per device, then caches the verification). Ferrule also sends a "
       "durable connection event (connected, disconnected) to `event/bench` for every connection; no application "
       "consumes them here, so the queue fills up to `queue_max_depth` and further ones are refused (logged at debug).")
+    w(f"- Restart storm: {suite.count('restart-devices'):,} devices with passwords, {8 if suite.smoke else 32} workers; every device "
+      "connects once (Ferrule: argon2id, the first-connect row), then each run restarts the server (SIGTERM, a fresh "
+      "process over the same data) and every device connects once more, timed. Ferrule runs with `[registry] "
+      "verifier_key_file` (a 32-byte key outside the data directory; SECURITY.md, \"Password verifiers\"): a password "
+      "that passed argon2 once passes on its keyed verifier. Mosquitto checks its password_file (PBKDF2-SHA512).")
     w(f"- Commands: {min(10, a.connections)} MQTT devices subscribed to `command///req/#` (QoS 1) answering every request on "
       f"`command///res/REQ-ID/200`, an AMQP application with 32 commands in flight, {suite.count('commands'):,} per run.")
     w("- Half load: the QoS 0 scenario paced at half the measured median throughput.")
