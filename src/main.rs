@@ -4,6 +4,8 @@
 
 /// mimalloc instead of glibc malloc: malloc/free were 11-13 % of the broker's CPU under
 /// load; with mimalloc QoS 1 and durable events go up 16-19 % (BENCHMARKS.md, round 2).
+/// Feature `system-alloc` keeps glibc malloc, for heap profilers that hook it.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
