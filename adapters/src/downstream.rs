@@ -414,23 +414,61 @@ fn record(upload: &Upload, result: &Result<(), UploadError>, dropped: bool, elap
         Err(UploadError::VolumeExceeded) => "volume_exceeded",
         Err(_) => "refused",
     };
-    metrics::counter!(
-        "ferrule_adapter_messages_total",
-        "adapter" => upload.orig_adapter,
-        "tenant" => upload.tenant.clone(),
-        "endpoint" => upload.endpoint.as_str(),
-        "qos" => qos,
-        "outcome" => outcome,
-    )
-    .increment(1);
-    metrics::histogram!(
-        "ferrule_adapter_message_duration_seconds",
-        "adapter" => upload.orig_adapter,
-        "endpoint" => upload.endpoint.as_str(),
-        "qos" => qos,
-        "outcome" => outcome,
-    )
-    .record(elapsed.as_secs_f64());
+    MESSAGE_METRICS.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let key = (upload.orig_adapter, upload.endpoint.as_str(), qos, outcome);
+        if let Some(counter) = cache.counters.get(&key).and_then(|m| m.get(upload.tenant.as_str()))
+        {
+            counter.increment(1);
+        } else {
+            if cache.counters.values().map(|m| m.len()).sum::<usize>() >= METRIC_HANDLES_MAX {
+                cache.counters.clear();
+            }
+            let counter = metrics::counter!(
+                "ferrule_adapter_messages_total",
+                "adapter" => key.0,
+                "tenant" => upload.tenant.clone(),
+                "endpoint" => key.1,
+                "qos" => key.2,
+                "outcome" => key.3,
+            );
+            counter.increment(1);
+            cache.counters.entry(key).or_default().insert(upload.tenant.as_str().into(), counter);
+        }
+        cache
+            .histograms
+            .entry(key)
+            .or_insert_with(|| {
+                metrics::histogram!(
+                    "ferrule_adapter_message_duration_seconds",
+                    "adapter" => key.0,
+                    "endpoint" => key.1,
+                    "qos" => key.2,
+                    "outcome" => key.3,
+                )
+            })
+            .record(elapsed.as_secs_f64());
+    });
+}
+
+/// (adapter, endpoint, qos, outcome) of a message metric.
+type MetricKey = (&'static str, &'static str, &'static str, &'static str);
+
+/// Bound on cached counter handles per thread (one per tenant and label set); past it the
+/// cache starts over (a miss costs one registry look-up in the recorder).
+const METRIC_HANDLES_MAX: usize = 4096;
+
+/// Metric handles of this thread: a message costs a hash look-up and an atomic add instead
+/// of the recorder's label hashing, its lock and a tenant string per message.
+#[derive(Default)]
+struct MessageMetrics {
+    counters:
+        std::collections::HashMap<MetricKey, std::collections::HashMap<Box<str>, metrics::Counter>>,
+    histograms: std::collections::HashMap<MetricKey, metrics::Histogram>,
+}
+
+thread_local! {
+    static MESSAGE_METRICS: std::cell::RefCell<MessageMetrics> = Default::default();
 }
 
 fn string(s: &str) -> Value {
