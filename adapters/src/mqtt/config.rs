@@ -42,6 +42,13 @@ pub struct MqttConfig {
     pub connect_timeout: Duration,
     /// Number of ntex worker threads.
     pub workers: usize,
+    /// Publishes (and other packets) one connection may have in flight in Ferrule; at the
+    /// bound Ferrule stops reading from the connection until one completes (TCP pushes
+    /// back on the device).
+    pub max_in_flight: u16,
+    /// Bytes of packets one connection may have in flight (one larger packet still
+    /// passes alone).
+    pub max_in_flight_bytes: usize,
     /// On shutdown, how long open connections get to finish in-flight publishes.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -65,6 +72,8 @@ impl Default for MqttConfig {
             connection_burst_per_ip: 1000,
             connect_timeout: Duration::from_secs(10),
             workers: 1,
+            max_in_flight: 32,
+            max_in_flight_bytes: 256 * 1024,
             shutdown_grace: Duration::from_secs(2),
             command_ack_timeout: Duration::from_secs(10),
         }
@@ -94,6 +103,11 @@ connection_burst_per_ip = 1000
 connect_timeout = "10s"
 # Number of ntex worker threads.
 workers = 1
+# Packets one connection may have in flight (publishes waiting for the messaging core or
+# the application), and their bytes; at either bound Ferrule stops reading from the
+# connection until one completes (TCP pushes back on the device).
+max_in_flight = 32
+max_in_flight_bytes = 262144
 # On shutdown, how long open connections get to finish in-flight publishes.
 shutdown_grace = "2s"
 # How long a command sent at QoS 1 waits for the device's PUBACK before it is
@@ -130,6 +144,12 @@ impl MqttConfig {
             return bad("max_connections", "must be at least 1");
         }
         self.source_limits().validate("adapters.mqtt")?;
+        if self.max_in_flight == 0 {
+            return bad("max_in_flight", "must be at least 1");
+        }
+        if self.max_in_flight_bytes < 1024 {
+            return bad("max_in_flight_bytes", "must be at least 1024");
+        }
         if self.workers == 0 || self.workers > 64 {
             return bad("workers", "must be between 1 and 64");
         }

@@ -21,6 +21,7 @@ mod command;
 mod config;
 mod connection;
 mod failure;
+mod inflight;
 pub mod mapping;
 mod publish;
 mod server;

@@ -11,6 +11,7 @@ use ntex_util::time::Seconds;
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{connect_v3, connect_v5, stopped, Close, Shared};
+use super::inflight::InFlight;
 use super::publish::{publish_v3, publish_v5};
 use super::session::Session;
 use super::subscribe::{protocol_v3, protocol_v5};
@@ -150,6 +151,8 @@ pub(super) fn build_server<Req>(
 where
     Req: ntex_service::RequestState<ntex_io::IoBoxed, State = ()>,
 {
+    let in_flight =
+        InFlight { max: shared.config.max_in_flight, max_bytes: shared.config.max_in_flight_bytes };
     let (s1, s2, s3, s4) = (shared.clone(), shared.clone(), shared.clone(), shared.clone());
     let (s5, s6, s7, s8) = (shared.clone(), shared.clone(), shared.clone(), shared);
     let v3 =
@@ -163,6 +166,7 @@ where
             stopped(&s3, session, control);
             Ok::<_, Close>(None)
         })
+        .replace_middlewares(in_flight)
         .build(async move |connect: v3::Connect| connect_v3(&s4, connect).await);
     let v5 =
         v5::MqttServer::new(async move |session: &v5::Session<Session>, publish: v5::Publish| {
@@ -175,6 +179,7 @@ where
             stopped(&s7, session, control);
             Ok::<_, Close>(None)
         })
+        .replace_middlewares(in_flight)
         .build(async move |connect: v5::Connect| connect_v5(&s8, connect).await);
     MqttServer::new().v3(v3).v5(v5)
 }
