@@ -148,3 +148,39 @@ def test_tenant_defaults_max_ttl_and_max_ttd_on_every_adapter(platform):
     assert h.properties["site"] == "plant-7" and h.properties["ttd"] == 2, h.properties
     c = msgs["from coap"]
     assert c.properties["ttd"] == 2 and abs(c.ttl - 10) < 0.01, (c.properties, c.ttl)
+
+
+def test_mqtt5_receive_maximum_covers_pahos_default_window(platform):
+    """The CONNACK's Receive Maximum is what a connection may have in flight
+    ([adapters.mqtt] max_in_flight, 32): paho's default of 20 QoS 1 publishes in flight
+    fits (ntex's own 16 made a burst from paho end in DISCONNECT 0x93)."""
+    import threading
+
+    setup(platform)
+    app = Collector(platform.url("t1"), "telemetry/t1", credit=100)
+    app.start()
+    connected, acked, props = threading.Event(), [], {}
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="burst5", protocol=paho.MQTTv5)
+    client.username_pw_set("d1@t1", "pw")
+    client.on_connect = lambda c, u, f, rc, p: (props.update(rc=rc, rm=getattr(p, "ReceiveMaximum", None)),
+                                                 connected.set())
+    client.on_publish = lambda c, u, mid, rc, p: acked.append(rc)
+    disconnects = []
+    client.on_disconnect = lambda c, u, f, rc, p: disconnects.append(rc)
+    client.connect("127.0.0.1", int(mqtt_port(platform)))
+    client.loop_start()
+    try:
+        assert connected.wait(10)
+        assert props == {"rc": 0, "rm": 32}, props
+        for i in range(20):
+            client.publish("telemetry", f"m{i}".encode(), qos=1)
+        deadline = time.time() + 15
+        while len(acked) < 20 and time.time() < deadline and not disconnects:
+            time.sleep(0.05)
+        assert not disconnects, f"disconnected: {disconnects}"
+        assert len(acked) == 20 and all(not rc.is_failure for rc in acked), acked
+        assert len(device_messages(app, 20)) == 20
+    finally:
+        client.loop_stop()
+        client.disconnect()
+        app.close()

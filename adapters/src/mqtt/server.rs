@@ -42,6 +42,9 @@ pub(super) fn serve(
             MqttServiceConfig::new()
                 .set_max_qos(QoS::AtLeastOnce)
                 .set_max_size(max_packet)
+                // MQTT 5 Receive Maximum: what a connection may have in flight here (paho
+                // keeps 20 QoS 1 publishes in flight by default; ntex's 16 cut it off).
+                .set_max_receive(config.max_in_flight)
                 .set_min_chunk_size(max_packet)
                 // A silent client is dropped after `connect_timeout` whether it stalls before
                 // or inside its CONNECT.
