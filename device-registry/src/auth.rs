@@ -194,6 +194,17 @@ impl Default for AuthSettings {
 
 type Mac32 = [u8; 32];
 
+/// HMAC-SHA256 under `key` of `parts`, each length-prefixed so that field boundaries
+/// cannot be shifted (the verification cache's MAC, and the password verifiers').
+pub(crate) fn keyed_mac(key: &Hmac<Sha256>, parts: &[&[u8]]) -> Mac32 {
+    let mut m = key.clone();
+    for part in parts {
+        m.update(&(part.len() as u64).to_be_bytes());
+        m.update(part);
+    }
+    m.finalize().into_bytes().into()
+}
+
 struct AuthEntry {
     mac: Mac32,
     device: AuthenticatedDevice,
@@ -352,14 +363,8 @@ impl AuthService {
     }
 
     fn mac(&self, tenant: &TenantId, t: CredentialType, auth_id: &str, secret: &[u8]) -> Mac32 {
-        let mut m = self.inner.mac_key.clone();
-        // Length-prefix the variable parts so field boundaries cannot be shifted.
-        for part in [tenant.as_str().as_bytes(), t.as_str().as_bytes(), auth_id.as_bytes(), secret]
-        {
-            m.update(&(part.len() as u64).to_be_bytes());
-            m.update(part);
-        }
-        m.finalize().into_bytes().into()
+        let parts = [tenant.as_str().as_bytes(), t.as_str().as_bytes(), auth_id.as_bytes(), secret];
+        keyed_mac(&self.inner.mac_key, &parts)
     }
 
     /// Drops every cached entry and remembered failure (e.g. after an outage).

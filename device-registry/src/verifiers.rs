@@ -158,7 +158,6 @@ impl Verifiers {
         r: HashRecord<'_>,
         secret: &[u8],
     ) -> Mac32 {
-        let mut m = self.key.clone();
         let parts: [&[u8]; 7] = [
             b"ferrule password verifier v1",
             tenant.as_str().as_bytes(),
@@ -168,12 +167,7 @@ impl Verifiers {
             r.salt.unwrap_or("").as_bytes(),
             secret,
         ];
-        // Length-prefixed so that field boundaries cannot be shifted.
-        for part in parts {
-            m.update(&(part.len() as u64).to_be_bytes());
-            m.update(part);
-        }
-        m.finalize().into_bytes().into()
+        crate::auth::keyed_mac(&self.key, &parts)
     }
 
     /// Whether `secret` matches the verifier remembered for (tenant, auth-id) bound to the

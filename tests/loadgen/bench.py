@@ -332,6 +332,13 @@ def supported_keys(ferrule_bin):
     return keys
 
 
+def limits_off(keys):
+    """SOURCE_LIMITS_OFF by section ("mqtt", "http", "coap", "registry"), each empty where
+    the binary under test does not know the keys (`keys`: supported_keys())."""
+    section = lambda k: k if k == "registry" else f"adapters.{k}"  # noqa: E731
+    return {k: (v if f"{section(k)}.{v.split(' =', 1)[0]}" in keys else "") for k, v in SOURCE_LIMITS_OFF.items()}
+
+
 class Ferrule:
     peer = False
     label = "Ferrule"
@@ -342,27 +349,30 @@ class Ferrule:
         self.devices = devices
         self.passwords = passwords
         self.provisioned = False
-        self.dir = suite.workdir / f"ferrule-{name}-{suite.next_id()}"
-        self.data = self.dir / "data"
-        self.data.mkdir(parents=True, mode=0o700)  # as ferrule makes it (no warning)
-        self.config = self.dir / "ferrule.toml"
+        self.make_dirs(suite, name)
         keys = suite.supported_keys()
-        section = lambda k: k if k == "registry" else f"adapters.{k}"  # noqa: E731
-        limits_off = {k: (v if f"{section(k)}.{v.split(' =', 1)[0]}" in keys else "") for k, v in SOURCE_LIMITS_OFF.items()}
+        off = limits_off(keys)
         extra = f"workers = {suite.args.mqtt_workers}" if suite.args.mqtt_workers else ""
-        extra += "\n" + limits_off["mqtt"]
-        self.config.write_text(FERRULE_CONFIG.format(data_dir=self.data, app_user=APP_USER, app_password=APP_PASSWORD,
-                                                     token=TOKEN, mqtt_extra=extra, http_extra=limits_off["http"],
-                                                     coap_extra=limits_off["coap"], registry_extra=limits_off["registry"]))
+        extra += "\n" + off["mqtt"]
+        registry_extra = off["registry"]
         if verifier_key and "registry.verifier_file" in keys:
             # Kept apart from the data directory, as ferrule requires ([registry] verifier_key_file).
             key = self.dir / "secrets" / "verifier-key"
             key.parent.mkdir(mode=0o700)
             key.write_bytes(os.urandom(32))
-            text = self.config.read_text()
-            assert "\n[registry]\n" in text, "FERRULE_CONFIG changed: update Ferrule(verifier_key=True)"
-            self.config.write_text(text.replace("\n[registry]\n", f'\n[registry]\nverifier_key_file = "{key}"\n', 1))
+            registry_extra += f'\nverifier_key_file = "{key}"'
+        self.config.write_text(FERRULE_CONFIG.format(data_dir=self.data, app_user=APP_USER, app_password=APP_PASSWORD,
+                                                     token=TOKEN, mqtt_extra=extra, http_extra=off["http"],
+                                                     coap_extra=off["coap"], registry_extra=registry_extra))
         self.proc = None
+
+    def make_dirs(self, suite, name):
+        """The server's own directory, data directory (mode 0700, as ferrule makes it: no
+        warning) and config path under the suite's workdir."""
+        self.dir = suite.workdir / f"ferrule-{name}-{suite.next_id()}"
+        self.data = self.dir / "data"
+        self.data.mkdir(parents=True, mode=0o700)
+        self.config = self.dir / "ferrule.toml"
 
     def start(self):
         self.proc = Proc(self.suite, f"ferrule-{self.name}", [self.suite.ferrule_bin, "serve", "--config", self.config])
@@ -658,16 +668,13 @@ class ClusterFerrule(Ferrule):
         self.name = name
         self.devices = 0
         self.passwords = True
-        self.dir = suite.workdir / f"ferrule-{name}-{suite.next_id()}"
-        self.data = self.dir / "data"
-        self.data.mkdir(parents=True, mode=0o700)
-        self.config = self.dir / "ferrule.toml"
-        keys = suite.supported_keys()
-        off = lambda k, section: (SOURCE_LIMITS_OFF[k] if f"{section}.{SOURCE_LIMITS_OFF[k].split(' =', 1)[0]}" in keys else "")  # noqa: E731
-        mqtt_extra = (f"workers = {suite.args.mqtt_workers}\n" if suite.args.mqtt_workers else "") + off("mqtt", "adapters.mqtt")
+        self.provisioned = False
+        self.make_dirs(suite, name)
+        off = limits_off(suite.supported_keys())
+        mqtt_extra = (f"workers = {suite.args.mqtt_workers}\n" if suite.args.mqtt_workers else "") + off["mqtt"]
         self.config.write_text(CLUSTER_CONFIG.format(
             data_dir=self.data, app_password=APP_PASSWORD, amqp=brokers.amqp, http=brokers.http, instance=name,
-            redis=json.dumps(brokers.redis), prefix=prefix, token=TOKEN, registry_extra=off("registry", "registry"),
+            redis=json.dumps(brokers.redis), prefix=prefix, token=TOKEN, registry_extra=off["registry"],
             mqtt_extra=mqtt_extra,
             backend_extra=f"credit = {suite.args.backend_credit}" if suite.args.backend_credit else ""))
         self.proc = None

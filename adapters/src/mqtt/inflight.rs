@@ -62,8 +62,9 @@ struct Counts {
 
 impl Counts {
     fn room(&self) -> bool {
-        self.requests.get() < self.max
-            && (self.bytes.get() == 0 || self.bytes.get() < self.max_bytes)
+        // `max_bytes` is at least 1 KiB (config), so a connection with nothing in flight
+        // always has room: one packet larger than the bound still passes alone.
+        self.requests.get() < self.max && self.bytes.get() < self.max_bytes
     }
 }
 
@@ -97,15 +98,13 @@ where
     type Error = S::Error;
 
     async fn ready(&self, ctx: Ctx<'_, Self, St>) -> Result<(), S::Error> {
+        // One thread (`Rc`, `Cell`): nothing is released between the check and the
+        // registration.
         poll_fn(|cx| {
-            if self.counts.room() {
-                return Poll::Ready(());
-            }
-            self.counts.waker.register(cx.waker());
-            // Released between the check and the registration: look again.
             if self.counts.room() {
                 Poll::Ready(())
             } else {
+                self.counts.waker.register(cx.waker());
                 Poll::Pending
             }
         })
