@@ -1,6 +1,5 @@
 //! Test support: a private 3-master Redis Cluster on loopback, killed on drop.
 
-use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,21 +20,6 @@ pub fn binaries_missing() -> Option<String> {
     None
 }
 
-/// A free loopback port `p` whose cluster bus port `p + 10000` is free too.
-fn free_cluster_port(taken: &[u16]) -> u16 {
-    for _ in 0..200 {
-        let l = StdListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p > 55_535 || taken.contains(&p) {
-            continue;
-        }
-        if StdListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port pair (p, p + 10000) on 127.0.0.1");
-}
-
 /// Three `redis-server --cluster-enabled yes` children forming one cluster (no replicas).
 pub struct RedisCluster {
     children: Vec<Child>,
@@ -48,36 +32,20 @@ impl RedisCluster {
     /// every node reports `cluster_state:ok`.
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut ports = Vec::new();
+        let mut cluster = Self { children: Vec::new(), ports: Vec::new(), dir };
         for _ in 0..3 {
-            ports.push(free_cluster_port(&ports));
-        }
-        let mut cluster = Self { children: Vec::new(), ports, dir };
-        for i in 0..cluster.ports.len() {
-            let child = cluster.spawn_node(cluster.ports[i]);
+            let (child, port) = super::spawn_redis(
+                cluster.dir.path(),
+                &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+                true,
+            )
+            .await;
             cluster.children.push(child);
-        }
-        for &p in &cluster.ports {
-            wait_for_ping(p).await;
+            cluster.ports.push(port);
         }
         cluster.create();
         cluster.wait_until_ok().await;
         cluster
-    }
-
-    fn spawn_node(&self, port: u16) -> Child {
-        let p = port.to_string();
-        let conf = format!("nodes-{port}.conf");
-        Command::new("redis-server")
-            .args(["--port", &p, "--bind", "127.0.0.1", "--cluster-enabled", "yes"])
-            .args(["--cluster-config-file", &conf, "--cluster-node-timeout", "2000"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start redis-server ({e})"))
     }
 
     /// Assigns the slots over the three masters.
@@ -93,9 +61,10 @@ impl RedisCluster {
             .expect("run redis-cli --cluster create");
         assert!(
             out.status.success(),
-            "redis-cli --cluster create failed: {}{}",
+            "redis-cli --cluster create failed: {}{}\nnode logs:\n{}",
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
         );
     }
 
@@ -107,10 +76,23 @@ impl RedisCluster {
                 if info.contains("cluster_state:ok") {
                     break;
                 }
-                assert!(Instant::now() < deadline, "cluster not ok within 10 s: {info}");
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster not ok within 10 s: {info}\nnode logs:\n{}",
+                    self.logs()
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+
+    /// Every node's log, for failure messages.
+    fn logs(&self) -> String {
+        let read = |p: &u16| {
+            let log = self.dir.path().join(format!("redis-{p}.log"));
+            format!("--- node {p}\n{}", std::fs::read_to_string(log).unwrap_or_default())
+        };
+        self.ports.iter().map(read).collect::<Vec<_>>().join("\n")
     }
 
     /// The seed node URLs.
@@ -145,21 +127,4 @@ pub async fn node_cmd<T: redis::FromRedisValue>(port: u16, cmd: &redis::Cmd) -> 
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     cmd.query_async(&mut conn).await.unwrap()
-}
-
-async fn wait_for_ping(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let url = format!("redis://127.0.0.1:{port}/");
-    loop {
-        if let Ok(c) = redis::Client::open(url.as_str()) {
-            if let Ok(mut conn) = c.get_multiplexed_async_connection().await {
-                let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
-                if pong.is_ok() {
-                    return;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "redis-server on port {port} did not answer PING");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

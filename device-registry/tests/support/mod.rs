@@ -4,8 +4,9 @@
 pub mod cluster;
 
 use std::net::TcpListener as StdListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,40 +23,93 @@ pub struct RedisServer {
     _dir: tempfile::TempDir,
 }
 
+/// Ports handed out to redis-servers of this test process: below Linux's ephemeral range
+/// (32768-60999), so no outgoing connection of anything on the machine can take one between
+/// the check and the server's bind; the start offset depends on the process id, so test
+/// binaries running at the same time rarely try the same ports.
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+const PORT_BASE: u16 = 21_000;
+const PORT_SPAN: u16 = 6_000;
+/// A cluster node's bus port is its port plus this (still below the ephemeral range).
+pub const BUS_OFFSET: u16 = 5_000;
+
+fn candidate_port(with_bus: bool) -> u16 {
+    let _ = NEXT_PORT.compare_exchange(
+        0,
+        (std::process::id() % u32::from(PORT_SPAN)) as u16 + 1,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..PORT_SPAN {
+        let p = PORT_BASE + NEXT_PORT.fetch_add(1, Ordering::Relaxed) % PORT_SPAN;
+        let free = |port: u16| StdListener::bind(("127.0.0.1", port)).is_ok();
+        if free(p) && (!with_bus || free(p + BUS_OFFSET)) {
+            return p;
+        }
+    }
+    panic!("no free loopback port in {PORT_BASE}..{}", PORT_BASE + PORT_SPAN);
+}
+
+/// Starts `redis-server` in `dir` with `args` on a free port and waits for its PING; if the
+/// server exits before answering (another process took the port first), tries other ports.
+/// The server logs to `dir/redis-PORT.log`; a failure panics with that log.
+pub async fn spawn_redis(dir: &Path, args: &[&str], cluster: bool) -> (Child, u16) {
+    let mut last_log = String::new();
+    for _attempt in 0..5 {
+        let port = candidate_port(cluster);
+        let log = dir.join(format!("redis-{port}.log"));
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--daemonize", "no"])
+            .arg("--logfile")
+            .arg(&log)
+            .arg("--dir")
+            .arg(dir)
+            .args(args);
+        if cluster {
+            cmd.args(["--cluster-port", &(port + BUS_OFFSET).to_string()])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")]);
+        }
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
+            panic!("cannot start redis-server from PATH ({e}); install it (apt-get install redis-server)")
+        });
+        let url = format!("redis://127.0.0.1:{port}/");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(c) = redis::Client::open(url.as_str()) {
+                if let Ok(mut conn) = c.get_multiplexed_async_connection().await {
+                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
+                    if pong.is_ok() {
+                        return (child, port);
+                    }
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                last_log = std::fs::read_to_string(&log).unwrap_or_default();
+                eprintln!("redis-server on port {port} exited ({status}), trying another port:\n{last_log}");
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!(
+                    "redis-server on port {port} did not answer PING within 10 s; its log:\n{log}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    panic!("redis-server exited on 5 ports in a row; the last log:\n{last_log}");
+}
+
 impl RedisServer {
     /// Starts `redis-server` from PATH. Fails the test (does not skip) if it is missing:
     /// CI installs it (Debian package `redis-server`).
     pub async fn start() -> Self {
-        let port = StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server from PATH ({e}); install it (apt-get install redis-server)")
-            });
-        let server = Self { child, port, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(c) = redis::Client::open(server.url()) {
-                if let Ok(mut conn) = c.get_multiplexed_async_connection().await {
-                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
-                    if pong.is_ok() {
-                        break;
-                    }
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on port {port} did not answer PING within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        server
+        let (child, port) = spawn_redis(dir.path(), &[], false).await;
+        Self { child, port, _dir: dir }
     }
 
     pub fn url(&self) -> String {
