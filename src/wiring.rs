@@ -99,6 +99,10 @@ impl DeviceRegistry for RegistryDevices {
         })
     }
 
+    fn change_seq(&self) -> Option<u64> {
+        Some(self.0.change_seq())
+    }
+
     fn authorize_device<'a>(
         &'a self,
         tenant: &'a str,

@@ -110,6 +110,15 @@ pub trait DeviceRegistry: Send + Sync + 'static {
         auth_id: &'a str,
     ) -> BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>>;
 
+    /// A number that changes whenever the registry processed a change that its answers
+    /// may depend on (a tenant, device or credential written here or, in cluster mode,
+    /// notified by another instance). A connection may reuse a positive answer while it
+    /// stays the same, for at most [`crate::door::MEMO_TTL`] ([`crate::door::Memo`]).
+    /// `None` (the default): answers are never reused.
+    fn change_seq(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether the credential of `kind` that authenticated `identity` still lets it in
     /// (it exists, belongs to the device and is enabled): connections it opened are closed
     /// once it does not. A registry that cannot tell keeps them.

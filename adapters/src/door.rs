@@ -229,6 +229,70 @@ pub async fn authorize(
     Ok(access)
 }
 
+/// How long a connection reuses a registry decision it memoised ([`Memo`]) while the
+/// registry processed no change. Bounds how much later than the registry's own caches a
+/// connection can notice a change whose notification never came (Redis pub/sub is
+/// at-most-once); every notified change ends the memo at once.
+pub const MEMO_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A connection's last positive registry decision, so that a device publishing again and
+/// again for the same target is not checked again and again: reused while the registry's
+/// change sequence ([`DeviceRegistry::change_seq`]) is what it was when the decision was
+/// made, for at most [`MEMO_TTL`]. Refusals are never memoised. One per connection (a
+/// connection authenticates one principal, so its decisions differ only by target).
+#[derive(Debug, Default)]
+pub struct Memo(std::sync::Mutex<Option<Memoized>>);
+
+#[derive(Debug)]
+struct Memoized {
+    seq: u64,
+    at: std::time::Instant,
+    target: Target,
+    standing: Standing,
+    access: AdapterAccess,
+}
+
+impl Memo {
+    fn get(&self, seq: u64, target: &Target, standing: Standing) -> Option<AdapterAccess> {
+        let last = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let m = last.as_ref()?;
+        (m.seq == seq && m.standing == standing && m.target == *target && m.at.elapsed() < MEMO_TTL)
+            .then(|| m.access.clone())
+    }
+
+    fn put(&self, seq: u64, target: &Target, standing: Standing, access: &AdapterAccess) {
+        let memo = Memoized {
+            seq,
+            at: std::time::Instant::now(),
+            target: target.clone(),
+            standing,
+            access: access.clone(),
+        };
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(memo);
+    }
+}
+
+/// [`authorize`] through a connection's [`Memo`]: the same answer, without the registry
+/// checks when the memo holds a positive one for `target` that is still current.
+pub async fn authorize_memo(
+    registry: &dyn DeviceRegistry,
+    adapter: &str,
+    target: &Target,
+    standing: Standing,
+    memo: &Memo,
+) -> Result<AdapterAccess, Refused> {
+    // Read before the checks: a change processed while they run makes the memo stale.
+    let Some(seq) = registry.change_seq() else {
+        return authorize(registry, adapter, target, standing).await;
+    };
+    if let Some(access) = memo.get(seq, target, standing) {
+        return Ok(access);
+    }
+    let access = authorize(registry, adapter, target, standing).await?;
+    memo.put(seq, target, standing, &access);
+    Ok(access)
+}
+
 /// Why [`admit`] refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inadmissible {
@@ -263,9 +327,24 @@ pub async fn admit(
     (tenant, device): (Option<&str>, Option<&str>),
     standing: Standing,
 ) -> Result<(Target, AdapterAccess), Inadmissible> {
+    admit_memo(registry, adapter, principal, (tenant, device), standing, None).await
+}
+
+/// [`admit`], through a connection's [`Memo`] when there is one.
+pub async fn admit_memo(
+    registry: &dyn DeviceRegistry,
+    adapter: &str,
+    principal: Option<&DeviceIdentity>,
+    (tenant, device): (Option<&str>, Option<&str>),
+    standing: Standing,
+    memo: Option<&Memo>,
+) -> Result<(Target, AdapterAccess), Inadmissible> {
     let target = Target::resolve(principal, tenant, device).map_err(Inadmissible::Target)?;
-    let access =
-        authorize(registry, adapter, &target, standing).await.map_err(Inadmissible::Refused)?;
+    let access = match memo {
+        Some(memo) => authorize_memo(registry, adapter, &target, standing, memo).await,
+        None => authorize(registry, adapter, &target, standing).await,
+    }
+    .map_err(Inadmissible::Refused)?;
     Ok((target, access))
 }
 
@@ -573,6 +652,124 @@ mod tests {
         assert_eq!(Target::resolve(None, Some(""), Some("d2")), Err(TargetError::IdentityRequired));
         assert_eq!(Target::resolve(None, None, Some("d2")), Err(TargetError::IdentityRequired));
         assert_eq!(Target::resolve(None, Some("t2"), None), Err(TargetError::IdentityRequired));
+    }
+
+    /// A registry whose devices are enabled unless listed in `disabled`; counts its checks.
+    #[derive(Default)]
+    struct Counting {
+        seq: std::sync::atomic::AtomicU64,
+        checks: std::sync::atomic::AtomicUsize,
+        disabled: std::sync::Mutex<Vec<String>>,
+        no_seq: bool,
+    }
+
+    impl Counting {
+        fn change(&self, disable: Option<&str>) {
+            if let Some(d) = disable {
+                self.disabled.lock().unwrap().push(d.into());
+            }
+            self.seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+
+        fn checks(&self) -> usize {
+            self.checks.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl DeviceRegistry for Counting {
+        fn authenticate_password<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: &'a [u8],
+            _: Option<std::net::IpAddr>,
+        ) -> crate::BoxFuture<'a, Result<DeviceIdentity, AuthError>> {
+            Box::pin(async { Err(AuthError::BadCredentials) })
+        }
+
+        fn authorize_device<'a>(
+            &'a self,
+            _: &'a str,
+            device_id: &'a str,
+            _: Option<&'a str>,
+        ) -> crate::BoxFuture<'a, Result<(), AuthError>> {
+            self.checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let disabled = self.disabled.lock().unwrap().iter().any(|d| d == device_id);
+            Box::pin(async move {
+                if disabled {
+                    Err(AuthError::DeviceDisabled)
+                } else {
+                    Ok(())
+                }
+            })
+        }
+
+        fn adapter_access<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+        ) -> crate::BoxFuture<'a, Result<AdapterAccess, AuthError>> {
+            Box::pin(async { Ok(AdapterAccess { enabled: true, ..Default::default() }) })
+        }
+
+        fn psk<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+        ) -> crate::BoxFuture<'a, Result<(DeviceIdentity, Vec<u8>), AuthError>> {
+            Box::pin(async { Err(AuthError::BadCredentials) })
+        }
+
+        fn change_seq(&self) -> Option<u64> {
+            (!self.no_seq).then(|| self.seq.load(std::sync::atomic::Ordering::SeqCst))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_memo_answers_until_the_registry_changes() {
+        let registry = Counting::default();
+        let memo = Memo::default();
+        let own = Target::Own { tenant: "t1".into(), device: "d1".into() };
+        let other = Target::Own { tenant: "t1".into(), device: "d2".into() };
+        let check = |t: &Target, standing| {
+            let t = t.clone();
+            let (registry, memo) = (&registry, &memo);
+            async move { authorize_memo(registry, "mqtt", &t, standing, memo).await }
+        };
+        assert!(check(&own, Standing::Session).await.is_ok());
+        assert_eq!(registry.checks(), 1);
+        assert!(check(&own, Standing::Session).await.unwrap().enabled);
+        assert_eq!(registry.checks(), 1, "the second publish is answered by the memo");
+        // Another target, or another standing, is checked (and replaces the memo).
+        assert!(check(&other, Standing::Session).await.is_ok());
+        assert_eq!(registry.checks(), 2);
+        assert!(check(&own, Standing::Session).await.is_ok());
+        assert_eq!(registry.checks(), 3);
+        // A change anywhere in the registry ends the memo: a disabled device is refused
+        // at once, and refusals are not memoised.
+        registry.change(Some("d1"));
+        let refused = check(&own, Standing::Session).await.unwrap_err();
+        assert_eq!(refused.denied, Denied::Auth(AuthError::DeviceDisabled));
+        assert!(refused.principal_gone);
+        check(&own, Standing::Session).await.unwrap_err();
+        assert_eq!(registry.checks(), 5);
+    }
+
+    #[tokio::test]
+    async fn the_memo_expires_and_needs_a_change_sequence() {
+        let registry = Counting::default();
+        let memo = Memo::default();
+        let own = Target::Own { tenant: "t1".into(), device: "d1".into() };
+        authorize_memo(&registry, "mqtt", &own, Standing::Session, &memo).await.unwrap();
+        std::thread::sleep(MEMO_TTL);
+        authorize_memo(&registry, "mqtt", &own, Standing::Session, &memo).await.unwrap();
+        assert_eq!(registry.checks(), 2, "a memo older than MEMO_TTL is not used");
+
+        let registry = Counting { no_seq: true, ..Default::default() };
+        for _ in 0..3 {
+            authorize_memo(&registry, "mqtt", &own, Standing::Session, &memo).await.unwrap();
+        }
+        assert_eq!(registry.checks(), 3, "without a change sequence every request is checked");
     }
 
     fn max(n: u32) -> TenantLimits {

@@ -950,7 +950,10 @@ impl AuthService {
         self.inner.applied.subscribe()
     }
 
-    /// For tests: the latest change sequence number processed.
+    /// The latest change sequence number processed: it grows with every registry change
+    /// this service's caches followed (and with every lag, which counts as a change to
+    /// everything), so an answer obtained while it stayed the same is still this
+    /// service's answer. Adapters memoise per connection against it.
     pub fn change_seq(&self) -> u64 {
         self.inner.seq.load(Ordering::SeqCst)
     }

@@ -1,6 +1,8 @@
 """Devices with stock clients (curl, mosquitto_pub, paho-mqtt, coap-client) → ferrule →
 a python-qpid-proton application. Everything runs in one `ferrule serve` process,
 provisioned through its management API."""
+import base64
+import http.client
 import subprocess
 import threading
 import time
@@ -128,6 +130,68 @@ def test_curl_gateway_and_unauthenticated(provisioned):
     device = Device(anon)
     expect_message(rcv, "d1", "hono-http", 0)
     assert device.finish().stdout == "202"
+    conn.close()
+
+
+def test_http_keep_alive_connection_follows_registry_changes(provisioned):
+    """A keep-alive connection (Python's http.client) reuses the identity and the registry
+    decision of its previous request while the registry saw no change; every change ends
+    that. On one connection: other credentials are checked afresh (a wrong password is
+    refused, another device accepted), and a changed password, a disabled device and a
+    gateway taken out of `via` are refused within 0.5 s (less than the memo's lifetime)
+    and stay refused."""
+    p, reg = provisioned
+    reg.device("t1", "d2", password="pw2")
+    host, port = http_host(p).rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+
+    def post(user, path="/event", method="POST"):
+        auth = base64.b64encode(user.encode()).decode()
+        conn.request(method, path, body=b"e", headers={"authorization": f"Basic {auth}", "content-type": "text/plain"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    def refused_soon(user, codes, path="/event", method="POST"):
+        deadline = time.time() + 0.5
+        while (status := post(user, path, method)) == 202:
+            assert time.time() < deadline, f"{user} still accepted 0.5 s after the change"
+            time.sleep(0.02)
+        assert status in codes and conn.sock is sock, "refused on the same connection"
+        # A refusal answered before the body was read may end the connection (hyper
+        # closes it rather than wait for the body): the next request opens another.
+        for _ in range(5):
+            try:
+                assert post(user, path, method) in codes, "refused for good"
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                conn.close()
+                assert post(user, path, method) in codes, "refused for good"
+
+    assert post("d1@t1:pw1") == 202
+    sock = conn.sock
+    assert post("d1@t1:pw1") == 202
+    assert conn.sock is sock, "keep-alive"
+    assert post("d1@t1:wrong") == 401, "another password on the same connection is checked"
+    assert post("d2@t1:pw2") == 202
+    assert post("d1@t1:pw1") == 202
+    assert post("gw@t1:gwpw", "/event/t1/child", "PUT") == 202
+    assert post("gw@t1:gwpw", "/event/t1/child", "PUT") == 202
+
+    # A registry change for another device ends the memo; this one still gets in.
+    reg.call("PUT", "/v1/credentials/t1/d1", [{"type": "hashed-password", "auth-id": "d1", "secrets": [{"pwd-plain": "new"}]}])
+    refused_soon("d1@t1:pw1", (401,))
+    assert post("d1@t1:new") == 202
+    sock = conn.sock
+    assert post("gw@t1:gwpw", "/event/t1/child", "PUT") == 202
+
+    assert post("d2@t1:pw2") == 202
+    reg.set_device_enabled("t1", "d2", False)
+    refused_soon("d2@t1:pw2", (401, 403))
+    assert post("gw@t1:gwpw", "/event/t1/child", "PUT") == 202
+    sock = conn.sock
+
+    reg.call("PUT", "/v1/devices/t1/child", {"enabled": True})
+    refused_soon("gw@t1:gwpw", (403,), "/event/t1/child", "PUT")
     conn.close()
 
 

@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 
 use ferrule_command_control::{CommandRouter, RespondError};
 
-use crate::device::{AuthError, DeviceRegistry};
+use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
 use crate::door::{self, Standing::ThisRequest};
 use crate::downstream::{Downstream, Qos, Upload, UploadError};
 use crate::poll;
@@ -264,6 +264,52 @@ struct ClientCert(Arc<[u8]>);
 #[derive(Clone, Copy)]
 struct PeerIp(std::net::IpAddr);
 
+/// What one keep-alive connection remembers between its requests: the identity its last
+/// credentials authenticated as, and its last registry decision (`door::Memo`), both
+/// reused only while the registry saw no change and for at most `door::MEMO_TTL`.
+#[derive(Default)]
+struct ConnectionMemo {
+    identity: std::sync::Mutex<Option<MemoIdentity>>,
+    admit: door::Memo,
+}
+
+struct MemoIdentity {
+    /// The `Authorization` header that authenticated; `None`: the connection's client
+    /// certificate did.
+    authorization: Option<Box<[u8]>>,
+    seq: u64,
+    at: std::time::Instant,
+    identity: DeviceIdentity,
+}
+
+impl ConnectionMemo {
+    /// The identity `authorization` (`None`: the client certificate) authenticated as on
+    /// this connection, if the registry's change sequence is still `seq`. The header is
+    /// compared in constant time: a proxy may send other clients' requests over the same
+    /// connection.
+    fn identity(&self, authorization: Option<&[u8]>, seq: u64) -> Option<DeviceIdentity> {
+        use subtle::ConstantTimeEq;
+        let memo = self.identity.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let m = memo.as_ref()?;
+        let same = match (&m.authorization, authorization) {
+            (Some(a), Some(b)) => bool::from(a.as_ref().ct_eq(b)),
+            (None, None) => true,
+            _ => false,
+        };
+        (same && m.seq == seq && m.at.elapsed() < door::MEMO_TTL).then(|| m.identity.clone())
+    }
+
+    fn remember(&self, authorization: Option<&[u8]>, seq: u64, identity: &DeviceIdentity) {
+        let memo = MemoIdentity {
+            authorization: authorization.map(Box::from),
+            seq,
+            at: std::time::Instant::now(),
+            identity: identity.clone(),
+        };
+        *self.identity.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(memo);
+    }
+}
+
 /// Serves one connection (plain or TLS) until it ends or `shutdown` drains it.
 async fn serve<Io>(
     io: Io,
@@ -276,11 +322,13 @@ async fn serve<Io>(
 {
     let header_timeout = state.config.header_read_timeout;
     let stopping = shutdown.clone();
+    let memo = Arc::new(ConnectionMemo::default());
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         if let Some(cert) = &cert {
             req.extensions_mut().insert(cert.clone());
         }
         req.extensions_mut().insert(PeerIp(peer.ip()));
+        req.extensions_mut().insert(memo.clone());
         let (state, stopping) = (state.clone(), stopping.clone());
         async move { Ok::<_, std::convert::Infallible>(handle(&state, req, &stopping).await) }
     });
@@ -449,17 +497,85 @@ enum Credentials {
 
 /// Authenticates the request (client certificate, Basic auth, or an allowed
 /// unauthenticated form) and checks it may act for `target` (the URI's tenant and device,
-/// if any).
+/// if any). A keep-alive connection presenting the credentials that authenticated its
+/// previous request reuses that identity and decision ([`ConnectionMemo`]) while the
+/// registry saw no change.
 async fn authorize(
     state: &State,
     req: &Request<Incoming>,
     target: Option<(String, String)>,
 ) -> Result<Principal, Failure> {
+    let memo = req.extensions().get::<Arc<ConnectionMemo>>();
+    let seq = memo.and_then(|_| state.registry.change_seq());
+    let cert = req.extensions().get::<ClientCert>();
+    // What the memo is keyed on: the client certificate (None) or the Authorization header.
+    let presented = match cert {
+        Some(_) => None,
+        None => req.headers().get(hyper::header::AUTHORIZATION).map(|v| v.as_bytes()),
+    };
+    let remembered = match (memo, seq) {
+        (Some(memo), Some(seq)) if cert.is_some() || presented.is_some() => {
+            memo.identity(presented, seq)
+        }
+        _ => None,
+    };
+    let identity = match remembered {
+        Some(identity) => {
+            count_memo_hit(cert.is_some());
+            Some(identity)
+        }
+        None => {
+            let identity = authenticate(state, req).await?;
+            if let (Some(memo), Some(seq), Some(id)) = (memo, seq, &identity) {
+                memo.remember(presented, seq, id);
+            }
+            identity
+        }
+    };
+    let (tenant, device) = target.unzip();
+    let names = (tenant.as_deref(), device.as_deref());
+    let registry = state.registry.as_ref();
+    let admit_memo = memo.map(|m| &m.admit);
+    let (target, access) =
+        door::admit_memo(registry, ADAPTER, identity.as_ref(), names, ThisRequest, admit_memo)
+            .await
+            .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
+    Ok(Principal {
+        tenant: target.tenant().to_owned(),
+        device_id: target.device().to_owned(),
+        via_gateway: target.via_gateway(),
+        gateway: match &target {
+            door::Target::ViaGateway { gateway, .. } => Some(gateway.clone()),
+            _ => None,
+        },
+        access,
+    })
+}
+
+/// A request authenticated from its connection's memo still counts as a successful
+/// attempt of its credential type (`ferrule_auth_attempts_total`, as the registry path
+/// counts it), through handles cached per thread.
+fn count_memo_hit(certificate: bool) {
+    thread_local! {
+        static COUNTERS: [metrics::Counter; 2] = [
+            metrics::counter!("ferrule_auth_attempts_total", "type" => "hashed-password", "outcome" => "success"),
+            metrics::counter!("ferrule_auth_attempts_total", "type" => "x509-cert", "outcome" => "success"),
+        ];
+    }
+    COUNTERS.with(|c| c[usize::from(certificate)].increment(1));
+}
+
+/// The device the request's credentials (client certificate, else Basic) authenticate;
+/// `None` for a request without any that the adapter lets in unauthenticated.
+async fn authenticate(
+    state: &State,
+    req: &Request<Incoming>,
+) -> Result<Option<DeviceIdentity>, Failure> {
     let credentials = match req.extensions().get::<ClientCert>() {
         Some(cert) => Some(Credentials::Certificate(cert.clone())),
         None => basic_credentials(req)?.map(|(user, password)| Credentials::Basic(user, password)),
     };
-    let identity = match credentials {
+    Ok(match credentials {
         Some(Credentials::Certificate(cert)) => {
             Some(state.registry.authenticate_certificate(&cert.0).await.map_err(Failure::Auth)?)
         }
@@ -476,22 +592,6 @@ async fn authorize(
         }
         None if !state.config.allow_unauthenticated => return Err(Failure::NoCredentials),
         None => None,
-    };
-    let (tenant, device) = target.unzip();
-    let names = (tenant.as_deref(), device.as_deref());
-    let (target, access) =
-        door::admit(state.registry.as_ref(), ADAPTER, identity.as_ref(), names, ThisRequest)
-            .await
-            .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
-    Ok(Principal {
-        tenant: target.tenant().to_owned(),
-        device_id: target.device().to_owned(),
-        via_gateway: target.via_gateway(),
-        gateway: match &target {
-            door::Target::ViaGateway { gateway, .. } => Some(gateway.clone()),
-            _ => None,
-        },
-        access,
     })
 }
 

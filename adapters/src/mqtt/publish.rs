@@ -55,7 +55,7 @@ pub(super) async fn handle_publish(
         return Err(fail(Failure::EventAtQos0));
     }
     let timed = shared.downstream.tracing().then(ferrule_net::trace::now_ns);
-    let access = authorize(shared, &target)
+    let access = authorize(shared, session, &target)
         .await
         .map_err(|(failure, terminal)| Failed { terminal, ..fail(failure) })?;
     let properties = &address.properties;
@@ -92,13 +92,16 @@ pub(super) async fn handle_publish(
 }
 
 /// Registry checks for a publish for `target`; `Err((failure, terminal))`. The connected
-/// device (or gateway) is checked again on every publish (the registry caches), so one
-/// disabled while connected is cut off at its next publish instead of at its next CONNECT.
+/// device (or gateway) is checked again on every publish, so one disabled while connected
+/// is cut off at its next publish instead of at its next CONNECT; the session's memo
+/// answers for publishes to the same target while the registry saw no change.
 pub(super) async fn authorize(
     shared: &Shared,
+    session: &Session,
     target: &Target,
 ) -> Result<AdapterAccess, (Failure, bool)> {
-    let access = door::authorize(shared.registry.as_ref(), ADAPTER, target, Standing::Session)
+    let registry = shared.registry.as_ref();
+    let access = door::authorize_memo(registry, ADAPTER, target, Standing::Session, &session.memo)
         .await
         .map_err(|refused| {
             let failure = match refused.denied {
@@ -130,7 +133,7 @@ pub(super) async fn handle_response(
     let target = session
         .target_of(address.tenant.as_ref(), address.device.as_ref())
         .map_err(|e| fail(e.into(), None))?;
-    authorize(shared, &target).await.map_err(|(failure, terminal)| Failed {
+    authorize(shared, session, &target).await.map_err(|(failure, terminal)| Failed {
         terminal,
         ..fail(failure, Some(target.clone()))
     })?;

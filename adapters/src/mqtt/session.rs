@@ -52,6 +52,8 @@ pub struct Session {
     /// Cancelled when the session is dropped (the connection ended): ends the tasks that
     /// watch it.
     ended: tokio_util::sync::CancellationToken,
+    /// The last registry decision for a publish (see `door::Memo`).
+    pub(super) memo: crate::door::Memo,
 }
 
 impl Drop for Session {
@@ -126,6 +128,7 @@ impl Session {
             slot: RefCell::new(None),
             will: RefCell::new(None),
             ended: tokio_util::sync::CancellationToken::new(),
+            memo: crate::door::Memo::default(),
         }
     }
 
