@@ -86,13 +86,32 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
-/// Whether the platform is ready: set once every listener is bound, cleared on shutdown.
+/// A dependency readiness waits for: `None` while it is fine, else why not.
+pub type ReadinessCheck = Arc<dyn Fn() -> Option<&'static str> + Send + Sync>;
+
+/// Whether the platform is ready: set once every listener is bound, cleared on shutdown;
+/// and every dependency added with [`Readiness::require`] fine (cluster mode: the shared
+/// broker reachable).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<ReadinessCheck>>>);
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
         self.0.store(ready, Ordering::Release);
+    }
+
+    /// Readiness also waits for `check`.
+    pub fn require(&self, check: ReadinessCheck) {
+        self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(check);
+    }
+
+    /// Why the platform is not ready, if it is not.
+    fn blocked(&self) -> Option<&'static str> {
+        if !self.0.load(Ordering::Acquire) {
+            return Some("not serving");
+        }
+        let checks = self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        checks.iter().find_map(|check| check())
     }
 }
 
@@ -172,15 +191,13 @@ async fn handle(state: &State, req: Request<hyper::body::Incoming>) -> Response<
             _ => (StatusCode::OK, "text/plain", "live\n".into()),
         },
         ("GET", "/health/ready") => {
-            let listeners_up = state.ready.0.load(Ordering::Acquire);
             // The store's health as the writer last saw it: a probe never forces a disk
-            // flush (an unauthenticated probe loop would otherwise run fsyncs).
-            let storage_ok = state.broker.storage_healthy();
-            if listeners_up && storage_ok {
-                (StatusCode::OK, "text/plain", "ready\n".into())
-            } else {
-                let why = if listeners_up { "storage unavailable\n" } else { "not serving\n" };
-                (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why.into())
+            // flush (an unauthenticated probe loop would otherwise run fsyncs); the
+            // dependencies' as their own checks last saw it.
+            let storage = (!state.broker.storage_healthy()).then_some("storage unavailable");
+            match state.ready.blocked().or(storage) {
+                None => (StatusCode::OK, "text/plain", "ready\n".into()),
+                Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n")),
             }
         }
         _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),

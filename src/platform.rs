@@ -115,6 +115,10 @@ impl Platform {
         let (remote, redis) = if shared {
             let (remote, redis) =
                 start_remote(config, &broker, &instance, &tiers.maintenance).await?;
+            let reachable = remote.clone();
+            ready.require(Arc::new(move || {
+                (!reachable.broker_reachable()).then_some("the shared broker is unreachable")
+            }));
             (Some(remote), redis)
         } else {
             (None, None)

@@ -59,6 +59,17 @@ def eventually(check, timeout, step=0.05):
         time.sleep(step)
 
 
+def readiness(instance):
+    """`/health/ready` of `instance`: (status, body)."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://{instance.listeners['ops']}/health/ready", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def collect(instance, tenant, address, credit=50):
     c = Collector(instance.amqp_url(tenant), address, credit=credit)
     c.start()
@@ -248,8 +259,9 @@ def test_a_ferrule_broker_as_the_separate_backend(cluster, tmp_path):
 
 def test_a_broker_restart_is_never_acknowledged_falsely_and_recovers(cluster):
     """RabbitMQ stops under running instances: devices get the error answer (an unknown
-    outcome is never reported as accepted); once it is back, instances reconnect by
-    themselves, the application's bridge attaches again, and stored events survive."""
+    outcome is never reported as accepted) and the instances turn unready (their probe
+    names the broker); once it is back, instances reconnect by themselves and turn ready,
+    the application's bridge attaches again, and stored events survive."""
     i1, i2 = cluster(2)
     tenant = unique_tenant()
     provision(i1, tenant)
@@ -257,8 +269,13 @@ def test_a_broker_restart_is_never_acknowledged_falsely_and_recovers(cluster):
     try:
         assert curl(i1, "/event", "before", f"d1@{tenant}:pw1") == "202"
         assert bodies(events, 1) == [b"before"]
+        assert readiness(i1) == (200, "ready\n") and readiness(i2) == (200, "ready\n")
         brokers_command("rabbit-stop", "1")
         try:
+            for i in (i1, i2):
+                unready, _ = eventually(lambda: readiness(i)[0] == 503, 10, 0.2)
+                assert unready, f"{i.name} still ready 10 s after the broker stopped"
+                assert readiness(i) == (503, "the shared broker is unreachable\n")
             codes = [curl(i1, "/event", f"down-{k}", f"d1@{tenant}:pw1") for k in range(3)]
             assert codes == ["503"] * 3, codes
             res = mosquitto_pub(i1, tenant, "d1", "pw1", "event", "down-mqtt", version="mqttv5")
@@ -267,6 +284,9 @@ def test_a_broker_restart_is_never_acknowledged_falsely_and_recovers(cluster):
             brokers_command("rabbit-start", "1", keep=True)
         ok, took = eventually(lambda: curl(i1, "/event", "after", f"d1@{tenant}:pw1") == "202", 30, 0.5)
         assert ok, "events were not accepted again within 30 s of the broker's restart"
+        for i in (i1, i2):
+            ready, _ = eventually(lambda: readiness(i) == (200, "ready\n"), 30, 0.2)
+            assert ready, f"{i.name} not ready again 30 s after the broker's restart"
         seen = []
         while b"after" not in seen:  # at least once: an unknown outcome may have been stored
             seen.append(bytes(device_messages(events, 1, timeout=30)[0].body))

@@ -179,6 +179,7 @@ impl Remote {
             label: "the shared broker",
         });
         let remote = Remote { inner };
+        tokio::spawn(watch_broker(Arc::downgrade(&remote.inner)));
         for prefix in ["telemetry/", "event/"] {
             broker.register_handler(prefix, Arc::new(forward::Forwarder(remote.inner.clone())));
             broker.register_attach_hook(prefix, Arc::new(bridge::Bridges(remote.inner.clone())));
@@ -186,11 +187,27 @@ impl Remote {
         remote
     }
 
+    /// Whether the shared broker was reachable when last checked (every 2 s) or used:
+    /// what the instance's readiness follows in cluster mode.
+    pub fn broker_reachable(&self) -> bool {
+        self.inner.pool.reachable()
+    }
+
     /// Ends every connection to the broker (links first; what is in flight is answered).
     pub async fn close(&self) {
         self.inner.closing.store(true, std::sync::atomic::Ordering::Release);
         self.inner.senders.lock().expect("poisoned").clear();
         self.inner.pool.close().await;
+    }
+}
+
+/// Checks the shared broker every [`pool::CHECK_INTERVAL`] until the backend closes.
+async fn watch_broker(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(inner) = inner.upgrade().filter(|i| !i.closing()) else { return };
+        inner.pool.check().await;
+        drop(inner);
+        tokio::time::sleep(pool::CHECK_INTERVAL).await;
     }
 }
 

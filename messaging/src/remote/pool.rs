@@ -4,7 +4,7 @@
 //! error, which would take the other links with it).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fe2o3_amqp::connection::ConnectionHandle;
@@ -16,6 +16,8 @@ use crate::config::BackendConfig;
 
 /// How long opening a connection or beginning a session may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often [`Pool::check`] runs (the readiness probe reads its last answer).
+pub(crate) const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Largest frame this side accepts (advertised in `open`).
 const MAX_FRAME_SIZE: u32 = 65_536;
@@ -72,6 +74,9 @@ pub(crate) struct Pool {
     container: String,
     /// Connection key (tenant, or "" when shared) → connection.
     conns: tokio::sync::Mutex<HashMap<String, ConnectionHandle<()>>>,
+    /// The broker's state as last seen: a connection opened (or kept open), or every URL
+    /// failed. What `/health/ready` reports in cluster mode.
+    reachable: AtomicBool,
 }
 
 impl Pool {
@@ -88,7 +93,50 @@ impl Pool {
             per_tenant: config.username.strip_suffix("@*").map(str::to_owned),
             container: format!("ferrule-{instance}"),
             conns: Default::default(),
+            reachable: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the broker was reachable when last checked or used.
+    pub(crate) fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Acquire)
+    }
+
+    /// Checks the broker and records the answer ([`Pool::reachable`]): the shared
+    /// connection is kept open (made again if it was lost), so that an instance that lost
+    /// the broker is seen as such before a device sends anything. With one connection per
+    /// tenant there is no connection to keep for nobody: any live one will do, else the
+    /// brokers' TCP listeners must answer.
+    pub(crate) async fn check(&self) {
+        let ok = if self.per_tenant.is_none() {
+            let mut conns = self.conns.lock().await;
+            if conns.get("").is_some_and(|c| !c.is_closed()) {
+                true
+            } else {
+                if let Some(mut lost) = conns.remove("") {
+                    let _ = lost.close().await;
+                }
+                match self.connect("").await {
+                    Ok(conn) => {
+                        conns.insert(String::new(), conn);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+        } else {
+            let live = self.conns.lock().await.values().any(|c| !c.is_closed());
+            let mut any = live;
+            for host in self.hosts.iter().take_while(|_| !live) {
+                let connect = tokio::net::TcpStream::connect(&host.address);
+                if matches!(tokio::time::timeout(CONNECT_TIMEOUT, connect).await, Ok(Ok(_))) {
+                    any = true;
+                    break;
+                }
+            }
+            any
+        };
+        self.reachable.store(ok, Ordering::Release);
     }
 
     /// A new session for a link of `tenant`'s, on a live connection.
@@ -124,12 +172,14 @@ impl Pool {
             match tokio::time::timeout(CONNECT_TIMEOUT, self.open(host, tenant)).await {
                 Ok(Ok(conn)) => {
                     tracing::info!(endpoint = %host_name, tls = host.tls, "connected (cluster mode)");
+                    self.reachable.store(true, Ordering::Release);
                     return Ok(conn);
                 }
                 Ok(Err(e)) => last = format!("{host_name}: {e}"),
                 Err(_) => last = format!("{host_name}: timed out"),
             }
         }
+        self.reachable.store(false, Ordering::Release);
         Err(last)
     }
 
