@@ -271,7 +271,9 @@ impl Downstream {
                 return result;
             }
         }
-        let address = format!("{}/{}", upload.endpoint.as_str(), upload.tenant);
+        let endpoint = upload.endpoint.as_str();
+        let mut address = String::with_capacity(endpoint.len() + 1 + upload.tenant.len());
+        address.extend([endpoint, "/", &upload.tenant]);
         let settled = upload.qos == Qos::AtMostOnce;
         let mut message = to_message(&address, &upload);
         // A device's own trace context (a `traceparent` property) is continued; otherwise a
@@ -490,7 +492,10 @@ pub fn to_message(address: &str, upload: &Upload) -> Message {
         creation_time: Some(Timestamp::from_milliseconds(now_millis() as i64)),
         ..Default::default()
     });
-    let mut app: OrderedMap<String, SimpleValue> = OrderedMap::new();
+    // Sized up front: growing the maps was 2 % of the QoS 0 CPU (device_id, qos,
+    // orig_adapter, orig_address, and room for ttd and traceparent).
+    let mut app: OrderedMap<String, SimpleValue> =
+        OrderedMap::with_capacity(upload.properties.len() + 6);
     for (k, v) in &upload.properties {
         app.insert(k.clone(), SimpleValue::String(v.clone()));
     }
@@ -499,7 +504,7 @@ pub fn to_message(address: &str, upload: &Upload) -> Message {
     app.insert("orig_adapter".into(), SimpleValue::String(upload.orig_adapter.into()));
     app.insert("orig_address".into(), SimpleValue::String(upload.orig_address.clone()));
     message.application_properties = Some(ApplicationProperties(app));
-    let mut annotations = OrderedMap::new();
+    let mut annotations = OrderedMap::with_capacity(3);
     annotations.insert(Symbol::from("tenant_id").into(), string(&upload.tenant));
     annotations.insert(Symbol::from("device_id").into(), string(&upload.device_id));
     if let Some(ttd) = upload.ttd {
