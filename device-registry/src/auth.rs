@@ -559,10 +559,25 @@ impl AuthService {
                 ) -> crate::verifiers::HashRecord<'_> {
                     crate::verifiers::HashRecord { function: f, hash: h, salt: salt.as_deref() }
                 }
-                // A verifier remembered from an earlier process: no argon2 run.
-                let known = verifiers.and_then(|v| {
+                // A verifier remembered from an earlier process (this instance's file, or
+                // the store every instance of a cluster shares): no argon2 run.
+                let mut known = verifiers.and_then(|v| {
                     candidates.iter().find(|c| v.matches(tenant, auth_id, record(c), secret))
                 });
+                if let (None, Some(v), false) = (known, verifiers, candidates.is_empty()) {
+                    let shared = store.get_verifier(tenant, auth_id).await.unwrap_or_else(|e| {
+                        tracing::debug!(error = %e, "shared password verifier not read");
+                        None
+                    });
+                    known = shared.and_then(|value| {
+                        candidates
+                            .iter()
+                            .find(|c| v.matches_shared(&value, tenant, auth_id, record(c), secret))
+                    });
+                    if let Some(c) = known {
+                        v.remember(tenant, auth_id, record(c), secret);
+                    }
+                }
                 if let Some(c) = known {
                     metrics::counter!("ferrule_password_checks_total", "method" => "verifier")
                         .increment(1);
@@ -588,6 +603,10 @@ impl AuthService {
                         })?;
                     if let (Some(c), Some(v)) = (&found, verifiers) {
                         v.remember(tenant, auth_id, record(c), secret);
+                        let value = v.shared_value(tenant, auth_id, record(c), secret);
+                        if let Err(e) = store.put_verifier(tenant, auth_id, &value).await {
+                            tracing::debug!(error = %e, "shared password verifier not written");
+                        }
                     }
                     found.map(|c| c.3)
                 }

@@ -62,7 +62,8 @@ pub struct RegistryConfig {
     /// A file (at least 32 bytes, outside the data directory) holding the key of password
     /// verifiers that survive a restart: with it, a device whose password passed argon2
     /// once reconnects after a restart without another argon2 run (see SECURITY.md,
-    /// "Password verifiers"). Default: none (off).
+    /// "Password verifiers"); with the Redis store they are shared there by every
+    /// instance. Default: none (off).
     pub verifier_key_file: Option<std::path::PathBuf>,
     /// Where the verifiers are kept, relative to the data directory. Default
     /// `password-verifiers`.
@@ -270,7 +271,9 @@ cache_max_entries = 100000
 # Password verifiers that survive a restart (off unless set): a file of >= 32 random bytes
 # kept apart from the data directory (e.g. a mounted secret). With it, a device whose
 # password passed argon2 once reconnects after a restart without another argon2 run;
-# without it, a restart storm costs one argon2 run per device. See SECURITY.md.
+# without it, a restart storm costs one argon2 run per device. With storage = "redis" the
+# verifiers are kept in Redis too, for every instance (give them all the same key). See
+# SECURITY.md.
 # verifier_key_file = "/run/secrets/ferrule-verifier-key"
 # Where the verifiers are kept, relative to the data directory.
 verifier_file = "password-verifiers"

@@ -203,6 +203,37 @@ impl Verifiers {
         }
     }
 
+    /// The value a store shared by a cluster's instances keeps for (tenant, auth-id)
+    /// ([`crate::RegistryStore::put_verifier`]): this key's id, then the verifier. Without
+    /// the key it is as useless as the file's entries.
+    pub fn shared_value(
+        &self,
+        tenant: &TenantId,
+        auth_id: &str,
+        r: HashRecord<'_>,
+        secret: &[u8],
+    ) -> Vec<u8> {
+        let mut value = self.key_id.to_vec();
+        value.extend_from_slice(&self.verifier(tenant, auth_id, r, secret));
+        value
+    }
+
+    /// Whether `value`, read from a shared store, was written under this key for `secret`
+    /// and the stored record `r`.
+    pub fn matches_shared(
+        &self,
+        value: &[u8],
+        tenant: &TenantId,
+        auth_id: &str,
+        r: HashRecord<'_>,
+        secret: &[u8],
+    ) -> bool {
+        let Some((id, mac)) = value.split_at_checked(KEY_ID_LEN) else { return false };
+        id == self.key_id
+            && mac.len() == 32
+            && bool::from(mac.ct_eq(&self.verifier(tenant, auth_id, r, secret)))
+    }
+
     /// How many verifiers are kept.
     pub fn len(&self) -> usize {
         self.lock().len()
@@ -331,6 +362,23 @@ mod tests {
         std::fs::write(dir.path().join("k"), [1; 32]).unwrap();
         let e = Verifiers::open(&dir.path().join("k"), dir.path(), dir.path().join("v"), 3);
         assert!(matches!(e, Err(VerifierError::InsideDataDir(_))));
+    }
+
+    #[test]
+    fn shared_values_match_only_under_the_same_key_record_and_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = setup(dir.path(), &[7u8; 32]);
+        let b = setup(dir.path(), &[8u8; 32]);
+        let t = TenantId::new("t1").unwrap();
+        let value = a.shared_value(&t, "d1", REC, b"pw");
+        assert!(a.matches_shared(&value, &t, "d1", REC, b"pw"));
+        assert!(!a.matches_shared(&value, &t, "d1", REC, b"other"));
+        assert!(!a.matches_shared(&value, &t, "d2", REC, b"pw"));
+        let changed = HashRecord { hash: "another-hash", ..REC };
+        assert!(!a.matches_shared(&value, &t, "d1", changed, b"pw"), "a new hash record");
+        assert!(!b.matches_shared(&value, &t, "d1", REC, b"pw"), "another key");
+        assert!(!a.matches_shared(&value[..20], &t, "d1", REC, b"pw"), "truncated");
+        assert!(!a.matches_shared(b"", &t, "d1", REC, b"pw"));
     }
 
     #[test]

@@ -53,6 +53,7 @@ storage = "redis"
 redis_cluster_nodes = {redis}
 redis_key_prefix = "{prefix}"
 auth_tokens = ["{token}"]
+{registry_extra}
 [adapters.http]
 listen = "127.0.0.1:0"
 listen_tls = "127.0.0.1:0"
@@ -113,9 +114,11 @@ def brokers(tmp_path_factory):
 class Instance:
     """One `ferrule serve` in cluster mode."""
 
-    def __init__(self, data_dir: Path, name: str, backend: str, prefix: str, roles=None, extra="", users=()):
+    def __init__(self, data_dir: Path, name: str, backend: str, prefix: str, roles=None, extra="", users=(),
+                 registry_extra=""):
         self.data_dir = data_dir
         self.name = name
+        self.prefix = prefix
         data_dir.mkdir(parents=True, exist_ok=True)
         roles = roles or ["devices", "applications", "management"]
         self.config_path = data_dir / "ferrule.toml"
@@ -129,6 +132,7 @@ class Instance:
                 token=TOKEN,
                 app_password=APP_PASSWORD,
                 more_users="".join(f', {{ username = "{u}", password = "{p}" }}' for u, p in users),
+                registry_extra=registry_extra,
             )
             + backend
             + extra
@@ -196,11 +200,12 @@ def cluster(brokers, tmp_path):
     started = []
     prefix = f"ferrule-test-{uuid.uuid4().hex[:8]}"
 
-    def make(n=3, backend=None, roles=None, extra="", users=()):
+    def make(n=3, backend=None, roles=None, extra="", users=(), registry_extra=""):
         backend = backend if backend is not None else RABBIT_BACKEND.format(amqp=RABBIT_AMQP, http=RABBIT_HTTP)
         instances = []
         for _ in range(n):
-            i = Instance(tmp_path / f"i{len(started) + 1}", f"i{len(started) + 1}", backend, prefix, roles, extra, users)
+            i = Instance(tmp_path / f"i{len(started) + 1}", f"i{len(started) + 1}", backend, prefix, roles, extra, users,
+                         registry_extra)
             started.append(i)
             instances.append(i.start())
         return instances

@@ -294,6 +294,53 @@ def test_a_broker_restart_is_never_acknowledged_falsely_and_recovers(cluster):
         events.close()
 
 
+def metric(instance, name, **labels):
+    """A counter of `instance`'s /metrics (0 if absent)."""
+    import urllib.request
+    with urllib.request.urlopen(f"http://{instance.listeners['ops']}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_password_verifiers_are_shared_through_redis(cluster, tmp_path):
+    """With one `[registry] verifier_key_file` for every instance, a device's first login
+    (on instance 1) runs argon2id once; an instance that never saw the device (its own
+    fresh data directory, as a new pod has) accepts its login from the verifier kept in
+    Redis, without argon2; a wrong password there still runs argon2 and is refused; a
+    changed password makes the shared verifier inert; deleting the tenant deletes it."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "verifier.key").write_bytes(os.urandom(32))
+    i1, i2 = cluster(2, registry_extra=f'verifier_key_file = "{keys / "verifier.key"}"')
+    tenant = unique_tenant()
+    reg = provision(i1, tenant)
+    hashed = lambda i: metric(i, "ferrule_password_checks_total", method="hash")
+    verified = lambda i: metric(i, "ferrule_password_checks_total", method="verifier")
+
+    assert curl(i1, "/event", "first", f"d1@{tenant}:pw1") == "202"
+    assert (hashed(i1), verified(i1)) == (1, 0)
+    assert curl(i2, "/event", "second", f"d1@{tenant}:pw1") == "202"
+    assert (hashed(i2), verified(i2)) == (0, 1), "the verifier from Redis, no argon2 run"
+    assert curl(i2, "/event", "x", f"d1@{tenant}:wrong") == "401"
+    assert hashed(i2) == 1, "a wrong password runs argon2"
+
+    reg.call("PUT", f"/v1/credentials/{tenant}/d1",
+             [{"type": "hashed-password", "auth-id": "d1", "secrets": [{"pwd-plain": "pw2"}]}])
+    ok, _ = eventually(lambda: curl(i2, "/event", "x", f"d1@{tenant}:pw1") == "401", 2, 0.1)
+    assert ok, "the old password is refused on instance 2"
+    assert curl(i2, "/event", "third", f"d1@{tenant}:pw2") == "202"
+    assert hashed(i2) >= 3, "a new hash record: the shared verifier was inert"
+
+    key = f"{i1.prefix}:{{{tenant}}}:v"
+    exists = lambda: subprocess.run(["redis-cli", "-c", "-p", "27001", "EXISTS", key],
+                                    capture_output=True, text=True, timeout=10).stdout.strip()
+    assert exists() == "1"
+    reg.call("DELETE", f"/v1/tenants/{tenant}")
+    assert exists() == "0", "deleting the tenant deletes its verifiers"
+
+
 def test_amqps_to_the_broker_checks_its_certificate(cluster, tmp_path):
     """amqps:// to RabbitMQ's TLS listener with the operator's CA: events flow. With a CA
     that did not sign the broker's certificate nothing is acknowledged (503)."""

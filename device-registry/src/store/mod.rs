@@ -150,6 +150,31 @@ pub trait RegistryStore: Send + Sync + 'static {
 
     /// Changes made from now on (by this instance, and by others sharing the store).
     fn subscribe(&self) -> broadcast::Receiver<Change>;
+
+    /// The password verifier ([`crate::verifiers`]) kept for `auth_id` of `tenant` by a
+    /// store that every instance of a cluster shares, so that an instance that never saw
+    /// a device (a new pod, an ephemeral data directory) is spared its argon2 run too.
+    /// Stores of one instance keep none (the instance's verifier file does).
+    async fn get_verifier(
+        &self,
+        tenant: &TenantId,
+        auth_id: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let _ = (tenant, auth_id);
+        Ok(None)
+    }
+
+    /// Keeps `value` as the password verifier of `auth_id` of `tenant` (see
+    /// [`RegistryStore::get_verifier`]); deleting the tenant deletes it.
+    async fn put_verifier(
+        &self,
+        tenant: &TenantId,
+        auth_id: &str,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        let _ = (tenant, auth_id, value);
+        Ok(())
+    }
 }
 
 /// Whether `if_match` (an ETag from a client: maybe quoted, maybe weak, maybe `*`)

@@ -5,6 +5,8 @@
 //! - `P:{T}:d`: hash device id -> device record;
 //! - `P:{T}:c`: hash device id -> credentials record;
 //! - `P:{T}:i`: hash `{type}\n{auth-id}` -> device id (credentials look-up index);
+//! - `P:{T}:v`: hash auth-id -> password verifier (key id and HMAC, see
+//!   [`crate::verifiers`]; only with `[registry] verifier_key_file`);
 //! - `P:tenants`: set of tenant ids (for listing);
 //! - `P:ca-guard`: the trusted-CA guard (below);
 //! - `P:layout`: marks a single-server store whose keys were moved to this layout;
@@ -440,6 +442,29 @@ impl RegistryStore for RedisStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.inner.changes.subscribe()
+    }
+
+    async fn get_verifier(
+        &self,
+        tenant: &TenantId,
+        auth_id: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.conn()
+            .hget(self.key("v", tenant), auth_id)
+            .await
+            .map_err(|e| backend("reading a password verifier", e))
+    }
+
+    async fn put_verifier(
+        &self,
+        tenant: &TenantId,
+        auth_id: &str,
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .hset::<_, _, _, ()>(self.key("v", tenant), auth_id, value)
+            .await
+            .map_err(|e| backend("writing a password verifier", e))
     }
 }
 

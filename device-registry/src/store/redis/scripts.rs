@@ -56,11 +56,11 @@ if refused then return refused end
 redis.call('SET', KEYS[1], ARGV[2])
 "#;
 
-/// KEYS: t, d, c, i. ARGV: want.
+/// KEYS: t, d, c, i, v. ARGV: want.
 const DELETE_TENANT: &str = r#"
 local _, refused = current(nil, ARGV[1])
 if refused then return refused end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 "#;
 
 /// KEYS: t, d, c. ARGV: device, empty credentials record, device record.

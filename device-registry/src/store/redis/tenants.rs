@@ -192,7 +192,7 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let steps = |_| async move {
             let mut script =
-                self.inner.scripts.delete_tenant.key(self.keys(id, &["t", "d", "c", "i"]));
+                self.inner.scripts.delete_tenant.key(self.keys(id, &["t", "d", "c", "i", "v"]));
             script.arg(want(if_match));
             outcome(&self.run(&script, "deleting a tenant").await?, "tenant")?;
             let mut conn = self.conn();
