@@ -93,24 +93,27 @@ pub type ReadinessCheck = Arc<dyn Fn() -> Option<&'static str> + Send + Sync>;
 /// and every dependency added with [`Readiness::require`] fine (cluster mode: the shared
 /// broker reachable).
 #[derive(Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<ReadinessCheck>>>);
+pub struct Readiness {
+    serving: Arc<AtomicBool>,
+    checks: Arc<std::sync::Mutex<Vec<ReadinessCheck>>>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Release);
+        self.serving.store(ready, Ordering::Release);
     }
 
     /// Readiness also waits for `check`.
     pub fn require(&self, check: ReadinessCheck) {
-        self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(check);
+        self.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(check);
     }
 
     /// Why the platform is not ready, if it is not.
     fn blocked(&self) -> Option<&'static str> {
-        if !self.0.load(Ordering::Acquire) {
+        if !self.serving.load(Ordering::Acquire) {
             return Some("not serving");
         }
-        let checks = self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let checks = self.checks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         checks.iter().find_map(|check| check())
     }
 }

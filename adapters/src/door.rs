@@ -235,42 +235,41 @@ pub async fn authorize(
 /// at-most-once); every notified change ends the memo at once.
 pub const MEMO_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A connection's last positive registry decision, so that a device publishing again and
-/// again for the same target is not checked again and again: reused while the registry's
-/// change sequence ([`DeviceRegistry::change_seq`]) is what it was when the decision was
-/// made, for at most [`MEMO_TTL`]. Refusals are never memoised. One per connection (a
-/// connection authenticates one principal, so its decisions differ only by target).
-#[derive(Debug, Default)]
-pub struct Memo(std::sync::Mutex<Option<Memoized>>);
-
+/// One remembered value, valid while the registry's change sequence
+/// ([`DeviceRegistry::change_seq`]) is what it was when the value was made, and for at most
+/// [`MEMO_TTL`]: the shared mechanism of [`Memo`] and the HTTP adapter's remembered
+/// identity.
 #[derive(Debug)]
-struct Memoized {
-    seq: u64,
-    at: std::time::Instant,
-    target: Target,
-    standing: Standing,
-    access: AdapterAccess,
-}
+pub struct Remembered<T>(std::sync::Mutex<Option<(u64, std::time::Instant, T)>>);
 
-impl Memo {
-    fn get(&self, seq: u64, target: &Target, standing: Standing) -> Option<AdapterAccess> {
-        let last = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let m = last.as_ref()?;
-        (m.seq == seq && m.standing == standing && m.target == *target && m.at.elapsed() < MEMO_TTL)
-            .then(|| m.access.clone())
-    }
-
-    fn put(&self, seq: u64, target: &Target, standing: Standing, access: &AdapterAccess) {
-        let memo = Memoized {
-            seq,
-            at: std::time::Instant::now(),
-            target: target.clone(),
-            standing,
-            access: access.clone(),
-        };
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(memo);
+impl<T> Default for Remembered<T> {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(None))
     }
 }
+
+impl<T: Clone> Remembered<T> {
+    /// The value, if it is still current at `seq` and `fits`.
+    pub fn get(&self, seq: u64, fits: impl FnOnce(&T) -> bool) -> Option<T> {
+        let slot = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (at_seq, at, value) = slot.as_ref()?;
+        (*at_seq == seq && at.elapsed() < MEMO_TTL && fits(value)).then(|| value.clone())
+    }
+
+    /// Remembers `value`, made when the change sequence was `seq`.
+    pub fn put(&self, seq: u64, value: T) {
+        let now = std::time::Instant::now();
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((seq, now, value));
+    }
+}
+
+/// A connection's last positive registry decision, so that a device publishing again and
+/// again for the same target is not checked again and again ([`Remembered`]: reused while
+/// the registry processed no change, for at most [`MEMO_TTL`]). Refusals are never
+/// memoised. One per connection (a connection authenticates one principal, so its
+/// decisions differ only by target).
+#[derive(Debug, Default)]
+pub struct Memo(Remembered<(Target, Standing, AdapterAccess)>);
 
 /// [`authorize`] through a connection's [`Memo`]: the same answer, without the registry
 /// checks when the memo holds a positive one for `target` that is still current.
@@ -285,11 +284,11 @@ pub async fn authorize_memo(
     let Some(seq) = registry.change_seq() else {
         return authorize(registry, adapter, target, standing).await;
     };
-    if let Some(access) = memo.get(seq, target, standing) {
+    if let Some((.., access)) = memo.0.get(seq, |(t, s, _)| t == target && *s == standing) {
         return Ok(access);
     }
     let access = authorize(registry, adapter, target, standing).await?;
-    memo.put(seq, target, standing, &access);
+    memo.0.put(seq, (target.clone(), standing, access.clone()));
     Ok(access)
 }
 

@@ -264,49 +264,32 @@ struct ClientCert(Arc<[u8]>);
 #[derive(Clone, Copy)]
 struct PeerIp(std::net::IpAddr);
 
-/// What one keep-alive connection remembers between its requests: the identity its last
-/// credentials authenticated as, and its last registry decision (`door::Memo`), both
-/// reused only while the registry saw no change and for at most `door::MEMO_TTL`.
+/// What one keep-alive connection remembers between its requests (`door::Remembered`:
+/// only while the registry saw no change, for at most `door::MEMO_TTL`): the identity its
+/// last credentials authenticated as, with the `Authorization` header that presented them
+/// (`None`: the connection's client certificate did), and its last registry decision.
 #[derive(Default)]
 struct ConnectionMemo {
-    identity: std::sync::Mutex<Option<MemoIdentity>>,
+    identity: door::Remembered<KnownIdentity>,
     admit: door::Memo,
 }
 
-struct MemoIdentity {
-    /// The `Authorization` header that authenticated; `None`: the connection's client
-    /// certificate did.
-    authorization: Option<Box<[u8]>>,
-    seq: u64,
-    at: std::time::Instant,
-    identity: DeviceIdentity,
-}
+/// The `Authorization` header that authenticated (`None`: the client certificate), and as
+/// whom.
+type KnownIdentity = (Option<Box<[u8]>>, Arc<DeviceIdentity>);
 
 impl ConnectionMemo {
     /// The identity `authorization` (`None`: the client certificate) authenticated as on
-    /// this connection, if the registry's change sequence is still `seq`. The header is
-    /// compared in constant time: a proxy may send other clients' requests over the same
-    /// connection.
-    fn identity(&self, authorization: Option<&[u8]>, seq: u64) -> Option<DeviceIdentity> {
+    /// this connection, if still current at `seq`. The header is compared in constant
+    /// time: a proxy may send other clients' requests over the same connection.
+    fn identity(&self, authorization: Option<&[u8]>, seq: u64) -> Option<Arc<DeviceIdentity>> {
         use subtle::ConstantTimeEq;
-        let memo = self.identity.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let m = memo.as_ref()?;
-        let same = match (&m.authorization, authorization) {
+        let same = |(kept, _): &KnownIdentity| match (kept, authorization) {
             (Some(a), Some(b)) => bool::from(a.as_ref().ct_eq(b)),
             (None, None) => true,
             _ => false,
         };
-        (same && m.seq == seq && m.at.elapsed() < door::MEMO_TTL).then(|| m.identity.clone())
-    }
-
-    fn remember(&self, authorization: Option<&[u8]>, seq: u64, identity: &DeviceIdentity) {
-        let memo = MemoIdentity {
-            authorization: authorization.map(Box::from),
-            seq,
-            at: std::time::Instant::now(),
-            identity: identity.clone(),
-        };
-        *self.identity.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(memo);
+        self.identity.get(seq, same).map(|(_, identity)| identity)
     }
 }
 
@@ -525,9 +508,9 @@ async fn authorize(
             Some(identity)
         }
         None => {
-            let identity = authenticate(state, req).await?;
+            let identity = authenticate(state, req).await?.map(Arc::new);
             if let (Some(memo), Some(seq), Some(id)) = (memo, seq, &identity) {
-                memo.remember(presented, seq, id);
+                memo.identity.put(seq, (presented.map(Box::from), id.clone()));
             }
             identity
         }
@@ -537,7 +520,7 @@ async fn authorize(
     let registry = state.registry.as_ref();
     let admit_memo = memo.map(|m| &m.admit);
     let (target, access) =
-        door::admit_memo(registry, ADAPTER, identity.as_ref(), names, ThisRequest, admit_memo)
+        door::admit_memo(registry, ADAPTER, identity.as_deref(), names, ThisRequest, admit_memo)
             .await
             .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
     Ok(Principal {

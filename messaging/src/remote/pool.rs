@@ -125,18 +125,20 @@ impl Pool {
                 }
             }
         } else {
-            let live = self.conns.lock().await.values().any(|c| !c.is_closed());
-            let mut any = live;
-            for host in self.hosts.iter().take_while(|_| !live) {
-                let connect = tokio::net::TcpStream::connect(&host.address);
-                if matches!(tokio::time::timeout(CONNECT_TIMEOUT, connect).await, Ok(Ok(_))) {
-                    any = true;
-                    break;
-                }
-            }
-            any
+            self.conns.lock().await.values().any(|c| !c.is_closed()) || self.a_host_answers().await
         };
         self.reachable.store(ok, Ordering::Release);
+    }
+
+    /// Whether one of the brokers accepts a TCP connection.
+    async fn a_host_answers(&self) -> bool {
+        for host in &self.hosts {
+            let connect = tokio::net::TcpStream::connect(&host.address);
+            if matches!(tokio::time::timeout(CONNECT_TIMEOUT, connect).await, Ok(Ok(_))) {
+                return true;
+            }
+        }
+        false
     }
 
     /// A new session for a link of `tenant`'s, on a live connection.
