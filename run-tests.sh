@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# Free disk, in the log: a full disk fails a build far from its cause.
+disk_free() { df -Ph . | awk 'NR == 2 { print "    disk: " $4 " free of " $2 }'; }
+disk_free
 
 # System packages the tests drive: `command` => package.
 declare -A need=(
@@ -51,6 +54,7 @@ fi
 
 echo "==> cargo build"
 cargo build --workspace --all-targets
+disk_free
 
 echo "==> benchmark harness, smoke mode (tiny counts; no timing is asserted)"
 timeout 600 python3 tests/loadgen/bench.py --smoke
@@ -65,8 +69,15 @@ FERRULE_BIN="$PWD/target/debug/ferrule" timeout 1800 python3 -m pytest -q tests/
 echo "==> scale-out tests (3 instances over RabbitMQ and a Redis Cluster on private loopback ports)"
 FERRULE_BIN="$PWD/target/debug/ferrule" timeout 900 python3 -m pytest -q tests/cluster
 
-echo "==> fuzz targets, smoke run (fixed seeds, a fixed number of runs per target)"
-timeout 1800 fuzz/run.sh smoke
-
 echo "==> hostile-input tests (raw-socket attacks against a real ferrule serve)"
 FERRULE_BIN="$PWD/target/debug/ferrule" timeout 600 python3 -m pytest -q tests/hostile
+
+if [ "${FERRULE_FREE_DISK:-0}" = 1 ]; then
+  # Set by .ci/run: nothing below needs the debug build, and the fuzz build is as large.
+  echo "==> removing the debug build before the fuzz build (FERRULE_FREE_DISK=1)"
+  rm -rf target/debug
+  disk_free
+fi
+
+echo "==> fuzz targets, smoke run (fixed seeds, a fixed number of runs per target)"
+timeout 1800 fuzz/run.sh smoke
