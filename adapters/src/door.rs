@@ -235,39 +235,74 @@ pub async fn authorize(
 /// at-most-once); every notified change ends the memo at once.
 pub const MEMO_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// One remembered value, valid while the registry's change sequence
+/// Remembered values, each valid while the registry's change sequence
 /// ([`DeviceRegistry::change_seq`]) is what it was when the value was made, and for at most
 /// [`MEMO_TTL`]: the shared mechanism of [`Memo`] and the HTTP adapter's remembered
-/// identity.
+/// identity. It holds at most as many values as a `put` makes room for, and nothing
+/// (no allocation) until the first.
 #[derive(Debug)]
-pub struct Remembered<T>(std::sync::Mutex<Option<(u64, std::time::Instant, T)>>);
+pub struct Remembered<T>(std::sync::Mutex<Kept<T>>);
+
+#[derive(Debug)]
+struct Kept<T> {
+    /// The change sequence every kept value was made at.
+    seq: u64,
+    values: Vec<(std::time::Instant, T)>,
+}
 
 impl<T> Default for Remembered<T> {
     fn default() -> Self {
-        Self(std::sync::Mutex::new(None))
+        Self(std::sync::Mutex::new(Kept { seq: 0, values: Vec::new() }))
     }
 }
 
 impl<T: Clone> Remembered<T> {
-    /// The value, if it is still current at `seq` and `fits`.
-    pub fn get(&self, seq: u64, fits: impl FnOnce(&T) -> bool) -> Option<T> {
-        let slot = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (at_seq, at, value) = slot.as_ref()?;
-        (*at_seq == seq && at.elapsed() < MEMO_TTL && fits(value)).then(|| value.clone())
+    /// A value that `fits`, if one is still current at `seq`.
+    pub fn get(&self, seq: u64, fits: impl Fn(&T) -> bool) -> Option<T> {
+        let kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.seq != seq {
+            return None;
+        }
+        let (_, value) =
+            kept.values.iter().find(|(at, value)| at.elapsed() < MEMO_TTL && fits(value))?;
+        Some(value.clone())
     }
 
-    /// Remembers `value`, made when the change sequence was `seq`.
-    pub fn put(&self, seq: u64, value: T) {
+    /// Remembers `value`, made when the change sequence was `seq`, in place of the kept
+    /// value it `replaces` if any, else beside the others while fewer than `room` are kept,
+    /// else in place of the oldest. Values made at another sequence are dropped.
+    pub fn put(&self, seq: u64, value: T, room: usize, replaces: impl Fn(&T) -> bool) {
         let now = std::time::Instant::now();
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((seq, now, value));
+        let mut kept = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.seq != seq {
+            kept.seq = seq;
+            kept.values.clear();
+        }
+        let values = &mut kept.values;
+        let slot = match values.iter().position(|(_, v)| replaces(v)) {
+            Some(i) => i,
+            None if values.len() < room.max(1) => {
+                // Grown one at a time: most connections only ever keep one value.
+                values.reserve_exact(1);
+                values.push((now, value));
+                return;
+            }
+            None => (0..values.len()).min_by_key(|&i| values[i].0).unwrap_or(0),
+        };
+        values[slot] = (now, value);
     }
 }
 
-/// A connection's last positive registry decision, so that a device publishing again and
-/// again for the same target is not checked again and again ([`Remembered`]: reused while
-/// the registry processed no change, for at most [`MEMO_TTL`]). Refusals are never
-/// memoised. One per connection (a connection authenticates one principal, so its
-/// decisions differ only by target).
+/// How many targets a connection's [`Memo`] keeps decisions for: a gateway publishing for
+/// its devices in turn is answered from the memo for up to this many of them (a device
+/// that acts only for itself has one target). Bounds the memo to a few KiB.
+pub const MEMO_TARGETS: usize = 16;
+
+/// A connection's last positive registry decisions, per target, so that a device (or a
+/// gateway, for up to [`MEMO_TARGETS`] of its devices) publishing again and again is not
+/// checked again and again ([`Remembered`]: reused while the registry processed no change,
+/// for at most [`MEMO_TTL`]). Refusals are never memoised. One per connection (a
+/// connection authenticates one principal, so its decisions differ only by target).
 #[derive(Debug, Default)]
 pub struct Memo(Remembered<(Target, Standing, AdapterAccess)>);
 
@@ -288,7 +323,8 @@ pub async fn authorize_memo(
         return Ok(access);
     }
     let access = authorize(registry, adapter, target, standing).await?;
-    memo.0.put(seq, (target.clone(), standing, access.clone()));
+    let same = |(t, s, _): &(Target, Standing, AdapterAccess)| t == target && *s == standing;
+    memo.0.put(seq, (target.clone(), standing, access.clone()), MEMO_TARGETS, same);
     Ok(access)
 }
 
@@ -739,19 +775,56 @@ mod tests {
         assert_eq!(registry.checks(), 1);
         assert!(check(&own, Standing::Session).await.unwrap().enabled);
         assert_eq!(registry.checks(), 1, "the second publish is answered by the memo");
-        // Another target, or another standing, is checked (and replaces the memo).
+        // Another target, or another standing, is checked, and kept beside the first.
         assert!(check(&other, Standing::Session).await.is_ok());
         assert_eq!(registry.checks(), 2);
         assert!(check(&own, Standing::Session).await.is_ok());
-        assert_eq!(registry.checks(), 3);
+        assert!(check(&other, Standing::Session).await.is_ok());
+        assert_eq!(registry.checks(), 2, "both targets are answered by the memo");
         // A change anywhere in the registry ends the memo: a disabled device is refused
-        // at once, and refusals are not memoised.
+        // at once, and refusals are not memoised; the other target is checked afresh.
         registry.change(Some("d1"));
         let refused = check(&own, Standing::Session).await.unwrap_err();
         assert_eq!(refused.denied, Denied::Auth(AuthError::DeviceDisabled));
         assert!(refused.principal_gone);
         check(&own, Standing::Session).await.unwrap_err();
+        assert!(check(&other, Standing::Session).await.is_ok());
         assert_eq!(registry.checks(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_gateway_memo_keeps_its_devices_up_to_a_bound() {
+        let registry = Counting::default();
+        let memo = Memo::default();
+        let device = |i: usize| Target::ViaGateway {
+            tenant: "t1".into(),
+            device: format!("d{i}"),
+            gateway: "gw".into(),
+        };
+        let round = |n: usize| {
+            let (registry, memo) = (&registry, &memo);
+            async move {
+                for i in 0..n {
+                    authorize_memo(registry, "mqtt", &device(i), Standing::Session, memo)
+                        .await
+                        .unwrap();
+                }
+            }
+        };
+        // MEMO_TARGETS devices in turn: each is checked once (the device for the gateway,
+        // and the gateway itself), then answered by the memo.
+        round(MEMO_TARGETS).await;
+        round(MEMO_TARGETS).await;
+        assert_eq!(registry.checks(), 2 * MEMO_TARGETS);
+        assert_eq!(memo.0 .0.lock().unwrap().values.len(), MEMO_TARGETS);
+        // One more device takes the oldest one's place; the memo never grows past the bound.
+        round(MEMO_TARGETS + 1).await;
+        assert_eq!(memo.0 .0.lock().unwrap().values.len(), MEMO_TARGETS);
+        assert!(registry.checks() > 2 * MEMO_TARGETS, "the extra device was checked");
+        // A disabled device is refused at once, whatever the memo kept for it.
+        registry.change(Some("d3"));
+        let refused = authorize_memo(&registry, "mqtt", &device(3), Standing::Session, &memo).await;
+        assert_eq!(refused.unwrap_err().denied, Denied::Auth(AuthError::DeviceDisabled));
     }
 
     #[tokio::test]

@@ -196,6 +196,58 @@ def test_http_keep_alive_connection_follows_registry_changes(provisioned):
     conn.close()
 
 
+def test_mqtt_gateway_connection_follows_registry_changes_per_device(provisioned):
+    """A gateway's MQTT connection remembers the registry's decision for each device it
+    publishes for (up to 16) while the registry saw no change. One paho MQTT 5 connection
+    publishes events for two devices in turn; once the gateway is taken out of one device's
+    `via`, that device's publishes get PUBACK 0x87 (not authorized) within 0.5 s on the
+    same connection, and the other device's are still accepted."""
+    p, reg = provisioned
+    reg.device("t1", "child2", via=["gw"])
+    connected, acks, lock = threading.Event(), {}, threading.Lock()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="gw-memo", protocol=paho.MQTTv5)
+    client.username_pw_set("gw@t1", "gwpw")
+    client.on_connect = lambda c, u, f, rc, props: connected.set()
+    disconnects = []
+    client.on_disconnect = lambda c, u, f, rc, props: disconnects.append(rc)
+
+    def on_publish(c, u, mid, rc, props):
+        with lock:
+            acks[mid] = rc
+
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", int(mqtt_port(p)))
+    client.loop_start()
+
+    def publish(device):
+        info = client.publish(f"event/t1/{device}", b"e", qos=1)
+        deadline = time.time() + 10
+        while time.time() < deadline and not disconnects:
+            with lock:
+                if info.mid in acks:
+                    return acks.pop(info.mid).value
+            time.sleep(0.005)
+        raise AssertionError(f"no PUBACK for {device} (disconnects: {disconnects})")
+
+    try:
+        assert connected.wait(10)
+        for _ in range(5):
+            assert (publish("child"), publish("child2")) == (0, 0)
+        reg.call("PUT", "/v1/devices/t1/child2", {"enabled": True})
+        deadline = time.time() + 0.5
+        while (code := publish("child2")) == 0:
+            assert time.time() < deadline, "child2 still accepted for gw 0.5 s after the change"
+            time.sleep(0.02)
+        assert code == 0x87, hex(code)
+        for _ in range(3):
+            assert publish("child") == 0, "the other device is still accepted"
+            assert publish("child2") == 0x87, "refused for good"
+        assert not disconnects, disconnects
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
 # --- MQTT (mosquitto_pub, paho-mqtt) ------------------------------------------------
 
 @pytest.mark.parametrize("version", ["mqttv311", "mqttv5"])

@@ -510,7 +510,7 @@ async fn authorize(
         None => {
             let identity = authenticate(state, req).await?.map(Arc::new);
             if let (Some(memo), Some(seq), Some(id)) = (memo, seq, &identity) {
-                memo.identity.put(seq, (presented.map(Box::from), id.clone()));
+                memo.identity.put(seq, (presented.map(Box::from), id.clone()), 1, |_| true);
             }
             identity
         }
