@@ -383,7 +383,7 @@ mod tests {
     fn every_section_names_its_bad_key() {
         assert_eq!(validate(&Config::default()), Ok(()));
         type Spoil = fn(&mut Config);
-        let cases: [(Spoil, &str); 8] = [
+        let cases: [(Spoil, &str); 10] = [
             (|c| c.ops.max_connections = 0, "ops.max_connections"),
             (|c| c.messaging.max_frame_size = 100, "messaging.max_frame_size"),
             (|c| c.messaging.connection_rate_per_ip = 0.0, "messaging.connection_rate_per_ip"),
@@ -395,6 +395,21 @@ mod tests {
             (|c| c.adapters.mqtt.workers = 0, "adapters.mqtt.workers"),
             (|c| c.adapters.coap.max_payload = 70_000, "adapters.coap.max_payload"),
             (|c| c.commands.request_id_key = "short".into(), "commands.request_id_key"),
+            (
+                // A CA file for Redis TLS, but a plain redis:// URL.
+                |c| {
+                    c.registry.storage = ferrule_device_registry::StorageKind::Redis;
+                    c.registry.redis_tls_ca_file = Some("/etc/hostname".into());
+                },
+                "registry.redis_tls_ca_file",
+            ),
+            (
+                |c| {
+                    c.cluster.redis_urls = vec!["rediss://r:6380/".into()];
+                    c.cluster.redis_tls_ca_file = Some("/nonexistent/ca.pem".into());
+                },
+                "cluster.redis_tls_ca_file",
+            ),
         ];
         for (spoil, key) in cases {
             let mut c = Config::default();

@@ -41,6 +41,9 @@ pub struct RegistryConfig {
     pub redis_cluster_nodes: Vec<String>,
     /// Prefix of every Redis key and of the change channel. Default `ferrule:registry`.
     pub redis_key_prefix: String,
+    /// PEM file of the CA certificates that `rediss://` servers are verified against.
+    /// Default: none (the system's roots). See [`crate::RedisTls`].
+    pub redis_tls_ca_file: Option<std::path::PathBuf>,
     /// Bearer tokens accepted from operators (also as the password of HTTP Basic auth).
     /// Default: none, so only `allow_anonymous` opens the API.
     pub auth_tokens: Vec<String>,
@@ -94,6 +97,7 @@ impl Default for RegistryConfig {
             embedded_file: "registry.redb".into(),
             redis_url: "redis://127.0.0.1:6379/0".into(),
             redis_cluster_nodes: Vec::new(),
+            redis_tls_ca_file: None,
             redis_key_prefix: "ferrule:registry".into(),
             auth_tokens: Vec::new(),
             allow_anonymous: false,
@@ -134,6 +138,7 @@ impl fmt::Debug for RegistryConfig {
             .field("max_failures", &self.max_failures)
             .field("failure_window", &self.failure_window)
             .field("cache_max_entries", &self.cache_max_entries)
+            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
             .field("verifier_key_file", &self.verifier_key_file)
             .field("verifier_file", &self.verifier_file)
             .field("hash_pool_size", &self.hash_pool_size)
@@ -195,8 +200,21 @@ impl RegistryConfig {
     /// The Redis settings `storage = "redis"` uses: the cluster nodes if any, else the URL.
     fn validate_redis(&self) -> Result<(), ConfigError> {
         let err = |key, problem: &str| Err(ConfigError::new("registry", key, problem));
+        let tls = match crate::RedisTls::from_ca_file(self.redis_tls_ca_file.as_deref()) {
+            Ok(tls) => tls,
+            Err(e) => return err("redis_tls_ca_file", &format!("cannot be used: {e}")),
+        };
+        let urls: Vec<&str> = if self.redis_cluster_nodes.is_empty() {
+            vec![self.redis_url.as_str()]
+        } else {
+            self.redis_cluster_nodes.iter().map(String::as_str).collect()
+        };
+        if self.redis_tls_ca_file.is_some() && !urls.iter().any(|u| crate::redis_tls::is_tls_url(u))
+        {
+            return err("redis_tls_ca_file", "is set, but no Redis URL asks for TLS (rediss://)");
+        }
         if self.redis_cluster_nodes.is_empty() {
-            if redis::Client::open(self.redis_url.as_str()).is_err() {
+            if tls.client(self.redis_url.as_str()).is_err() {
                 return err("redis_url", "is not a valid Redis URL");
             }
             return Ok(());
@@ -210,12 +228,7 @@ impl RegistryConfig {
                 return err("redis_cluster_nodes", "a Redis Cluster has database 0 only");
             }
         }
-        if redis::cluster::ClusterClientBuilder::new(
-            self.redis_cluster_nodes.iter().map(String::as_str),
-        )
-        .build()
-        .is_err()
-        {
+        if tls.cluster(urls).build().is_err() {
             return err(
                 "redis_cluster_nodes",
                 "nodes must share one password, user name, protocol and TLS mode",
@@ -255,6 +268,9 @@ redis_url = "redis://127.0.0.1:6379/0"
 redis_cluster_nodes = []
 # Prefix of every Redis key and of the change channel.
 redis_key_prefix = "ferrule:registry"
+# TLS to Redis: rediss:// URLs (above) connect over TLS and verify the server against the
+# system's roots, or against the CA certificates of this PEM file.
+# redis_tls_ca_file = "/etc/ferrule/redis-ca.pem"
 # Bearer tokens accepted from operators (also accepted as the Basic auth password), >= 16 chars.
 auth_tokens = []
 # Serve the management API without authentication (development only).

@@ -65,13 +65,17 @@ pub async fn open_store(
                 .map_err(|e| StoreError::Backend(e.to_string()))??;
             Arc::new(store)
         }
-        StorageKind::Redis if config.redis_cluster_nodes.is_empty() => {
-            Arc::new(RedisStore::connect(&config.redis_url, &config.redis_key_prefix).await?)
+        StorageKind::Redis => {
+            let tls = crate::RedisTls::from_ca_file(config.redis_tls_ca_file.as_deref())
+                .map_err(|e| StoreError::Backend(format!("redis_tls_ca_file: {e}")))?;
+            let prefix = &config.redis_key_prefix;
+            if config.redis_cluster_nodes.is_empty() {
+                Arc::new(RedisStore::connect_tls(&config.redis_url, prefix, &tls).await?)
+            } else {
+                let nodes = &config.redis_cluster_nodes;
+                Arc::new(RedisStore::connect_cluster_tls(nodes, prefix, &tls).await?)
+            }
         }
-        StorageKind::Redis => Arc::new(
-            RedisStore::connect_cluster(&config.redis_cluster_nodes, &config.redis_key_prefix)
-                .await?,
-        ),
     })
 }
 

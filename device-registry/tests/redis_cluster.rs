@@ -1,6 +1,7 @@
 //! The Redis store on a real 3-master Redis Cluster (redis-server 7, started by the test on
 //! free loopback ports): management CRUD through the HTTP API with tenants spread over the
-//! masters, change invalidation between two instances, and trusted-CA subject uniqueness.
+//! masters, change invalidation between two instances, trusted-CA subject uniqueness, and
+//! the store over TLS (one server and a cluster).
 //! Skips (saying why) only if `redis-server` or `redis-cli` is not installed.
 
 mod support;
@@ -12,10 +13,13 @@ use std::time::Duration;
 use base64::Engine;
 use ferrule_device_registry::auth::AuthSettings;
 use ferrule_device_registry::client::RegistryClient;
-use ferrule_device_registry::{AuthError, AuthService, CredentialType, HashPool, RegistryStore};
+use ferrule_device_registry::{
+    AuthError, AuthService, CredentialType, HashPool, RedisStore, RedisTls, RegistryStore,
+};
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
 use support::cluster::{binaries_missing, node_cmd, RedisCluster, PREFIX};
+use support::tls::TlsFiles;
 use support::{eventually, TestRegistry};
 
 const LIMIT: Duration = Duration::from_secs(1);
@@ -240,4 +244,46 @@ async fn a_trusted_ca_subject_stays_with_one_tenant() {
     let created = statuses.iter().filter(|s| **s == StatusCode::CREATED).count();
     assert_eq!(created, 1, "{statuses:?}");
     assert!(statuses.iter().all(|s| [StatusCode::CREATED, StatusCode::CONFLICT].contains(s)));
+}
+
+/// TLS to Redis (`rediss://`, a private CA given as `redis_tls_ca_file` would give it):
+/// the store works through the management API over one TLS server and over a 3-master
+/// cluster whose clients and bus use TLS; without the CA (the system's roots) the server's
+/// certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_reaches_redis_over_tls_and_verifies_the_server() {
+    if let Some(why) = binaries_missing() {
+        eprintln!("skipping the Redis TLS test: {why}");
+        return;
+    }
+    let files = TlsFiles::new();
+    let trust = RedisTls::from_ca_file(Some(&files.ca())).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let tls_port = support::candidate_port(false);
+    let args = files.server_args(tls_port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (mut server, _) = support::spawn_redis(dir.path(), &args, false).await;
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+    let store = RedisStore::connect_tls(&url, PREFIX, &trust).await.expect("TLS with the CA");
+    let registry = TestRegistry::with_store(Arc::new(store), support::test_config()).await;
+    tenant_crud(&registry.client(), "tls-single").await;
+    let untrusted =
+        tokio::time::timeout(Duration::from_secs(30), RedisStore::connect(&url, PREFIX)).await;
+    let refused = untrusted.expect("a refused certificate fails, it does not hang").err();
+    assert!(refused.is_some(), "the system's roots do not trust the private CA");
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let cluster = RedisCluster::start_with(Some(&files)).await;
+    let store = RedisStore::connect_cluster_tls(&cluster.tls_urls(), PREFIX, &trust)
+        .await
+        .expect("TLS to the cluster with the CA");
+    let registry = TestRegistry::with_store(Arc::new(store), support::test_config()).await;
+    tenant_crud(&registry.client(), "tls-cluster").await;
+    let mut keys = 0;
+    for &port in &cluster.ports {
+        keys += cluster.keys_on(port).await.len();
+    }
+    assert!(keys > 0, "the tenant's keys were written to the cluster");
 }

@@ -20,10 +20,15 @@ pub(super) enum RedisConn {
 }
 
 impl RedisConn {
-    async fn connect(urls: &[String], mode: RedisMode) -> anyhow::Result<Self> {
+    async fn connect(
+        urls: &[String],
+        mode: RedisMode,
+        tls: &ferrule_device_registry::RedisTls,
+    ) -> anyhow::Result<Self> {
         Ok(match mode {
             RedisMode::Cluster => {
-                let client = redis::cluster::ClusterClientBuilder::new(urls.to_vec())
+                let client = tls
+                    .cluster(urls.iter().map(String::as_str))
                     .connection_timeout(Duration::from_secs(2))
                     .response_timeout(Duration::from_secs(2))
                     .build()
@@ -34,7 +39,7 @@ impl RedisConn {
             }
             RedisMode::Single => {
                 let url = urls.first().context("no Redis URL")?;
-                let client = redis::Client::open(url.as_str()).context("Redis URL")?;
+                let client = tls.client(url).context("Redis URL")?;
                 RedisConn::Single(
                     redis::aio::ConnectionManager::new(client)
                         .await
@@ -88,7 +93,8 @@ impl RedisLeases {
         stop: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         anyhow::ensure!(!config.redis_urls.is_empty(), "[cluster] redis_urls is empty");
-        let conn = RedisConn::connect(&config.redis_urls, config.redis_mode).await?;
+        let tls = config.redis_tls().context("[cluster] redis_tls_ca_file")?;
+        let conn = RedisConn::connect(&config.redis_urls, config.redis_mode, &tls).await?;
         let leases =
             Arc::new(Self { conn, instance: instance.to_owned(), held: Default::default() });
         tokio::spawn(leases.clone().renew(stop));

@@ -26,6 +26,9 @@ pub struct ClusterConfig {
     pub redis_urls: Vec<String>,
     /// `cluster` (Redis Cluster) or `single` (one server).
     pub redis_mode: RedisMode,
+    /// PEM file of the CA certificates that `rediss://` servers in `redis_urls` are
+    /// verified against. Default: none (the system's roots).
+    pub redis_tls_ca_file: Option<std::path::PathBuf>,
     /// What this instance serves: any of `devices` (MQTT, HTTP, CoAP adapters),
     /// `applications` (the AMQP endpoint) and `management` (the registry API). With
     /// `peer_password`, an instance serving devices keeps its AMQP listener for the
@@ -62,6 +65,7 @@ impl Default for ClusterConfig {
             instance_id: String::new(),
             redis_urls: Vec::new(),
             redis_mode: RedisMode::Cluster,
+            redis_tls_ca_file: None,
             roles: vec![Role::Devices, Role::Applications, Role::Management],
             advertise: String::new(),
             peer_password: String::new(),
@@ -78,6 +82,7 @@ impl std::fmt::Debug for ClusterConfig {
                 &format_args!("<{} redacted: may hold a password>", self.redis_urls.len()),
             )
             .field("redis_mode", &self.redis_mode)
+            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
             .field("roles", &self.roles)
             .field("advertise", &self.advertise)
             .field("peer_password", &"<redacted>")
@@ -114,14 +119,33 @@ impl ClusterConfig {
         if self.redis_mode == RedisMode::Single && self.redis_urls.len() > 1 {
             return bad("redis_urls", "takes one URL with redis_mode = \"single\"");
         }
-        if let Some(url) = self.redis_urls.iter().find(|u| redis::Client::open(u.as_str()).is_err())
+        let tls = match self.redis_tls() {
+            Ok(tls) => tls,
+            Err(e) => return bad("redis_tls_ca_file", &format!("cannot be used: {e}")),
+        };
+        if self.redis_tls_ca_file.is_some()
+            && !self.redis_urls.iter().any(|u| ferrule_device_registry::redis_tls::is_tls_url(u))
         {
+            return bad(
+                "redis_tls_ca_file",
+                "is set, but no URL in redis_urls asks for TLS (rediss://)",
+            );
+        }
+        if let Some(url) = self.redis_urls.iter().find(|u| tls.client(u.as_str()).is_err()) {
             return bad(
                 "redis_urls",
                 &format!("{} is not a Redis URL", crate::config::redact_url(url)),
             );
         }
         Ok(())
+    }
+
+    /// The trust for `rediss://` URLs in `redis_urls`.
+    ///
+    /// # Errors
+    /// `redis_tls_ca_file` cannot be read or holds no certificate.
+    pub fn redis_tls(&self) -> std::io::Result<ferrule_device_registry::RedisTls> {
+        ferrule_device_registry::RedisTls::from_ca_file(self.redis_tls_ca_file.as_deref())
     }
 
     /// Whether this instance serves `role`.
@@ -147,6 +171,9 @@ instance_id = ""
 # Redis Cluster seed URLs (redis_mode = "cluster") or one server's URL ("single").
 redis_urls = []
 redis_mode = "cluster"
+# TLS to Redis: rediss:// URLs connect over TLS and verify the server against the system's
+# roots, or against the CA certificates of this PEM file.
+# redis_tls_ca_file = "/etc/ferrule/redis-ca.pem"
 # What this instance serves: "devices" (MQTT, HTTP, CoAP), "applications" (AMQP),
 # "management" (registry API). E.g. the management API on some instances only. With
 # peer_password, instances serving devices keep their AMQP listener (commands from the

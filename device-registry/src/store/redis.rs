@@ -160,7 +160,20 @@ impl RedisStore {
     /// # Errors
     /// [`StoreError::Backend`] if the URL is invalid or Redis cannot be reached.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
-        Self::open(Target::Single(url), prefix).await
+        Self::open(Target::Single(url), prefix, &crate::RedisTls::default()).await
+    }
+
+    /// [`RedisStore::connect`], with `tls` as the trust for a `rediss://` URL.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if the URL is invalid or Redis cannot be reached (or its
+    /// certificate is not trusted).
+    pub async fn connect_tls(
+        url: &str,
+        prefix: &str,
+        tls: &crate::RedisTls,
+    ) -> Result<Self, StoreError> {
+        Self::open(Target::Single(url), prefix, tls).await
     }
 
     /// Connects to a Redis Cluster through its seed nodes `nodes` (URLs such as
@@ -170,11 +183,27 @@ impl RedisStore {
     /// # Errors
     /// [`StoreError::Backend`] if a URL is invalid or no node can be reached.
     pub async fn connect_cluster(nodes: &[String], prefix: &str) -> Result<Self, StoreError> {
-        Self::open(Target::Cluster(nodes), prefix).await
+        Self::open(Target::Cluster(nodes), prefix, &crate::RedisTls::default()).await
     }
 
-    async fn open(target: Target<'_>, prefix: &str) -> Result<Self, StoreError> {
-        let (conn, subscribers) = conn::connect(target).await?;
+    /// [`RedisStore::connect_cluster`], with `tls` as the trust for `rediss://` nodes.
+    ///
+    /// # Errors
+    /// [`StoreError::Backend`] if a URL is invalid or no node can be reached (or trusted).
+    pub async fn connect_cluster_tls(
+        nodes: &[String],
+        prefix: &str,
+        tls: &crate::RedisTls,
+    ) -> Result<Self, StoreError> {
+        Self::open(Target::Cluster(nodes), prefix, tls).await
+    }
+
+    async fn open(
+        target: Target<'_>,
+        prefix: &str,
+        tls: &crate::RedisTls,
+    ) -> Result<Self, StoreError> {
+        let (conn, subscribers) = conn::connect(target, tls).await?;
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
         let stop = CancellationToken::new();
         let channel = format!("{prefix}:changes");

@@ -24,6 +24,8 @@ pub fn binaries_missing() -> Option<String> {
 pub struct RedisCluster {
     children: Vec<Child>,
     pub ports: Vec<u16>,
+    /// With TLS: each node's TLS port (clients and the cluster bus use TLS).
+    pub tls_ports: Vec<u16>,
     dir: tempfile::TempDir,
 }
 
@@ -31,27 +33,45 @@ impl RedisCluster {
     /// Starts the nodes, joins them with `redis-cli --cluster create` and waits until
     /// every node reports `cluster_state:ok`.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// [`RedisCluster::start`], with TLS for clients and the cluster bus when `tls` is given
+    /// (the plain ports stay open for the test's own node commands).
+    pub async fn start_with(tls: Option<&super::tls::TlsFiles>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut cluster = Self { children: Vec::new(), ports: Vec::new(), dir };
+        let mut cluster =
+            Self { children: Vec::new(), ports: Vec::new(), tls_ports: Vec::new(), dir };
         for _ in 0..3 {
-            let (child, port) = super::spawn_redis(
-                cluster.dir.path(),
-                &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-                true,
-            )
-            .await;
+            let mut args: Vec<String> =
+                ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+                    .map(String::from)
+                    .into();
+            if let Some(tls) = tls {
+                let tls_port = super::candidate_port(false);
+                args.extend(tls.server_args(tls_port));
+                args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+                cluster.tls_ports.push(tls_port);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (child, port) = super::spawn_redis(cluster.dir.path(), &args, true).await;
             cluster.children.push(child);
             cluster.ports.push(port);
         }
-        cluster.create();
+        cluster.create(tls);
         cluster.wait_until_ok().await;
         cluster
     }
 
     /// Assigns the slots over the three masters.
-    fn create(&self) {
-        let nodes: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let out = Command::new("redis-cli")
+    fn create(&self, tls: Option<&super::tls::TlsFiles>) {
+        let ports = if tls.is_some() { &self.tls_ports } else { &self.ports };
+        let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let mut cli = Command::new("redis-cli");
+        if let Some(tls) = tls {
+            cli.arg("--tls").arg("--cacert").arg(tls.ca());
+        }
+        let out = cli
             .arg("--cluster")
             .arg("create")
             .args(&nodes)
@@ -98,6 +118,11 @@ impl RedisCluster {
     /// The seed node URLs.
     pub fn urls(&self) -> Vec<String> {
         self.ports.iter().map(|p| format!("redis://127.0.0.1:{p}/")).collect()
+    }
+
+    /// The seed node URLs of a cluster started with TLS (`rediss://`, the TLS ports).
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.tls_ports.iter().map(|p| format!("rediss://127.0.0.1:{p}/")).collect()
     }
 
     /// A store on this cluster (its own connections and pub/sub, as another instance).

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod cluster;
+pub mod tls;
 
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ const PORT_SPAN: u16 = 6_000;
 /// A cluster node's bus port is its port plus this (still below the ephemeral range).
 pub const BUS_OFFSET: u16 = 5_000;
 
-fn candidate_port(with_bus: bool) -> u16 {
+pub fn candidate_port(with_bus: bool) -> u16 {
     let _ = NEXT_PORT.compare_exchange(
         0,
         (std::process::id() % u32::from(PORT_SPAN)) as u16 + 1,

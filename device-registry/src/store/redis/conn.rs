@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use tokio::sync::broadcast;
@@ -84,10 +83,13 @@ pub(super) fn backend(what: &str, e: impl std::fmt::Display) -> StoreError {
 ///
 /// # Errors
 /// [`StoreError::Backend`] if a URL is invalid or Redis cannot be reached.
-pub(super) async fn connect(target: Target<'_>) -> Result<(Conn, Vec<redis::Client>), StoreError> {
+pub(super) async fn connect(
+    target: Target<'_>,
+    tls: &crate::RedisTls,
+) -> Result<(Conn, Vec<redis::Client>), StoreError> {
     match target {
         Target::Single(url) => {
-            let client = redis::Client::open(url).map_err(|e| backend("redis_url", e))?;
+            let client = tls.client(url).map_err(|e| backend("redis_url", e))?;
             let conn = ConnectionManager::new(client.clone())
                 .await
                 .map_err(|e| backend("connecting to Redis", e))?;
@@ -96,10 +98,11 @@ pub(super) async fn connect(target: Target<'_>) -> Result<(Conn, Vec<redis::Clie
         Target::Cluster(nodes) => {
             let clients = nodes
                 .iter()
-                .map(|n| redis::Client::open(n.as_str()))
+                .map(|n| tls.client(n))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| backend("redis_cluster_nodes", e))?;
-            let cluster = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+            let cluster = tls
+                .cluster(nodes.iter().map(String::as_str))
                 .build()
                 .map_err(|e| backend("redis_cluster_nodes", e))?;
             let conn = cluster
