@@ -265,9 +265,10 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         Some(path) => format!("parsing {}", path.display()),
         None => "parsing configuration".into(),
     })?;
+    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
     for (key, value) in std::env::vars() {
         if let Some(rest) = key.strip_prefix(ENV_PREFIX) {
-            apply_override(&mut table, rest, &value)
+            apply_override(&mut table, &defaults, rest, &value)
                 .with_context(|| format!("environment variable {key}"))?;
         }
     }
@@ -278,15 +279,34 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn apply_override(table: &mut toml::Table, path: &str, value: &str) -> anyhow::Result<()> {
+/// Sets the key `path` (`SECTION__KEY`, any case) of `table` to `value`, read as TOML (a
+/// number, a list, a quoted string…), or as the plain string it is when it does not read
+/// as TOML or when the key's default (in `defaults`) is a string: a password or token of
+/// digits only stays a string.
+fn apply_override(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    path: &str,
+    value: &str,
+) -> anyhow::Result<()> {
     let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
     if keys.iter().any(String::is_empty) {
         bail!("empty key segment in {path:?}");
     }
-    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+    let mut default = Some(defaults);
+    for key in &keys[..keys.len() - 1] {
+        default = default.and_then(|t| t.get(key)).and_then(toml::Value::as_table);
+    }
+    let wants_string =
+        matches!(default.and_then(|t| t.get(&keys[keys.len() - 1])), Some(toml::Value::String(_)));
+    let parsed = match toml::from_str::<toml::Table>(&format!("v = {value}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+    {
+        Some(quoted @ toml::Value::String(_)) => quoted,
+        Some(other) if !wants_string => other,
+        _ => toml::Value::String(value.to_owned()),
+    };
     let (last, parents) = keys.split_last().expect("at least one key");
     let mut current = table;
     for key in parents {
@@ -306,7 +326,7 @@ fn validate(config: &Config) -> Result<(), ferrule_net::ConfigError> {
     config.ops.validate()?;
     config.messaging.validate()?;
     config.registry.validate()?;
-    config.cluster.validate(&config.messaging.backend)?;
+    config.cluster.validate(&config.messaging)?;
     config.adapters.http.validate()?;
     config.adapters.mqtt.validate()?;
     config.adapters.coap.validate()?;
@@ -367,12 +387,21 @@ mod tests {
     #[test]
     fn overrides() {
         let mut table = toml::Table::new();
-        apply_override(&mut table, "MESSAGING__LISTEN", "127.0.0.1:5999").unwrap();
-        apply_override(&mut table, "MESSAGING__QUEUE_MAX_DEPTH", "7").unwrap();
-        apply_override(&mut table, "MESSAGING__SASL__USERS", r#"[{username="a@t", password="p"}]"#)
-            .unwrap();
-        apply_override(&mut table, "DATA_DIR", "/tmp/x").unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let mut set = |path, value| apply_override(&mut table, &defaults, path, value).unwrap();
+        set("MESSAGING__LISTEN", "127.0.0.1:5999");
+        set("MESSAGING__QUEUE_MAX_DEPTH", "7");
+        set("MESSAGING__SASL__USERS", r#"[{username="a@t", password="p"}]"#);
+        set("DATA_DIR", "/tmp/x");
+        // Secrets of digits only, or that read as TOML booleans, stay strings; a quoted
+        // value is its string (as the runbook once asked for).
+        set("CLUSTER__PEER_PASSWORD", "1234567890123456789");
+        set("COMMANDS__REQUEST_ID_KEY", "true");
+        set("MESSAGING__BACKEND__PASSWORD", r#""0042""#);
         let config: Config = toml::Value::Table(table).try_into().unwrap();
+        assert_eq!(config.cluster.peer_password, "1234567890123456789");
+        assert_eq!(config.commands.request_id_key, "true");
+        assert_eq!(config.messaging.backend.password, "0042");
         assert_eq!(config.messaging.listen.port(), 5999);
         assert_eq!(config.messaging.queue_max_depth, 7);
         assert_eq!(config.messaging.sasl.users[0].username, "a@t");
@@ -383,7 +412,7 @@ mod tests {
     fn every_section_names_its_bad_key() {
         assert_eq!(validate(&Config::default()), Ok(()));
         type Spoil = fn(&mut Config);
-        let cases: [(Spoil, &str); 10] = [
+        let cases: [(Spoil, &str); 11] = [
             (|c| c.ops.max_connections = 0, "ops.max_connections"),
             (|c| c.messaging.max_frame_size = 100, "messaging.max_frame_size"),
             (|c| c.messaging.connection_rate_per_ip = 0.0, "messaging.connection_rate_per_ip"),
@@ -409,6 +438,14 @@ mod tests {
                     c.cluster.redis_tls_ca_file = Some("/nonexistent/ca.pem".into());
                 },
                 "cluster.redis_tls_ca_file",
+            ),
+            (
+                // TLS between instances without the AMQP TLS listener.
+                |c| {
+                    c.cluster.peer_password = "a-peer-password-of-length".into();
+                    c.cluster.peer_tls_ca_file = Some("/etc/hostname".into());
+                },
+                "cluster.peer_tls_ca_file",
             ),
         ];
         for (spoil, key) in cases {

@@ -186,14 +186,22 @@ impl Platform {
         );
         let commands = match &redis {
             Some(redis) if !peer_password.is_empty() => {
-                let bound = amqp.as_ref().map(|a| a.listeners().local_addr());
-                let advertise = advertised(config, bound)?;
+                let peer_tls = config.cluster.peer_tls_ca_file.clone();
+                let bound = amqp.as_ref().and_then(|a| match peer_tls {
+                    Some(_) => a.listeners().local_tls_addr(),
+                    None => Some(a.listeners().local_addr()),
+                });
+                let mut advertise = advertised(config, bound)?;
+                if peer_tls.is_some() {
+                    advertise = format!("amqps://{advertise}");
+                }
                 let commands = ClusterCommands::start(
                     redis.clone(),
                     broker.clone(),
                     &advertise,
                     peer_password,
                     config.messaging.backend.outcome_timeout,
+                    peer_tls,
                 )
                 .await?;
                 router.set_cluster(Arc::new(commands.clone()));

@@ -26,6 +26,9 @@ struct CommandsInner {
     broker: ferrule_messaging::Broker,
     password: String,
     outcome_timeout: Duration,
+    /// `[cluster] peer_tls_ca_file`: other instances are reached only over TLS, verified
+    /// against it (`None`: over whatever they announced).
+    peer_tls: Option<std::path::PathBuf>,
     /// instance → (its advertised AMQP address, when read).
     addresses: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// advertised address → relay.
@@ -36,7 +39,9 @@ struct CommandsInner {
 pub const PEER_USER: &str = "ferrule-peer@*";
 
 impl ClusterCommands {
-    /// Announces this instance at `advertise` and routes commands through `leases`.
+    /// Announces this instance at `advertise` (`HOST:PORT`, or `amqps://HOST:PORT` for its
+    /// TLS listener) and routes commands through `leases`; with `peer_tls`, only to
+    /// instances that announced a TLS listener, verified against those CA certificates.
     ///
     /// # Errors
     /// Redis refused the announcement.
@@ -46,6 +51,7 @@ impl ClusterCommands {
         advertise: &str,
         password: &str,
         outcome_timeout: Duration,
+        peer_tls: Option<std::path::PathBuf>,
     ) -> anyhow::Result<Self> {
         let announce =
             redis::cmd("HSET").arg(INSTANCES_KEY).arg(&leases.instance).arg(advertise).clone();
@@ -55,6 +61,7 @@ impl ClusterCommands {
             broker,
             password: password.to_owned(),
             outcome_timeout,
+            peer_tls,
             addresses: Default::default(),
             relays: Default::default(),
         })))
@@ -87,6 +94,15 @@ impl CommandsInner {
             }
         };
         let address = address?;
+        if self.peer_tls.is_some() && !address.starts_with("amqps://") {
+            metrics::counter!("ferrule_cluster_peer_refused_total").increment(1);
+            tracing::warn!(
+                instance,
+                "not handing commands to an instance that announced a plain AMQP address: \
+                 [cluster] peer_tls_ca_file asks for TLS between instances"
+            );
+            return None;
+        }
         self.addresses
             .lock()
             .expect("poisoned")
@@ -99,9 +115,15 @@ impl CommandsInner {
         relays
             .entry(address.to_owned())
             .or_insert_with(|| {
+                let (url, tls_ca_file) = if address.starts_with("amqps://") {
+                    (address.to_owned(), self.peer_tls.clone())
+                } else {
+                    (format!("amqp://{address}"), None)
+                };
                 let config = ferrule_messaging::BackendConfig {
                     kind: ferrule_messaging::BackendKind::Amqp,
-                    urls: vec![format!("amqp://{address}")],
+                    urls: vec![url],
+                    tls_ca_file,
                     username: PEER_USER.into(),
                     password: self.password.clone(),
                     addresses: ferrule_messaging::AddressScheme::Hono,

@@ -42,6 +42,12 @@ pub struct ClusterConfig {
     /// every instance, at least 16 characters. Empty: commands are routed only to devices
     /// connected to the instance the application sends them to.
     pub peer_password: String,
+    /// Instances hand each other commands over TLS: this instance announces its AMQP TLS
+    /// listener (`[messaging] listen_tls` with `[messaging.tls]`; `advertise` then names
+    /// that listener) and verifies the other instances' certificates, and the names they
+    /// announce, against the CA certificates of this PEM file; it hands nothing to an
+    /// instance that announced a plain address. Default: none (plain AMQP between instances).
+    pub peer_tls_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +75,7 @@ impl Default for ClusterConfig {
             roles: vec![Role::Devices, Role::Applications, Role::Management],
             advertise: String::new(),
             peer_password: String::new(),
+            peer_tls_ca_file: None,
         }
     }
 }
@@ -86,6 +93,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("roles", &self.roles)
             .field("advertise", &self.advertise)
             .field("peer_password", &"<redacted>")
+            .field("peer_tls_ca_file", &self.peer_tls_ca_file)
             .finish()
     }
 }
@@ -97,8 +105,9 @@ impl ClusterConfig {
     /// The first bad key.
     pub fn validate(
         &self,
-        backend: &ferrule_messaging::BackendConfig,
+        messaging: &ferrule_messaging::MessagingConfig,
     ) -> Result<(), ferrule_net::ConfigError> {
+        let backend = &messaging.backend;
         let bad =
             |key: &str, problem: &str| Err(ferrule_net::ConfigError::new("cluster", key, problem));
         if self.roles.is_empty() {
@@ -112,6 +121,22 @@ impl ClusterConfig {
         }
         if !self.peer_password.is_empty() && self.peer_password.len() < 16 {
             return bad("peer_password", "must be at least 16 characters");
+        }
+        if let Some(ca) = &self.peer_tls_ca_file {
+            if self.peer_password.is_empty() {
+                return bad("peer_tls_ca_file", "needs peer_password (commands between instances)");
+            }
+            if !messaging.tls.enabled() {
+                return bad(
+                    "peer_tls_ca_file",
+                    "needs the AMQP TLS listener ([messaging.tls] cert and key), which the \
+                     other instances connect to",
+                );
+            }
+            let pem = std::fs::read(ca).unwrap_or_default();
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return bad("peer_tls_ca_file", "cannot be read or holds no PEM certificate");
+            }
         }
         if !self.advertise.is_empty() && !valid_host_port(&self.advertise) {
             return bad("advertise", "must be HOST:PORT");
@@ -186,6 +211,11 @@ advertise = ""
 # The secret instances present to each other (same everywhere, >= 16 characters). Empty:
 # a command reaches a device only through the instance the device is connected to.
 peer_password = ""
+# Commands between instances over TLS: each instance announces its AMQP TLS listener
+# ([messaging] listen_tls with [messaging.tls]; advertise then names that listener) and
+# verifies the others' certificates against the CA certificates of this PEM file (their
+# certificates must name the advertised host).
+# peer_tls_ca_file = "/etc/ferrule/peer-ca.pem"
 
 "#;
 

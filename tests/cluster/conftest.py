@@ -47,6 +47,7 @@ instance_id = "{instance}"
 peer_password = "cluster-test-peer-secret"
 redis_urls = {redis}
 roles = {roles}
+{cluster_extra}
 [registry]
 listen = "127.0.0.1:0"
 storage = "redis"
@@ -115,7 +116,7 @@ class Instance:
     """One `ferrule serve` in cluster mode."""
 
     def __init__(self, data_dir: Path, name: str, backend: str, prefix: str, roles=None, extra="", users=(),
-                 registry_extra=""):
+                 registry_extra="", cluster_extra=""):
         self.data_dir = data_dir
         self.name = name
         self.prefix = prefix
@@ -133,6 +134,7 @@ class Instance:
                 app_password=APP_PASSWORD,
                 more_users="".join(f', {{ username = "{u}", password = "{p}" }}' for u, p in users),
                 registry_extra=registry_extra,
+                cluster_extra=cluster_extra,
             )
             + backend
             + extra
@@ -200,12 +202,12 @@ def cluster(brokers, tmp_path):
     started = []
     prefix = f"ferrule-test-{uuid.uuid4().hex[:8]}"
 
-    def make(n=3, backend=None, roles=None, extra="", users=(), registry_extra=""):
+    def make(n=3, backend=None, roles=None, extra="", users=(), registry_extra="", cluster_extra=""):
         backend = backend if backend is not None else RABBIT_BACKEND.format(amqp=RABBIT_AMQP, http=RABBIT_HTTP)
         instances = []
         for _ in range(n):
             i = Instance(tmp_path / f"i{len(started) + 1}", f"i{len(started) + 1}", backend, prefix, roles, extra, users,
-                         registry_extra)
+                         registry_extra, cluster_extra)
             started.append(i)
             instances.append(i.start())
         return instances

@@ -2,6 +2,7 @@
 devices connected to others (MQTT via paho-mqtt, HTTP via curl, CoAP via libcoap's
 coap-client, a gateway), and gets their responses, which may come back through yet
 another instance."""
+import re
 import subprocess
 import time
 import uuid
@@ -14,6 +15,7 @@ from amqp_client import Collector, connect
 from conftest import TOKEN, unique_tenant
 from registry_client import Registry
 from test_commands import MqttDevice
+from tls_support import make_pki
 
 PSK = "coap-secret-key"
 RELEASED = 0x26
@@ -171,3 +173,39 @@ def test_deferred_commands_survive_killing_the_instance_that_kept_them(three):
     time.sleep(1)
     assert again.received == []
     again.close()
+
+
+def test_commands_between_instances_go_over_verified_tls(cluster, tmp_path):
+    """With [cluster] peer_tls_ca_file, instances announce their AMQP TLS listener and hand
+    each other commands over TLS, verifying the certificate against that CA: an application
+    on instance 1 commands a device on instance 2 (request/response); a third instance whose
+    certificate another CA signed is not trusted, and a command for its device is not
+    delivered (the application gets a failed outcome, not an acceptance)."""
+    good, other = make_pki(tmp_path / "pki"), make_pki(tmp_path / "other-pki")
+    tls = lambda pki: f'\n[messaging.tls]\ncert = "{pki["cert"]}"\nkey = "{pki["key"]}"\n'  # noqa: E731
+    trust = f'peer_tls_ca_file = "{good["ca"]}"'
+    i1, i2 = cluster(2, extra=tls(good), cluster_extra=trust)
+    (i3,) = cluster(1, extra=tls(other), cluster_extra=trust)
+    for i in (i1, i2, i3):
+        log = re.sub(r"\x1b\[[0-9;]*m", "", i.log_text())
+        assert "advertise=amqps://127.0.0.1:" in log, "each announces its TLS listener"
+    tenant = unique_tenant()
+    reg = Registry(i1.registry_url, TOKEN)
+    reg.tenant(tenant)
+    reg.device(tenant, "mq", password="pw1")
+    reg.device(tenant, "far", password="pw1")
+    app = App(i1, tenant)
+    try:
+        mq = MqttDevice(i2, f"mq@{tenant}", "pw1", "command///req/#")
+        app.request_when_taken("mq", "setVolume", b"v1", "tls-1")
+        reply = app.reply("tls-1")
+        assert reply.properties["status"] == 200 and bytes(reply.body) == b"re: v1"
+        mq.close()
+
+        far = MqttDevice(i3, f"far@{tenant}", "pw1", "command///req/#")
+        with pytest.raises(SendException):
+            app.sender.send(app.message("far", "setVolume", b"v2", "tls-2"))
+        assert not far.received, "nothing reached a device behind an untrusted instance"
+        far.close()
+    finally:
+        app.close()
