@@ -55,3 +55,53 @@ async fn old_layout_keys_are_moved_at_connect() {
     let again = RedisStore::connect(&redis.url(), p).await.unwrap();
     assert!(again.get_tenant(&TenantId::new("late").unwrap()).await.unwrap().is_none());
 }
+
+/// The shared password verifiers (`P:{T}:v`) go with the credentials they were made for:
+/// replacing a device's credentials drops its hashed-password auth-ids' entries (not those
+/// of other devices), deleting the device or all devices of the tenant drops the rest.
+#[tokio::test]
+async fn shared_verifiers_go_with_their_credentials() {
+    use http::{Method, StatusCode};
+    use serde_json::json;
+
+    let redis = RedisServer::start().await;
+    let p = "ferrule:test";
+    let store: std::sync::Arc<dyn RegistryStore> =
+        std::sync::Arc::new(RedisStore::connect(&redis.url(), p).await.unwrap());
+    let registry = support::TestRegistry::with_store(store.clone(), support::test_config()).await;
+    let c = registry.client();
+    let call = |method: Method, path: String, body: Option<serde_json::Value>, status| {
+        let c = c.clone();
+        async move {
+            let r = c.request(method.clone(), &path, body.as_ref(), None).await.unwrap();
+            assert_eq!(r.status, status, "{method} {path}: {}", String::from_utf8_lossy(&r.body));
+        }
+    };
+    let password = |auth_id: &str| json!([{"type": "hashed-password", "auth-id": auth_id, "secrets": [{"pwd-plain": "pw-0123456789"}]}]);
+    call(Method::POST, "/v1/tenants/tv".into(), None, StatusCode::CREATED).await;
+    for d in ["d1", "d2", "d3"] {
+        call(Method::POST, format!("/v1/devices/tv/{d}"), None, StatusCode::CREATED).await;
+        let creds = Some(password(&format!("{d}-user")));
+        call(Method::PUT, format!("/v1/credentials/tv/{d}"), creds, StatusCode::NO_CONTENT).await;
+    }
+    let t = TenantId::new("tv").unwrap();
+    let verifiers = || async {
+        let mut kept = Vec::new();
+        for a in ["d1-user", "d2-user", "d3-user"] {
+            if store.get_verifier(&t, a).await.unwrap().is_some() {
+                kept.push(a);
+            }
+        }
+        kept
+    };
+    for a in ["d1-user", "d2-user", "d3-user"] {
+        store.put_verifier(&t, a, b"key-id-and-mac").await.unwrap();
+    }
+    let d1_new = Some(password("d1-other"));
+    call(Method::PUT, "/v1/credentials/tv/d1".into(), d1_new, StatusCode::NO_CONTENT).await;
+    assert_eq!(verifiers().await, ["d2-user", "d3-user"], "d1's old auth-id's verifier went");
+    call(Method::DELETE, "/v1/devices/tv/d2".into(), None, StatusCode::NO_CONTENT).await;
+    assert_eq!(verifiers().await, ["d3-user"], "d2's verifier went with the device");
+    store.delete_devices_of_tenant(&t).await.unwrap();
+    assert!(verifiers().await.is_empty(), "none left after all devices went");
+}

@@ -6,7 +6,8 @@
 //! - `P:{T}:c`: hash device id -> credentials record;
 //! - `P:{T}:i`: hash `{type}\n{auth-id}` -> device id (credentials look-up index);
 //! - `P:{T}:v`: hash auth-id -> password verifier (key id and HMAC, see
-//!   [`crate::verifiers`]; only with `[registry] verifier_key_file`);
+//!   [`crate::verifiers`]; only with `[registry] verifier_key_file`); an auth-id's entry
+//!   goes with its hashed-password credentials (replaced or deleted), all with the tenant;
 //! - `P:tenants`: set of tenant ids (for listing);
 //! - `P:ca-guard`: the trusted-CA guard (below);
 //! - `P:layout`: marks a single-server store whose keys were moved to this layout;
@@ -394,7 +395,8 @@ impl RegistryStore for RedisStore {
         id: &DeviceId,
         if_match: Option<&str>,
     ) -> Result<(), StoreError> {
-        let mut script = self.inner.scripts.delete_device.key(self.keys(tenant, &["d", "c", "i"]));
+        let mut script =
+            self.inner.scripts.delete_device.key(self.keys(tenant, &["d", "c", "i", "v"]));
         script.arg(id.as_str()).arg(want(if_match));
         self.write(&script, Change::Device(tenant.clone(), id.clone())).await
     }
@@ -417,7 +419,7 @@ impl RegistryStore for RedisStore {
     }
 
     async fn delete_devices_of_tenant(&self, tenant: &TenantId) -> Result<(), StoreError> {
-        let keys = self.keys(tenant, &["t", "d", "c", "i"]);
+        let keys = self.keys(tenant, &["t", "d", "c", "i", "v"]);
         let script = self.inner.scripts.delete_devices.key(keys);
         self.write(&script, Change::Tenant(tenant.clone())).await
     }
@@ -440,7 +442,8 @@ impl RegistryStore for RedisStore {
         let fields: Vec<String> =
             index_keys(credentials)?.iter().map(|(t, a)| index_field(*t, a)).collect();
         let (version, rec) = new_record(&credentials)?;
-        let mut script = self.inner.scripts.set_credentials.key(self.keys(tenant, &["c", "i"]));
+        let mut script =
+            self.inner.scripts.set_credentials.key(self.keys(tenant, &["c", "i", "v"]));
         script.arg(device.as_str()).arg(want(if_match)).arg(rec).arg(fields);
         self.write(&script, Change::Device(tenant.clone(), device.clone())).await?;
         Ok(version)

@@ -28,13 +28,19 @@ local function current(field, want)
   if not vmatch(cur, want) then return nil, 'mismatch' end
   return cur
 end
-local function drop_index(ikey, credrec, dev)
+-- Drops the index entries of the credentials record `credrec` of device `dev`, and the
+-- shared password verifiers (hash `vkey`) of its hashed-password auth-ids: a verifier is
+-- bound to the hash record it was made for, so after a change it only takes room.
+local function drop_index(ikey, credrec, dev, vkey)
   local creds = cjson.decode(credrec)['value']
   for _, c in ipairs(creds) do
     local a = c['auth-id']
     if type(a) ~= 'string' then a = '' end
     local f = c['type'] .. '\n' .. a
-    if redis.call('HGET', ikey, f) == dev then redis.call('HDEL', ikey, f) end
+    if redis.call('HGET', ikey, f) == dev then
+      redis.call('HDEL', ikey, f)
+      if c['type'] == 'hashed-password' then redis.call('HDEL', vkey, a) end
+    end
   end
 end
 "#;
@@ -78,23 +84,23 @@ if refused then return refused end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 "#;
 
-/// KEYS: d, c, i. ARGV: device, want.
+/// KEYS: d, c, i, v. ARGV: device, want.
 const DELETE_DEVICE: &str = r#"
 local _, refused = current(ARGV[1], ARGV[2])
 if refused then return refused end
 local creds = redis.call('HGET', KEYS[2], ARGV[1])
-if creds then drop_index(KEYS[3], creds, ARGV[1]) end
+if creds then drop_index(KEYS[3], creds, ARGV[1], KEYS[4]) end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 "#;
 
-/// KEYS: t, d, c, i.
+/// KEYS: t, d, c, i, v.
 const DELETE_DEVICES: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'notfound' end
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
 "#;
 
-/// KEYS: c, i. ARGV: device, want, record, index fields...
+/// KEYS: c, i, v. ARGV: device, want, record, index fields...
 const SET_CREDENTIALS: &str = r#"
 local cur, refused = current(ARGV[1], ARGV[2])
 if refused then return refused end
@@ -102,7 +108,7 @@ for i = 4, #ARGV do
   local owner = redis.call('HGET', KEYS[2], ARGV[i])
   if owner and owner ~= ARGV[1] then return 'conflict' end
 end
-drop_index(KEYS[2], cur, ARGV[1])
+drop_index(KEYS[2], cur, ARGV[1], KEYS[3])
 for i = 4, #ARGV do redis.call('HSET', KEYS[2], ARGV[i], ARGV[1]) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 "#;
