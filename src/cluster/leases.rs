@@ -242,4 +242,112 @@ mod tests {
     fn lease_keys_hash_by_tenant() {
         assert_eq!(lease_key("telemetry/t1"), "ferrule:{t1}:consumers:telemetry/t1");
     }
+
+    /// A CA and a server certificate for 127.0.0.1 it signed, as PEM files in `dir`.
+    fn pki(dir: &std::path::Path) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(DnType::CommonName, "lease test CA");
+        let ca = ca.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        server.distinguished_name.push(DnType::CommonName, "127.0.0.1");
+        let cert = server.signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    }
+
+    /// A redis-server serving TLS only, on a port below the ephemeral range (tried until
+    /// one is free), killed on drop.
+    struct TlsRedis(std::process::Child, u16);
+
+    impl TlsRedis {
+        async fn start(dir: &std::path::Path) -> Self {
+            let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+            let base = 28_000 + (std::process::id() % 900) as u16;
+            for port in base..base + 20 {
+                if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                    continue;
+                }
+                let mut child = std::process::Command::new("redis-server")
+                    .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args([
+                        "--tls-cert-file",
+                        &file("server.pem"),
+                        "--tls-key-file",
+                        &file("server.key"),
+                    ])
+                    .args(["--tls-ca-cert-file", &file("ca.pem"), "--tls-auth-clients", "no"])
+                    .args(["--save", "", "--appendonly", "no", "--dir", &file("")])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .expect("redis-server on PATH (apt-get install redis-server)");
+                for _ in 0..100 {
+                    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                        return Self(child, port);
+                    }
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break; // the port was taken meanwhile: try the next
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            panic!("no TLS redis-server could start on ports {base}..{}", base + 20);
+        }
+    }
+
+    impl Drop for TlsRedis {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Leases over TLS to Redis (`rediss://` and `redis_tls_ca_file`): a lease held is
+    /// seen and gone once let go; without the CA (the system's roots) the server is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leases_over_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        pki(dir.path());
+        let redis = TlsRedis::start(dir.path()).await;
+        let mut config = ClusterConfig {
+            redis_urls: vec![format!("rediss://127.0.0.1:{}/", redis.1)],
+            redis_mode: RedisMode::Single,
+            redis_tls_ca_file: Some(dir.path().join("ca.pem")),
+            ..Default::default()
+        };
+        let stop = CancellationToken::new();
+        let leases =
+            RedisLeases::start(&config, "i1", stop.clone()).await.expect("TLS with the CA");
+        let key = lease_key("telemetry/t1");
+        let guard = leases.hold(key.clone(), "i1".into());
+        let members = || async { leases.members(&key).await.unwrap() };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while members().await.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the lease was never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(members().await, ["i1"]);
+        drop(guard);
+        while !members().await.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the lease was never removed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.cancel();
+
+        config.redis_tls_ca_file = None;
+        let untrusted = tokio::time::timeout(
+            Duration::from_secs(30),
+            RedisLeases::start(&config, "i2", CancellationToken::new()),
+        )
+        .await
+        .expect("a refused certificate fails, it does not hang");
+        assert!(untrusted.is_err(), "the system's roots do not trust the private CA");
+    }
 }
