@@ -354,6 +354,36 @@ def test_coap_client_psk_and_unauthenticated(provisioned):
     conn.close()
 
 
+def test_plain_coap_follows_registry_changes_at_once(provisioned):
+    """Plain CoAP requests (libcoap's coap-client, unauthenticated) share one registry memo
+    (an unauthenticated device's decision does not depend on its sender); every registry
+    change ends it: a disabled device, then a tenant that no longer takes unauthenticated
+    devices, are refused within 0.5 s (less than the memo's lifetime)."""
+    p, reg = provisioned
+    reg.device("t1", "u1")
+    reg.device("t1", "u2")
+
+    def put(device):
+        res = run(["coap-client-notls", "-m", "put", "-t", "text/plain", "-e", "e", "-B", "5",
+                   f"coap://{coap_addr(p, 'coap')}/event/t1/{device}"])
+        out = res.stdout + res.stderr
+        return "refused" if "4.0" in out else ("ok" if res.returncode == 0 else out)
+
+    def refused_soon(device):
+        deadline = time.time() + 0.5
+        while (answer := put(device)) == "ok":
+            assert time.time() < deadline, f"{device} still accepted 0.5 s after the change"
+        assert answer == "refused", answer
+
+    for _ in range(3):
+        assert (put("u1"), put("u2")) == ("ok", "ok")
+    reg.set_device_enabled("t1", "u1", False)
+    refused_soon("u1")
+    assert put("u2") == "ok", "another device is still accepted"
+    reg.call("PUT", "/v1/tenants/t1", {"enabled": True})  # unauthenticated devices no longer allowed
+    refused_soon("u2")
+
+
 # --- Tenant adapter lists (issue 17) -------------------------------------------------
 
 def test_a_tenant_adapter_list_is_enforced_on_every_adapter(platform):

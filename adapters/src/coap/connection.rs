@@ -272,7 +272,7 @@ pub(super) fn dispatch(
         let (packet, last_block) = match unchecked_first {
             None => (packet, last_block),
             Some(block) => {
-                if let Err(failure) = shared.may_upload_unauthenticated(&packet).await {
+                if let Err(failure) = shared.may_upload_unauthenticated(&session, &packet).await {
                     tracing::debug!(?failure, "CoAP block-wise upload refused at its first block");
                     return answer(shared.failure_response(&packet, failure)).await;
                 }
@@ -341,7 +341,7 @@ impl Exchange<'_> {
         finish: impl Fn(Packet) -> Option<Bytes>,
     ) {
         let ack_by = tokio::time::Instant::now() + SEPARATE_RESPONSE_AFTER;
-        let handling = shared.handle(self.session.identity.as_ref(), packet);
+        let handling = shared.handle(self.session, packet);
         let mut handling = std::pin::pin!(handling);
         let handled = if self.confirmable {
             // Biased: a request answered at once never arms the timer.
@@ -537,6 +537,7 @@ pub(super) async fn serve_udp(
         exchanges: Mutex::new(exchanges),
         assemblies: Mutex::new(assemblies),
         confirmations: Mutex::default(),
+        memo: Default::default(),
     });
     let replies = Arc::new(ReplyBudget::new(shared.config.reply_rate_per_ip));
     let mut buf = vec![0u8; MAX_DATAGRAM];

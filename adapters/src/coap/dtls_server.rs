@@ -355,6 +355,7 @@ pub(super) async fn run_session(
         exchanges: Mutex::new(exchanges),
         assemblies: Mutex::new(assemblies),
         confirmations: Mutex::default(),
+        memo: Default::default(),
     });
     let reply = Reply::Dtls { session: session.clone(), socket: link.socket.clone(), peer };
     let max_request = config.max_payload + HEADER_ROOM;

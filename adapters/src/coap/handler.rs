@@ -15,8 +15,9 @@ use ferrule_command_control::{Command, CommandRouter, RespondError};
 use super::config::{CoapConfig, ADAPTER};
 use super::dtls;
 use super::mapping::{self, MappingError};
+use super::session::Session;
 use crate::device::AdapterAccess;
-use crate::device::{AuthError, DeviceIdentity, DeviceRegistry};
+use crate::device::{AuthError, DeviceRegistry};
 use crate::door::{self, Standing};
 use crate::downstream::{Downstream, Upload, UploadError};
 use crate::poll::{self, Confirmation};
@@ -169,12 +170,8 @@ impl Shared {
     }
 
     /// Processes one request: the response to send, or a wait for a command.
-    pub(super) async fn handle(
-        &self,
-        identity: Option<&DeviceIdentity>,
-        mut request: Packet,
-    ) -> Handled {
-        match self.accept(identity, &mut request).await {
+    pub(super) async fn handle(&self, from: &Session, mut request: Packet) -> Handled {
+        match self.accept(from, &mut request).await {
             Ok(None) => Handled::Done(self.response(&request, ResponseType::Changed)),
             Ok(Some(wait)) => Handled::Poll(Box::new(Poll { request, wait })),
             Err(failure) => {
@@ -184,21 +181,26 @@ impl Shared {
         }
     }
 
-    /// Who the request acts for: `(tenant, device, via_gateway)`. A DTLS session outlives
-    /// registry changes, so its device (or gateway) is checked again on every request (the
-    /// registry caches): one disabled while its session lasts is cut off promptly.
+    /// Who a request from the session `from` acts for: `(tenant, device, via_gateway)`. A
+    /// DTLS session outlives registry changes, so its device (or gateway) is checked again
+    /// on every request; the session's memo answers while the registry saw no change (see
+    /// `door::Memo`; the plain-UDP session's memo serves every unauthenticated device, whose
+    /// decisions do not depend on the sender).
     pub(super) async fn authorize(
         &self,
-        identity: Option<&DeviceIdentity>,
+        from: &Session,
         target: Option<(String, String)>,
     ) -> Result<(String, String, bool, AdapterAccess), Failure> {
+        let identity = from.identity.as_ref();
         if identity.is_none() && !self.config.allow_unauthenticated {
             return Err(Failure::NoCredentials);
         }
         let (tenant, device) = target.unzip();
         let names = (tenant.as_deref(), device.as_deref());
+        let registry = self.registry.as_ref();
+        let memo = Some(&from.memo);
         let (target, access) =
-            door::admit(self.registry.as_ref(), ADAPTER, identity, names, Standing::Session)
+            door::admit_memo(registry, ADAPTER, identity, names, Standing::Session, memo)
                 .await
                 .map_err(|e| e.auth_error().map_or(Failure::NoCredentials, Failure::Auth))?;
         let via_gateway = target.via_gateway();
@@ -208,12 +210,16 @@ impl Shared {
 
     /// For a request without a DTLS identity: whether its target device may upload
     /// unauthenticated (the same checks as for the whole request, without the body).
-    pub(super) async fn may_upload_unauthenticated(&self, packet: &Packet) -> Result<(), Failure> {
+    pub(super) async fn may_upload_unauthenticated(
+        &self,
+        from: &Session,
+        packet: &Packet,
+    ) -> Result<(), Failure> {
         let target = match mapping::command_response(packet).map_err(Failure::Mapping)? {
             Some(answer) => answer.target,
             None => mapping::request(packet).map_err(Failure::Mapping)?.route.target,
         };
-        self.authorize(None, target).await.map(drop)
+        self.authorize(from, target).await.map(drop)
     }
 
     /// Decides and sends; takes the payload out of `packet` (the answer needs only its
@@ -221,17 +227,18 @@ impl Shared {
     /// command.
     pub(super) async fn accept(
         &self,
-        identity: Option<&DeviceIdentity>,
+        from: &Session,
         packet: &mut Packet,
     ) -> Result<Option<Wait>, Failure> {
+        let identity = from.identity.as_ref();
         if let Some(answer) = mapping::command_response(packet).map_err(Failure::Mapping)? {
-            self.respond(identity, answer, packet).await?;
+            self.respond(from, answer, packet).await?;
             return Ok(None);
         }
         let request = mapping::request(packet).map_err(Failure::Mapping)?;
         let timed = self.downstream.tracing().then(ferrule_net::trace::now_ns);
         let (tenant, device_id, via_gateway, access) =
-            self.authorize(identity, request.route.target).await?;
+            self.authorize(from, request.route.target).await?;
         let lookup_ns = timed.map(|start| (start, ferrule_net::trace::now_ns()));
         let ttd = request
             .ttd
@@ -280,12 +287,12 @@ impl Shared {
     /// `POST /command_response/REQ-ID`, `PUT /command_response/TENANT/DEVICE/REQ-ID`.
     pub(super) async fn respond(
         &self,
-        identity: Option<&DeviceIdentity>,
+        from: &Session,
         answer: mapping::CommandResponse,
         packet: &mut Packet,
     ) -> Result<(), Failure> {
         let router = self.router.as_ref().ok_or(Failure::NoCommands)?;
-        let (tenant, device_id, ..) = self.authorize(identity, answer.target).await?;
+        let (tenant, device_id, ..) = self.authorize(from, answer.target).await?;
         let max = self.config.max_payload;
         if packet.payload.len() > max {
             return Err(Failure::Upload(UploadError::TooLarge { size: packet.payload.len(), max }));

@@ -303,6 +303,8 @@ pub struct Session {
     pub exchanges: Mutex<Exchanges>,
     pub assemblies: Mutex<Assemblies>,
     pub confirmations: Mutex<Confirmations>,
+    /// The session's last registry decisions (`door::Memo`).
+    pub memo: crate::door::Memo,
 }
 
 #[cfg(test)]
