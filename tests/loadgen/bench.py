@@ -43,7 +43,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 IDLE_SOURCES = ",".join(f"127.0.0.{i}" for i in range(2, 10))
 STORM_SOURCES = ",".join(f"127.0.0.{i}" for i in range(10, 18))
 
-SCENARIOS = ["qos0", "qos1", "events", "http", "coap", "idle", "storm", "restart", "commands", "flow", "peer", "overload",
+SCENARIOS = ["qos0", "qos1", "gateway", "events", "http", "coap", "idle", "storm", "restart", "commands", "flow", "peer", "overload",
              "isolation", "scaleout"]
 # Run only when named in --only (they take longer than the default set allows, or need more than Ferrule).
 OPT_IN = ["isolation", "scaleout"]
@@ -51,7 +51,7 @@ OPT_IN = ["isolation", "scaleout"]
 # rather than rewriting it when they are all that ran.
 MERGED = ["scaleout"]
 # Messages (requests, commands, devices) per run: (full mode, smoke mode); --scale multiplies the first.
-COUNTS = {"qos0": (200_000, 2_000), "qos1": (50_000, 1_000), "events": (100_000, 1_000), "http": (100_000, 1_000),
+COUNTS = {"qos0": (200_000, 2_000), "qos1": (50_000, 1_000), "gateway": (50_000, 1_000), "events": (100_000, 1_000), "http": (100_000, 1_000),
           "coap": (100_000, 1_000), "commands": (50_000, 500), "storm-devices": (100, 10),
           "restart-devices": (10_000, 100),
           "flow": (100_000, 2_000), "peer": (200_000, 2_000)}
@@ -60,6 +60,8 @@ COUNTS = {"qos0": (200_000, 2_000), "qos1": (50_000, 1_000), "events": (100_000,
 # `peer`) shows Mosquitto's QoS 1 figure still rising up to 16 publishers x 100 in flight
 # (8 x 16 under-drove it by about 10 %); QoS 0 is flat from 4 x 16 on.
 QOS1_SHAPE = (16, 100)
+# Gateway scenario: each publisher connection is a gateway publishing for this many devices in turn.
+GATEWAY_DEVICES = 16
 # Flow-control shapes (issue 18): (label, publisher connections, QoS 1 window each).
 FLOW_SHAPES = [("10x100", 10, 100), ("1000x1", 1000, 1)]
 FLOW_CREDITS = [1000, 100]
@@ -343,10 +345,11 @@ class Ferrule:
     peer = False
     label = "Ferrule"
 
-    def __init__(self, suite, name, devices=0, passwords=True, verifier_key=False):
+    def __init__(self, suite, name, devices=0, passwords=True, verifier_key=False, gateways=0):
         self.suite = suite
         self.name = name
         self.devices = devices
+        self.gateways = gateways
         self.passwords = passwords
         self.provisioned = False
         self.make_dirs(suite, name)
@@ -380,8 +383,9 @@ class Ferrule:
         wait_file(listeners, self.proc, 60)
         time.sleep(0.05)
         self.listeners = json.loads(listeners.read_text())
-        if self.devices and not self.provisioned:
+        if (self.devices or self.gateways) and not self.provisioned:
             self.provision(self.devices, self.passwords)
+            self.provision_gateways(self.gateways)
             self.provisioned = True
         return self
 
@@ -427,6 +431,20 @@ class Ferrule:
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             list(pool.map(one, range(devices)))
+        return self
+
+    def provision_gateways(self, gateways):
+        """Gateways gw0.. (password DEVICE_PASSWORD), each with GATEWAY_DEVICES devices gwN-dK
+        that name it in `via`."""
+        def one(i):
+            self.call("POST", f"/v1/devices/{TENANT}/gw{i}", {"enabled": True})
+            self.call("PUT", f"/v1/credentials/{TENANT}/gw{i}",
+                      [{"type": "hashed-password", "auth-id": f"gw{i}", "secrets": [{"pwd-plain": DEVICE_PASSWORD}]}])
+            for k in range(GATEWAY_DEVICES):
+                self.call("POST", f"/v1/devices/{TENANT}/gw{i}-d{k}", {"enabled": True, "via": [f"gw{i}"]})
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, range(gateways)))
         return self
 
     def metric(self, name, labels):
@@ -886,12 +904,17 @@ class Suite:
         return ["mqtt-sub", "--host", addrs["mqtt"], "--filter", "telemetry", "--qos", str(qos), "--expect", str(expect),
                 "--idle-timeout", "2" if self.smoke else "3", "--client-id", "lg-sub"]
 
-    def pub_args(self, addrs, server, qos, count, topic="telemetry", rate=None, shape=None):
+    def pub_args(self, addrs, server, qos, count, topic="telemetry", rate=None, shape=None, gateway=False):
         connections, window = shape or (self.args.connections, self.args.window)
+        if gateway:
+            topic = f"telemetry/{TENANT}/gw{{i}}-d{{k}}"
         a = ["mqtt-pub", "--host", addrs["mqtt"], "--connections", str(connections), "--qos", str(qos),
              "--count", str(count), "--size", str(self.args.size), "--topic", topic, "--window", str(window),
              "--client-id", "lg-pub-{i}"]
-        if not server.peer:
+        if gateway:
+            a += ["--topic-devices", str(GATEWAY_DEVICES), "--username", "gw{i}@" + TENANT, "--password", DEVICE_PASSWORD,
+                  "--devices", str(connections)]
+        elif not server.peer:
             a += ["--username", "dev{i}@" + TENANT, "--password", DEVICE_PASSWORD, "--devices", str(connections)]
         if rate:
             a += ["--rate", f"{rate:.0f}"]
@@ -903,7 +926,8 @@ class Suite:
             text = text.replace(v, PLACEHOLDERS.get(k, v))
         return re.sub(r" --ready-file \S+", "", text)
 
-    def mqtt_pair(self, key, server, qos, count, topic="telemetry", rate=None, warm=False, shape=None, credit=None):
+    def mqtt_pair(self, key, server, qos, count, topic="telemetry", rate=None, warm=False, shape=None, credit=None,
+                  gateway=False):
         """One run: publishers → server → AMQP application (Ferrule) or MQTT subscriber (peer).
         `shape`: (publisher connections, QoS 1 window) instead of the suite's; `credit`: the
         AMQP application's link credit (the MQTT subscriber has none)."""
@@ -913,7 +937,7 @@ class Suite:
         else:
             address = f"event/{TENANT}" if topic == "event" else f"telemetry/{TENANT}"
             receiver = self.recv_args(addrs, address, count, credit)
-        sender = self.pub_args(addrs, server, qos, count, topic, rate, shape)
+        sender = self.pub_args(addrs, server, qos, count, topic, rate, shape, gateway)
         if not warm:
             self.example(f"{key}/{server.label}", [self.display(["ferrule-loadgen"] + receiver, addrs),
                                                     self.display(["ferrule-loadgen"] + sender, addrs)])
@@ -1008,6 +1032,20 @@ class Suite:
                 self.series("qos1", side, count, run,
                             lambda i, run: f"qos1 {server.label} run {i}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms")
             self.with_server(make(), body)
+
+    def scenario_gateway(self):
+        """QoS 1 as in `qos1`, each publisher a gateway publishing for GATEWAY_DEVICES devices in
+        turn (`telemetry/bench/gwN-dK`): the registry checks per publish are for the device and
+        its gateway (`via`). Ferrule only: Mosquitto has no gateways."""
+        count = self.count("gateway")
+        shape = QOS1_SHAPE if self.args.window == 16 and self.args.connections == 8 else None
+        gateways = (shape or (self.args.connections,))[0]
+
+        def body(server):
+            run = lambda n, warm: self.mqtt_pair("gateway", server, 1, n, warm=warm, shape=shape, gateway=True)  # noqa: E731
+            self.series("gateway", "ferrule", count, run,
+                        lambda i, run: f"gateway {server.label} run {i}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms")
+        self.with_server(Ferrule(self, "gateway", gateways=gateways), body)
 
     def scenario_events(self):
         count = self.count("events")
@@ -1727,6 +1765,9 @@ def build_report(suite, elapsed):
         rows.append(("", "p50 / p99 ms (end to end)", f"{cell(vals('qos1', 'ferrule', 'p50'), 2)} / {cell(vals('qos1', 'ferrule', 'p99'), 2)}", "",
                      f"{cell(vals('qos1', 'peer', 'p50'), 2)} / {cell(vals('qos1', 'peer', 'p99'), 2)}" if ("qos1", "peer") in R else "—", ""))
         row("", "PUBACK p99 ms", "qos1", "puback_p99", 2, peer="")
+    if ("gateway", "ferrule") in R:
+        row(f"MQTT QoS 1 through gateways ({GATEWAY_DEVICES} devices each, in turn)", "msgs/s", "gateway", "rate")
+        row("", "PUBACK p99 ms", "gateway", "puback_p99", 2)
     if ("events", "ferrule") in R:
         row("events, durable, QoS 1 (MQTT `event` → event/bench)", "msgs/s", "events", "rate")
         row("", "PUBACK p99 ms (on disk)", "events", "puback_p99", 2)
@@ -1805,7 +1846,8 @@ def build_report(suite, elapsed):
 
     cpu_rows = []
     for key, label in [("iso-baseline", "isolation: tenant B alone"), ("iso-hostile", "isolation: B beside hostile A (loadgen: B's only)"),
-                       ("qos0", "MQTT QoS 0"), ("halfload", "QoS 0 at half load"), ("qos1", "MQTT QoS 1"), ("events", "events"),
+                       ("qos0", "MQTT QoS 0"), ("halfload", "QoS 0 at half load"), ("qos1", "MQTT QoS 1"),
+                       ("gateway", "MQTT QoS 1 via gateways"), ("events", "events"),
                        ("http", "HTTP"), ("coap-non", "CoAP NON"), ("coap-con", "CoAP CON"), ("storm", "connect storm"), ("restart", "restart storm"),
                        ("commands", "commands")]:
         if (key, "ferrule") in R:
@@ -1937,6 +1979,9 @@ def build_report(suite, elapsed):
     w(f"- Commands: {min(10, a.connections)} MQTT devices subscribed to `command///req/#` (QoS 1) answering every request on "
       f"`command///res/REQ-ID/200`, an AMQP application with 32 commands in flight, {suite.count('commands'):,} per run.")
     w("- Half load: the QoS 0 scenario paced at half the measured median throughput.")
+    w(f"- Gateways: the QoS 1 scenario's publishers and window, each publisher a gateway `gwN` publishing for its "
+      f"{GATEWAY_DEVICES} devices `gwN-dK` in turn (`telemetry/bench/gwN-dK`; the devices name the gateway in `via`). "
+      "Ferrule only.")
     if ("iso-hostile", "ferrule") in R:
         w("- Isolation (opt-in: `--only isolation`): see its section; one Ferrule for every run, each run a baseline "
           "phase then a hostile phase of the same length, after a 2 s warm-up of tenant B.")

@@ -146,9 +146,13 @@ pub struct PubArgs {
     /// Concurrent connections.
     #[arg(long, default_value_t = 8)]
     pub connections: usize,
-    /// Topic (template, `{i}` = connection index).
+    /// Topic (template, `{i}` = connection index, `{k}` = the device a gateway publishes
+    /// for, see `--topic-devices`).
     #[arg(long, default_value = "telemetry")]
     pub topic: String,
+    /// A gateway's devices: each connection publishes for `{k}` = 0, 1, … N-1 in turn.
+    #[arg(long, default_value_t = 1)]
+    pub topic_devices: usize,
     /// QoS 0 or 1.
     #[arg(long, default_value_t = 0)]
     pub qos: u8,
@@ -179,7 +183,9 @@ pub async fn run_pub(a: PubArgs) -> Result<()> {
     let mut tasks = Vec::new();
     for (i, (reader, writer)) in conns.into_iter().enumerate() {
         let job = Job {
-            topic: util::expand(&a.topic, i).into_bytes(),
+            topics: (0..a.topic_devices.max(1))
+                .map(|k| util::expand(&a.topic, i).replace("{k}", &k.to_string()).into_bytes())
+                .collect(),
             size: a.send.size,
             quota: a.send.amount.quota(n, i),
             deadline,
@@ -217,7 +223,8 @@ pub async fn run_pub(a: PubArgs) -> Result<()> {
 }
 
 struct Job {
-    topic: Vec<u8>,
+    /// Published to in turn (one topic unless a gateway's devices).
+    topics: Vec<Vec<u8>>,
     size: usize,
     quota: u64,
     deadline: Option<Instant>,
@@ -228,6 +235,11 @@ struct Job {
 }
 
 impl Job {
+    /// The topic of the `n`th message.
+    fn topic(&self, n: u64) -> &[u8] {
+        &self.topics[(n % self.topics.len() as u64) as usize]
+    }
+
     /// How many to send in the next batch (up to `max`), after waiting for the pace;
     /// 0 when done.
     async fn next_batch(&self, sent: u64, max: u64) -> u64 {
@@ -284,9 +296,9 @@ async fn publish_qos0(
             s.fail("connection closed by the server");
             break;
         }
-        for _ in 0..batch {
+        for j in 0..batch {
             util::stamp(&mut msg);
-            mqtt::publish(&mut out, &job.topic, 0, 0, &msg);
+            mqtt::publish(&mut out, job.topic(s.sent + j), 0, 0, &msg);
         }
         if let Err(e) = writer.write_all(&out).await {
             s.fail(format!("write: {e}"));
@@ -385,7 +397,7 @@ async fn publish_qos1(
             let now = util::now_ns();
             msg[..8].copy_from_slice(&now.to_be_bytes());
             sent_at[id as usize].store(now, Relaxed);
-            mqtt::publish(&mut out, &job.topic, 1, id, &msg);
+            mqtt::publish(&mut out, job.topic(s.sent + n), 1, id, &msg);
             n += 1;
         }
         if let Err(e) = writer.write_all(&out).await {
