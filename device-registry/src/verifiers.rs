@@ -93,6 +93,20 @@ impl std::fmt::Debug for Verifiers {
     }
 }
 
+/// The key a key file's bytes hold: without trailing whitespace (a text key, e.g. hex with
+/// a newline, is the same key with or without it) unless that leaves fewer than
+/// [`MIN_KEY_BYTES`]: a raw random key whose last bytes happen to be whitespace (1 in about
+/// 50 from `head -c 32 /dev/urandom`) is taken whole. A function of the file's bytes only,
+/// so the same file gives the same key on every start and every instance.
+fn key_bytes(raw: &[u8]) -> &[u8] {
+    let trimmed = raw.trim_ascii_end();
+    if trimmed.len() >= MIN_KEY_BYTES {
+        trimmed
+    } else {
+        raw
+    }
+}
+
 impl Verifiers {
     /// Reads the key from `key_file` and the verifiers kept at `path` (if any, and if they
     /// were written under the same key); keeps at most `max`.
@@ -110,8 +124,8 @@ impl Verifiers {
         if std::fs::canonicalize(data_dir).is_ok_and(|d| canonical.starts_with(d)) {
             return Err(VerifierError::InsideDataDir(key_file.to_owned()));
         }
-        let key = std::fs::read(&canonical).map_err(read)?;
-        let key = key.trim_ascii_end();
+        let raw = std::fs::read(&canonical).map_err(read)?;
+        let key = key_bytes(&raw);
         if key.len() < MIN_KEY_BYTES {
             return Err(VerifierError::Short(key_file.to_owned()));
         }
@@ -317,6 +331,24 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_keys_ending_in_whitespace_are_whole_and_text_keys_trimmed() {
+        let mut raw = [7u8; 32];
+        raw[31] = b'\n';
+        assert_eq!(key_bytes(&raw), raw, "a raw 32-byte key is taken whole");
+        raw[30] = b' ';
+        assert_eq!(key_bytes(&raw), raw);
+        let hex = b"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+        let mut with_newline = hex.to_vec();
+        with_newline.extend_from_slice(b"\r\n");
+        assert_eq!(key_bytes(&with_newline), hex, "a text key's line end is not part of it");
+        assert_eq!(key_bytes(b"short\n"), b"short\n", "too short either way (refused by open)");
+        let dir = tempfile::tempdir().unwrap();
+        let v = setup(dir.path(), &raw);
+        let w = setup(dir.path(), &raw);
+        assert_eq!(v.key_id, w.key_id, "the same file gives the same key");
+    }
 
     fn setup(dir: &Path, key: &[u8]) -> Verifiers {
         let keys = dir.join("keys");
