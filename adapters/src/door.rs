@@ -264,7 +264,7 @@ impl<T: Clone> Remembered<T> {
             return None;
         }
         let (_, value) =
-            kept.values.iter().find(|(at, value)| at.elapsed() < MEMO_TTL && fits(value))?;
+            kept.values.iter().find(|(at, value)| fits(value) && at.elapsed() < MEMO_TTL)?;
         Some(value.clone())
     }
 

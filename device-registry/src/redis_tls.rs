@@ -35,17 +35,12 @@ impl RedisTls {
     /// Trust the certificates of the PEM file at `ca_file`; `None`: the system's roots.
     ///
     /// # Errors
-    /// The file cannot be read or holds no PEM certificate.
+    /// The file cannot be read or holds no usable certificate (checked as every other
+    /// CA file is, by [`ferrule_net::tls::client_connector`]).
     pub fn from_ca_file(ca_file: Option<&Path>) -> std::io::Result<Self> {
         let Some(path) = ca_file else { return Ok(Self::default()) };
-        let pem = std::fs::read(path)?;
-        if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "holds no PEM certificate",
-            ));
-        }
-        Ok(Self { ca_pem: Some(pem.into()) })
+        ferrule_net::tls::client_connector(path).map_err(std::io::Error::other)?;
+        Ok(Self { ca_pem: Some(std::fs::read(path)?.into()) })
     }
 
     fn certificates(&self) -> Option<redis::TlsCertificates> {

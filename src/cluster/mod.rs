@@ -133,9 +133,9 @@ impl ClusterConfig {
                      other instances connect to",
                 );
             }
-            let pem = std::fs::read(ca).unwrap_or_default();
-            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-                return bad("peer_tls_ca_file", "cannot be read or holds no PEM certificate");
+            // The connector the peer links will build from it.
+            if let Err(e) = ferrule_net::tls::client_connector(ca) {
+                return bad("peer_tls_ca_file", &format!("cannot be used: {e}"));
             }
         }
         if !self.advertise.is_empty() && !valid_host_port(&self.advertise) {
