@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from hostile_support import TENANT, USERS, Collector, expect_body, http_telemetry
+from hostile_support import DEVICE, TENANT, USERS, Collector, expect_body, http_telemetry, log_tail
 
 ATTACKER = "127.0.0.5"
 RSS_GROWTH_BOUND_MB = 100
@@ -293,3 +293,43 @@ def test_mqtt_connect_flood_from_one_source(target):
     assert mqtt_connack_code(addr, "legit", source="127.0.0.1") == 0, "another source was refused"
     assert refused(metrics(target), "mqtt", ("connection_rate",)) >= 70
     target.assert_healthy("MQTT CONNECT flood from one source", RSS_GROWTH_BOUND_MB)
+
+
+def mqtt_publish_qos1(topic: str, packet_id: int, payload: bytes) -> bytes:
+    """An MQTT 3.1.1 PUBLISH at QoS 1."""
+    body = len(topic).to_bytes(2, "big") + topic.encode() + packet_id.to_bytes(2, "big") + payload
+    assert len(body) < 128
+    return bytes([0x32, len(body)]) + body
+
+
+def test_mqtt_burst_ending_in_garbage(target):
+    """A device writes 20 QoS 1 event publishes and a malformed packet (reserved type 15)
+    in one segment. The connection is closed, and the publishes read before it, handled
+    while the connection shuts down, end quietly: before the fix each of them panicked in
+    ntex-service ("Pipeline is shutding down", a panic and backtrace per publish that any
+    device could repeat at will)."""
+    addr = target.addr("mqtt")
+    for attempt in range(5):
+        s = socket.create_connection(addr, timeout=10, source_address=(ATTACKER, 0))
+        try:
+            s.sendall(mqtt_connect_packet(f"burst-{attempt}"))
+            connack = b""
+            while len(connack) < 4:
+                chunk = s.recv(4 - len(connack))
+                assert chunk, "closed before CONNACK"
+                connack += chunk
+            assert connack[3] == 0, f"CONNACK {connack.hex()}"
+            topic = f"event/{TENANT}/{DEVICE}"
+            burst = b"".join(mqtt_publish_qos1(topic, i + 1, b"burst") for i in range(20))
+            s.sendall(burst + b"\xf0\x00")
+            s.settimeout(10)
+            while s.recv(4096):
+                pass  # the connection must end (a timeout fails the test)
+        except ConnectionResetError:
+            pass  # closed with data unread: ended too
+        finally:
+            s.close()
+    time.sleep(0.5)
+    log = target.platform.log_text()
+    assert "panicked" not in log, f"the server panicked:\n{log_tail(target.platform, 3000)}"
+    target.assert_healthy("MQTT burst ending in a malformed packet", RSS_GROWTH_BOUND_MB)

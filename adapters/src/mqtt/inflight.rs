@@ -16,6 +16,16 @@
 //! sets the codec's minimum chunk size to its maximum packet size, so a publish arrives
 //! whole), which is what makes it safe to hold the next request without knowing whether it
 //! is a chunk.
+//!
+//! It also keeps requests from reaching ntex-mqtt's dispatcher once the connection is
+//! shutting down. ntex-mqtt 9.0 spawns the handler call of every request decoded while an
+//! earlier one is still running, and polls it only later; when the same read ends the
+//! connection (a malformed packet after a burst of QoS 1 publishes, a DISCONNECT, a peer
+//! gone), the dispatcher shuts its services down first, and each late call's readiness
+//! check then met a shut-down pipeline: ntex-service panics ("Pipeline is shutding down"),
+//! one panic and backtrace per request (tests/hostile, `test_mqtt_burst_ending_in_garbage`).
+//! Such a call now waits instead, and ntex-mqtt drops it when its shutdown completes; the
+//! request was never answered, so nothing acknowledged is lost.
 
 use std::cell::Cell;
 use std::future::poll_fn;
@@ -47,6 +57,7 @@ impl<S, St> Middleware<S, St> for InFlight {
                 requests: Cell::new(0),
                 bytes: Cell::new(0),
                 waker: LocalWaker::new(),
+                closing: Cell::new(false),
             }),
         }
     }
@@ -58,6 +69,8 @@ struct Counts {
     requests: Cell<u16>,
     bytes: Cell<usize>,
     waker: LocalWaker,
+    /// Set when the connection's services begin to shut down.
+    closing: Cell<bool>,
 }
 
 impl Counts {
@@ -113,6 +126,10 @@ where
     }
 
     async fn call(&self, req: Req, ctx: Ctx<'_, Self, St>) -> Result<S::Res, S::Error> {
+        if self.counts.closing.get() {
+            // See the module documentation: ntex-mqtt ends this call when it stops.
+            return std::future::pending().await;
+        }
         let _place = if req.is_chunk() {
             None
         } else {
@@ -125,5 +142,8 @@ where
         ctx.call(&self.service, req).await
     }
 
-    ntex_service::forward_shutdown!(St, service);
+    async fn shutdown(&self, ctx: Ctx<'_, Self, St>) {
+        self.counts.closing.set(true);
+        ctx.shutdown(&self.service).await;
+    }
 }
