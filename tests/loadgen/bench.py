@@ -1003,6 +1003,20 @@ class Suite:
     def mqtt_servers(self, key):
         return self.servers(lambda: Ferrule(self, key, devices=self.args.connections), lambda: Mosquitto(self, key))
 
+    def half_load(self, key, label, side, server, qos, runs, seconds, shape=None):
+        """`self.runs` runs paced at half the median rate of the flat-out `runs`, each for
+        `seconds` × scale (2 s in smoke mode), recorded under `key` with their target rate;
+        the latency logged is the PUBACK's at QoS 1, end to end at QoS 0."""
+        rate = statistics.median(run["rate"] for run in runs) / 2
+        n = max(int(rate * (2 if self.smoke else max(2, seconds * self.scale))), 100)
+        p50, p99 = ("puback_p50", "puback_p99") if qos else ("p50", "p99")
+        for i in range(self.runs):
+            run = self.mqtt_pair(key, server, qos, n, rate=rate, shape=shape)
+            run["target_rate"] = rate
+            self.record(key, side, run)
+            log(f"{label} {server.label} run {i + 1}: {rate:.0f} msgs/s target, "
+                f"{'PUBACK ' if qos else ''}p50 {run[p50]} p99 {run[p99]} ms")
+
     def scenario_qos0(self):
         count = self.count("qos0")
         for side, make in self.mqtt_servers("qos0"):
@@ -1011,14 +1025,7 @@ class Suite:
                                    lambda i, run: f"qos0 {server.label} run {i}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms "
                                                   f"lost {run['lost']}")
                 # p99 at half load: half the median throughput.
-                rate = statistics.median(run["rate"] for run in runs) / 2
-                seconds = 2 if self.smoke else max(2, 10 * self.scale)
-                n = max(int(rate * seconds), 100)
-                for i in range(self.runs):
-                    run = self.mqtt_pair("halfload", server, 0, n, rate=rate)
-                    run["target_rate"] = rate
-                    self.record("halfload", side, run)
-                    log(f"half load {server.label} run {i + 1}: {rate:.0f} msgs/s target, p50 {run['p50']} p99 {run['p99']} ms")
+                self.half_load("halfload", "half load", side, server, 0, runs, seconds=10)
             self.with_server(make(), body)
 
     def scenario_qos1(self):
@@ -1033,15 +1040,7 @@ class Suite:
                                    lambda i, run: f"qos1 {server.label} run {i}: {run['rate']:.0f} msgs/s p99 {run['p99']} ms")
                 # PUBACK latency at half load: what acknowledging in batches costs when there
                 # is room (the flat-out runs above only show what it saves).
-                rate = statistics.median(run["rate"] for run in runs) / 2
-                seconds = 2 if self.smoke else max(2, 5 * self.scale)
-                n = max(int(rate * seconds), 100)
-                for i in range(self.runs):
-                    run = self.mqtt_pair("qos1half", server, 1, n, rate=rate, shape=shape)
-                    run["target_rate"] = rate
-                    self.record("qos1half", side, run)
-                    log(f"qos1 half load {server.label} run {i + 1}: {rate:.0f} msgs/s target, "
-                        f"PUBACK p50 {run['puback_p50']} p99 {run['puback_p99']} ms")
+                self.half_load("qos1half", "qos1 half load", side, server, 1, runs, seconds=5, shape=shape)
             self.with_server(make(), body)
 
     def scenario_gateway(self):
@@ -1764,6 +1763,14 @@ def build_report(suite, elapsed):
                      peer or "—", cell(vals(key, "peer", pfield or field), digits, unit) if (key, "peer") in R else "—",
                      (f"{ratio(key, ratio_field):.2f}×" if ratio_field and ratio(key, ratio_field) else "—")))
 
+    def half_load_row(key, title, metric, f50, f99):
+        """A half-load row: `title` + the paced rates, p50 / p99 of Ferrule and (if run) of
+        Mosquitto at half its own rate."""
+        rate, prate = med(vals(key, "ferrule", "target_rate")), med(vals(key, "peer", "target_rate"))
+        both = lambda side: f"{cell(vals(key, side, f50), 2)} / {cell(vals(key, side, f99), 2)}"  # noqa: E731
+        rows.append((f"{title}{fmt(rate)} msgs/s" + (f"; Mosquitto at {fmt(prate)}" if prate else "") + ")", metric,
+                     both("ferrule"), "Mosquitto at half its rate" if prate else "—", both("peer") if prate else "—", "—"))
+
     if ("qos0", "ferrule") in R:
         row("MQTT QoS 0 telemetry, device → AMQP app", "msgs/s", "qos0", "rate", peer="Mosquitto pub → sub", ratio_field="rate")
         row("", "p50 / p99 ms (end to end)", "qos0", "p50", 2, peer="", ratio_field=None)
@@ -1777,12 +1784,7 @@ def build_report(suite, elapsed):
                      f"{cell(vals('qos1', 'peer', 'p50'), 2)} / {cell(vals('qos1', 'peer', 'p99'), 2)}" if ("qos1", "peer") in R else "—", ""))
         row("", "PUBACK p99 ms", "qos1", "puback_p99", 2, peer="")
     if ("qos1half", "ferrule") in R:
-        rate = med(vals("qos1half", "ferrule", "target_rate"))
-        prate = med(vals("qos1half", "peer", "target_rate"))
-        rows.append((f"QoS 1 at half load ({fmt(rate)} msgs/s" + (f"; Mosquitto at {fmt(prate)}" if prate else "") + ")",
-                     "PUBACK p50 / p99 ms", f"{cell(vals('qos1half', 'ferrule', 'puback_p50'), 2)} / {cell(vals('qos1half', 'ferrule', 'puback_p99'), 2)}",
-                     "Mosquitto at half its rate" if prate else "—",
-                     f"{cell(vals('qos1half', 'peer', 'puback_p50'), 2)} / {cell(vals('qos1half', 'peer', 'puback_p99'), 2)}" if prate else "—", "—"))
+        half_load_row("qos1half", "QoS 1 at half load (", "PUBACK p50 / p99 ms", "puback_p50", "puback_p99")
     if ("gateway", "ferrule") in R:
         row(f"MQTT QoS 1 through gateways ({GATEWAY_DEVICES} devices each, in turn)", "msgs/s", "gateway", "rate")
         row("", "PUBACK p99 ms", "gateway", "puback_p99", 2)
@@ -1818,12 +1820,7 @@ def build_report(suite, elapsed):
         row("", "p50 / p99 ms", "commands", "p50", 2)
         rows[-1] = rows[-1][:2] + (f"{cell(vals('commands', 'ferrule', 'p50'), 2)} / {cell(vals('commands', 'ferrule', 'p99'), 2)}", "—", "—", "—")
     if ("halfload", "ferrule") in R:
-        rate = med(vals("halfload", "ferrule", "target_rate"))
-        prate = med(vals("halfload", "peer", "target_rate"))
-        rows.append((f"p99 at half load (QoS 0 at {fmt(rate)} msgs/s" + (f"; Mosquitto at {fmt(prate)}" if prate else "") + ")",
-                     "p50 / p99 ms", f"{cell(vals('halfload', 'ferrule', 'p50'), 2)} / {cell(vals('halfload', 'ferrule', 'p99'), 2)}",
-                     "Mosquitto at half its rate" if prate else "—",
-                     f"{cell(vals('halfload', 'peer', 'p50'), 2)} / {cell(vals('halfload', 'peer', 'p99'), 2)}" if prate else "—", "—"))
+        half_load_row("halfload", "p99 at half load (QoS 0 at ", "p50 / p99 ms", "p50", "p99")
 
     def target(text, value_text, met):
         targets.append((text, value_text, "met" if met else ("not met" if met is not None else "not measured")))
